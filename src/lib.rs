@@ -1,0 +1,1 @@
+//! kivi: a KIVI-quantized KV cache.
