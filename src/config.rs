@@ -84,6 +84,8 @@ pub struct CacheConfig {
     pub max_seqs: u32,
     /// Tokens per page: a multiple of `group_size`, or 0 for one group per page.
     pub page_tokens: u32,
+    /// Threads one attention call may use (the engine's choice; 1 = the calling thread only).
+    pub n_threads: u32,
 }
 
 impl CacheConfig {
@@ -106,6 +108,7 @@ impl CacheConfig {
             max_tokens: 4096,
             max_seqs: 1,
             page_tokens: 0,
+            n_threads: 1,
         }
     }
 
@@ -152,6 +155,9 @@ impl CacheConfig {
                 "page_tokens {} is not 0 or a multiple of the group size {} up to 65536",
                 self.page_tokens, self.group_size
             ));
+        }
+        if self.n_threads == 0 || self.n_threads > 256 {
+            return bad(format!("n_threads {} is not in 1..=256", self.n_threads));
         }
         if self.max_seqs == 0 {
             return bad("max_seqs 0: a cache needs room for at least one sequence".into());
