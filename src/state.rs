@@ -122,7 +122,8 @@ impl Cache {
     /// Bytes [`Cache::save_state`] writes now.
     pub fn state_size(&self) -> usize {
         let lay = &self.lay;
-        let mut n = HEADER + 4;
+        // Header, CRC, sequence count.
+        let mut n = HEADER + 4 + 4;
         for pool in &self.pools {
             n += 4 * pool.total() + pool.used_count() * lay.page_bytes;
         }
@@ -268,6 +269,7 @@ impl Cache {
     }
 
     fn seq_size(&self, s: usize) -> usize {
+        // Header, CRC, sequence id.
         let mut n = HEADER + 4 + 4;
         for ls in &self.seqs.slots[s].layers {
             n += 8 + 8 + ls.blocks.len() * self.lay.page_bytes + self.window_bytes();
