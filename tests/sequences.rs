@@ -324,8 +324,9 @@ fn random_operations_match_a_model() {
                             assert_eq!(l, 0, "layers fill alike, so only the first can refuse");
                             break;
                         }
-                        let want = kivi::attention::reference::attention(&past, &k, &v, &q, 2, past.len, &Default::default())
-                            .unwrap();
+                        let want =
+                            kivi::attention::reference::attention(&past, &k, &v, &q, 2, past.len, &Default::default())
+                                .unwrap();
                         assert!(rel_err(&out, &want) < 1e-5, "trial {trial} op {op}");
                     }
                     if res.is_ok() {
@@ -384,7 +385,10 @@ fn random_operations_match_a_model() {
                 assert!(cache.save_state_vec() == before, "trial {trial} op {op}: {:?} changed the cache", r);
             }
             // Check the whole cache against the model.
-            assert_eq!(cache.seq_ids().iter().copied().collect::<std::collections::BTreeSet<_>>(), model.keys().copied().collect());
+            assert_eq!(
+                cache.seq_ids().iter().copied().collect::<std::collections::BTreeSet<_>>(),
+                model.keys().copied().collect()
+            );
             for (&s, (k, v, fresh)) in &model {
                 let n = k.len() / 64;
                 assert_eq!(cache.seq_len(s).unwrap() as usize, n);
