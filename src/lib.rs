@@ -34,6 +34,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod ffi;
 mod layout;
 mod pool;
 pub mod quant;
