@@ -180,3 +180,33 @@ fn python_ctypes_example() {
     let out = run_ok(&mut cmd, "examples/python/example.py");
     assert!(out.contains("numpy check passed"), "{out}");
 }
+
+#[test]
+fn install_to_a_prefix_and_build_with_pkg_config() {
+    if !have("pkg-config", &["--version"]) || !have(&cc(), &["--version"]) {
+        return;
+    }
+    let prefix = out_dir().join("prefix");
+    let _ = std::fs::remove_dir_all(&prefix);
+    let mut install = Command::new("bash");
+    install.arg(root().join("scripts/install.sh")).arg(&prefix).env("KIVI_BUILD_DIR", lib_dir());
+    run_ok(&mut install, "scripts/install.sh");
+    let pc_path = prefix.join("lib/pkgconfig");
+    let flags = run_ok(
+        Command::new("pkg-config").args(["--cflags", "--libs", "kivi"]).env("PKG_CONFIG_PATH", &pc_path),
+        "pkg-config",
+    );
+    assert!(flags.contains(&format!("-I{}", prefix.join("include").display())), "{flags}");
+    let version = run_ok(
+        Command::new("pkg-config").args(["--modversion", "kivi"]).env("PKG_CONFIG_PATH", &pc_path),
+        "pkg-config",
+    );
+    assert_eq!(version.trim(), env!("CARGO_PKG_VERSION"));
+    let exe = out_dir().join("quickstart-installed");
+    let mut cmd = Command::new(cc());
+    cmd.arg("-std=c99").args(WARN).arg(root().join("examples/c/quickstart.c"));
+    cmd.args(flags.split_whitespace()).arg("-lm").arg("-o").arg(&exe);
+    run_ok(&mut cmd, "compiling quickstart.c with pkg-config's flags");
+    let out = run_ok(Command::new(&exe).env("LD_LIBRARY_PATH", prefix.join("lib")), "installed quickstart");
+    assert!(out.contains("smaller"), "{out}");
+}
