@@ -200,3 +200,75 @@ pub(crate) unsafe fn write_versioned<T: Copy>(dst: *mut T, size: usize, value: T
     std::ptr::write_bytes(dst.cast::<u8>().add(ours), 0, size - ours);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::error::{kivi_last_error_message, kivi_status_str, STATUS_TEXT};
+    use super::*;
+    use std::ffi::CStr;
+
+    fn last_error() -> String {
+        unsafe { CStr::from_ptr(kivi_last_error_message()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_and_a_message() {
+        let status = boundary("kivi_test", || panic!("boom {}", 7));
+        assert_eq!(status, KIVI_ERR_INTERNAL);
+        let msg = last_error();
+        assert!(msg.starts_with("kivi_test: internal error") && msg.contains("boom 7"), "{msg}");
+    }
+
+    #[test]
+    fn a_cache_poisoned_by_a_panic_refuses_later_calls() {
+        let mut params = cache::default_params();
+        params.head_dim = 64;
+        let mut handle: *mut kivi_cache = std::ptr::null_mut();
+        unsafe {
+            assert_eq!(kivi_cache_create(&params, &mut handle), KIVI_OK);
+            let status = boundary("kivi_test", || {
+                let _guard = write_cache(handle)?;
+                panic!("while changing the cache");
+            });
+            assert_eq!(status, KIVI_ERR_INTERNAL);
+            let mut len = 0u32;
+            assert_eq!(kivi_seq_len(handle, 0, &mut len), KIVI_ERR_INTERNAL);
+            assert!(last_error().contains("unusable"), "{}", last_error());
+            assert_eq!(kivi_cache_clear(handle), KIVI_ERR_INTERNAL);
+            kivi_cache_free(handle);
+        }
+    }
+
+    #[test]
+    fn every_status_has_a_text_and_every_error_a_status() {
+        for (s, text) in STATUS_TEXT {
+            let c = unsafe { CStr::from_ptr(kivi_status_str(s as i32)) }.to_str().unwrap();
+            assert_eq!(c, text.trim_end_matches('\0'));
+            assert!(c.starts_with(&format!("{s:?}:")), "{c}");
+        }
+        let numbers: Vec<i32> = STATUS_TEXT.iter().map(|(s, _)| *s as i32).collect();
+        assert_eq!(numbers, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 99], "status numbers are ABI");
+        let e = Error::BufferTooSmall { needed: 2, given: 1 };
+        assert_eq!(Failure::from(e).status, KIVI_ERR_BUFFER_TOO_SMALL);
+    }
+
+    #[test]
+    fn versioned_structs_accept_a_larger_zero_tail_and_refuse_the_rest() {
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Newer {
+            p: kivi_params,
+            extra: [u32; 2],
+        }
+        let mut n = Newer { p: cache::default_params(), extra: [0; 2] };
+        n.p.struct_size = std::mem::size_of::<Newer>() as u32;
+        let read = unsafe { read_versioned(&n.p as *const kivi_params, "params") }.unwrap();
+        assert_eq!(read.head_dim, 128);
+        n.extra[1] = 1;
+        let e = unsafe { read_versioned(&n.p as *const kivi_params, "params") }.unwrap_err();
+        assert_eq!(e.status, KIVI_ERR_STRUCT_SIZE);
+        n.p.struct_size = 4;
+        let e = unsafe { read_versioned(&n.p as *const kivi_params, "params") }.unwrap_err();
+        assert_eq!(e.status, KIVI_ERR_STRUCT_SIZE);
+    }
+}
