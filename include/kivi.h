@@ -225,7 +225,8 @@ typedef struct kivi_rows {
 /**
  * Writable rows (attention outputs), laid out as `kivi_rows`. kivi writes the `row_len`
  * elements of each row and nothing else (not the gaps between strided rows), and only when the
- * call succeeds. The memory must not overlap any input of the same call.
+ * call succeeds. Its span (from the first element of the first row to the last element of the
+ * last row) must not overlap the span of any input of the same call (`KIVI_ERR_INVALID_ARGUMENT`).
  */
 typedef struct kivi_rows_mut {
     /**
@@ -419,7 +420,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Appends `n_tokens` keys and values to sequence `seq` of `layer`, creating the sequence if the
+ * Appends `keys->n_rows` tokens' keys and values to sequence `seq` of `layer`, creating the sequence if the
  * cache does not hold it yet (it then takes a free slot). Use it when the engine computes the
  * attention itself (e.g. a prefill with full-precision flash attention, as in the KIVI paper).
  *
@@ -445,7 +446,7 @@ kivi_status kivi_append(struct kivi_cache *cache,
                         const struct kivi_rows *values);
 
 /**
- * Appends a chunk of `n_tokens` keys and values to `seq` in `layer` and computes attention for
+ * Appends a chunk of `keys->n_rows` tokens' keys and values to `seq` in `layer` and computes attention for
  * the chunk's queries into `out`: what a prefill chunk (or a decode step of one sequence) does
  * in each layer. Query i sits at position `len + i` (`len` = tokens `seq` held in `layer`
  * before the call); it sees the chunk's own keys and values exactly (causally, unless
@@ -454,7 +455,7 @@ kivi_status kivi_append(struct kivi_cache *cache,
  *
  * - `cache`: not NULL. `layer`: `0 .. n_layers`. `seq`: created if new.
  * - `keys`, `values`: as `kivi_append()`.
- * - `queries`: not NULL; `n_tokens` rows of `n_q_heads * head_dim`.
+ * - `queries`: not NULL; as many rows as `keys`, each `n_q_heads * head_dim` elements.
  * - `out`: not NULL; same shape and dtype as `queries` (its stride may differ); written only on
  *   success; must not overlap any input.
  * - `opts`: NULL for defaults (causal, scale `1/sqrt(head_dim)`).

@@ -86,6 +86,36 @@ for bits in (2, 4, 8):
     assert np.array_equal(first, again), "outputs after restore differ"
     cache.close()
 
+# Attention options through the ABI: scale, sliding window, softcap, non-causal. 40 tokens stay in
+# the full-precision window (f32 here), so kivi must match numpy to float rounding.
+def reference_opts(K, V, q, scale, window, softcap, causal):
+    out = np.zeros((q.shape[0], QH * HD))
+    for h in range(QH):
+        g = h // (QH // KV)
+        logits = q[:, h * HD:(h + 1) * HD].astype(np.float64) @ K[:, g * HD:(g + 1) * HD].T.astype(np.float64)
+        logits *= scale
+        if softcap:
+            logits = softcap * np.tanh(logits / softcap)
+        i, j = np.arange(q.shape[0])[:, None], np.arange(K.shape[0])[None, :]
+        mask = (j > i) if causal else np.zeros_like(j > i)
+        if window:
+            mask |= j < i - window + 1
+        logits[mask] = -np.inf
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        out[:, h * HD:(h + 1) * HD] = (p / p.sum(axis=1, keepdims=True)) @ V[:, g * HD:(g + 1) * HD]
+    return out
+
+
+for opts in ({"scale": 0.1, "sliding_window": 16, "softcap": 5.0}, {"causal": False}):
+    cache = Cache(n_layers=1, n_kv_heads=KV, head_dim=HD)
+    k, v, q = token_rows(0, 40)
+    out = cache.append_attend(0, 3, k, v, q, **opts)
+    ref = reference_opts(k, v, q, opts.get("scale", 1 / np.sqrt(HD)), opts.get("sliding_window", 0),
+                         opts.get("softcap", 0.0), opts.get("causal", True))
+    assert np.abs(out - ref).max() < 1e-4, (opts, np.abs(out - ref).max())
+    cache.close()
+print("options (scale, sliding window, softcap, non-causal) match numpy")
+
 # Errors come back as exceptions carrying the status and kivi's message.
 try:
     Cache(n_layers=1, n_kv_heads=1, head_dim=60)

@@ -1,8 +1,8 @@
 //! Appends and attention: append, append-and-attend for a chunk, attend, batched decode.
 //!
-//! Shapes, for a cache of `n_kv_heads` heads of `head_dim` channels: keys and values are
-//! `n_tokens` rows of `n_kv_heads * head_dim` elements; queries and outputs are `n_tokens` rows
-//! of `n_q_heads * head_dim` elements, where `n_q_heads` is any multiple of `n_kv_heads` (query
+//! Shapes, for a cache of `n_kv_heads` heads of `head_dim` channels: keys and values are rows
+//! (one per token) of `n_kv_heads * head_dim` elements; queries and outputs are rows of
+//! `n_q_heads * head_dim` elements, where `n_q_heads` is any multiple of `n_kv_heads` (query
 //! head h uses KV head `h / (n_q_heads / n_kv_heads)`, as in GQA/MQA). Keys carry their rotary
 //! embedding already. All tensors of one call share one dtype.
 
@@ -144,7 +144,7 @@ unsafe fn options(p: *const kivi_attn_options) -> FfiResult<AttnOptions> {
     })
 }
 
-/// Appends `n_tokens` keys and values to sequence `seq` of `layer`, creating the sequence if the
+/// Appends `keys->n_rows` tokens' keys and values to sequence `seq` of `layer`, creating the sequence if the
 /// cache does not hold it yet (it then takes a free slot). Use it when the engine computes the
 /// attention itself (e.g. a prefill with full-precision flash attention, as in the KIVI paper).
 ///
@@ -179,7 +179,7 @@ pub unsafe extern "C" fn kivi_append(
     })
 }
 
-/// Appends a chunk of `n_tokens` keys and values to `seq` in `layer` and computes attention for
+/// Appends a chunk of `keys->n_rows` tokens' keys and values to `seq` in `layer` and computes attention for
 /// the chunk's queries into `out`: what a prefill chunk (or a decode step of one sequence) does
 /// in each layer. Query i sits at position `len + i` (`len` = tokens `seq` held in `layer`
 /// before the call); it sees the chunk's own keys and values exactly (causally, unless
@@ -188,7 +188,7 @@ pub unsafe extern "C" fn kivi_append(
 ///
 /// - `cache`: not NULL. `layer`: `0 .. n_layers`. `seq`: created if new.
 /// - `keys`, `values`: as `kivi_append()`.
-/// - `queries`: not NULL; `n_tokens` rows of `n_q_heads * head_dim`.
+/// - `queries`: not NULL; as many rows as `keys`, each `n_q_heads * head_dim` elements.
 /// - `out`: not NULL; same shape and dtype as `queries` (its stride may differ); written only on
 ///   success; must not overlap any input.
 /// - `opts`: NULL for defaults (causal, scale `1/sqrt(head_dim)`).
@@ -294,8 +294,11 @@ pub unsafe extern "C" fn kivi_decode(
         if n_seqs == 0 {
             return Err(Failure::new(KIVI_ERR_SHAPE, "n_seqs is 0: a decode step needs at least one sequence"));
         }
-        let ids = std::slice::from_raw_parts(seqs, n_seqs as usize);
         let k = span_of(nonnull(keys, "keys")?, "keys")?;
+        if k.rows != n_seqs as usize {
+            return Err(Failure::new(KIVI_ERR_SHAPE, format!("{} rows of keys for {n_seqs} sequences", k.rows)));
+        }
+        let ids = std::slice::from_raw_parts(seqs, n_seqs as usize);
         let v = span_of(nonnull(values, "values")?, "values")?;
         let q = span_of(nonnull(queries, "queries")?, "queries")?;
         let o = span_of_mut(nonnull(out, "out")?, "out")?;

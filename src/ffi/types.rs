@@ -172,7 +172,8 @@ pub struct kivi_rows {
 
 /// Writable rows (attention outputs), laid out as `kivi_rows`. kivi writes the `row_len`
 /// elements of each row and nothing else (not the gaps between strided rows), and only when the
-/// call succeeds. The memory must not overlap any input of the same call.
+/// call succeeds. Its span (from the first element of the first row to the last element of the
+/// last row) must not overlap the span of any input of the same call (`KIVI_ERR_INVALID_ARGUMENT`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kivi_rows_mut {
