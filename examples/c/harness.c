@@ -488,11 +488,15 @@ int main(int argc, char **argv) {
     e.seqs[o->seqs].live = 0;
 
     /* 1. prefill, 2. decode */
-    for (j = 0; j < o->seqs; j++) prefill(&e, &e.seqs[j], o->prompt - 64 * (j % 4));
+    for (j = 0; j < o->seqs; j++) {
+        uint32_t shorter = 64 * (uint32_t)(j % 4);
+        prefill(&e, &e.seqs[j], o->prompt > shorter + 64 ? o->prompt - shorter : o->prompt);
+    }
     for (step = 0; step < o->decode; step++) decode_step(&e, PH_DECODE);
     for (j = 0; j < o->seqs; j++) check_len(&e, &e.seqs[j]);
 
     /* 3. rollback: sequence 0 drops its last tokens, then decoding goes on. */
+    if (rollback > e.seqs[0].len / 2) rollback = e.seqs[0].len / 2;
     for (i = 0; i < N_SET; i++) CHECK(kivi_seq_truncate(e.cache[i], e.seqs[0].id, e.seqs[0].len - rollback));
     e.seqs[0].len -= rollback;
     check_len(&e, &e.seqs[0]);
@@ -610,7 +614,7 @@ int main(int argc, char **argv) {
     failed |= e.replay_mismatch;
     for (i = 1; i < N_SET; i++) {
         double a = errs[PH_DECODE][i - 1].sum, b = errs[PH_DECODE][i].sum;
-        if (!(b < a)) {
+        if (quantized > 0 && !(b < a)) { /* with nothing quantized, all are exact */
             printf("FAIL: %s is not more accurate than %s\n", NAMES[i], NAMES[i - 1]);
             failed = 1;
         }
