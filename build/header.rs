@@ -11,7 +11,7 @@ pub fn generate(crate_dir: &Path, version: &str) -> Result<String, String> {
         _ => return Err(format!("version {version} is not MAJOR.MINOR.PATCH")),
     };
     let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).map_err(|e| e.to_string())?;
-    config.header = Some(PREAMBLE.trim_end().to_string());
+    config.header = Some(PREAMBLE.trim().to_string());
     config.after_includes = Some(format!(
         "\n/** The version of this header, from Cargo.toml; `kivi_version()` gives the library's. */\n\
          #define KIVI_VERSION_MAJOR {major}\n\

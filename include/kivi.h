@@ -1,4 +1,3 @@
-
 /*
  * kivi.h: the C ABI of kivi, a 2-bit KIVI key/value cache with fused attention for LLM inference
  * engines. Link with -lkivi (pkg-config: kivi).
@@ -192,6 +191,86 @@ typedef int32_t kivi_key_mode;
 typedef struct kivi_cache kivi_cache;
 
 /**
+ * What a cache is: the model's shape, the quantization settings and the capacity. Fill it with
+ * `kivi_params_init()`, change the fields you need, and pass it to `kivi_cache_create()`.
+ */
+typedef struct kivi_params {
+    /**
+     * `sizeof(kivi_params)` as the caller compiled it; `kivi_params_init()` sets it.
+     */
+    uint32_t struct_size;
+    /**
+     * Transformer layers the cache holds. Default: 1.
+     */
+    uint32_t n_layers;
+    /**
+     * Key/value heads per layer; query heads may be any multiple of it (GQA/MQA). Default: 1.
+     */
+    uint32_t n_kv_heads;
+    /**
+     * Channels per head: a multiple of 8 and of `value_group`, at most 1024. Default: 128.
+     */
+    uint32_t head_dim;
+    /**
+     * A `kivi_dtype`: how the full-precision windows (recent tokens and sinks) are stored. Inputs
+     * and outputs may be of any dtype whatever this is. Default: `KIVI_DTYPE_F32`.
+     */
+    int32_t dtype;
+    /**
+     * Bits per key code: 2, 4 or 8. Default: 2.
+     */
+    uint32_t key_bits;
+    /**
+     * Bits per value code: 2, 4 or 8. Default: 2.
+     */
+    uint32_t value_bits;
+    /**
+     * A `kivi_key_mode`. Default: `KIVI_KEY_PER_CHANNEL`.
+     */
+    int32_t key_mode;
+    /**
+     * G, tokens per key group: a multiple of 8 up to 256. Tokens leave the full-precision window
+     * G at a time. Default: 32.
+     */
+    uint32_t group_size;
+    /**
+     * Channels per value group; divides `head_dim`. Default: 32.
+     */
+    uint32_t value_group;
+    /**
+     * R, the most recent tokens kept at full precision: a multiple of G, 0 allowed. Default: 128.
+     */
+    uint32_t residual;
+    /**
+     * The first tokens of every sequence kept at full precision for ever (attention sinks).
+     * Default: 0.
+     */
+    uint32_t sinks;
+    /**
+     * Quantized tokens the cache can hold per layer, over all sequences; all memory is taken at
+     * creation. Default: 4096.
+     */
+    uint32_t max_tokens;
+    /**
+     * Sequences alive at once. Default: 1.
+     */
+    uint32_t max_seqs;
+    /**
+     * Tokens per page: 0 (one group per page) or a multiple of G. Default: 0.
+     */
+    uint32_t page_tokens;
+    /**
+     * Threads one attention call may use; 1 = only the calling thread. Default: 1.
+     */
+    uint32_t n_threads;
+    /**
+     * Where the cache lives: `KIVI_DEVICE_CPU` (-1), or a GPU ordinal where the build has a GPU
+     * backend (otherwise `KIVI_ERR_BACKEND_UNAVAILABLE`). Default: -1.
+     */
+    int32_t device;
+} kivi_params;
+
+/**
  * Read-only rows (tokens) of keys, values or queries: row t starts at element `t * stride` of
  * `data` and holds `row_len` elements of type `dtype`, heads one after another (head h at
  * elements `h * head_dim ..`). The caller keeps ownership; kivi reads the rows only during the
@@ -281,86 +360,6 @@ typedef struct kivi_attn_options {
 } kivi_attn_options;
 
 /**
- * What a cache is: the model's shape, the quantization settings and the capacity. Fill it with
- * `kivi_params_init()`, change the fields you need, and pass it to `kivi_cache_create()`.
- */
-typedef struct kivi_params {
-    /**
-     * `sizeof(kivi_params)` as the caller compiled it; `kivi_params_init()` sets it.
-     */
-    uint32_t struct_size;
-    /**
-     * Transformer layers the cache holds. Default: 1.
-     */
-    uint32_t n_layers;
-    /**
-     * Key/value heads per layer; query heads may be any multiple of it (GQA/MQA). Default: 1.
-     */
-    uint32_t n_kv_heads;
-    /**
-     * Channels per head: a multiple of 8 and of `value_group`, at most 1024. Default: 128.
-     */
-    uint32_t head_dim;
-    /**
-     * A `kivi_dtype`: how the full-precision windows (recent tokens and sinks) are stored. Inputs
-     * and outputs may be of any dtype whatever this is. Default: `KIVI_DTYPE_F32`.
-     */
-    int32_t dtype;
-    /**
-     * Bits per key code: 2, 4 or 8. Default: 2.
-     */
-    uint32_t key_bits;
-    /**
-     * Bits per value code: 2, 4 or 8. Default: 2.
-     */
-    uint32_t value_bits;
-    /**
-     * A `kivi_key_mode`. Default: `KIVI_KEY_PER_CHANNEL`.
-     */
-    int32_t key_mode;
-    /**
-     * G, tokens per key group: a multiple of 8 up to 256. Tokens leave the full-precision window
-     * G at a time. Default: 32.
-     */
-    uint32_t group_size;
-    /**
-     * Channels per value group; divides `head_dim`. Default: 32.
-     */
-    uint32_t value_group;
-    /**
-     * R, the most recent tokens kept at full precision: a multiple of G, 0 allowed. Default: 128.
-     */
-    uint32_t residual;
-    /**
-     * The first tokens of every sequence kept at full precision for ever (attention sinks).
-     * Default: 0.
-     */
-    uint32_t sinks;
-    /**
-     * Quantized tokens the cache can hold per layer, over all sequences; all memory is taken at
-     * creation. Default: 4096.
-     */
-    uint32_t max_tokens;
-    /**
-     * Sequences alive at once. Default: 1.
-     */
-    uint32_t max_seqs;
-    /**
-     * Tokens per page: 0 (one group per page) or a multiple of G. Default: 0.
-     */
-    uint32_t page_tokens;
-    /**
-     * Threads one attention call may use; 1 = only the calling thread. Default: 1.
-     */
-    uint32_t n_threads;
-    /**
-     * Where the cache lives: `KIVI_DEVICE_CPU` (-1), or a GPU ordinal where the build has a GPU
-     * backend (otherwise `KIVI_ERR_BACKEND_UNAVAILABLE`). Default: -1.
-     */
-    int32_t device;
-} kivi_params;
-
-/**
  * Where a cache's bytes go, counted over all layers and sequences. Filled by
  * `kivi_cache_stats()`.
  */
@@ -418,6 +417,108 @@ typedef struct kivi_memory_stats {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * A static, NUL-terminated description of `status` (any number: unknown ones get a text too),
+ * e.g. "KIVI_ERR_SHAPE: rows, row length or stride do not match the cache". The string is owned by
+ * kivi and lives for ever; never free it. Safe to call from any thread at any time.
+ */
+const char *kivi_status_str(int32_t status);
+
+/**
+ * The full message of the last call on the calling thread that failed, e.g.
+ * "kivi_append: layer 40 out of range: the cache has 32 layers (0..32)"; an empty string if no call
+ * on this thread has failed. Successful calls leave it as it was. The string belongs to kivi and
+ * stays valid until the next kivi call on this thread; copy it to keep it. Never NULL. Each thread
+ * has its own, so this is safe to call from any thread.
+ */
+const char *kivi_last_error_message(void);
+
+/**
+ * The library's version, "MAJOR.MINOR.PATCH", from the same source as the `KIVI_VERSION_*` macros
+ * of the header; compare the two to detect a header/library mismatch. Static; never free it.
+ * Safe to call from any thread.
+ */
+const char *kivi_version(void);
+
+/**
+ * Fills `*params` with the defaults (a KIVI-2 cache: 2-bit keys per channel and 2-bit values,
+ * G = 32, value groups of 32 channels, R = 128, f32 windows, 1 layer, 1 KV head, head_dim 128,
+ * 4096 tokens, 1 sequence, 1 thread, CPU) and sets `params->struct_size` to `struct_size`.
+ *
+ * - `params`: caller-owned, not NULL; written only on success.
+ * - `struct_size`: `sizeof(kivi_params)` (fails with `KIVI_ERR_STRUCT_SIZE` if smaller than this
+ *   library's struct; bytes past it are zeroed).
+ *
+ * Thread safety: touches nothing but `*params`.
+ *
+ * ```c
+ * kivi_params p;
+ * kivi_params_init(&p, sizeof p);
+ * p.n_layers = 32; p.n_kv_heads = 8; p.head_dim = 128;
+ * ```
+ *
+ * # Safety
+ * `params` points to `struct_size` writable bytes.
+ */
+kivi_status kivi_params_init(struct kivi_params *params, size_t struct_size);
+
+/**
+ * Creates a cache, taking all of its memory now (page pools for `max_tokens` quantized tokens
+ * per layer, and one full-precision window per sequence slot and layer); nothing grows later.
+ *
+ * - `params`: read during the call only; not NULL; `params->struct_size` must be
+ *   `sizeof(kivi_params)`.
+ * - `out_cache`: not NULL; on success receives a new cache that the caller owns and must release
+ *   with `kivi_cache_free()`; on failure it is left untouched.
+ *
+ * Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field), `KIVI_ERR_STRUCT_SIZE`,
+ * `KIVI_ERR_BACKEND_UNAVAILABLE`, `KIVI_ERR_NULL_POINTER`.
+ *
+ * Thread safety: any thread; caches are independent of each other.
+ *
+ * # Safety
+ * `params` points to a `kivi_params` of `params->struct_size` bytes; `out_cache` is writable.
+ */
+kivi_status kivi_cache_create(const struct kivi_params *params, struct kivi_cache **out_cache);
+
+/**
+ * Frees a cache and all of its memory. NULL is accepted and does nothing.
+ *
+ * Ownership: takes back the cache; the handle is invalid afterwards (do not free it twice).
+ * Thread safety: no other call on this cache may be running or start after it.
+ *
+ * # Safety
+ * `cache` is NULL or a handle from `kivi_cache_create()` that has not been freed.
+ */
+void kivi_cache_free(struct kivi_cache *cache);
+
+/**
+ * Removes every sequence (the memory stays reserved for reuse).
+ *
+ * - `cache`: not NULL.
+ *
+ * Thread safety: changes the cache; calls on one cache from several threads are serialized
+ * by kivi (a call that changes the cache waits for all others to finish).
+ *
+ * # Safety
+ * `cache` is NULL or a live handle.
+ */
+kivi_status kivi_cache_clear(struct kivi_cache *cache);
+
+/**
+ * Writes the parameters the cache was created with into `*params` (struct_size set to
+ * `struct_size`).
+ *
+ * - `cache`: not NULL. `params`: caller-owned, not NULL, written only on success.
+ * - `struct_size`: `sizeof(kivi_params)`.
+ *
+ * Thread safety: reads the cache; any number of reading calls may run at once.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `params` points to `struct_size` writable bytes.
+ */
+kivi_status kivi_cache_params(const struct kivi_cache *cache, struct kivi_params *params, size_t struct_size);
 
 /**
  * Appends `keys->n_rows` tokens' keys and values to sequence `seq` of `layer`, creating the sequence if the
@@ -527,108 +628,6 @@ kivi_status kivi_decode(struct kivi_cache *cache,
                         const struct kivi_rows *queries,
                         const struct kivi_rows_mut *out,
                         const struct kivi_attn_options *opts);
-
-/**
- * Fills `*params` with the defaults (a KIVI-2 cache: 2-bit keys per channel and 2-bit values,
- * G = 32, value groups of 32 channels, R = 128, f32 windows, 1 layer, 1 KV head, head_dim 128,
- * 4096 tokens, 1 sequence, 1 thread, CPU) and sets `params->struct_size` to `struct_size`.
- *
- * - `params`: caller-owned, not NULL; written only on success.
- * - `struct_size`: `sizeof(kivi_params)` (fails with `KIVI_ERR_STRUCT_SIZE` if smaller than this
- *   library's struct; bytes past it are zeroed).
- *
- * Thread safety: touches nothing but `*params`.
- *
- * ```c
- * kivi_params p;
- * kivi_params_init(&p, sizeof p);
- * p.n_layers = 32; p.n_kv_heads = 8; p.head_dim = 128;
- * ```
- *
- * # Safety
- * `params` points to `struct_size` writable bytes.
- */
-kivi_status kivi_params_init(struct kivi_params *params, size_t struct_size);
-
-/**
- * Creates a cache, taking all of its memory now (page pools for `max_tokens` quantized tokens
- * per layer, and one full-precision window per sequence slot and layer); nothing grows later.
- *
- * - `params`: read during the call only; not NULL; `params->struct_size` must be
- *   `sizeof(kivi_params)`.
- * - `out_cache`: not NULL; on success receives a new cache that the caller owns and must release
- *   with `kivi_cache_free()`; on failure it is left untouched.
- *
- * Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field), `KIVI_ERR_STRUCT_SIZE`,
- * `KIVI_ERR_BACKEND_UNAVAILABLE`, `KIVI_ERR_NULL_POINTER`.
- *
- * Thread safety: any thread; caches are independent of each other.
- *
- * # Safety
- * `params` points to a `kivi_params` of `params->struct_size` bytes; `out_cache` is writable.
- */
-kivi_status kivi_cache_create(const struct kivi_params *params, struct kivi_cache **out_cache);
-
-/**
- * Frees a cache and all of its memory. NULL is accepted and does nothing.
- *
- * Ownership: takes back the cache; the handle is invalid afterwards (do not free it twice).
- * Thread safety: no other call on this cache may be running or start after it.
- *
- * # Safety
- * `cache` is NULL or a handle from `kivi_cache_create()` that has not been freed.
- */
-void kivi_cache_free(struct kivi_cache *cache);
-
-/**
- * Removes every sequence (the memory stays reserved for reuse).
- *
- * - `cache`: not NULL.
- *
- * Thread safety: changes the cache; calls on one cache from several threads are serialized
- * by kivi (a call that changes the cache waits for all others to finish).
- *
- * # Safety
- * `cache` is NULL or a live handle.
- */
-kivi_status kivi_cache_clear(struct kivi_cache *cache);
-
-/**
- * Writes the parameters the cache was created with into `*params` (struct_size set to
- * `struct_size`).
- *
- * - `cache`: not NULL. `params`: caller-owned, not NULL, written only on success.
- * - `struct_size`: `sizeof(kivi_params)`.
- *
- * Thread safety: reads the cache; any number of reading calls may run at once.
- *
- * # Safety
- * `cache` is NULL or a live handle; `params` points to `struct_size` writable bytes.
- */
-kivi_status kivi_cache_params(const struct kivi_cache *cache, struct kivi_params *params, size_t struct_size);
-
-/**
- * A static, NUL-terminated description of `status` (any number: unknown ones get a text too),
- * e.g. "KIVI_ERR_SHAPE: rows, row length or stride do not match the cache". The string is owned by
- * kivi and lives for ever; never free it. Safe to call from any thread at any time.
- */
-const char *kivi_status_str(int32_t status);
-
-/**
- * The full message of the last call on the calling thread that failed, e.g.
- * "kivi_append: layer 40 out of range: the cache has 32 layers (0..32)"; an empty string if no call
- * on this thread has failed. Successful calls leave it as it was. The string belongs to kivi and
- * stays valid until the next kivi call on this thread; copy it to keep it. Never NULL. Each thread
- * has its own, so this is safe to call from any thread.
- */
-const char *kivi_last_error_message(void);
-
-/**
- * The library's version, "MAJOR.MINOR.PATCH", from the same source as the `KIVI_VERSION_*` macros
- * of the header; compare the two to detect a header/library mismatch. Static; never free it.
- * Safe to call from any thread.
- */
-const char *kivi_version(void);
 
 /**
  * The number of tokens `seq` holds: the most any layer holds (layers differ only while a

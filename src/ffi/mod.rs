@@ -12,13 +12,20 @@
 //! restore), [`stats`] (memory), [`error`] (status strings, last error, version); [`types`] holds
 //! the C structs and enums.
 
-pub mod attention;
-pub mod cache;
-pub mod error;
-pub mod sequence;
-pub mod state;
-pub mod stats;
+// In the header's order (cbindgen follows the declarations; blank lines keep rustfmt from sorting).
 pub mod types;
+
+pub mod error;
+
+pub mod cache;
+
+pub mod attention;
+
+pub mod sequence;
+
+pub mod state;
+
+pub mod stats;
 
 pub use attention::*;
 pub use cache::*;
