@@ -161,7 +161,10 @@ const MAX_STRUCT_SIZE: usize = 4096;
 /// # Safety
 /// `p` is non-NULL and points to at least `struct_size` readable bytes, as the caller promised.
 pub(crate) unsafe fn read_versioned<T: Copy>(p: *const T, what: &str) -> FfiResult<T> {
-    let size = nonnull(p.cast::<u32>(), what).map(|s| *s as usize)?;
+    if p.is_null() {
+        return Err(Failure::new(KIVI_ERR_NULL_POINTER, format!("{what} is NULL")));
+    }
+    let size = std::ptr::read_unaligned(p.cast::<u32>()) as usize;
     let ours = std::mem::size_of::<T>();
     if size < ours || size > MAX_STRUCT_SIZE {
         return Err(Failure::new(
