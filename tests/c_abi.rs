@@ -129,7 +129,10 @@ fn c_programs(link: Link) {
     let out = run_exe(&build_c("tests/c/errors.c", link), &[]);
     assert!(out.contains(" passed, 0 failed"), "errors.c output:\n{out}");
     let out = run_exe(&build_c("examples/c/harness.c", link), &["--quick", "--baseline"]);
-    assert!(out.contains("all checks passed") && out.contains("bit for bit") && out.contains("less error"), "harness output:\n{out}");
+    assert!(
+        out.contains("all checks passed") && out.contains("bit for bit") && out.contains("less error"),
+        "harness output:\n{out}"
+    );
 }
 
 #[test]
