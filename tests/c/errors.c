@@ -543,6 +543,29 @@ int main(void) {
         if (len1 != 50 || len2 != 19) fail("concurrent writers", "lengths are not 40 + 10 and 9 + 10");
     }
 
+    /* --- the other read and write paths, used rightly */
+    {
+        kivi_params got;
+        uint32_t ids[4] = {0, 0, 0, 0};
+        size_t n = 0;
+        kivi_params want = small_params();
+        expect("cache_params", kivi_cache_params(c, &got, sizeof got), KIVI_OK, "");
+        checks++;
+        if (memcmp(&got, &want, sizeof got) != 0) fail("cache_params", "differ from the creation parameters");
+        expect("seq_ids count", kivi_seq_ids(c, NULL, 0, &n), KIVI_OK, "");
+        expect("seq_ids", kivi_seq_ids(c, ids, 4, &n), KIVI_OK, "");
+        checks++;
+        if (n != 2 || ids[0] + ids[1] != 3) fail("seq_ids", "not sequences 1 and 2");
+        expect("seq_keep", kivi_seq_keep(c, 2), KIVI_OK, "");
+        expect("seq_ids after keep", kivi_seq_ids(c, ids, 4, &n), KIVI_OK, "");
+        checks++;
+        if (n != 1 || ids[0] != 2) fail("seq_keep", "did not keep only sequence 2");
+        expect("cache_clear", kivi_cache_clear(c), KIVI_OK, "");
+        expect("seq_ids after clear", kivi_seq_ids(c, ids, 4, &n), KIVI_OK, "");
+        checks++;
+        if (n != 0) fail("cache_clear", "sequences left");
+    }
+
     free(before);
     kivi_cache_free(c);
     printf("%d passed, %d failed\n", checks - failures, failures);
