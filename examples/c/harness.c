@@ -64,8 +64,8 @@ static const char *const NAMES[N_SET] = {"KIVI-2", "KIVI-4", "KIVI-8", "2b-token
  * Bounds on the relative L2 error of one head's output, ||o - ref|| / ||ref||: its mean over all
  * outputs, its 99th percentile and its largest value. A b-bit group has 2^b - 1 steps, so the
  * rounding error shrinks about 5x from 2 to 4 bits and 17x from 4 to 8 bits; the measured means
- * follow that ladder (README.md has the numbers), and each bound leaves 1.3-2x headroom over the
- * worst of 12 seeds of --quick and of the default run. The mean and p99 bounds catch a kernel
+ * follow that ladder (README.md has the numbers), and each bound leaves 1.6-2.3x headroom over the
+ * worst of 12 seeds of --quick and of the default and --layers 32 runs. The mean and p99 bounds catch a kernel
  * that loses accuracy; the max bounds catch a single broken output in KIVI-4 and KIVI-8 (a wrong
  * or zero output has an error near 1), while for KIVI-2 the max only catches blow-ups, since a
  * head whose softmax is decided by a few quantized keys can legitimately be far off.
