@@ -116,6 +116,18 @@ for opts in ({"scale": 0.1, "sliding_window": 16, "softcap": 5.0}, {"causal": Fa
     cache.close()
 print("options (scale, sliding window, softcap, non-causal) match numpy")
 
+# f16 inputs and outputs, and rows taken as strided views of one fused QKV buffer (no copies).
+qkv = np.hstack(token_rows(1, 24))  # 24 tokens: [keys | values | queries] per row
+k, v, q = qkv[:, :KV * HD], qkv[:, KV * HD:2 * KV * HD], qkv[:, 2 * KV * HD:]
+exact = reference(k, v, q, 0)
+for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-2)):
+    cache = Cache(n_layers=1, n_kv_heads=KV, head_dim=HD)
+    fused = qkv.astype(dtype)
+    out = cache.append_attend(0, 0, fused[:, :KV * HD], fused[:, KV * HD:2 * KV * HD], fused[:, 2 * KV * HD:])
+    assert out.dtype == dtype and np.abs(out.astype(np.float64) - exact).max() < tol, dtype
+    cache.close()
+print("strided rows of a fused QKV buffer, in f32 and f16, match numpy")
+
 # Errors come back as exceptions carrying the status and kivi's message.
 try:
     Cache(n_layers=1, n_kv_heads=1, head_dim=60)
