@@ -1,0 +1,67 @@
+//! Compiles every CUDA kernel with NVRTC for sm_80 and sm_90 (no GPU or driver needed).
+//!
+//! NVRTC is looked for through `KIVI_NVRTC_LIB` (the library or its folder), then the
+//! `nvidia-cuda-nvrtc` Python package (`python3 -c 'import nvidia'`), then the usual library
+//! search. Where none is found the test fails when `CI` is set and is skipped with a message
+//! otherwise.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The lib folder of the nvidia-cuda-nvrtc Python package, if python3 finds one.
+fn python_nvrtc_dir() -> Option<PathBuf> {
+    let script = "import nvidia, os\n\
+                  for p in nvidia.__path__:\n\
+                  \x20   for sub in ('cu13/lib', 'cuda_nvrtc/lib', 'cu12/lib'):\n\
+                  \x20       d = os.path.join(p, sub)\n\
+                  \x20       if os.path.isdir(d) and any(f.startswith('libnvrtc.so') for f in os.listdir(d)):\n\
+                  \x20           print(d); raise SystemExit\n";
+    let out = Command::new("python3").arg("-c").arg(script).output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+fn nvrtc_ready() -> bool {
+    if std::env::var_os("KIVI_NVRTC_LIB").is_none() {
+        if let Some(d) = python_nvrtc_dir() {
+            std::env::set_var("KIVI_NVRTC_LIB", &d);
+        }
+    }
+    match kivi::cuda::nvrtc_version() {
+        Ok((a, b)) => {
+            eprintln!("NVRTC {a}.{b}");
+            true
+        }
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI is set but NVRTC is not available: {e}");
+            }
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !nvrtc_ready() {
+        return;
+    }
+    for arch in ["sm_80", "sm_90"] {
+        let n = kivi::cuda::kernels::compile_all(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        eprintln!("{arch}: {n} modules compiled");
+        assert!(n > 0);
+    }
+}
+
+#[test]
+fn the_backend_reports_whether_it_is_available() {
+    // On a machine without a driver this is an error naming what is missing, never a panic.
+    match kivi::cuda::available() {
+        Ok(info) => eprintln!("CUDA available: {info:?}"),
+        Err(e) => {
+            assert!(matches!(e, kivi::Error::BackendUnavailable(_)), "{e:?}");
+            eprintln!("CUDA unavailable: {e}");
+        }
+    }
+}
