@@ -137,6 +137,11 @@ impl Spec {
         for (n, v) in &self.defines {
             o.push(format!("-D{n}={v}u"));
         }
+        // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
+        // log is then printed to stderr when KIVI_CUDA_LOG is set).
+        if let Ok(extra) = std::env::var("KIVI_NVRTC_OPTS") {
+            o.extend(extra.split_whitespace().map(str::to_string));
+        }
         o
     }
 }
@@ -177,6 +182,7 @@ pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
                 let log = result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
                 Err(fail("compile", format!("{e:?}\n{log}")))
             }
+            Ok(()) if std::env::var_os("KIVI_CUDA_LOG").is_some() && log_and(prog, family, arch) => unreachable!(),
             Ok(()) if arch.starts_with("sm_") => {
                 let mut size = 0usize;
                 let r = sys::nvrtcGetCUBINSize(prog, &mut size);
@@ -200,6 +206,13 @@ pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
         let _ = result::destroy_program(prog);
         out
     }
+}
+
+/// Prints NVRTC's log of a successful compilation; returns false.
+unsafe fn log_and(prog: cudarc::nvrtc::sys::nvrtcProgram, family: Family, arch: &str) -> bool {
+    let log = cudarc::nvrtc::result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
+    eprintln!("NVRTC {} {arch}:\n{log}", family.file());
+    false
 }
 
 fn c_chars(v: &[std::ffi::c_char]) -> String {

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The CUDA backend on a CUDA machine, in one run of a few minutes: the device and its libraries,
+# CUDA against the CPU backend on identical random inputs, then the decode benchmark with the
+# PyTorch fp16 baseline and the copy bandwidth. Needs no Rust: build the binary first elsewhere,
+#   cargo build --release --example gpu_check
+# and bring target/release/examples/gpu_check along (or pass its path as $1).
+#
+# Writes into $OUT (default ./gpu-out): info.txt, check.jsonl, bench.jsonl, results.jsonl,
+# benchmarks.md, targets.json and the logs. Exits non-zero when the correctness check fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BIN=${1:-target/release/examples/gpu_check}
+CHECK_S=${CHECK_S:-200}
+BENCH_S=${BENCH_S:-200}
+BASE_S=${BASE_S:-120}
+
+# NVRTC: the toolkit's own (it matches the driver), else the nvidia-cuda-nvrtc Python package.
+if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
+  for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export KIVI_NVRTC_LIB="$d"; break; fi
+  done
+fi
+if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
+  d=$(python3 -c 'import nvidia, os
+for p in nvidia.__path__:
+    for s in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib"):
+        d = os.path.join(p, s)
+        if os.path.isdir(d) and any(f.startswith("libnvrtc.so") for f in os.listdir(d)):
+            print(d); raise SystemExit' 2>/dev/null)
+  [ -n "$d" ] && export KIVI_NVRTC_LIB="$d"
+fi
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "KIVI_NVRTC_LIB=${KIVI_NVRTC_LIB:-unset}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  ldd "$BIN" 2>&1
+} > "$OUT/info.txt"
+
+echo "== info"
+"$BIN" info | tee "$OUT/info.jsonl"
+
+echo "== check (CUDA against the CPU backend)"
+timeout "$CHECK_S" "$BIN" check > "$OUT/check.jsonl" 2> "$OUT/check.log"
+check_rc=$?
+cat "$OUT/check.jsonl"
+echo "check exit code: $check_rc"
+
+echo "== bench"
+timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
+echo "bench exit code: $?"
+cat "$OUT/bench.jsonl"
+
+echo "== fp16 baseline and copy bandwidth"
+timeout "$BASE_S" python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" > "$OUT/baseline.jsonl" 2> "$OUT/baseline.log"
+echo "baseline exit code: $?"
+cat "$OUT/baseline.jsonl"
+[ -f "$OUT/benchmarks.md" ] && cat "$OUT/benchmarks.md"
+exit $check_rc
