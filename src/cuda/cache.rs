@@ -28,6 +28,10 @@ use crate::pool::PagePool;
 use crate::seq::{LayerSeq, SeqTable};
 use crate::stats::MemoryStats;
 
+#[cfg(test)]
+#[path = "emu.rs"]
+mod emu;
+
 /// A CUDA stream (`CUstream`) as the engine holds it; null is the default stream.
 pub type Stream = *mut c_void;
 
@@ -117,7 +121,7 @@ const SCRATCH_BYTES: usize = 32 << 20;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-struct AttnItem {
+pub(crate) struct AttnItem {
     slot: u32,
     len: u32,
     quantized: u32,
@@ -130,7 +134,7 @@ struct AttnItem {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct AttnParams {
+pub(crate) struct AttnParams {
     pages: u64,
     windows: u64,
     blocks: u64,
@@ -159,7 +163,7 @@ struct AttnParams {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SetBlocksParams {
+pub(crate) struct SetBlocksParams {
     blocks: u64,
     n: u32,
     pad: u32,
@@ -168,7 +172,7 @@ struct SetBlocksParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-struct FlushItem {
+pub(crate) struct FlushItem {
     slot: u32,
     g0: u32,
     n_groups: u32,
@@ -179,7 +183,7 @@ struct FlushItem {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct QuantParams {
+pub(crate) struct QuantParams {
     pages: u64,
     windows: u64,
     blocks: u64,
@@ -193,7 +197,7 @@ struct QuantParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-struct WriteItem {
+pub(crate) struct WriteItem {
     slot: u32,
     pos0: u32,
     n: u32,
@@ -202,7 +206,7 @@ struct WriteItem {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct WriteParams {
+pub(crate) struct WriteParams {
     windows: u64,
     k: u64,
     v: u64,
@@ -214,7 +218,7 @@ struct WriteParams {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UnquantParams {
+pub(crate) struct UnquantParams {
     windows: u64,
     pages: u64,
     blocks: u64,
@@ -222,6 +226,27 @@ struct UnquantParams {
     g: u32,
     partial: u32,
     pad: u32,
+}
+
+/// Where the cache's memory is: a CUDA device, or (in tests) host memory with emulated kernels.
+enum Backend {
+    Cuda(Arc<Device>),
+    /// Emulated device memory (kept alive; addressed through raw pointers).
+    #[cfg(test)]
+    #[allow(dead_code)]
+    Emu(Vec<u64>),
+}
+
+/// A kernel launch and its parameters.
+#[derive(Clone, Copy)]
+pub(crate) enum Kernel<'a> {
+    SetBlocks(&'a SetBlocksParams),
+    Quantize(&'a QuantParams),
+    Write(&'a WriteParams),
+    Unquant(&'a UnquantParams),
+    /// Attention blocks of a family compiled for `nq` query vectors per block.
+    Attn(Family, usize, &'a AttnParams),
+    Combine(Family, usize, &'a AttnParams),
 }
 
 /// What appending to some sequences of one layer does on the device, decided on the host.
@@ -239,7 +264,8 @@ struct Plan {
 pub struct CudaCache {
     cfg: CacheConfig,
     lay: Layout,
-    dev: Arc<Device>,
+    dev: Backend,
+    info: DeviceInfo,
     seqs: SeqTable,
     refs: Vec<PageRefs>,
     base: u64,
@@ -257,7 +283,7 @@ unsafe impl Sync for CudaCache {}
 impl std::fmt::Debug for CudaCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaCache")
-            .field("device", &self.dev.info.name)
+            .field("device", &self.info.name)
             .field("config", &self.cfg)
             .field("sequences", &self.seq_ids())
             .finish()
@@ -279,6 +305,10 @@ impl CudaCache {
         cfg.validate()?;
         let dev = Device::get(device)?;
         dev.bind()?;
+        CudaCache::create(cfg, Backend::Cuda(dev))
+    }
+
+    fn create(cfg: CacheConfig, backend: Backend) -> Result<CudaCache> {
         let lay = Layout::new(&cfg);
         let pages = lay.n_layers * lay.pages_per_layer * lay.page_bytes;
         let windows = lay.window_elems_total() * lay.dtype.size();
@@ -288,26 +318,39 @@ impl CudaCache {
         let off_scratch = off_blocks + align256(blocks);
         let bytes = off_scratch + SCRATCH_BYTES;
         let quant_spec = Spec::new(&lay, 1);
-        dev.module(Family::Quantize, &quant_spec)?;
-        // SAFETY: a plain allocation in the bound context, zeroed before use.
-        let base = unsafe { drv::malloc_sync(bytes) }.map_err(|e| match e.0 {
-            dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
-                Error::InvalidConfig(format!("the cache needs {bytes} bytes of device memory, more than is free"))
+        let (dev, info, base) = match backend {
+            Backend::Cuda(dev) => {
+                dev.module(Family::Quantize, &quant_spec)?;
+                // SAFETY: a plain allocation in the bound context, zeroed before use.
+                let base = unsafe { drv::malloc_sync(bytes) }.map_err(|e| match e.0 {
+                    dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Error::InvalidConfig(format!(
+                        "the cache needs {bytes} bytes of device memory, more than is free"
+                    )),
+                    _ => cuerr("cuMemAlloc", e),
+                })?;
+                // SAFETY: base is valid for bytes.
+                if let Err(e) = unsafe { drv::memset_d8_sync(base, 0, bytes) } {
+                    // SAFETY: allocated above.
+                    let _ = unsafe { drv::free_sync(base) };
+                    return Err(cuerr("cuMemsetD8", e));
+                }
+                let info = dev.info.clone();
+                (Backend::Cuda(dev), info, base)
             }
-            _ => cuerr("cuMemAlloc", e),
-        })?;
-        // SAFETY: base is valid for bytes.
-        if let Err(e) = unsafe { drv::memset_d8_sync(base, 0, bytes) } {
-            // SAFETY: allocated above.
-            let _ = unsafe { drv::free_sync(base) };
-            return Err(cuerr("cuMemsetD8", e));
-        }
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                let mut mem = vec![0u64; bytes.div_ceil(8)];
+                let base = mem.as_mut_ptr() as u64;
+                (Backend::Emu(mem), emu::info(), base)
+            }
+        };
         let refs = (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect();
         let seqs = SeqTable::new(&lay);
         Ok(CudaCache {
             cfg,
             lay,
             dev,
+            info,
             seqs,
             refs,
             base,
@@ -326,7 +369,7 @@ impl CudaCache {
 
     /// The device the cache lives on.
     pub fn device(&self) -> &DeviceInfo {
-        &self.dev.info
+        &self.info
     }
 
     /// Bytes of device memory the cache took at creation (pages, windows, block tables, scratch).
@@ -496,8 +539,6 @@ impl CudaCache {
     /// writes (which may overwrite ring slots the quantization read).
     fn run_plan(&self, l: usize, plan: &Plan, keys: &DevRows, values: &DevRows, stream: Stream) -> Result<()> {
         let lay = &self.lay;
-        let st = stream as dsys::CUstream;
-        let m = self.dev.module(Family::Quantize, &self.quant_spec)?;
         for chunk in plan.set_blocks.chunks(MAX_SET) {
             let mut p = SetBlocksParams {
                 blocks: self.base + self.off_blocks,
@@ -509,15 +550,12 @@ impl CudaCache {
                 p.pairs[2 * i] = idx;
                 p.pairs[2 * i + 1] = page;
             }
-            // SAFETY: the struct matches SetBlocksParams; indices are inside the block tables.
-            unsafe { launch(m.function("kv_set_blocks")?, (1, 1, 1), 256, st, &p)? };
+            self.kernel(Kernel::SetBlocks(&p), (1, 1, 1), 256, stream)?;
         }
         for &(src, dst) in &plan.cow {
             let pb = lay.page_bytes as u64;
             let base = self.pages_ptr(l);
-            // SAFETY: both pages lie inside the layer's pool.
-            unsafe { drv::memcpy_dtod_async(base + dst as u64 * pb, base + src as u64 * pb, lay.page_bytes, st) }
-                .map_err(|e| cuerr("cuMemcpyDtoDAsync", e))?;
+            self.dtod(base + dst as u64 * pb, base + src as u64 * pb, lay.page_bytes, stream)?;
         }
         for chunk in plan.flushes.chunks(MAX_ITEMS) {
             let mut p = QuantParams {
@@ -532,8 +570,7 @@ impl CudaCache {
                 items: [FlushItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
-            // SAFETY: matches QuantParams; pointers are the cache's and the caller's rows.
-            unsafe { launch(m.function("kv_quantize")?, (p.total_groups, lay.n_kv_heads as u32, 1), 128, st, &p)? };
+            self.kernel(Kernel::Quantize(&p), (p.total_groups, lay.n_kv_heads as u32, 1), 128, stream)?;
         }
         for chunk in plan.writes.chunks(MAX_ITEMS) {
             let mut p = WriteParams {
@@ -547,8 +584,7 @@ impl CudaCache {
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
             let block = lay.head_dim.min(128) as u32;
-            // SAFETY: matches WriteParams.
-            unsafe { launch(m.function("kv_window_write")?, (p.total, lay.n_kv_heads as u32, 1), block, st, &p)? };
+            self.kernel(Kernel::Write(&p), (p.total, lay.n_kv_heads as u32, 1), block, stream)?;
         }
         Ok(())
     }
@@ -573,18 +609,12 @@ impl CudaCache {
         let ratio = n_q_heads / nkv;
         let (nq, hc, qt) = attention_shape(family, hd, ratio);
         let hchunks = ratio.div_ceil(hc);
-        let spec = Spec::new(lay, nq);
-        let m = self.dev.module(family, &spec)?;
-        let (f_attn, f_comb) = match family {
-            Family::Decode => (m.function("kv_decode_attn")?, m.function("kv_decode_combine")?),
-            _ => (m.function("kv_prefill_attn")?, m.function("kv_prefill_combine")?),
-        };
         let per_item = qt * n_q_heads * (hd + 2) * 4;
         let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
         if max_items == 0 {
             return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
         }
-        let sms = self.dev.info.multiprocessors as usize;
+        let sms = self.info.multiprocessors as usize;
         for chunk in items.chunks(max_items) {
             let units = |it: &AttnItem| {
                 let n_groups = it.quantized as usize / lay.group;
@@ -631,13 +661,14 @@ impl CudaCache {
                 items: [AttnItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
-            let st = stream as dsys::CUstream;
             let grid = (n_splits as u32, (nkv * hchunks) as u32, chunk.len() as u32);
-            // SAFETY: matches AttnParams; the scratch holds items * qt * heads * splits partials.
-            unsafe {
-                launch(f_attn, grid, 128, st, &p)?;
-                launch(f_comb, (n_q_heads as u32, qt as u32, chunk.len() as u32), 128, st, &p)?;
-            }
+            self.kernel(Kernel::Attn(family, nq, &p), grid, 128, stream)?;
+            self.kernel(
+                Kernel::Combine(family, nq, &p),
+                (n_q_heads as u32, qt as u32, chunk.len() as u32),
+                128,
+                stream,
+            )?;
         }
         Ok(())
     }
@@ -652,7 +683,7 @@ impl CudaCache {
         let (slot, _) = self.slot_or_new(seq)?;
         let ls = &self.seqs.slots[slot].layers[l];
         self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
-        self.dev.bind()?;
+        self.bind()?;
         let mut plan = Plan::default();
         self.plan_push(l, slot, n, 0, &mut plan);
         self.seqs.slots[slot].id = Some(seq);
@@ -681,7 +712,7 @@ impl CudaCache {
         let (slot, _) = self.slot_or_new(seq)?;
         let ls = &self.seqs.slots[slot].layers[l];
         self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
-        self.dev.bind()?;
+        self.bind()?;
         let (len, quantized) = (ls.len, ls.quantized);
         let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
         let items: Vec<AttnItem> = (0..n.div_ceil(qt))
@@ -726,7 +757,7 @@ impl CudaCache {
                 ls.len
             )));
         }
-        self.dev.bind()?;
+        self.bind()?;
         let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
         let items: Vec<AttnItem> = (0..n.div_ceil(qt))
             .map(|i| AttnItem {
@@ -788,7 +819,7 @@ impl CudaCache {
             }
         }
         self.check_pages(l, blame.0, blame.1, pages)?;
-        self.dev.bind()?;
+        self.bind()?;
         for (i, &seq) in seqs.iter().enumerate() {
             if slots[i] == usize::MAX {
                 let s = self.seqs.free_slot().expect("free slots were counted");
@@ -886,7 +917,7 @@ impl CudaCache {
     /// `n_tokens` tokens of `seq` in every layer.
     pub fn seq_truncate(&mut self, seq: u32, n_tokens: u32, stream: Stream) -> Result<()> {
         let slot = self.slot_of(seq)?;
-        self.dev.bind()?;
+        self.bind()?;
         for l in 0..self.lay.n_layers {
             self.truncate_layer(l, slot, n_tokens as usize, stream)?;
         }
@@ -906,7 +937,6 @@ impl CudaCache {
         }
         let (keep_groups, partial) = (rel / lay.group, rel % lay.group);
         if partial > 0 {
-            let m = self.dev.module(Family::Quantize, &self.quant_spec)?;
             let p = UnquantParams {
                 windows: self.windows_ptr(l),
                 pages: self.pages_ptr(l),
@@ -916,8 +946,7 @@ impl CudaCache {
                 partial: partial as u32,
                 pad: 0,
             };
-            // SAFETY: matches UnquantParams; the group's page is in the device block table.
-            unsafe { launch(m.function("kv_unquantize")?, (lay.n_kv_heads as u32, 1, 1), 256, stream as _, &p)? };
+            self.kernel(Kernel::Unquant(&p), (lay.n_kv_heads as u32, 1, 1), 256, stream)?;
         }
         let ls = &mut self.seqs.slots[slot].layers[l];
         let keep_pages = keep_groups.div_ceil(lay.groups_per_page);
@@ -942,9 +971,8 @@ impl CudaCache {
             Some(d) => d,
             None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: dst, max: self.cfg.max_seqs })?,
         };
-        self.dev.bind()?;
+        self.bind()?;
         self.release_slot(d);
-        let st = stream as dsys::CUstream;
         let wbytes = self.lay.n_kv_heads * self.lay.window_head_elems * self.lay.dtype.size();
         for l in 0..self.lay.n_layers {
             let src_ls = self.seqs.slots[s].layers[l].clone();
@@ -956,13 +984,9 @@ impl CudaCache {
             let dw = self.base + self.off_windows + self.lay.window_base(l, d, 0) as u64 * dsz;
             let sb = self.base + self.off_blocks + self.blocks_index(l, s) as u64 * 4;
             let db = self.base + self.off_blocks + self.blocks_index(l, d) as u64 * 4;
-            // SAFETY: all ranges lie inside the cache's allocation.
-            unsafe {
-                drv::memcpy_dtod_async(dw, sw, wbytes, st).map_err(|e| cuerr("cuMemcpyDtoDAsync", e))?;
-                if !src_ls.blocks.is_empty() {
-                    drv::memcpy_dtod_async(db, sb, src_ls.blocks.len() * 4, st)
-                        .map_err(|e| cuerr("cuMemcpyDtoDAsync", e))?;
-                }
+            self.dtod(dw, sw, wbytes, stream)?;
+            if !src_ls.blocks.is_empty() {
+                self.dtod(db, sb, src_ls.blocks.len() * 4, stream)?;
             }
             let dst_ls = &mut self.seqs.slots[d].layers[l];
             dst_ls.len = src_ls.len;
@@ -1008,24 +1032,16 @@ impl CudaCache {
     /// A CPU [`Cache`] holding exactly what this cache holds (pages, windows, sequences), e.g. to
     /// save it with the CPU cache's state functions or to inspect it. Waits for `stream`.
     pub fn to_host(&self, stream: Stream) -> Result<Cache> {
-        self.dev.bind()?;
+        self.bind()?;
         let lay = &self.lay;
-        let st = stream as dsys::CUstream;
         let mut host = Cache::new(self.cfg.clone())?;
         let mut pages: Vec<Vec<u8>> = Vec::with_capacity(lay.n_layers);
         for l in 0..lay.n_layers {
             let mut buf = vec![0u8; lay.pages_per_layer * lay.page_bytes];
-            // SAFETY: buf stays alive until the stream is synchronised below.
-            unsafe { drv::memcpy_dtoh_async(&mut buf[..], self.pages_ptr(l), st) }
-                .map_err(|e| cuerr("cuMemcpyDtoHAsync", e))?;
+            self.dtoh(&mut buf[..], self.pages_ptr(l), stream)?;
             pages.push(buf);
         }
-        // SAFETY: as above.
-        unsafe {
-            drv::memcpy_dtoh_async(host.windows.bytes_mut(), self.base + self.off_windows, st)
-                .map_err(|e| cuerr("cuMemcpyDtoHAsync", e))?;
-            drv::stream::synchronize(st).map_err(|e| cuerr("cuStreamSynchronize", e))?;
-        }
+        self.dtoh(host.windows.bytes_mut(), self.base + self.off_windows, stream)?;
         for (l, buf) in pages.iter().enumerate() {
             let pool: &mut PagePool = &mut host.pools[l];
             for p in 0..lay.pages_per_layer {
@@ -1040,7 +1056,12 @@ impl CudaCache {
     /// A cache on device `device` holding exactly what the CPU `cache` holds (e.g. one restored
     /// from a saved state). Waits for the copies to finish.
     pub fn from_host(cache: &Cache, device: u32) -> Result<CudaCache> {
-        let mut c = CudaCache::new(cache.cfg.clone(), device)?;
+        let c = CudaCache::new(cache.cfg.clone(), device)?;
+        c.upload(cache)
+    }
+
+    fn upload(mut self, cache: &Cache) -> Result<CudaCache> {
+        let c = &mut self;
         let lay = c.lay.clone();
         let mut blocks = vec![0u32; lay.n_layers * lay.max_seqs * lay.pages_per_layer];
         for (slot, s) in cache.seqs.slots.iter().enumerate() {
@@ -1049,29 +1070,127 @@ impl CudaCache {
                 blocks[b..b + ls.blocks.len()].copy_from_slice(&ls.blocks);
             }
         }
-        // SAFETY: synchronous copies into the cache's own allocation.
-        unsafe {
-            for l in 0..lay.n_layers {
-                drv::memcpy_htod_sync(c.pages_ptr(l), cache.pools[l].bytes()).map_err(|e| cuerr("cuMemcpyHtoD", e))?;
-            }
-            drv::memcpy_htod_sync(c.base + c.off_windows, cache.windows.bytes())
-                .map_err(|e| cuerr("cuMemcpyHtoD", e))?;
-            drv::memcpy_htod_sync(c.base + c.off_blocks, &blocks[..]).map_err(|e| cuerr("cuMemcpyHtoD", e))?;
+        for l in 0..lay.n_layers {
+            c.htod(c.pages_ptr(l), cache.pools[l].bytes())?;
         }
+        c.htod(c.base + c.off_windows, cache.windows.bytes())?;
+        let blocks: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+        c.htod(c.base + c.off_blocks, &blocks)?;
         for l in 0..lay.n_layers {
             c.refs[l].set_refs(cache.pools[l].all_refs());
         }
         c.seqs = cache.seqs.clone();
-        Ok(c)
+        Ok(self)
+    }
+
+    fn bind(&self) -> Result<()> {
+        match &self.dev {
+            Backend::Cuda(d) => d.bind(),
+            #[cfg(test)]
+            Backend::Emu(_) => Ok(()),
+        }
+    }
+
+    /// Queues a kernel on `stream`.
+    #[allow(clippy::infallible_destructuring_match)] // a second backend exists in tests
+    fn kernel(&self, k: Kernel<'_>, grid: (u32, u32, u32), block: u32, stream: Stream) -> Result<()> {
+        let dev = match &self.dev {
+            Backend::Cuda(d) => d,
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: the emulated device pointers are host pointers into live buffers.
+                unsafe { emu::run(&self.lay, k, grid) };
+                return Ok(());
+            }
+        };
+        let st = stream as dsys::CUstream;
+        let quant = |name: &'static str| dev.module(Family::Quantize, &self.quant_spec)?.function(name);
+        let attn = |family: Family, nq: usize, which: usize| {
+            let names = match family {
+                Family::Decode => ["kv_decode_attn", "kv_decode_combine"],
+                _ => ["kv_prefill_attn", "kv_prefill_combine"],
+            };
+            dev.module(family, &Spec::new(&self.lay, nq))?.function(names[which])
+        };
+        // SAFETY: each struct matches its kernel's parameter struct, and every pointer in it is
+        // the cache's own memory or the caller's rows, whose sizes were checked.
+        unsafe {
+            match k {
+                Kernel::SetBlocks(p) => launch(quant("kv_set_blocks")?, grid, block, st, p),
+                Kernel::Quantize(p) => launch(quant("kv_quantize")?, grid, block, st, p),
+                Kernel::Write(p) => launch(quant("kv_window_write")?, grid, block, st, p),
+                Kernel::Unquant(p) => launch(quant("kv_unquantize")?, grid, block, st, p),
+                Kernel::Attn(f, nq, p) => launch(attn(f, nq, 0)?, grid, block, st, p),
+                Kernel::Combine(f, nq, p) => launch(attn(f, nq, 1)?, grid, block, st, p),
+            }
+        }
+    }
+
+    fn dtod(&self, dst: u64, src: u64, bytes: usize, stream: Stream) -> Result<()> {
+        match &self.dev {
+            // SAFETY: both ranges lie inside the cache's allocation.
+            Backend::Cuda(_) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream as dsys::CUstream) }
+                .map_err(|e| cuerr("cuMemcpyDtoDAsync", e)),
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: host pointers into the emulated allocation.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies device bytes to the host and waits for them.
+    fn dtoh(&self, dst: &mut [u8], src: u64, stream: Stream) -> Result<()> {
+        match &self.dev {
+            Backend::Cuda(_) => {
+                let st = stream as dsys::CUstream;
+                // SAFETY: dst stays borrowed until the stream is synchronised.
+                unsafe {
+                    drv::memcpy_dtoh_async(dst, src, st).map_err(|e| cuerr("cuMemcpyDtoHAsync", e))?;
+                    drv::stream::synchronize(st).map_err(|e| cuerr("cuStreamSynchronize", e))
+                }
+            }
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: a host pointer into the emulated allocation.
+                unsafe { std::ptr::copy(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        match &self.dev {
+            // SAFETY: a synchronous copy into the cache's allocation.
+            Backend::Cuda(_) => unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(|e| cuerr("cuMemcpyHtoD", e)),
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: a host pointer into the emulated allocation.
+                unsafe { std::ptr::copy(src.as_ptr(), dst as *mut u8, src.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// A cache whose device is emulated on the host by Rust versions of the kernels (tests of
+    /// everything but the CUDA code itself); device pointers are host pointers.
+    #[cfg(test)]
+    pub(crate) fn emulated(cfg: CacheConfig) -> Result<CudaCache> {
+        cfg.validate()?;
+        CudaCache::create(cfg, Backend::Emu(Vec::new()))
     }
 }
 
 impl Drop for CudaCache {
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
     fn drop(&mut self) {
-        if self.dev.bind().is_ok() {
-            // SAFETY: allocated in new(), freed once (cuMemFree waits for work using it).
-            unsafe {
-                let _ = drv::free_sync(self.base);
+        if let Backend::Cuda(d) = &self.dev {
+            if d.bind().is_ok() {
+                // SAFETY: allocated in new(), freed once (cuMemFree waits for work using it).
+                unsafe {
+                    let _ = drv::free_sync(self.base);
+                }
             }
         }
     }
