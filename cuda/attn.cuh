@@ -52,7 +52,7 @@ struct AttnParams {
     float scale, softcap;
     u32 window, causal;
     u32 n_q_heads, ratio, hc, qt;     // query heads; per kv head; per block; query rows per block
-    u32 ups, n_splits, n_items, pad;  // units per split
+    u32 ups, n_splits, n_items, fp_only;  // units per split; fp_only: see attn_block
     AttnItem items[KV_MAX_ITEMS];
 };
 
@@ -348,8 +348,10 @@ __device__ __forceinline__ void attn_block(const AttnParams& P) {
     const u32 ws = min((u32)KV_SINKS + it.quantized, it.len);
     const u32 n_fp = n_sink + (it.len - ws) + it.n_chunk;
     const u32 n_units = n_groups + (n_fp + 31) / 32;
-    const u32 u_begin = split * P.ups;
-    const u32 u_end = min(n_units, u_begin + P.ups);
+    // fp_only: the quantized groups are another kernel's (decode_mma.cuh); this one block does
+    // the full-precision tokens and writes split 0.
+    const u32 u_begin = P.fp_only ? n_groups : split * P.ups;
+    const u32 u_end = P.fp_only ? n_units : min(n_units, u_begin + P.ups);
     const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
     const elem_t* hw = head_window(P.windows, it.slot, kvh);
     const int lo_min = sh.lo_min, hi_max = sh.hi_max;

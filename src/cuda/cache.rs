@@ -157,7 +157,7 @@ pub(crate) struct AttnParams {
     ups: u32,
     n_splits: u32,
     n_items: u32,
-    pad: u32,
+    fp_only: u32,
     items: [AttnItem; MAX_ITEMS],
 }
 
@@ -247,6 +247,8 @@ pub(crate) enum Kernel<'a> {
     /// Attention blocks of a family compiled for `nq` query vectors per block.
     Attn(Family, usize, &'a AttnParams),
     Combine(Family, usize, &'a AttnParams),
+    /// Tensor-core decode over quantized groups (decode_mma.cuh), compiled for `nq`.
+    Mma(usize, &'a AttnParams),
 }
 
 /// What appending to some sequences of one layer does on the device, decided on the host.
@@ -610,6 +612,7 @@ impl CudaCache {
         let (nq, hc, qt) = attention_shape(family, hd, ratio);
         let hchunks = ratio.div_ceil(hc);
         let per_item = qt * n_q_heads * (hd + 2) * 4;
+        let mma = family == Family::Decode && hchunks == 1 && mma_eligible(lay, nq, self.info.capability);
         let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
         if max_items == 0 {
             return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
@@ -657,12 +660,33 @@ impl CudaCache {
                 ups: ups as u32,
                 n_splits: n_splits as u32,
                 n_items: chunk.len() as u32,
-                pad: 0,
+                fp_only: 0,
                 items: [AttnItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
-            let grid = (n_splits as u32, (nkv * hchunks) as u32, chunk.len() as u32);
-            self.kernel(Kernel::Attn(family, nq, &p), grid, 128, stream)?;
+            let rows = chunk.len() as u32;
+            if mma && cap >= 2 {
+                // Split 0: the full-precision tokens on CUDA cores; splits 1..: the groups on
+                // tensor cores, `ups` groups each.
+                let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
+                let want = (8 * sms).div_ceil(blocks_per_split).clamp(1, max_groups.max(1));
+                let mut ups = max_groups.div_ceil(want).max(1);
+                let mut n = 1 + max_groups.div_ceil(ups);
+                while n > cap {
+                    ups += 1;
+                    n = 1 + max_groups.div_ceil(ups);
+                }
+                p.ups = ups as u32;
+                p.n_splits = n as u32;
+                p.fp_only = 1;
+                self.kernel(Kernel::Attn(family, nq, &p), (1, (nkv * hchunks) as u32, rows), 128, stream)?;
+                if n > 1 {
+                    self.kernel(Kernel::Mma(nq, &p), ((n - 1) as u32, nkv as u32, rows), 128, stream)?;
+                }
+            } else {
+                let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
+                self.kernel(Kernel::Attn(family, nq, &p), grid, 128, stream)?;
+            }
             self.kernel(
                 Kernel::Combine(family, nq, &p),
                 (n_q_heads as u32, qt as u32, chunk.len() as u32),
@@ -1122,6 +1146,13 @@ impl CudaCache {
                 Kernel::Unquant(p) => launch(quant("kv_unquantize")?, grid, block, st, p),
                 Kernel::Attn(f, nq, p) => launch(attn(f, nq, 0)?, grid, block, st, p),
                 Kernel::Combine(f, nq, p) => launch(attn(f, nq, 1)?, grid, block, st, p),
+                Kernel::Mma(nq, p) => launch(
+                    dev.module(Family::Decode, &Spec::new(&self.lay, nq))?.function("kv_decode_mma")?,
+                    grid,
+                    block,
+                    st,
+                    p,
+                ),
             }
         }
     }
@@ -1194,6 +1225,29 @@ impl Drop for CudaCache {
             }
         }
     }
+}
+
+/// Whether decode attention over quantized groups runs on tensor cores: the conditions of
+/// `KV_MMA_OK` in cuda/decode_mma.cuh, a device of compute capability 8.0 or newer, and
+/// `KIVI_CUDA_MMA` not set to 0.
+fn mma_eligible(lay: &Layout, nq: usize, capability: (u32, u32)) -> bool {
+    if capability.0 < 8 || std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
+    let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
+    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + 4 * g * ng;
+    let buf = (2 * 4 * stage).max(4 * 8 * hd * 4);
+    lay.key_mode == crate::config::KeyMode::PerChannel
+        && matches!(kb, 2 | 4)
+        && matches!(vb, 2 | 4)
+        && hd % 16 == 0
+        && hd <= 128
+        && g % 16 == 0
+        && g <= 64
+        && lay.vgroup % 8 == 0
+        && nq <= 8
+        && 8 * hd * 4 + buf <= 45056
 }
 
 /// Query vectors per block (`nq`), query heads per block (`hc`) and query rows per block (`qt`)

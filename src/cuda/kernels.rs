@@ -14,6 +14,7 @@ use crate::layout::Layout;
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const ATTN: &str = include_str!("../../cuda/attn.cuh");
+const DECODE_MMA: &str = include_str!("../../cuda/decode_mma.cuh");
 const QUANTIZE: &str = include_str!("../../cuda/quantize.cu");
 const DECODE: &str = include_str!("../../cuda/decode.cu");
 const PREFILL: &str = include_str!("../../cuda/prefill.cu");
@@ -70,6 +71,7 @@ fn inline(src: &str, seen: &mut Vec<&'static str>, out: &mut String) {
             let (key, text) = match name {
                 "common.cuh" => ("common.cuh", COMMON),
                 "attn.cuh" => ("attn.cuh", ATTN),
+                "decode_mma.cuh" => ("decode_mma.cuh", DECODE_MMA),
                 _ => panic!("unknown kernel header {name}"),
             };
             if !seen.contains(&key) {
