@@ -3,7 +3,7 @@
 //! ```text
 //! gpu_check info                       # the device, as one JSON line
 //! gpu_check check                      # CUDA vs CPU on identical random inputs; exit 1 on failure
-//! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20]
+//! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
 //! ```
 //! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
 //! all three and adds the fp16 baseline (`scripts/gpu_baseline.py`).
@@ -574,6 +574,7 @@ fn bench(args: &[String]) -> bool {
     let batches = list(args, "--batches", &[1, 16, 64]);
     let bits_list = list(args, "--bits", &[2, 4]);
     let iters = list(args, "--iters", &[20])[0];
+    let label = args.iter().position(|a| a == "--label").map_or("", |i| args[i + 1].as_str());
     let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
     let max_batch = *batches.iter().max().unwrap();
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
@@ -685,7 +686,8 @@ fn bench(args: &[String]) -> bool {
                     bytes += nkv as u64 * (qn * (codes + params) as u64 + (len - qn) * hd as u64 * 4);
                 }
                 println!(
-                    "{{\"kind\":\"bench\",\"case\":\"kivi{bits}-gqa4-hs128\",\"bits\":{bits},\"ctx\":{ctx},\"batch\":{b},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms_median\":{ms:.4},\"ms_min\":{ms_min:.4},\"bytes_per_step\":{bytes},\"gbytes_per_s\":{:.1},\"fill_seconds\":{fill_s:.2}}}",
+                    "{{\"kind\":\"bench\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"batch\":{b},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms_median\":{ms:.4},\"ms_min\":{ms_min:.4},\"bytes_per_step\":{bytes},\"gbytes_per_s\":{:.1},\"fill_seconds\":{fill_s:.2}}}",
+                    if label.is_empty() { "" } else { "-" },
                     bytes as f64 / ms / 1e6
                 );
             }

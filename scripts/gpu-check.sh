@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The CUDA backend on a CUDA machine, in one run of a few minutes: the device and its libraries,
-# CUDA against the CPU backend on identical random inputs, then the decode benchmark with the
-# PyTorch fp16 baseline and the copy bandwidth. Needs no Rust: build the binary first elsewhere,
+# The CUDA backend on a CUDA machine, in one run of at most 7.5 minutes (the timeouts below): the
+# device and its libraries, CUDA against the CPU backend on identical random inputs (with and
+# without the tensor-core decode), then the decode benchmark with the PyTorch fp16 baseline and
+# the copy bandwidth. Needs no Rust: build the binary first elsewhere,
 #   cargo build --release --example gpu_check
 # and bring target/release/examples/gpu_check along (or pass its path as $1).
 #
 # Writes into $OUT (default ./gpu-out): info.txt, check.jsonl, bench.jsonl, results.jsonl,
 # benchmarks.md, targets.json and the logs. Exits non-zero when the correctness check fails.
 set -uo pipefail
+BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
+OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-BIN=${1:-target/release/examples/gpu_check}
-CHECK_S=${CHECK_S:-200}
-BENCH_S=${BENCH_S:-200}
-BASE_S=${BASE_S:-120}
+CHECK_S=${CHECK_S:-80}
+BENCH_S=${BENCH_S:-150}
+BASE_S=${BASE_S:-80}
 
 # NVRTC: the toolkit's own (it matches the driver), else the nvidia-cuda-nvrtc Python package.
 if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
@@ -48,10 +49,21 @@ check_rc=$?
 cat "$OUT/check.jsonl"
 echo "check exit code: $check_rc"
 
+echo "== check with the tensor-core decode turned off (the CUDA-core kernel for every group)"
+KIVI_CUDA_MMA=0 timeout "$CHECK_S" "$BIN" check > "$OUT/check-nomma.jsonl" 2> "$OUT/check-nomma.log"
+nomma_rc=$?
+grep -c '"ok":true' "$OUT/check-nomma.jsonl" || true
+grep '"ok":false' "$OUT/check-nomma.jsonl" || true
+echo "check (no mma) exit code: $nomma_rc"
+[ "$check_rc" = 0 ] && check_rc=$nomma_rc
+
 echo "== bench"
 timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
 echo "bench exit code: $?"
 cat "$OUT/bench.jsonl"
+echo "== bench, CUDA-core kernel only, 32k context (for comparison)"
+KIVI_CUDA_MMA=0 timeout 60 "$BIN" bench --contexts 32768 --batches 1,16 --label nomma > "$OUT/bench-nomma.jsonl" 2> "$OUT/bench-nomma.log"
+cat "$OUT/bench-nomma.jsonl"
 
 echo "== fp16 baseline and copy bandwidth"
 timeout "$BASE_S" python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" > "$OUT/baseline.jsonl" 2> "$OUT/baseline.log"
