@@ -669,7 +669,8 @@ impl CudaCache {
                 // Split 0: the full-precision tokens on CUDA cores; splits 1..: the groups on
                 // tensor cores, `ups` groups each.
                 let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
-                let want = (8 * sms).div_ceil(blocks_per_split).clamp(1, max_groups.max(1));
+                // About one wave: the kernel keeps about three blocks per multiprocessor.
+                let want = (3 * sms).div_ceil(blocks_per_split).clamp(1, max_groups.max(1));
                 let mut ups = max_groups.div_ceil(want).max(1);
                 let mut n = 1 + max_groups.div_ceil(ups);
                 while n > cap {

@@ -86,8 +86,14 @@ fn preload_nvrtc(p: &Path) -> std::result::Result<(), String> {
             f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc") && n.contains(".so"))
         })
         .collect();
-    // The builtins library first: NVRTC opens it by name when compiling.
-    files.sort_by_key(|f| !f.to_string_lossy().contains("builtins"));
+    // The builtins library first: NVRTC opens it by name when compiling. Of the main library,
+    // prefer the names cudarc asks for (libnvrtc.so.N, libnvrtc.so) to variants such as .alt.
+    files.sort_by_key(|f| {
+        let n = f.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let plain =
+            n.strip_prefix("libnvrtc.so").is_some_and(|r| r.is_empty() || r[1..].chars().all(|c| c.is_ascii_digit()));
+        (!n.contains("builtins"), !plain, n)
+    });
     let main = file.or_else(|| files.iter().find(|f| !f.to_string_lossy().contains("builtins")).cloned());
     let Some(main) = main else { return Err(format!("KIVI_NVRTC_LIB={}: no libnvrtc there", p.display())) };
     for f in files.iter().filter(|f| f.to_string_lossy().contains("builtins")).chain(std::iter::once(&main)) {
