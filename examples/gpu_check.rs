@@ -423,12 +423,34 @@ fn many_sequences<T: Element + Default>(cfg: &CacheConfig, nqh: usize, seed: u64
     Ok(p)
 }
 
+/// Long contexts: many splits, many groups per warp, pages all over the pool.
+fn long_context<T: Element + Default>(cfg: &CacheConfig, nqh: usize, seed: u64) -> Result<Pair<T>, String> {
+    let mut p = Pair::<T>::new(cfg.clone(), nqh, AttnOptions::default(), seed)?;
+    for (seq, len) in [(0u32, 20000usize), (1, 9001), (2, 333)] {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(4000);
+            p.append(0, seq, n);
+            done += n;
+        }
+    }
+    for _ in 0..3 {
+        p.decode(0, &[0, 1, 2]);
+    }
+    p.decode(0, &[1]);
+    p.attend(0, 0, 3);
+    p.append_attend(0, 2, 700);
+    p.compare_state("after long appends");
+    Ok(p)
+}
+
 struct Case {
     name: &'static str,
     cfg: CacheConfig,
     nqh: usize,
     opts: AttnOptions,
     many: bool,
+    long: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -458,7 +480,7 @@ fn case(
     cfg.max_tokens = 4096;
     cfg.max_seqs = 8;
     cfg.page_tokens = page_tokens;
-    Case { name, cfg, nqh, opts, many: false }
+    Case { name, cfg, nqh, opts, many: false, long: false }
 }
 
 fn cases() -> Vec<Case> {
@@ -486,6 +508,14 @@ fn cases() -> Vec<Case> {
     many.cfg.n_layers = 1;
     many.many = true;
     v.push(many);
+    for (name, bits) in [("long-kivi2", 2u8), ("long-kivi4", 4)] {
+        let mut long = case(name, 128, 8, 32, (bits, bits), 32, 128, 0, PerChannel, F16, 0, d);
+        long.cfg.n_layers = 1;
+        long.cfg.max_seqs = 4;
+        long.cfg.max_tokens = 32768;
+        long.long = true;
+        v.push(long);
+    }
     v
 }
 
@@ -498,6 +528,8 @@ fn check() -> bool {
             ($T:ty) => {
                 if c.many {
                     many_sequences::<$T>(&c.cfg, c.nqh, seed).map(|p| (p.calls, p.max_err, p.tol, p.failures))
+                } else if c.long {
+                    long_context::<$T>(&c.cfg, c.nqh, seed).map(|p| (p.calls, p.max_err, p.tol, p.failures))
                 } else {
                     scenario::<$T>(&c.cfg, c.nqh, c.opts, seed).map(|p| (p.calls, p.max_err, p.tol, p.failures))
                 }

@@ -1302,6 +1302,23 @@ mod tests {
     }
 
     #[test]
+    fn emulated_long_contexts_use_many_splits() {
+        for bits in [2u8, 4] {
+            let mut c = cfg(64, 2, (bits, bits), 32, 64, 0, KeyMode::PerChannel, DType::F16, 0);
+            c.n_layers = 1;
+            c.max_tokens = 8192;
+            let mut p = Pair::<f16>::new(c, 8, AttnOptions::default());
+            let n = if cfg!(debug_assertions) { 1200 } else { 3000 };
+            p.append(0, 0, n);
+            p.append(0, 1, n / 3);
+            for _ in 0..3 {
+                p.decode(0, &[0, 1]);
+            }
+            p.state("after long decode");
+        }
+    }
+
+    #[test]
     fn emulated_batched_decode_of_many_sequences() {
         let mut c = cfg(64, 2, (2, 2), 32, 64, 0, KeyMode::PerChannel, DType::F32, 0);
         let n = if cfg!(debug_assertions) { 66 } else { 70 };
