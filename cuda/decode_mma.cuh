@@ -67,6 +67,17 @@ __device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo)
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(x1 - h1), "f"(x0 - h0));
 }
 
+struct __align__(8) Pairf {
+    float x, y;
+};
+
+// Byte permute: the bytes of (a, b) numbered 0-3 and 4-7, picked by the selector's nibbles.
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
 // Two small integers at bits 0.. and 16.. as an f16 pair (exact): 1024 + x, minus 1024.
 __device__ __forceinline__ u32 codes_h2(u32 x) {
     u32 r;
@@ -117,28 +128,34 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 #pragma unroll
     for (int j = 0; j < MMA_NT; j++) S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
     float bias = 0.0f;
-    const u32 bit0 = MMA_NT * g * KV_KB;  // this lane's tokens NT*g .. in every key run
+    // This lane's tokens NT*g .. NT*g+NT-1 sit in bits bit0.. of every key run.
+    const u32 bit0 = MMA_NT * g * KV_KB, kwi = bit0 >> 5, ksh = bit0 & 31;
+    const u32 kmask2 = KV_LEVELS_K | (KV_LEVELS_K << 16);
 #pragma unroll
     for (int k = 0; k < MMA_KS; k++) {
+        // Channels c0, c0+1 (K columns 2t, 2t+1) and c0+8, c0+9 (2t+8, 2t+9).
         const u32 c0 = 16 * k + 2 * t;
-        const u32 cs[4] = {c0, c0 + 1, c0 + 8, c0 + 9};
-        float x[4];
-        u32 w[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float q = qrow[cs[i]];
-            x[i] = q * h2f(ksp[cs[i]]);
-            bias += q * h2f(kzp[cs[i]]);
-            w[i] = ((const u32*)(buf + cs[i] * KV_K_RUN))[bit0 >> 5] >> (bit0 & 31);
-        }
+        const Pairf q01 = *(const Pairf*)(qrow + c0), q89 = *(const Pairf*)(qrow + c0 + 8);
+        const u32 ks01 = *(const u32*)(ksp + c0), ks89 = *(const u32*)(ksp + c0 + 8);
+        const u32 kz01 = *(const u32*)(kzp + c0), kz89 = *(const u32*)(kzp + c0 + 8);
+        bias += q01.x * h2f((u16)kz01) + q01.y * h2f((u16)(kz01 >> 16)) + q89.x * h2f((u16)kz89) +
+                q89.y * h2f((u16)(kz89 >> 16));
         u32 a0, a1, a2, a3;
-        split_pair(x[0], x[1], a0, a1);
-        split_pair(x[2], x[3], a2, a3);
+        split_pair(q01.x * h2f((u16)ks01), q01.y * h2f((u16)(ks01 >> 16)), a0, a1);
+        split_pair(q89.x * h2f((u16)ks89), q89.y * h2f((u16)(ks89 >> 16)), a2, a3);
+        const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kwi] >> ksh;
+        const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kwi] >> ksh;
+        const u32 w8 = ((const u32*)(buf + (c0 + 8) * KV_K_RUN))[kwi] >> ksh;
+        const u32 w9 = ((const u32*)(buf + (c0 + 9) * KV_K_RUN))[kwi] >> ksh;
+        // Channel pairs side by side: the low (high) 16 bits of each word in one register.
+        const u32 lo01 = prmt(w0, w1, 0x5410), lo89 = prmt(w8, w9, 0x5410);
+        const u32 hi01 = prmt(w0, w1, 0x7632), hi89 = prmt(w8, w9, 0x7632);
 #pragma unroll
         for (int j = 0; j < MMA_NT; j++) {
-            const u32 s = j * KV_KB;
-            u32 b0 = codes_h2(((w[0] >> s) & KV_LEVELS_K) | (((w[1] >> s) & KV_LEVELS_K) << 16));
-            u32 b1 = codes_h2(((w[2] >> s) & KV_LEVELS_K) | (((w[3] >> s) & KV_LEVELS_K) << 16));
+            const u32 o = j * KV_KB;  // bit of token NT*g+j after the shift (below 32)
+            const u32 x01 = o < 16 ? lo01 : hi01, x89 = o < 16 ? lo89 : hi89;
+            u32 b0 = codes_h2((x01 >> (o & 15)) & kmask2);
+            u32 b1 = codes_h2((x89 >> (o & 15)) & kmask2);
             mma16816(S[j], a0, a1, a2, a3, b0, b1);
         }
     }
@@ -193,6 +210,7 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     const u16* vsp = (const u16*)(buf + MMA_VS_OFF);
     const u16* vzp = (const u16*)(buf + MMA_VZ_OFF);
     const u8* vcp = buf + MMA_VC_OFF;
+    const u32 vsh = g * KV_VB, vmask2 = KV_LEVELS_V | (KV_LEVELS_V << 16);
 #pragma unroll
     for (int kk = 0; kk < MMA_KK; kk++) {
         const u32 ta0 = MMA_NT * (2 * t) + 2 * kk, ta1 = MMA_NT * (2 * t + 1) + 2 * kk;
@@ -211,9 +229,11 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
             split_pair(pb0 * h2f(vsp[tb0 * KV_NG + cg]), pb1 * h2f(vsp[tb1 * KV_NG + cg]), a2, a3);
 #pragma unroll
             for (int jj = cg * (KV_VG / 8); jj < (cg + 1) * (KV_VG / 8); jj++) {
-                const u32 bit = (8 * jj + g) * KV_VB, wi = bit >> 5, s = bit & 31;
-                u32 b0 = codes_h2(((ra0[wi] >> s) & KV_LEVELS_V) | (((ra1[wi] >> s) & KV_LEVELS_V) << 16));
-                u32 b1 = codes_h2(((rb0[wi] >> s) & KV_LEVELS_V) | (((rb1[wi] >> s) & KV_LEVELS_V) << 16));
+                // Channel 8jj+g: word wi, bit 16*o + g*VB; shifted by g*VB it is at bit 16*o.
+                const u32 wi = (8 * jj * KV_VB) / 32, o = ((8 * jj * KV_VB) % 32) / 16;
+                const u32 sel = o ? 0x7632 : 0x5410;
+                u32 b0 = codes_h2(prmt(ra0[wi] >> vsh, ra1[wi] >> vsh, sel) & vmask2);
+                u32 b1 = codes_h2(prmt(rb0[wi] >> vsh, rb1[wi] >> vsh, sel) & vmask2);
                 mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
             }
         }

@@ -729,6 +729,12 @@ mod mma {
         (hi, l0.to_bits() as u32 | (l1.to_bits() as u32) << 16)
     }
 
+    /// prmt.b32: byte i of the result is byte (sel >> 4i) & 7 of (b:a).
+    fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+        let bytes = (a as u64) | (b as u64) << 32;
+        (0..4).fold(0u32, |d, i| d | (((bytes >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) as u32) << (8 * i))
+    }
+
     /// sub.f16x2 (x | 0x64006400), 0x64006400.
     fn codes_h2(x: u32) -> u32 {
         let y = x | 0x6400_6400;
@@ -824,10 +830,15 @@ mod mma {
             for j in 0..nt {
                 let mut b = [[0u32; 2]; 32];
                 for lane in 0..32 {
-                    let sh = (j * kb) as u32;
+                    // As the kernel does it: pairs side by side with prmt, then shift and mask.
+                    let o = (j * kb) as u32;
                     let wl = &w[lane];
-                    b[lane][0] = codes_h2(((wl[0] >> sh) & kmask) | (((wl[1] >> sh) & kmask) << 16));
-                    b[lane][1] = codes_h2(((wl[2] >> sh) & kmask) | (((wl[3] >> sh) & kmask) << 16));
+                    let kmask2 = kmask | kmask << 16;
+                    let sel = if o < 16 { 0x5410 } else { 0x7632 };
+                    let (x01, x89) = (prmt(wl[0], wl[1], sel), prmt(wl[2], wl[3], sel));
+                    b[lane][0] = codes_h2((x01 >> (o & 15)) & kmask2);
+                    b[lane][1] = codes_h2((x89 >> (o & 15)) & kmask2);
+                    debug_assert_eq!(b[lane][0], codes_h2(((wl[0] >> o) & kmask) | (((wl[1] >> o) & kmask) << 16)));
                 }
                 mma(&mut s[j], &a, &b);
             }
@@ -908,12 +919,20 @@ mod mma {
                     let mut b = [[0u32; 2]; 32];
                     for lane in 0..32 {
                         let g = lane / 4;
-                        let bit = (8 * jj + g) * vb;
-                        let (wi, sh) = (bit >> 5, (bit & 31) as u32);
-                        let word = |tok: usize| rd32(vc_off + tok * lay.v_row_bytes() + 4 * wi);
+                        // As the kernel does it: shift by g*VB, pair with prmt, mask.
+                        let (wi, o) = ((8 * jj * vb) / 32, ((8 * jj * vb) % 32) / 16);
+                        let vsh = (g * vb) as u32;
+                        let sel = if o == 1 { 0x7632 } else { 0x5410 };
+                        let word = |tok: usize| rd32(vc_off + tok * lay.v_row_bytes() + 4 * wi) >> vsh;
                         let r = rows[lane];
-                        b[lane][0] = codes_h2(((word(r[0]) >> sh) & vmask) | (((word(r[1]) >> sh) & vmask) << 16));
-                        b[lane][1] = codes_h2(((word(r[2]) >> sh) & vmask) | (((word(r[3]) >> sh) & vmask) << 16));
+                        let vmask2 = vmask | vmask << 16;
+                        b[lane][0] = codes_h2(prmt(word(r[0]), word(r[1]), sel) & vmask2);
+                        b[lane][1] = codes_h2(prmt(word(r[2]), word(r[3]), sel) & vmask2);
+                        let bit = (8 * jj + g) * vb;
+                        let plain = |tok: usize| {
+                            (rd32(vc_off + tok * lay.v_row_bytes() + 4 * (bit >> 5)) >> (bit & 31)) & vmask
+                        };
+                        debug_assert_eq!(b[lane][0], codes_h2(plain(r[0]) | plain(r[1]) << 16));
                     }
                     let mut c: [[f32; 4]; 32] = std::array::from_fn(|lane| st[lane].acc[jj]);
                     mma(&mut c, &a, &b);
@@ -1303,8 +1322,8 @@ mod tests {
 
     #[test]
     fn emulated_long_contexts_use_many_splits() {
-        for bits in [2u8, 4] {
-            let mut c = cfg(64, 2, (bits, bits), 32, 64, 0, KeyMode::PerChannel, DType::F16, 0);
+        for (bits, g) in [(2u8, 32u32), (4, 32), (4, 64), (2, 16), (2, 64)] {
+            let mut c = cfg(64, 2, (bits, bits), g, 64, 0, KeyMode::PerChannel, DType::F16, 0);
             c.n_layers = 1;
             c.max_tokens = 8192;
             let mut p = Pair::<f16>::new(c, 8, AttnOptions::default());
