@@ -405,6 +405,26 @@ fn scenario<T: Element + Default>(
         p.decode(layer, &[5, 0]);
     }
     p.compare_state("after remove");
+    // One sequence out to the host and back under another id (a swap, or a saved state).
+    match p.gpu.seq_to_host(0, std::ptr::null_mut()) {
+        Ok(one) => {
+            for layer in 0..cfg.n_layers {
+                if one.dequantized(layer, 0).ok() != p.cpu.dequantized(layer, 0).ok() {
+                    p.fail(format!("seq_to_host: layer {layer} differs"));
+                }
+            }
+            let g = p.gpu.seq_from_host(&one, 0, 6);
+            let r = p.cpu.seq_copy(0, 6, u32::MAX);
+            if g.is_err() || r.is_err() {
+                p.fail(format!("seq_from_host: CUDA {g:?}, CPU copy {r:?}"));
+            } else {
+                for layer in 0..cfg.n_layers {
+                    p.decode(layer, &[6, 0]);
+                }
+            }
+        }
+        Err(e) => p.fail(format!("seq_to_host: {e}")),
+    }
     Ok(p)
 }
 

@@ -1054,6 +1054,110 @@ impl CudaCache {
         st
     }
 
+    /// Sequence `seq` alone, in a CPU [`Cache`] of the same dimensions sized for it (one
+    /// sequence, its quantized tokens): what to save when one sequence is swapped out. Waits for
+    /// `stream`.
+    pub fn seq_to_host(&self, seq: u32, stream: Stream) -> Result<Cache> {
+        let slot = self.slot_of(seq)?;
+        self.bind()?;
+        let lay = &self.lay;
+        let mut cfg = self.cfg.clone();
+        cfg.max_seqs = 1;
+        let max_q = self.seqs.slots[slot].layers.iter().map(|l| l.quantized).max().unwrap_or(0);
+        cfg.max_tokens = max_q.max(1) as u32;
+        let mut host = Cache::new(cfg)?;
+        let dsz = lay.dtype.size();
+        let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
+        for l in 0..lay.n_layers {
+            let ls = self.seqs.slots[slot].layers[l].clone();
+            let mut blocks = Vec::with_capacity(ls.blocks.len());
+            for &p in &ls.blocks {
+                let np = host.pools[l].alloc();
+                let src = self.pages_ptr(l) + p as u64 * lay.page_bytes as u64;
+                self.dtoh(host.pools[l].page_mut(np), src, stream)?;
+                blocks.push(np);
+            }
+            let src = self.base + self.off_windows + (lay.window_base(l, slot, 0) * dsz) as u64;
+            let dst = host.lay.window_base(l, 0, 0) * dsz;
+            self.dtoh(&mut host.windows.bytes_mut()[dst..dst + wbytes], src, stream)?;
+            let h = &mut host.seqs.slots[0].layers[l];
+            h.len = ls.len;
+            h.quantized = ls.quantized;
+            h.blocks = blocks;
+        }
+        host.seqs.slots[0].id = Some(seq);
+        Ok(host)
+    }
+
+    /// Makes `as_id` a copy of sequence `seq` of the CPU cache `host` (e.g. one restored from a
+    /// saved state, of any capacity but the same dimensions), replacing whatever `as_id` held.
+    /// The copies to the device are synchronous.
+    pub fn seq_from_host(&mut self, host: &Cache, seq: u32, as_id: u32) -> Result<()> {
+        let hc = host.config();
+        let same = CacheConfig {
+            max_tokens: hc.max_tokens,
+            max_seqs: hc.max_seqs,
+            n_threads: hc.n_threads,
+            ..self.cfg.clone()
+        };
+        if *hc != same {
+            return Err(Error::StateMismatch(format!("a cache of {hc:?} into a cache of {:?}", self.cfg)));
+        }
+        let hslot = host.seqs.find(seq).ok_or(Error::UnknownSequence(seq))?;
+        let existing = self.seqs.find(as_id);
+        let slot = match existing {
+            Some(s) => s,
+            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: as_id, max: self.cfg.max_seqs })?,
+        };
+        let lay = self.lay.clone();
+        for l in 0..lay.n_layers {
+            let need = host.seqs.slots[hslot].layers[l].blocks.len();
+            let freed = match existing {
+                Some(s) => {
+                    self.seqs.slots[s].layers[l].blocks.iter().filter(|&&p| self.refs[l].refs[p as usize] == 1).count()
+                }
+                None => 0,
+            };
+            let free = self.refs[l].free.len() + freed;
+            if need > free {
+                let token = host.seqs.slots[hslot].layers[l].len as u64;
+                let total = self.refs[l].refs.len() as u64;
+                return Err(Error::CapacityExhausted {
+                    seq: as_id,
+                    layer: l as u32,
+                    token,
+                    needed: need as u64,
+                    free: free as u64,
+                    total,
+                });
+            }
+        }
+        self.bind()?;
+        self.release_slot(slot);
+        let dsz = lay.dtype.size();
+        let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
+        for l in 0..lay.n_layers {
+            let hls = &host.seqs.slots[hslot].layers[l];
+            let mut blocks = Vec::with_capacity(hls.blocks.len());
+            for &hp in &hls.blocks {
+                let p = self.refs[l].alloc();
+                self.htod(self.pages_ptr(l) + p as u64 * lay.page_bytes as u64, host.pools[l].page(hp))?;
+                blocks.push(p);
+            }
+            let table: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+            self.htod(self.base + self.off_blocks + (self.blocks_index(l, slot) * 4) as u64, &table)?;
+            let src = host.lay.window_base(l, hslot, 0) * dsz;
+            let dst = self.base + self.off_windows + (lay.window_base(l, slot, 0) * dsz) as u64;
+            self.htod(dst, &host.windows.bytes()[src..src + wbytes])?;
+            let ls = &mut self.seqs.slots[slot].layers[l];
+            ls.len = hls.len;
+            ls.quantized = hls.quantized;
+            ls.blocks = blocks;
+        }
+        self.seqs.slots[slot].id = Some(as_id);
+        Ok(())
+    }
+
     /// A CPU [`Cache`] holding exactly what this cache holds (pages, windows, sequences), e.g. to
     /// save it with the CPU cache's state functions or to inspect it. Waits for `stream`.
     pub fn to_host(&self, stream: Stream) -> Result<Cache> {

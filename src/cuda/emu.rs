@@ -1254,6 +1254,21 @@ mod tests {
             p.decode(layer, &[5, 0]);
         }
         p.state("after remove");
+        // One sequence out to the host and back in, under another id.
+        let one = p.gpu.seq_to_host(0, std::ptr::null_mut()).unwrap();
+        assert_eq!(one.seq_ids(), vec![0]);
+        for layer in 0..cfg.n_layers {
+            assert!(one.dequantized(layer, 0).unwrap() == p.cpu.dequantized(layer, 0).unwrap());
+        }
+        p.gpu.seq_from_host(&one, 0, 6).unwrap();
+        assert_eq!(p.cpu.seq_copy(0, 6, u32::MAX), Ok(()));
+        for layer in 0..cfg.n_layers {
+            p.decode(layer, &[6, 0]);
+        }
+        let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
+        for layer in 0..cfg.n_layers {
+            assert!(host.dequantized(layer, 6).unwrap() == p.cpu.dequantized(layer, 6).unwrap());
+        }
         // Round trip through the host.
         let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
         let back = CudaCache::emulated(cfg).unwrap().upload(&host).unwrap();
