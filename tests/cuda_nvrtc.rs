@@ -54,6 +54,27 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     }
 }
 
+/// The tensor-core decode kernel is compiled exactly where the host will launch it.
+#[test]
+fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile, tensor_core_decode, test_configs, Family, Spec};
+    let mut used = 0;
+    for cfg in test_configs() {
+        for ratio in [1u32, 4, 8] {
+            let nq = ratio.min(kivi::cuda::kernels::max_nq(cfg.head_dim as usize) as u32);
+            let image = compile(Family::Decode, &Spec::for_config(&cfg, nq as usize).unwrap(), "sm_90").unwrap();
+            let has = image.bytes().windows(13).any(|w| w == b"kv_decode_mma");
+            let uses = tensor_core_decode(&cfg, ratio * cfg.n_kv_heads);
+            assert_eq!(has, uses, "config {cfg:?}, {ratio} query heads per kv head");
+            used += uses as usize;
+        }
+    }
+    assert!(used > 0, "no test configuration reaches the tensor-core kernel");
+}
+
 #[test]
 fn the_backend_reports_whether_it_is_available() {
     // On a machine without a driver this is an error naming what is missing, never a panic.

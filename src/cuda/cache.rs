@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result as drv, sys as dsys};
 
-use super::kernels::{max_nq, Family, Spec};
+use super::kernels::{max_nq, mma_layout, Family, Spec};
 use super::{launch, Device, DeviceInfo};
 use crate::attention::{AttnOptions, Resolved};
 use crate::cache::Cache;
@@ -612,7 +612,11 @@ impl CudaCache {
         let (nq, hc, qt) = attention_shape(family, hd, ratio);
         let hchunks = ratio.div_ceil(hc);
         let per_item = qt * n_q_heads * (hd + 2) * 4;
-        let mma = family == Family::Decode && hchunks == 1 && mma_eligible(lay, nq, self.info.capability);
+        let mma = family == Family::Decode
+            && hchunks == 1
+            && self.info.capability.0 >= 8
+            && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0")
+            && mma_layout(lay, nq);
         let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
         if max_items == 0 {
             return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
@@ -1330,29 +1334,6 @@ impl Drop for CudaCache {
             }
         }
     }
-}
-
-/// Whether decode attention over quantized groups runs on tensor cores: the conditions of
-/// `KV_MMA_OK` in cuda/decode_mma.cuh, a device of compute capability 8.0 or newer, and
-/// `KIVI_CUDA_MMA` not set to 0.
-fn mma_eligible(lay: &Layout, nq: usize, capability: (u32, u32)) -> bool {
-    if capability.0 < 8 || std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0") {
-        return false;
-    }
-    let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
-    let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
-    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + 4 * g * ng;
-    let buf = (2 * 4 * stage).max(4 * 8 * hd * 4);
-    lay.key_mode == crate::config::KeyMode::PerChannel
-        && matches!(kb, 2 | 4)
-        && matches!(vb, 2 | 4)
-        && hd % 16 == 0
-        && hd <= 128
-        && g % 16 == 0
-        && g <= 64
-        && lay.vgroup % 8 == 0
-        && nq <= 8
-        && 8 * hd * 4 + buf <= 45056
 }
 
 /// Query vectors per block (`nq`), query heads per block (`hc`) and query rows per block (`qt`)

@@ -91,6 +91,36 @@ pub fn max_nq(head_dim: usize) -> usize {
     (1024 / head_dim).clamp(1, 16)
 }
 
+/// Whether `kv_decode_mma` (tensor cores) exists for this layout and `nq` query heads per kv
+/// head: the conditions of `KV_MMA_OK` in cuda/decode_mma.cuh.
+pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
+    let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
+    let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
+    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + 4 * g * ng;
+    let buf = (2 * 4 * stage).max(4 * 8 * hd * 4);
+    lay.key_mode == KeyMode::PerChannel
+        && matches!(kb, 2 | 4)
+        && matches!(vb, 2 | 4)
+        && hd % 16 == 0
+        && hd <= 128
+        && g % 16 == 0
+        && g <= 64
+        && lay.vgroup % 8 == 0
+        && nq <= 8
+        && 8 * hd * 4 + buf <= 45056
+}
+
+/// Whether decode steps of a cache of this configuration, with `n_q_heads` query heads, run
+/// their quantized groups on tensor cores (on devices of compute capability 8.0 and newer, unless
+/// `KIVI_CUDA_MMA=0`).
+pub fn tensor_core_decode(cfg: &CacheConfig, n_q_heads: u32) -> bool {
+    if cfg.validate().is_err() || n_q_heads == 0 || n_q_heads % cfg.n_kv_heads != 0 {
+        return false;
+    }
+    let ratio = (n_q_heads / cfg.n_kv_heads) as usize;
+    ratio <= max_nq(cfg.head_dim as usize) && mma_layout(&Layout::new(cfg), ratio)
+}
+
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query
 /// vectors per block).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
