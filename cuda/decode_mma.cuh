@@ -34,16 +34,18 @@
 #define MMA_VZ_OFF (MMA_VS_OFF + 2 * KV_G * KV_NG)
 #define MMA_STAGE (MMA_VZ_OFF + 2 * KV_G * KV_NG)
 #define MMA_MERGE (KV_WARPS * 8 * KV_HD * 4)
+// Query rows padded by 8 floats: the 8 rows read at once fall on different banks.
+#define MMA_QROW (KV_HD + 8)
 #define MMA_BUF (2 * KV_WARPS * MMA_STAGE > MMA_MERGE ? 2 * KV_WARPS * MMA_STAGE : MMA_MERGE)
 // Must match mma_eligible() in src/cuda/cache.rs.
 #define KV_MMA_OK                                                                                        \
     (!KV_KEY_PER_TOKEN && (KV_KB == 2 || KV_KB == 4) && (KV_VB == 2 || KV_VB == 4) && KV_HD % 16 == 0 && \
      KV_HD <= 128 && KV_G % 16 == 0 && KV_G <= 64 && KV_VG % 8 == 0 && KV_NQ <= 8 &&                    \
-     8 * KV_HD * 4 + MMA_BUF <= 45056)
+     8 * MMA_QROW * 4 + MMA_BUF <= 48000)
 
 #if KV_MMA_OK
 struct MmaShared {
-    float qf[8][KV_HD];
+    float qf[8][MMA_QROW];
     float wm[KV_WARPS][8], wl[KV_WARPS][8];
     int lo[8], hi[8];
     __align__(16) u8 buf[MMA_BUF];
