@@ -521,6 +521,10 @@ fn cases() -> Vec<Case> {
         case("bench-shape-kivi2", 128, 8, 32, (2, 2), 32, 128, 0, PerChannel, F16, 0, d),
         case("gqa16-pages", 128, 2, 32, (2, 2), 32, 128, 0, PerChannel, F16, 128, sc),
         case("kivi4-bf16", 128, 8, 32, (4, 4), 32, 128, 0, PerChannel, BF16, 0, sw),
+        case("mma-window", 64, 2, 8, (2, 2), 32, 64, 0, PerChannel, F16, 0, sw),
+        case("mma-softcap-g16", 128, 1, 8, (2, 4), 16, 32, 0, PerChannel, BF16, 64, sc),
+        case("mma-sinks-noncausal", 64, 2, 4, (4, 2), 16, 32, 3, PerChannel, F32, 64, nc),
+        case("mma-g64", 64, 4, 16, (4, 4), 64, 64, 0, PerChannel, F16, 128, d),
     ];
     let mut many = case("batch-70", 128, 2, 8, (2, 2), 32, 64, 0, PerChannel, F16, 0, d);
     many.cfg.max_seqs = 70;

@@ -1332,6 +1332,10 @@ mod tests {
         calls += scenario::<f32>(cfg(256, 1, (2, 2), 32, 32, 2, PerToken, F32, 0), 4, sc);
         calls += scenario::<f16>(cfg(128, 2, (4, 2), 64, 128, 0, PerToken, F16, 128), 4, d);
         calls += scenario::<f16>(cfg(128, 2, (2, 2), 32, 128, 0, PerChannel, F16, 128), 32, sc);
+        // Tensor-core decode with sliding windows, softcap, sinks, bf16 and f32 windows.
+        calls += scenario::<f16>(cfg(64, 2, (2, 2), 32, 64, 0, PerChannel, F16, 0), 8, sw);
+        calls += scenario::<bf16>(cfg(128, 1, (2, 4), 16, 32, 0, PerChannel, BF16, 64), 8, sc);
+        calls += scenario::<f32>(cfg(64, 2, (4, 2), 16, 32, 3, PerChannel, F32, 64), 4, nc);
         assert!(calls > 500);
     }
 
