@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! gpu_check info                       # the device, as one JSON line
-//! gpu_check check                      # CUDA vs CPU on identical random inputs; exit 1 on failure
+//! gpu_check check [--mma-only]         # CUDA vs CPU on identical random inputs; exit 1 on failure
 //! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
 //! ```
 //! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
@@ -543,9 +543,14 @@ fn cases() -> Vec<Case> {
     v
 }
 
-fn check() -> bool {
+/// `mma_only`: just the cases whose decode steps run on tensor cores where allowed (to check
+/// them again with KIVI_CUDA_MMA=0).
+fn check(mma_only: bool) -> bool {
     let mut all_ok = true;
     for (i, c) in cases().into_iter().enumerate() {
+        if mma_only && !kivi::cuda::kernels::tensor_core_decode(&c.cfg, c.nqh as u32) {
+            continue;
+        }
         let t0 = Instant::now();
         let seed = 0x5EED_0000 + i as u64;
         macro_rules! run {
@@ -634,8 +639,9 @@ fn bench(args: &[String]) -> bool {
     let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
     let max_batch = *batches.iter().max().unwrap();
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
-    for &bits in &bits_list {
-        for &ctx in &contexts {
+    // Contexts outermost: the longest (slowest to fill) come last.
+    for &ctx in &contexts {
+        for &bits in &bits_list {
             let t0 = Instant::now();
             let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
             cfg.dtype = DType::F16;
@@ -757,7 +763,7 @@ fn main() {
     let cmd = args.get(1).map(String::as_str).unwrap_or("check");
     let ok = match cmd {
         "info" => info(),
-        "check" => info() && check(),
+        "check" => info() && check(args.iter().any(|a| a == "--mma-only")),
         "bench" => info() && bench(&args),
         other => {
             eprintln!("unknown command {other}: use info, check or bench");

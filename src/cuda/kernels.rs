@@ -247,6 +247,31 @@ unsafe fn log_and(prog: cudarc::nvrtc::sys::nvrtcProgram, family: Family, arch: 
     false
 }
 
+/// [`compile`], through an on-disk cache of cubins when `KIVI_CUDA_CACHE_DIR` names a folder
+/// (keyed by the source, the options, the architecture and NVRTC's version), so that a process
+/// need not compile what an earlier one did.
+pub fn compile_cached(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
+    let Some(dir) = std::env::var_os("KIVI_CUDA_CACHE_DIR") else { return compile(family, spec, arch) };
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (family.source(), spec.options(arch), arch, super::nvrtc_version()?).hash(&mut h);
+    let path = std::path::Path::new(&dir).join(format!("{}-{arch}-{:016x}.cubin", family.file(), h.finish()));
+    if arch.starts_with("sm_") {
+        if let Ok(bytes) = std::fs::read(&path) {
+            return Ok(Image::Cubin(bytes));
+        }
+    }
+    let image = compile(family, spec, arch)?;
+    if let Image::Cubin(bytes) = &image {
+        let _ = std::fs::create_dir_all(&dir);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(image)
+}
+
 fn c_chars(v: &[std::ffi::c_char]) -> String {
     let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()

@@ -9,7 +9,8 @@
 //! the path in the environment variable `KIVI_NVRTC_LIB` (the library file, or the folder holding
 //! it, such as the `nvidia/cu13/lib` folder of the `nvidia-cuda-nvrtc` Python package).
 //!
-//! Kernels are compiled once per process for each (device, cache layout, family) and kept.
+//! Kernels are compiled once per process for each (device, cache layout, family) and kept; with
+//! `KIVI_CUDA_CACHE_DIR` set, the cubins are also kept in that folder for later processes.
 
 pub mod cache;
 pub mod kernels;
@@ -226,7 +227,7 @@ impl Device {
         }
         self.bind()?;
         let (ma, mi) = self.info.capability;
-        let image = kernels::compile(family, spec, &format!("sm_{ma}{mi}"))?;
+        let image = kernels::compile_cached(family, spec, &format!("sm_{ma}{mi}"))?;
         let mut bytes = image.bytes().to_vec();
         bytes.push(0);
         // SAFETY: bytes is a complete cubin (or NUL-terminated PTX) that outlives the call.
