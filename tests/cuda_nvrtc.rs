@@ -86,3 +86,21 @@ fn the_backend_reports_whether_it_is_available() {
         }
     }
 }
+
+#[test]
+fn compiled_kernels_are_kept_on_disk_when_asked() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile_cached, test_configs, Family, Spec};
+    let dir = std::env::temp_dir().join(format!("kivi-cubins-test-{}", std::process::id()));
+    std::env::set_var("KIVI_CUDA_CACHE_DIR", &dir);
+    let spec = Spec::for_config(&test_configs()[3], 1).unwrap();
+    let a = compile_cached(Family::Quantize, &spec, "sm_80").unwrap();
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    let b = compile_cached(Family::Quantize, &spec, "sm_80").unwrap();
+    std::env::remove_var("KIVI_CUDA_CACHE_DIR");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(files, 1);
+    assert_eq!(a.bytes(), b.bytes());
+}
