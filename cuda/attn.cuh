@@ -279,8 +279,7 @@ __device__ __forceinline__ void fp_unit(const AttnParams& P, AttnShared& sh, War
 }
 
 // The body of one attention block: grid (split, kv head * head chunks, item).
-__device__ __forceinline__ void attn_block(const AttnParams& P) {
-    __shared__ AttnShared sh;
+__device__ __forceinline__ void attn_block_in(const AttnParams& P, AttnShared& sh) {
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 split = blockIdx.x;
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
@@ -348,8 +347,8 @@ __device__ __forceinline__ void attn_block(const AttnParams& P) {
     const u32 ws = min((u32)KV_SINKS + it.quantized, it.len);
     const u32 n_fp = n_sink + (it.len - ws) + it.n_chunk;
     const u32 n_units = n_groups + (n_fp + 31) / 32;
-    // fp_only: the quantized groups are another kernel's (decode_mma.cuh); this one block does
-    // the full-precision tokens and writes split 0.
+    // fp_only: the quantized groups are the tensor-core blocks' (decode_mma.cuh); this block
+    // (split 0 of kv_decode_mma) does the full-precision tokens.
     const u32 u_begin = P.fp_only ? n_groups : split * P.ups;
     const u32 u_end = P.fp_only ? n_units : min(n_units, u_begin + P.ups);
     const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
@@ -406,6 +405,11 @@ __device__ __forceinline__ void attn_block(const AttnParams& P) {
         }
         dst[2 + c] = a;
     }
+}
+
+__device__ __forceinline__ void attn_block(const AttnParams& P) {
+    __shared__ AttnShared sh;
+    attn_block_in(P, sh);
 }
 
 // Combines the splits of one (item, query row, query head): grid (n_q_heads, qt, items).

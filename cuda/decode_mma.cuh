@@ -16,8 +16,8 @@
 //   PV: k-step kk, k = 2t+i <-> token NT * (2t + i) + 2kk, k = 2t+8+i <-> the next token,
 //       which is where the QK accumulators of n-tiles 2kk and 2kk+1 left the weights;
 //       n-tile jj, column n <-> channel 8 * jj + n.
-// The full-precision tokens (sinks, window, the new token) are left to kv_decode_attn with
-// fp_only set, which writes split 0; this kernel writes splits 1.. and kv_decode_combine merges.
+// The full-precision tokens (sinks, window, the new token) are read from their own storage by
+// split 0 of the same kernel, with the CUDA-core body of attn.cuh; kv_decode_combine merges.
 #pragma once
 #include "attn.cuh"
 
@@ -242,10 +242,18 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     }
 }
 
-// grid (splits - 1, kv heads, sequences); writes splits 1.. of the partial states.
+// grid (splits, kv heads, sequences). Split 0 is the full-precision tokens on CUDA cores (the
+// body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
+// cores. Both kinds of block share one shared-memory area.
+#define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
 extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
-    __shared__ MmaShared sh;
+    __shared__ __align__(16) u8 smem[MMA_SMEM];
+    if (blockIdx.x == 0) {
+        attn_block_in(P, *(AttnShared*)smem);
+        return;
+    }
+    MmaShared& sh = *(MmaShared*)smem;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const u32 kvh = blockIdx.y;
     const AttnItem it = P.items[blockIdx.z];
@@ -288,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const Att
     for (int cg = 0; cg < KV_NG; cg++) st.zacc[cg] = 0.0f;
 
     const u32 n_groups = it.quantized / KV_G;
-    const u32 gb = blockIdx.x * P.ups;
+    const u32 gb = (blockIdx.x - 1) * P.ups;
     const u32 ge = min(n_groups, gb + P.ups);
     const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
     auto visible = [&](u32 u) {
@@ -341,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const Att
         }
     }
     __syncthreads();
-    const u32 split = blockIdx.x + 1;
+    const u32 split = blockIdx.x;
     for (u32 i = tid; i < nvec * KV_HD; i += KV_THREADS) {
         u32 v = i / KV_HD, c = i % KV_HD;
         float m = KV_NEG_INF;

@@ -670,8 +670,8 @@ impl CudaCache {
             p.items[..chunk.len()].copy_from_slice(chunk);
             let rows = chunk.len() as u32;
             if mma && cap >= 2 {
-                // Split 0: the full-precision tokens on CUDA cores; splits 1..: the groups on
-                // tensor cores, `ups` groups each.
+                // One launch: split 0 takes the full-precision tokens on CUDA cores, splits 1..
+                // take `ups` quantized groups each on tensor cores.
                 let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
                 // About one wave: the kernel keeps about three blocks per multiprocessor.
                 let want = (3 * sms).div_ceil(blocks_per_split).clamp(1, max_groups.max(1));
@@ -684,10 +684,7 @@ impl CudaCache {
                 p.ups = ups as u32;
                 p.n_splits = n as u32;
                 p.fp_only = 1;
-                self.kernel(Kernel::Attn(family, nq, &p), (1, (nkv * hchunks) as u32, rows), 128, stream)?;
-                if n > 1 {
-                    self.kernel(Kernel::Mma(nq, &p), ((n - 1) as u32, nkv as u32, rows), 128, stream)?;
-                }
+                self.kernel(Kernel::Mma(nq, &p), (n as u32, nkv as u32, rows), 128, stream)?;
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(family, nq, &p), grid, 128, stream)?;

@@ -149,11 +149,12 @@ pub(super) unsafe fn run(lay: &Layout, k: Kernel<'_>, grid: (u32, u32, u32)) {
                 }
             }
         }
-        Kernel::Mma(_, p) => {
+        Kernel::Mma(nq, p) => {
             MMA_BLOCKS.fetch_add((grid.0 * grid.1 * grid.2) as usize, std::sync::atomic::Ordering::Relaxed);
             for z in 0..grid.2 {
                 for y in 0..grid.1 {
-                    for x in 0..grid.0 {
+                    attn_block(&kk, p, nq, 0, y as usize, z as usize);
+                    for x in 1..grid.0 {
                         mma::block(&kk, p, x as usize, y as usize, z as usize);
                     }
                 }
@@ -967,7 +968,7 @@ mod mma {
         let lo_min = vis.iter().map(|&v| lohi[v].0).min().unwrap_or(i32::MAX as i64);
         let hi_max = vis.iter().map(|&v| lohi[v].1).max().unwrap_or(0);
         let n_groups = it.quantized as usize / gs;
-        let gb = bx * p.ups as usize;
+        let gb = (bx - 1) * p.ups as usize;
         let ge = n_groups.min(gb + p.ups as usize);
         let blocks = p.blocks + 4 * (it.slot as usize * lay.pages_per_layer) as u64;
         let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
@@ -1020,7 +1021,7 @@ mod mma {
             }
         }
         let exp_diff = |a: f32, b: f32| if a == NEG { 0.0 } else { (a - b).exp() };
-        let split = bx + 1;
+        let split = bx;
         for v in 0..nvec {
             let m = (0..WARPS).map(|w| wml[w][v].0).fold(NEG, f32::max);
             let l: f32 = (0..WARPS).map(|w| wml[w][v].1 * exp_diff(wml[w][v].0, m)).sum();
