@@ -761,7 +761,8 @@ impl CudaCache {
     }
 
     /// [`crate::Cache::attend`] on the device: attention for queries of the last
-    /// `queries.rows` tokens already stored in `seq`.
+    /// `queries.rows` tokens already stored in `seq`. Unlike the CPU cache's, concurrent calls
+    /// on one cache must still be ordered on one stream: they share the cache's scratch area.
     pub fn attend(
         &self,
         layer: u32,
@@ -1160,7 +1161,9 @@ impl CudaCache {
     }
 
     /// A CPU [`Cache`] holding exactly what this cache holds (pages, windows, sequences), e.g. to
-    /// save it with the CPU cache's state functions or to inspect it. Waits for `stream`.
+    /// save it with the CPU cache's state functions or to inspect it. It takes as much host
+    /// memory as the cache takes device memory; [`CudaCache::seq_to_host`] takes one sequence.
+    /// Waits for `stream`.
     pub fn to_host(&self, stream: Stream) -> Result<Cache> {
         self.bind()?;
         let lay = &self.lay;
