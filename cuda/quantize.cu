@@ -2,9 +2,10 @@
 // pages, writing new tokens into the window ring (or the sinks), and the small kernels that keep
 // the device copy of the block tables current and undo quantization on truncation.
 //
-// The numbers are the CPU's to the bit (src/quant.rs): per group, scale = f16((max - min) /
-// (2^b - 1)) and zero = f16(min), then code = clamp(round((x - zero) / scale), 0, 2^b - 1) with
-// the f16-rounded scale and zero (code 0 when the scale is 0), computed in f32 with IEEE division.
+// The numbers are the CPU's to the bit (src/quant.rs): per group, zero = f16(min) and
+// scale = f16(max((max - zero) / (2^b - 1), 0)) measured from the stored zero, then
+// code = clamp(round((x - zero) / scale), 0, 2^b - 1) with the f16-rounded scale and zero (code 0
+// when the scale is 0), computed in f32 with IEEE division.
 #include "common.cuh"
 
 #define KV_MAX_ITEMS 64
@@ -69,8 +70,9 @@ __device__ void quantize_rows(const QuantParams& P, const FlushItem& it, const e
             hi = fmaxf(hi, x);
         }
         u32 row = gi * KV_G + t;
-        ((u16*)scales)[row * KV_NG + cg] = f2h((hi - lo) / (float)levels);
-        ((u16*)zeros)[row * KV_NG + cg] = f2h(lo);
+        const u16 zh = f2h(lo);
+        ((u16*)scales)[row * KV_NG + cg] = f2h(fmaxf((hi - h2f(zh)) / (float)levels, 0.0f));
+        ((u16*)zeros)[row * KV_NG + cg] = zh;
     }
     __syncthreads();
     const u32 row_bytes = KV_HD * BITS / 8;
@@ -113,7 +115,8 @@ extern "C" __global__ void kv_quantize(const QuantParams P) {
             lo = fminf(lo, x);
             hi = fmaxf(hi, x);
         }
-        u16 sh = f2h((hi - lo) / (float)KV_LEVELS_K), zh = f2h(lo);
+        const u16 zh = f2h(lo);
+        const u16 sh = f2h(fmaxf((hi - h2f(zh)) / (float)KV_LEVELS_K, 0.0f));
         ((u16*)(blk + KV_K_SCALE))[gi * KV_HD + c] = sh;
         ((u16*)(blk + KV_K_ZERO))[gi * KV_HD + c] = zh;
         float s = h2f(sh), z = h2f(zh);

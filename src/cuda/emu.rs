@@ -224,8 +224,10 @@ unsafe fn quantize_rows(
             hi = hi.max(x);
         }
         let row = gi * g + t;
-        wr16(scales + 2 * (row * ng + cg) as u64, f16::from_f32((hi - lo) / levels as f32).to_bits());
-        wr16(zeros + 2 * (row * ng + cg) as u64, f16::from_f32(lo).to_bits());
+        let zh = f16::from_f32(lo);
+        let sh = f16::from_f32(((hi - zh.to_f32()) / levels as f32).max(0.0));
+        wr16(scales + 2 * (row * ng + cg) as u64, sh.to_bits());
+        wr16(zeros + 2 * (row * ng + cg) as u64, zh.to_bits());
     }
     let row_bytes = hd * bits as usize / 8;
     for i in 0..g * row_bytes {
@@ -284,8 +286,8 @@ unsafe fn quantize(k: &K, p: &QuantParams, x: usize, h: usize) {
                     lo = lo.min(x);
                     hi = hi.max(x);
                 }
-                let sh = f16::from_f32((hi - lo) / levels as f32);
                 let zh = f16::from_f32(lo);
+                let sh = f16::from_f32(((hi - zh.to_f32()) / levels as f32).max(0.0));
                 wr16(blk + lay.k_scale as u64 + 2 * (gi * hd + c) as u64, sh.to_bits());
                 wr16(blk + lay.k_zero as u64 + 2 * (gi * hd + c) as u64, zh.to_bits());
                 let (s, z) = (sh.to_f32(), zh.to_f32());
