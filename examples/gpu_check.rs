@@ -405,6 +405,24 @@ fn scenario<T: Element + Default>(
         p.decode(layer, &[5, 0]);
     }
     p.compare_state("after remove");
+    // The CUDA cache saves exactly the CPU cache's state blob (same pages, same bytes), and a
+    // fresh CUDA cache loads it back.
+    match p.gpu.save_state_vec(std::ptr::null_mut()) {
+        Ok(blob) => {
+            if blob != p.cpu.save_state_vec() {
+                p.fail("state blobs of the CUDA and CPU caches differ".into());
+            }
+            match CudaCache::new(cfg.clone(), 0).and_then(|mut c| c.load_state(&blob).map(|_| c)) {
+                Ok(c) => {
+                    if c.save_state_vec(std::ptr::null_mut()).ok().as_ref() != Some(&blob) {
+                        p.fail("a loaded state saves differently".into());
+                    }
+                }
+                Err(e) => p.fail(format!("load_state: {e}")),
+            }
+        }
+        Err(e) => p.fail(format!("save_state_vec: {e}")),
+    }
     // One sequence out to the host and back under another id (a swap, or a saved state).
     match p.gpu.seq_to_host(0, std::ptr::null_mut()) {
         Ok(one) => {

@@ -1189,12 +1189,55 @@ impl CudaCache {
     /// A cache on device `device` holding exactly what the CPU `cache` holds (e.g. one restored
     /// from a saved state). Waits for the copies to finish.
     pub fn from_host(cache: &Cache, device: u32) -> Result<CudaCache> {
-        let c = CudaCache::new(cache.cfg.clone(), device)?;
-        c.upload(cache)
+        let mut c = CudaCache::new(cache.cfg.clone(), device)?;
+        c.upload(cache)?;
+        Ok(c)
     }
 
-    fn upload(mut self, cache: &Cache) -> Result<CudaCache> {
-        let c = &mut self;
+    /// The whole cache as a state blob, the CPU cache's format ([`Cache::save_state_vec`]):
+    /// brought to the host first, so it takes host memory as large as the cache. Waits for
+    /// `stream`.
+    pub fn save_state_vec(&self, stream: Stream) -> Result<Vec<u8>> {
+        Ok(self.to_host(stream)?.save_state_vec())
+    }
+
+    /// Replaces everything with a state blob of a cache of the same configuration
+    /// ([`Cache::load_state`]); a blob that is refused changes nothing.
+    pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
+        let mut host = Cache::new(self.cfg.clone())?;
+        host.load_state(buf)?;
+        self.upload(&host)
+    }
+
+    /// Sequence `seq` as a state blob ([`Cache::save_seq_state_vec`]); its header records the
+    /// capacity of the host copy, sized for the sequence, which any cache of the same dimensions
+    /// loads. Waits for `stream`.
+    pub fn save_seq_state_vec(&self, seq: u32, stream: Stream) -> Result<Vec<u8>> {
+        self.seq_to_host(seq, stream)?.save_seq_state_vec(seq)
+    }
+
+    /// Loads a sequence blob ([`Cache::load_seq_state`], from a cache of the same dimensions,
+    /// any capacity) as sequence `seq`, replacing it if it exists.
+    pub fn load_seq_state(&mut self, seq: u32, buf: &[u8]) -> Result<()> {
+        // A host cache just large enough: the blob holds every page of every layer.
+        let per_layer = buf.len().div_ceil(self.lay.n_layers * self.lay.page_bytes) + 1;
+        let all = buf.len().div_ceil(self.lay.page_bytes) + 1;
+        for pages in [per_layer, all] {
+            let mut cfg = self.cfg.clone();
+            cfg.max_seqs = 1;
+            cfg.max_tokens = (pages * self.lay.page_tokens).min(u32::MAX as usize) as u32;
+            let mut host = Cache::new(cfg)?;
+            match host.load_seq_state(seq, buf) {
+                Ok(()) => return self.seq_from_host(&host, seq, seq),
+                Err(Error::CapacityExhausted { .. }) if pages == per_layer && per_layer < all => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the second size holds every page of the blob")
+    }
+
+    fn upload(&mut self, cache: &Cache) -> Result<()> {
+        let c = self;
         let lay = c.lay.clone();
         let mut blocks = vec![0u32; lay.n_layers * lay.max_seqs * lay.pages_per_layer];
         for (slot, s) in cache.seqs.slots.iter().enumerate() {
@@ -1213,7 +1256,7 @@ impl CudaCache {
             c.refs[l].set_refs(cache.pools[l].all_refs());
         }
         c.seqs = cache.seqs.clone();
-        Ok(self)
+        Ok(())
     }
 
     fn bind(&self) -> Result<()> {

@@ -1257,6 +1257,26 @@ mod tests {
             p.decode(layer, &[5, 0]);
         }
         p.state("after remove");
+        // State blobs: the CUDA cache saves exactly what the CPU cache saves, and loads it back.
+        let blob = p.gpu.save_state_vec(std::ptr::null_mut()).unwrap();
+        assert!(blob == p.cpu.save_state_vec(), "whole-cache blobs differ");
+        let mut fresh = CudaCache::emulated(cfg.clone()).unwrap();
+        fresh.load_state(&blob).unwrap();
+        assert!(fresh.save_state_vec(std::ptr::null_mut()).unwrap() == blob);
+        // A sequence blob records the capacity of the host copy it was written from (sized for
+        // the sequence), so it differs from the CPU's in the header only; it loads the same.
+        let sblob = p.gpu.save_seq_state_vec(3, std::ptr::null_mut()).unwrap();
+        let mut cpu2 = Cache::new(cfg.clone()).unwrap();
+        cpu2.load_seq_state(9, &sblob).unwrap();
+        for layer in 0..cfg.n_layers {
+            assert!(cpu2.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+        }
+        fresh.load_seq_state(9, &p.cpu.save_seq_state_vec(3).unwrap()).unwrap();
+        let fh = fresh.to_host(std::ptr::null_mut()).unwrap();
+        for layer in 0..cfg.n_layers {
+            assert!(fh.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+        }
+        assert!(fresh.load_state(&blob[..blob.len() - 1]).is_err());
         // One sequence out to the host and back in, under another id.
         let one = p.gpu.seq_to_host(0, std::ptr::null_mut()).unwrap();
         assert_eq!(one.seq_ids(), vec![0]);
@@ -1274,7 +1294,8 @@ mod tests {
         }
         // Round trip through the host.
         let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
-        let back = CudaCache::emulated(cfg).unwrap().upload(&host).unwrap();
+        let mut back = CudaCache::emulated(cfg.clone()).unwrap();
+        back.upload(&host).unwrap();
         let again = back.to_host(std::ptr::null_mut()).unwrap();
         assert!(again.windows.bytes() == host.windows.bytes());
         assert_eq!(again.seq_ids(), host.seq_ids());
