@@ -710,6 +710,46 @@ fn bench(args: &[String]) -> bool {
                 let vp = hd / c.value_group as usize * 4;
                 (hd * (c.key_bits + c.value_bits) as usize / 8, kp + vp)
             };
+            // Chunked-prefill attention: the last 2048 tokens of sequence 0 as queries (causal,
+            // over the whole context), the kernel a prefill chunk runs.
+            if ctx >= 4096 && !args.iter().any(|a| a == "--no-prefill") {
+                let rows = 2048;
+                let q: Vec<f16> = to_t(&rng.normals(rows * nqh * hd));
+                let (dq, dout) = (DevBuf::upload(&q), DevBuf::zeroed(rows * nqh * hd * 2));
+                let run = |cache: &CudaCache| {
+                    cache
+                        .attend(
+                            0,
+                            0,
+                            DevRows::new(dq.ptr, rows, nqh * hd),
+                            DevRows::new(dout.ptr, rows, nqh * hd),
+                            &AttnOptions::default(),
+                            std::ptr::null_mut(),
+                        )
+                        .expect("attend")
+                };
+                run(&cache);
+                let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+                let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+                // SAFETY: events created above, recorded on the default stream.
+                let ms = unsafe {
+                    drv::event::record(e0, std::ptr::null_mut()).unwrap();
+                    for _ in 0..3 {
+                        run(&cache);
+                    }
+                    drv::event::record(e1, std::ptr::null_mut()).unwrap();
+                    drv::event::synchronize(e1).unwrap();
+                    let ms = drv::event::elapsed(e0, e1).unwrap() as f64 / 3.0;
+                    let _ = drv::event::destroy(e0);
+                    let _ = drv::event::destroy(e1);
+                    ms
+                };
+                println!(
+                    "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"fill_tokens_per_s\":{:.0}}}",
+                    if label.is_empty() { "" } else { "-" },
+                    (max_batch * ctx) as f64 / fill_s
+                );
+            }
             for &b in &batches {
                 let seqs: Vec<u32> = (0..b as u32).collect();
                 let q: Vec<f16> = to_t(&rng.normals(b * nqh * hd));

@@ -64,7 +64,7 @@ timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/be
 echo "bench exit code: $?"
 cat "$OUT/bench.jsonl"
 echo "== bench, CUDA-core kernel only, 32k context (for comparison)"
-KIVI_CUDA_MMA=0 timeout 40 "$BIN" bench --contexts 32768 --batches 1,16 --label nomma > "$OUT/bench-nomma.jsonl" 2> "$OUT/bench-nomma.log"
+KIVI_CUDA_MMA=0 timeout 40 "$BIN" bench --contexts 32768 --batches 1,16 --label nomma --no-prefill > "$OUT/bench-nomma.jsonl" 2> "$OUT/bench-nomma.log"
 cat "$OUT/bench-nomma.jsonl"
 
 echo "== fp16 baseline and copy bandwidth"
