@@ -21,8 +21,11 @@ pub fn generate(crate_dir: &Path, version: &str) -> Result<String, String> {
          /** The CPU: the value of `kivi_params.device` that every build supports. */\n\
          #define KIVI_DEVICE_CPU (-1)\n"
     ));
-    let bindings =
-        cbindgen::Builder::new().with_crate(crate_dir).with_config(config).generate().map_err(|e| e.to_string())?;
+    let bindings = cbindgen::Builder::new()
+        .with_src(crate_dir.join("src/ffi/mod.rs"))
+        .with_config(config)
+        .generate()
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     bindings.write(&mut out);
     String::from_utf8(out).map_err(|e| e.to_string())
