@@ -1,0 +1,643 @@
+//! The cache: every layer of a model, many sequences, appends, attention and sequence operations.
+
+use crate::attention::reference::Dequantized;
+use crate::attention::{cpu, AttnOptions, Resolved};
+use crate::config::{CacheConfig, DType, KeyMode};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::pool::{AlignedBuf, PagePool};
+use crate::quant::{quantize_group, write_f16};
+use crate::rows::{Element, Rows, RowsMut};
+use crate::seq::{LayerSeq, SeqTable, Stream};
+use half::{bf16, f16};
+
+/// Runs `$body` with `$W` bound to the Rust type of the dtype `$dt`.
+macro_rules! with_dtype {
+    ($dt:expr, $W:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $W = f32;
+                $body
+            }
+            DType::F16 => {
+                type $W = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $W = bf16;
+                $body
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use with_dtype;
+
+/// A KIVI key/value cache for every layer of a model.
+///
+/// All memory (page pools and full-precision windows) is taken in [`Cache::new`]; nothing grows
+/// afterwards. Sequences are created by their first append. A method that returns an error has
+/// changed nothing. A `Cache` is `Send + Sync`: share it read-only across threads for
+/// [`Cache::attend`], or move it; calls that change it take `&mut self`.
+pub struct Cache {
+    pub(crate) cfg: CacheConfig,
+    pub(crate) lay: Layout,
+    pub(crate) pools: Vec<PagePool>,
+    pub(crate) windows: AlignedBuf,
+    pub(crate) seqs: SeqTable,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("config", &self.cfg).field("sequences", &self.seq_ids()).finish()
+    }
+}
+
+impl Cache {
+    /// Creates a cache, taking all of its memory now.
+    pub fn new(cfg: CacheConfig) -> Result<Cache> {
+        cfg.validate()?;
+        let lay = Layout::new(&cfg);
+        let pools = (0..lay.n_layers).map(|_| PagePool::new(lay.pages_per_layer, lay.page_bytes)).collect();
+        let windows = AlignedBuf::zeroed(lay.window_elems_total() * lay.dtype.size());
+        let seqs = SeqTable::new(&lay);
+        Ok(Cache { cfg, lay, pools, windows, seqs })
+    }
+
+    /// The configuration the cache was created with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    fn check_layer(&self, layer: u32) -> Result<usize> {
+        if layer >= self.cfg.n_layers {
+            return Err(Error::LayerOutOfRange { layer, n_layers: self.cfg.n_layers });
+        }
+        Ok(layer as usize)
+    }
+
+    fn slot_of(&self, seq: u32) -> Result<usize> {
+        self.seqs.find(seq).ok_or(Error::UnknownSequence(seq))
+    }
+
+    fn check_kv<T: Element>(&self, keys: &Rows<T>, values: &Rows<T>, rows: Option<usize>) -> Result<usize> {
+        let n = rows.unwrap_or(keys.rows());
+        let row = self.lay.n_kv_heads * self.lay.head_dim;
+        keys.with_what("keys", n, row)?;
+        values.with_what("values", n, row)?;
+        keys.check_finite("keys", true)?;
+        values.check_finite("values", true)?;
+        Ok(n)
+    }
+
+    /// Checks queries and output; returns the number of query heads.
+    fn check_q<T: Element>(&self, queries: &Rows<T>, out: &RowsMut<T>, rows: usize) -> Result<usize> {
+        let hd = self.lay.head_dim;
+        let nkv = self.lay.n_kv_heads;
+        let len = queries.row_len();
+        if queries.rows() != rows {
+            return Err(Error::Shape { what: "queries", detail: format!("{} rows, expected {rows}", queries.rows()) });
+        }
+        if len % hd != 0 || len / hd == 0 || (len / hd) % nkv != 0 {
+            return Err(Error::Shape {
+                what: "queries",
+                detail: format!(
+                    "row of {len} elements is not a whole number of heads of {hd} that is a multiple of the {nkv} kv heads"
+                ),
+            });
+        }
+        if len / hd > 4096 {
+            return Err(Error::Shape { what: "queries", detail: format!("{} query heads, at most 4096", len / hd) });
+        }
+        queries.check_finite("queries", false)?;
+        out.check(rows, len)?;
+        Ok(len / hd)
+    }
+
+    /// Flushes that appending `n` tokens to `ls` causes, and the pages they need (copy-on-write
+    /// of a shared last page included).
+    fn pages_needed(&self, layer: usize, ls: &LayerSeq, n: usize) -> usize {
+        let lay = &self.lay;
+        let w_total = (ls.len + n).saturating_sub(lay.sinks + ls.quantized);
+        let flushes = if w_total >= lay.residual + lay.group { (w_total - lay.residual) / lay.group } else { 0 };
+        if flushes == 0 {
+            return 0;
+        }
+        let groups = ls.quantized / lay.group;
+        let after = (groups + flushes).div_ceil(lay.groups_per_page);
+        let cow = groups % lay.groups_per_page != 0 && self.pools[layer].refs(*ls.blocks.last().unwrap()) > 1;
+        after - ls.blocks.len() + cow as usize
+    }
+
+    /// Fails when `layer`'s pool has fewer than `pages` free pages; `token` is where `seq` stands.
+    fn check_pages(&self, layer: usize, seq: u32, token: usize, pages: usize) -> Result<()> {
+        let free = self.pools[layer].free_count();
+        if pages > free {
+            return Err(Error::CapacityExhausted {
+                seq,
+                layer: layer as u32,
+                token: token as u64,
+                needed: pages as u64,
+                free: free as u64,
+                total: self.pools[layer].total() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// The slot of `seq`, or the free slot it will take (`true` when new).
+    fn slot_or_new(&self, seq: u32) -> Result<(usize, bool)> {
+        match self.seqs.find(seq) {
+            Some(s) => Ok((s, false)),
+            None => match self.seqs.free_slot() {
+                Some(s) => Ok((s, true)),
+                None => Err(Error::TooManySequences { seq, max: self.cfg.max_seqs }),
+            },
+        }
+    }
+
+    pub(crate) fn stream<W: Element>(&self, layer: usize, slot: usize) -> Stream<'_, W> {
+        let lay = &self.lay;
+        let ls = &self.seqs.slots[slot].layers[layer];
+        let base = lay.window_base(layer, slot, 0);
+        let n = lay.n_kv_heads * lay.window_head_elems;
+        Stream {
+            lay,
+            pool: self.pools[layer].bytes(),
+            blocks: &ls.blocks,
+            window: &self.windows.typed::<W>()[base..base + n],
+            len: ls.len,
+            quantized: ls.quantized,
+        }
+    }
+
+    /// Appends `keys` and `values` (one row per token, `n_kv_heads * head_dim` elements, RoPE
+    /// already applied) to sequence `seq` in `layer`, creating the sequence if it is new.
+    pub fn append<T: Element>(&mut self, layer: u32, seq: u32, keys: Rows<T>, values: Rows<T>) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = self.check_kv(&keys, &values, None)?;
+        let (slot, _) = self.slot_or_new(seq)?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        self.push(l, slot, keys, values);
+        self.seqs.slots[slot].id = Some(seq);
+        Ok(())
+    }
+
+    /// Appends a chunk of keys and values to `seq` in `layer` and computes attention for the
+    /// chunk's queries (one row per token, `n_q_heads * head_dim`, `n_q_heads` a multiple of
+    /// `n_kv_heads`), written to `out` (same shape as `queries`). The chunk's queries see the
+    /// chunk's own keys and values exactly (causally unless `opts.causal` is false) and everything
+    /// stored earlier as the cache holds it. Like flash-attn's `flash_attn_with_kvcache`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_attend<T: Element>(
+        &mut self,
+        layer: u32,
+        seq: u32,
+        keys: Rows<T>,
+        values: Rows<T>,
+        queries: Rows<T>,
+        mut out: RowsMut<T>,
+        opts: &AttnOptions,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = self.check_kv(&keys, &values, None)?;
+        self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let (slot, _) = self.slot_or_new(seq)?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        let pos0 = ls.len;
+        self.attend_stream(l, slot, Some((keys, values)), queries, pos0, &mut out, 0, &o);
+        self.push(l, slot, keys, values);
+        self.seqs.slots[slot].id = Some(seq);
+        Ok(())
+    }
+
+    /// Attention for queries of the last `queries.rows()` tokens already stored in `seq`,
+    /// everything as the cache holds it (causal among them unless `opts.causal` is false).
+    pub fn attend<T: Element>(
+        &self,
+        layer: u32,
+        seq: u32,
+        queries: Rows<T>,
+        mut out: RowsMut<T>,
+        opts: &AttnOptions,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let slot = self.slot_of(seq)?;
+        let n = queries.rows();
+        self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let len = self.seqs.slots[slot].layers[l].len;
+        if n > len {
+            return Err(Error::InvalidArgument(format!(
+                "{n} queries for sequence {seq}, which holds {len} tokens in layer {layer}"
+            )));
+        }
+        self.attend_stream::<T>(l, slot, None, queries, len - n, &mut out, 0, &o);
+        Ok(())
+    }
+
+    /// One decode step for several sequences in one call: row `i` of `keys`, `values`, `queries`
+    /// and `out` belongs to `seqs[i]`. Each sequence gets its token appended and attention for
+    /// its query, as [`Cache::append_attend`] with a chunk of one. The ids must be distinct.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode<T: Element>(
+        &mut self,
+        layer: u32,
+        seqs: &[u32],
+        keys: Rows<T>,
+        values: Rows<T>,
+        queries: Rows<T>,
+        mut out: RowsMut<T>,
+        opts: &AttnOptions,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = self.check_kv(&keys, &values, Some(seqs.len()))?;
+        self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        // Check everything first (no allocation: the ids are looked up again below).
+        let (mut pages, mut new_seqs) = (0usize, 0usize);
+        let mut blame = (seqs.first().copied().unwrap_or(0), 0usize);
+        for (i, &seq) in seqs.iter().enumerate() {
+            if seqs[..i].contains(&seq) {
+                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decode step")));
+            }
+            match self.seqs.find(seq) {
+                None => {
+                    new_seqs += 1;
+                    if new_seqs > self.lay.max_seqs - self.seqs.live() {
+                        return Err(Error::TooManySequences { seq, max: self.cfg.max_seqs });
+                    }
+                }
+                Some(slot) => {
+                    let ls = &self.seqs.slots[slot].layers[l];
+                    let need = self.pages_needed(l, ls, 1);
+                    if need > 0 {
+                        blame = (seq, ls.len);
+                    }
+                    pages += need;
+                }
+            }
+        }
+        self.check_pages(l, blame.0, blame.1, pages)?;
+        for (i, &seq) in seqs.iter().enumerate() {
+            let slot = match self.seqs.find(seq) {
+                Some(s) => s,
+                None => {
+                    let s = self.seqs.free_slot().expect("free slots were counted");
+                    self.seqs.slots[s].id = Some(seq);
+                    s
+                }
+            };
+            let (k1, v1) = (keys.sub(i, 1), values.sub(i, 1));
+            let pos0 = self.seqs.slots[slot].layers[l].len;
+            self.attend_stream(l, slot, Some((k1, v1)), queries.sub(i, 1), pos0, &mut out, i, &o);
+            self.push(l, slot, k1, v1);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend_stream<T: Element>(
+        &self,
+        l: usize,
+        slot: usize,
+        chunk: Option<(Rows<T>, Rows<T>)>,
+        queries: Rows<T>,
+        pos0: usize,
+        out: &mut RowsMut<T>,
+        row0: usize,
+        o: &Resolved,
+    ) {
+        with_dtype!(self.lay.dtype, W => {
+            let s = self.stream::<W>(l, slot);
+            cpu::attend(&s, chunk, queries, pos0, out, row0, o)
+        })
+    }
+
+    /// Writes tokens into (layer, slot), flushing whole groups out of the window. Capacity has
+    /// been checked.
+    fn push<T: Element>(&mut self, l: usize, slot: usize, keys: Rows<T>, values: Rows<T>) {
+        let lay = &self.lay;
+        let base = lay.window_base(l, slot, 0);
+        let n = lay.n_kv_heads * lay.window_head_elems;
+        let pool = &mut self.pools[l];
+        let ls = &mut self.seqs.slots[slot].layers[l];
+        with_dtype!(lay.dtype, W => {
+            let win = &mut self.windows.typed_mut::<W>()[base..base + n];
+            push_tokens(lay, pool, win, ls, keys, values)
+        })
+    }
+
+    /// Tokens `seq` holds: the most any layer holds (layers differ only while a forward pass
+    /// is part-way through its layers).
+    pub fn seq_len(&self, seq: u32) -> Result<u32> {
+        let slot = self.slot_of(seq)?;
+        Ok(self.seqs.slots[slot].layers.iter().map(|l| l.len).max().unwrap_or(0) as u32)
+    }
+
+    /// Tokens `seq` holds in `layer`.
+    pub fn seq_layer_len(&self, seq: u32, layer: u32) -> Result<u32> {
+        let l = self.check_layer(layer)?;
+        let slot = self.slot_of(seq)?;
+        Ok(self.seqs.slots[slot].layers[l].len as u32)
+    }
+
+    /// Whether the cache holds `seq`.
+    pub fn contains(&self, seq: u32) -> bool {
+        self.seqs.find(seq).is_some()
+    }
+
+    /// The ids of all sequences held, in slot order.
+    pub fn seq_ids(&self) -> Vec<u32> {
+        self.seqs.ids().collect()
+    }
+
+    /// Removes `seq`, releasing its pages and its slot.
+    pub fn seq_remove(&mut self, seq: u32) -> Result<()> {
+        let slot = self.slot_of(seq)?;
+        self.release_slot(slot);
+        Ok(())
+    }
+
+    fn release_slot(&mut self, slot: usize) {
+        let s = &mut self.seqs.slots[slot];
+        for (l, ls) in s.layers.iter_mut().enumerate() {
+            for &p in &ls.blocks {
+                self.pools[l].decref(p);
+            }
+            ls.blocks.clear();
+            ls.len = 0;
+            ls.quantized = 0;
+        }
+        s.id = None;
+    }
+
+    /// Removes every sequence but `seq`.
+    pub fn seq_keep(&mut self, seq: u32) -> Result<()> {
+        let keep = self.slot_of(seq)?;
+        for slot in 0..self.seqs.slots.len() {
+            if slot != keep && self.seqs.slots[slot].id.is_some() {
+                self.release_slot(slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every sequence.
+    pub fn clear(&mut self) {
+        for slot in 0..self.seqs.slots.len() {
+            self.release_slot(slot);
+        }
+    }
+
+    /// Keeps only the first `n_tokens` tokens of `seq` in every layer (a no-op for layers that
+    /// hold fewer), e.g. to roll back rejected speculative tokens.
+    ///
+    /// Precision: tokens that had been quantized stay at their quantized precision. When the cut
+    /// falls inside a quantized key group, the group's kept tokens return to the full-precision
+    /// window holding their dequantized values (rounded to the cache's dtype); they are quantized
+    /// again, with the tokens that follow them, when the window next flushes. So after a
+    /// truncation fewer than `residual` of the most recent tokens may be exact until new tokens
+    /// arrive.
+    pub fn seq_truncate(&mut self, seq: u32, n_tokens: u32) -> Result<()> {
+        let slot = self.slot_of(seq)?;
+        for l in 0..self.lay.n_layers {
+            self.truncate_layer(l, slot, n_tokens as usize);
+        }
+        Ok(())
+    }
+
+    fn truncate_layer(&mut self, l: usize, slot: usize, n: usize) {
+        let lay = &self.lay;
+        let ls = &self.seqs.slots[slot].layers[l];
+        if n >= ls.len {
+            return;
+        }
+        let rel = n.saturating_sub(lay.sinks);
+        if rel >= ls.quantized {
+            self.seqs.slots[slot].layers[l].len = n;
+            return;
+        }
+        let (keep_groups, partial) = (rel / lay.group, rel % lay.group);
+        if partial > 0 {
+            with_dtype!(lay.dtype, W => self.unquantize_partial::<W>(l, slot, keep_groups, partial));
+        }
+        let lay = &self.lay;
+        let ls = &mut self.seqs.slots[slot].layers[l];
+        let keep_pages = keep_groups.div_ceil(lay.groups_per_page);
+        for &p in &ls.blocks[keep_pages..] {
+            self.pools[l].decref(p);
+        }
+        ls.blocks.truncate(keep_pages);
+        ls.quantized = keep_groups * lay.group;
+        ls.len = n;
+    }
+
+    /// Writes the first `partial` tokens of quantized group `g`, dequantized, into the ring.
+    fn unquantize_partial<W: Element>(&mut self, l: usize, slot: usize, g: usize, partial: usize) {
+        let lay = self.lay.clone();
+        let hd = lay.head_dim;
+        let mut rows = vec![0f32; 2 * lay.n_kv_heads * partial * hd];
+        {
+            let s = self.stream::<W>(l, slot);
+            for h in 0..lay.n_kv_heads {
+                for t in 0..partial {
+                    let pos = lay.sinks + g * lay.group + t;
+                    for c in 0..hd {
+                        let i = ((h * partial + t) * hd + c) * 2;
+                        rows[i] = s.key_at(h, pos, c) as f32;
+                        rows[i + 1] = s.value_at(h, pos, c) as f32;
+                    }
+                }
+            }
+        }
+        let [_, _, rk, rv] = lay.window_parts();
+        let win = self.windows.typed_mut::<W>();
+        for h in 0..lay.n_kv_heads {
+            let base = lay.window_base(l, slot, h);
+            for t in 0..partial {
+                let r = ((g * lay.group + t) % lay.ring) * hd;
+                for c in 0..hd {
+                    let i = ((h * partial + t) * hd + c) * 2;
+                    win[base + rk + r + c] = W::from_f32(rows[i]);
+                    win[base + rv + r + c] = W::from_f32(rows[i + 1]);
+                }
+            }
+        }
+    }
+
+    /// Makes `dst` a copy of the first `n_tokens` tokens of `src` (all of it if it holds fewer),
+    /// replacing whatever `dst` held. Quantized pages are shared, not copied (copy-on-write), so
+    /// forking a long prompt costs only the windows.
+    pub fn seq_copy(&mut self, src: u32, dst: u32, n_tokens: u32) -> Result<()> {
+        let s = self.slot_of(src)?;
+        if src == dst {
+            return Err(Error::InvalidArgument(format!("source and destination are both sequence {src}")));
+        }
+        let d = match self.seqs.find(dst) {
+            Some(d) => d,
+            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: dst, max: self.cfg.max_seqs })?,
+        };
+        self.release_slot(d);
+        let lay = &self.lay;
+        let n = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+        for l in 0..lay.n_layers {
+            let (src_ls, dst_ls) = two_mut(&mut self.seqs.slots, s, d);
+            let (src_ls, dst_ls) = (&src_ls.layers[l], &mut dst_ls.layers[l]);
+            dst_ls.len = src_ls.len;
+            dst_ls.quantized = src_ls.quantized;
+            dst_ls.blocks.extend_from_slice(&src_ls.blocks);
+            for &p in &src_ls.blocks {
+                self.pools[l].incref(p);
+            }
+            let sb = lay.window_base(l, s, 0) * lay.dtype.size();
+            let db = lay.window_base(l, d, 0) * lay.dtype.size();
+            self.windows.bytes_mut().copy_within(sb..sb + n, db);
+        }
+        self.seqs.slots[d].id = Some(dst);
+        for l in 0..self.lay.n_layers {
+            self.truncate_layer(l, d, n_tokens as usize);
+        }
+        Ok(())
+    }
+
+    /// Everything the cache holds for `seq` in `layer`, dequantized exactly (for tests and
+    /// debugging; allocates).
+    pub fn dequantized(&self, layer: u32, seq: u32) -> Result<Dequantized> {
+        let l = self.check_layer(layer)?;
+        let slot = self.slot_of(seq)?;
+        let lay = &self.lay;
+        let (nkv, hd) = (lay.n_kv_heads, lay.head_dim);
+        with_dtype!(lay.dtype, W => {
+            let s = self.stream::<W>(l, slot);
+            let mut keys = Vec::with_capacity(s.len * nkv * hd);
+            let mut values = Vec::with_capacity(s.len * nkv * hd);
+            for p in 0..s.len {
+                for h in 0..nkv {
+                    for c in 0..hd {
+                        keys.push(s.key_at(h, p, c));
+                        values.push(s.value_at(h, p, c));
+                    }
+                }
+            }
+            Ok(Dequantized { len: s.len, n_kv_heads: nkv, head_dim: hd, keys, values })
+        })
+    }
+}
+
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&y[0], &mut x[b])
+    }
+}
+
+/// Appends tokens to one (layer, sequence): sinks first, then the ring; whenever the window
+/// reaches `residual + group_size` tokens its oldest group is quantized into a page.
+fn push_tokens<W: Element, T: Element>(
+    lay: &Layout,
+    pool: &mut PagePool,
+    win: &mut [W],
+    ls: &mut LayerSeq,
+    keys: Rows<T>,
+    values: Rows<T>,
+) {
+    let hd = lay.head_dim;
+    let [sk, sv, rk, rv] = lay.window_parts();
+    for t in 0..keys.rows() {
+        let pos = ls.len;
+        let (ko, vo) = if pos < lay.sinks {
+            (sk + pos * hd, sv + pos * hd)
+        } else {
+            let r = ((pos - lay.sinks) % lay.ring) * hd;
+            (rk + r, rv + r)
+        };
+        let (krow, vrow) = (keys.row(t), values.row(t));
+        for h in 0..lay.n_kv_heads {
+            let w = &mut win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];
+            for c in 0..hd {
+                w[ko + c] = W::from_f32(krow[h * hd + c].to_f32());
+                w[vo + c] = W::from_f32(vrow[h * hd + c].to_f32());
+            }
+        }
+        ls.len += 1;
+        if pos >= lay.sinks && ls.len - lay.sinks - ls.quantized == lay.residual + lay.group {
+            flush(lay, pool, win, ls);
+        }
+    }
+}
+
+/// Quantizes the oldest `group_size` tokens of the window into the next group of the pages.
+fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut LayerSeq) {
+    let g = ls.quantized / lay.group;
+    let gi = g % lay.groups_per_page;
+    let page = if gi == 0 {
+        let p = pool.alloc();
+        ls.blocks.push(p);
+        p
+    } else {
+        let bi = g / lay.groups_per_page;
+        let p = ls.blocks[bi];
+        if pool.refs(p) > 1 {
+            let fresh = pool.alloc();
+            pool.copy_page(p, fresh);
+            pool.decref(p);
+            ls.blocks[bi] = fresh;
+            fresh
+        } else {
+            p
+        }
+    };
+    let hd = lay.head_dim;
+    let (gsz, vg, ng) = (lay.group, lay.vgroup, lay.row_groups());
+    let [_, _, rk, rv] = lay.window_parts();
+    let slot = |t: usize| ((ls.quantized + t) % lay.ring) * hd;
+    let page_bytes = pool.page_mut(page);
+    for h in 0..lay.n_kv_heads {
+        let w = &win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];
+        let blk = &mut page_bytes[h * lay.head_bytes..(h + 1) * lay.head_bytes];
+        let key = |t: usize, c: usize| w[rk + slot(t) + c].to_f32();
+        let value = |t: usize, c: usize| w[rv + slot(t) + c].to_f32();
+        let run = lay.k_run_bytes();
+        match lay.key_mode {
+            KeyMode::PerChannel => {
+                for c in 0..hd {
+                    let pi = gi * hd + c;
+                    let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
+                    let p = quantize_group(gsz, |t| key(t, c), lay.key_bits, codes, 0);
+                    write_f16(&mut blk[lay.k_scale..], pi, p.scale);
+                    write_f16(&mut blk[lay.k_zero..], pi, p.zero);
+                }
+            }
+            KeyMode::PerToken => {
+                for t in 0..gsz {
+                    let row = gi * gsz + t;
+                    for cg in 0..ng {
+                        let codes = &mut blk[lay.k_codes + row * run..lay.k_codes + (row + 1) * run];
+                        let p = quantize_group(vg, |i| key(t, cg * vg + i), lay.key_bits, codes, cg * vg);
+                        write_f16(&mut blk[lay.k_scale..], row * ng + cg, p.scale);
+                        write_f16(&mut blk[lay.k_zero..], row * ng + cg, p.zero);
+                    }
+                }
+            }
+        }
+        let vrun = lay.v_row_bytes();
+        for t in 0..gsz {
+            let row = gi * gsz + t;
+            for cg in 0..ng {
+                let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
+                let p = quantize_group(vg, |i| value(t, cg * vg + i), lay.value_bits, codes, cg * vg);
+                write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
+                write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
+            }
+        }
+    }
+    ls.quantized += lay.group;
+}

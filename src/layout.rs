@@ -1,0 +1,182 @@
+//! Where every byte lives: the layout of a page and of a full-precision window slot.
+//!
+//! ## Pages (quantized tokens)
+//! Each layer has its own pool of pages; a page holds `page_tokens` tokens (a whole number of key
+//! groups) of every KV head of one layer. Inside a page the heads follow one another, and one
+//! head's block holds, each part starting on a 64-byte boundary:
+//!
+//! | part | per-channel keys (KIVI) | per-token keys (baseline) |
+//! |---|---|---|
+//! | key codes | `[group][channel][G tokens]` | `[token][head_dim channels]` |
+//! | key scales, zeros (f16) | `[group][channel]` each | `[token][head_dim / value_group]` each |
+//! | value codes | `[token][head_dim channels]` | same |
+//! | value scales, zeros (f16) | `[token][head_dim / value_group]` each | same |
+//!
+//! Codes are packed little-endian: element `i` of a packed run of `b`-bit codes sits at bits
+//! `i*b .. i*b+b` of the run (byte `i*b/8`, shift `i*b%8`). A per-channel key run is the G codes
+//! of one channel in one group, so `q . k` over a group folds the scale into the query once and
+//! the zero into one bias.
+//!
+//! ## Windows (full-precision tokens)
+//! Each (layer, sequence slot, head) has `sinks` tokens of keys and of values, then a ring of
+//! `W = residual + group_size` tokens of keys and of values, in the cache's dtype. The window
+//! token at position `p` (counted from the start of the sequence, `p >= sinks`) lives in ring
+//! slot `(p - sinks) % W`.
+
+use crate::config::{CacheConfig, DType, KeyMode};
+
+/// Rounds up to a multiple of 64 bytes.
+pub(crate) const fn align64(n: usize) -> usize {
+    (n + 63) & !63
+}
+
+/// Sizes and offsets derived from a validated [`CacheConfig`].
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+    pub key_bits: u32,
+    pub value_bits: u32,
+    pub key_mode: KeyMode,
+    /// G: tokens per key group.
+    pub group: usize,
+    /// Channels per value group.
+    pub vgroup: usize,
+    pub residual: usize,
+    pub sinks: usize,
+    /// W = R + G: ring length of a window.
+    pub ring: usize,
+    pub page_tokens: usize,
+    pub groups_per_page: usize,
+    pub max_seqs: usize,
+    pub pages_per_layer: usize,
+
+    // Offsets inside one head's block of a page.
+    pub k_codes: usize,
+    pub k_scale: usize,
+    pub k_zero: usize,
+    pub v_codes: usize,
+    pub v_scale: usize,
+    pub v_zero: usize,
+    pub head_bytes: usize,
+    pub page_bytes: usize,
+
+    /// Elements of one head's window: sink keys, sink values, ring keys, ring values.
+    pub window_head_elems: usize,
+}
+
+impl Layout {
+    pub fn new(c: &CacheConfig) -> Layout {
+        let hd = c.head_dim as usize;
+        let g = c.group_size.max(1) as usize;
+        let vg = c.value_group.max(1) as usize;
+        let p = c.effective_page_tokens().max(1) as usize;
+        let gpp = p / g;
+        let kb = c.key_bits as usize;
+        let vb = c.value_bits as usize;
+        let k_params = match c.key_mode {
+            KeyMode::PerChannel => gpp * hd,
+            KeyMode::PerToken => p * (hd / vg),
+        };
+        let k_codes = 0;
+        let k_scale = k_codes + align64(p * hd * kb / 8);
+        let k_zero = k_scale + align64(k_params * 2);
+        let v_codes = k_zero + align64(k_params * 2);
+        let v_scale = v_codes + align64(p * hd * vb / 8);
+        let v_zero = v_scale + align64(p * (hd / vg) * 2);
+        let head_bytes = v_zero + align64(p * (hd / vg) * 2);
+        let page_bytes = head_bytes * c.n_kv_heads as usize;
+        let groups_needed = (c.max_tokens as usize).div_ceil(g);
+        // Pages larger than one group can be partly filled: one spare page per sequence.
+        let spare = if gpp > 1 { c.max_seqs as usize } else { 0 };
+        let pages_per_layer = groups_needed.div_ceil(gpp) + spare;
+        let ring = c.residual as usize + g;
+        let s = c.sinks as usize;
+        Layout {
+            n_layers: c.n_layers as usize,
+            n_kv_heads: c.n_kv_heads as usize,
+            head_dim: hd,
+            dtype: c.dtype,
+            key_bits: kb as u32,
+            value_bits: vb as u32,
+            key_mode: c.key_mode,
+            group: g,
+            vgroup: vg,
+            residual: c.residual as usize,
+            sinks: s,
+            ring,
+            page_tokens: p,
+            groups_per_page: gpp,
+            max_seqs: c.max_seqs as usize,
+            pages_per_layer,
+            k_codes,
+            k_scale,
+            k_zero,
+            v_codes,
+            v_scale,
+            v_zero,
+            head_bytes,
+            page_bytes,
+            window_head_elems: 2 * s * hd + 2 * ring * hd,
+        }
+    }
+
+    /// Bytes of all page pools and windows together.
+    pub fn total_bytes(&self) -> u128 {
+        let pages = self.n_layers as u128 * self.pages_per_layer as u128 * self.page_bytes as u128;
+        pages + self.window_elems_total() as u128 * self.dtype.size() as u128
+    }
+
+    /// Elements of every window of every layer and slot.
+    pub fn window_elems_total(&self) -> usize {
+        self.n_layers * self.max_seqs * self.n_kv_heads * self.window_head_elems
+    }
+
+    /// Start (in elements) of the window of (layer, slot, head).
+    #[inline]
+    pub fn window_base(&self, layer: usize, slot: usize, head: usize) -> usize {
+        ((layer * self.max_seqs + slot) * self.n_kv_heads + head) * self.window_head_elems
+    }
+
+    /// Element offsets, inside one head's window, of the sink keys, sink values, ring keys and
+    /// ring values.
+    #[inline]
+    pub fn window_parts(&self) -> [usize; 4] {
+        let s = self.sinks * self.head_dim;
+        let r = self.ring * self.head_dim;
+        [0, s, 2 * s, 2 * s + r]
+    }
+
+    /// Key code bytes per packed run: one channel of one group (per channel), or one token.
+    #[inline]
+    pub fn k_run_bytes(&self) -> usize {
+        match self.key_mode {
+            KeyMode::PerChannel => self.group * self.key_bits as usize / 8,
+            KeyMode::PerToken => self.head_dim * self.key_bits as usize / 8,
+        }
+    }
+
+    /// Value code bytes of one token.
+    #[inline]
+    pub fn v_row_bytes(&self) -> usize {
+        self.head_dim * self.value_bits as usize / 8
+    }
+
+    /// Channel groups per token row (values, and keys per token).
+    #[inline]
+    pub fn row_groups(&self) -> usize {
+        self.head_dim / self.vgroup
+    }
+
+    /// Code and scale/zero bytes that one quantized token of one head actually uses.
+    pub fn quantized_token_bytes(&self) -> (usize, usize) {
+        let codes = self.head_dim * (self.key_bits + self.value_bits) as usize / 8;
+        let k_params = match self.key_mode {
+            KeyMode::PerChannel => self.head_dim * 4 / self.group,
+            KeyMode::PerToken => self.row_groups() * 4,
+        };
+        (codes, k_params + self.row_groups() * 4)
+    }
+}

@@ -1,0 +1,155 @@
+//! Memory taken once: a 64-byte aligned buffer, and the page pool of one layer.
+
+use std::alloc::{self, Layout as AllocLayout};
+use std::ptr::NonNull;
+
+use crate::rows::Element;
+
+/// A zero-initialised, 64-byte aligned, fixed-size byte buffer.
+pub(crate) struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf { ptr: NonNull::<u64>::dangling().cast(), len: 0 };
+        }
+        let layout = AllocLayout::from_size_align(len, 64).expect("size validated by CacheConfig");
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes (or dangling with len 0) and initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    #[inline]
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The buffer as elements of `T` (f32, f16 or bf16: plain data, every bit pattern valid).
+    #[inline]
+    pub fn typed<T: Element>(&self) -> &[T] {
+        // SAFETY: 64-byte alignment satisfies T's; T is plain old data of size 2 or 4.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const T, self.len / std::mem::size_of::<T>()) }
+    }
+
+    #[inline]
+    pub fn typed_mut<T: Element>(&mut self) -> &mut [T] {
+        // SAFETY: as above, with exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut T, self.len / std::mem::size_of::<T>()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            let layout = AllocLayout::from_size_align(self.len, 64).expect("layout was valid at allocation");
+            // SAFETY: allocated with this layout in `zeroed`.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+/// The pages of one layer, with reference counts so forked sequences share their prompt.
+pub(crate) struct PagePool {
+    data: AlignedBuf,
+    page_bytes: usize,
+    refs: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl PagePool {
+    pub fn new(pages: usize, page_bytes: usize) -> PagePool {
+        PagePool {
+            data: AlignedBuf::zeroed(pages * page_bytes),
+            page_bytes,
+            refs: vec![0; pages],
+            // Popped from the end: hand out low page numbers first.
+            free: (0..pages as u32).rev().collect(),
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used_count(&self) -> usize {
+        self.total() - self.free_count()
+    }
+
+    /// Takes a free page (reference count 1). The caller has checked that one is free.
+    pub fn alloc(&mut self) -> u32 {
+        let p = self.free.pop().expect("page availability is checked before any change");
+        self.refs[p as usize] = 1;
+        p
+    }
+
+    pub fn incref(&mut self, p: u32) {
+        self.refs[p as usize] += 1;
+    }
+
+    pub fn decref(&mut self, p: u32) {
+        let r = &mut self.refs[p as usize];
+        debug_assert!(*r > 0, "page {p} released twice");
+        *r -= 1;
+        if *r == 0 {
+            self.free.push(p);
+        }
+    }
+
+    pub fn refs(&self, p: u32) -> u32 {
+        self.refs[p as usize]
+    }
+
+    /// Marks exactly the given pages as used with the given counts (restoring a state).
+    pub fn set_refs(&mut self, refs: &[u32]) {
+        self.refs.copy_from_slice(refs);
+        self.free.clear();
+        self.free.extend((0..refs.len() as u32).rev().filter(|&p| refs[p as usize] == 0));
+    }
+
+    pub fn all_refs(&self) -> &[u32] {
+        &self.refs
+    }
+
+    #[inline]
+    pub fn page(&self, p: u32) -> &[u8] {
+        let o = p as usize * self.page_bytes;
+        &self.data.bytes()[o..o + self.page_bytes]
+    }
+
+    #[inline]
+    pub fn page_mut(&mut self, p: u32) -> &mut [u8] {
+        let o = p as usize * self.page_bytes;
+        &mut self.data.bytes_mut()[o..o + self.page_bytes]
+    }
+
+    /// The whole pool's bytes (attention reads pages through the block table).
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// Copies page `src` over page `dst`.
+    pub fn copy_page(&mut self, src: u32, dst: u32) {
+        let pb = self.page_bytes;
+        self.data.bytes_mut().copy_within(src as usize * pb..(src as usize + 1) * pb, dst as usize * pb);
+    }
+}

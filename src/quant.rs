@@ -1,0 +1,128 @@
+//! Quantization formats: asymmetric min/max rounding to 2, 4 or 8 bits with an f16 scale and zero
+//! per group, and the packing of codes (see [`crate::layout`] for where groups are stored).
+//!
+//! For a group with minimum `min` and maximum `max`:
+//! `zero = min` rounded to f16, `scale = (max - zero) / (2^b - 1)` rounded to f16 (the paper's
+//! `(max - min) / (2^b - 1)`, measured from the zero actually stored); then
+//! `code = round((x - zero) / scale)` clamped to `0..=2^b-1`, computed with the f16-rounded scale
+//! and zero so that codes are the nearest points of the grid that dequantization uses:
+//! `x' = code * scale + zero`. A constant group has scale 0 and dequantizes to its value (rounded
+//! to f16) exactly, with no division by zero.
+
+use half::f16;
+
+/// Largest finite f16: quantized data must stay within it, since zeros are stored as f16.
+pub const F16_LIMIT: f32 = 65504.0;
+
+/// The scale and zero of one group, as stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupParams {
+    pub scale: f16,
+    pub zero: f16,
+}
+
+impl GroupParams {
+    /// Parameters for a group whose elements lie in `min..=max`.
+    pub fn from_range(min: f32, max: f32, bits: u32) -> GroupParams {
+        let levels = ((1u32 << bits) - 1) as f32;
+        let zero = f16::from_f32(min);
+        // The grid starts at the rounded zero, so it must reach `max` from there.
+        let scale = f16::from_f32(((max - zero.to_f32()) / levels).max(0.0));
+        GroupParams { scale, zero }
+    }
+
+    /// The code of `x` in this group.
+    #[inline]
+    pub fn encode(&self, x: f32, bits: u32) -> u8 {
+        let s = self.scale.to_f32();
+        if s == 0.0 {
+            return 0;
+        }
+        let max_code = ((1u32 << bits) - 1) as f32;
+        let c = ((x - self.zero.to_f32()) / s).round();
+        c.clamp(0.0, max_code) as u8
+    }
+
+    /// The value that `code` stands for.
+    #[inline]
+    pub fn decode(&self, code: u32) -> f32 {
+        code as f32 * self.scale.to_f32() + self.zero.to_f32()
+    }
+}
+
+/// Reads code `i` of a packed run of `bits`-bit codes.
+#[inline(always)]
+pub fn code_at(run: &[u8], i: usize, bits: u32) -> u32 {
+    let bit = i * bits as usize;
+    ((run[bit / 8] >> (bit % 8)) as u32) & ((1u32 << bits) - 1)
+}
+
+/// Writes code `i` of a packed run (the run must be zeroed or hold an older code there).
+#[inline(always)]
+pub fn set_code(run: &mut [u8], i: usize, bits: u32, code: u8) {
+    let bit = i * bits as usize;
+    let mask = (((1u32 << bits) - 1) << (bit % 8)) as u8;
+    let b = &mut run[bit / 8];
+    *b = (*b & !mask) | ((code << (bit % 8)) & mask);
+}
+
+/// Quantizes `n` elements given by `get` into one group: returns its parameters and writes the
+/// packed codes into `run` at code positions `first..first + n`.
+pub fn quantize_group(n: usize, get: impl Fn(usize) -> f32, bits: u32, run: &mut [u8], first: usize) -> GroupParams {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for i in 0..n {
+        let x = get(i);
+        lo = lo.min(x);
+        hi = hi.max(x);
+    }
+    let p = GroupParams::from_range(lo, hi, bits);
+    for i in 0..n {
+        set_code(run, first + i, bits, p.encode(get(i), bits));
+    }
+    p
+}
+
+/// Reads f16 number `i` of a little-endian byte area.
+#[inline(always)]
+pub fn read_f16(bytes: &[u8], i: usize) -> f16 {
+    f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]))
+}
+
+/// Writes f16 number `i` of a little-endian byte area.
+#[inline(always)]
+pub fn write_f16(bytes: &mut [u8], i: usize, v: f16) {
+    bytes[2 * i..2 * i + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_every_position() {
+        for bits in [2u32, 4, 8] {
+            let n = 64;
+            let mut run = vec![0u8; n * bits as usize / 8];
+            let codes: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
+            for (i, &c) in codes.iter().enumerate() {
+                set_code(&mut run, i, bits, c);
+            }
+            for (i, &c) in codes.iter().enumerate() {
+                assert_eq!(code_at(&run, i, bits), c as u32, "bits {bits} index {i}");
+            }
+            // Overwriting one code leaves its neighbours alone.
+            set_code(&mut run, 5, bits, 1);
+            assert_eq!(code_at(&run, 5, bits), 1);
+            assert_eq!(code_at(&run, 4, bits), codes[4] as u32);
+            assert_eq!(code_at(&run, 6, bits), codes[6] as u32);
+        }
+    }
+
+    #[test]
+    fn two_bit_layout_is_little_endian() {
+        let mut run = [0u8; 1];
+        set_code(&mut run, 0, 2, 1);
+        set_code(&mut run, 3, 2, 2);
+        assert_eq!(run[0], 0b1000_0001);
+    }
+}

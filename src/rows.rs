@@ -1,0 +1,229 @@
+//! Row views: how keys, values, queries and outputs are handed to the cache.
+//!
+//! A row is one token: `n_heads * head_dim` elements, heads one after another. Rows are `stride`
+//! elements apart, so an engine can pass a slice of a larger fused QKV buffer without copying.
+
+use crate::config::DType;
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type the cache accepts: `f32`, `half::f16` or `half::bf16`.
+pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static + std::fmt::Debug {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Widen to f32 (exact for all three types).
+    fn to_f32(self) -> f32;
+    /// Round from f32 (to nearest even).
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+fn check_shape(what: &'static str, len: usize, rows: usize, row_len: usize, stride: usize) -> Result<()> {
+    if row_len == 0 {
+        return Err(Error::Shape { what, detail: "row length 0".into() });
+    }
+    if stride < row_len {
+        return Err(Error::Shape { what, detail: format!("stride {stride} shorter than the row length {row_len}") });
+    }
+    let need = if rows == 0 { Some(0) } else { (rows - 1).checked_mul(stride).and_then(|v| v.checked_add(row_len)) };
+    match need {
+        Some(need) if need <= len => Ok(()),
+        _ => Err(Error::Shape {
+            what,
+            detail: format!("{rows} rows of {row_len} elements, {stride} apart, do not fit in {len} elements"),
+        }),
+    }
+}
+
+/// Read-only rows of one element type.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a, T: Element> {
+    data: &'a [T],
+    rows: usize,
+    row_len: usize,
+    stride: usize,
+}
+
+impl<'a, T: Element> Rows<'a, T> {
+    /// `rows` contiguous rows filling `data` exactly (the row length is `data.len() / rows`).
+    pub fn new(data: &'a [T], rows: usize) -> Result<Self> {
+        if rows == 0 || data.len() % rows != 0 {
+            return Err(Error::Shape {
+                what: "rows",
+                detail: format!("{} elements do not split into {rows} equal rows", data.len()),
+            });
+        }
+        Self::strided(data, rows, data.len() / rows, data.len() / rows)
+    }
+
+    /// `rows` rows of `row_len` elements, the starts of consecutive rows `stride` elements apart.
+    pub fn strided(data: &'a [T], rows: usize, row_len: usize, stride: usize) -> Result<Self> {
+        check_shape("rows", data.len(), rows, row_len, stride)?;
+        Ok(Rows { data, rows, row_len, stride })
+    }
+
+    /// Number of rows (tokens).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Elements per row.
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+
+    /// Row `i`.
+    #[inline]
+    pub fn row(&self, i: usize) -> &'a [T] {
+        &self.data[i * self.stride..i * self.stride + self.row_len]
+    }
+
+    /// A view of rows `start..start + n`.
+    pub(crate) fn sub(&self, start: usize, n: usize) -> Rows<'a, T> {
+        let data = if n == 0 { &self.data[..0] } else { &self.data[start * self.stride..] };
+        Rows { data, rows: n, row_len: self.row_len, stride: self.stride }
+    }
+
+    pub(crate) fn with_what(self, what: &'static str, rows: usize, row_len: usize) -> Result<Self> {
+        if self.rows != rows || self.row_len != row_len {
+            return Err(Error::Shape {
+                what,
+                detail: format!(
+                    "expected {rows} rows of {row_len} elements, got {} rows of {}",
+                    self.rows, self.row_len
+                ),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Finds the first NaN or infinity, or a value beyond the f16 range when `f16_range` is set
+    /// (scales and zeros are f16, so quantized data must fit it).
+    pub(crate) fn check_finite(&self, what: &'static str, f16_range: bool) -> Result<()> {
+        for t in 0..self.rows {
+            for (i, &x) in self.row(t).iter().enumerate() {
+                let v = x.to_f32();
+                if !v.is_finite() {
+                    let kind = if v.is_nan() { "NaN" } else { "infinity" };
+                    return Err(Error::NonFinite { what, kind, token: t, index: i, value: v });
+                }
+                if f16_range && v.abs() > crate::quant::F16_LIMIT {
+                    return Err(Error::NonFinite {
+                        what,
+                        kind: "value beyond the f16 range",
+                        token: t,
+                        index: i,
+                        value: v,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writable rows of one element type (attention outputs).
+#[derive(Debug)]
+pub struct RowsMut<'a, T: Element> {
+    data: &'a mut [T],
+    rows: usize,
+    row_len: usize,
+    stride: usize,
+}
+
+impl<'a, T: Element> RowsMut<'a, T> {
+    /// `rows` contiguous rows filling `data` exactly.
+    pub fn new(data: &'a mut [T], rows: usize) -> Result<Self> {
+        if rows == 0 || data.len() % rows != 0 {
+            return Err(Error::Shape {
+                what: "output rows",
+                detail: format!("{} elements do not split into {rows} equal rows", data.len()),
+            });
+        }
+        let n = data.len() / rows;
+        Self::strided(data, rows, n, n)
+    }
+
+    /// `rows` rows of `row_len` elements, `stride` elements apart.
+    pub fn strided(data: &'a mut [T], rows: usize, row_len: usize, stride: usize) -> Result<Self> {
+        check_shape("output rows", data.len(), rows, row_len, stride)?;
+        Ok(RowsMut { data, rows, row_len, stride })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Elements per row.
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+
+    /// Row `i`, writable.
+    #[inline]
+    pub fn row_mut(&mut self, i: usize) -> &mut [T] {
+        &mut self.data[i * self.stride..i * self.stride + self.row_len]
+    }
+
+    /// Row `i`.
+    #[inline]
+    pub fn row(&self, i: usize) -> &[T] {
+        &self.data[i * self.stride..i * self.stride + self.row_len]
+    }
+
+    pub(crate) fn check(&self, rows: usize, row_len: usize) -> Result<()> {
+        if self.rows != rows || self.row_len != row_len {
+            return Err(Error::Shape {
+                what: "output",
+                detail: format!(
+                    "expected {rows} rows of {row_len} elements, got {} rows of {}",
+                    self.rows, self.row_len
+                ),
+            });
+        }
+        Ok(())
+    }
+}
