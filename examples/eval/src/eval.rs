@@ -38,23 +38,12 @@ pub struct CacheSpec {
 
 impl CacheSpec {
     pub fn exact() -> Self {
-        Self {
-            name: "exact".into(),
-            key_bits: 0,
-            value_bits: 0,
-            group: 32,
-            residual: 0,
-            per_token_keys: false,
-        }
+        Self { name: "exact".into(), key_bits: 0, value_bits: 0, group: 32, residual: 0, per_token_keys: false }
     }
 
     pub fn kivi(bits: u8, residual: usize) -> Self {
         Self {
-            name: if residual == 128 {
-                format!("kivi{bits}")
-            } else {
-                format!("kivi{bits}-r{residual}")
-            },
+            name: if residual == 128 { format!("kivi{bits}") } else { format!("kivi{bits}-r{residual}") },
             key_bits: bits,
             value_bits: bits,
             group: 32,
@@ -98,11 +87,7 @@ impl CacheSpec {
             return Ok(Self::exact());
         }
         let (body, residual) = match s.split_once("-r") {
-            Some((b, r)) => (
-                b,
-                r.parse::<usize>()
-                    .map_err(|_| format!("bad residual in `{s}`"))?,
-            ),
+            Some((b, r)) => (b, r.parse::<usize>().map_err(|_| format!("bad residual in `{s}`"))?),
             None => (s, 128),
         };
         let (per_token, bits) = if let Some(b) = body.strip_prefix("kivi") {
@@ -112,17 +97,11 @@ impl CacheSpec {
         } else {
             return Err(format!("unknown configuration `{s}`").into());
         };
-        let bits: u8 = bits
-            .parse()
-            .map_err(|_| format!("bad bit width in `{s}`"))?;
+        let bits: u8 = bits.parse().map_err(|_| format!("bad bit width in `{s}`"))?;
         if ![2, 4, 8].contains(&bits) {
             return Err(format!("bit width must be 2, 4 or 8 in `{s}`").into());
         }
-        let mut c = if per_token {
-            Self::per_token(bits)
-        } else {
-            Self::kivi(bits, residual)
-        };
+        let mut c = if per_token { Self::per_token(bits) } else { Self::kivi(bits, residual) };
         c.residual = residual;
         c.name = s.to_string();
         Ok(c)
@@ -149,22 +128,13 @@ pub struct EvalOptions {
 }
 
 /// Cuts `tokens` into windows as llama.cpp's perplexity tool does.
-pub fn windows(
-    tokens: &[u32],
-    ctx: usize,
-    chunks: usize,
-    bos: Option<u32>,
-) -> Result<Vec<Vec<u32>>> {
+pub fn windows(tokens: &[u32], ctx: usize, chunks: usize, bos: Option<u32>) -> Result<Vec<Vec<u32>>> {
     if ctx < 4 || !ctx.is_multiple_of(2) {
         return Err("ctx must be even and at least 4".into());
     }
     let n = (tokens.len() / ctx).min(chunks);
     if n == 0 {
-        return Err(format!(
-            "text has {} tokens, fewer than one window of {ctx}",
-            tokens.len()
-        )
-        .into());
+        return Err(format!("text has {} tokens, fewer than one window of {ctx}", tokens.len()).into());
     }
     Ok((0..n)
         .map(|i| {
@@ -208,17 +178,10 @@ pub fn evaluate(
         model.forward_hidden(&win[..first], &pos, |l, p, q, k, v, out| {
             let (exact, rest) = stores.split_first_mut().unwrap();
             exact.append_attend(l, seq, k, v, q, out, first, p)?;
-            rest.par_iter_mut()
-                .try_for_each(|s| s.append(l, seq, k, v, first))
+            rest.par_iter_mut().try_for_each(|s| s.append(l, seq, k, v, first))
         })?;
         if opts.progress {
-            eprintln!(
-                "[prefill] window {}/{} ({} tokens) {:.1}s",
-                w + 1,
-                nw,
-                first,
-                t0.elapsed().as_secs_f64()
-            );
+            eprintln!("[prefill] window {}/{} ({} tokens) {:.1}s", w + 1, nw, first, t0.elapsed().as_secs_f64());
         }
     }
 
@@ -230,30 +193,25 @@ pub fn evaluate(
     let mut count = 0usize;
     let steps = ctx - 1 - first;
     let td = Instant::now();
+    let seqs: Vec<u32> = (0..nw as u32).collect();
     for (si, t) in (first..ctx - 1).enumerate() {
         let toks: Vec<u32> = (0..rows).map(|r| windows[r % nw][t]).collect();
         let pos = vec![t; rows];
         let hidden = model.forward_hidden(&toks, &pos, |l, p, q, k, v, out| {
-            stores
-                .par_iter_mut()
-                .zip(out.par_chunks_mut(nw * qw))
-                .enumerate()
-                .try_for_each(|(c, (s, out_c))| -> Result<()> {
-                    for w in 0..nw {
-                        let r = c * nw + w;
-                        s.append_attend(
-                            l,
-                            w as u32,
-                            &k[r * kvw..(r + 1) * kvw],
-                            &v[r * kvw..(r + 1) * kvw],
-                            &q[r * qw..(r + 1) * qw],
-                            &mut out_c[w * qw..(w + 1) * qw],
-                            1,
-                            p,
-                        )?;
-                    }
-                    Ok(())
-                })
+            stores.par_iter_mut().zip(out.par_chunks_mut(nw * qw)).enumerate().try_for_each(
+                |(c, (s, out_c))| -> Result<()> {
+                    let r = c * nw..(c + 1) * nw;
+                    s.decode(
+                        l,
+                        &seqs,
+                        &k[r.start * kvw..r.end * kvw],
+                        &v[r.start * kvw..r.end * kvw],
+                        &q[r.start * qw..r.end * qw],
+                        out_c,
+                        p,
+                    )
+                },
+            )
         })?;
         let logits = model.logits(&hidden, rows)?;
         let targets: Vec<u32> = (0..nw).map(|w| windows[w][t + 1]).collect();
@@ -309,13 +267,7 @@ pub struct StepScore {
 
 /// Scores one decode step. `logits`: `nc*nw` rows, row `c*nw+w`; config 0 is
 /// the reference.
-pub fn score_step(
-    logits: &[f32],
-    vocab: usize,
-    nc: usize,
-    nw: usize,
-    targets: &[u32],
-) -> StepScore {
+pub fn score_step(logits: &[f32], vocab: usize, nc: usize, nw: usize, targets: &[u32]) -> StepScore {
     let rows = nc * nw;
     // log-sum-exp and argmax per row
     let stats: Vec<(f64, usize)> = (0..rows)
@@ -329,10 +281,7 @@ pub fn score_step(
                     am = i;
                 }
             }
-            let s: f64 = l
-                .chunks(1024)
-                .map(|ch| ch.iter().map(|&x| (x - mx).exp()).sum::<f32>() as f64)
-                .sum();
+            let s: f64 = l.chunks(1024).map(|ch| ch.iter().map(|&x| (x - mx).exp()).sum::<f32>() as f64).sum();
             (mx as f64 + s.ln(), am)
         })
         .collect();
@@ -366,11 +315,7 @@ pub fn score_step(
             (nll, kl, agree)
         })
         .collect();
-    let mut s = StepScore {
-        nll: vec![0.0; nc],
-        kld: vec![0.0; nc],
-        agree: vec![0; nc],
-    };
+    let mut s = StepScore { nll: vec![0.0; nc], kld: vec![0.0; nc], agree: vec![0; nc] };
     for (r, (n, k, a)) in per_row.into_iter().enumerate() {
         let c = r / nw;
         s.nll[c] += n;

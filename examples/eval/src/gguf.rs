@@ -27,8 +27,7 @@ impl Gguf {
     }
 
     pub fn req(&self, key: &str) -> Result<&Value> {
-        self.get(key)
-            .ok_or_else(|| format!("GGUF metadata key `{key}` is missing").into())
+        self.get(key).ok_or_else(|| format!("GGUF metadata key `{key}` is missing").into())
     }
 
     pub fn u32(&self, key: &str) -> Result<u32> {
@@ -36,15 +35,11 @@ impl Gguf {
     }
 
     pub fn u32_or(&self, key: &str, default: u32) -> u32 {
-        self.get(key)
-            .and_then(value_u64)
-            .map_or(default, |v| v as u32)
+        self.get(key).and_then(value_u64).map_or(default, |v| v as u32)
     }
 
     pub fn f32_or(&self, key: &str, default: f32) -> f32 {
-        self.get(key)
-            .and_then(value_f64)
-            .map_or(default, |v| v as f32)
+        self.get(key).and_then(value_f64).map_or(default, |v| v as f32)
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> bool {
@@ -79,11 +74,7 @@ impl Gguf {
         match self.req(key)? {
             Value::Array(a) => a
                 .iter()
-                .map(|v| {
-                    value_f64(v)
-                        .map(|x| x as f32)
-                        .ok_or_else(|| format!("`{key}` holds a non-number").into())
-                })
+                .map(|v| value_f64(v).map(|x| x as f32).ok_or_else(|| format!("`{key}` holds a non-number").into()))
                 .collect(),
             _ => Err(format!("`{key}` is not an array").into()),
         }
@@ -93,11 +84,7 @@ impl Gguf {
         match self.req(key)? {
             Value::Array(a) => a
                 .iter()
-                .map(|v| {
-                    value_i64(v)
-                        .map(|x| x as i32)
-                        .ok_or_else(|| format!("`{key}` holds a non-integer").into())
-                })
+                .map(|v| value_i64(v).map(|x| x as i32).ok_or_else(|| format!("`{key}` holds a non-integer").into()))
                 .collect(),
             _ => Err(format!("`{key}` is not an array").into()),
         }
@@ -121,10 +108,8 @@ impl Gguf {
 
     /// Reads a tensor and dequantizes it to f32.
     pub fn tensor_f32(&mut self, name: &str) -> Result<Tensor> {
-        let q = self
-            .content
-            .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let q =
+            self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| format!("tensor `{name}`: {e}"))?;
         Ok(q.dequantize(&Device::Cpu)?)
     }
 
@@ -135,10 +120,7 @@ impl Gguf {
 
     /// Storage type name of a tensor (for reporting).
     pub fn dtype_name(&self, name: &str) -> String {
-        self.content
-            .tensor_infos
-            .get(name)
-            .map_or_else(|| "-".into(), |t| format!("{:?}", t.ggml_dtype))
+        self.content.tensor_infos.get(name).map_or_else(|| "-".into(), |t| format!("{:?}", t.ggml_dtype))
     }
 }
 

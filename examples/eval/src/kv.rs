@@ -36,6 +36,36 @@ pub trait KvStore: Send {
         p: &AttnParams,
     ) -> Result<()>;
 
+    /// One decode step for several sequences: row `i` of `k`, `v`, `q`, `out`
+    /// belongs to `seqs[i]` (distinct ids), as `append_attend` with one token each.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &mut self,
+        layer: usize,
+        seqs: &[u32],
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        out: &mut [f32],
+        p: &AttnParams,
+    ) -> Result<()> {
+        let kvw = p.n_kv_head * p.head_dim;
+        let qw = p.n_head * p.head_dim;
+        for (i, &s) in seqs.iter().enumerate() {
+            self.append_attend(
+                layer,
+                s,
+                &k[i * kvw..(i + 1) * kvw],
+                &v[i * kvw..(i + 1) * kvw],
+                &q[i * qw..(i + 1) * qw],
+                &mut out[i * qw..(i + 1) * qw],
+                1,
+                p,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Appends without attending.
     fn append(&mut self, layer: usize, seq: u32, k: &[f32], v: &[f32], n: usize) -> Result<()>;
 
@@ -57,26 +87,14 @@ pub struct NaiveStore {
 
 impl NaiveStore {
     pub fn new(n_layers: usize, max_seqs: usize) -> Self {
-        Self {
-            n_layers,
-            k: vec![vec![Vec::new(); max_seqs]; n_layers],
-            v: vec![vec![Vec::new(); max_seqs]; n_layers],
-        }
+        Self { n_layers, k: vec![vec![Vec::new(); max_seqs]; n_layers], v: vec![vec![Vec::new(); max_seqs]; n_layers] }
     }
 }
 
 /// Causal attention of `n` queries (the last `n` positions) over `keys`/`vals`
 /// holding `total` tokens.
 #[allow(clippy::too_many_arguments)]
-pub fn naive_attention(
-    keys: &[f32],
-    vals: &[f32],
-    total: usize,
-    q: &[f32],
-    out: &mut [f32],
-    n: usize,
-    p: &AttnParams,
-) {
+pub fn naive_attention(keys: &[f32], vals: &[f32], total: usize, q: &[f32], out: &mut [f32], n: usize, p: &AttnParams) {
     let hd = p.head_dim;
     let kvw = p.n_kv_head * hd;
     let qw = p.n_head * hd;
@@ -84,11 +102,7 @@ pub fn naive_attention(
     let mut scores = vec![0f32; total];
     for i in 0..n {
         let pos = total - n + i;
-        let lo = if p.window > 0 {
-            (pos + 1).saturating_sub(p.window)
-        } else {
-            0
-        };
+        let lo = if p.window > 0 { (pos + 1).saturating_sub(p.window) } else { 0 };
         for h in 0..p.n_head {
             let kh = h / group;
             let qv = &q[i * qw + h * hd..i * qw + (h + 1) * hd];

@@ -22,6 +22,8 @@ options:
                    (kivi<bits>[-r<residual>], ktok<bits>[-r<residual>]: per-token keys)
   --csv FILE       write the table as CSV
   --plot FILE      draw KLD against bits per element as PNG
+  --dtype T        element type of the caches' full-precision tokens: f16
+                   (default; llama.cpp's default KV type) or f32
   --naive          exact configuration through the plain reference attention
                    instead of kivi (for checking the model alone)
   --quiet          no progress lines
@@ -37,6 +39,7 @@ struct Args {
     csv: Option<PathBuf>,
     plot: Option<PathBuf>,
     naive: bool,
+    dtype: stores::WindowType,
     quiet: bool,
     print: usize,
 }
@@ -52,6 +55,7 @@ fn parse_args() -> Result<Args> {
         csv: None,
         plot: None,
         naive: false,
+        dtype: stores::WindowType::F16,
         quiet: false,
         print: 0,
     };
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Args> {
             "--plot" => a.plot = Some(val("--plot")?.into()),
             "--print" => a.print = val("--print")?.parse()?,
             "--naive" => a.naive = true,
+            "--dtype" => a.dtype = stores::WindowType::parse(&val("--dtype")?)?,
             "--quiet" => a.quiet = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -155,13 +160,9 @@ fn run() -> Result<()> {
     let mut st = a
         .configs
         .iter()
-        .map(|s| stores::make(s, &model.cfg, wins.len(), a.ctx, a.naive))
+        .map(|s| stores::make(s, &model.cfg, wins.len(), a.ctx, a.dtype, a.naive))
         .collect::<Result<Vec<_>>>()?;
-    let opts = EvalOptions {
-        ctx: a.ctx,
-        chunks: a.chunks,
-        progress,
-    };
+    let opts = EvalOptions { ctx: a.ctx, chunks: a.chunks, progress };
     let results = evaluate(&model, &wins, &a.configs, &mut st, &opts)?;
     let elapsed = t0.elapsed().as_secs_f64();
     print!("{}", report::table(&results));

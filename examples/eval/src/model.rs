@@ -44,9 +44,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn is_swa(&self, layer: usize) -> bool {
-        self.sliding_window > 0
-            && self.swa_pattern > 0
-            && !(layer + 1).is_multiple_of(self.swa_pattern)
+        self.sliding_window > 0 && self.swa_pattern > 0 && !(layer + 1).is_multiple_of(self.swa_pattern)
     }
 
     pub fn attn_params(&self, layer: usize) -> AttnParams {
@@ -55,11 +53,7 @@ impl ModelConfig {
             n_kv_head: self.n_kv_head,
             head_dim: self.head_dim,
             scale: self.attn_scale,
-            window: if self.is_swa(layer) {
-                self.sliding_window
-            } else {
-                0
-            },
+            window: if self.is_swa(layer) { self.sliding_window } else { 0 },
         }
     }
 }
@@ -74,11 +68,7 @@ pub struct Linear {
 impl Linear {
     pub fn from_tensor(w: Tensor) -> Result<Self> {
         let (n_out, n_in) = w.dims2()?;
-        Ok(Self {
-            wt: w.t()?,
-            n_out,
-            n_in,
-        })
+        Ok(Self { wt: w.t()?, n_out, n_in })
     }
 
     /// `x`: `m` rows of `n_in`; returns `m` rows of `n_out`.
@@ -142,21 +132,12 @@ impl Model {
                 g.u32_or(&key("attention.sliding_window_pattern"), 6) as usize,
                 g.f32_or(&key("rope.freq_base_swa"), 10000.0),
                 // query_pre_attn_scalar = head_dim for the released Gemma 3 sizes but 27B
-                if n_layers == 62 {
-                    1.0 / ((hidden / n_head) as f32).sqrt()
-                } else {
-                    1.0 / (head_dim as f32).sqrt()
-                },
+                if n_layers == 62 { 1.0 / ((hidden / n_head) as f32).sqrt() } else { 1.0 / (head_dim as f32).sqrt() },
             ),
             Arch::Llama => {
                 // Mistral's sliding window is all layers; 0 or absent means none.
                 let w = g.u32_or(&key("attention.sliding_window"), 0) as usize;
-                (
-                    w,
-                    if w > 0 { 1 } else { 0 },
-                    rope_base,
-                    1.0 / (head_dim as f32).sqrt(),
-                )
+                (w, if w > 0 { 1 } else { 0 }, rope_base, 1.0 / (head_dim as f32).sqrt())
             }
         };
         let cfg = ModelConfig {
@@ -183,17 +164,11 @@ impl Model {
             Linear::from_tensor(embed.clone())?
         };
         let output_norm = g.vec_f32("output_norm.weight")?;
-        let rope_freqs = if g.has_tensor("rope_freqs.weight") {
-            Some(g.vec_f32("rope_freqs.weight")?)
-        } else {
-            None
-        };
+        let rope_freqs = if g.has_tensor("rope_freqs.weight") { Some(g.vec_f32("rope_freqs.weight")?) } else { None };
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
-            let lin = |g: &mut Gguf, s: &str| -> Result<Linear> {
-                Linear::from_tensor(g.tensor_f32(&n(s))?)
-            };
+            let lin = |g: &mut Gguf, s: &str| -> Result<Linear> { Linear::from_tensor(g.tensor_f32(&n(s))?) };
             let opt = |g: &mut Gguf, s: &str| -> Result<Option<Vec<f32>>> {
                 if g.has_tensor(&n(s)) {
                     Ok(Some(g.vec_f32(&n(s))?))
@@ -217,24 +192,13 @@ impl Model {
                 post_ffn_norm: opt(g, "post_ffw_norm")?,
             });
         }
-        Ok(Self {
-            cfg,
-            embed,
-            output,
-            output_norm,
-            layers,
-            rope_freqs,
-        })
+        Ok(Self { cfg, embed, output, output_norm, layers, rope_freqs })
     }
 
     /// Embeds `tokens` (scaled by sqrt(hidden) for Gemma).
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut x = self.embed.index_select(&ids, 0)?.flatten_all()?.to_vec1::<f32>()?;
         if self.cfg.arch == Arch::Gemma3 {
             let s = (self.cfg.hidden as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= s);
@@ -246,12 +210,7 @@ impl Model {
     /// layer, `attend(layer, params, q, k, v, out)` receives post-RoPE queries
     /// and keys and the values of all rows and must fill `out`. Returns the
     /// final-normed hidden states (`rows × hidden`).
-    pub fn forward_hidden<F>(
-        &self,
-        tokens: &[u32],
-        positions: &[usize],
-        mut attend: F,
-    ) -> Result<Vec<f32>>
+    pub fn forward_hidden<F>(&self, tokens: &[u32], positions: &[usize], mut attend: F) -> Result<Vec<f32>>
     where
         F: FnMut(usize, &AttnParams, &[f32], &[f32], &[f32], &mut [f32]) -> Result<()>,
     {
@@ -275,18 +234,8 @@ impl Model {
                 rms_norm_inplace(&mut k, hd, w, c.eps);
             }
             let swa = c.is_swa(l);
-            let (base, scale) = if swa {
-                (c.rope_base_swa, 1.0)
-            } else {
-                (c.rope_base, c.rope_scale)
-            };
-            let rope = Rope {
-                head_dim: hd,
-                base,
-                scale,
-                neox: gemma,
-                freqs: self.rope_freqs.as_deref(),
-            };
+            let (base, scale) = if swa { (c.rope_base_swa, 1.0) } else { (c.rope_base, c.rope_scale) };
+            let rope = Rope { head_dim: hd, base, scale, neox: gemma, freqs: self.rope_freqs.as_deref() };
             rope.apply(&mut q, c.n_head, positions);
             rope.apply(&mut k, c.n_kv_head, positions);
             let params = c.attn_params(l);
@@ -299,13 +248,11 @@ impl Model {
             let cur = rms_norm_rows(&x, h, &layer.ffn_norm, c.eps);
             let mut g = layer.gate.forward(&cur, m)?;
             let u = layer.up.forward(&cur, m)?;
-            g.par_chunks_mut(4096)
-                .zip(u.par_chunks(4096))
-                .for_each(|(g, u)| {
-                    for (a, b) in g.iter_mut().zip(u) {
-                        *a = if gemma { gelu(*a) } else { silu(*a) } * b;
-                    }
-                });
+            g.par_chunks_mut(4096).zip(u.par_chunks(4096)).for_each(|(g, u)| {
+                for (a, b) in g.iter_mut().zip(u) {
+                    *a = if gemma { gelu(*a) } else { silu(*a) } * b;
+                }
+            });
             let mut d = layer.down.forward(&g, m)?;
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_inplace(&mut d, h, w, c.eps);
@@ -393,11 +340,7 @@ impl Rope<'_> {
             for hh in 0..n_heads {
                 let v = &mut x[(r * n_heads + hh) * hd..(r * n_heads + hh + 1) * hd];
                 for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (a, b) = if self.neox {
-                        (i, i + half)
-                    } else {
-                        (2 * i, 2 * i + 1)
-                    };
+                    let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
                     let (x0, x1) = (v[a], v[b]);
                     v[a] = x0 * c - x1 * s;
                     v[b] = x0 * s + x1 * c;

@@ -68,16 +68,9 @@ impl Tokenizer {
         } else {
             vec![TYPE_NORMAL; n]
         };
-        let scores = if g.get("tokenizer.ggml.scores").is_some() {
-            g.f32s("tokenizer.ggml.scores")?
-        } else {
-            vec![0.0; n]
-        };
-        let merges = if kind == Kind::Bpe {
-            g.strings("tokenizer.ggml.merges")?
-        } else {
-            Vec::new()
-        };
+        let scores =
+            if g.get("tokenizer.ggml.scores").is_some() { g.f32s("tokenizer.ggml.scores")? } else { vec![0.0; n] };
+        let merges = if kind == Kind::Bpe { g.strings("tokenizer.ggml.merges")? } else { Vec::new() };
         let pre = match g.string("tokenizer.ggml.pre").unwrap_or("default") {
             "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => PreTok::Llama3,
             _ => PreTok::Gpt2,
@@ -93,13 +86,7 @@ impl Tokenizer {
         Ok(t)
     }
 
-    pub fn new(
-        kind: Kind,
-        tokens: Vec<String>,
-        types: Vec<i32>,
-        scores: Vec<f32>,
-        merges: &[String],
-    ) -> Self {
+    pub fn new(kind: Kind, tokens: Vec<String>, types: Vec<i32>, scores: Vec<f32>, merges: &[String]) -> Self {
         let mut ids = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             ids.entry(t.clone()).or_insert(i as u32);
@@ -107,20 +94,13 @@ impl Tokenizer {
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             if let Some((a, b)) = m.split_once(' ') {
-                merge_map
-                    .entry((a.to_string(), b.to_string()))
-                    .or_insert(rank);
+                merge_map.entry((a.to_string(), b.to_string())).or_insert(rank);
             }
         }
         let mut specials: Vec<u32> = (0..tokens.len() as u32)
             .filter(|&i| types[i as usize] == TYPE_USER_DEFINED && !tokens[i as usize].is_empty())
             .collect();
-        specials.sort_by(|&a, &b| {
-            tokens[b as usize]
-                .len()
-                .cmp(&tokens[a as usize].len())
-                .then(a.cmp(&b))
-        });
+        specials.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
             *slot = match kind {
@@ -222,16 +202,8 @@ impl Tokenizer {
         let mut first = true;
         for &id in ids {
             let mut b = self.token_bytes(id);
-            let special = matches!(
-                self.types[id as usize],
-                TYPE_CONTROL | TYPE_UNKNOWN | TYPE_UNUSED
-            );
-            if first
-                && !special
-                && self.kind == Kind::Spm
-                && self.add_space_prefix
-                && b.first() == Some(&b' ')
-            {
+            let special = matches!(self.types[id as usize], TYPE_CONTROL | TYPE_UNKNOWN | TYPE_UNUSED);
+            if first && !special && self.kind == Kind::Spm && self.add_space_prefix && b.first() == Some(&b' ') {
                 b.remove(0);
             }
             if !special {
@@ -289,25 +261,17 @@ impl Tokenizer {
         }
         let n = start.len();
         let mut prev: Vec<isize> = (0..n as isize).map(|i| i - 1).collect();
-        let mut next: Vec<isize> = (0..n as isize)
-            .map(|i| if i + 1 < n as isize { i + 1 } else { -1 })
-            .collect();
+        let mut next: Vec<isize> = (0..n as isize).map(|i| if i + 1 < n as isize { i + 1 } else { -1 }).collect();
         let mut alive = vec![true; n];
         // rev_merge: text range -> the two ranges it was merged from
         let mut rev: RevMerges = HashMap::new();
         let mut heap = BinaryHeap::new();
-        let try_add =
-            |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, start: &[usize], end: &[usize]| {
-                let s = &text[start[l]..end[r]];
-                if let Some(&id) = self.ids.get(s) {
-                    heap.push(Bigram {
-                        score: self.scores[id as usize],
-                        left: l,
-                        right: r,
-                        size: s.len(),
-                    });
-                }
-            };
+        let try_add = |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, start: &[usize], end: &[usize]| {
+            let s = &text[start[l]..end[r]];
+            if let Some(&id) = self.ids.get(s) {
+                heap.push(Bigram { score: self.scores[id as usize], left: l, right: r, size: s.len() });
+            }
+        };
         for i in 1..n {
             try_add(&mut heap, i - 1, i, &start, &end);
         }
@@ -428,10 +392,7 @@ impl PartialOrd for Bigram {
 impl Ord for Bigram {
     // Max-heap: higher score first, then the leftmost pair.
     fn cmp(&self, o: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&o.score)
-            .unwrap_or(Ordering::Equal)
-            .then(o.left.cmp(&self.left))
+        self.score.partial_cmp(&o.score).unwrap_or(Ordering::Equal).then(o.left.cmp(&self.left))
     }
 }
 
@@ -443,8 +404,7 @@ pub fn byte_to_unicode() -> &'static [char; 256] {
         let mut t = ['\0'; 256];
         let mut n = 0u32;
         for b in 0..256u32 {
-            let printable =
-                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             t[b as usize] = if printable {
                 char::from_u32(b).unwrap()
             } else {
@@ -459,13 +419,7 @@ pub fn byte_to_unicode() -> &'static [char; 256] {
 pub fn unicode_to_byte() -> &'static HashMap<char, u8> {
     use std::sync::OnceLock;
     static T: OnceLock<HashMap<char, u8>> = OnceLock::new();
-    T.get_or_init(|| {
-        byte_to_unicode()
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect()
-    })
+    T.get_or_init(|| byte_to_unicode().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect())
 }
 
 fn is_l(c: char) -> bool {
