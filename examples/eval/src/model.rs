@@ -37,14 +37,15 @@ pub struct ModelConfig {
     pub rope_scale: f32,
     /// Sliding window (0 = none).
     pub sliding_window: usize,
-    /// Every `swa_pattern`-th layer is global (Gemma 3: 6); 0 = no SWA layers.
+    /// Every `swa_pattern`-th layer is global (Gemma 3: 6); 0 = every layer
+    /// uses the window (Mistral).
     pub swa_pattern: usize,
     pub attn_scale: f32,
 }
 
 impl ModelConfig {
     pub fn is_swa(&self, layer: usize) -> bool {
-        self.sliding_window > 0 && self.swa_pattern > 0 && !(layer + 1).is_multiple_of(self.swa_pattern)
+        self.sliding_window > 0 && (self.swa_pattern == 0 || !(layer + 1).is_multiple_of(self.swa_pattern))
     }
 
     pub fn attn_params(&self, layer: usize) -> AttnParams {
@@ -137,7 +138,7 @@ impl Model {
             Arch::Llama => {
                 // Mistral's sliding window is all layers; 0 or absent means none.
                 let w = g.u32_or(&key("attention.sliding_window"), 0) as usize;
-                (w, if w > 0 { 1 } else { 0 }, rope_base, 1.0 / (head_dim as f32).sqrt())
+                (w, 0, rope_base, 1.0 / (head_dim as f32).sqrt())
             }
         };
         let cfg = ModelConfig {
