@@ -19,6 +19,7 @@
 
 use crate::gguf::Result;
 use crate::kv::KvStore;
+use crate::llama_ref::{RefComparison, RefLogProbs};
 use crate::model::Model;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -157,6 +158,19 @@ pub fn evaluate(
     stores: &mut [Box<dyn KvStore>],
     opts: &EvalOptions,
 ) -> Result<Vec<ConfigResult>> {
+    Ok(evaluate_against(model, windows, specs, stores, opts, None)?.0)
+}
+
+/// [`evaluate`], also comparing the exact configuration's distributions with
+/// llama.cpp's saved log-probs for the same windows.
+pub fn evaluate_against(
+    model: &Model,
+    windows: &[Vec<u32>],
+    specs: &[CacheSpec],
+    stores: &mut [Box<dyn KvStore>],
+    opts: &EvalOptions,
+    reference: Option<&RefLogProbs>,
+) -> Result<(Vec<ConfigResult>, Option<RefComparison>)> {
     assert_eq!(specs.len(), stores.len());
     if !specs[0].is_exact() {
         return Err("the first configuration must be the exact cache".into());
@@ -170,6 +184,19 @@ pub fn evaluate(
     let kvw = cfg.n_kv_head * cfg.head_dim;
     let vocab = cfg.vocab;
     let t0 = Instant::now();
+    let mut cmp = RefComparison::default();
+    if let Some(r) = reference {
+        if r.n_ctx != ctx || r.n_vocab != vocab || r.n_chunk < nw {
+            return Err(format!(
+                "reference has ctx {} vocab {} chunks {}; this run: ctx {ctx} vocab {vocab} windows {nw}",
+                r.n_ctx, r.n_vocab, r.n_chunk
+            )
+            .into());
+        }
+        for (w, win) in windows.iter().enumerate() {
+            cmp.token_mismatches += (1..ctx).filter(|&j| r.tokens[w * ctx + j] != win[j]).count();
+        }
+    }
 
     // Prefill: once per window, attention through the exact cache.
     for (w, win) in windows.iter().enumerate() {
@@ -216,6 +243,11 @@ pub fn evaluate(
         let logits = model.logits(&hidden, rows)?;
         let targets: Vec<u32> = (0..nw).map(|w| windows[w][t + 1]).collect();
         let sc = score_step(&logits, vocab, nc, nw, &targets);
+        if let Some(r) = reference {
+            for w in 0..nw {
+                r.compare(w, t - first, &logits[w * vocab..(w + 1) * vocab], targets[w] as usize, &mut cmp);
+            }
+        }
         for c in 0..nc {
             nll[c] += sc.nll[c];
             kld[c] += sc.kld[c];
@@ -240,7 +272,11 @@ pub fn evaluate(
     let elems_per_token = cfg.n_layers * kvw * 2;
     let tokens_stored = nw * (ctx - 1);
     let ppl0 = (nll[0] / count as f64).exp();
-    Ok((0..nc)
+    let cmp = reference.map(|_| {
+        cmp.finish();
+        cmp
+    });
+    let results = (0..nc)
         .map(|c| {
             let kv_bytes = stores[c].kv_bytes();
             let ppl = (nll[c] / count as f64).exp();
@@ -256,7 +292,8 @@ pub fn evaluate(
                 count,
             }
         })
-        .collect())
+        .collect();
+    Ok((results, cmp))
 }
 
 pub struct StepScore {

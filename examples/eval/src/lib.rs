@@ -4,6 +4,7 @@
 pub mod eval;
 pub mod gguf;
 pub mod kv;
+pub mod llama_ref;
 pub mod model;
 pub mod report;
 pub mod stores;

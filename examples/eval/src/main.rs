@@ -1,8 +1,9 @@
 //! kivi-eval: perplexity, KL divergence and top-1 agreement of KV-cache
 //! configurations on a real GGUF model. See README.md.
 
-use kivi_eval::eval::{evaluate, windows, CacheSpec, EvalOptions};
+use kivi_eval::eval::{evaluate_against, windows, CacheSpec, EvalOptions};
 use kivi_eval::gguf::{describe, Gguf, Result};
+use kivi_eval::llama_ref::RefLogProbs;
 use kivi_eval::model::Model;
 use kivi_eval::tokenizer::Tokenizer;
 use kivi_eval::{report, stores};
@@ -26,6 +27,9 @@ options:
                    (default; llama.cpp's default KV type) or f32
   --naive          exact configuration through the plain reference attention
                    instead of kivi (for checking the model alone)
+  --llama-logits F also compare the exact configuration with the log-probs that
+                   llama.cpp's perplexity tool saved with --kl-divergence-base F
+                   (same text, --ctx and --chunks)
   --quiet          no progress lines
 ";
 
@@ -39,6 +43,7 @@ struct Args {
     csv: Option<PathBuf>,
     plot: Option<PathBuf>,
     naive: bool,
+    llama_logits: Option<PathBuf>,
     dtype: stores::WindowType,
     quiet: bool,
     print: usize,
@@ -55,6 +60,7 @@ fn parse_args() -> Result<Args> {
         csv: None,
         plot: None,
         naive: false,
+        llama_logits: None,
         dtype: stores::WindowType::F16,
         quiet: false,
         print: 0,
@@ -87,6 +93,7 @@ fn parse_args() -> Result<Args> {
             "--plot" => a.plot = Some(val("--plot")?.into()),
             "--print" => a.print = val("--print")?.parse()?,
             "--naive" => a.naive = true,
+            "--llama-logits" => a.llama_logits = Some(val("--llama-logits")?.into()),
             "--dtype" => a.dtype = stores::WindowType::parse(&val("--dtype")?)?,
             "--quiet" => a.quiet = true,
             "-h" | "--help" => {
@@ -163,7 +170,8 @@ fn run() -> Result<()> {
         .map(|s| stores::make(s, &model.cfg, wins.len(), a.ctx, a.dtype, a.naive))
         .collect::<Result<Vec<_>>>()?;
     let opts = EvalOptions { ctx: a.ctx, chunks: a.chunks, progress };
-    let results = evaluate(&model, &wins, &a.configs, &mut st, &opts)?;
+    let reference = a.llama_logits.as_deref().map(RefLogProbs::read).transpose()?;
+    let (results, cmp) = evaluate_against(&model, &wins, &a.configs, &mut st, &opts, reference.as_ref())?;
     let elapsed = t0.elapsed().as_secs_f64();
     print!("{}", report::table(&results));
     println!(
@@ -174,6 +182,20 @@ fn run() -> Result<()> {
         results.len(),
         elapsed
     );
+    if let Some(c) = &cmp {
+        println!(
+            "llama.cpp reference: {} positions, token mismatches {}, ppl {:.4} (llama.cpp) vs {:.4} (exact here): {:+.3}%, \
+             mean KLD {:.6}, max KLD {:.5}, same top-1 {:.2}%",
+            c.count,
+            c.token_mismatches,
+            c.ppl_ref,
+            c.ppl,
+            (c.ppl / c.ppl_ref - 1.0) * 100.0,
+            c.kld,
+            c.kld_max,
+            c.top1 * 100.0
+        );
+    }
     if let Some(p) = &a.csv {
         std::fs::write(p, report::csv(&results))?;
     }

@@ -195,19 +195,26 @@ impl Tokenizer {
         }
     }
 
-    /// Text of a token stream (special tokens dropped; for SPM with a space
-    /// prefix, the added leading space of the first piece is removed).
+    /// Text of a token stream (control tokens dropped). For SPM with a space
+    /// prefix, the space `encode` puts before the text and after every
+    /// user-defined token is taken out again, so `decode(encode(s)) == s`.
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::new();
-        let mut first = true;
+        let strip = self.kind == Kind::Spm && self.add_space_prefix;
+        let mut after_special = true;
         for &id in ids {
-            let mut b = self.token_bytes(id);
-            let special = matches!(self.types[id as usize], TYPE_CONTROL | TYPE_UNKNOWN | TYPE_UNUSED);
-            if first && !special && self.kind == Kind::Spm && self.add_space_prefix && b.first() == Some(&b' ') {
-                b.remove(0);
+            let ty = self.types[id as usize];
+            if matches!(ty, TYPE_CONTROL | TYPE_UNKNOWN | TYPE_UNUSED) {
+                continue;
             }
-            if !special {
-                first = false;
+            let mut b = self.token_bytes(id);
+            if ty == TYPE_USER_DEFINED {
+                after_special = true;
+            } else {
+                if strip && after_special && b.first() == Some(&b' ') {
+                    b.remove(0);
+                }
+                after_special = false;
             }
             bytes.extend_from_slice(&b);
         }
