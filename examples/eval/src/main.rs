@@ -13,6 +13,7 @@ use std::time::Instant;
 const USAGE: &str = "\
 usage: kivi-eval --model FILE.gguf --text FILE.txt [options]
        kivi-eval info --model FILE.gguf
+       kivi-eval plot --csv FILE.csv --plot FILE.png
        kivi-eval tokenize --model FILE.gguf --text FILE.txt [--print N]
 
 options:
@@ -115,6 +116,12 @@ fn main() {
 
 fn run() -> Result<()> {
     let a = parse_args()?;
+    if a.cmd == "plot" {
+        let csv = std::fs::read_to_string(a.csv.as_ref().ok_or("--csv is required")?)?;
+        let rs = report::read_csv(&csv)?;
+        print!("{}", report::table(&rs));
+        return report::plot_png(&rs, a.plot.as_ref().ok_or("--plot is required")?);
+    }
     let model_path = a.model.clone().ok_or("--model is required")?;
     let mut g = Gguf::open(&model_path)?;
     match a.cmd.as_str() {

@@ -34,6 +34,32 @@ pub fn csv(rs: &[ConfigResult]) -> String {
     s
 }
 
+/// Reads back a CSV written by [`csv`].
+pub fn read_csv(text: &str) -> Result<Vec<ConfigResult>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 8 {
+            return Err(format!("CSV line {}: expected 8 fields", i + 1).into());
+        }
+        let num = |j: usize| -> Result<f64> {
+            f[j].trim().parse::<f64>().map_err(|e| format!("CSV line {}: {e}", i + 1).into())
+        };
+        out.push(ConfigResult {
+            name: f[0].to_string(),
+            bits_per_element: num(1)?,
+            kv_bytes: num(2)? as usize,
+            ppl: num(3)?,
+            ppl_ratio: num(4)?,
+            kld: num(5)?,
+            top1: num(6)?,
+            count: num(7)? as usize,
+            nll_sum: 0.0,
+        });
+    }
+    Ok(out)
+}
+
 pub fn json_line(r: &ConfigResult) -> String {
     format!(
         "{{\"config\":\"{}\",\"bits_per_element\":{:.4},\"ppl\":{:.6},\"ppl_ratio\":{:.6},\"kld\":{:.7},\"top1\":{:.6},\"kv_bytes\":{}}}",
