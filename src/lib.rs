@@ -33,6 +33,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod cuda;
 pub mod error;
 mod layout;
 mod pool;
