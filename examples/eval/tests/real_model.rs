@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn fetched() -> Option<(PathBuf, PathBuf)> {
-    let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache");
+    let cache = std::env::var_os("KIVI_EVAL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache"));
     let model = std::env::var_os("KIVI_EVAL_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| cache.join("models/gemma-3-270m-q4_k_m.gguf"));

@@ -91,9 +91,12 @@ fn bpe_round_trips() {
 }
 
 pub fn model_path() -> Option<PathBuf> {
-    let p = std::env::var_os("KIVI_EVAL_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/gemma-3-270m-q4_k_m.gguf")
-    });
+    let cache = std::env::var_os("KIVI_EVAL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache"));
+    let p = std::env::var_os("KIVI_EVAL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache.join("models/gemma-3-270m-q4_k_m.gguf"));
     if p.exists() {
         Some(p)
     } else if std::env::var_os("KIVI_EVAL_REQUIRE_MODEL").is_some() {
@@ -131,7 +134,9 @@ fn real_vocabulary_round_trips() {
     let ids = t.encode("<bos>", false);
     assert!(!ids.contains(&2));
     // The whole play.
-    let text_path = path.parent().unwrap().join("../text/hamlet.txt");
+    let text_path = std::env::var_os("KIVI_EVAL_TEXT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| path.parent().unwrap().join("../text/hamlet.txt"));
     if let Ok(text) = std::fs::read_to_string(text_path) {
         let ids = t.encode(&text, true);
         assert!(ids.len() > 40_000, "{}", ids.len());
