@@ -142,3 +142,25 @@ fn protocol_on_tiny_model() {
     assert!(rs[1].kld < 1e-3, "8-bit KLD {}", rs[1].kld);
     assert!(rs[2].kld > rs[1].kld, "2-bit should be worse than 8-bit");
 }
+
+/// Writes the tiny models and a text for them into `$KIVI_EVAL_TINY_DIR`, for
+/// cross-checking with llama.cpp (`llama-perplexity` on the same files):
+/// `KIVI_EVAL_TINY_DIR=dir cargo test --release -p kivi-eval --test model -- --ignored`
+#[test]
+#[ignore]
+fn write_tiny_models_for_llama_cpp() {
+    let Some(dir) = std::env::var_os("KIVI_EVAL_TINY_DIR") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_tiny(&TinySpec::gemma3(), &dir.join("tiny-gemma3.gguf"), 7);
+    write_tiny(&TinySpec::llama(), &dir.join("tiny-llama.gguf"), 7);
+    let words = ["the", "world", "and", "hello", "tea", "shore", "in", "an", "dish", "net", "hill"];
+    let mut r = Rng::new(5);
+    let mut text = String::new();
+    for i in 0..3000 {
+        let w = words[((r.next() + 1.0) * 0.5 * words.len() as f32) as usize % words.len()];
+        text.push_str(w);
+        text.push_str(if i % 13 == 12 { ".\n\n" } else { " " });
+    }
+    std::fs::write(dir.join("tiny.txt"), text).unwrap();
+}

@@ -185,6 +185,8 @@ pub fn write_tiny(spec: &TinySpec, path: &Path, seed: u64) -> Weights {
         (format!("{arch}.attention.value_length"), Value::U32(hd as u32)),
         (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(spec.eps)),
         (format!("{arch}.rope.freq_base"), Value::F32(spec.rope_base)),
+        (format!("{arch}.context_length"), Value::U32(4096)),
+        (format!("{arch}.rope.dimension_count"), Value::U32(hd as u32)),
         ("tokenizer.ggml.model".into(), Value::String("llama".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(toks.iter().map(|t| Value::String(t.clone())).collect())),
         ("tokenizer.ggml.scores".into(), Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())),
