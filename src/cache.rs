@@ -45,6 +45,8 @@ pub struct Cache {
     pub(crate) pools: Vec<PagePool>,
     pub(crate) windows: AlignedBuf,
     pub(crate) seqs: SeqTable,
+    /// Attention threads (`n_threads - 1` workers) and their working memory.
+    pub(crate) threads: cpu::Threads,
 }
 
 impl std::fmt::Debug for Cache {
@@ -61,7 +63,8 @@ impl Cache {
         let pools = (0..lay.n_layers).map(|_| PagePool::new(lay.pages_per_layer, lay.page_bytes)).collect();
         let windows = AlignedBuf::zeroed(lay.window_elems_total() * lay.dtype.size());
         let seqs = SeqTable::new(&lay);
-        Ok(Cache { cfg, lay, pools, windows, seqs })
+        let threads = cpu::Threads::new(&lay, cfg.n_threads as usize);
+        Ok(Cache { cfg, lay, pools, windows, seqs, threads })
     }
 
     /// The configuration the cache was created with.
@@ -283,17 +286,30 @@ impl Cache {
         }
         self.check_pages(l, blame.0, blame.1, pages)?;
         for (i, &seq) in seqs.iter().enumerate() {
-            let slot = if slots[i] == usize::MAX {
+            if slots[i] == usize::MAX {
                 let s = self.seqs.free_slot().expect("free slots were counted");
                 self.seqs.slots[s].id = Some(seq);
-                s
-            } else {
-                slots[i]
+                slots[i] = s;
+            }
+        }
+        // Attention for every sequence in one parallel call (each sees only its own state and
+        // token), then the appends.
+        with_dtype!(self.lay.dtype, W => {
+            let slots = &slots;
+            let job = |i: usize| {
+                let slot = slots[i];
+                cpu::Job {
+                    s: self.stream::<W>(l, slot),
+                    chunk: Some((keys.sub(i, 1), values.sub(i, 1))),
+                    queries: queries.sub(i, 1),
+                    q_pos0: self.seqs.slots[slot].layers[l].len,
+                    out_row0: i,
+                }
             };
-            let (k1, v1) = (keys.sub(i, 1), values.sub(i, 1));
-            let pos0 = self.seqs.slots[slot].layers[l].len;
-            self.attend_stream(l, slot, Some((k1, v1)), queries.sub(i, 1), pos0, &mut out, i, &o);
-            self.push(l, slot, k1, v1);
+            cpu::attend(&self.threads, &self.lay, n, 1, &job, &mut out, &o)
+        });
+        for (i, &slot) in slots.iter().enumerate() {
+            self.push(l, slot, keys.sub(i, 1), values.sub(i, 1));
         }
         Ok(())
     }
@@ -312,7 +328,8 @@ impl Cache {
     ) {
         with_dtype!(self.lay.dtype, W => {
             let s = self.stream::<W>(l, slot);
-            cpu::attend(&s, chunk, queries, pos0, out, row0, o)
+            let job = |_: usize| cpu::Job { s, chunk, queries, q_pos0: pos0, out_row0: row0 };
+            cpu::attend(&self.threads, &self.lay, 1, queries.rows(), &job, out, o)
         })
     }
 

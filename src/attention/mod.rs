@@ -7,6 +7,11 @@
 pub(crate) mod cpu;
 pub mod reference;
 
+#[doc(hidden)]
+pub use cpu::dense::DenseF16Cache;
+#[doc(hidden)]
+pub use cpu::{active_isa, available_isas, force_isa, Isa};
+
 use crate::error::{Error, Result};
 
 /// Options of one attention call.
