@@ -24,6 +24,8 @@ use crate::rows::Element;
 pub(crate) const NH_MAX: usize = 8;
 /// Full-precision tokens per softmax block.
 pub(crate) const FPB: usize = 32;
+/// Groups ahead whose bytes are prefetched.
+const PREFETCH: usize = 2;
 
 /// Per-thread working memory, sized once for a layout.
 pub(crate) struct Scratch {
@@ -320,10 +322,33 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     let ct = if hd % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
     let scale = a.o.scale;
     let sst = s.sc_stride;
-    for gr in a.g0..a.g1 {
+    // Where group `gr` of this head lives: its head block and its index in the page.
+    let locate = |gr: usize| {
         let page = a.blocks[gr / lay.groups_per_page] as usize;
-        let gi = gr % lay.groups_per_page;
-        let blk = a.pool.as_ptr().add(page * lay.page_bytes + a.kvh * lay.head_bytes);
+        (a.pool.as_ptr().add(page * lay.page_bytes + a.kvh * lay.head_bytes), gr % lay.groups_per_page)
+    };
+    // Everything one group reads: (offset, bytes) inside its head block.
+    let parts = |gi: usize| {
+        [
+            (lay.k_codes + gi * hd * run, hd * run),
+            (lay.k_scale + 2 * gi * hd, 2 * hd),
+            (lay.k_zero + 2 * gi * hd, 2 * hd),
+            (lay.v_codes + gi * g * vrun, g * vrun),
+            (lay.v_scale + 2 * gi * g * ng, 2 * g * ng),
+            (lay.v_zero + 2 * gi * g * ng, 2 * g * ng),
+        ]
+    };
+    for gr in a.g0..a.g1 {
+        let (blk, gi) = locate(gr);
+        // Groups of one head are a page apart: too far for the hardware prefetcher.
+        if gr + PREFETCH < a.g1 {
+            let (nb, ngi) = locate(gr + PREFETCH);
+            for (off, len) in parts(ngi) {
+                for o in (off..off + len).step_by(64) {
+                    S::prefetch(nb.add(o));
+                }
+            }
+        }
         // Fold the key scales into the queries and the zeros into one bias per head.
         let ks = blk.add(lay.k_scale + 2 * gi * hd) as *const u16;
         let kz = blk.add(lay.k_zero + 2 * gi * hd) as *const u16;

@@ -37,6 +37,9 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn pow2i(n: Self::V) -> Self::V;
     /// `L` consecutive `B`-bit codes (little-endian packed, starting at bit 0 of `p`) as f32.
     unsafe fn codes<const B: u32>(p: *const u8) -> Self::V;
+    /// Hints that the cache line at `p` will be read soon.
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const u8) {}
 }
 
 /// `e^x` to about 2 ulp (Cephes `expf`); inputs at or below -88 give 0, inputs must be <= 88.

@@ -18,6 +18,10 @@ impl Simd for Avx512 {
     type V = __m512;
 
     #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
+    #[inline(always)]
     unsafe fn zero() -> __m512 {
         _mm512_setzero_ps()
     }
@@ -108,6 +112,10 @@ impl Simd for Avx2 {
     const ACC_REGS: usize = 8;
     type V = __m256;
 
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
     #[inline(always)]
     unsafe fn zero() -> __m256 {
         _mm256_setzero_ps()
