@@ -6,7 +6,7 @@ use crate::config::{CacheConfig, DType, KeyMode};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::pool::{AlignedBuf, PagePool};
-use crate::quant::{quantize_group, write_f16};
+use crate::quant::{quantize_group, quantize_slice, write_f16};
 use crate::rows::{Element, Rows, RowsMut};
 use crate::seq::{LayerSeq, SeqTable, Stream};
 use half::{bf16, f16};
@@ -622,12 +622,15 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut Laye
         let key = |t: usize, c: usize| w[rk + slot(t) + c].to_f32();
         let value = |t: usize, c: usize| w[rv + slot(t) + c].to_f32();
         let run = lay.k_run_bytes();
+        // Gathered into f32 first: the fast quantizer wants slices.
+        let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
         match lay.key_mode {
             KeyMode::PerChannel => {
                 for c in 0..hd {
                     let pi = gi * hd + c;
                     let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
-                    let p = quantize_group(gsz, |t| key(t, c), lay.key_bits, codes, 0);
+                    buf[..gsz].iter_mut().enumerate().for_each(|(t, x)| *x = key(t, c));
+                    let p = quantize_slice(&buf[..gsz], lay.key_bits, codes, 0);
                     write_f16(&mut blk[lay.k_scale..], pi, p.scale);
                     write_f16(&mut blk[lay.k_zero..], pi, p.zero);
                 }
@@ -647,9 +650,10 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut Laye
         let vrun = lay.v_row_bytes();
         for t in 0..gsz {
             let row = gi * gsz + t;
+            buf[..hd].iter_mut().enumerate().for_each(|(c, x)| *x = value(t, c));
             for cg in 0..ng {
                 let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
-                let p = quantize_group(vg, |i| value(t, cg * vg + i), lay.value_bits, codes, cg * vg);
+                let p = quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, codes, cg * vg);
                 write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
                 write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
             }

@@ -7,6 +7,8 @@
 pub(crate) mod cpu;
 pub mod reference;
 
+pub(crate) use cpu::MAX_HEAD_DIM;
+
 #[doc(hidden)]
 pub use cpu::dense::DenseF16Cache;
 #[doc(hidden)]

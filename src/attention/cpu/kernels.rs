@@ -48,7 +48,7 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub fn new(hd: usize, group: usize, row_groups: usize) -> Scratch {
-        let sc_stride = group.max(FPB).next_multiple_of(16);
+        let sc_stride = (group * groups_per_step(group)).max(FPB).next_multiple_of(16);
         Scratch {
             hd,
             qf: vec![0.0; NH_MAX * hd],
@@ -309,6 +309,11 @@ fn softcap(row: &mut [f32], cap: f32) {
     }
 }
 
+/// Groups scored per softmax step (about 128 tokens): fewer horizontal reductions and rescales.
+pub(crate) fn groups_per_step(group: usize) -> usize {
+    (128 / group).max(1)
+}
+
 /// The quantized groups `a.g0..a.g1` of one work item: the item's queries are in `s.qf`, its
 /// state in `s.acc`, `s.m`, `s.l`.
 #[inline(always)]
@@ -322,6 +327,8 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     let ct = if hd % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
     let scale = a.o.scale;
     let sst = s.sc_stride;
+    let step = groups_per_step(g);
+    debug_assert!(step * g <= sst);
     // Where group `gr` of this head lives: its head block and its index in the page.
     let locate = |gr: usize| {
         let page = a.blocks[gr / lay.groups_per_page] as usize;
@@ -338,82 +345,92 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
             (lay.v_zero + 2 * gi * g * ng, 2 * g * ng),
         ]
     };
-    for gr in a.g0..a.g1 {
-        let (blk, gi) = locate(gr);
-        // Groups of one head are a page apart: too far for the hardware prefetcher.
-        if gr + PREFETCH < a.g1 {
-            let (nb, ngi) = locate(gr + PREFETCH);
-            for (off, len) in parts(ngi) {
-                for o in (off..off + len).step_by(64) {
-                    S::prefetch(nb.add(o));
+    let mut g0 = a.g0;
+    while g0 < a.g1 {
+        let g1 = (g0 + step).min(a.g1);
+        // Scores of every token of these groups for every head.
+        for gr in g0..g1 {
+            let (blk, gi) = locate(gr);
+            // Groups of one head are a page apart: too far for the hardware prefetcher.
+            if gr + PREFETCH < a.g1 {
+                let (nb, ngi) = locate(gr + PREFETCH);
+                for (off, len) in parts(ngi) {
+                    for o in (off..off + len).step_by(64) {
+                        S::prefetch(nb.add(o));
+                    }
                 }
             }
-        }
-        // Fold the key scales into the queries and the zeros into one bias per head.
-        let ks = blk.add(lay.k_scale + 2 * gi * hd) as *const u16;
-        let kz = blk.add(lay.k_zero + 2 * gi * hd) as *const u16;
-        let mut bias = [S::zero(); NH_MAX];
-        for c in (0..hd).step_by(S::L) {
-            let (sv, zv) = (S::load_f16(ks.add(c)), S::load_f16(kz.add(c)));
-            for (h, b) in bias.iter_mut().enumerate().take(nh) {
-                let q = S::load(s.qf.as_ptr().add(h * hd + c));
-                S::store(s.qs.as_mut_ptr().add(h * hd + c), S::mul(q, sv));
-                *b = S::fma(q, zv, *b);
+            // Fold the key scales into the queries and the zeros into one bias per head.
+            let ks = blk.add(lay.k_scale + 2 * gi * hd) as *const u16;
+            let kz = blk.add(lay.k_zero + 2 * gi * hd) as *const u16;
+            let mut bias = [S::zero(); NH_MAX];
+            for c in (0..hd).step_by(S::L) {
+                let (sv, zv) = (S::load_f16(ks.add(c)), S::load_f16(kz.add(c)));
+                for (h, b) in bias.iter_mut().enumerate().take(nh) {
+                    let q = S::load(s.qf.as_ptr().add(h * hd + c));
+                    S::store(s.qs.as_mut_ptr().add(h * hd + c), S::mul(q, sv));
+                    *b = S::fma(q, zv, *b);
+                }
             }
-        }
-        // Scores of every token of the group for every head.
-        let codes = blk.add(lay.k_codes + gi * hd * run);
-        let (qs, sc) = (s.qs.as_ptr(), s.sc.as_mut_ptr());
-        with_nh!(nh, NH => with_bits!(lay.key_bits, KB => if tt == 2 {
-            key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst)
-        } else {
-            key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst)
-        }));
-        // Logits, masked outside the visible range.
-        let p0 = lay.sinks + gr * g;
-        for (h, &b) in bias.iter().enumerate().take(nh) {
-            let row = sc.add(h * sst);
-            let bv = S::splat(S::hsum(b) * scale);
-            let sv = S::splat(scale);
-            for t in (0..g).step_by(S::L) {
-                S::store(row.add(t), S::fma(S::load(row.add(t)), sv, bv));
-            }
-            let row = std::slice::from_raw_parts_mut(row, g);
-            if a.o.softcap > 0.0 {
-                softcap(row, a.o.softcap);
-            }
-            if p0 < a.lo || p0 + g > a.hi {
-                for (t, x) in row.iter_mut().enumerate() {
-                    if p0 + t < a.lo || p0 + t >= a.hi {
-                        *x = f32::NEG_INFINITY;
+            let codes = blk.add(lay.k_codes + gi * hd * run);
+            let off = (gr - g0) * g;
+            let (qs, sc) = (s.qs.as_ptr(), s.sc.as_mut_ptr().add(off));
+            with_nh!(nh, NH => with_bits!(lay.key_bits, KB => if tt == 2 {
+                key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst)
+            } else {
+                key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst)
+            }));
+            // Logits, masked outside the visible range.
+            let p0 = lay.sinks + gr * g;
+            for (h, &b) in bias.iter().enumerate().take(nh) {
+                let row = sc.add(h * sst);
+                let bv = S::splat(S::hsum(b) * scale);
+                let sv = S::splat(scale);
+                for t in (0..g).step_by(S::L) {
+                    S::store(row.add(t), S::fma(S::load(row.add(t)), sv, bv));
+                }
+                let row = std::slice::from_raw_parts_mut(row, g);
+                if a.o.softcap > 0.0 {
+                    softcap(row, a.o.softcap);
+                }
+                if p0 < a.lo || p0 + g > a.hi {
+                    for (t, x) in row.iter_mut().enumerate() {
+                        if p0 + t < a.lo || p0 + t >= a.hi {
+                            *x = f32::NEG_INFINITY;
+                        }
                     }
                 }
             }
         }
-        softmax::<S>(s, nh, g);
+        softmax::<S>(s, nh, (g1 - g0) * g);
         // Values.
-        let vsb = blk.add(lay.v_scale + 2 * gi * g * ng) as *const u16;
-        let vzb = blk.add(lay.v_zero + 2 * gi * g * ng) as *const u16;
-        let n = g * ng;
-        let mut i = 0;
-        while i + S::L <= n {
-            S::store(s.vs.as_mut_ptr().add(i), S::load_f16(vsb.add(i)));
-            S::store(s.vz.as_mut_ptr().add(i), S::load_f16(vzb.add(i)));
-            i += S::L;
+        for gr in g0..g1 {
+            let (blk, gi) = locate(gr);
+            let vsb = blk.add(lay.v_scale + 2 * gi * g * ng) as *const u16;
+            let vzb = blk.add(lay.v_zero + 2 * gi * g * ng) as *const u16;
+            let n = g * ng;
+            let mut i = 0;
+            while i + S::L <= n {
+                S::store(s.vs.as_mut_ptr().add(i), S::load_f16(vsb.add(i)));
+                S::store(s.vz.as_mut_ptr().add(i), S::load_f16(vzb.add(i)));
+                i += S::L;
+            }
+            let vsb = std::slice::from_raw_parts(vsb as *const u8, 2 * n);
+            let vzb = std::slice::from_raw_parts(vzb as *const u8, 2 * n);
+            for i in i..n {
+                s.vs[i] = read_f16(vsb, i).to_f32();
+                s.vz[i] = read_f16(vzb, i).to_f32();
+            }
+            let vcodes = blk.add(lay.v_codes + gi * g * vrun);
+            let w = s.sc.as_ptr().add((gr - g0) * g);
+            let (vs, vz, acc) = (s.vs.as_ptr(), s.vz.as_ptr(), s.acc.as_mut_ptr());
+            with_nh!(nh, NH => with_bits!(lay.value_bits, VB => if ct == 2 {
+                value_acc::<S, NH, VB, 2>(vcodes, vrun, (hd, vg, ng), g, vs, vz, w, sst, acc)
+            } else {
+                value_acc::<S, NH, VB, 1>(vcodes, vrun, (hd, vg, ng), g, vs, vz, w, sst, acc)
+            }));
         }
-        let vsb = std::slice::from_raw_parts(vsb as *const u8, 2 * n);
-        let vzb = std::slice::from_raw_parts(vzb as *const u8, 2 * n);
-        for i in i..n {
-            s.vs[i] = read_f16(vsb, i).to_f32();
-            s.vz[i] = read_f16(vzb, i).to_f32();
-        }
-        let vcodes = blk.add(lay.v_codes + gi * g * vrun);
-        let (vs, vz, w, acc) = (s.vs.as_ptr(), s.vz.as_ptr(), s.sc.as_ptr(), s.acc.as_mut_ptr());
-        with_nh!(nh, NH => with_bits!(lay.value_bits, VB => if ct == 2 {
-            value_acc::<S, NH, VB, 2>(vcodes, vrun, (hd, vg, ng), g, vs, vz, w, sst, acc)
-        } else {
-            value_acc::<S, NH, VB, 1>(vcodes, vrun, (hd, vg, ng), g, vs, vz, w, sst, acc)
-        }));
+        g0 = g1;
     }
 }
 
