@@ -44,6 +44,8 @@ pub(crate) struct Scratch {
     /// Value scales and zeros of one group in f32, `[G][head_dim / value_group]`.
     vs: Vec<f32>,
     vz: Vec<f32>,
+    /// Lane-wise dot products of full-precision tokens, `[NH_MAX][FPB + 16][16]` at most.
+    red: Vec<f32>,
 }
 
 impl Scratch {
@@ -60,6 +62,7 @@ impl Scratch {
             sc_stride,
             vs: vec![0.0; group * row_groups + 16],
             vz: vec![0.0; group * row_groups + 16],
+            red: vec![0.0; NH_MAX * (FPB + 16) * 16],
         }
     }
 
@@ -450,6 +453,8 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
     let sst = s.sc_stride;
     let npad = n.next_multiple_of(S::L);
     let (qf, sc) = (s.qf.as_ptr(), s.sc.as_mut_ptr());
+    // Each token's per-head products stay lane-wise in `red`; rows of L are then summed at once.
+    let red = s.red.as_mut_ptr();
     with_nh!(nh, NH => {
         for (j, &k) in kp.iter().enumerate() {
             let mut a = [S::zero(); NH];
@@ -460,11 +465,17 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
                 }
             }
             for (h, &a) in a.iter().enumerate() {
-                *sc.add(h * sst + j) = S::hsum(a) * o.scale;
+                S::store(red.add((h * FPB + j) * S::L), a);
             }
         }
     });
+    let sv = S::splat(o.scale);
     for h in 0..nh {
+        for j0 in (0..n).step_by(S::L) {
+            let out = sc.add(h * sst + j0);
+            S::reduce_rows(red.add((h * FPB + j0) * S::L), out);
+            S::store(out, S::mul(S::load(out), sv));
+        }
         let row = std::slice::from_raw_parts_mut(sc.add(h * sst), npad);
         if o.softcap > 0.0 {
             softcap(&mut row[..n], o.softcap);

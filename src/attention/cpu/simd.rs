@@ -37,6 +37,13 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn pow2i(n: Self::V) -> Self::V;
     /// `L` consecutive `B`-bit codes (little-endian packed, starting at bit 0 of `p`) as f32.
     unsafe fn codes<const B: u32>(p: *const u8) -> Self::V;
+    /// `out[r] = ` the sum of row `r`, for the `L` rows of `L` floats at `rows`.
+    #[inline(always)]
+    unsafe fn reduce_rows(rows: *const f32, out: *mut f32) {
+        for r in 0..Self::L {
+            *out.add(r) = Self::hsum(Self::load(rows.add(r * Self::L)));
+        }
+    }
     /// Hints that the cache line at `p` will be read soon.
     #[inline(always)]
     unsafe fn prefetch(_p: *const u8) {}

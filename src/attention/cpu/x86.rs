@@ -17,6 +17,30 @@ impl Simd for Avx512 {
     const ACC_REGS: usize = 16;
     type V = __m512;
 
+    /// A transposing tree: 16 row sums in about 46 instructions instead of 16 reductions.
+    #[inline(always)]
+    unsafe fn reduce_rows(rows: *const f32, out: *mut f32) {
+        let v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(rows.add(16 * i)));
+        // 128-bit blocks of w[i]: halves of v[i] (0, 1), halves of v[i + 8] (2, 3).
+        let w: [__m512; 8] = std::array::from_fn(|i| {
+            let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[i], v[i + 8]);
+            let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[i], v[i + 8]);
+            _mm512_add_ps(lo, hi)
+        });
+        // Blocks of x[i]: quarters of v[i], v[i + 8], v[i + 4], v[i + 12].
+        let x: [__m512; 4] = std::array::from_fn(|i| {
+            let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(w[i], w[i + 4]);
+            let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(w[i], w[i + 4]);
+            _mm512_add_ps(lo, hi)
+        });
+        let y01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+        let y23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+        let r =
+            _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(y01, y23), _mm512_shuffle_ps::<0b11_10_11_10>(y01, y23));
+        // Blocks of r: sums of rows 0-3, 8-11, 4-7, 12-15.
+        _mm512_storeu_ps(out, _mm512_shuffle_f32x4::<0b11_01_10_00>(r, r));
+    }
+
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {
         _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
