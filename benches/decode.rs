@@ -113,6 +113,7 @@ struct Row {
     bits: u32,
     threads: usize,
     ms: f64,
+    min: f64,
 }
 
 fn main() {
@@ -139,8 +140,21 @@ fn main() {
     ];
     println!("CPU decode attention, {threads} thread(s), instruction set {:?}", kivi::attention::active_isa());
     println!(
-        "{:<20} {:>6} {:>4} {:>3} {:>3} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
-        "case", "ctx", "hd", "kv", "q", "kivi2 ms", "kivi4 ms", "f16 ms", "f16/kivi2", "f16/kivi4", "k2 GB/s"
+        "{:<20} {:>6} {:>4} {:>3} {:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} | {:>6} {:>6} {:>6}",
+        "case",
+        "ctx",
+        "hd",
+        "kv",
+        "q",
+        "kivi2 ms",
+        "kivi4 ms",
+        "f16 ms",
+        "f16/kivi2",
+        "f16/kivi4",
+        "k2 GB/s",
+        "k2 min",
+        "k4 min",
+        "f16 min"
     );
     let mut rows = Vec::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -148,9 +162,6 @@ fn main() {
     let only = arg("--only");
     let reps_arg: Option<usize> = arg("--reps").map(|s| s.parse().expect("--reps N"));
     // `--formats 2,4,16` picks the formats timed (the others report 0).
-    // `--min` reports the fastest repetition instead of the median (for comparing variants on a
-    // busy machine).
-    let use_min = args.iter().any(|a| a == "--min");
     let formats: Vec<u32> = arg("--formats")
         .map_or(vec![2, 4, 16], |s| s.split(',').map(|x| x.parse().expect("--formats 2,4,16")).collect());
     for c in cases {
@@ -223,12 +234,10 @@ fn main() {
                 }
             }
         }
-        let ms: Vec<f64> = t
-            .iter_mut()
-            .map(|v| if use_min { v.iter().copied().fold(f64::INFINITY, f64::min) } else { median(v) })
-            .collect();
+        let mins: Vec<f64> = t.iter().map(|v| v.iter().copied().fold(f64::INFINITY, f64::min)).collect();
+        let ms: Vec<f64> = t.iter_mut().map(|v| median(v)).collect();
         println!(
-            "{:<20} {:>6} {:>4} {:>3} {:>3} {:>10.3} {:>10.3} {:>10.3} {:>8.2}x {:>8.2}x {:>8.1}",
+            "{:<20} {:>6} {:>4} {:>3} {:>3} {:>9.3} {:>9.3} {:>9.3} {:>8.2}x {:>8.2}x {:>7.1} | {:>6.3} {:>6.3} {:>6.3}",
             c.name,
             c.ctx,
             c.hd,
@@ -239,10 +248,13 @@ fn main() {
             ms[2],
             ms[2] / ms[0],
             ms[2] / ms[1],
-            bytes_read(&c, 2) / ms[0] / 1e6
+            bytes_read(&c, 2) / ms[0] / 1e6,
+            mins[0],
+            mins[1],
+            mins[2],
         );
-        for (bits, ms) in [(2, ms[0]), (4, ms[1]), (16, ms[2])] {
-            rows.push(Row { case: c, bits, threads, ms });
+        for (i, bits) in [2, 4, 16].into_iter().enumerate() {
+            rows.push(Row { case: c, bits, threads, ms: ms[i], min: mins[i] });
         }
     }
 
@@ -279,7 +291,7 @@ fn main() {
     for r in &rows {
         let c = r.case;
         println!(
-            "{{\"case\":\"{}\",\"bits\":{},\"ctx\":{},\"head_dim\":{},\"kv_heads\":{},\"q_heads\":{},\"threads\":{},\"ms_median\":{:.4},\"gbytes_per_s\":{:.2}}}",
+            "{{\"case\":\"{}\",\"bits\":{},\"ctx\":{},\"head_dim\":{},\"kv_heads\":{},\"q_heads\":{},\"threads\":{},\"ms_median\":{:.4},\"gbytes_per_s\":{:.2},\"ms_min\":{:.4}}}",
             c.name,
             r.bits,
             c.ctx,
@@ -288,7 +300,8 @@ fn main() {
             c.nq,
             r.threads,
             r.ms,
-            bytes_read(&c, r.bits) / r.ms / 1e6
+            bytes_read(&c, r.bits) / r.ms / 1e6,
+            r.min
         );
     }
 }

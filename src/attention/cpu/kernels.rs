@@ -186,11 +186,17 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
     os: usize,
 ) {
     let tile_bytes = S::L * KB as usize / 8;
+    // 2-bit codes: even and odd channels accumulate apart when registers allow (twice the
+    // independent chains; measured slower for 4 and 8 bits, whose unpacking needs registers).
+    let two = KB == 2 && 4 * NH * TT <= S::ACC_REGS * 2 && hd % 2 == 0;
     let mut t0 = 0;
     while t0 < g {
         let mut acc = [[S::zero(); NH]; TT];
+        let mut acc2 = [[S::zero(); NH]; TT];
         let base = codes.add(t0 * KB as usize / 8);
-        for c in 0..hd {
+        let step = if two { 2 } else { 1 };
+        let mut c = 0;
+        while c < hd {
             let p = base.add(c * run);
             let mut v = [S::zero(); TT];
             for (k, v) in v.iter_mut().enumerate() {
@@ -202,10 +208,23 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
                     acc[k][h] = S::fma(q, v[k], acc[k][h]);
                 }
             }
+            if two {
+                let p = base.add((c + 1) * run);
+                for (k, v) in v.iter_mut().enumerate() {
+                    *v = S::codes::<KB>(p.add(k * tile_bytes));
+                }
+                for h in 0..NH {
+                    let q = S::splat(*qs.add(h * hd + c + 1));
+                    for k in 0..TT {
+                        acc2[k][h] = S::fma(q, v[k], acc2[k][h]);
+                    }
+                }
+            }
+            c += step;
         }
-        for (k, acc) in acc.iter().enumerate() {
-            for (h, &a) in acc.iter().enumerate() {
-                S::store(out.add(h * os + t0 + k * S::L), a);
+        for k in 0..TT {
+            for h in 0..NH {
+                S::store(out.add(h * os + t0 + k * S::L), S::add(acc[k][h], acc2[k][h]));
             }
         }
         t0 += TT * S::L;
@@ -241,7 +260,11 @@ unsafe fn value_acc<S: Simd, const NH: usize, const VB: u32, const CT: usize>(
         for (k, cg) in cg.iter_mut().enumerate() {
             *cg = (c0 + k * S::L) / vg;
         }
-        for t in 0..g {
+        // 2-bit codes: even and odd tokens accumulate apart when registers allow (as above).
+        let two = VB == 2 && 4 * NH * CT <= S::ACC_REGS * 2 && g % 2 == 0;
+        let mut a2 = [[S::zero(); NH]; CT];
+        let mut t = 0;
+        while t < g {
             let mut v = [S::zero(); CT];
             for k in 0..CT {
                 let x = S::codes::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8));
@@ -253,6 +276,26 @@ unsafe fn value_acc<S: Simd, const NH: usize, const VB: u32, const CT: usize>(
                 for k in 0..CT {
                     a[k][h] = S::fma(p, v[k], a[k][h]);
                 }
+            }
+            if two {
+                let t = t + 1;
+                for k in 0..CT {
+                    let x = S::codes::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8));
+                    let i = t * ng + cg[k];
+                    v[k] = S::fma(x, S::splat(*vs.add(i)), S::splat(*vz.add(i)));
+                }
+                for h in 0..NH {
+                    let p = S::splat(*w.add(h * ws + t));
+                    for k in 0..CT {
+                        a2[k][h] = S::fma(p, v[k], a2[k][h]);
+                    }
+                }
+            }
+            t += if two { 2 } else { 1 };
+        }
+        for k in 0..CT {
+            for h in 0..NH {
+                a[k][h] = S::add(a[k][h], a2[k][h]);
             }
         }
         for (k, a) in a.iter().enumerate() {
