@@ -1,8 +1,13 @@
 //! Decode attention on the CPU: KIVI-2, KIVI-4 and a dense f16 flash attention (same kernels,
 //! threads and work split) side by side, one query token per sequence.
 //!
-//! `cargo bench --bench decode` prints a table, then one JSON line per (case, format).
-//! Options: `--threads N` (default 2), `--quick` (fewer repetitions), `--isa scalar|avx2|avx512|neon`.
+//! `cargo bench --bench decode` prints a table (medians, and the fastest repetition after `|`),
+//! the cost of appending, then one JSON line per (case, format). Each format holds `L` layers
+//! and successive calls rotate through them, so the data of a call is not left in the last-level
+//! cache by the previous one (as in a model). Windows are f16, G = 32, R = 128.
+//!
+//! Options: `--threads N` (default 2), `--quick` (fewer repetitions), `--reps N`,
+//! `--isa scalar|avx2|avx512|neon`, `--only CASE:CTX`, `--formats 2,4,16`.
 
 use std::time::Instant;
 
@@ -51,8 +56,16 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Layers each format holds; calls rotate through them so that, as in a model, the KV data of
+/// one call is not still in the last-level cache from the previous call (at least 64 MB of
+/// KIVI-2 data, at most 16 layers).
+fn layers(c: &Case) -> usize {
+    (64e6 / bytes_read(c, 2)).ceil().clamp(1.0, 16.0) as usize
+}
+
 fn kivi_cache(c: &Case, bits: u8, threads: u32, extra: usize, rng: &mut Rng) -> Cache {
-    let mut cfg = CacheConfig::new(1, c.nkv as u32, c.hd as u32);
+    let nl = layers(c);
+    let mut cfg = CacheConfig::new(nl as u32, c.nkv as u32, c.hd as u32);
     cfg.key_bits = bits;
     cfg.value_bits = bits;
     cfg.dtype = DType::F16;
@@ -63,27 +76,30 @@ fn kivi_cache(c: &Case, bits: u8, threads: u32, extra: usize, rng: &mut Rng) -> 
     let row = c.nkv * c.hd;
     let chunk = 1024;
     let (mut k, mut v) = (vec![0f32; chunk * row], vec![0f32; chunk * row]);
-    for s in 0..c.seqs {
-        let mut done = 0;
-        while done < c.ctx {
-            let n = chunk.min(c.ctx - done);
-            rng.keys(&mut k[..n * row], c.hd);
-            rng.fill(&mut v[..n * row]);
-            cache
-                .append(0, s as u32, Rows::new(&k[..n * row], n).unwrap(), Rows::new(&v[..n * row], n).unwrap())
-                .unwrap();
-            done += n;
+    for l in 0..nl as u32 {
+        for s in 0..c.seqs as u32 {
+            let mut done = 0;
+            while done < c.ctx {
+                let n = chunk.min(c.ctx - done);
+                rng.keys(&mut k[..n * row], c.hd);
+                rng.fill(&mut v[..n * row]);
+                let (kr, vr) = (Rows::new(&k[..n * row], n).unwrap(), Rows::new(&v[..n * row], n).unwrap());
+                cache.append(l, s, kr, vr).unwrap();
+                done += n;
+            }
         }
     }
     cache
 }
 
+/// The dense baseline: sequence `layer * seqs + s` holds sequence `s` of layer `layer`.
 fn dense_cache(c: &Case, threads: usize, extra: usize, rng: &mut Rng) -> DenseF16Cache {
-    let mut d = DenseF16Cache::new(c.seqs, c.nkv, c.hd, c.ctx + extra, threads);
+    let n = layers(c) * c.seqs;
+    let mut d = DenseF16Cache::new(n, c.nkv, c.hd, c.ctx + extra, threads);
     let row = c.nkv * c.hd;
     let chunk = 1024;
     let (mut k, mut v) = (vec![0f32; chunk * row], vec![0f32; chunk * row]);
-    for s in 0..c.seqs {
+    for s in 0..n {
         let mut done = 0;
         while done < c.ctx {
             let n = chunk.min(c.ctx - done);
@@ -140,8 +156,9 @@ fn main() {
     ];
     println!("CPU decode attention, {threads} thread(s), instruction set {:?}", kivi::attention::active_isa());
     println!(
-        "{:<20} {:>6} {:>4} {:>3} {:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} | {:>6} {:>6} {:>6}",
+        "{:<20} {:>2} {:>6} {:>4} {:>3} {:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} | {:>6} {:>6} {:>6}",
         "case",
+        "L",
         "ctx",
         "hd",
         "kv",
@@ -188,7 +205,9 @@ fn main() {
         let (mut kn, mut vn) = (vec![0f32; c.seqs * row], vec![0f32; c.seqs * row]);
         let ids: Vec<u32> = (0..c.seqs as u32).collect();
         let mut t = [Vec::new(), Vec::new(), Vec::new()];
+        let nl = layers(&c);
         for rep in 0..reps + 3 {
+            let layer = rep % nl;
             rng.fill(&mut q);
             rng.keys(&mut kn, c.hd);
             rng.fill(&mut vn);
@@ -203,9 +222,10 @@ fn main() {
                         0 | 1 => {
                             let cache = if which == 0 { &k2 } else { &k4 };
                             let qr = Rows::new(&q, 1).unwrap();
-                            cache.attend(0, 0, qr, RowsMut::new(&mut out, 1).unwrap(), &Default::default()).unwrap();
+                            let o = RowsMut::new(&mut out, 1).unwrap();
+                            cache.attend(layer as u32, 0, qr, o, &Default::default()).unwrap();
                         }
-                        _ => d.attend(1, &q, &mut out),
+                        _ => d.attend(layer, 1, &q, &mut out),
                     }
                 } else {
                     // A batched decode step: append one token to each sequence, then attention.
@@ -215,7 +235,7 @@ fn main() {
                             let cache = if which == 0 { &mut k2 } else { &mut k4 };
                             cache
                                 .decode(
-                                    0,
+                                    layer as u32,
                                     &ids,
                                     Rows::new(&kn, n).unwrap(),
                                     Rows::new(&vn, n).unwrap(),
@@ -225,7 +245,7 @@ fn main() {
                                 )
                                 .unwrap();
                         }
-                        _ => d.decode(&kn, &vn, &q, &mut out),
+                        _ => d.decode(layer * n, &kn, &vn, &q, &mut out),
                     }
                 }
                 let dt = t0.elapsed().as_secs_f64() * 1e3;
@@ -237,8 +257,9 @@ fn main() {
         let mins: Vec<f64> = t.iter().map(|v| v.iter().copied().fold(f64::INFINITY, f64::min)).collect();
         let ms: Vec<f64> = t.iter_mut().map(|v| median(v)).collect();
         println!(
-            "{:<20} {:>6} {:>4} {:>3} {:>3} {:>9.3} {:>9.3} {:>9.3} {:>8.2}x {:>8.2}x {:>7.1} | {:>6.3} {:>6.3} {:>6.3}",
+            "{:<20} {:>2} {:>6} {:>4} {:>3} {:>3} {:>9.3} {:>9.3} {:>9.3} {:>8.2}x {:>8.2}x {:>7.1} | {:>6.3} {:>6.3} {:>6.3}",
             c.name,
+            nl,
             c.ctx,
             c.hd,
             c.nkv,

@@ -313,7 +313,7 @@ fn dense_baseline_matches_reference() {
             }
             let q = queries(&mut rng, nseq, nq, hd);
             let mut out = vec![0f32; q.len()];
-            d.attend(nseq, &q, &mut out);
+            d.attend(0, nseq, &q, &mut out);
             for (s, (k, v)) in data.iter().enumerate() {
                 let r = |x: &[f32]| x.iter().map(|&y| half::f16::from_f32(y).to_f64()).collect::<Vec<f64>>();
                 let past = kivi::Dequantized { len, n_kv_heads: nkv, head_dim: hd, keys: r(k), values: r(v) };

@@ -8,17 +8,20 @@ use half::f16;
 use super::kernels::FPB;
 use super::{active_isa, execute, fp_range, Backend, Isa, Plan, Scratch, Shape, Threads};
 use crate::attention::{AttnOptions, Resolved};
+use crate::pool::AlignedBuf;
 use crate::rows::RowsMut;
 
-/// Dense f16 keys and values of `n_seqs` sequences, `[seq][kv head][token][channel]`.
+/// Dense f16 keys and values of `n_seqs` sequences, `[seq][kv head][token][channel]` (a
+/// benchmark that wants several layers uses one sequence per (layer, sequence)).
 #[doc(hidden)]
 pub struct DenseF16Cache {
     nkv: usize,
     hd: usize,
     cap: usize,
     len: Vec<usize>,
-    k: Vec<f16>,
-    v: Vec<f16>,
+    /// Aligned and offered huge pages like the cache's own pools.
+    k: AlignedBuf,
+    v: AlignedBuf,
     threads: Threads,
 }
 
@@ -32,8 +35,8 @@ impl DenseF16Cache {
             hd: head_dim,
             cap: capacity,
             len: vec![0; n_seqs],
-            k: vec![f16::ZERO; n],
-            v: vec![f16::ZERO; n],
+            k: AlignedBuf::zeroed(2 * n),
+            v: AlignedBuf::zeroed(2 * n),
             threads: Threads::with_dims(head_dim, FPB, 1, n_threads),
         }
     }
@@ -58,69 +61,71 @@ impl DenseF16Cache {
             for h in 0..self.nkv {
                 let dst = ((seq * self.nkv + h) * self.cap + pos) * self.hd;
                 let src = t * row + h * self.hd;
-                for c in 0..self.hd {
-                    self.k[dst + c] = f16::from_f32(keys[src + c]);
-                    self.v[dst + c] = f16::from_f32(values[src + c]);
-                }
+                let (k, v) = (self.k.typed_mut::<f16>(), &keys[src..src + self.hd]);
+                k[dst..dst + self.hd].iter_mut().zip(v).for_each(|(d, &x)| *d = f16::from_f32(x));
+                let (d, v) = (self.v.typed_mut::<f16>(), &values[src..src + self.hd]);
+                d[dst..dst + self.hd].iter_mut().zip(v).for_each(|(d, &x)| *d = f16::from_f32(x));
             }
         }
         self.len[seq] += n;
     }
 
-    /// One decode step for sequences `0..n`: row `i` of `keys` and `values` is appended to
-    /// sequence `i`, then row `i` of `queries` attends over everything sequence `i` holds.
-    pub fn decode(&mut self, keys: &[f32], values: &[f32], queries: &[f32], out: &mut [f32]) {
+    /// One decode step for sequences `first..first + n`: row `i` of `keys` and `values` is
+    /// appended to sequence `first + i`, then row `i` of `queries` attends over everything that
+    /// sequence holds.
+    pub fn decode(&mut self, first: usize, keys: &[f32], values: &[f32], queries: &[f32], out: &mut [f32]) {
         let row = self.nkv * self.hd;
         let n = keys.len() / row;
         for i in 0..n {
-            self.append(i, &keys[i * row..(i + 1) * row], &values[i * row..(i + 1) * row]);
+            self.append(first + i, &keys[i * row..(i + 1) * row], &values[i * row..(i + 1) * row]);
         }
-        self.attend(n, queries, out);
+        self.attend(first, n, queries, out);
     }
 
-    /// Attention of query row `i` (rows of `n_q_heads * head_dim`) over everything sequence `i`
-    /// holds, for sequences `0..n`.
-    pub fn attend(&self, n: usize, queries: &[f32], out: &mut [f32]) {
+    /// Attention of query row `i` (rows of `n_q_heads * head_dim`) over everything sequence
+    /// `first + i` holds, for `i` in `0..n`.
+    pub fn attend(&self, first: usize, n: usize, queries: &[f32], out: &mut [f32]) {
         let hd = self.hd;
         let o = AttnOptions { causal: false, ..AttnOptions::default() }.resolve(hd).expect("default options");
         let nq = queries.len() / n / hd;
         assert!(nq % self.nkv == 0 && out.len() == queries.len());
         let mut out = RowsMut::new(out, n).expect("output rows");
-        let sz = Shape { njobs: n, rows: 1, nkv: self.nkv, nq, hd, blocks: self.len[0] / FPB };
+        let sz = Shape { njobs: n, rows: 1, nkv: self.nkv, nq, hd, blocks: self.len[first] / FPB };
         let isa = active_isa();
         #[cfg(target_arch = "x86_64")]
         {
             if isa == Isa::Avx512 && hd % 16 == 0 {
-                return self.run::<super::x86::Avx512>(&sz, queries, &o, &mut out);
+                return self.run::<super::x86::Avx512>(first, &sz, queries, &o, &mut out);
             }
             if matches!(isa, Isa::Avx512 | Isa::Avx2) {
-                return self.run::<super::x86::Avx2>(&sz, queries, &o, &mut out);
+                return self.run::<super::x86::Avx2>(first, &sz, queries, &o, &mut out);
             }
         }
         #[cfg(target_arch = "aarch64")]
         {
             if isa == Isa::Neon {
-                return self.run::<super::neon::Neon>(&sz, queries, &o, &mut out);
+                return self.run::<super::neon::Neon>(first, &sz, queries, &o, &mut out);
             }
         }
         panic!("the dense baseline needs a vector instruction set, not {isa:?}");
     }
 
-    fn run<B: Backend>(&self, sz: &Shape, queries: &[f32], o: &Resolved, out: &mut RowsMut<f32>) {
+    fn run<B: Backend>(&self, first: usize, sz: &Shape, queries: &[f32], o: &Resolved, out: &mut RowsMut<f32>) {
         let (hd, nq, nkv, cap) = (self.hd, sz.nq, self.nkv, self.cap);
+        let (kk, vv) = (self.k.typed::<f16>(), self.v.typed::<f16>());
         let body = |s: &mut Scratch, plan: &Plan, j: usize, _row: usize, kvh: usize, hb: usize, split: usize| {
             let (qh0, qh1) = plan.heads(kvh, hb);
             let nh = qh1 - qh0;
             s.start(&queries[(j * nq + qh0) * hd..(j * nq + qh1) * hd], nh);
-            let len = self.len[j];
+            let len = self.len[first + j];
             let nb = len.div_ceil(FPB);
             let per = nb.div_ceil(plan.nsplit);
             let b0 = (split * per).min(nb);
             let b1 = (b0 + per).min(nb);
-            let base = (j * nkv + kvh) * cap * hd;
+            let base = ((first + j) * nkv + kvh) * cap * hd;
             let rows = |t: usize| {
                 let r = base + t * hd..base + (t + 1) * hd;
-                (&self.k[r.clone()], &self.v[r])
+                (&kk[r.clone()], &vv[r])
             };
             // SAFETY: B is available (chosen above) and every row has hd elements.
             unsafe { fp_range::<B, f16>(s, nh, o, b0 * FPB, (b1 * FPB).min(len), rows) };

@@ -95,10 +95,13 @@ impl Pool {
         struct Wait<'a>(&'a Shared);
         impl Drop for Wait<'_> {
             fn drop(&mut self) {
-                let mut spins = 0u32;
+                // Spin while the workers finish their last items; yield after SPIN in case a
+                // worker waits for this core (a machine busier than its thread budget).
+                let t0 = Instant::now();
+                let mut n = 0u32;
                 while self.0.pending.load(Ordering::Acquire) != 0 {
-                    spins += 1;
-                    if spins < 1 << 16 {
+                    n = n.wrapping_add(1);
+                    if n % 64 != 0 || t0.elapsed() < SPIN {
                         std::hint::spin_loop();
                     } else {
                         std::thread::yield_now();
