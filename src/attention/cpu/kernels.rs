@@ -263,14 +263,12 @@ unsafe fn value_acc<S: Simd, const NH: usize, const VB: u32, const CT: usize>(
         // 2-bit codes: even and odd tokens accumulate apart when registers allow (as above).
         let two = VB == 2 && 4 * NH * CT <= S::ACC_REGS * 2 && g % 2 == 0;
         let mut a2 = [[S::zero(); NH]; CT];
+        // All CT tiles in one value group: one dequantization table per token.
+        let one = vg % (CT * S::L) == 0;
         let mut t = 0;
         while t < g {
             let mut v = [S::zero(); CT];
-            for k in 0..CT {
-                let x = S::codes::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8));
-                let i = t * ng + cg[k];
-                v[k] = S::fma(x, S::splat(*vs.add(i)), S::splat(*vz.add(i)));
-            }
+            deq_tiles::<S, VB, CT>(base, t, vrun, ng, &cg, one, vs, vz, &mut v);
             for h in 0..NH {
                 let p = S::splat(*w.add(h * ws + t));
                 for k in 0..CT {
@@ -279,11 +277,7 @@ unsafe fn value_acc<S: Simd, const NH: usize, const VB: u32, const CT: usize>(
             }
             if two {
                 let t = t + 1;
-                for k in 0..CT {
-                    let x = S::codes::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8));
-                    let i = t * ng + cg[k];
-                    v[k] = S::fma(x, S::splat(*vs.add(i)), S::splat(*vz.add(i)));
-                }
+                deq_tiles::<S, VB, CT>(base, t, vrun, ng, &cg, one, vs, vz, &mut v);
                 for h in 0..NH {
                     let p = S::splat(*w.add(h * ws + t));
                     for k in 0..CT {
@@ -304,6 +298,28 @@ unsafe fn value_acc<S: Simd, const NH: usize, const VB: u32, const CT: usize>(
             }
         }
         c0 += CT * S::L;
+    }
+}
+
+/// The `CT` tiles of token `t`'s value codes at `base`, dequantized (`one`: all in value group
+/// `cg[0]`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn deq_tiles<S: Simd, const VB: u32, const CT: usize>(
+    base: *const u8,
+    t: usize,
+    vrun: usize,
+    ng: usize,
+    cg: &[usize; CT],
+    one: bool,
+    vs: *const f32,
+    vz: *const f32,
+    v: &mut [S::V; CT],
+) {
+    let d0 = S::deq_prep::<VB>(*vs.add(t * ng + cg[0]), *vz.add(t * ng + cg[0]));
+    for (k, v) in v.iter_mut().enumerate() {
+        let d = if one || k == 0 { d0 } else { S::deq_prep::<VB>(*vs.add(t * ng + cg[k]), *vz.add(t * ng + cg[k])) };
+        *v = S::codes_deq::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8), d);
     }
 }
 

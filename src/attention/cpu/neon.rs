@@ -91,6 +91,16 @@ impl Simd for Neon {
             _ => shifted((p as *const u32).read_unaligned(), [0, -8, -16, -24], 255),
         }
     }
+
+    type D = [float32x4_t; 2];
+    #[inline(always)]
+    unsafe fn deq_prep<const B: u32>(s: f32, z: f32) -> [float32x4_t; 2] {
+        [vdupq_n_f32(s), vdupq_n_f32(z)]
+    }
+    #[inline(always)]
+    unsafe fn codes_deq<const B: u32>(p: *const u8, d: [float32x4_t; 2]) -> float32x4_t {
+        vfmaq_f32(d[1], Self::codes::<B>(p), d[0])
+    }
 }
 
 backend!(Neon, "neon");

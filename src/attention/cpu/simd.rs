@@ -37,6 +37,12 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn pow2i(n: Self::V) -> Self::V;
     /// `L` consecutive `B`-bit codes (little-endian packed, starting at bit 0 of `p`) as f32.
     unsafe fn codes<const B: u32>(p: *const u8) -> Self::V;
+    /// What [`Simd::codes_deq`] needs to dequantize `B`-bit codes with scale `s` and zero `z`
+    /// (a lookup table where codes index one, else the two vectors).
+    type D: Copy;
+    unsafe fn deq_prep<const B: u32>(s: f32, z: f32) -> Self::D;
+    /// `L` codes as [`Simd::codes`] reads them, dequantized: `code * s + z`.
+    unsafe fn codes_deq<const B: u32>(p: *const u8, d: Self::D) -> Self::V;
     /// `out[r] = ` the sum of row `r`, for the `L` rows of `L` floats at `rows`.
     #[inline(always)]
     unsafe fn reduce_rows(rows: *const f32, out: *mut f32) {

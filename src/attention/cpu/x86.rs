@@ -129,6 +129,43 @@ impl Simd for Avx512 {
             _ => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))),
         }
     }
+
+    /// For 2 and 4 bits, the 4 or 16 dequantized values: the permute that converts codes then
+    /// dequantizes them too, one table per token and value group instead of one FMA per vector.
+    type D = [__m512; 2];
+    #[inline(always)]
+    unsafe fn deq_prep<const B: u32>(s: f32, z: f32) -> [__m512; 2] {
+        let (s, z) = (_mm512_set1_ps(s), _mm512_set1_ps(z));
+        match B {
+            2 => {
+                let i = _mm512_setr_ps(0., 1., 2., 3., 0., 1., 2., 3., 0., 1., 2., 3., 0., 1., 2., 3.);
+                [_mm512_fmadd_ps(i, s, z), z]
+            }
+            4 => {
+                let i = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+                [_mm512_fmadd_ps(i, s, z), z]
+            }
+            _ => [s, z],
+        }
+    }
+    #[inline(always)]
+    unsafe fn codes_deq<const B: u32>(p: *const u8, d: [__m512; 2]) -> __m512 {
+        match B {
+            2 => {
+                let x = _mm512_set1_epi32((p as *const i32).read_unaligned());
+                let sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                _mm512_permutexvar_ps(_mm512_srlv_epi32(x, sh), d[0])
+            }
+            4 => {
+                let lo = _mm256_set1_epi32((p as *const i32).read_unaligned());
+                let hi = _mm256_set1_epi32((p.add(4) as *const i32).read_unaligned());
+                let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+                _mm512_permutexvar_ps(_mm512_srlv_epi32(x, sh), d[0])
+            }
+            _ => _mm512_fmadd_ps(Self::codes::<B>(p), d[0], d[1]),
+        }
+    }
 }
 
 impl Simd for Avx2 {
@@ -222,6 +259,29 @@ impl Simd for Avx2 {
                 _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(x, sh), _mm256_set1_epi32(15)))
             }
             _ => _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))),
+        }
+    }
+
+    /// For 2 bits, the 4 dequantized values (an 8-lane permute reads 3 index bits); else the
+    /// scale and zero.
+    type D = [__m256; 2];
+    #[inline(always)]
+    unsafe fn deq_prep<const B: u32>(s: f32, z: f32) -> [__m256; 2] {
+        let (s, z) = (_mm256_set1_ps(s), _mm256_set1_ps(z));
+        match B {
+            2 => [_mm256_fmadd_ps(_mm256_setr_ps(0., 1., 2., 3., 0., 1., 2., 3.), s, z), z],
+            _ => [s, z],
+        }
+    }
+    #[inline(always)]
+    unsafe fn codes_deq<const B: u32>(p: *const u8, d: [__m256; 2]) -> __m256 {
+        match B {
+            2 => {
+                let x = _mm256_set1_epi32((p as *const u16).read_unaligned() as i32);
+                let sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                _mm256_permutevar8x32_ps(d[0], _mm256_srlv_epi32(x, sh))
+            }
+            _ => _mm256_fmadd_ps(Self::codes::<B>(p), d[0], d[1]),
         }
     }
 }
