@@ -260,37 +260,44 @@ impl Cache {
         let n = self.check_kv(&keys, &values, Some(seqs.len()))?;
         self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
-        let mut slots = Vec::with_capacity(n);
+        // Check everything first (no allocation: the ids are looked up again below).
         let (mut pages, mut new_seqs) = (0usize, 0usize);
         let mut blame = (seqs.first().copied().unwrap_or(0), 0usize);
         for (i, &seq) in seqs.iter().enumerate() {
             if seqs[..i].contains(&seq) {
                 return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decode step")));
             }
-            let (slot, new) = self.slot_or_new(seq)?;
-            if new {
-                new_seqs += 1;
-                if new_seqs > self.lay.max_seqs - self.seqs.live() {
-                    return Err(Error::TooManySequences { seq, max: self.cfg.max_seqs });
+            match self.seqs.find(seq) {
+                None => {
+                    new_seqs += 1;
+                    if new_seqs > self.lay.max_seqs - self.seqs.live() {
+                        return Err(Error::TooManySequences { seq, max: self.cfg.max_seqs });
+                    }
                 }
-                slots.push(usize::MAX);
-            } else {
-                let ls = &self.seqs.slots[slot].layers[l];
-                let need = self.pages_needed(l, ls, 1);
-                if need > 0 {
-                    blame = (seq, ls.len);
+                Some(slot) => {
+                    let ls = &self.seqs.slots[slot].layers[l];
+                    let need = self.pages_needed(l, ls, 1);
+                    if need > 0 {
+                        blame = (seq, ls.len);
+                    }
+                    pages += need;
                 }
-                pages += need;
-                slots.push(slot);
             }
         }
         self.check_pages(l, blame.0, blame.1, pages)?;
-        for (i, &seq) in seqs.iter().enumerate() {
-            if slots[i] == usize::MAX {
-                let s = self.seqs.free_slot().expect("free slots were counted");
-                self.seqs.slots[s].id = Some(seq);
-                slots[i] = s;
-            }
+        // The slots, new sequences taking theirs (a buffer kept for this: no allocation).
+        let mut slots = std::mem::take(&mut self.threads.decode_slots);
+        slots.clear();
+        for &seq in seqs {
+            let slot = match self.seqs.find(seq) {
+                Some(s) => s,
+                None => {
+                    let s = self.seqs.free_slot().expect("free slots were counted");
+                    self.seqs.slots[s].id = Some(seq);
+                    s
+                }
+            };
+            slots.push(slot);
         }
         // Attention for every sequence in one parallel call (each sees only its own state and
         // token), then the appends.
@@ -311,6 +318,7 @@ impl Cache {
         for (i, &slot) in slots.iter().enumerate() {
             self.push(l, slot, keys.sub(i, 1), values.sub(i, 1));
         }
+        self.threads.decode_slots = slots;
         Ok(())
     }
 

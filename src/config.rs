@@ -21,7 +21,8 @@ impl DType {
         }
     }
 
-    pub(crate) fn from_u32(v: u32) -> Option<DType> {
+    /// The dtype with this numeric value (`DType::F16 as u32` and so on).
+    pub fn from_u32(v: u32) -> Option<DType> {
         match v {
             0 => Some(DType::F32),
             1 => Some(DType::F16),
@@ -42,7 +43,8 @@ pub enum KeyMode {
 }
 
 impl KeyMode {
-    pub(crate) fn from_u32(v: u32) -> Option<KeyMode> {
+    /// The mode with this numeric value.
+    pub fn from_u32(v: u32) -> Option<KeyMode> {
         match v {
             0 => Some(KeyMode::PerChannel),
             1 => Some(KeyMode::PerToken),

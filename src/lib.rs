@@ -36,11 +36,9 @@
 
 pub mod attention;
 pub mod cache;
-#[allow(dead_code)]
 pub mod config;
 pub mod error;
 mod layout;
-#[allow(dead_code)] // restore helpers land with the state module
 mod pool;
 pub mod quant;
 pub mod rows;

@@ -157,13 +157,6 @@ impl PagePool {
         self.refs[p as usize]
     }
 
-    /// Releases every page (the free list is rebuilt in allocation order).
-    pub fn reset(&mut self) {
-        self.refs.iter_mut().for_each(|r| *r = 0);
-        self.free.clear();
-        self.free.extend((0..self.refs.len() as u32).rev());
-    }
-
     /// Marks exactly the given pages as used with the given counts (restoring a state).
     pub fn set_refs(&mut self, refs: &[u32]) {
         self.refs.copy_from_slice(refs);

@@ -2,7 +2,8 @@
 //! per group, and the packing of codes (see [`crate::layout`] for where groups are stored).
 //!
 //! For a group with minimum `min` and maximum `max`:
-//! `scale = (max - min) / (2^b - 1)`, `zero = min`, both rounded to f16; then
+//! `zero = min` rounded to f16, `scale = (max - zero) / (2^b - 1)` rounded to f16 (the paper's
+//! `(max - min) / (2^b - 1)`, measured from the zero actually stored); then
 //! `code = round((x - zero) / scale)` clamped to `0..=2^b-1`, computed with the f16-rounded scale
 //! and zero so that codes are the nearest points of the grid that dequantization uses:
 //! `x' = code * scale + zero`. A constant group has scale 0 and dequantizes to its value (rounded
@@ -24,7 +25,10 @@ impl GroupParams {
     /// Parameters for a group whose elements lie in `min..=max`.
     pub fn from_range(min: f32, max: f32, bits: u32) -> GroupParams {
         let levels = ((1u32 << bits) - 1) as f32;
-        GroupParams { scale: f16::from_f32((max - min) / levels), zero: f16::from_f32(min) }
+        let zero = f16::from_f32(min);
+        // The grid starts at the rounded zero, so it must reach `max` from there.
+        let scale = f16::from_f32(((max - zero.to_f32()) / levels).max(0.0));
+        GroupParams { scale, zero }
     }
 
     /// The code of `x` in this group.

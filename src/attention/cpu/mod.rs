@@ -161,6 +161,8 @@ pub(crate) trait Backend: Sync {
 
 /// The cache's attention threads and per-thread working memory.
 pub(crate) struct Threads {
+    /// Slots of a batched decode step (capacity `max_seqs`, kept so decoding does not allocate).
+    pub decode_slots: Vec<usize>,
     pool: Option<threads::Pool>,
     state: Mutex<Shared>,
     hd: usize,
@@ -176,7 +178,9 @@ struct Shared {
 
 impl Threads {
     pub fn new(lay: &Layout, n_threads: usize) -> Threads {
-        Threads::with_dims(lay.head_dim, lay.group, lay.row_groups(), n_threads)
+        let mut t = Threads::with_dims(lay.head_dim, lay.group, lay.row_groups(), n_threads);
+        t.decode_slots = Vec::with_capacity(lay.max_seqs);
+        t
     }
 
     /// Threads whose scratch fits heads of `hd` channels and groups of `group` tokens of
@@ -185,7 +189,8 @@ impl Threads {
         let n = n_threads.max(1);
         let pool = (n > 1).then(|| threads::Pool::new(n - 1));
         let scratch = (0..n).map(|_| Scratch::new(hd, group, row_groups)).collect();
-        Threads { pool, state: Mutex::new(Shared { scratch, partial: Vec::new() }), hd, group, row_groups }
+        let state = Mutex::new(Shared { scratch, partial: Vec::new() });
+        Threads { decode_slots: Vec::new(), pool, state, hd, group, row_groups }
     }
 }
 

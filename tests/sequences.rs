@@ -1,0 +1,414 @@
+//! Sequence operations, save/restore, errors that leave the cache unchanged, and a randomized
+//! sequence of operations checked against a simple model of the cache.
+
+mod common;
+use common::*;
+use kivi::{AttnOptions, Cache, CacheConfig, DType, Error, KeyMode, Rows, RowsMut};
+
+fn config() -> CacheConfig {
+    let mut c = CacheConfig::new(3, 2, 64);
+    (c.residual, c.group_size, c.max_tokens, c.max_seqs) = (32, 16, 2048, 4);
+    c
+}
+
+fn append(cache: &mut Cache, layer: u32, seq: u32, k: &[f32], v: &[f32]) -> kivi::Result<()> {
+    let n = k.len() / 128;
+    cache.append(layer, seq, Rows::new(k, n)?, Rows::new(v, n)?)
+}
+
+fn fill(cache: &mut Cache, rng: &mut Rng, gen: &KvGen, seq: u32, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let (k, v) = (gen.keys(rng, n), gen.values(rng, n));
+    for l in 0..cache.config().n_layers {
+        append(cache, l, seq, &k, &v).unwrap();
+    }
+    (k, v)
+}
+
+fn prefix(d: &kivi::Dequantized, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let w = d.n_kv_heads * d.head_dim;
+    (d.keys[..n * w].to_vec(), d.values[..n * w].to_vec())
+}
+
+#[test]
+fn truncate_keeps_the_prefix_and_later_appends_work() {
+    let mut rng = Rng::fresh("truncate_keeps_the_prefix_and_later_appends_work");
+    for sinks in [0u32, 5] {
+        let mut c = config();
+        c.sinks = sinks;
+        // Cuts: inside the window, at a group edge, inside a quantized group, inside the sinks, 0.
+        for cut in [150usize, 120, 101, 64, 37, 3, 0] {
+            let mut cache = Cache::new(c.clone()).unwrap();
+            let gen = KvGen::new(&mut rng, 2, 64);
+            fill(&mut cache, &mut rng, &gen, 1, 160);
+            let before = cache.dequantized(2, 1).unwrap();
+            cache.seq_truncate(1, cut as u32).unwrap();
+            assert_eq!(cache.seq_len(1).unwrap() as usize, cut);
+            let after = cache.dequantized(2, 1).unwrap();
+            // f32 windows: the dequantized values that return to the window are kept exactly.
+            assert_eq!(prefix(&after, cut), prefix(&before, cut), "cut at {cut}");
+            // Appending after a rollback gives correct attention, through the next flushes.
+            for n in [1usize, 40, 1, 17] {
+                let (k, v, q) = (gen.keys(&mut rng, n), gen.values(&mut rng, n), queries(&mut rng, n, 4, 64));
+                append_attend_checked(&mut cache, 2, 1, &k, &v, &q, 4, &AttnOptions::default(), 1e-5);
+            }
+            // Pages are released: truncating to 0 and removing frees everything.
+            cache.seq_truncate(1, 0).unwrap();
+            cache.seq_remove(1).unwrap();
+            assert_eq!(cache.stats().pages_used, 0);
+        }
+    }
+}
+
+#[test]
+fn fork_shares_pages_and_copies_on_write() {
+    let mut rng = Rng::fresh("fork_shares_pages_and_copies_on_write");
+    let mut c = config();
+    c.page_tokens = 64; // several groups per page, so the shared last page is written to
+    let mut cache = Cache::new(c).unwrap();
+    let gen = KvGen::new(&mut rng, 2, 64);
+    fill(&mut cache, &mut rng, &gen, 1, 200);
+    let src = cache.dequantized(1, 1).unwrap();
+    let used = cache.stats().pages_used;
+    for n in [200u32, 170, 100, 75] {
+        cache.seq_copy(1, 2, n).unwrap();
+        let d = cache.dequantized(1, 2).unwrap();
+        assert_eq!(d.len, n as usize);
+        assert_eq!(prefix(&d, n as usize), prefix(&src, n as usize), "fork of {n}");
+    }
+    // Forking shares pages: the copy of the whole prompt took no new page.
+    cache.seq_copy(1, 3, 200).unwrap();
+    assert_eq!(cache.stats().pages_used, used, "forks share their pages");
+    // Writing into either side leaves the other untouched.
+    for _ in 0..3 {
+        let (k, v, q) = (gen.keys(&mut rng, 30), gen.values(&mut rng, 30), queries(&mut rng, 30, 2, 64));
+        append_attend_checked(&mut cache, 1, 3, &k, &v, &q, 2, &AttnOptions::default(), 1e-5);
+    }
+    assert_eq!(cache.dequantized(1, 1).unwrap(), src);
+    let fork = cache.dequantized(1, 3).unwrap();
+    // Tokens quantized at the fork (200 - R rounded down to a group: 160) are shared as they were.
+    assert_eq!(prefix(&fork, 160), prefix(&src, 160));
+    for _ in 0..3 {
+        let (k, v) = (gen.keys(&mut rng, 30), gen.values(&mut rng, 30));
+        append(&mut cache, 1, 1, &k, &v).unwrap();
+    }
+    assert_eq!(cache.dequantized(1, 3).unwrap(), fork);
+    assert!(matches!(cache.seq_copy(1, 1, 5), Err(Error::InvalidArgument(_))));
+    assert_eq!(cache.seq_copy(9, 2, 5), Err(Error::UnknownSequence(9)));
+}
+
+#[test]
+fn save_and_restore_round_trips() {
+    let mut rng = Rng::fresh("save_and_restore_round_trips");
+    for dtype in [DType::F32, DType::F16] {
+        let mut c = config();
+        c.dtype = dtype;
+        c.sinks = 2;
+        let mut cache = Cache::new(c.clone()).unwrap();
+        let gen = KvGen::new(&mut rng, 2, 64);
+        fill(&mut cache, &mut rng, &gen, 5, 150);
+        fill(&mut cache, &mut rng, &gen, 6, 33);
+        cache.seq_copy(5, 8, 120).unwrap();
+        let blob = cache.save_state_vec();
+        assert_eq!(blob.len(), cache.state_size());
+        let snapshot: Vec<_> = [5u32, 6, 8].iter().map(|&s| cache.dequantized(1, s).unwrap()).collect();
+        let stats = cache.stats();
+
+        // Restore into a fresh cache of the same configuration.
+        let mut other = Cache::new(c.clone()).unwrap();
+        other.load_state(&blob).unwrap();
+        assert_eq!(other.stats(), stats);
+        for (i, &s) in [5u32, 6, 8].iter().enumerate() {
+            assert_eq!(other.dequantized(1, s).unwrap(), snapshot[i]);
+        }
+        // Both caches now behave identically.
+        let (k, v, q) = (gen.keys(&mut rng, 40), gen.values(&mut rng, 40), queries(&mut rng, 40, 2, 64));
+        let a = append_attend_checked(&mut cache, 1, 8, &k, &v, &q, 2, &Default::default(), 1e-5);
+        let b = append_attend_checked(&mut other, 1, 8, &k, &v, &q, 2, &Default::default(), 1e-5);
+        assert_eq!(a, b);
+        // Restoring over a changed cache brings it back.
+        cache.load_state(&blob).unwrap();
+        assert!(cache.save_state_vec() == blob);
+
+        // One sequence into a cache with another capacity, under another id.
+        let seq_blob = cache.save_seq_state_vec(5).unwrap();
+        let mut c2 = c.clone();
+        (c2.max_tokens, c2.max_seqs) = (512, 2);
+        let mut small = Cache::new(c2).unwrap();
+        fill(&mut small, &mut rng, &gen, 3, 10);
+        small.load_seq_state(3, &seq_blob).unwrap();
+        assert_eq!(small.dequantized(1, 3).unwrap(), snapshot[0]);
+        assert_eq!(small.seq_ids(), vec![3]);
+    }
+}
+
+#[test]
+fn corrupt_and_mismatched_states_are_refused() {
+    let mut rng = Rng::fresh("corrupt_and_mismatched_states_are_refused");
+    let mut cache = Cache::new(config()).unwrap();
+    let gen = KvGen::new(&mut rng, 2, 64);
+    fill(&mut cache, &mut rng, &gen, 1, 90);
+    let blob = cache.save_state_vec();
+    let seq_blob = cache.save_seq_state_vec(1).unwrap();
+    let mut target = Cache::new(config()).unwrap();
+    fill(&mut target, &mut rng, &gen, 4, 50);
+    let before = target.save_state_vec();
+    let unchanged = |t: &Cache| assert!(t.save_state_vec() == before, "a refused load changed the cache");
+
+    // Every single flipped byte is caught (checked on a sample of positions).
+    for i in (0..blob.len()).step_by(blob.len() / 97 + 1) {
+        let mut b = blob.clone();
+        b[i] ^= 0x20;
+        let e = target.load_state(&b).unwrap_err();
+        assert!(matches!(e, Error::CorruptState(_) | Error::StateMismatch(_)), "byte {i}: {e}");
+        unchanged(&target);
+    }
+    for cut in [0, 10, blob.len() / 2, blob.len() - 1] {
+        assert!(matches!(target.load_state(&blob[..cut]), Err(Error::CorruptState(_))), "cut {cut}");
+        unchanged(&target);
+    }
+    // The wrong kind of blob.
+    assert!(matches!(target.load_state(&seq_blob), Err(Error::StateMismatch(_))));
+    assert!(matches!(target.load_seq_state(2, &blob), Err(Error::StateMismatch(_))));
+    unchanged(&target);
+    // Another configuration: the message names the field.
+    let mut c = config();
+    c.key_bits = 4;
+    let other = Cache::new(c).unwrap();
+    let e = Cache::new(config()).unwrap().load_state(&other.save_state_vec()).unwrap_err();
+    assert!(e.to_string().contains("key_bits is 4 in the state and 2"), "{e}");
+    // A buffer too small to save into.
+    let mut small = vec![0u8; 10];
+    assert_eq!(cache.save_state(&mut small), Err(Error::BufferTooSmall { needed: blob.len(), given: 10 }));
+    assert_eq!(small, vec![0u8; 10]);
+}
+
+#[test]
+fn failed_calls_leave_the_cache_unchanged() {
+    let mut rng = Rng::fresh("failed_calls_leave_the_cache_unchanged");
+    let mut c = config();
+    (c.max_tokens, c.max_seqs) = (64, 2);
+    let mut cache = Cache::new(c).unwrap();
+    let gen = KvGen::new(&mut rng, 2, 64);
+    fill(&mut cache, &mut rng, &gen, 1, 60);
+    let before = cache.save_state_vec();
+    let (k, v, q) = (gen.keys(&mut rng, 50), gen.values(&mut rng, 50), queries(&mut rng, 50, 4, 64));
+    let mut out = vec![7f32; q.len()];
+    let mut try_aa = |cache: &mut Cache, layer: u32, seq: u32, k: &[f32], v: &[f32], q: &[f32]| {
+        let n = k.len() / 128;
+        let r = cache.append_attend(
+            layer,
+            seq,
+            Rows::new(k, n).unwrap(),
+            Rows::new(v, n).unwrap(),
+            Rows::new(q, n).unwrap(),
+            RowsMut::new(&mut out[..q.len()], n).unwrap(),
+            &AttnOptions::default(),
+        );
+        r.unwrap_err().to_string()
+    };
+    // Layer out of range.
+    assert_eq!(try_aa(&mut cache, 3, 1, &k, &v, &q), "layer 3 out of range: the cache has 3 layers (0..3)");
+    // NaN in the middle of a chunk: nothing of the chunk is appended.
+    let mut bad = k.clone();
+    bad[17 * 128 + 5] = f32::NAN;
+    let e = try_aa(&mut cache, 0, 1, &bad, &v, &q);
+    assert!(e.contains("NaN in keys at token 17, element 5"), "{e}");
+    let mut inf = v.clone();
+    inf[3] = f32::INFINITY;
+    assert!(try_aa(&mut cache, 0, 1, &k, &inf, &q).contains("infinity in values at token 0"));
+    // Capacity: 64 quantized tokens per layer, so this chunk cannot fit.
+    let (k2, v2, q2) = (gen.keys(&mut rng, 200), gen.values(&mut rng, 200), queries(&mut rng, 200, 4, 64));
+    let mut out2 = vec![0f32; q2.len()];
+    let e = cache
+        .append_attend(
+            0,
+            1,
+            Rows::new(&k2, 200).unwrap(),
+            Rows::new(&v2, 200).unwrap(),
+            Rows::new(&q2, 200).unwrap(),
+            RowsMut::new(&mut out2, 200).unwrap(),
+            &AttnOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::CapacityExhausted { seq: 1, layer: 0, token: 60, .. }), "{e}");
+    assert!(out2.iter().all(|&x| x == 0.0), "output written on failure");
+    // Too many sequences.
+    append(&mut cache, 0, 2, &k[..128], &v[..128]).unwrap();
+    cache.seq_remove(2).unwrap();
+    assert!(cache.save_state_vec() == before);
+    append(&mut cache, 0, 2, &k[..128], &v[..128]).unwrap();
+    let e = append(&mut cache, 0, 3, &k[..128], &v[..128]).unwrap_err();
+    assert_eq!(e, Error::TooManySequences { seq: 3, max: 2 });
+    cache.seq_remove(2).unwrap();
+    assert!(cache.save_state_vec() == before);
+    // Shapes: a query row that is not a multiple of the kv heads, a wrong output.
+    let e = try_aa(&mut cache, 0, 1, &k[..128], &v[..128], &q[..3 * 64]);
+    assert!(e.contains("queries"), "{e}");
+    // Bad options.
+    let n = 1;
+    let mut o = vec![0f32; 256];
+    let bad_opts = AttnOptions { softcap: -1.0, ..Default::default() };
+    let e = cache
+        .append_attend(
+            0,
+            1,
+            Rows::new(&k[..128], n).unwrap(),
+            Rows::new(&v[..128], n).unwrap(),
+            Rows::new(&q[..256], n).unwrap(),
+            RowsMut::new(&mut o, n).unwrap(),
+            &bad_opts,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("softcap -1"), "{e}");
+    // Unknown sequences.
+    assert_eq!(cache.seq_truncate(42, 1), Err(Error::UnknownSequence(42)));
+    assert_eq!(cache.seq_len(42), Err(Error::UnknownSequence(42)));
+    assert!(cache.save_state_vec() == before);
+    // Bad configurations name the value.
+    let mut c = config();
+    c.head_dim = 100;
+    c.value_group = 32;
+    assert!(Cache::new(c).unwrap_err().to_string().contains("head_dim 100"));
+    let mut c = config();
+    c.value_group = 48;
+    assert!(Cache::new(c).unwrap_err().to_string().contains("head_dim 64 is not a multiple of the value group 48"));
+    let mut c = config();
+    c.key_bits = 3;
+    assert!(Cache::new(c).unwrap_err().to_string().contains("key_bits 3"));
+    let mut c = config();
+    c.residual = 20;
+    assert!(Cache::new(c).unwrap_err().to_string().contains("residual 20"));
+}
+
+/// Random operations against a model that knows each sequence's tokens: lengths, exactness of
+/// sinks and recent tokens, bounded error elsewhere, fused attention equal to the reference on
+/// whatever the cache holds, and unchanged state after every refused operation.
+#[test]
+fn random_operations_match_a_model() {
+    let mut rng = Rng::fresh("random_operations_match_a_model");
+    for trial in 0..4 {
+        let mut c = CacheConfig::new(2, 1, 64);
+        c.group_size = [8, 16][trial % 2];
+        c.residual = c.group_size * [0, 2][trial / 2];
+        c.sinks = (trial % 3) as u32;
+        c.key_mode = if trial == 3 { KeyMode::PerToken } else { KeyMode::PerChannel };
+        c.page_tokens = c.group_size * 2;
+        (c.max_tokens, c.max_seqs) = (256, 3);
+        let mut cache = Cache::new(c.clone()).unwrap();
+        let gen = KvGen::new(&mut rng, 1, 64);
+        // Model: per sequence id, its tokens (keys, values) and how many of its newest tokens
+        // must be exact (appended since the last cut).
+        let mut model: std::collections::BTreeMap<u32, (Vec<f32>, Vec<f32>, usize)> = Default::default();
+        for op in 0..150 {
+            let before = cache.save_state_vec();
+            let seq = rng.below(4) as u32;
+            let r = match rng.below(10) {
+                0..=4 => {
+                    let n = 1 + if rng.below(3) == 0 { rng.below(70) } else { 0 };
+                    let (k, v) = (gen.keys(&mut rng, n), gen.values(&mut rng, n));
+                    let q = queries(&mut rng, n, 2, 64);
+                    let mut res = Ok(());
+                    for l in 0..2 {
+                        let past = held(&cache, l, seq);
+                        let mut out = vec![0f32; q.len()];
+                        res = cache.append_attend(
+                            l,
+                            seq,
+                            Rows::new(&k, n).unwrap(),
+                            Rows::new(&v, n).unwrap(),
+                            Rows::new(&q, n).unwrap(),
+                            RowsMut::new(&mut out, n).unwrap(),
+                            &Default::default(),
+                        );
+                        if res.is_err() {
+                            assert_eq!(l, 0, "layers fill alike, so only the first can refuse");
+                            break;
+                        }
+                        let want =
+                            kivi::attention::reference::attention(&past, &k, &v, &q, 2, past.len, &Default::default())
+                                .unwrap();
+                        assert!(rel_err(&out, &want) < 1e-5, "trial {trial} op {op}");
+                    }
+                    if res.is_ok() {
+                        let e = model.entry(seq).or_default();
+                        e.0.extend_from_slice(&k);
+                        e.1.extend_from_slice(&v);
+                        e.2 += n;
+                    }
+                    res
+                }
+                5 => cache.seq_remove(seq).map(|_| {
+                    model.remove(&seq);
+                }),
+                6 => {
+                    let n = rng.below(120) as u32;
+                    cache.seq_truncate(seq, n).map(|_| {
+                        let e = model.get_mut(&seq).unwrap();
+                        let n = (n as usize).min(e.0.len() / 64);
+                        e.0.truncate(n * 64);
+                        e.1.truncate(n * 64);
+                        e.2 = 0;
+                    })
+                }
+                7 => {
+                    let dst = rng.below(4) as u32;
+                    let n = rng.below(150) as u32;
+                    cache.seq_copy(seq, dst, n).map(|_| {
+                        let mut e = model[&seq].clone();
+                        let n = (n as usize).min(e.0.len() / 64);
+                        e.0.truncate(n * 64);
+                        e.1.truncate(n * 64);
+                        e.2 = 0;
+                        model.insert(dst, e);
+                    })
+                }
+                8 => {
+                    let blob = cache.save_seq_state_vec(seq);
+                    blob.and_then(|b| {
+                        let dst = rng.below(4) as u32;
+                        cache.load_seq_state(dst, &b).map(|_| {
+                            let e = model[&seq].clone();
+                            model.insert(dst, e);
+                        })
+                    })
+                }
+                _ => {
+                    // Restore over a changed cache.
+                    let blob = cache.save_state_vec();
+                    cache.clear();
+                    let r = cache.load_state(&blob);
+                    assert!(r.is_ok(), "{r:?}");
+                    r
+                }
+            };
+            if r.is_err() {
+                assert!(cache.save_state_vec() == before, "trial {trial} op {op}: {:?} changed the cache", r);
+            }
+            // Check the whole cache against the model.
+            assert_eq!(
+                cache.seq_ids().iter().copied().collect::<std::collections::BTreeSet<_>>(),
+                model.keys().copied().collect()
+            );
+            for (&s, (k, v, fresh)) in &model {
+                let n = k.len() / 64;
+                assert_eq!(cache.seq_len(s).unwrap() as usize, n);
+                for l in 0..2 {
+                    let d = cache.dequantized(l, s).unwrap();
+                    let exact_from = n - (*fresh).min(c.residual as usize).min(n);
+                    for p in 0..n {
+                        for ch in 0..64 {
+                            let (dk, dv) = (d.key(p, 0, ch), d.value(p, 0, ch));
+                            let (xk, xv) = (k[p * 64 + ch] as f64, v[p * 64 + ch] as f64);
+                            if p < c.sinks as usize || p >= exact_from {
+                                assert_eq!((dk, dv), (xk, xv), "trial {trial} op {op} seq {s} pos {p}");
+                            } else {
+                                // Outlier channels reach about 40: 2-bit steps stay below ~30.
+                                assert!((dk - xk).abs() < 30.0 && (dv - xv).abs() < 8.0, "pos {p}: {dk} vs {xk}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
