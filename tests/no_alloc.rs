@@ -55,7 +55,7 @@ fn decode_hot_path_does_not_allocate() {
         let mut out = vec![0f32; q.len()];
         let ids = [0u32, 1, 2, 3];
         let opts = AttnOptions::default();
-        let mut step = |cache: &mut Cache, out: &mut [f32]| {
+        let step = |cache: &mut Cache, out: &mut [f32]| {
             let qr = Rows::new(&q[..nq * hd], 1).unwrap();
             cache.attend(0, 0, qr, RowsMut::new(&mut out[..nq * hd], 1).unwrap(), &opts).unwrap();
             let (kr, vr, qr) = (Rows::new(&k1, 4).unwrap(), Rows::new(&v1, 4).unwrap(), Rows::new(&q, 4).unwrap());
