@@ -622,7 +622,10 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut Laye
     let hd = lay.head_dim;
     let (gsz, vg, ng) = (lay.group, lay.vgroup, lay.row_groups());
     let [_, _, rk, rv] = lay.window_parts();
-    let slot = |t: usize| ((ls.quantized + t) % lay.ring) * hd;
+    // Ring offsets of the group's tokens, computed once (not one division per element).
+    let mut slots = [0usize; 256];
+    slots[..gsz].iter_mut().enumerate().for_each(|(t, o)| *o = ((ls.quantized + t) % lay.ring) * hd);
+    let slot = |t: usize| slots[t];
     let page_bytes = pool.page_mut(page);
     for h in 0..lay.n_kv_heads {
         let w = &win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];

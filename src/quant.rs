@@ -106,9 +106,11 @@ pub fn quantize_slice(xs: &[f32], bits: u32, run: &mut [u8], first: usize) -> Gr
     // Codes in blocks (a plain loop the compiler vectorizes), then packed.
     let mut codes = [0u32; 64];
     for (xb, bb) in xs.chunks(64).zip(bytes.chunks_mut(64 / per_byte)) {
-        for (c, &x) in codes.iter_mut().zip(xb) {
-            // As `encode`: clamping before rounding gives the same code.
-            *c = if s == 0.0 { 0 } else { round_nonneg(((x - z) / s).clamp(0.0, max_code)) };
+        if s != 0.0 {
+            for (c, &x) in codes.iter_mut().zip(xb) {
+                // As `encode`: clamping before rounding gives the same code.
+                *c = round_nonneg(((x - z) / s).max(0.0).min(max_code));
+            }
         }
         for (b, cs) in bb.iter_mut().zip(codes.chunks_exact(per_byte)) {
             *b = cs.iter().enumerate().fold(0u32, |v, (j, &c)| v | c << (j as u32 * bits)) as u8;
@@ -121,12 +123,11 @@ pub fn quantize_slice(xs: &[f32], bits: u32, run: &mut [u8], first: usize) -> Gr
 /// truncated, less one when the addition rounded up past an integer.
 #[inline(always)]
 fn round_nonneg(v: f32) -> u32 {
-    let t = (v + 0.5) as u32;
-    if t as f32 - 0.5 > v {
-        t - 1
-    } else {
-        t
-    }
+    debug_assert!((0.0..8388608.0).contains(&v));
+    // SAFETY: v + 0.5 is finite and within i32 (callers clamp to 0..=255); the unchecked
+    // conversion is the one the compiler vectorizes (`as` saturates, and does not).
+    let t: i32 = unsafe { (v + 0.5).to_int_unchecked() };
+    (if t as f32 - 0.5 > v { t - 1 } else { t }) as u32
 }
 
 /// Reads f16 number `i` of a little-endian byte area.
