@@ -350,7 +350,13 @@ pub(crate) fn execute<T: Element>(
 
     // Our threads and scratch; a concurrent call on the same cache runs on its own thread with
     // fresh scratch (allocation only in that case).
-    let mut guard = th.state.try_lock().ok();
+    let mut guard = match th.state.try_lock() {
+        Ok(g) => Some(g),
+        // A panic in an earlier call left nothing half-written that matters: scratch is
+        // overwritten by every item.
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
     let mut own;
     let (sh, nthreads): (&mut Shared, usize) = match guard.as_deref_mut() {
         Some(sh) => {
