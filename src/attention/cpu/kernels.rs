@@ -8,10 +8,13 @@
 //!   s[c]`) and its zeros into one bias per head (`sum_c q[h][c] z[c]`); then for each channel the
 //!   codes of `L` tokens are unpacked to f32 once and multiplied into the scores of every head;
 //! - values (per token): `L` channels of one token are unpacked and dequantized in registers
-//!   (`code * s + z`, once for all heads) and accumulated into every head's output with its
-//!   softmax weight.
+//!   (`code * s + z`, once for all heads; for 2- and 4-bit codes the permute that converts codes
+//!   reads them from a table of the group's dequantized values) and accumulated into every head's
+//!   output with its softmax weight. Folding the zeros out instead (`sum_t p_t z_t` apart) would
+//!   cancel against the codes term and lose precision over long contexts.
 //!
-//! The softmax is online per group (32 tokens by default), with a vector `exp`.
+//! The softmax is online, one step per 128 tokens, with a vector `exp`. Groups of one head are
+//! prefetched two ahead (with one group per page they are a page apart).
 
 use super::simd::{exp, Simd};
 use crate::attention::Resolved;
