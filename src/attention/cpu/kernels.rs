@@ -14,7 +14,7 @@
 //!   cancel against the codes term and lose precision over long contexts.
 //!
 //! The softmax is online, one step per 128 tokens, with a vector `exp`. Groups of one head are
-//! prefetched two ahead (with one group per page they are a page apart).
+//! prefetched eight ahead (with one group per page they are a page apart).
 
 use super::simd::{exp, Simd};
 use crate::attention::Resolved;
@@ -28,7 +28,7 @@ pub(crate) const NH_MAX: usize = 8;
 /// Full-precision tokens per softmax block.
 pub(crate) const FPB: usize = 32;
 /// Groups ahead whose bytes are prefetched.
-const PREFETCH: usize = 2;
+const PREFETCH: usize = 8;
 
 /// Per-thread working memory, sized once for a layout.
 pub(crate) struct Scratch {
@@ -416,7 +416,7 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
         // Scores of every token of these groups for every head.
         for gr in g0..g1 {
             let (blk, gi) = locate(gr);
-            // Groups of one head are a page apart: too far for the hardware prefetcher.
+            // Groups of one head may be a page apart: too far for the hardware prefetcher.
             if gr + PREFETCH < a.g1 {
                 let (nb, ngi) = locate(gr + PREFETCH);
                 for (off, len) in parts(ngi) {
