@@ -126,7 +126,8 @@ impl Layout {
     /// Bytes of all page pools and windows together.
     pub fn total_bytes(&self) -> u128 {
         let pages = self.n_layers as u128 * self.pages_per_layer as u128 * self.page_bytes as u128;
-        pages + self.window_elems_total() as u128 * self.dtype.size() as u128
+        let windows = self.n_layers as u128 * self.max_seqs as u128 * self.n_kv_heads as u128;
+        pages + windows * self.window_head_elems as u128 * self.dtype.size() as u128
     }
 
     /// Elements of every window of every layer and slot.

@@ -30,14 +30,12 @@
 //! # Ok::<(), kivi::Error>(())
 //! ```
 
-// `x % n == 0` reads as well as `is_multiple_of` (stable since 1.87, below our MSRV of 1.89, which
-// the AVX-512 intrinsics need); keep both styles allowed.
-#![allow(clippy::manual_is_multiple_of)]
-
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod cuda;
 pub mod error;
+pub mod ffi;
 mod layout;
 mod pool;
 pub mod quant;

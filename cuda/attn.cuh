@@ -1,0 +1,432 @@
+// Fused attention over the cache, flash-decoding style: the context of every (sequence, kv head)
+// is cut into splits; one block per (split, kv head, item) scores its part for all the query
+// heads of the kv head's GQA group (and, in prefill, several query rows), so each page is read
+// once per group of query vectors. A second kernel combines the splits' partial softmax states.
+//
+// The context of an item is a list of units: its quantized groups (G tokens each) first, then
+// its full-precision tokens 32 at a time (sinks, the window ring, then the chunk being appended,
+// read from the caller's key/value rows). A block's warps take the units of its split in turn,
+// each warp keeping its own online softmax; the block merges its warps at the end.
+//
+// Quantized keys are scored with the scale folded into the query and the zero into one bias
+// per group (per channel), or per (token, channel group) (per token); values fold their scale
+// into the softmax weight and accumulate the zero term once per channel group. Codes are
+// unpacked in registers; everything accumulates in f32.
+#pragma once
+#include "common.cuh"
+
+#ifndef KV_NQ
+#error "KV_NQ (query vectors per block) must be defined"
+#endif
+#if KV_NQ * KV_HD > 1024
+#error "KV_NQ * KV_HD must be at most 1024"
+#endif
+
+#define KV_MAX_ITEMS 64
+// Channels of the output each lane accumulates: lane * KV_CPL .. + KV_CPL.
+#define KV_CPL ((KV_HD + 31) / 32)
+// A lane's channels lie in one value group: fold the value scale into the weight.
+#define KV_FOLD_V (KV_VG % KV_CPL == 0)
+
+struct AttnItem {
+    u32 slot;        // sequence slot
+    u32 len;         // tokens stored (the past)
+    u32 quantized;   // of those, quantized (whole groups)
+    u32 chunk_row0;  // input key/value row of the chunk's first token
+    u32 n_chunk;     // chunk tokens, at positions len.. (exact, from the input rows)
+    u32 q_row0;      // first query and output row of the item
+    u32 n_q;         // query rows of the item (at most qt)
+    u32 q_pos0;      // position of the first query row
+};
+
+struct AttnParams {
+    const u8* pages;        // this layer's page pool
+    const elem_t* windows;  // this layer's windows
+    const u32* blocks;      // this layer's block tables, [max_seqs][KV_PPL]
+    const elem_t* q;
+    const elem_t* k;
+    const elem_t* v;
+    float* part;  // partial states [item][qt][n_q_heads][n_splits][KV_HD + 2]
+    elem_t* out;
+    i64 q_stride, kv_stride, out_stride;  // elements between consecutive rows
+    float scale, softcap;
+    u32 window, causal;
+    u32 n_q_heads, ratio, hc, qt;     // query heads; per kv head; per block; query rows per block
+    u32 ups, n_splits, n_items, fp_only;  // units per split; fp_only: see attn_block
+    AttnItem items[KV_MAX_ITEMS];
+};
+
+struct AttnShared {
+    float qf[KV_NQ][KV_HD];  // queries times the softmax scale
+#if KV_KEY_PER_TOKEN
+    float qsum[KV_NQ][KV_NG];  // sums of each query over each channel group
+#endif
+    // Per warp: the query with the group's key scales folded in (per-channel keys), reused at
+    // the end to merge the warps' accumulators.
+    float wq[KV_WARPS][KV_NQ][KV_HD];
+    float wp[KV_WARPS][KV_NQ][32];  // softmax weights of the current 32 tokens
+    float wm[KV_WARPS][KV_NQ], wl[KV_WARPS][KV_NQ];
+    int lo[KV_NQ], hi[KV_NQ];
+    int lo_min, hi_max;
+};
+
+// Per-warp online softmax state.
+struct WarpState {
+    float m[KV_NQ], l[KV_NQ];
+    float acc[KV_NQ][KV_CPL];
+    float zacc[KV_NQ];  // value zero terms (one channel group per lane when folding)
+};
+
+__device__ __forceinline__ float logit(const AttnParams& P, float dot) {
+    return P.softcap > 0.0f ? P.softcap * tanhf(dot / P.softcap) : dot;
+}
+
+// Turns the raw scores of the warp's 32 tokens (one per lane, at `pos`) into weights in
+// sh.wp[warp], rescaling the state. Invalid lanes pass valid = false.
+__device__ __forceinline__ void softmax_step(const AttnParams& P, AttnShared& sh, WarpState& st, u32 warp,
+                                             const float (&s)[KV_NQ], u32 pos, bool valid, u32 nvec) {
+    const u32 lane = threadIdx.x & 31;
+#pragma unroll
+    for (int v = 0; v < KV_NQ; v++) {
+        bool vis = valid && (u32)v < nvec && (int)pos >= sh.lo[v] && (int)pos < sh.hi[v];
+        float x = vis ? logit(P, s[v]) : KV_NEG_INF;
+        float bm = warp_max(x);
+        if (bm == KV_NEG_INF) {
+            sh.wp[warp][v][lane] = 0.0f;
+            continue;
+        }
+        float mn = fmaxf(st.m[v], bm);
+        float corr = exp_diff(st.m[v], mn);
+        st.m[v] = mn;
+        float p = exp_diff(x, mn);
+        st.l[v] = st.l[v] * corr + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < KV_CPL; i++) st.acc[v][i] *= corr;
+        st.zacc[v] *= corr;
+        sh.wp[warp][v][lane] = p;
+    }
+    __syncwarp();
+}
+
+// Loads the weights of token tt of the current 32; false when all are zero (warp-uniform).
+__device__ __forceinline__ bool weights_of(const AttnShared& sh, u32 warp, u32 tt, float (&p)[KV_NQ]) {
+    bool any = false;
+#pragma unroll
+    for (int v = 0; v < KV_NQ; v++) {
+        p[v] = sh.wp[warp][v][tt];
+        any |= p[v] != 0.0f;
+    }
+    return any;
+}
+
+// One quantized group g of the item.
+__device__ __forceinline__ void quant_unit(const AttnParams& P, AttnShared& sh, WarpState& st, u32 warp,
+                                           const u32* blocks, u32 kvh, u32 g, u32 nvec) {
+    const u32 lane = threadIdx.x & 31;
+    u32 gi;
+    const u8* blk = group_block(P.pages, blocks, g, kvh, &gi);
+    const u32 p0 = KV_SINKS + g * KV_G;
+#if !KV_KEY_PER_TOKEN
+    // The group's key scales folded into the query; the zeros make one bias per query vector.
+    float bias[KV_NQ];
+    {
+        const u8* ks = blk + KV_K_SCALE;
+        const u8* kz = blk + KV_K_ZERO;
+#pragma unroll
+        for (int v = 0; v < KV_NQ; v++) {
+            float b = 0.0f;
+            for (u32 c = lane; c < KV_HD; c += 32) {
+                float q = sh.qf[v][c];
+                sh.wq[warp][v][c] = q * ld_param(ks, gi * KV_HD + c);
+                b += q * ld_param(kz, gi * KV_HD + c);
+            }
+            bias[v] = warp_sum(b);
+        }
+        __syncwarp();
+    }
+    const u8* kc = blk + KV_K_CODES + (u64)gi * KV_HD * KV_K_RUN;
+#endif
+    for (u32 sub = 0; sub < KV_G; sub += 32) {
+        const u32 t = sub + lane;
+        const bool valid = t < KV_G;
+        float s[KV_NQ];
+#if !KV_KEY_PER_TOKEN
+#pragma unroll
+        for (int v = 0; v < KV_NQ; v++) s[v] = bias[v];
+        if (valid) {
+#pragma unroll 4
+            for (u32 c = 0; c < KV_HD; c++) {
+                float cf = code_f(code_at<KV_KB>(kc + c * KV_K_RUN, t));
+#pragma unroll
+                for (int v = 0; v < KV_NQ; v++) s[v] += sh.wq[warp][v][c] * cf;
+            }
+        }
+#else
+#pragma unroll
+        for (int v = 0; v < KV_NQ; v++) s[v] = 0.0f;
+        if (valid) {
+            const u32 row = gi * KV_G + t;
+            const u8* r = blk + KV_K_CODES + (u64)row * KV_K_RUN;
+            for (u32 cg = 0; cg < KV_NG; cg++) {
+                float d[KV_NQ];
+#pragma unroll
+                for (int v = 0; v < KV_NQ; v++) d[v] = 0.0f;
+                for (u32 c = cg * KV_VG; c < (cg + 1) * KV_VG; c++) {
+                    float cf = code_f(code_at<KV_KB>(r, c));
+#pragma unroll
+                    for (int v = 0; v < KV_NQ; v++) d[v] += sh.qf[v][c] * cf;
+                }
+                float ksc = ld_param(blk + KV_K_SCALE, row * KV_NG + cg);
+                float kzr = ld_param(blk + KV_K_ZERO, row * KV_NG + cg);
+#pragma unroll
+                for (int v = 0; v < KV_NQ; v++) s[v] += ksc * d[v] + kzr * sh.qsum[v][cg];
+            }
+        }
+#endif
+        softmax_step(P, sh, st, warp, s, p0 + t, valid, nvec);
+        const u32 ntok = min(32u, (u32)KV_G - sub);
+        for (u32 tt = 0; tt < ntok; tt++) {
+            float p[KV_NQ];
+            if (!weights_of(sh, warp, tt, p)) continue;
+            const u32 row = gi * KV_G + sub + tt;
+            const u8* vr = blk + KV_V_CODES + (u64)row * KV_V_ROW;
+#if KV_FOLD_V
+            const u32 cg = min(lane * KV_CPL, (u32)KV_HD - 1) / KV_VG;
+            const float vs = ld_param(blk + KV_V_SCALE, row * KV_NG + cg);
+            const float vz = ld_param(blk + KV_V_ZERO, row * KV_NG + cg);
+            float cf[KV_CPL];
+#pragma unroll
+            for (int i = 0; i < KV_CPL; i++) {
+                u32 c = lane * KV_CPL + i;
+                cf[i] = c < KV_HD ? code_f(code_at<KV_VB>(vr, c)) : 0.0f;
+            }
+#pragma unroll
+            for (int v = 0; v < KV_NQ; v++) {
+                float ps = p[v] * vs;
+                st.zacc[v] += p[v] * vz;
+#pragma unroll
+                for (int i = 0; i < KV_CPL; i++) st.acc[v][i] += ps * cf[i];
+            }
+#else
+#pragma unroll
+            for (int i = 0; i < KV_CPL; i++) {
+                u32 c = lane * KV_CPL + i;
+                if (c >= KV_HD) continue;
+                u32 cg = c / KV_VG;
+                float x = code_f(code_at<KV_VB>(vr, c)) * ld_param(blk + KV_V_SCALE, row * KV_NG + cg) +
+                          ld_param(blk + KV_V_ZERO, row * KV_NG + cg);
+#pragma unroll
+                for (int v = 0; v < KV_NQ; v++) st.acc[v][i] += p[v] * x;
+            }
+#endif
+        }
+        __syncwarp();
+    }
+}
+
+// Position of full-precision token number f of the item: sinks, then the ring, then the chunk.
+__device__ __forceinline__ u32 fp_pos(const AttnItem& it, u32 n_sink, u32 ws, u32 f) {
+    if (f < n_sink) return f;
+    f -= n_sink;
+    if (f < it.len - ws) return ws + f;
+    return it.len + (f - (it.len - ws));
+}
+
+// Key (or value) row of a full-precision position: in the window, or a chunk input row.
+__device__ __forceinline__ const elem_t* fp_row(const AttnParams& P, const AttnItem& it, const elem_t* hw, u32 kvh,
+                                                u32 pos, bool value) {
+    if (pos < it.len) return hw + window_row(pos, value);
+    const elem_t* base = value ? P.v : P.k;
+    return base + (i64)(it.chunk_row0 + pos - it.len) * P.kv_stride + (i64)kvh * KV_HD;
+}
+
+// 32 full-precision tokens starting at fp token f0.
+__device__ __forceinline__ void fp_unit(const AttnParams& P, AttnShared& sh, WarpState& st, u32 warp,
+                                        const AttnItem& it, const elem_t* hw, u32 kvh, u32 n_sink, u32 ws, u32 n_fp,
+                                        u32 f0, u32 nvec) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 f = f0 + lane;
+    const bool valid = f < n_fp;
+    const u32 pos = valid ? fp_pos(it, n_sink, ws, f) : 0;
+    float s[KV_NQ];
+#pragma unroll
+    for (int v = 0; v < KV_NQ; v++) s[v] = 0.0f;
+    if (valid) {
+        const elem_t* kr = fp_row(P, it, hw, kvh, pos, false);
+#pragma unroll 4
+        for (u32 c = 0; c < KV_HD; c++) {
+            float x = ld_elem(kr + c);
+#pragma unroll
+            for (int v = 0; v < KV_NQ; v++) s[v] += sh.qf[v][c] * x;
+        }
+    }
+    softmax_step(P, sh, st, warp, s, pos, valid, nvec);
+    const u32 ntok = min(32u, n_fp - f0);
+    for (u32 tt = 0; tt < ntok; tt++) {
+        float p[KV_NQ];
+        if (!weights_of(sh, warp, tt, p)) continue;
+        const elem_t* vr = fp_row(P, it, hw, kvh, fp_pos(it, n_sink, ws, f0 + tt), true);
+#pragma unroll
+        for (int i = 0; i < KV_CPL; i++) {
+            u32 c = lane * KV_CPL + i;
+            if (c >= KV_HD) continue;
+            float x = ld_elem(vr + c);
+#pragma unroll
+            for (int v = 0; v < KV_NQ; v++) st.acc[v][i] += p[v] * x;
+        }
+    }
+    __syncwarp();
+}
+
+// The body of one attention block: grid (split, kv head * head chunks, item).
+__device__ __forceinline__ void attn_block_in(const AttnParams& P, AttnShared& sh) {
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 split = blockIdx.x;
+    const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
+    const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
+    const AttnItem it = P.items[blockIdx.z];
+    const u32 h0 = kvh * P.ratio + hci * P.hc;
+    const u32 nh = min(P.hc, P.ratio - hci * P.hc);
+    const u32 nvec = nh * it.n_q;  // query vector v: row v / nh, head h0 + v % nh
+    const u32 total = it.len + it.n_chunk;
+
+    for (u32 i = tid; i < KV_NQ * KV_HD; i += KV_THREADS) {
+        u32 v = i / KV_HD, c = i % KV_HD;
+        float x = 0.0f;
+        if (v < nvec) {
+            u32 row = it.q_row0 + v / nh, head = h0 + v % nh;
+            x = ld_elem(P.q + (i64)row * P.q_stride + (i64)head * KV_HD + c) * P.scale;
+        }
+        sh.qf[v][c] = x;
+    }
+    if (tid < KV_NQ) {
+        int lo = 0, hi = 0;
+        if (tid < nvec) {
+            int qpos = (int)(it.q_pos0 + tid / nh);
+            lo = P.window > 0 ? max(0, qpos + 1 - (int)P.window) : 0;
+            hi = P.causal ? min(qpos + 1, (int)total) : (int)total;
+            hi = max(hi, lo);
+        }
+        sh.lo[tid] = lo;
+        sh.hi[tid] = hi;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int lo_min = 0x7fffffff, hi_max = 0;
+        for (u32 v = 0; v < nvec; v++) {
+            if (sh.hi[v] > sh.lo[v]) {
+                lo_min = min(lo_min, sh.lo[v]);
+                hi_max = max(hi_max, sh.hi[v]);
+            }
+        }
+        sh.lo_min = lo_min;
+        sh.hi_max = hi_max;
+    }
+#if KV_KEY_PER_TOKEN
+    for (u32 i = tid; i < KV_NQ * KV_NG; i += KV_THREADS) {
+        u32 v = i / KV_NG, cg = i % KV_NG;
+        float sum = 0.0f;
+        for (u32 c = cg * KV_VG; c < (cg + 1) * KV_VG; c++) sum += sh.qf[v][c];
+        sh.qsum[v][cg] = sum;
+    }
+#endif
+    __syncthreads();
+
+    WarpState st;
+#pragma unroll
+    for (int v = 0; v < KV_NQ; v++) {
+        st.m[v] = KV_NEG_INF;
+        st.l[v] = 0.0f;
+        st.zacc[v] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < KV_CPL; i++) st.acc[v][i] = 0.0f;
+    }
+
+    const u32 n_groups = it.quantized / KV_G;
+    const u32 n_sink = min(it.len, (u32)KV_SINKS);
+    const u32 ws = min((u32)KV_SINKS + it.quantized, it.len);
+    const u32 n_fp = n_sink + (it.len - ws) + it.n_chunk;
+    const u32 n_units = n_groups + (n_fp + 31) / 32;
+    // fp_only: the quantized groups are the tensor-core blocks' (decode_mma.cuh); this block
+    // (split 0 of kv_decode_mma) does the full-precision tokens.
+    const u32 u_begin = P.fp_only ? n_groups : split * P.ups;
+    const u32 u_end = P.fp_only ? n_units : min(n_units, u_begin + P.ups);
+    const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
+    const elem_t* hw = head_window(P.windows, it.slot, kvh);
+    const int lo_min = sh.lo_min, hi_max = sh.hi_max;
+
+    for (u32 u = u_begin + warp; u < u_end; u += KV_WARPS) {
+        if (u < n_groups) {
+            int first = KV_SINKS + u * KV_G, last = first + KV_G - 1;
+            if (last < lo_min || first >= hi_max) continue;
+            quant_unit(P, sh, st, warp, blocks, kvh, u, nvec);
+        } else {
+            u32 f0 = (u - n_groups) * 32;
+            int first = fp_pos(it, n_sink, ws, f0);
+            int last = fp_pos(it, n_sink, ws, min(f0 + 31, n_fp - 1));
+            if (last < lo_min || first >= hi_max) continue;
+            fp_unit(P, sh, st, warp, it, hw, kvh, n_sink, ws, n_fp, f0, nvec);
+        }
+    }
+
+    // Merge the warps: each warp leaves its state in shared memory (wq is free now).
+    __syncthreads();
+#pragma unroll
+    for (int v = 0; v < KV_NQ; v++) {
+#pragma unroll
+        for (int i = 0; i < KV_CPL; i++) {
+            u32 c = lane * KV_CPL + i;
+            if (c < KV_HD) sh.wq[warp][v][c] = st.acc[v][i] + (KV_FOLD_V ? st.zacc[v] : 0.0f);
+        }
+        if (lane == 0) {
+            sh.wm[warp][v] = st.m[v];
+            sh.wl[warp][v] = st.l[v];
+        }
+    }
+    __syncthreads();
+    for (u32 i = tid; i < nvec * KV_HD; i += KV_THREADS) {
+        u32 v = i / KV_HD, c = i % KV_HD;
+        float m = KV_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < KV_WARPS; w++) m = fmaxf(m, sh.wm[w][v]);
+        float l = 0.0f, a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < KV_WARPS; w++) {
+            float f = exp_diff(sh.wm[w][v], m);
+            l += sh.wl[w][v] * f;
+            a += sh.wq[w][v][c] * f;
+        }
+        u32 r = v / nh, head = h0 + v % nh;
+        float* dst = P.part +
+                     ((((u64)blockIdx.z * P.qt + r) * P.n_q_heads + head) * P.n_splits + split) * (KV_HD + 2);
+        if (c == 0) {
+            dst[0] = m;
+            dst[1] = l;
+        }
+        dst[2 + c] = a;
+    }
+}
+
+__device__ __forceinline__ void attn_block(const AttnParams& P) {
+    __shared__ AttnShared sh;
+    attn_block_in(P, sh);
+}
+
+// Combines the splits of one (item, query row, query head): grid (n_q_heads, qt, items).
+__device__ __forceinline__ void combine_block(const AttnParams& P) {
+    const AttnItem& it = P.items[blockIdx.z];
+    const u32 r = blockIdx.y, head = blockIdx.x;
+    if (r >= it.n_q) return;
+    const float* src = P.part + (((u64)blockIdx.z * P.qt + r) * P.n_q_heads + head) * P.n_splits * (KV_HD + 2);
+    float m = KV_NEG_INF;
+    for (u32 s = 0; s < P.n_splits; s++) m = fmaxf(m, src[s * (KV_HD + 2)]);
+    float l = 0.0f;
+    for (u32 s = 0; s < P.n_splits; s++) l += src[s * (KV_HD + 2) + 1] * exp_diff(src[s * (KV_HD + 2)], m);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    elem_t* o = P.out + (i64)(it.q_row0 + r) * P.out_stride + (i64)head * KV_HD;
+    for (u32 c = threadIdx.x; c < KV_HD; c += blockDim.x) {
+        float a = 0.0f;
+        for (u32 s = 0; s < P.n_splits; s++) a += src[s * (KV_HD + 2) + 2 + c] * exp_diff(src[s * (KV_HD + 2)], m);
+        o[c] = to_elem(a * inv);
+    }
+}

@@ -1,0 +1,832 @@
+//! The CUDA backend on a real GPU: correctness against the CPU backend, then a benchmark.
+//!
+//! ```text
+//! gpu_check info                       # the device, as one JSON line
+//! gpu_check check [--mma-only]         # CUDA vs CPU on identical random inputs; exit 1 on failure
+//! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
+//! ```
+//! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
+//! all three and adds the fp16 baseline (`scripts/gpu_baseline.py`).
+//!
+//! The check replays the same operations on a CPU [`Cache`] and a [`CudaCache`]: chunked
+//! prefills (chunks longer than the window ring, across flushes), plain appends, batched decode
+//! steps of sequences of different lengths (more than one launch's worth of sequences), `attend`,
+//! forks with copy-on-write, truncation inside a quantized group, removal, sinks, per-token keys,
+//! 2/4/8 bits, f32/f16/bf16, GQA ratios up to 16, sliding windows, softcap and non-causal masks.
+//! Attention outputs must agree within 1e-3 relative (plus one rounding step of the output type),
+//! and the cache contents (dequantized) must be identical.
+
+use std::time::Instant;
+
+use cudarc::driver::{result as drv, sys};
+use kivi::cuda::{CudaCache, DevRows};
+use kivi::{bf16, f16, AttnOptions, Cache, CacheConfig, DType, Element, KeyMode, Rows, RowsMut};
+
+/// Device memory owned by the check.
+struct DevBuf {
+    ptr: u64,
+}
+
+impl DevBuf {
+    fn zeroed(bytes: usize) -> DevBuf {
+        // SAFETY: plain allocation in the current context (bound by CudaCache::new).
+        let ptr = unsafe { drv::malloc_sync(bytes.max(16)) }.expect("cuMemAlloc");
+        unsafe { drv::memset_d8_sync(ptr, 0, bytes.max(16)) }.expect("cuMemset");
+        DevBuf { ptr }
+    }
+
+    fn upload<T>(data: &[T]) -> DevBuf {
+        let b = DevBuf::zeroed(std::mem::size_of_val(data));
+        // SAFETY: b holds at least that many bytes.
+        unsafe { drv::memcpy_htod_sync(b.ptr, data) }.expect("cuMemcpyHtoD");
+        b
+    }
+
+    fn download<T: Copy + Default>(&self, n: usize) -> Vec<T> {
+        let mut v = vec![T::default(); n];
+        // SAFETY: the buffer holds n elements.
+        unsafe { drv::memcpy_dtoh_sync(&mut v[..], self.ptr) }.expect("cuMemcpyDtoH");
+        v
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated above.
+        unsafe {
+            let _ = drv::free_sync(self.ptr);
+        }
+    }
+}
+
+/// SplitMix64, seedable.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    /// Rows of keys with a few outlier channels per head, like real models'.
+    fn keys(&mut self, n: usize, nkv: usize, hd: usize) -> Vec<f32> {
+        let mut k: Vec<f32> = (0..n * nkv * hd).map(|_| self.normal()).collect();
+        for t in 0..n {
+            for h in 0..nkv {
+                for o in [3usize, 17, 40] {
+                    let c = (o * (h + 1)) % hd;
+                    k[(t * nkv + h) * hd + c] = 10.0 + 4.0 * self.normal();
+                }
+            }
+        }
+        k
+    }
+    fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+}
+
+fn to_t<T: Element>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+fn rel_err<T: Element>(gpu: &[T], cpu: &[T]) -> f64 {
+    let num = gpu.iter().zip(cpu).map(|(a, b)| (a.to_f32() as f64 - b.to_f32() as f64).abs()).fold(0.0, f64::max);
+    let den = cpu.iter().map(|b| (b.to_f32() as f64).abs()).fold(0.0, f64::max);
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+fn sync() -> Result<(), String> {
+    drv::ctx::synchronize().map_err(|e| format!("device error: {e:?}"))
+}
+
+/// A CPU cache and a CUDA cache fed the same operations.
+struct Pair<T: Element> {
+    cpu: Cache,
+    gpu: CudaCache,
+    rng: Rng,
+    nqh: usize,
+    opts: AttnOptions,
+    tol: f64,
+    calls: usize,
+    max_err: f64,
+    failures: Vec<String>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Element + Default> Pair<T> {
+    fn new(cfg: CacheConfig, nqh: usize, opts: AttnOptions, seed: u64) -> Result<Self, String> {
+        let cpu = Cache::new(cfg.clone()).map_err(|e| e.to_string())?;
+        let gpu = CudaCache::new(cfg, 0).map_err(|e| e.to_string())?;
+        let ulp = match T::DTYPE {
+            DType::F32 => 0.0,
+            DType::F16 => 1.0 / 1024.0,
+            DType::BF16 => 1.0 / 128.0,
+        };
+        Ok(Pair {
+            cpu,
+            gpu,
+            rng: Rng(seed),
+            nqh,
+            opts,
+            tol: 1e-3 + ulp,
+            calls: 0,
+            max_err: 0.0,
+            failures: Vec::new(),
+            _t: Default::default(),
+        })
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        let c = self.cpu.config();
+        (c.n_kv_heads as usize, c.head_dim as usize)
+    }
+
+    fn fail(&mut self, m: String) {
+        if self.failures.len() < 8 {
+            self.failures.push(m);
+        } else if self.failures.len() == 8 {
+            self.failures.push("...".into());
+        }
+    }
+
+    fn compare(&mut self, what: String, gpu: &[T], cpu: &[T]) {
+        self.calls += 1;
+        let e = rel_err(gpu, cpu);
+        if !e.is_finite() || e > self.tol {
+            self.fail(format!("{what}: relative error {e:.3e} > {:.1e}", self.tol));
+        }
+        if e.is_finite() {
+            self.max_err = self.max_err.max(e);
+        } else {
+            self.max_err = f64::INFINITY;
+        }
+    }
+
+    fn kvq(&mut self, n: usize, with_q: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (nkv, hd) = self.dims();
+        let k = to_t(&self.rng.keys(n, nkv, hd));
+        let v = to_t(&self.rng.normals(n * nkv * hd));
+        let q = if with_q { to_t(&self.rng.normals(n * self.nqh * hd)) } else { vec![] };
+        (k, v, q)
+    }
+
+    fn append_attend(&mut self, layer: u32, seq: u32, n: usize) {
+        let (nkv, hd) = self.dims();
+        let (k, v, q) = self.kvq(n, true);
+        let mut out = vec![T::default(); q.len()];
+        let r = self.cpu.append_attend(
+            layer,
+            seq,
+            Rows::new(&k, n).unwrap(),
+            Rows::new(&v, n).unwrap(),
+            Rows::new(&q, n).unwrap(),
+            RowsMut::new(&mut out, n).unwrap(),
+            &self.opts,
+        );
+        let (dk, dv, dq) = (DevBuf::upload(&k), DevBuf::upload(&v), DevBuf::upload(&q));
+        let dout = DevBuf::zeroed(std::mem::size_of_val(&out[..]));
+        let g = self.gpu.append_attend(
+            layer,
+            seq,
+            DevRows::new(dk.ptr, n, nkv * hd),
+            DevRows::new(dv.ptr, n, nkv * hd),
+            DevRows::new(dq.ptr, n, self.nqh * hd),
+            DevRows::new(dout.ptr, n, self.nqh * hd),
+            &self.opts,
+            std::ptr::null_mut(),
+        );
+        self.outcome(format!("append_attend(layer {layer}, seq {seq}, {n})"), r, g, &dout, &out);
+    }
+
+    fn outcome(&mut self, what: String, r: kivi::Result<()>, g: kivi::Result<()>, dout: &DevBuf, out: &[T]) {
+        match (r, g) {
+            (Ok(()), Ok(())) => {
+                if let Err(e) = sync() {
+                    self.fail(format!("{what}: {e}"));
+                    return;
+                }
+                let got: Vec<T> = dout.download(out.len());
+                self.compare(what, &got, out);
+            }
+            (Err(a), Err(b)) if a == b => {}
+            (a, b) => self.fail(format!("{what}: CPU {a:?}, CUDA {b:?}")),
+        }
+    }
+
+    fn append(&mut self, layer: u32, seq: u32, n: usize) {
+        let (nkv, hd) = self.dims();
+        let (k, v, _) = self.kvq(n, false);
+        let r = self.cpu.append(layer, seq, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap());
+        let (dk, dv) = (DevBuf::upload(&k), DevBuf::upload(&v));
+        let g = self.gpu.append(
+            layer,
+            seq,
+            DevRows::new(dk.ptr, n, nkv * hd),
+            DevRows::new(dv.ptr, n, nkv * hd),
+            std::ptr::null_mut(),
+        );
+        if let Err(e) = sync() {
+            self.fail(format!("append: {e}"));
+        }
+        if r != g {
+            self.fail(format!("append(layer {layer}, seq {seq}, {n}): CPU {r:?}, CUDA {g:?}"));
+        }
+    }
+
+    fn decode(&mut self, layer: u32, seqs: &[u32]) {
+        let (nkv, hd) = self.dims();
+        let n = seqs.len();
+        let (k, v, q) = self.kvq(n, true);
+        let mut out = vec![T::default(); q.len()];
+        let r = self.cpu.decode(
+            layer,
+            seqs,
+            Rows::new(&k, n).unwrap(),
+            Rows::new(&v, n).unwrap(),
+            Rows::new(&q, n).unwrap(),
+            RowsMut::new(&mut out, n).unwrap(),
+            &self.opts,
+        );
+        let (dk, dv, dq) = (DevBuf::upload(&k), DevBuf::upload(&v), DevBuf::upload(&q));
+        let dout = DevBuf::zeroed(std::mem::size_of_val(&out[..]));
+        let g = self.gpu.decode(
+            layer,
+            seqs,
+            DevRows::new(dk.ptr, n, nkv * hd),
+            DevRows::new(dv.ptr, n, nkv * hd),
+            DevRows::new(dq.ptr, n, self.nqh * hd),
+            DevRows::new(dout.ptr, n, self.nqh * hd),
+            &self.opts,
+            std::ptr::null_mut(),
+        );
+        self.outcome(format!("decode(layer {layer}, {n} seqs)"), r, g, &dout, &out);
+    }
+
+    fn attend(&mut self, layer: u32, seq: u32, n: usize) {
+        let hd = self.dims().1;
+        let q: Vec<T> = to_t(&self.rng.normals(n * self.nqh * hd));
+        let mut out = vec![T::default(); q.len()];
+        let r = self.cpu.attend(layer, seq, Rows::new(&q, n).unwrap(), RowsMut::new(&mut out, n).unwrap(), &self.opts);
+        let dq = DevBuf::upload(&q);
+        let dout = DevBuf::zeroed(std::mem::size_of_val(&out[..]));
+        let g = self.gpu.attend(
+            layer,
+            seq,
+            DevRows::new(dq.ptr, n, self.nqh * hd),
+            DevRows::new(dout.ptr, n, self.nqh * hd),
+            &self.opts,
+            std::ptr::null_mut(),
+        );
+        self.outcome(format!("attend(layer {layer}, seq {seq}, {n})"), r, g, &dout, &out);
+    }
+
+    fn seq_copy(&mut self, src: u32, dst: u32, n: u32) {
+        let r = self.cpu.seq_copy(src, dst, n);
+        let g = self.gpu.seq_copy(src, dst, n, std::ptr::null_mut());
+        if r != g {
+            self.fail(format!("seq_copy({src}, {dst}, {n}): CPU {r:?}, CUDA {g:?}"));
+        }
+    }
+
+    fn truncate(&mut self, seq: u32, n: u32) {
+        let r = self.cpu.seq_truncate(seq, n);
+        let g = self.gpu.seq_truncate(seq, n, std::ptr::null_mut());
+        if r != g {
+            self.fail(format!("seq_truncate({seq}, {n}): CPU {r:?}, CUDA {g:?}"));
+        }
+    }
+
+    fn remove(&mut self, seq: u32) {
+        let r = self.cpu.seq_remove(seq);
+        let g = self.gpu.seq_remove(seq);
+        if r != g {
+            self.fail(format!("seq_remove({seq}): CPU {r:?}, CUDA {g:?}"));
+        }
+    }
+
+    /// The CUDA cache's contents, brought to the host, against the CPU cache's.
+    fn compare_state(&mut self, when: &str) {
+        if let Err(e) = sync() {
+            self.fail(format!("state {when}: {e}"));
+            return;
+        }
+        let host = match self.gpu.to_host(std::ptr::null_mut()) {
+            Ok(h) => h,
+            Err(e) => return self.fail(format!("to_host {when}: {e}")),
+        };
+        if host.seq_ids() != self.cpu.seq_ids() {
+            return self.fail(format!("{when}: sequences {:?} vs {:?}", host.seq_ids(), self.cpu.seq_ids()));
+        }
+        if self.gpu.stats() != self.cpu.stats() {
+            self.fail(format!("{when}: stats {:?} vs {:?}", self.gpu.stats(), self.cpu.stats()));
+        }
+        for seq in self.cpu.seq_ids() {
+            for layer in 0..self.cpu.config().n_layers {
+                let a = host.dequantized(layer, seq).unwrap();
+                let b = self.cpu.dequantized(layer, seq).unwrap();
+                if a != b {
+                    let d = if a.len != b.len {
+                        format!("length {} vs {}", a.len, b.len)
+                    } else {
+                        let dk = a.keys.iter().zip(&b.keys).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                        let dv = a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                        let first = (0..a.keys.len()).find(|&i| a.keys[i] != b.keys[i] || a.values[i] != b.values[i]);
+                        format!("max key diff {dk:e}, value diff {dv:e}, first differing element {first:?}")
+                    };
+                    self.fail(format!("{when}: contents of seq {seq} layer {layer} differ: {d}"));
+                }
+            }
+        }
+    }
+}
+
+/// The whole scenario on one configuration.
+fn scenario<T: Element + Default>(
+    cfg: &CacheConfig,
+    nqh: usize,
+    opts: AttnOptions,
+    seed: u64,
+) -> Result<Pair<T>, String> {
+    let mut p = Pair::<T>::new(cfg.clone(), nqh, opts, seed)?;
+    let (g, ring, s) = (cfg.group_size as usize, (cfg.residual + cfg.group_size) as usize, cfg.sinks as usize);
+    for layer in 0..cfg.n_layers {
+        // A prefill longer than the ring, across several flushes; chunks of two sizes after it.
+        p.append_attend(layer, 0, s + ring + 2 * g + 5);
+        p.append_attend(layer, 1, 3);
+        p.append_attend(layer, 1, g + 1);
+        p.append(layer, 2, 2 * g + 7);
+    }
+    p.compare_state("after prefill");
+    for step in 0..g + 3 {
+        for layer in 0..cfg.n_layers {
+            let seqs: &[u32] = if step % 5 == 4 { &[2, 0] } else { &[0, 1, 2] };
+            p.decode(layer, seqs);
+        }
+    }
+    p.compare_state("after decode");
+    // Fork inside a quantized group, then both sides grow (copy-on-write of a shared page).
+    p.seq_copy(0, 3, (s + g + 3) as u32);
+    p.seq_copy(0, 4, u32::MAX);
+    for _ in 0..g + 2 {
+        for layer in 0..cfg.n_layers {
+            p.decode(layer, &[3, 0, 4]);
+        }
+    }
+    p.compare_state("after fork");
+    // Truncation inside a quantized group, then appends through the next flush.
+    p.truncate(1, (s + g / 2 + 1) as u32);
+    for layer in 0..cfg.n_layers {
+        for _ in 0..3 {
+            p.decode(layer, &[1]);
+        }
+        p.append_attend(layer, 1, g + 5);
+        p.attend(layer, 0, 5);
+        p.attend(layer, 3, 1);
+    }
+    p.compare_state("after truncate");
+    p.remove(2);
+    for layer in 0..cfg.n_layers {
+        p.decode(layer, &[5, 0]);
+        p.decode(layer, &[5, 0]);
+    }
+    p.compare_state("after remove");
+    // The CUDA cache saves exactly the CPU cache's state blob (same pages, same bytes), and a
+    // fresh CUDA cache loads it back.
+    match p.gpu.save_state_vec(std::ptr::null_mut()) {
+        Ok(blob) => {
+            if blob != p.cpu.save_state_vec() {
+                p.fail("state blobs of the CUDA and CPU caches differ".into());
+            }
+            match CudaCache::new(cfg.clone(), 0).and_then(|mut c| c.load_state(&blob).map(|_| c)) {
+                Ok(c) => {
+                    if c.save_state_vec(std::ptr::null_mut()).ok().as_ref() != Some(&blob) {
+                        p.fail("a loaded state saves differently".into());
+                    }
+                }
+                Err(e) => p.fail(format!("load_state: {e}")),
+            }
+        }
+        Err(e) => p.fail(format!("save_state_vec: {e}")),
+    }
+    // One sequence out to the host and back under another id (a swap, or a saved state).
+    match p.gpu.seq_to_host(0, std::ptr::null_mut()) {
+        Ok(one) => {
+            for layer in 0..cfg.n_layers {
+                if one.dequantized(layer, 0).ok() != p.cpu.dequantized(layer, 0).ok() {
+                    p.fail(format!("seq_to_host: layer {layer} differs"));
+                }
+            }
+            let g = p.gpu.seq_from_host(&one, 0, 6);
+            let r = p.cpu.seq_copy(0, 6, u32::MAX);
+            if g.is_err() || r.is_err() {
+                p.fail(format!("seq_from_host: CUDA {g:?}, CPU copy {r:?}"));
+            } else {
+                for layer in 0..cfg.n_layers {
+                    p.decode(layer, &[6, 0]);
+                }
+            }
+        }
+        Err(e) => p.fail(format!("seq_to_host: {e}")),
+    }
+    Ok(p)
+}
+
+/// Many sequences of different lengths, more than one launch holds, in each decode step.
+fn many_sequences<T: Element + Default>(cfg: &CacheConfig, nqh: usize, seed: u64) -> Result<Pair<T>, String> {
+    let mut p = Pair::<T>::new(cfg.clone(), nqh, AttnOptions::default(), seed)?;
+    let n = cfg.max_seqs;
+    for seq in 0..n {
+        p.append_attend(0, seq, 1 + (seq as usize * 37) % 300);
+    }
+    let all: Vec<u32> = (0..n).collect();
+    for _ in 0..cfg.group_size + 2 {
+        p.decode(0, &all);
+    }
+    p.compare_state("after batched decode");
+    Ok(p)
+}
+
+/// Long contexts: many splits, many groups per warp, pages all over the pool.
+fn long_context<T: Element + Default>(cfg: &CacheConfig, nqh: usize, seed: u64) -> Result<Pair<T>, String> {
+    let mut p = Pair::<T>::new(cfg.clone(), nqh, AttnOptions::default(), seed)?;
+    for (seq, len) in [(0u32, 20000usize), (1, 9001), (2, 333)] {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(4000);
+            p.append(0, seq, n);
+            done += n;
+        }
+    }
+    for _ in 0..3 {
+        p.decode(0, &[0, 1, 2]);
+    }
+    p.decode(0, &[1]);
+    p.attend(0, 0, 3);
+    p.append_attend(0, 2, 700);
+    p.compare_state("after long appends");
+    Ok(p)
+}
+
+struct Case {
+    name: &'static str,
+    cfg: CacheConfig,
+    nqh: usize,
+    opts: AttnOptions,
+    many: bool,
+    long: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case(
+    name: &'static str,
+    hd: u32,
+    nkv: u32,
+    nqh: usize,
+    bits: (u8, u8),
+    g: u32,
+    r: u32,
+    sinks: u32,
+    mode: KeyMode,
+    dtype: DType,
+    page_tokens: u32,
+    opts: AttnOptions,
+) -> Case {
+    let mut cfg = CacheConfig::new(2, nkv, hd);
+    cfg.key_bits = bits.0;
+    cfg.value_bits = bits.1;
+    cfg.group_size = g;
+    cfg.residual = r;
+    cfg.sinks = sinks;
+    cfg.key_mode = mode;
+    cfg.value_group = if hd % 32 == 0 { 32 } else { 16 };
+    cfg.dtype = dtype;
+    cfg.max_tokens = 4096;
+    cfg.max_seqs = 8;
+    cfg.page_tokens = page_tokens;
+    Case { name, cfg, nqh, opts, many: false, long: false }
+}
+
+fn cases() -> Vec<Case> {
+    use DType::*;
+    use KeyMode::*;
+    let d = AttnOptions::default();
+    let nc = AttnOptions { causal: false, ..d };
+    let sw = AttnOptions { sliding_window: 50, ..d };
+    let sc = AttnOptions { softcap: 30.0, scale: Some(0.2), ..d };
+    let mut v = vec![
+        case("kivi2-hd64-gqa4", 64, 2, 8, (2, 2), 32, 128, 0, PerChannel, F32, 0, d),
+        case("kivi4-hd128-gqa4", 128, 1, 4, (4, 4), 32, 64, 0, PerChannel, F16, 0, d),
+        case("kivi8-hd80-sinks", 80, 2, 2, (8, 8), 16, 32, 4, PerChannel, BF16, 64, sw),
+        case("kivi2-g8-pages", 64, 1, 1, (2, 2), 8, 16, 1, PerChannel, F32, 32, d),
+        case("kivi2-4-r0", 96, 2, 6, (2, 4), 32, 0, 0, PerChannel, F16, 0, nc),
+        case("pertoken-hd256", 256, 1, 4, (2, 2), 32, 32, 2, PerToken, F32, 0, sc),
+        case("pertoken-g64", 128, 2, 4, (4, 2), 64, 128, 0, PerToken, F16, 128, d),
+        case("bench-shape-kivi2", 128, 8, 32, (2, 2), 32, 128, 0, PerChannel, F16, 0, d),
+        case("gqa16-pages", 128, 2, 32, (2, 2), 32, 128, 0, PerChannel, F16, 128, sc),
+        case("kivi4-bf16", 128, 8, 32, (4, 4), 32, 128, 0, PerChannel, BF16, 0, sw),
+        case("mma-window", 64, 2, 8, (2, 2), 32, 64, 0, PerChannel, F16, 0, sw),
+        case("mma-softcap-g16", 128, 1, 8, (2, 4), 16, 32, 0, PerChannel, BF16, 64, sc),
+        case("mma-sinks-noncausal", 64, 2, 4, (4, 2), 16, 32, 3, PerChannel, F32, 64, nc),
+        case("mma-g64", 64, 4, 16, (4, 4), 64, 64, 0, PerChannel, F16, 128, d),
+    ];
+    let mut many = case("batch-70", 128, 2, 8, (2, 2), 32, 64, 0, PerChannel, F16, 0, d);
+    many.cfg.max_seqs = 70;
+    many.cfg.max_tokens = 70 * 400;
+    many.cfg.n_layers = 1;
+    many.many = true;
+    v.push(many);
+    for (name, bits) in [("long-kivi2", 2u8), ("long-kivi4", 4)] {
+        let mut long = case(name, 128, 8, 32, (bits, bits), 32, 128, 0, PerChannel, F16, 0, d);
+        long.cfg.n_layers = 1;
+        long.cfg.max_seqs = 4;
+        long.cfg.max_tokens = 32768;
+        long.long = true;
+        v.push(long);
+    }
+    v
+}
+
+/// `mma_only`: just the cases whose decode steps run on tensor cores where allowed (to check
+/// them again with KIVI_CUDA_MMA=0).
+fn check(mma_only: bool) -> bool {
+    let mut all_ok = true;
+    for (i, c) in cases().into_iter().enumerate() {
+        if mma_only && !kivi::cuda::kernels::tensor_core_decode(&c.cfg, c.nqh as u32) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let seed = 0x5EED_0000 + i as u64;
+        macro_rules! run {
+            ($T:ty) => {
+                if c.many {
+                    many_sequences::<$T>(&c.cfg, c.nqh, seed).map(|p| (p.calls, p.max_err, p.tol, p.failures))
+                } else if c.long {
+                    long_context::<$T>(&c.cfg, c.nqh, seed).map(|p| (p.calls, p.max_err, p.tol, p.failures))
+                } else {
+                    scenario::<$T>(&c.cfg, c.nqh, c.opts, seed).map(|p| (p.calls, p.max_err, p.tol, p.failures))
+                }
+            };
+        }
+        let res = match c.cfg.dtype {
+            DType::F32 => run!(f32),
+            DType::F16 => run!(f16),
+            DType::BF16 => run!(bf16),
+        };
+        let (calls, err, tol, failures) = match res {
+            Ok(r) => r,
+            Err(e) => (0, f64::NAN, 0.0, vec![e]),
+        };
+        let ok = failures.is_empty() && calls > 0;
+        all_ok &= ok;
+        let fails: Vec<String> = failures.iter().map(|f| format!("{:?}", f)).collect();
+        println!(
+            "{{\"kind\":\"check\",\"case\":\"{}\",\"q_heads\":{},\"config\":{:?},\"opts\":{:?},\"calls\":{},\"max_rel_err\":{:.3e},\"tol\":{:.2e},\"ok\":{},\"seconds\":{:.2},\"failures\":[{}]}}",
+            c.name,
+            c.nqh,
+            format!("{:?}", c.cfg),
+            format!("{:?}", c.opts),
+            calls,
+            err,
+            tol,
+            ok,
+            t0.elapsed().as_secs_f64(),
+            fails.join(",")
+        );
+        if sync().is_err() {
+            eprintln!("the device is in an error state; stopping the check");
+            return false;
+        }
+    }
+    all_ok
+}
+
+fn info() -> bool {
+    match kivi::cuda::available() {
+        Ok(i) => {
+            println!(
+                "{{\"kind\":\"info\",\"device\":{:?},\"capability\":\"{}.{}\",\"sms\":{},\"memory\":{},\"driver\":{},\"nvrtc\":\"{}.{}\"}}",
+                i.name,
+                i.capability.0,
+                i.capability.1,
+                i.multiprocessors,
+                i.total_memory,
+                i.driver_version,
+                i.nvrtc_version.0,
+                i.nvrtc_version.1
+            );
+            true
+        }
+        Err(e) => {
+            println!("{{\"kind\":\"info\",\"error\":{:?}}}", e.to_string());
+            false
+        }
+    }
+}
+
+fn list(args: &[String], name: &str, default: &[usize]) -> Vec<usize> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args[i + 1].split(',').map(|x| x.parse().expect("a list of numbers")).collect(),
+        None => default.to_vec(),
+    }
+}
+
+/// Decode steps of batches of sequences at each context length: the time of one
+/// `CudaCache::decode` (attention for 32 query heads over 8 kv heads of head_dim 128, and the
+/// append of the new tokens), measured with CUDA events.
+fn bench(args: &[String]) -> bool {
+    let contexts = list(args, "--contexts", &[4096, 32768, 131072]);
+    let batches = list(args, "--batches", &[1, 16, 64]);
+    let bits_list = list(args, "--bits", &[2, 4]);
+    let iters = list(args, "--iters", &[20])[0];
+    let label = args.iter().position(|a| a == "--label").map_or("", |i| args[i + 1].as_str());
+    let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
+    let max_batch = *batches.iter().max().unwrap();
+    let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
+    // Contexts outermost: the longest (slowest to fill) come last.
+    for &ctx in &contexts {
+        for &bits in &bits_list {
+            let t0 = Instant::now();
+            let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
+            cfg.dtype = DType::F16;
+            cfg.key_bits = bits as u8;
+            cfg.value_bits = bits as u8;
+            cfg.max_seqs = max_batch as u32;
+            let extra = (iters + 8) * batches.len() + 256;
+            cfg.max_tokens = (max_batch * (ctx + extra)) as u32;
+            let mut cache = match CudaCache::new(cfg.clone(), 0) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{:?}}}", e.to_string());
+                    continue;
+                }
+            };
+            // Fill every sequence with its own copy of the data (no shared pages, so no reads
+            // served from L2 that another sequence brought in).
+            let mut rng = Rng(42 + bits as u64);
+            let chunk = 4096.min(ctx);
+            let k: Vec<f16> = to_t(&rng.keys(chunk, nkv, hd));
+            let v: Vec<f16> = to_t(&rng.normals(chunk * nkv * hd));
+            let (dk, dv) = (DevBuf::upload(&k), DevBuf::upload(&v));
+            for seq in 0..max_batch as u32 {
+                let mut done = 0;
+                while done < ctx {
+                    let n = chunk.min(ctx - done);
+                    cache
+                        .append(
+                            0,
+                            seq,
+                            DevRows::new(dk.ptr, n, nkv * hd),
+                            DevRows::new(dv.ptr, n, nkv * hd),
+                            std::ptr::null_mut(),
+                        )
+                        .expect("fill");
+                    done += n;
+                }
+            }
+            if let Err(e) = sync() {
+                println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}");
+                return false;
+            }
+            let fill_s = t0.elapsed().as_secs_f64();
+            let (codes, params) = {
+                let c = &cfg;
+                let hd = c.head_dim as usize;
+                let kp = hd * 4 / c.group_size as usize;
+                let vp = hd / c.value_group as usize * 4;
+                (hd * (c.key_bits + c.value_bits) as usize / 8, kp + vp)
+            };
+            // Chunked-prefill attention: the last 2048 tokens of sequence 0 as queries (causal,
+            // over the whole context), the kernel a prefill chunk runs.
+            if ctx >= 4096 && !args.iter().any(|a| a == "--no-prefill") {
+                let rows = 2048;
+                let q: Vec<f16> = to_t(&rng.normals(rows * nqh * hd));
+                let (dq, dout) = (DevBuf::upload(&q), DevBuf::zeroed(rows * nqh * hd * 2));
+                let run = |cache: &CudaCache| {
+                    cache
+                        .attend(
+                            0,
+                            0,
+                            DevRows::new(dq.ptr, rows, nqh * hd),
+                            DevRows::new(dout.ptr, rows, nqh * hd),
+                            &AttnOptions::default(),
+                            std::ptr::null_mut(),
+                        )
+                        .expect("attend")
+                };
+                run(&cache);
+                let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+                let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+                // SAFETY: events created above, recorded on the default stream.
+                let ms = unsafe {
+                    drv::event::record(e0, std::ptr::null_mut()).unwrap();
+                    for _ in 0..3 {
+                        run(&cache);
+                    }
+                    drv::event::record(e1, std::ptr::null_mut()).unwrap();
+                    drv::event::synchronize(e1).unwrap();
+                    let ms = drv::event::elapsed(e0, e1).unwrap() as f64 / 3.0;
+                    let _ = drv::event::destroy(e0);
+                    let _ = drv::event::destroy(e1);
+                    ms
+                };
+                println!(
+                    "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"fill_tokens_per_s\":{:.0}}}",
+                    if label.is_empty() { "" } else { "-" },
+                    (max_batch * ctx) as f64 / fill_s
+                );
+            }
+            for &b in &batches {
+                let seqs: Vec<u32> = (0..b as u32).collect();
+                let q: Vec<f16> = to_t(&rng.normals(b * nqh * hd));
+                let kn: Vec<f16> = to_t(&rng.keys(b, nkv, hd));
+                let vn: Vec<f16> = to_t(&rng.normals(b * nkv * hd));
+                let (dq, dkn, dvn) = (DevBuf::upload(&q), DevBuf::upload(&kn), DevBuf::upload(&vn));
+                let dout = DevBuf::zeroed(b * nqh * hd * 2);
+                let opts = AttnOptions::default();
+                let step = |cache: &mut CudaCache| {
+                    cache
+                        .decode(
+                            0,
+                            &seqs,
+                            DevRows::new(dkn.ptr, b, nkv * hd),
+                            DevRows::new(dvn.ptr, b, nkv * hd),
+                            DevRows::new(dq.ptr, b, nqh * hd),
+                            DevRows::new(dout.ptr, b, nqh * hd),
+                            &opts,
+                            std::ptr::null_mut(),
+                        )
+                        .expect("decode")
+                };
+                for _ in 0..3 {
+                    step(&mut cache);
+                }
+                let mut times = Vec::with_capacity(iters);
+                let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+                let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+                for _ in 0..iters {
+                    // SAFETY: events created above, recorded on the default stream.
+                    unsafe {
+                        drv::event::record(e0, std::ptr::null_mut()).unwrap();
+                        step(&mut cache);
+                        drv::event::record(e1, std::ptr::null_mut()).unwrap();
+                        drv::event::synchronize(e1).unwrap();
+                        times.push(drv::event::elapsed(e0, e1).unwrap() as f64);
+                    }
+                }
+                // SAFETY: created above.
+                unsafe {
+                    let _ = drv::event::destroy(e0);
+                    let _ = drv::event::destroy(e1);
+                }
+                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let ms = times[times.len() / 2];
+                let ms_min = times[0];
+                // Bytes one step reads: every quantized token's codes, scales and zeros, and the
+                // full-precision window (f16 keys and values), for every kv head of every sequence.
+                let mut bytes = 0u64;
+                for &s in &seqs {
+                    let len = cache.seq_len(s).unwrap() as u64;
+                    let w = (len % cfg.group_size as u64) + cfg.residual as u64;
+                    let qn = len.saturating_sub(w);
+                    bytes += nkv as u64 * (qn * (codes + params) as u64 + (len - qn) * hd as u64 * 4);
+                }
+                println!(
+                    "{{\"kind\":\"bench\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"batch\":{b},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms_median\":{ms:.4},\"ms_min\":{ms_min:.4},\"bytes_per_step\":{bytes},\"gbytes_per_s\":{:.1},\"fill_seconds\":{fill_s:.2}}}",
+                    if label.is_empty() { "" } else { "-" },
+                    bytes as f64 / ms / 1e6
+                );
+            }
+        }
+    }
+    true
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let cmd = args.get(1).map(String::as_str).unwrap_or("check");
+    let ok = match cmd {
+        "info" => info(),
+        "check" => info() && check(args.iter().any(|a| a == "--mma-only")),
+        "bench" => info() && bench(&args),
+        other => {
+            eprintln!("unknown command {other}: use info, check or bench");
+            false
+        }
+    };
+    std::process::exit(if ok { 0 } else { 1 });
+}

@@ -1,0 +1,193 @@
+"""A small ctypes binding of kivi's C ABI (include/kivi.h): no build step, only the shared library.
+
+The library is found through the KIVI_LIB environment variable (a path to libkivi.so), or in the
+repository's target/release or target/debug directory.
+
+    from kivi import Cache
+    cache = Cache(n_layers=2, n_kv_heads=2, head_dim=64, max_tokens=4096)
+    out = cache.append_attend(layer, seq, keys, values, queries)   # numpy float32 arrays
+"""
+
+import ctypes as C
+import os
+from pathlib import Path
+
+import numpy as np
+
+# --- the library -----------------------------------------------------------------------------
+
+
+def _find_library():
+    env = os.environ.get("KIVI_LIB")
+    if env:
+        return env
+    root = Path(__file__).resolve().parents[2]
+    for profile in ("release", "debug"):
+        p = root / "target" / profile / "libkivi.so"
+        if p.exists():
+            return str(p)
+    raise OSError("libkivi.so not found: build it with `cargo build --release` or set KIVI_LIB")
+
+
+lib = C.CDLL(_find_library())
+
+# --- the ABI's types (kivi.h) ----------------------------------------------------------------
+
+KIVI_OK = 0
+STATUS_NAMES = {
+    0: "KIVI_OK", 1: "KIVI_ERR_NULL_POINTER", 2: "KIVI_ERR_INVALID_CONFIG", 3: "KIVI_ERR_INVALID_ARGUMENT",
+    4: "KIVI_ERR_SHAPE", 5: "KIVI_ERR_NON_FINITE", 6: "KIVI_ERR_LAYER_OUT_OF_RANGE",
+    7: "KIVI_ERR_UNKNOWN_SEQUENCE", 8: "KIVI_ERR_CAPACITY_EXHAUSTED", 9: "KIVI_ERR_TOO_MANY_SEQUENCES",
+    10: "KIVI_ERR_BUFFER_TOO_SMALL", 11: "KIVI_ERR_CORRUPT_STATE", 12: "KIVI_ERR_STATE_MISMATCH",
+    13: "KIVI_ERR_STRUCT_SIZE", 14: "KIVI_ERR_BACKEND_UNAVAILABLE", 99: "KIVI_ERR_INTERNAL",
+}
+DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # bf16 (2) has no numpy dtype
+KIVI_ATTN_NON_CAUSAL = 1
+
+
+class Params(C.Structure):
+    _fields_ = [(name, C.c_uint32) for name in ("struct_size", "n_layers", "n_kv_heads", "head_dim")] + [
+        ("dtype", C.c_int32), ("key_bits", C.c_uint32), ("value_bits", C.c_uint32), ("key_mode", C.c_int32),
+    ] + [(name, C.c_uint32) for name in ("group_size", "value_group", "residual", "sinks", "max_tokens",
+                                         "max_seqs", "page_tokens", "n_threads")] + [("device", C.c_int32)]
+
+
+class AttnOptions(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("scale", C.c_float), ("flags", C.c_uint32),
+                ("sliding_window", C.c_uint32), ("softcap", C.c_float)]
+
+
+class Rows(C.Structure):
+    _fields_ = [("data", C.c_void_p), ("dtype", C.c_int32), ("n_rows", C.c_uint32), ("row_len", C.c_uint32),
+                ("stride", C.c_size_t)]
+
+
+class MemoryStats(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("sequences", C.c_uint32)] + [
+        (name, C.c_uint64) for name in ("tokens", "quantized_tokens", "code_bytes", "scale_bytes", "window_bytes",
+                                        "used_bytes", "f16_bytes", "pages_used", "pages_total", "reserved_bytes")]
+
+
+P, U32, SZ = C.POINTER, C.c_uint32, C.c_size_t
+_SIGNATURES = {
+    "kivi_params_init": [P(Params), SZ],
+    "kivi_cache_create": [P(Params), P(C.c_void_p)],
+    "kivi_append": [C.c_void_p, U32, U32, P(Rows), P(Rows)],
+    "kivi_append_attend": [C.c_void_p, U32, U32, P(Rows), P(Rows), P(Rows), P(Rows), P(AttnOptions)],
+    "kivi_attend": [C.c_void_p, U32, U32, P(Rows), P(Rows), P(AttnOptions)],
+    "kivi_decode": [C.c_void_p, U32, P(U32), U32, P(Rows), P(Rows), P(Rows), P(Rows), P(AttnOptions)],
+    "kivi_seq_len": [C.c_void_p, U32, P(U32)],
+    "kivi_seq_remove": [C.c_void_p, U32],
+    "kivi_seq_truncate": [C.c_void_p, U32, U32],
+    "kivi_seq_copy": [C.c_void_p, U32, U32, U32],
+    "kivi_state_size": [C.c_void_p, P(SZ)],
+    "kivi_state_save": [C.c_void_p, C.c_char_p, SZ, P(SZ)],
+    "kivi_state_load": [C.c_void_p, C.c_char_p, SZ],
+    "kivi_cache_stats": [C.c_void_p, P(MemoryStats), SZ],
+}
+for _name, _args in _SIGNATURES.items():
+    getattr(lib, _name).argtypes = _args
+    getattr(lib, _name).restype = C.c_int32
+lib.kivi_cache_free.argtypes, lib.kivi_cache_free.restype = [C.c_void_p], None
+for _name in ("kivi_version", "kivi_last_error_message"):
+    getattr(lib, _name).argtypes, getattr(lib, _name).restype = [], C.c_char_p
+lib.kivi_status_str.argtypes, lib.kivi_status_str.restype = [C.c_int32], C.c_char_p
+
+
+class KiviError(Exception):
+    """A kivi call that returned a status other than KIVI_OK; `.status` is its number."""
+
+    def __init__(self, status, message):
+        super().__init__(f"{STATUS_NAMES.get(status, status)}: {message}")
+        self.status = status
+
+
+def _check(status):
+    if status != KIVI_OK:
+        raise KiviError(status, lib.kivi_last_error_message().decode())
+
+
+def version():
+    return lib.kivi_version().decode()
+
+
+def _rows(a):
+    """A 2-D numpy array (tokens x elements; rows may be strided, elements contiguous) as kivi_rows."""
+    if a.ndim != 2 or a.strides[1] != a.itemsize or a.strides[0] % a.itemsize:
+        raise ValueError("rows must be a 2-D array with contiguous elements")
+    if a.dtype not in DTYPES:
+        raise TypeError(f"dtype {a.dtype} is not float32 or float16")
+    return Rows(a.ctypes.data, DTYPES[a.dtype], a.shape[0], a.shape[1], a.strides[0] // a.itemsize)
+
+
+def _options(scale=0.0, causal=True, sliding_window=0, softcap=0.0):
+    o = AttnOptions(C.sizeof(AttnOptions), scale, 0 if causal else KIVI_ATTN_NON_CAUSAL, sliding_window, softcap)
+    return C.byref(o)
+
+
+class Cache:
+    """A kivi cache. Keyword arguments set kivi_params fields (n_layers, n_kv_heads, head_dim, key_bits, ...)."""
+
+    def __init__(self, **fields):
+        p = Params()
+        _check(lib.kivi_params_init(C.byref(p), C.sizeof(p)))
+        for k, v in fields.items():
+            if not hasattr(p, k) or k == "struct_size":
+                raise AttributeError(f"kivi_params has no field {k}")
+            setattr(p, k, v)
+        self.params = p
+        self._h = C.c_void_p()
+        _check(lib.kivi_cache_create(C.byref(p), C.byref(self._h)))
+
+    def close(self):
+        if self._h:
+            lib.kivi_cache_free(self._h)
+            self._h = C.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+    def append(self, layer, seq, keys, values):
+        _check(lib.kivi_append(self._h, layer, seq, C.byref(_rows(keys)), C.byref(_rows(values))))
+
+    def append_attend(self, layer, seq, keys, values, queries, **opts):
+        out = np.empty_like(queries, order="C")
+        _check(lib.kivi_append_attend(self._h, layer, seq, C.byref(_rows(keys)), C.byref(_rows(values)),
+                                      C.byref(_rows(queries)), C.byref(_rows(out)), _options(**opts)))
+        return out
+
+    def decode(self, layer, seqs, keys, values, queries, **opts):
+        ids = (U32 * len(seqs))(*seqs)
+        out = np.empty_like(queries, order="C")
+        _check(lib.kivi_decode(self._h, layer, ids, len(seqs), C.byref(_rows(keys)), C.byref(_rows(values)),
+                               C.byref(_rows(queries)), C.byref(_rows(out)), _options(**opts)))
+        return out
+
+    def seq_len(self, seq):
+        n = U32()
+        _check(lib.kivi_seq_len(self._h, seq, C.byref(n)))
+        return n.value
+
+    def seq_truncate(self, seq, n_tokens):
+        _check(lib.kivi_seq_truncate(self._h, seq, n_tokens))
+
+    def seq_copy(self, src, dst, n_tokens=0xFFFFFFFF):
+        _check(lib.kivi_seq_copy(self._h, src, dst, n_tokens))
+
+    def seq_remove(self, seq):
+        _check(lib.kivi_seq_remove(self._h, seq))
+
+    def save(self):
+        size = SZ()
+        _check(lib.kivi_state_size(self._h, C.byref(size)))
+        buf, written = C.create_string_buffer(size.value), SZ()
+        _check(lib.kivi_state_save(self._h, buf, size.value, C.byref(written)))
+        return buf.raw[: written.value]
+
+    def load(self, blob):
+        _check(lib.kivi_state_load(self._h, blob, len(blob)))
+
+    def stats(self):
+        s = MemoryStats()
+        _check(lib.kivi_cache_stats(self._h, C.byref(s), C.sizeof(s)))
+        return {name: getattr(s, name) for name, _ in MemoryStats._fields_ if name != "struct_size"}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The CUDA backend on a CUDA machine, in one run of at most 7.4 minutes (the timeouts below): the
+# device and its libraries, CUDA against the CPU backend on identical random inputs (with and
+# without the tensor-core decode), then the decode benchmark with the PyTorch fp16 baseline and
+# the copy bandwidth. Needs no Rust: build the binary first elsewhere,
+#   cargo build --release --example gpu_check
+# and bring target/release/examples/gpu_check along (or pass its path as $1).
+#
+# Writes into $OUT (default ./gpu-out): info.txt, check.jsonl, bench.jsonl, results.jsonl,
+# benchmarks.md, targets.json and the logs. Exits non-zero when the correctness check fails.
+set -uo pipefail
+BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
+OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+CHECK_S=${CHECK_S:-130}
+BENCH_S=${BENCH_S:-140}
+BASE_S=${BASE_S:-50}
+# Compiled kernels are kept between the runs below (each run is its own process).
+export KIVI_CUDA_CACHE_DIR=${KIVI_CUDA_CACHE_DIR:-/tmp/kivi-cubins}
+
+# NVRTC: the toolkit's own (it matches the driver), else the nvidia-cuda-nvrtc Python package.
+if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
+  for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export KIVI_NVRTC_LIB="$d"; break; fi
+  done
+fi
+if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
+  d=$(python3 -c 'import nvidia, os
+for p in nvidia.__path__:
+    for s in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib"):
+        d = os.path.join(p, s)
+        if os.path.isdir(d) and any(f.startswith("libnvrtc.so") for f in os.listdir(d)):
+            print(d); raise SystemExit' 2>/dev/null)
+  [ -n "$d" ] && export KIVI_NVRTC_LIB="$d"
+fi
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "KIVI_NVRTC_LIB=${KIVI_NVRTC_LIB:-unset}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  ldd "$BIN" 2>&1
+} > "$OUT/info.txt"
+
+echo "== info"
+"$BIN" info | tee "$OUT/info.jsonl"
+
+echo "== check (CUDA against the CPU backend)"
+timeout "$CHECK_S" "$BIN" check > "$OUT/check.jsonl" 2> "$OUT/check.log"
+check_rc=$?
+cat "$OUT/check.jsonl"
+echo "check exit code: $check_rc"
+
+echo "== check with the tensor-core decode turned off (the CUDA-core kernel for every group)"
+KIVI_CUDA_MMA=0 timeout 80 "$BIN" check --mma-only > "$OUT/check-nomma.jsonl" 2> "$OUT/check-nomma.log"
+nomma_rc=$?
+grep -c '"ok":true' "$OUT/check-nomma.jsonl" || true
+grep '"ok":false' "$OUT/check-nomma.jsonl" || true
+echo "check (no mma) exit code: $nomma_rc"
+[ "$check_rc" = 0 ] && check_rc=$nomma_rc
+
+echo "== bench"
+timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
+echo "bench exit code: $?"
+cat "$OUT/bench.jsonl"
+echo "== bench, CUDA-core kernel only, 32k context (for comparison)"
+KIVI_CUDA_MMA=0 timeout 40 "$BIN" bench --contexts 32768 --batches 1,16 --label nomma --no-prefill > "$OUT/bench-nomma.jsonl" 2> "$OUT/bench-nomma.log"
+cat "$OUT/bench-nomma.jsonl"
+
+echo "== fp16 baseline and copy bandwidth"
+timeout "$BASE_S" python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" > "$OUT/baseline.jsonl" 2> "$OUT/baseline.log"
+echo "baseline exit code: $?"
+cat "$OUT/baseline.jsonl"
+[ -f "$OUT/benchmarks.md" ] && cat "$OUT/benchmarks.md"
+exit $check_rc

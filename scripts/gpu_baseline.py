@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""The fp16 baseline and the copy bandwidth for the CUDA benchmark, with PyTorch.
+
+Reads the JSON lines of `gpu_check bench`, times torch.nn.functional.scaled_dot_product_attention
+on the same shapes (one query token per sequence, f16 keys and values of the full context,
+grouped-query attention; the fastest of the flash, cuDNN and memory-efficient backends that takes
+them), measures the device's copy bandwidth, and writes:
+  results.jsonl   each bench line plus baseline_ms, speedup, copy_gbytes_per_s, bw_fraction
+  benchmarks.md   a table for BENCHMARKS.md
+  targets.json    the issue's targets, met or not
+Usage: gpu_baseline.py BENCH_JSONL OUT_DIR [--iters N]
+"""
+import json
+import statistics
+import sys
+
+import torch
+
+
+def timed(fn, iters):
+    """Median milliseconds of fn() over iters runs, with CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth(iters):
+    """Bytes read plus bytes written per second by a device-to-device copy of 4 GiB."""
+    n = 1 << 30  # f32 elements: 4 GiB
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), iters)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 4 * n / (ms * 1e-3) / 1e9
+
+
+def sdpa_ms(batch, ctx, hd, nkv, nq, iters):
+    """Median ms of SDPA on these shapes with the fastest backend that takes them (flash first),
+    and that backend's name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, nq, 1, hd, dtype=torch.float16, device="cuda")
+    k = torch.randn(batch, nkv, ctx, hd, dtype=torch.float16, device="cuda")
+    v = torch.randn(batch, nkv, ctx, hd, dtype=torch.float16, device="cuda")
+    f = torch.nn.functional.scaled_dot_product_attention
+    best = None
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                f(q, k, v, enable_gqa=True)
+                torch.cuda.synchronize()
+                ms = timed(lambda: f(q, k, v, enable_gqa=True), iters)
+        except Exception:  # this backend does not take these shapes
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, backend.name)
+    if best is None:  # whatever PyTorch picks by itself
+        best = (timed(lambda: f(q, k, v, enable_gqa=True), iters), "default")
+    del q, k, v
+    torch.cuda.empty_cache()
+    return best
+
+
+def main():
+    if len(sys.argv) < 3:
+        print(__doc__)
+        return 2
+    bench, out = sys.argv[1], sys.argv[2]
+    iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 20
+    rows = []
+    with open(bench) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                r = json.loads(line)
+                if r.get("kind") == "bench" and "ms_median" in r:
+                    rows.append(r)
+    name = torch.cuda.get_device_name()
+    copy = copy_bandwidth(iters)
+    print(json.dumps({"kind": "copy", "device": name, "copy_gbytes_per_s": round(copy, 1)}), flush=True)
+    base = {}
+    for r in rows:
+        key = (r["batch"], r["ctx"], r["head_dim"], r["kv_heads"], r["q_heads"])
+        if key not in base:
+            base[key] = sdpa_ms(*key, iters)
+        ms, backend = base[key]
+        r["baseline_ms"] = round(ms, 4)
+        r["baseline_backend"] = backend
+        r["baseline_gbytes_per_s"] = round(2 * r["batch"] * r["kv_heads"] * r["ctx"] * r["head_dim"] * 2 / ms / 1e6, 1)
+        r["speedup"] = round(ms / r["ms_median"], 3)
+        r["copy_gbytes_per_s"] = round(copy, 1)
+        r["bw_fraction"] = round(r["gbytes_per_s"] / copy, 3)
+        r["torch"] = torch.__version__
+    with open(f"{out}/results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+            print(json.dumps(r), flush=True)
+    lines = [
+        f"GPU: {name}, copy bandwidth {copy:.0f} GB/s (read + write), PyTorch {torch.__version__}.",
+        "",
+        "| method | context | batch | kivi ms | fp16 SDPA ms (backend) | speedup | kivi GB/s | of copy bw |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| KIVI-{r['bits']} | {r['ctx']} | {r['batch']} | {r['ms_median']:.3f} | {r['baseline_ms']:.3f} ({r['baseline_backend']}) | "
+            f"{r['speedup']:.2f}x | {r['gbytes_per_s']:.0f} | {100 * r['bw_fraction']:.0f}% |"
+        )
+    with open(f"{out}/benchmarks.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    targets = []
+    for r in rows:
+        if r["ctx"] == 32768 and r["batch"] == 16:
+            if r["bits"] == 2:
+                targets.append({"target": "KIVI-2 >= 4x fp16 at 32k, batch 16", "value": r["speedup"], "met": r["speedup"] >= 4.0})
+                targets.append({"target": "KIVI-2 >= 75% of copy bandwidth", "value": r["bw_fraction"], "met": r["bw_fraction"] >= 0.75})
+            if r["bits"] == 4:
+                targets.append({"target": "KIVI-4 >= 2.7x fp16 at 32k, batch 16", "value": r["speedup"], "met": r["speedup"] >= 2.7})
+    with open(f"{out}/targets.json", "w") as f:
+        json.dump(targets, f, indent=1)
+    for t in targets:
+        print(json.dumps({"kind": "target", **t}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

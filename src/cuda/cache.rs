@@ -1,0 +1,1396 @@
+//! [`CudaCache`]: the KIVI cache in device memory, with the operations of [`crate::Cache`].
+//!
+//! The bytes are laid out exactly as on the CPU (see the `layout` module): pages of every layer,
+//! the full-precision windows, then the device copy of the block tables and a scratch area for
+//! the split-K partial results, all in one allocation taken at creation. Sequence metadata
+//! (lengths, block tables, page reference counts) lives on the host, so deciding what a call does
+//! never waits for the device; changes to the device copy of the block tables travel as kernel
+//! parameters. Every call only queues work on the stream it is given: no synchronisation and no
+//! copy between host and device, except [`CudaCache::to_host`] and [`CudaCache::from_host`],
+//! which exist to save, restore and inspect a cache.
+//!
+//! Calls on one cache must reach the device in the order they are made: use one stream per cache
+//! (or order the streams), as an engine does with its compute stream.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{result as drv, sys as dsys};
+
+use super::kernels::{max_nq, mma_layout, Family, Spec};
+use super::{launch, Device, DeviceInfo};
+use crate::attention::{AttnOptions, Resolved};
+use crate::cache::Cache;
+use crate::config::CacheConfig;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::pool::PagePool;
+use crate::seq::{LayerSeq, SeqTable};
+use crate::stats::MemoryStats;
+
+#[cfg(test)]
+#[path = "emu.rs"]
+mod emu;
+
+/// A CUDA stream (`CUstream`) as the engine holds it; null is the default stream.
+pub type Stream = *mut c_void;
+
+/// Rows of device memory in the cache's dtype: `rows` rows of `row_len` elements, the starts of
+/// consecutive rows `stride` elements apart (a view into a fused QKV buffer needs no copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevRows {
+    pub ptr: u64,
+    pub rows: usize,
+    pub row_len: usize,
+    pub stride: usize,
+}
+
+impl DevRows {
+    /// Contiguous rows.
+    pub fn new(ptr: u64, rows: usize, row_len: usize) -> DevRows {
+        DevRows { ptr, rows, row_len, stride: row_len }
+    }
+
+    /// Rows `stride` elements apart.
+    pub fn strided(ptr: u64, rows: usize, row_len: usize, stride: usize) -> DevRows {
+        DevRows { ptr, rows, row_len, stride }
+    }
+
+    fn check(&self, what: &'static str, rows: usize, row_len: Option<usize>) -> Result<()> {
+        let shape = |detail: String| Err(Error::Shape { what, detail });
+        if self.ptr == 0 {
+            return shape("null device pointer".into());
+        }
+        if self.rows != rows {
+            return shape(format!("{} rows, expected {rows}", self.rows));
+        }
+        if let Some(n) = row_len {
+            if self.row_len != n {
+                return shape(format!("rows of {} elements, expected {n}", self.row_len));
+            }
+        }
+        if self.row_len == 0 || self.stride < self.row_len {
+            return shape(format!("row length {} with stride {}", self.row_len, self.stride));
+        }
+        if self.stride > i64::MAX as usize / 4 {
+            return shape(format!("stride {} too large", self.stride));
+        }
+        Ok(())
+    }
+}
+
+/// Page reference counts of one layer (the host side of a page pool: same allocation order as
+/// the CPU's [`PagePool`], so both hand out the same pages for the same calls).
+#[derive(Debug, Clone)]
+struct PageRefs {
+    refs: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl PageRefs {
+    fn new(pages: usize) -> PageRefs {
+        PageRefs { refs: vec![0; pages], free: (0..pages as u32).rev().collect() }
+    }
+    fn alloc(&mut self) -> u32 {
+        let p = self.free.pop().expect("page availability is checked before any change");
+        self.refs[p as usize] = 1;
+        p
+    }
+    fn incref(&mut self, p: u32) {
+        self.refs[p as usize] += 1;
+    }
+    fn decref(&mut self, p: u32) {
+        let r = &mut self.refs[p as usize];
+        debug_assert!(*r > 0, "page {p} released twice");
+        *r -= 1;
+        if *r == 0 {
+            self.free.push(p);
+        }
+    }
+    fn set_refs(&mut self, refs: &[u32]) {
+        self.refs.copy_from_slice(refs);
+        self.free.clear();
+        self.free.extend((0..refs.len() as u32).rev().filter(|&p| refs[p as usize] == 0));
+    }
+}
+
+// Kernel parameter structs: field for field the structs of cuda/*.cu.
+const MAX_ITEMS: usize = 64;
+const MAX_SET: usize = 480;
+const SCRATCH_BYTES: usize = 32 << 20;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct AttnItem {
+    slot: u32,
+    len: u32,
+    quantized: u32,
+    chunk_row0: u32,
+    n_chunk: u32,
+    q_row0: u32,
+    n_q: u32,
+    q_pos0: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct AttnParams {
+    pages: u64,
+    windows: u64,
+    blocks: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    part: u64,
+    out: u64,
+    q_stride: i64,
+    kv_stride: i64,
+    out_stride: i64,
+    scale: f32,
+    softcap: f32,
+    window: u32,
+    causal: u32,
+    n_q_heads: u32,
+    ratio: u32,
+    hc: u32,
+    qt: u32,
+    ups: u32,
+    n_splits: u32,
+    n_items: u32,
+    fp_only: u32,
+    items: [AttnItem; MAX_ITEMS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SetBlocksParams {
+    blocks: u64,
+    n: u32,
+    pad: u32,
+    pairs: [u32; 2 * MAX_SET],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct FlushItem {
+    slot: u32,
+    g0: u32,
+    n_groups: u32,
+    len_old: u32,
+    chunk_row0: u32,
+    pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct QuantParams {
+    pages: u64,
+    windows: u64,
+    blocks: u64,
+    k: u64,
+    v: u64,
+    kv_stride: i64,
+    n_items: u32,
+    total_groups: u32,
+    items: [FlushItem; MAX_ITEMS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct WriteItem {
+    slot: u32,
+    pos0: u32,
+    n: u32,
+    row0: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct WriteParams {
+    windows: u64,
+    k: u64,
+    v: u64,
+    kv_stride: i64,
+    n_items: u32,
+    total: u32,
+    items: [WriteItem; MAX_ITEMS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct UnquantParams {
+    windows: u64,
+    pages: u64,
+    blocks: u64,
+    slot: u32,
+    g: u32,
+    partial: u32,
+    pad: u32,
+}
+
+/// Where the cache's memory is: a CUDA device, or (in tests) host memory with emulated kernels.
+enum Backend {
+    Cuda(Arc<Device>),
+    /// Emulated device memory (kept alive; addressed through raw pointers).
+    #[cfg(test)]
+    #[allow(dead_code)]
+    Emu(Vec<u64>),
+}
+
+/// A kernel launch and its parameters.
+#[derive(Clone, Copy)]
+pub(crate) enum Kernel<'a> {
+    SetBlocks(&'a SetBlocksParams),
+    Quantize(&'a QuantParams),
+    Write(&'a WriteParams),
+    Unquant(&'a UnquantParams),
+    /// Attention blocks of a family compiled for `nq` query vectors per block.
+    Attn(Family, usize, &'a AttnParams),
+    Combine(Family, usize, &'a AttnParams),
+    /// Tensor-core decode over quantized groups (decode_mma.cuh), compiled for `nq`.
+    Mma(usize, &'a AttnParams),
+}
+
+/// What appending to some sequences of one layer does on the device, decided on the host.
+#[derive(Default)]
+struct Plan {
+    /// (index into the whole block-table area, page).
+    set_blocks: Vec<(u32, u32)>,
+    /// Copy-on-write page copies (src, dst) inside the layer.
+    cow: Vec<(u32, u32)>,
+    flushes: Vec<FlushItem>,
+    writes: Vec<WriteItem>,
+}
+
+/// A KIVI key/value cache in the memory of one CUDA device. See the module documentation.
+pub struct CudaCache {
+    cfg: CacheConfig,
+    lay: Layout,
+    dev: Backend,
+    info: DeviceInfo,
+    seqs: SeqTable,
+    refs: Vec<PageRefs>,
+    base: u64,
+    bytes: usize,
+    off_windows: u64,
+    off_blocks: u64,
+    off_scratch: u64,
+    quant_spec: Spec,
+}
+
+// SAFETY: the device allocation is owned by the cache; host metadata is plain data.
+unsafe impl Send for CudaCache {}
+unsafe impl Sync for CudaCache {}
+
+impl std::fmt::Debug for CudaCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaCache")
+            .field("device", &self.info.name)
+            .field("config", &self.cfg)
+            .field("sequences", &self.seq_ids())
+            .finish()
+    }
+}
+
+fn cuerr(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::BackendUnavailable(format!("CUDA: {what} failed: {e:?}"))
+}
+
+const fn align256(n: usize) -> usize {
+    (n + 255) & !255
+}
+
+impl CudaCache {
+    /// Creates a cache on CUDA device `device`, taking all of its device memory now (zeroed).
+    /// Compiles the append kernels for the device if this process has not yet.
+    pub fn new(cfg: CacheConfig, device: u32) -> Result<CudaCache> {
+        cfg.validate()?;
+        let dev = Device::get(device)?;
+        dev.bind()?;
+        CudaCache::create(cfg, Backend::Cuda(dev))
+    }
+
+    fn create(cfg: CacheConfig, backend: Backend) -> Result<CudaCache> {
+        let lay = Layout::new(&cfg);
+        let pages = lay.n_layers * lay.pages_per_layer * lay.page_bytes;
+        let windows = lay.window_elems_total() * lay.dtype.size();
+        let blocks = lay.n_layers * lay.max_seqs * lay.pages_per_layer * 4;
+        let off_windows = align256(pages);
+        let off_blocks = off_windows + align256(windows);
+        let off_scratch = off_blocks + align256(blocks);
+        let bytes = off_scratch + SCRATCH_BYTES;
+        let quant_spec = Spec::new(&lay, 1);
+        let (dev, info, base) = match backend {
+            Backend::Cuda(dev) => {
+                dev.module(Family::Quantize, &quant_spec)?;
+                // SAFETY: a plain allocation in the bound context, zeroed before use.
+                let base = unsafe { drv::malloc_sync(bytes) }.map_err(|e| match e.0 {
+                    dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Error::InvalidConfig(format!(
+                        "the cache needs {bytes} bytes of device memory, more than is free"
+                    )),
+                    _ => cuerr("cuMemAlloc", e),
+                })?;
+                // SAFETY: base is valid for bytes.
+                if let Err(e) = unsafe { drv::memset_d8_sync(base, 0, bytes) } {
+                    // SAFETY: allocated above.
+                    let _ = unsafe { drv::free_sync(base) };
+                    return Err(cuerr("cuMemsetD8", e));
+                }
+                let info = dev.info.clone();
+                (Backend::Cuda(dev), info, base)
+            }
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                let mut mem = vec![0u64; bytes.div_ceil(8)];
+                let base = mem.as_mut_ptr() as u64;
+                (Backend::Emu(mem), emu::info(), base)
+            }
+        };
+        let refs = (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect();
+        let seqs = SeqTable::new(&lay);
+        Ok(CudaCache {
+            cfg,
+            lay,
+            dev,
+            info,
+            seqs,
+            refs,
+            base,
+            bytes,
+            off_windows: off_windows as u64,
+            off_blocks: off_blocks as u64,
+            off_scratch: off_scratch as u64,
+            quant_spec,
+        })
+    }
+
+    /// The configuration the cache was created with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// The device the cache lives on.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Bytes of device memory the cache took at creation (pages, windows, block tables, scratch).
+    pub fn device_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn pages_ptr(&self, l: usize) -> u64 {
+        self.base + (l * self.lay.pages_per_layer * self.lay.page_bytes) as u64
+    }
+
+    fn windows_ptr(&self, l: usize) -> u64 {
+        let lay = &self.lay;
+        self.base + self.off_windows + (lay.window_base(l, 0, 0) * lay.dtype.size()) as u64
+    }
+
+    fn blocks_index(&self, l: usize, slot: usize) -> usize {
+        (l * self.lay.max_seqs + slot) * self.lay.pages_per_layer
+    }
+
+    fn blocks_ptr(&self, l: usize) -> u64 {
+        self.base + self.off_blocks + (self.blocks_index(l, 0) * 4) as u64
+    }
+
+    fn check_layer(&self, layer: u32) -> Result<usize> {
+        if layer >= self.cfg.n_layers {
+            return Err(Error::LayerOutOfRange { layer, n_layers: self.cfg.n_layers });
+        }
+        Ok(layer as usize)
+    }
+
+    fn slot_of(&self, seq: u32) -> Result<usize> {
+        self.seqs.find(seq).ok_or(Error::UnknownSequence(seq))
+    }
+
+    fn slot_or_new(&self, seq: u32) -> Result<(usize, bool)> {
+        match self.seqs.find(seq) {
+            Some(s) => Ok((s, false)),
+            None => match self.seqs.free_slot() {
+                Some(s) => Ok((s, true)),
+                None => Err(Error::TooManySequences { seq, max: self.cfg.max_seqs }),
+            },
+        }
+    }
+
+    fn check_kv(&self, keys: &DevRows, values: &DevRows, rows: usize) -> Result<()> {
+        let row = self.lay.n_kv_heads * self.lay.head_dim;
+        keys.check("keys", rows, Some(row))?;
+        values.check("values", rows, Some(row))?;
+        if keys.stride != values.stride {
+            return Err(Error::Shape {
+                what: "values",
+                detail: format!("stride {} differs from the keys' stride {}", values.stride, keys.stride),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks queries and output; returns the number of query heads.
+    fn check_q(&self, queries: &DevRows, out: &DevRows, rows: usize) -> Result<usize> {
+        let (hd, nkv) = (self.lay.head_dim, self.lay.n_kv_heads);
+        queries.check("queries", rows, None)?;
+        let len = queries.row_len;
+        if len % hd != 0 || (len / hd) % nkv != 0 || len / hd > 4096 {
+            return Err(Error::Shape {
+                what: "queries",
+                detail: format!(
+                    "row of {len} elements is not a whole number (at most 4096) of heads of {hd} that is a multiple of the {nkv} kv heads"
+                ),
+            });
+        }
+        out.check("output", rows, Some(len))?;
+        Ok(len / hd)
+    }
+
+    /// Pages that appending `n` tokens to `ls` needs (as the CPU cache counts them).
+    fn pages_needed(&self, l: usize, ls: &LayerSeq, n: usize) -> usize {
+        let lay = &self.lay;
+        let w_total = (ls.len + n).saturating_sub(lay.sinks + ls.quantized);
+        let flushes = if w_total >= lay.residual + lay.group { (w_total - lay.residual) / lay.group } else { 0 };
+        if flushes == 0 {
+            return 0;
+        }
+        let groups = ls.quantized / lay.group;
+        let after = (groups + flushes).div_ceil(lay.groups_per_page);
+        let cow = groups % lay.groups_per_page != 0 && self.refs[l].refs[*ls.blocks.last().unwrap() as usize] > 1;
+        after - ls.blocks.len() + cow as usize
+    }
+
+    fn check_pages(&self, l: usize, seq: u32, token: usize, pages: usize) -> Result<()> {
+        let free = self.refs[l].free.len();
+        if pages > free {
+            return Err(Error::CapacityExhausted {
+                seq,
+                layer: l as u32,
+                token: token as u64,
+                needed: pages as u64,
+                free: free as u64,
+                total: self.refs[l].refs.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Updates the host metadata of (layer, slot) for `n` tokens from input rows `row0..` and
+    /// records what the device has to do. Capacity has been checked.
+    fn plan_push(&mut self, l: usize, slot: usize, n: usize, row0: usize, plan: &mut Plan) {
+        let lay = self.lay.clone();
+        let bidx = self.blocks_index(l, slot);
+        let refs = &mut self.refs[l];
+        let ls = &mut self.seqs.slots[slot].layers[l];
+        let (len_old, q_old) = (ls.len, ls.quantized);
+        let len_new = len_old + n;
+        let w_total = len_new.saturating_sub(lay.sinks + q_old);
+        let flushes = if w_total >= lay.residual + lay.group { (w_total - lay.residual) / lay.group } else { 0 };
+        for k in 0..flushes {
+            let g = q_old / lay.group + k;
+            let gi = g % lay.groups_per_page;
+            let bi = g / lay.groups_per_page;
+            if gi == 0 {
+                let p = refs.alloc();
+                ls.blocks.push(p);
+                plan.set_blocks.push(((bidx + bi) as u32, p));
+            } else {
+                let p = ls.blocks[bi];
+                if refs.refs[p as usize] > 1 {
+                    let fresh = refs.alloc();
+                    plan.cow.push((p, fresh));
+                    refs.decref(p);
+                    ls.blocks[bi] = fresh;
+                    plan.set_blocks.push(((bidx + bi) as u32, fresh));
+                }
+            }
+        }
+        if flushes > 0 {
+            plan.flushes.push(FlushItem {
+                slot: slot as u32,
+                g0: (q_old / lay.group) as u32,
+                n_groups: flushes as u32,
+                len_old: len_old as u32,
+                chunk_row0: row0 as u32,
+                pad: 0,
+            });
+        }
+        // Window writes: sink positions, and the ring positions that the CPU's token-by-token
+        // writes would leave there (the last `ring` positions), so the windows match the CPU's.
+        let sink_end = len_new.min(lay.sinks);
+        if len_old < sink_end {
+            let n = sink_end - len_old;
+            plan.writes.push(WriteItem { slot: slot as u32, pos0: len_old as u32, n: n as u32, row0: row0 as u32 });
+        }
+        let ring_start = len_old.max(lay.sinks).max(len_new.saturating_sub(lay.ring));
+        if ring_start < len_new {
+            plan.writes.push(WriteItem {
+                slot: slot as u32,
+                pos0: ring_start as u32,
+                n: (len_new - ring_start) as u32,
+                row0: (row0 + ring_start - len_old) as u32,
+            });
+        }
+        ls.len = len_new;
+        ls.quantized = q_old + flushes * lay.group;
+    }
+
+    /// Queues a plan's device work for layer `l`: block-table entries, copy-on-write copies, the
+    /// quantization of flushed groups (reading the ring and the input rows), then the window
+    /// writes (which may overwrite ring slots the quantization read).
+    fn run_plan(&self, l: usize, plan: &Plan, keys: &DevRows, values: &DevRows, stream: Stream) -> Result<()> {
+        let lay = &self.lay;
+        for chunk in plan.set_blocks.chunks(MAX_SET) {
+            let mut p = SetBlocksParams {
+                blocks: self.base + self.off_blocks,
+                n: chunk.len() as u32,
+                pad: 0,
+                pairs: [0; 2 * MAX_SET],
+            };
+            for (i, &(idx, page)) in chunk.iter().enumerate() {
+                p.pairs[2 * i] = idx;
+                p.pairs[2 * i + 1] = page;
+            }
+            self.kernel(Kernel::SetBlocks(&p), (1, 1, 1), 256, stream)?;
+        }
+        for &(src, dst) in &plan.cow {
+            let pb = lay.page_bytes as u64;
+            let base = self.pages_ptr(l);
+            self.dtod(base + dst as u64 * pb, base + src as u64 * pb, lay.page_bytes, stream)?;
+        }
+        for chunk in plan.flushes.chunks(MAX_ITEMS) {
+            let mut p = QuantParams {
+                pages: self.pages_ptr(l),
+                windows: self.windows_ptr(l),
+                blocks: self.blocks_ptr(l),
+                k: keys.ptr,
+                v: values.ptr,
+                kv_stride: keys.stride as i64,
+                n_items: chunk.len() as u32,
+                total_groups: chunk.iter().map(|f| f.n_groups).sum(),
+                items: [FlushItem::default(); MAX_ITEMS],
+            };
+            p.items[..chunk.len()].copy_from_slice(chunk);
+            self.kernel(Kernel::Quantize(&p), (p.total_groups, lay.n_kv_heads as u32, 1), 128, stream)?;
+        }
+        for chunk in plan.writes.chunks(MAX_ITEMS) {
+            let mut p = WriteParams {
+                windows: self.windows_ptr(l),
+                k: keys.ptr,
+                v: values.ptr,
+                kv_stride: keys.stride as i64,
+                n_items: chunk.len() as u32,
+                total: chunk.iter().map(|w| w.n).sum(),
+                items: [WriteItem::default(); MAX_ITEMS],
+            };
+            p.items[..chunk.len()].copy_from_slice(chunk);
+            let block = lay.head_dim.min(128) as u32;
+            self.kernel(Kernel::Write(&p), (p.total, lay.n_kv_heads as u32, 1), block, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Queues attention for `items` (all of layer `l`) and the combine.
+    #[allow(clippy::too_many_arguments)]
+    fn run_attention(
+        &self,
+        l: usize,
+        family: Family,
+        items: &[AttnItem],
+        n_q_heads: usize,
+        keys: Option<&DevRows>,
+        values: Option<&DevRows>,
+        queries: &DevRows,
+        out: &DevRows,
+        o: &Resolved,
+        stream: Stream,
+    ) -> Result<()> {
+        let lay = &self.lay;
+        let (hd, nkv) = (lay.head_dim, lay.n_kv_heads);
+        let ratio = n_q_heads / nkv;
+        let (nq, hc, qt) = attention_shape(family, hd, ratio);
+        let hchunks = ratio.div_ceil(hc);
+        let per_item = qt * n_q_heads * (hd + 2) * 4;
+        let mma = family == Family::Decode
+            && hchunks == 1
+            && self.info.capability.0 >= 8
+            && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0")
+            && mma_layout(lay, nq);
+        let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
+        if max_items == 0 {
+            return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
+        }
+        let sms = self.info.multiprocessors as usize;
+        for chunk in items.chunks(max_items) {
+            let units = |it: &AttnItem| {
+                let n_groups = it.quantized as usize / lay.group;
+                let len = it.len as usize;
+                let n_sink = len.min(lay.sinks);
+                let ws = (lay.sinks + it.quantized as usize).min(len);
+                let n_fp = n_sink + (len - ws) + it.n_chunk as usize;
+                n_groups + n_fp.div_ceil(32)
+            };
+            let max_units = chunk.iter().map(units).max().unwrap_or(0).max(1);
+            let blocks_per_split = chunk.len() * nkv * hchunks;
+            let want = (8 * sms).div_ceil(blocks_per_split).clamp(1, max_units);
+            let cap = (SCRATCH_BYTES / (per_item * chunk.len())).max(1);
+            let mut ups = max_units.div_ceil(want.min(cap));
+            let mut n_splits = max_units.div_ceil(ups);
+            while n_splits > cap {
+                ups += 1;
+                n_splits = max_units.div_ceil(ups);
+            }
+            let mut p = AttnParams {
+                pages: self.pages_ptr(l),
+                windows: self.windows_ptr(l),
+                blocks: self.blocks_ptr(l),
+                q: queries.ptr,
+                k: keys.map_or(0, |k| k.ptr),
+                v: values.map_or(0, |v| v.ptr),
+                part: self.base + self.off_scratch,
+                out: out.ptr,
+                q_stride: queries.stride as i64,
+                kv_stride: keys.map_or(0, |k| k.stride as i64),
+                out_stride: out.stride as i64,
+                scale: o.scale,
+                softcap: o.softcap,
+                window: o.window.min(u32::MAX as usize) as u32,
+                causal: o.causal as u32,
+                n_q_heads: n_q_heads as u32,
+                ratio: ratio as u32,
+                hc: hc as u32,
+                qt: qt as u32,
+                ups: ups as u32,
+                n_splits: n_splits as u32,
+                n_items: chunk.len() as u32,
+                fp_only: 0,
+                items: [AttnItem::default(); MAX_ITEMS],
+            };
+            p.items[..chunk.len()].copy_from_slice(chunk);
+            let rows = chunk.len() as u32;
+            if mma && cap >= 2 {
+                // One launch: split 0 takes the full-precision tokens on CUDA cores, splits 1..
+                // take `ups` quantized groups each on tensor cores.
+                let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
+                // About one wave: the kernel keeps about three blocks per multiprocessor.
+                let want = (3 * sms).div_ceil(blocks_per_split).clamp(1, max_groups.max(1));
+                let mut ups = max_groups.div_ceil(want).max(1);
+                let mut n = 1 + max_groups.div_ceil(ups);
+                while n > cap {
+                    ups += 1;
+                    n = 1 + max_groups.div_ceil(ups);
+                }
+                p.ups = ups as u32;
+                p.n_splits = n as u32;
+                p.fp_only = 1;
+                self.kernel(Kernel::Mma(nq, &p), (n as u32, nkv as u32, rows), 128, stream)?;
+            } else {
+                let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
+                self.kernel(Kernel::Attn(family, nq, &p), grid, 128, stream)?;
+            }
+            self.kernel(
+                Kernel::Combine(family, nq, &p),
+                (n_q_heads as u32, qt as u32, chunk.len() as u32),
+                128,
+                stream,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Appends `keys` and `values` (device rows of `n_kv_heads * head_dim` elements of the cache's
+    /// dtype, RoPE applied) to sequence `seq` in `layer`, creating the sequence if it is new.
+    /// The data must be finite and within the f16 range (not checked on the device).
+    pub fn append(&mut self, layer: u32, seq: u32, keys: DevRows, values: DevRows, stream: Stream) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = keys.rows;
+        self.check_kv(&keys, &values, n)?;
+        let (slot, _) = self.slot_or_new(seq)?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        self.bind()?;
+        let mut plan = Plan::default();
+        self.plan_push(l, slot, n, 0, &mut plan);
+        self.seqs.slots[slot].id = Some(seq);
+        self.run_plan(l, &plan, &keys, &values, stream)
+    }
+
+    /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
+    /// its queries (rows of `n_q_heads * head_dim`), written to `out` (same shape).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_attend(
+        &mut self,
+        layer: u32,
+        seq: u32,
+        keys: DevRows,
+        values: DevRows,
+        queries: DevRows,
+        out: DevRows,
+        opts: &AttnOptions,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = keys.rows;
+        self.check_kv(&keys, &values, n)?;
+        let nqh = self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let (slot, _) = self.slot_or_new(seq)?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        self.bind()?;
+        let (len, quantized) = (ls.len, ls.quantized);
+        let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
+        let items: Vec<AttnItem> = (0..n.div_ceil(qt))
+            .map(|i| AttnItem {
+                slot: slot as u32,
+                len: len as u32,
+                quantized: quantized as u32,
+                chunk_row0: 0,
+                n_chunk: n as u32,
+                q_row0: (i * qt) as u32,
+                n_q: qt.min(n - i * qt) as u32,
+                q_pos0: (len + i * qt) as u32,
+            })
+            .collect();
+        self.run_attention(l, Family::Prefill, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
+        let mut plan = Plan::default();
+        self.plan_push(l, slot, n, 0, &mut plan);
+        self.seqs.slots[slot].id = Some(seq);
+        self.run_plan(l, &plan, &keys, &values, stream)
+    }
+
+    /// [`crate::Cache::attend`] on the device: attention for queries of the last
+    /// `queries.rows` tokens already stored in `seq`. Unlike the CPU cache's, concurrent calls
+    /// on one cache must still be ordered on one stream: they share the cache's scratch area.
+    pub fn attend(
+        &self,
+        layer: u32,
+        seq: u32,
+        queries: DevRows,
+        out: DevRows,
+        opts: &AttnOptions,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let slot = self.slot_of(seq)?;
+        let n = queries.rows;
+        let nqh = self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        if n > ls.len {
+            return Err(Error::InvalidArgument(format!(
+                "{n} queries for sequence {seq}, which holds {} tokens in layer {layer}",
+                ls.len
+            )));
+        }
+        self.bind()?;
+        let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
+        let items: Vec<AttnItem> = (0..n.div_ceil(qt))
+            .map(|i| AttnItem {
+                slot: slot as u32,
+                len: ls.len as u32,
+                quantized: ls.quantized as u32,
+                chunk_row0: 0,
+                n_chunk: 0,
+                q_row0: (i * qt) as u32,
+                n_q: qt.min(n - i * qt) as u32,
+                q_pos0: (ls.len - n + i * qt) as u32,
+            })
+            .collect();
+        self.run_attention(l, Family::Prefill, &items, nqh, None, None, &queries, &out, &o, stream)
+    }
+
+    /// [`crate::Cache::decode`] on the device: one token for each of `seqs` (row `i` of every
+    /// argument belongs to `seqs[i]`), attention for its query, then the append. One launch
+    /// covers up to 64 sequences of any lengths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        &mut self,
+        layer: u32,
+        seqs: &[u32],
+        keys: DevRows,
+        values: DevRows,
+        queries: DevRows,
+        out: DevRows,
+        opts: &AttnOptions,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = seqs.len();
+        self.check_kv(&keys, &values, n)?;
+        let nqh = self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let mut slots = Vec::with_capacity(n);
+        let (mut pages, mut new_seqs) = (0usize, 0usize);
+        let mut blame = (seqs.first().copied().unwrap_or(0), 0usize);
+        for (i, &seq) in seqs.iter().enumerate() {
+            if seqs[..i].contains(&seq) {
+                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decode step")));
+            }
+            let (slot, new) = self.slot_or_new(seq)?;
+            if new {
+                new_seqs += 1;
+                if new_seqs > self.lay.max_seqs - self.seqs.live() {
+                    return Err(Error::TooManySequences { seq, max: self.cfg.max_seqs });
+                }
+                slots.push(usize::MAX);
+            } else {
+                let ls = &self.seqs.slots[slot].layers[l];
+                let need = self.pages_needed(l, ls, 1);
+                if need > 0 {
+                    blame = (seq, ls.len);
+                }
+                pages += need;
+                slots.push(slot);
+            }
+        }
+        self.check_pages(l, blame.0, blame.1, pages)?;
+        self.bind()?;
+        for (i, &seq) in seqs.iter().enumerate() {
+            if slots[i] == usize::MAX {
+                let s = self.seqs.free_slot().expect("free slots were counted");
+                self.seqs.slots[s].id = Some(seq);
+                slots[i] = s;
+            }
+        }
+        let items: Vec<AttnItem> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, &slot)| {
+                let ls = &self.seqs.slots[slot].layers[l];
+                AttnItem {
+                    slot: slot as u32,
+                    len: ls.len as u32,
+                    quantized: ls.quantized as u32,
+                    chunk_row0: i as u32,
+                    n_chunk: 1,
+                    q_row0: i as u32,
+                    n_q: 1,
+                    q_pos0: ls.len as u32,
+                }
+            })
+            .collect();
+        self.run_attention(l, Family::Decode, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
+        let mut plan = Plan::default();
+        for (i, &slot) in slots.iter().enumerate() {
+            self.plan_push(l, slot, 1, i, &mut plan);
+        }
+        self.run_plan(l, &plan, &keys, &values, stream)
+    }
+
+    /// Tokens `seq` holds: the most any layer holds.
+    pub fn seq_len(&self, seq: u32) -> Result<u32> {
+        let slot = self.slot_of(seq)?;
+        Ok(self.seqs.slots[slot].layers.iter().map(|l| l.len).max().unwrap_or(0) as u32)
+    }
+
+    /// Tokens `seq` holds in `layer`.
+    pub fn seq_layer_len(&self, seq: u32, layer: u32) -> Result<u32> {
+        let l = self.check_layer(layer)?;
+        let slot = self.slot_of(seq)?;
+        Ok(self.seqs.slots[slot].layers[l].len as u32)
+    }
+
+    /// Whether the cache holds `seq`.
+    pub fn contains(&self, seq: u32) -> bool {
+        self.seqs.find(seq).is_some()
+    }
+
+    /// The ids of all sequences held, in slot order.
+    pub fn seq_ids(&self) -> Vec<u32> {
+        self.seqs.ids().collect()
+    }
+
+    fn release_slot(&mut self, slot: usize) {
+        let s = &mut self.seqs.slots[slot];
+        for (l, ls) in s.layers.iter_mut().enumerate() {
+            for &p in &ls.blocks {
+                self.refs[l].decref(p);
+            }
+            ls.blocks.clear();
+            ls.len = 0;
+            ls.quantized = 0;
+        }
+        s.id = None;
+    }
+
+    /// Removes `seq`, releasing its pages and its slot (host bookkeeping only).
+    pub fn seq_remove(&mut self, seq: u32) -> Result<()> {
+        let slot = self.slot_of(seq)?;
+        self.release_slot(slot);
+        Ok(())
+    }
+
+    /// Removes every sequence but `seq`.
+    pub fn seq_keep(&mut self, seq: u32) -> Result<()> {
+        let keep = self.slot_of(seq)?;
+        for slot in 0..self.seqs.slots.len() {
+            if slot != keep && self.seqs.slots[slot].id.is_some() {
+                self.release_slot(slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every sequence.
+    pub fn clear(&mut self) {
+        for slot in 0..self.seqs.slots.len() {
+            self.release_slot(slot);
+        }
+    }
+
+    /// [`crate::Cache::seq_truncate`] on the device (same precision rules): keeps the first
+    /// `n_tokens` tokens of `seq` in every layer.
+    pub fn seq_truncate(&mut self, seq: u32, n_tokens: u32, stream: Stream) -> Result<()> {
+        let slot = self.slot_of(seq)?;
+        self.bind()?;
+        for l in 0..self.lay.n_layers {
+            self.truncate_layer(l, slot, n_tokens as usize, stream)?;
+        }
+        Ok(())
+    }
+
+    fn truncate_layer(&mut self, l: usize, slot: usize, n: usize, stream: Stream) -> Result<()> {
+        let lay = self.lay.clone();
+        let ls = &self.seqs.slots[slot].layers[l];
+        if n >= ls.len {
+            return Ok(());
+        }
+        let rel = n.saturating_sub(lay.sinks);
+        if rel >= ls.quantized {
+            self.seqs.slots[slot].layers[l].len = n;
+            return Ok(());
+        }
+        let (keep_groups, partial) = (rel / lay.group, rel % lay.group);
+        if partial > 0 {
+            let p = UnquantParams {
+                windows: self.windows_ptr(l),
+                pages: self.pages_ptr(l),
+                blocks: self.blocks_ptr(l),
+                slot: slot as u32,
+                g: keep_groups as u32,
+                partial: partial as u32,
+                pad: 0,
+            };
+            self.kernel(Kernel::Unquant(&p), (lay.n_kv_heads as u32, 1, 1), 256, stream)?;
+        }
+        let ls = &mut self.seqs.slots[slot].layers[l];
+        let keep_pages = keep_groups.div_ceil(lay.groups_per_page);
+        for &p in &ls.blocks[keep_pages..] {
+            self.refs[l].decref(p);
+        }
+        ls.blocks.truncate(keep_pages);
+        ls.quantized = keep_groups * lay.group;
+        ls.len = n;
+        Ok(())
+    }
+
+    /// [`crate::Cache::seq_copy`] on the device: `dst` becomes a copy of the first `n_tokens`
+    /// tokens of `src`, sharing its quantized pages (copy-on-write); windows and block tables
+    /// are copied on the device.
+    pub fn seq_copy(&mut self, src: u32, dst: u32, n_tokens: u32, stream: Stream) -> Result<()> {
+        let s = self.slot_of(src)?;
+        if src == dst {
+            return Err(Error::InvalidArgument(format!("source and destination are both sequence {src}")));
+        }
+        let d = match self.seqs.find(dst) {
+            Some(d) => d,
+            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: dst, max: self.cfg.max_seqs })?,
+        };
+        self.bind()?;
+        self.release_slot(d);
+        let wbytes = self.lay.n_kv_heads * self.lay.window_head_elems * self.lay.dtype.size();
+        for l in 0..self.lay.n_layers {
+            let src_ls = self.seqs.slots[s].layers[l].clone();
+            for &p in &src_ls.blocks {
+                self.refs[l].incref(p);
+            }
+            let dsz = self.lay.dtype.size() as u64;
+            let sw = self.base + self.off_windows + self.lay.window_base(l, s, 0) as u64 * dsz;
+            let dw = self.base + self.off_windows + self.lay.window_base(l, d, 0) as u64 * dsz;
+            let sb = self.base + self.off_blocks + self.blocks_index(l, s) as u64 * 4;
+            let db = self.base + self.off_blocks + self.blocks_index(l, d) as u64 * 4;
+            self.dtod(dw, sw, wbytes, stream)?;
+            if !src_ls.blocks.is_empty() {
+                self.dtod(db, sb, src_ls.blocks.len() * 4, stream)?;
+            }
+            let dst_ls = &mut self.seqs.slots[d].layers[l];
+            dst_ls.len = src_ls.len;
+            dst_ls.quantized = src_ls.quantized;
+            dst_ls.blocks.extend_from_slice(&src_ls.blocks);
+        }
+        self.seqs.slots[d].id = Some(dst);
+        for l in 0..self.lay.n_layers {
+            self.truncate_layer(l, d, n_tokens as usize, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Where the cache's bytes go right now (the same accounting as [`crate::Cache::stats`]).
+    pub fn stats(&self) -> MemoryStats {
+        let lay = &self.lay;
+        let mut st = MemoryStats::default();
+        let per_token_fp = (2 * lay.n_kv_heads * lay.head_dim) as u64;
+        for slot in &self.seqs.slots {
+            if slot.id.is_none() {
+                continue;
+            }
+            st.sequences += 1;
+            for ls in &slot.layers {
+                st.tokens += ls.len as u64;
+                st.quantized_tokens += ls.quantized as u64;
+                st.window_bytes += (ls.len - ls.quantized) as u64 * per_token_fp * lay.dtype.size() as u64;
+            }
+        }
+        st.f16_bytes = st.tokens * per_token_fp * 2;
+        let (codes, params) = lay.quantized_token_bytes();
+        let page_tokens = (lay.page_tokens * lay.n_kv_heads) as u64;
+        for r in &self.refs {
+            st.pages_total += r.refs.len() as u64;
+            st.pages_used += (r.refs.len() - r.free.len()) as u64;
+        }
+        st.code_bytes = st.pages_used * page_tokens * codes as u64;
+        st.scale_bytes = st.pages_used * page_tokens * params as u64;
+        st.reserved_bytes = lay.total_bytes() as u64;
+        st
+    }
+
+    /// Sequence `seq` alone, in a CPU [`Cache`] of the same dimensions sized for it (one
+    /// sequence, its quantized tokens): what to save when one sequence is swapped out. Waits for
+    /// `stream`.
+    pub fn seq_to_host(&self, seq: u32, stream: Stream) -> Result<Cache> {
+        let slot = self.slot_of(seq)?;
+        self.bind()?;
+        let lay = &self.lay;
+        let mut cfg = self.cfg.clone();
+        cfg.max_seqs = 1;
+        let max_q = self.seqs.slots[slot].layers.iter().map(|l| l.quantized).max().unwrap_or(0);
+        cfg.max_tokens = max_q.max(1) as u32;
+        let mut host = Cache::new(cfg)?;
+        let dsz = lay.dtype.size();
+        let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
+        for l in 0..lay.n_layers {
+            let ls = self.seqs.slots[slot].layers[l].clone();
+            let mut blocks = Vec::with_capacity(ls.blocks.len());
+            for &p in &ls.blocks {
+                let np = host.pools[l].alloc();
+                let src = self.pages_ptr(l) + p as u64 * lay.page_bytes as u64;
+                self.dtoh(host.pools[l].page_mut(np), src, stream)?;
+                blocks.push(np);
+            }
+            let src = self.base + self.off_windows + (lay.window_base(l, slot, 0) * dsz) as u64;
+            let dst = host.lay.window_base(l, 0, 0) * dsz;
+            self.dtoh(&mut host.windows.bytes_mut()[dst..dst + wbytes], src, stream)?;
+            let h = &mut host.seqs.slots[0].layers[l];
+            h.len = ls.len;
+            h.quantized = ls.quantized;
+            h.blocks = blocks;
+        }
+        host.seqs.slots[0].id = Some(seq);
+        Ok(host)
+    }
+
+    /// Makes `as_id` a copy of sequence `seq` of the CPU cache `host` (e.g. one restored from a
+    /// saved state, of any capacity but the same dimensions), replacing whatever `as_id` held.
+    /// The copies to the device are synchronous.
+    pub fn seq_from_host(&mut self, host: &Cache, seq: u32, as_id: u32) -> Result<()> {
+        let hc = host.config();
+        let same = CacheConfig {
+            max_tokens: hc.max_tokens,
+            max_seqs: hc.max_seqs,
+            n_threads: hc.n_threads,
+            ..self.cfg.clone()
+        };
+        if *hc != same {
+            return Err(Error::StateMismatch(format!("a cache of {hc:?} into a cache of {:?}", self.cfg)));
+        }
+        let hslot = host.seqs.find(seq).ok_or(Error::UnknownSequence(seq))?;
+        let existing = self.seqs.find(as_id);
+        let slot = match existing {
+            Some(s) => s,
+            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: as_id, max: self.cfg.max_seqs })?,
+        };
+        let lay = self.lay.clone();
+        for l in 0..lay.n_layers {
+            let need = host.seqs.slots[hslot].layers[l].blocks.len();
+            let freed = match existing {
+                Some(s) => {
+                    self.seqs.slots[s].layers[l].blocks.iter().filter(|&&p| self.refs[l].refs[p as usize] == 1).count()
+                }
+                None => 0,
+            };
+            let free = self.refs[l].free.len() + freed;
+            if need > free {
+                let token = host.seqs.slots[hslot].layers[l].len as u64;
+                let total = self.refs[l].refs.len() as u64;
+                return Err(Error::CapacityExhausted {
+                    seq: as_id,
+                    layer: l as u32,
+                    token,
+                    needed: need as u64,
+                    free: free as u64,
+                    total,
+                });
+            }
+        }
+        self.bind()?;
+        self.release_slot(slot);
+        let dsz = lay.dtype.size();
+        let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
+        for l in 0..lay.n_layers {
+            let hls = &host.seqs.slots[hslot].layers[l];
+            let mut blocks = Vec::with_capacity(hls.blocks.len());
+            for &hp in &hls.blocks {
+                let p = self.refs[l].alloc();
+                self.htod(self.pages_ptr(l) + p as u64 * lay.page_bytes as u64, host.pools[l].page(hp))?;
+                blocks.push(p);
+            }
+            let table: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+            self.htod(self.base + self.off_blocks + (self.blocks_index(l, slot) * 4) as u64, &table)?;
+            let src = host.lay.window_base(l, hslot, 0) * dsz;
+            let dst = self.base + self.off_windows + (lay.window_base(l, slot, 0) * dsz) as u64;
+            self.htod(dst, &host.windows.bytes()[src..src + wbytes])?;
+            let ls = &mut self.seqs.slots[slot].layers[l];
+            ls.len = hls.len;
+            ls.quantized = hls.quantized;
+            ls.blocks = blocks;
+        }
+        self.seqs.slots[slot].id = Some(as_id);
+        Ok(())
+    }
+
+    /// A CPU [`Cache`] holding exactly what this cache holds (pages, windows, sequences), e.g. to
+    /// save it with the CPU cache's state functions or to inspect it. It takes as much host
+    /// memory as the cache takes device memory; [`CudaCache::seq_to_host`] takes one sequence.
+    /// Waits for `stream`.
+    pub fn to_host(&self, stream: Stream) -> Result<Cache> {
+        self.bind()?;
+        let lay = &self.lay;
+        let mut host = Cache::new(self.cfg.clone())?;
+        let mut pages: Vec<Vec<u8>> = Vec::with_capacity(lay.n_layers);
+        for l in 0..lay.n_layers {
+            let mut buf = vec![0u8; lay.pages_per_layer * lay.page_bytes];
+            self.dtoh(&mut buf[..], self.pages_ptr(l), stream)?;
+            pages.push(buf);
+        }
+        self.dtoh(host.windows.bytes_mut(), self.base + self.off_windows, stream)?;
+        for (l, buf) in pages.iter().enumerate() {
+            let pool: &mut PagePool = &mut host.pools[l];
+            for p in 0..lay.pages_per_layer {
+                pool.page_mut(p as u32).copy_from_slice(&buf[p * lay.page_bytes..(p + 1) * lay.page_bytes]);
+            }
+            pool.set_refs(&self.refs[l].refs);
+        }
+        host.seqs = self.seqs.clone();
+        Ok(host)
+    }
+
+    /// A cache on device `device` holding exactly what the CPU `cache` holds (e.g. one restored
+    /// from a saved state). Waits for the copies to finish.
+    pub fn from_host(cache: &Cache, device: u32) -> Result<CudaCache> {
+        let mut c = CudaCache::new(cache.cfg.clone(), device)?;
+        c.upload(cache)?;
+        Ok(c)
+    }
+
+    /// The whole cache as a state blob, the CPU cache's format ([`Cache::save_state_vec`]):
+    /// brought to the host first, so it takes host memory as large as the cache. Waits for
+    /// `stream`.
+    pub fn save_state_vec(&self, stream: Stream) -> Result<Vec<u8>> {
+        Ok(self.to_host(stream)?.save_state_vec())
+    }
+
+    /// Replaces everything with a state blob of a cache of the same configuration
+    /// ([`Cache::load_state`]); a blob that is refused changes nothing.
+    pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
+        let mut host = Cache::new(self.cfg.clone())?;
+        host.load_state(buf)?;
+        self.upload(&host)
+    }
+
+    /// Sequence `seq` as a state blob ([`Cache::save_seq_state_vec`]); its header records the
+    /// capacity of the host copy, sized for the sequence, which any cache of the same dimensions
+    /// loads. Waits for `stream`.
+    pub fn save_seq_state_vec(&self, seq: u32, stream: Stream) -> Result<Vec<u8>> {
+        self.seq_to_host(seq, stream)?.save_seq_state_vec(seq)
+    }
+
+    /// Loads a sequence blob ([`Cache::load_seq_state`], from a cache of the same dimensions,
+    /// any capacity) as sequence `seq`, replacing it if it exists.
+    pub fn load_seq_state(&mut self, seq: u32, buf: &[u8]) -> Result<()> {
+        // A host cache just large enough: the blob holds every page of every layer.
+        let per_layer = buf.len().div_ceil(self.lay.n_layers * self.lay.page_bytes) + 1;
+        let all = buf.len().div_ceil(self.lay.page_bytes) + 1;
+        for pages in [per_layer, all] {
+            let mut cfg = self.cfg.clone();
+            cfg.max_seqs = 1;
+            cfg.max_tokens = (pages * self.lay.page_tokens).min(u32::MAX as usize) as u32;
+            let mut host = Cache::new(cfg)?;
+            match host.load_seq_state(seq, buf) {
+                Ok(()) => return self.seq_from_host(&host, seq, seq),
+                Err(Error::CapacityExhausted { .. }) if pages == per_layer && per_layer < all => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the second size holds every page of the blob")
+    }
+
+    fn upload(&mut self, cache: &Cache) -> Result<()> {
+        let c = self;
+        let lay = c.lay.clone();
+        let mut blocks = vec![0u32; lay.n_layers * lay.max_seqs * lay.pages_per_layer];
+        for (slot, s) in cache.seqs.slots.iter().enumerate() {
+            for (l, ls) in s.layers.iter().enumerate() {
+                let b = c.blocks_index(l, slot);
+                blocks[b..b + ls.blocks.len()].copy_from_slice(&ls.blocks);
+            }
+        }
+        for l in 0..lay.n_layers {
+            c.htod(c.pages_ptr(l), cache.pools[l].bytes())?;
+        }
+        c.htod(c.base + c.off_windows, cache.windows.bytes())?;
+        let blocks: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+        c.htod(c.base + c.off_blocks, &blocks)?;
+        for l in 0..lay.n_layers {
+            c.refs[l].set_refs(cache.pools[l].all_refs());
+        }
+        c.seqs = cache.seqs.clone();
+        Ok(())
+    }
+
+    fn bind(&self) -> Result<()> {
+        match &self.dev {
+            Backend::Cuda(d) => d.bind(),
+            #[cfg(test)]
+            Backend::Emu(_) => Ok(()),
+        }
+    }
+
+    /// Queues a kernel on `stream`.
+    #[allow(clippy::infallible_destructuring_match)] // a second backend exists in tests
+    fn kernel(&self, k: Kernel<'_>, grid: (u32, u32, u32), block: u32, stream: Stream) -> Result<()> {
+        let dev = match &self.dev {
+            Backend::Cuda(d) => d,
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: the emulated device pointers are host pointers into live buffers.
+                unsafe { emu::run(&self.lay, k, grid) };
+                return Ok(());
+            }
+        };
+        let st = stream as dsys::CUstream;
+        let quant = |name: &'static str| dev.module(Family::Quantize, &self.quant_spec)?.function(name);
+        let attn = |family: Family, nq: usize, which: usize| {
+            let names = match family {
+                Family::Decode => ["kv_decode_attn", "kv_decode_combine"],
+                _ => ["kv_prefill_attn", "kv_prefill_combine"],
+            };
+            dev.module(family, &Spec::new(&self.lay, nq))?.function(names[which])
+        };
+        // SAFETY: each struct matches its kernel's parameter struct, and every pointer in it is
+        // the cache's own memory or the caller's rows, whose sizes were checked.
+        unsafe {
+            match k {
+                Kernel::SetBlocks(p) => launch(quant("kv_set_blocks")?, grid, block, st, p),
+                Kernel::Quantize(p) => launch(quant("kv_quantize")?, grid, block, st, p),
+                Kernel::Write(p) => launch(quant("kv_window_write")?, grid, block, st, p),
+                Kernel::Unquant(p) => launch(quant("kv_unquantize")?, grid, block, st, p),
+                Kernel::Attn(f, nq, p) => launch(attn(f, nq, 0)?, grid, block, st, p),
+                Kernel::Combine(f, nq, p) => launch(attn(f, nq, 1)?, grid, block, st, p),
+                Kernel::Mma(nq, p) => launch(
+                    dev.module(Family::Decode, &Spec::new(&self.lay, nq))?.function("kv_decode_mma")?,
+                    grid,
+                    block,
+                    st,
+                    p,
+                ),
+            }
+        }
+    }
+
+    fn dtod(&self, dst: u64, src: u64, bytes: usize, stream: Stream) -> Result<()> {
+        match &self.dev {
+            // SAFETY: both ranges lie inside the cache's allocation.
+            Backend::Cuda(_) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream as dsys::CUstream) }
+                .map_err(|e| cuerr("cuMemcpyDtoDAsync", e)),
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: host pointers into the emulated allocation.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies device bytes to the host and waits for them.
+    fn dtoh(&self, dst: &mut [u8], src: u64, stream: Stream) -> Result<()> {
+        match &self.dev {
+            Backend::Cuda(_) => {
+                let st = stream as dsys::CUstream;
+                // SAFETY: dst stays borrowed until the stream is synchronised.
+                unsafe {
+                    drv::memcpy_dtoh_async(dst, src, st).map_err(|e| cuerr("cuMemcpyDtoHAsync", e))?;
+                    drv::stream::synchronize(st).map_err(|e| cuerr("cuStreamSynchronize", e))
+                }
+            }
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: a host pointer into the emulated allocation.
+                unsafe { std::ptr::copy(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        match &self.dev {
+            // SAFETY: a synchronous copy into the cache's allocation.
+            Backend::Cuda(_) => unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(|e| cuerr("cuMemcpyHtoD", e)),
+            #[cfg(test)]
+            Backend::Emu(_) => {
+                // SAFETY: a host pointer into the emulated allocation.
+                unsafe { std::ptr::copy(src.as_ptr(), dst as *mut u8, src.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// A cache whose device is emulated on the host by Rust versions of the kernels (tests of
+    /// everything but the CUDA code itself); device pointers are host pointers.
+    #[cfg(test)]
+    pub(crate) fn emulated(cfg: CacheConfig) -> Result<CudaCache> {
+        cfg.validate()?;
+        CudaCache::create(cfg, Backend::Emu(Vec::new()))
+    }
+}
+
+impl Drop for CudaCache {
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    fn drop(&mut self) {
+        if let Backend::Cuda(d) = &self.dev {
+            if d.bind().is_ok() {
+                // SAFETY: allocated in new(), freed once (cuMemFree waits for work using it).
+                unsafe {
+                    let _ = drv::free_sync(self.base);
+                }
+            }
+        }
+    }
+}
+
+/// Query vectors per block (`nq`), query heads per block (`hc`) and query rows per block (`qt`)
+/// of an attention family for this head_dim and GQA ratio.
+fn attention_shape(family: Family, head_dim: usize, ratio: usize) -> (usize, usize, usize) {
+    let cap = max_nq(head_dim);
+    match family {
+        Family::Decode => {
+            let nq = ratio.min(cap);
+            (nq, nq, 1)
+        }
+        _ => {
+            let hc = ratio.min(cap);
+            (cap, hc, cap / hc)
+        }
+    }
+}

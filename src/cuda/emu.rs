@@ -1,0 +1,1401 @@
+//! The CUDA kernels re-written in Rust, one to one, run on host memory: with
+//! [`CudaCache::emulated`] every host-side decision (plans, kernel parameters, launch shapes,
+//! splits) and the kernels' algorithms (unit and position mapping, masks, folding, the online
+//! softmax per warp, the merges) are tested against the CPU cache without a GPU. What this cannot
+//! test is the CUDA code itself; the GPU check does that.
+// Index loops, like the CUDA code they mirror.
+#![allow(clippy::needless_range_loop)]
+
+use half::{bf16, f16};
+
+use super::*;
+use crate::config::{DType, KeyMode};
+
+pub(super) fn info() -> DeviceInfo {
+    DeviceInfo {
+        ordinal: 0,
+        count: 1,
+        name: "emulated".into(),
+        capability: (9, 0),
+        multiprocessors: 4,
+        total_memory: 0,
+        driver_version: 0,
+        nvrtc_version: (0, 0),
+    }
+}
+
+unsafe fn rd8(a: u64) -> u8 {
+    *(a as *const u8)
+}
+unsafe fn rd16(a: u64) -> u16 {
+    (a as *const u16).read_unaligned()
+}
+unsafe fn rd32(a: u64) -> u32 {
+    (a as *const u32).read_unaligned()
+}
+unsafe fn wr8(a: u64, v: u8) {
+    *(a as *mut u8) = v;
+}
+unsafe fn wr16(a: u64, v: u16) {
+    (a as *mut u16).write_unaligned(v)
+}
+unsafe fn wr32(a: u64, v: u32) {
+    (a as *mut u32).write_unaligned(v)
+}
+unsafe fn wrf(a: u64, v: f32) {
+    (a as *mut f32).write_unaligned(v)
+}
+unsafe fn rdf(a: u64) -> f32 {
+    (a as *const f32).read_unaligned()
+}
+
+/// The layout as the kernels see it (their macros).
+struct K<'a> {
+    lay: &'a Layout,
+    dt: DType,
+    esz: u64,
+}
+
+impl K<'_> {
+    /// Element `i` of the array at `base`, as f32.
+    unsafe fn ld(&self, base: u64, i: i64) -> f32 {
+        let a = (base as i64 + i * self.esz as i64) as u64;
+        match self.dt {
+            DType::F32 => rdf(a),
+            DType::F16 => f16::from_bits(rd16(a)).to_f32(),
+            DType::BF16 => bf16::from_bits(rd16(a)).to_f32(),
+        }
+    }
+    unsafe fn st(&self, base: u64, i: i64, v: f32) {
+        let a = (base as i64 + i * self.esz as i64) as u64;
+        match self.dt {
+            DType::F32 => wrf(a, v),
+            DType::F16 => wr16(a, f16::from_f32(v).to_bits()),
+            DType::BF16 => wr16(a, bf16::from_f32(v).to_bits()),
+        }
+    }
+    unsafe fn param(&self, area: u64, i: usize) -> f32 {
+        f16::from_bits(rd16(area + 2 * i as u64)).to_f32()
+    }
+    unsafe fn code(&self, run: u64, i: usize, bits: u32) -> u32 {
+        let bit = i * bits as usize;
+        (rd8(run + (bit >> 3) as u64) as u32 >> (bit & 7)) & ((1u32 << bits) - 1)
+    }
+    fn ng(&self) -> usize {
+        self.lay.head_dim / self.lay.vgroup
+    }
+    fn k_run(&self) -> usize {
+        self.lay.k_run_bytes()
+    }
+    /// Element offset of a window row of a stored full-precision position.
+    fn window_row(&self, pos: usize, value: bool) -> usize {
+        let [sk, sv, rk, rv] = self.lay.window_parts();
+        let hd = self.lay.head_dim;
+        if pos < self.lay.sinks {
+            (if value { sv } else { sk }) + pos * hd
+        } else {
+            (if value { rv } else { rk }) + ((pos - self.lay.sinks) % self.lay.ring) * hd
+        }
+    }
+    /// Address of the window of (slot, head) in a layer's windows.
+    fn head_window(&self, win: u64, slot: usize, h: usize) -> u64 {
+        win + ((slot * self.lay.n_kv_heads + h) * self.lay.window_head_elems) as u64 * self.esz
+    }
+    /// Head block of group g and the group's index in its page.
+    unsafe fn group_block(&self, pages: u64, blocks: u64, g: usize, h: usize) -> (u64, usize) {
+        let gpp = self.lay.groups_per_page;
+        let page = rd32(blocks + 4 * (g / gpp) as u64) as u64;
+        (pages + page * self.lay.page_bytes as u64 + (h * self.lay.head_bytes) as u64, g % gpp)
+    }
+}
+
+/// Blocks of the tensor-core kernel run so far (to check that tests reach it).
+pub(super) static MMA_BLOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs one launch on the host, block after block.
+pub(super) unsafe fn run(lay: &Layout, k: Kernel<'_>, grid: (u32, u32, u32)) {
+    let kk = K { lay, dt: lay.dtype, esz: lay.dtype.size() as u64 };
+    match k {
+        Kernel::SetBlocks(p) => {
+            for i in 0..p.n as usize {
+                wr32(p.blocks + 4 * p.pairs[2 * i] as u64, p.pairs[2 * i + 1]);
+            }
+        }
+        Kernel::Quantize(p) => {
+            for x in 0..grid.0 {
+                for h in 0..grid.1 {
+                    quantize(&kk, p, x as usize, h as usize);
+                }
+            }
+        }
+        Kernel::Write(p) => {
+            for x in 0..grid.0 {
+                for h in 0..grid.1 {
+                    window_write(&kk, p, x as usize, h as usize);
+                }
+            }
+        }
+        Kernel::Unquant(p) => {
+            for h in 0..grid.0 {
+                unquantize(&kk, p, h as usize);
+            }
+        }
+        Kernel::Attn(_, nq, p) => {
+            for z in 0..grid.2 {
+                for y in 0..grid.1 {
+                    for x in 0..grid.0 {
+                        attn_block(&kk, p, nq, x as usize, y as usize, z as usize);
+                    }
+                }
+            }
+        }
+        Kernel::Mma(nq, p) => {
+            MMA_BLOCKS.fetch_add((grid.0 * grid.1 * grid.2) as usize, std::sync::atomic::Ordering::Relaxed);
+            for z in 0..grid.2 {
+                for y in 0..grid.1 {
+                    attn_block(&kk, p, nq, 0, y as usize, z as usize);
+                    for x in 1..grid.0 {
+                        mma::block(&kk, p, x as usize, y as usize, z as usize);
+                    }
+                }
+            }
+        }
+        Kernel::Combine(_, _, p) => {
+            for z in 0..grid.2 {
+                for y in 0..grid.1 {
+                    for x in 0..grid.0 {
+                        combine_block(&kk, p, x as usize, y as usize, z as usize);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn token_elem(
+    k: &K,
+    p: &QuantParams,
+    it: &FlushItem,
+    hw: u64,
+    h: usize,
+    pos: usize,
+    c: usize,
+    value: bool,
+) -> f32 {
+    if pos < it.len_old as usize {
+        return k.ld(hw, (k.window_row(pos, value) + c) as i64);
+    }
+    let base = if value { p.v } else { p.k };
+    let row = it.chunk_row0 as i64 + (pos - it.len_old as usize) as i64;
+    k.ld(base, row * p.kv_stride + (h * k.lay.head_dim + c) as i64)
+}
+
+fn encode(x: f32, s: f32, z: f32, levels: u32) -> u32 {
+    if s == 0.0 {
+        return 0;
+    }
+    ((x - z) / s).round().clamp(0.0, levels as f32) as u32
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn quantize_rows(
+    k: &K,
+    p: &QuantParams,
+    it: &FlushItem,
+    hw: u64,
+    h: usize,
+    p0: usize,
+    codes: u64,
+    scales: u64,
+    zeros: u64,
+    gi: usize,
+    bits: u32,
+    value: bool,
+) {
+    let (g, ng, vg, hd) = (k.lay.group, k.ng(), k.lay.vgroup, k.lay.head_dim);
+    let levels = (1u32 << bits) - 1;
+    for i in 0..g * ng {
+        let (t, cg) = (i / ng, i % ng);
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for c in cg * vg..(cg + 1) * vg {
+            let x = token_elem(k, p, it, hw, h, p0 + t, c, value);
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        let row = gi * g + t;
+        let zh = f16::from_f32(lo);
+        let sh = f16::from_f32(((hi - zh.to_f32()) / levels as f32).max(0.0));
+        wr16(scales + 2 * (row * ng + cg) as u64, sh.to_bits());
+        wr16(zeros + 2 * (row * ng + cg) as u64, zh.to_bits());
+    }
+    let row_bytes = hd * bits as usize / 8;
+    for i in 0..g * row_bytes {
+        let (t, j) = (i / row_bytes, i % row_bytes);
+        let row = gi * g + t;
+        let mut b = 0u32;
+        for kk in 0..8 / bits as usize {
+            let c = j * (8 / bits as usize) + kk;
+            let pi = row * ng + c / vg;
+            let (s, z) = (k.param(scales, pi), k.param(zeros, pi));
+            b |= encode(token_elem(k, p, it, hw, h, p0 + t, c, value), s, z, levels) << (kk as u32 * bits);
+        }
+        wr8(codes + (row * row_bytes + j) as u64, b as u8);
+    }
+}
+
+unsafe fn quantize(k: &K, p: &QuantParams, x: usize, h: usize) {
+    let lay = k.lay;
+    let (mut x, mut n) = (x, 0usize);
+    while n < p.n_items as usize && x >= p.items[n].n_groups as usize {
+        x -= p.items[n].n_groups as usize;
+        n += 1;
+    }
+    if n >= p.n_items as usize {
+        return;
+    }
+    let it = p.items[n];
+    let g = it.g0 as usize + x;
+    let page = rd32(p.blocks + 4 * (it.slot as usize * lay.pages_per_layer + g / lay.groups_per_page) as u64) as u64;
+    let gi = g % lay.groups_per_page;
+    let blk = p.pages + page * lay.page_bytes as u64 + (h * lay.head_bytes) as u64;
+    let hw = k.head_window(p.windows, it.slot as usize, h);
+    let p0 = lay.sinks + g * lay.group;
+    let hd = lay.head_dim;
+    match lay.key_mode {
+        KeyMode::PerToken => quantize_rows(
+            k,
+            p,
+            &it,
+            hw,
+            h,
+            p0,
+            blk + lay.k_codes as u64,
+            blk + lay.k_scale as u64,
+            blk + lay.k_zero as u64,
+            gi,
+            lay.key_bits,
+            false,
+        ),
+        KeyMode::PerChannel => {
+            let levels = (1u32 << lay.key_bits) - 1;
+            for c in 0..hd {
+                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                for t in 0..lay.group {
+                    let x = token_elem(k, p, &it, hw, h, p0 + t, c, false);
+                    lo = lo.min(x);
+                    hi = hi.max(x);
+                }
+                let zh = f16::from_f32(lo);
+                let sh = f16::from_f32(((hi - zh.to_f32()) / levels as f32).max(0.0));
+                wr16(blk + lay.k_scale as u64 + 2 * (gi * hd + c) as u64, sh.to_bits());
+                wr16(blk + lay.k_zero as u64 + 2 * (gi * hd + c) as u64, zh.to_bits());
+                let (s, z) = (sh.to_f32(), zh.to_f32());
+                let run = blk + lay.k_codes as u64 + ((gi * hd + c) * k.k_run()) as u64;
+                let per = 8 / lay.key_bits as usize;
+                for j in 0..k.k_run() {
+                    let mut b = 0u32;
+                    for kk in 0..per {
+                        let t = j * per + kk;
+                        b |= encode(token_elem(k, p, &it, hw, h, p0 + t, c, false), s, z, levels)
+                            << (kk as u32 * lay.key_bits);
+                    }
+                    wr8(run + j as u64, b as u8);
+                }
+            }
+        }
+    }
+    quantize_rows(
+        k,
+        p,
+        &it,
+        hw,
+        h,
+        p0,
+        blk + lay.v_codes as u64,
+        blk + lay.v_scale as u64,
+        blk + lay.v_zero as u64,
+        gi,
+        lay.value_bits,
+        true,
+    );
+}
+
+unsafe fn window_write(k: &K, p: &WriteParams, x: usize, h: usize) {
+    let (mut x, mut n) = (x, 0usize);
+    while n < p.n_items as usize && x >= p.items[n].n as usize {
+        x -= p.items[n].n as usize;
+        n += 1;
+    }
+    if n >= p.n_items as usize {
+        return;
+    }
+    let it = p.items[n];
+    let hd = k.lay.head_dim;
+    let pos = it.pos0 as usize + x;
+    let hw = k.head_window(p.windows, it.slot as usize, h);
+    let src = (it.row0 as i64 + x as i64) * p.kv_stride + (h * hd) as i64;
+    let (kd, vd) = (k.window_row(pos, false), k.window_row(pos, true));
+    for c in 0..hd {
+        k.st(hw, (kd + c) as i64, k.ld(p.k, src + c as i64));
+        k.st(hw, (vd + c) as i64, k.ld(p.v, src + c as i64));
+    }
+}
+
+unsafe fn unquantize(k: &K, p: &UnquantParams, h: usize) {
+    let lay = k.lay;
+    let (hd, g, ng) = (lay.head_dim, lay.group, k.ng());
+    let blocks = p.blocks + 4 * (p.slot as usize * lay.pages_per_layer) as u64;
+    let (blk, gi) = k.group_block(p.pages, blocks, p.g as usize, h);
+    let hw = k.head_window(p.windows, p.slot as usize, h);
+    let [_, _, rk, rv] = lay.window_parts();
+    let deq = |so: usize, zo: usize, pi: usize, code: u32| {
+        let s = k.param(blk + so as u64, pi) as f64;
+        let z = k.param(blk + zo as u64, pi) as f64;
+        (code as f64 * s + z) as f32
+    };
+    for i in 0..p.partial as usize * hd {
+        let (t, c) = (i / hd, i % hd);
+        let ring = ((p.g as usize * g + t) % lay.ring) * hd;
+        let row = gi * g + t;
+        let key = match lay.key_mode {
+            KeyMode::PerToken => {
+                let code = k.code(blk + (lay.k_codes + row * k.k_run()) as u64, c, lay.key_bits);
+                deq(lay.k_scale, lay.k_zero, row * ng + c / lay.vgroup, code)
+            }
+            KeyMode::PerChannel => {
+                let code = k.code(blk + (lay.k_codes + (gi * hd + c) * k.k_run()) as u64, t, lay.key_bits);
+                deq(lay.k_scale, lay.k_zero, gi * hd + c, code)
+            }
+        };
+        let vcode = k.code(blk + (lay.v_codes + row * lay.v_row_bytes()) as u64, c, lay.value_bits);
+        k.st(hw, (rk + ring + c) as i64, key);
+        k.st(hw, (rv + ring + c) as i64, deq(lay.v_scale, lay.v_zero, row * ng + c / lay.vgroup, vcode));
+    }
+}
+
+const WARPS: usize = 4;
+
+/// One warp's online softmax state.
+struct Warp {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<Vec<f32>>,
+    /// Value zero terms per (vector, channel group) when folding.
+    zacc: Vec<Vec<f32>>,
+    /// Weights of the current 32 tokens, per vector.
+    wp: Vec<[f32; 32]>,
+}
+
+struct Block<'a> {
+    k: &'a K<'a>,
+    p: &'a AttnParams,
+    it: AttnItem,
+    qf: Vec<Vec<f32>>,
+    lo: Vec<i64>,
+    hi: Vec<i64>,
+    nvec: usize,
+    nq: usize,
+    fold: bool,
+}
+
+impl Block<'_> {
+    fn logit(&self, dot: f32) -> f32 {
+        if self.p.softcap > 0.0 {
+            self.p.softcap * (dot / self.p.softcap).tanh()
+        } else {
+            dot
+        }
+    }
+
+    /// Scores s[lane][v] of up to 32 tokens at positions pos[lane] (None: invalid lane).
+    fn softmax_step(&self, w: &mut Warp, s: &[Vec<f32>], pos: &[Option<usize>]) {
+        let exp_diff = |a: f32, b: f32| if a == f32::NEG_INFINITY { 0.0 } else { (a - b).exp() };
+        for v in 0..self.nq {
+            let x: Vec<f32> = (0..32)
+                .map(|lane| match pos[lane] {
+                    Some(ps) if v < self.nvec && (ps as i64) >= self.lo[v] && (ps as i64) < self.hi[v] => {
+                        self.logit(s[lane][v])
+                    }
+                    _ => f32::NEG_INFINITY,
+                })
+                .collect();
+            let bm = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if bm == f32::NEG_INFINITY {
+                w.wp[v] = [0.0; 32];
+                continue;
+            }
+            let mn = w.m[v].max(bm);
+            let corr = exp_diff(w.m[v], mn);
+            w.m[v] = mn;
+            let mut sum = 0.0;
+            for lane in 0..32 {
+                let p = exp_diff(x[lane], mn);
+                w.wp[v][lane] = p;
+                sum += p;
+            }
+            w.l[v] = w.l[v] * corr + sum;
+            w.acc[v].iter_mut().for_each(|a| *a *= corr);
+            w.zacc[v].iter_mut().for_each(|a| *a *= corr);
+        }
+    }
+
+    unsafe fn quant_unit(&self, w: &mut Warp, blocks: u64, kvh: usize, g: usize) {
+        let k = self.k;
+        let lay = k.lay;
+        let (hd, gs, ng, vg) = (lay.head_dim, lay.group, k.ng(), lay.vgroup);
+        let (blk, gi) = k.group_block(self.p.pages, blocks, g, kvh);
+        let p0 = lay.sinks + g * gs;
+        let mut wq = vec![vec![0f32; hd]; self.nq];
+        let mut bias = vec![0f32; self.nq];
+        if lay.key_mode == KeyMode::PerChannel {
+            for v in 0..self.nq {
+                for c in 0..hd {
+                    let q = self.qf[v][c];
+                    wq[v][c] = q * k.param(blk + lay.k_scale as u64, gi * hd + c);
+                    bias[v] += q * k.param(blk + lay.k_zero as u64, gi * hd + c);
+                }
+            }
+        }
+        let mut sub = 0;
+        while sub < gs {
+            let mut s = vec![vec![0f32; self.nq]; 32];
+            let mut pos = [None; 32];
+            for lane in 0..32 {
+                let t = sub + lane;
+                if t >= gs {
+                    continue;
+                }
+                pos[lane] = Some(p0 + t);
+                match lay.key_mode {
+                    KeyMode::PerChannel => {
+                        let kc = blk + (lay.k_codes + gi * hd * k.k_run()) as u64;
+                        for v in 0..self.nq {
+                            let mut acc = bias[v];
+                            for c in 0..hd {
+                                let cf = k.code(kc + (c * k.k_run()) as u64, t, lay.key_bits) as f32;
+                                acc += wq[v][c] * cf;
+                            }
+                            s[lane][v] = acc;
+                        }
+                    }
+                    KeyMode::PerToken => {
+                        let row = gi * gs + t;
+                        let r = blk + (lay.k_codes + row * k.k_run()) as u64;
+                        for v in 0..self.nq {
+                            let mut acc = 0.0;
+                            for cg in 0..ng {
+                                let (mut d, mut qsum) = (0f32, 0f32);
+                                for c in cg * vg..(cg + 1) * vg {
+                                    d += self.qf[v][c] * k.code(r, c, lay.key_bits) as f32;
+                                    qsum += self.qf[v][c];
+                                }
+                                let ksc = k.param(blk + lay.k_scale as u64, row * ng + cg);
+                                let kz = k.param(blk + lay.k_zero as u64, row * ng + cg);
+                                acc += ksc * d + kz * qsum;
+                            }
+                            s[lane][v] = acc;
+                        }
+                    }
+                }
+            }
+            self.softmax_step(w, &s, &pos);
+            for tt in 0..32.min(gs - sub) {
+                if (0..self.nq).all(|v| w.wp[v][tt] == 0.0) {
+                    continue;
+                }
+                let row = gi * gs + sub + tt;
+                let vr = blk + (lay.v_codes + row * lay.v_row_bytes()) as u64;
+                for c in 0..hd {
+                    let cg = c / vg;
+                    let vs = k.param(blk + lay.v_scale as u64, row * ng + cg);
+                    let vz = k.param(blk + lay.v_zero as u64, row * ng + cg);
+                    let code = k.code(vr, c, lay.value_bits) as f32;
+                    for v in 0..self.nq {
+                        let p = w.wp[v][tt];
+                        if self.fold {
+                            w.acc[v][c] += p * vs * code;
+                        } else {
+                            w.acc[v][c] += p * (code * vs + vz);
+                        }
+                    }
+                }
+                if self.fold {
+                    for cg in 0..ng {
+                        let vz = k.param(blk + lay.v_zero as u64, row * ng + cg);
+                        for v in 0..self.nq {
+                            w.zacc[v][cg] += w.wp[v][tt] * vz;
+                        }
+                    }
+                }
+            }
+            sub += 32;
+        }
+    }
+
+    fn fp_pos(&self, n_sink: usize, ws: usize, f: usize) -> usize {
+        let len = self.it.len as usize;
+        if f < n_sink {
+            return f;
+        }
+        let f = f - n_sink;
+        if f < len - ws {
+            return ws + f;
+        }
+        len + (f - (len - ws))
+    }
+
+    /// Address and element index of a full-precision row.
+    fn fp_row(&self, hw: u64, kvh: usize, pos: usize, value: bool) -> (u64, i64) {
+        let it = &self.it;
+        if pos < it.len as usize {
+            return (hw, self.k.window_row(pos, value) as i64);
+        }
+        let base = if value { self.p.v } else { self.p.k };
+        let row = it.chunk_row0 as i64 + (pos - it.len as usize) as i64;
+        (base, row * self.p.kv_stride + (kvh * self.k.lay.head_dim) as i64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fp_unit(&self, w: &mut Warp, hw: u64, kvh: usize, n_sink: usize, ws: usize, n_fp: usize, f0: usize) {
+        let hd = self.k.lay.head_dim;
+        let mut s = vec![vec![0f32; self.nq]; 32];
+        let mut pos = [None; 32];
+        for lane in 0..32 {
+            let f = f0 + lane;
+            if f >= n_fp {
+                continue;
+            }
+            let ps = self.fp_pos(n_sink, ws, f);
+            pos[lane] = Some(ps);
+            let (base, i0) = self.fp_row(hw, kvh, ps, false);
+            for v in 0..self.nq {
+                let mut acc = 0f32;
+                for c in 0..hd {
+                    acc += self.qf[v][c] * self.k.ld(base, i0 + c as i64);
+                }
+                s[lane][v] = acc;
+            }
+        }
+        self.softmax_step(w, &s, &pos);
+        for tt in 0..32.min(n_fp - f0) {
+            if (0..self.nq).all(|v| w.wp[v][tt] == 0.0) {
+                continue;
+            }
+            let (base, i0) = self.fp_row(hw, kvh, self.fp_pos(n_sink, ws, f0 + tt), true);
+            for c in 0..hd {
+                let x = self.k.ld(base, i0 + c as i64);
+                for v in 0..self.nq {
+                    w.acc[v][c] += w.wp[v][tt] * x;
+                }
+            }
+        }
+    }
+}
+
+unsafe fn attn_block(k: &K, p: &AttnParams, nq: usize, split: usize, y: usize, z: usize) {
+    let lay = k.lay;
+    let (hd, gs, ng) = (lay.head_dim, lay.group, k.ng());
+    let (ratio, hc) = (p.ratio as usize, p.hc as usize);
+    let hchunks = ratio.div_ceil(hc);
+    let (kvh, hci) = (y / hchunks, y % hchunks);
+    let it = p.items[z];
+    let h0 = kvh * ratio + hci * hc;
+    let nh = hc.min(ratio - hci * hc);
+    let nvec = nh * it.n_q as usize;
+    assert!(nvec <= nq, "{nvec} query vectors for a block of {nq}");
+    let total = (it.len + it.n_chunk) as i64;
+    let mut qf = vec![vec![0f32; hd]; nq];
+    let (mut lo, mut hi) = (vec![0i64; nq], vec![0i64; nq]);
+    for v in 0..nvec {
+        let row = it.q_row0 as i64 + (v / nh) as i64;
+        let head = h0 + v % nh;
+        for c in 0..hd {
+            qf[v][c] = k.ld(p.q, row * p.q_stride + (head * hd + c) as i64) * p.scale;
+        }
+        let qpos = it.q_pos0 as i64 + (v / nh) as i64;
+        lo[v] = if p.window > 0 { (qpos + 1 - p.window as i64).max(0) } else { 0 };
+        hi[v] = if p.causal != 0 { (qpos + 1).min(total) } else { total };
+        hi[v] = hi[v].max(lo[v]);
+    }
+    let vis: Vec<usize> = (0..nvec).filter(|&v| hi[v] > lo[v]).collect();
+    let lo_min = vis.iter().map(|&v| lo[v]).min().unwrap_or(i32::MAX as i64);
+    let hi_max = vis.iter().map(|&v| hi[v]).max().unwrap_or(0);
+    let cpl = hd.div_ceil(32);
+    let b = Block { k, p, it, qf, lo, hi, nvec, nq, fold: lay.vgroup % cpl == 0 };
+
+    let n_groups = it.quantized as usize / gs;
+    let len = it.len as usize;
+    let n_sink = len.min(lay.sinks);
+    let ws = (lay.sinks + it.quantized as usize).min(len);
+    let n_fp = n_sink + (len - ws) + it.n_chunk as usize;
+    let n_units = n_groups + n_fp.div_ceil(32);
+    let (u_begin, u_end) = if p.fp_only != 0 {
+        (n_groups, n_units)
+    } else {
+        (split * p.ups as usize, n_units.min(split * p.ups as usize + p.ups as usize))
+    };
+    let blocks = p.blocks + 4 * (it.slot as usize * lay.pages_per_layer) as u64;
+    let hw = k.head_window(p.windows, it.slot as usize, kvh);
+    let mut warps: Vec<Warp> = (0..WARPS)
+        .map(|_| Warp {
+            m: vec![f32::NEG_INFINITY; nq],
+            l: vec![0.0; nq],
+            acc: vec![vec![0.0; hd]; nq],
+            zacc: vec![vec![0.0; ng]; nq],
+            wp: vec![[0.0; 32]; nq],
+        })
+        .collect();
+    for wi in 0..WARPS {
+        let w = &mut warps[wi];
+        let mut u = u_begin + wi;
+        while u < u_end {
+            if u < n_groups {
+                let first = (lay.sinks + u * gs) as i64;
+                let last = first + gs as i64 - 1;
+                if !(last < lo_min || first >= hi_max) {
+                    b.quant_unit(w, blocks, kvh, u);
+                }
+            } else {
+                let f0 = (u - n_groups) * 32;
+                let first = b.fp_pos(n_sink, ws, f0) as i64;
+                let last = b.fp_pos(n_sink, ws, (f0 + 31).min(n_fp - 1)) as i64;
+                if !(last < lo_min || first >= hi_max) {
+                    b.fp_unit(w, hw, kvh, n_sink, ws, n_fp, f0);
+                }
+            }
+            u += WARPS;
+        }
+    }
+    let exp_diff = |a: f32, b: f32| if a == f32::NEG_INFINITY { 0.0 } else { (a - b).exp() };
+    for v in 0..nvec {
+        let m = warps.iter().map(|w| w.m[v]).fold(f32::NEG_INFINITY, f32::max);
+        let r = v / nh;
+        let head = h0 + v % nh;
+        let dst = p.part
+            + 4 * ((((z * p.qt as usize + r) * p.n_q_heads as usize + head) * p.n_splits as usize + split) * (hd + 2))
+                as u64;
+        let mut l = 0f32;
+        for w in &warps {
+            l += w.l[v] * exp_diff(w.m[v], m);
+        }
+        wrf(dst, m);
+        wrf(dst + 4, l);
+        for c in 0..hd {
+            let mut a = 0f32;
+            for w in &warps {
+                let z = if b.fold { w.zacc[v][c / lay.vgroup] } else { 0.0 };
+                a += (w.acc[v][c] + z) * exp_diff(w.m[v], m);
+            }
+            wrf(dst + 4 * (2 + c) as u64, a);
+        }
+    }
+}
+
+unsafe fn combine_block(k: &K, p: &AttnParams, head: usize, r: usize, z: usize) {
+    let it = p.items[z];
+    if r >= it.n_q as usize {
+        return;
+    }
+    let hd = k.lay.head_dim;
+    let ns = p.n_splits as usize;
+    let src = p.part + 4 * ((((z * p.qt as usize + r) * p.n_q_heads as usize + head) * ns) * (hd + 2)) as u64;
+    let at = |s: usize, i: usize| rdf(src + 4 * (s * (hd + 2) + i) as u64);
+    let exp_diff = |a: f32, b: f32| if a == f32::NEG_INFINITY { 0.0 } else { (a - b).exp() };
+    let m = (0..ns).map(|s| at(s, 0)).fold(f32::NEG_INFINITY, f32::max);
+    let l: f32 = (0..ns).map(|s| at(s, 1) * exp_diff(at(s, 0), m)).sum();
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    let row = it.q_row0 as i64 + r as i64;
+    for c in 0..hd {
+        let a: f32 = (0..ns).map(|s| at(s, 2 + c) * exp_diff(at(s, 0), m)).sum();
+        k.st(p.out, row * p.out_stride + (head * hd + c) as i64, a * inv);
+    }
+}
+
+/// decode_mma.cuh lane by lane: every register of every lane, and mma.sync by the PTX fragment
+/// layouts of m16n8k16 (A: a0 = (g, 2t..2t+1), a1 = (g+8, ..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..);
+/// B: b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); C: c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, ..)).
+mod mma {
+    use super::*;
+
+    const NEG: f32 = f32::NEG_INFINITY;
+
+    fn h(bits: u16) -> f32 {
+        f16::from_bits(bits).to_f32()
+    }
+
+    /// cvt.rn.f16x2.f32 twice: (hi, lo) of x0 (low half) and x1 (high half).
+    fn split_pair(x0: f32, x1: f32) -> (u32, u32) {
+        let (h0, h1) = (f16::from_f32(x0), f16::from_f32(x1));
+        let hi = h0.to_bits() as u32 | (h1.to_bits() as u32) << 16;
+        let (l0, l1) = (f16::from_f32(x0 - h0.to_f32()), f16::from_f32(x1 - h1.to_f32()));
+        (hi, l0.to_bits() as u32 | (l1.to_bits() as u32) << 16)
+    }
+
+    /// prmt.b32: byte i of the result is byte (sel >> 4i) & 7 of (b:a).
+    fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+        let bytes = (a as u64) | (b as u64) << 32;
+        (0..4).fold(0u32, |d, i| d | (((bytes >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) as u32) << (8 * i))
+    }
+
+    /// sub.f16x2 (x | 0x64006400), 0x64006400.
+    fn codes_h2(x: u32) -> u32 {
+        let y = x | 0x6400_6400;
+        let lo = f16::from_f32(h(y as u16) - 1024.0).to_bits() as u32;
+        let hi = f16::from_f32(h((y >> 16) as u16) - 1024.0).to_bits() as u32;
+        lo | hi << 16
+    }
+
+    fn half(r: u32, which: usize) -> f32 {
+        h((r >> (16 * which)) as u16)
+    }
+
+    /// mma.sync.m16n8k16 for one warp: c[lane] += A * B.
+    fn mma(c: &mut [[f32; 4]; 32], a: &[[u32; 4]; 32], b: &[[u32; 2]; 32]) {
+        let mut am = [[0f32; 16]; 16];
+        let mut bm = [[0f32; 8]; 16];
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for (reg, (row, col)) in
+                [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)].into_iter().enumerate()
+            {
+                am[row][col] = half(a[lane][reg], 0);
+                am[row][col + 1] = half(a[lane][reg], 1);
+            }
+            for (reg, k) in [2 * t, 2 * t + 8].into_iter().enumerate() {
+                bm[k][g] = half(b[lane][reg], 0);
+                bm[k + 1][g] = half(b[lane][reg], 1);
+            }
+        }
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for (reg, (row, col)) in
+                [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate()
+            {
+                let dot: f32 = (0..16).map(|k| am[row][k] * bm[k][col]).sum();
+                c[lane][reg] += dot;
+            }
+        }
+    }
+
+    struct Lane {
+        m: f32,
+        l: f32,
+        acc: Vec<[f32; 4]>,
+        zacc: Vec<f32>,
+    }
+
+    /// One group on one warp (mma_group).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group(
+        k: &K,
+        p: &AttnParams,
+        qf: &[Vec<f32>],
+        lohi: &[(i64, i64)],
+        st: &mut [Lane],
+        buf: &[u8],
+        u: usize,
+        nvec: usize,
+    ) {
+        let lay = k.lay;
+        let (hd, gs, ng, vg) = (lay.head_dim, lay.group, k.ng(), lay.vgroup);
+        let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
+        let (nt, ks_n, kk_n) = (gs / 8, hd / 16, gs / 16);
+        let kc = hd * gs * kb / 8;
+        let vc = gs * hd * vb / 8;
+        let (ks_off, kz_off, vc_off) = (kc, kc + 2 * hd, kc + 4 * hd);
+        let (vs_off, vz_off) = (vc_off + vc, vc_off + vc + 2 * gs * ng);
+        let rd16 = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
+        let rd32 = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        let (kmask, vmask) = ((1u32 << kb) - 1, (1u32 << vb) - 1);
+        let p0 = lay.sinks + u * gs;
+        let mut s = vec![[[0f32; 4]; 32]; nt];
+        let mut bias = [0f32; 32];
+        for kstep in 0..ks_n {
+            let mut a = [[0u32; 4]; 32];
+            let mut w = [[0u32; 4]; 32];
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                let c0 = 16 * kstep + 2 * t;
+                let cs = [c0, c0 + 1, c0 + 8, c0 + 9];
+                let bit0 = nt * g * kb;
+                let mut x = [0f32; 4];
+                for i in 0..4 {
+                    let q = qf[g][cs[i]];
+                    x[i] = q * h(rd16(ks_off + 2 * cs[i]));
+                    bias[lane] += q * h(rd16(kz_off + 2 * cs[i]));
+                    w[lane][i] = rd32(cs[i] * k.k_run() + 4 * (bit0 >> 5)) >> (bit0 & 31);
+                }
+                let (a0, a1) = split_pair(x[0], x[1]);
+                let (a2, a3) = split_pair(x[2], x[3]);
+                a[lane] = [a0, a1, a2, a3];
+            }
+            for j in 0..nt {
+                let mut b = [[0u32; 2]; 32];
+                for lane in 0..32 {
+                    // As the kernel does it: pairs side by side with prmt, then shift and mask.
+                    let o = (j * kb) as u32;
+                    let wl = &w[lane];
+                    let kmask2 = kmask | kmask << 16;
+                    let sel = if o < 16 { 0x5410 } else { 0x7632 };
+                    let (x01, x89) = (prmt(wl[0], wl[1], sel), prmt(wl[2], wl[3], sel));
+                    b[lane][0] = codes_h2((x01 >> (o & 15)) & kmask2);
+                    b[lane][1] = codes_h2((x89 >> (o & 15)) & kmask2);
+                    debug_assert_eq!(b[lane][0], codes_h2(((wl[0] >> o) & kmask) | (((wl[1] >> o) & kmask) << 16)));
+                }
+                mma(&mut s[j], &a, &b);
+            }
+        }
+        // bias summed over the four lanes of each row
+        let bias: Vec<f32> = (0..32).map(|lane| (0..4).map(|t| bias[lane / 4 * 4 + t]).sum()).collect();
+        let mut pp = vec![[[0f32; 2]; 32]; nt];
+        let mut rowmax = [NEG; 8];
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for j in 0..nt {
+                for i in 0..2 {
+                    let pos = (p0 + nt * (2 * t + i) + j) as i64;
+                    let mut x = s[j][lane][i] + s[j][lane][i + 2] + bias[lane];
+                    let vis = g < nvec && pos >= lohi[g].0 && pos < lohi[g].1;
+                    x = if vis {
+                        if p.softcap > 0.0 {
+                            p.softcap * (x / p.softcap).tanh()
+                        } else {
+                            x
+                        }
+                    } else {
+                        NEG
+                    };
+                    pp[j][lane][i] = x;
+                    rowmax[g] = rowmax[g].max(x);
+                }
+            }
+        }
+        let exp_diff = |a: f32, b: f32| if a == NEG { 0.0 } else { (a - b).exp() };
+        for lane in 0..32 {
+            let g = lane / 4;
+            let bm = rowmax[g];
+            let l = &mut st[lane];
+            if bm != NEG {
+                let mn = l.m.max(bm);
+                let corr = exp_diff(l.m, mn);
+                l.m = mn;
+                let mut sum = 0.0;
+                for j in 0..nt {
+                    for i in 0..2 {
+                        pp[j][lane][i] = exp_diff(pp[j][lane][i], mn);
+                        sum += pp[j][lane][i];
+                    }
+                }
+                l.l = l.l * corr + sum;
+                l.acc.iter_mut().for_each(|r| r.iter_mut().for_each(|x| *x *= corr));
+                l.zacc.iter_mut().for_each(|x| *x *= corr);
+            } else {
+                for j in 0..nt {
+                    pp[j][lane] = [0.0; 2];
+                }
+            }
+        }
+        for kk in 0..kk_n {
+            for cg in 0..ng {
+                let mut a = [[0u32; 4]; 32];
+                let mut rows = [[0usize; 4]; 32];
+                for lane in 0..32 {
+                    let t = lane % 4;
+                    let ta0 = nt * (2 * t) + 2 * kk;
+                    let ta1 = nt * (2 * t + 1) + 2 * kk;
+                    let toks = [ta0, ta1, ta0 + 1, ta1 + 1];
+                    let pv =
+                        [pp[2 * kk][lane][0], pp[2 * kk][lane][1], pp[2 * kk + 1][lane][0], pp[2 * kk + 1][lane][1]];
+                    let mut z = 0f32;
+                    for i in 0..4 {
+                        z += pv[i] * h(rd16(vz_off + 2 * (toks[i] * ng + cg)));
+                    }
+                    st[lane].zacc[cg] += z;
+                    let sc = |i: usize| pv[i] * h(rd16(vs_off + 2 * (toks[i] * ng + cg)));
+                    let (a0, a1) = split_pair(sc(0), sc(1));
+                    let (a2, a3) = split_pair(sc(2), sc(3));
+                    a[lane] = [a0, a1, a2, a3];
+                    rows[lane] = toks;
+                }
+                for jj in cg * (vg / 8)..(cg + 1) * (vg / 8) {
+                    let mut b = [[0u32; 2]; 32];
+                    for lane in 0..32 {
+                        let g = lane / 4;
+                        // As the kernel does it: shift by g*VB, pair with prmt, mask.
+                        let (wi, o) = ((8 * jj * vb) / 32, ((8 * jj * vb) % 32) / 16);
+                        let vsh = (g * vb) as u32;
+                        let sel = if o == 1 { 0x7632 } else { 0x5410 };
+                        let word = |tok: usize| rd32(vc_off + tok * lay.v_row_bytes() + 4 * wi) >> vsh;
+                        let r = rows[lane];
+                        let vmask2 = vmask | vmask << 16;
+                        b[lane][0] = codes_h2(prmt(word(r[0]), word(r[1]), sel) & vmask2);
+                        b[lane][1] = codes_h2(prmt(word(r[2]), word(r[3]), sel) & vmask2);
+                        let bit = (8 * jj + g) * vb;
+                        let plain = |tok: usize| {
+                            (rd32(vc_off + tok * lay.v_row_bytes() + 4 * (bit >> 5)) >> (bit & 31)) & vmask
+                        };
+                        debug_assert_eq!(b[lane][0], codes_h2(plain(r[0]) | plain(r[1]) << 16));
+                    }
+                    let mut c: [[f32; 4]; 32] = std::array::from_fn(|lane| st[lane].acc[jj]);
+                    mma(&mut c, &a, &b);
+                    for lane in 0..32 {
+                        st[lane].acc[jj] = c[lane];
+                    }
+                }
+            }
+        }
+    }
+
+    /// kv_decode_mma, one block.
+    pub(super) unsafe fn block(k: &K, p: &AttnParams, bx: usize, kvh: usize, z: usize) {
+        let lay = k.lay;
+        let (hd, gs, ng) = (lay.head_dim, lay.group, k.ng());
+        let it = p.items[z];
+        let h0 = kvh * p.ratio as usize;
+        let nvec = p.ratio as usize;
+        let total = (it.len + it.n_chunk) as i64;
+        let mut qf = vec![vec![0f32; hd]; 8];
+        let mut lohi = vec![(0i64, 0i64); 8];
+        for v in 0..nvec {
+            for c in 0..hd {
+                qf[v][c] = k.ld(p.q, it.q_row0 as i64 * p.q_stride + ((h0 + v) * hd + c) as i64) * p.scale;
+            }
+            let qpos = it.q_pos0 as i64;
+            let lo = if p.window > 0 { (qpos + 1 - p.window as i64).max(0) } else { 0 };
+            let hi = if p.causal != 0 { (qpos + 1).min(total) } else { total };
+            lohi[v] = (lo, hi.max(lo));
+        }
+        let vis: Vec<usize> = (0..nvec).filter(|&v| lohi[v].1 > lohi[v].0).collect();
+        let lo_min = vis.iter().map(|&v| lohi[v].0).min().unwrap_or(i32::MAX as i64);
+        let hi_max = vis.iter().map(|&v| lohi[v].1).max().unwrap_or(0);
+        let n_groups = it.quantized as usize / gs;
+        let gb = (bx - 1) * p.ups as usize;
+        let ge = n_groups.min(gb + p.ups as usize);
+        let blocks = p.blocks + 4 * (it.slot as usize * lay.pages_per_layer) as u64;
+        let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
+        let kc = hd * gs * kb / 8;
+        let vc = gs * hd * vb / 8;
+        let mut merge = vec![vec![vec![0f32; hd]; 8]; WARPS];
+        let mut wml = vec![vec![(NEG, 0f32); 8]; WARPS];
+        for warp in 0..WARPS {
+            let mut st: Vec<Lane> =
+                (0..32).map(|_| Lane { m: NEG, l: 0.0, acc: vec![[0.0; 4]; hd / 8], zacc: vec![0.0; ng] }).collect();
+            let mut u = gb + warp;
+            while u < ge {
+                let first = (lay.sinks + u * gs) as i64;
+                if !(first + gs as i64 - 1 < lo_min || first >= hi_max) {
+                    // The staged copy: the group's six regions one after another.
+                    let (blk, gi) = k.group_block(p.pages, blocks, u, kvh);
+                    let mut buf = Vec::new();
+                    let region = |off: usize, n: usize, buf: &mut Vec<u8>| {
+                        for i in 0..n {
+                            buf.push(rd8(blk + (off + i) as u64));
+                        }
+                    };
+                    region(lay.k_codes + gi * kc, kc, &mut buf);
+                    region(lay.k_scale + gi * hd * 2, 2 * hd, &mut buf);
+                    region(lay.k_zero + gi * hd * 2, 2 * hd, &mut buf);
+                    region(lay.v_codes + gi * vc, vc, &mut buf);
+                    region(lay.v_scale + gi * gs * ng * 2, 2 * gs * ng, &mut buf);
+                    region(lay.v_zero + gi * gs * ng * 2, 2 * gs * ng, &mut buf);
+                    group(k, p, &qf, &lohi, &mut st, &buf, u, nvec);
+                }
+                u += WARPS;
+            }
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                if g >= nvec {
+                    continue;
+                }
+                let row: Vec<usize> = (0..4).map(|t2| g * 4 + t2).collect();
+                let l: f32 = row.iter().map(|&r| st[r].l).sum();
+                let zacc: Vec<f32> = (0..ng).map(|cg| row.iter().map(|&r| st[r].zacc[cg]).sum()).collect();
+                for jj in 0..hd / 8 {
+                    for i in 0..2 {
+                        let c = 8 * jj + 2 * t + i;
+                        merge[warp][g][c] = st[lane].acc[jj][i] + st[lane].acc[jj][i + 2] + zacc[c / lay.vgroup];
+                    }
+                }
+                if t == 0 {
+                    wml[warp][g] = (st[lane].m, l);
+                }
+            }
+        }
+        let exp_diff = |a: f32, b: f32| if a == NEG { 0.0 } else { (a - b).exp() };
+        let split = bx;
+        for v in 0..nvec {
+            let m = (0..WARPS).map(|w| wml[w][v].0).fold(NEG, f32::max);
+            let l: f32 = (0..WARPS).map(|w| wml[w][v].1 * exp_diff(wml[w][v].0, m)).sum();
+            let dst = p.part
+                + 4 * ((((z * p.qt as usize) * p.n_q_heads as usize + h0 + v) * p.n_splits as usize + split) * (hd + 2))
+                    as u64;
+            wrf(dst, m);
+            wrf(dst + 4, l);
+            for c in 0..hd {
+                let a: f32 = (0..WARPS).map(|w| merge[w][v][c] * exp_diff(wml[w][v].0, m)).sum();
+                wrf(dst + 4 * (2 + c) as u64, a);
+            }
+        }
+    }
+}
+
+/// The emulated CUDA cache against the CPU cache, on the operations and configurations of the
+/// GPU check (examples/gpu_check.rs): outputs within 1e-3 (plus a rounding step of the output
+/// type), contents identical.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::AttnOptions;
+    use crate::cache::Cache;
+    use crate::rows::{Element, Rows, RowsMut};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn normal(&mut self) -> f32 {
+            let u1 = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-300);
+            let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        }
+        fn rows<T: Element>(&mut self, n: usize, outliers: bool, hd: usize) -> Vec<T> {
+            (0..n)
+                .map(|i| {
+                    let x = self.normal();
+                    T::from_f32(if outliers && i % hd == 7 { 10.0 + 3.0 * x } else { x })
+                })
+                .collect()
+        }
+    }
+
+    struct Pair<T: Element> {
+        cpu: Cache,
+        gpu: CudaCache,
+        rng: Rng,
+        nqh: usize,
+        opts: AttnOptions,
+        tol: f64,
+        calls: usize,
+        _t: std::marker::PhantomData<T>,
+    }
+
+    fn ptr<T>(v: &[T]) -> u64 {
+        v.as_ptr() as u64
+    }
+
+    impl<T: Element + Default> Pair<T> {
+        fn new(cfg: CacheConfig, nqh: usize, opts: AttnOptions) -> Self {
+            let ulp = match T::DTYPE {
+                DType::F32 => 0.0,
+                DType::F16 => 1.0 / 1024.0,
+                DType::BF16 => 1.0 / 128.0,
+            };
+            Pair {
+                cpu: Cache::new(cfg.clone()).unwrap(),
+                gpu: CudaCache::emulated(cfg).unwrap(),
+                rng: Rng(7),
+                nqh,
+                opts,
+                tol: 1e-3 + ulp,
+                calls: 0,
+                _t: Default::default(),
+            }
+        }
+        fn dims(&self) -> (usize, usize) {
+            (self.cpu.lay.n_kv_heads, self.cpu.lay.head_dim)
+        }
+        fn compare(&mut self, what: &str, got: &[T], want: &[T]) {
+            self.calls += 1;
+            let num = got.iter().zip(want).map(|(a, b)| (a.to_f32() - b.to_f32()).abs() as f64).fold(0.0, f64::max);
+            let den = want.iter().map(|b| b.to_f32().abs() as f64).fold(0.0, f64::max);
+            let e = if den == 0.0 { num } else { num / den };
+            assert!(e <= self.tol, "{what}: relative error {e:e} (config {:?})", self.cpu.config());
+        }
+        fn data(&mut self, n: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+            let (nkv, hd) = self.dims();
+            let k = self.rng.rows(n * nkv * hd, true, hd);
+            let v = self.rng.rows(n * nkv * hd, false, hd);
+            let q = self.rng.rows(n * self.nqh * hd, false, hd);
+            (k, v, q)
+        }
+        fn append_attend(&mut self, layer: u32, seq: u32, n: usize) {
+            let (nkv, hd) = self.dims();
+            let (k, v, q) = self.data(n);
+            let (mut a, mut b) = (vec![T::default(); q.len()], vec![T::default(); q.len()]);
+            let (rk, rv, rq) = (Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap(), Rows::new(&q, n).unwrap());
+            let r = self.cpu.append_attend(layer, seq, rk, rv, rq, RowsMut::new(&mut a, n).unwrap(), &self.opts);
+            let g = self.gpu.append_attend(
+                layer,
+                seq,
+                DevRows::new(ptr(&k), n, nkv * hd),
+                DevRows::new(ptr(&v), n, nkv * hd),
+                DevRows::new(ptr(&q), n, self.nqh * hd),
+                DevRows::new(b.as_mut_ptr() as u64, n, self.nqh * hd),
+                &self.opts,
+                std::ptr::null_mut(),
+            );
+            assert_eq!(r, g);
+            self.compare(&format!("append_attend({layer}, {seq}, {n})"), &b, &a);
+        }
+        fn append(&mut self, layer: u32, seq: u32, n: usize) {
+            let (nkv, hd) = self.dims();
+            let (k, v, _) = self.data(n);
+            let r = self.cpu.append(layer, seq, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap());
+            let g = self.gpu.append(
+                layer,
+                seq,
+                DevRows::new(ptr(&k), n, nkv * hd),
+                DevRows::new(ptr(&v), n, nkv * hd),
+                std::ptr::null_mut(),
+            );
+            assert_eq!(r, g);
+        }
+        fn decode(&mut self, layer: u32, seqs: &[u32]) {
+            let (nkv, hd) = self.dims();
+            let n = seqs.len();
+            let (k, v, q) = self.data(n);
+            let (mut a, mut b) = (vec![T::default(); q.len()], vec![T::default(); q.len()]);
+            let (rk, rv, rq) = (Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap(), Rows::new(&q, n).unwrap());
+            let r = self.cpu.decode(layer, seqs, rk, rv, rq, RowsMut::new(&mut a, n).unwrap(), &self.opts);
+            let g = self.gpu.decode(
+                layer,
+                seqs,
+                DevRows::new(ptr(&k), n, nkv * hd),
+                DevRows::new(ptr(&v), n, nkv * hd),
+                DevRows::new(ptr(&q), n, self.nqh * hd),
+                DevRows::new(b.as_mut_ptr() as u64, n, self.nqh * hd),
+                &self.opts,
+                std::ptr::null_mut(),
+            );
+            assert_eq!(r, g);
+            self.compare(&format!("decode({layer}, {seqs:?})"), &b, &a);
+        }
+        fn attend(&mut self, layer: u32, seq: u32, n: usize) {
+            let hd = self.dims().1;
+            let q: Vec<T> = self.rng.rows(n * self.nqh * hd, false, hd);
+            let (mut a, mut b) = (vec![T::default(); q.len()], vec![T::default(); q.len()]);
+            let r =
+                self.cpu.attend(layer, seq, Rows::new(&q, n).unwrap(), RowsMut::new(&mut a, n).unwrap(), &self.opts);
+            let g = self.gpu.attend(
+                layer,
+                seq,
+                DevRows::new(ptr(&q), n, self.nqh * hd),
+                DevRows::new(b.as_mut_ptr() as u64, n, self.nqh * hd),
+                &self.opts,
+                std::ptr::null_mut(),
+            );
+            assert_eq!(r, g);
+            self.compare(&format!("attend({layer}, {seq}, {n})"), &b, &a);
+        }
+        fn state(&self, when: &str) {
+            let host = self.gpu.to_host(std::ptr::null_mut()).unwrap();
+            assert_eq!(host.seq_ids(), self.cpu.seq_ids(), "{when}");
+            assert_eq!(self.gpu.stats(), self.cpu.stats(), "{when}");
+            for seq in self.cpu.seq_ids() {
+                for layer in 0..self.cpu.config().n_layers {
+                    let (a, b) = (host.dequantized(layer, seq).unwrap(), self.cpu.dequantized(layer, seq).unwrap());
+                    assert!(a == b, "{when}: contents of seq {seq} layer {layer} differ ({:?})", self.cpu.config());
+                }
+            }
+            // Pages and windows byte for byte: the same pages are allocated in the same order.
+            assert!(host.windows.bytes() == self.cpu.windows.bytes(), "{when}: windows differ");
+            for l in 0..self.cpu.lay.n_layers {
+                assert!(host.pools[l].bytes() == self.cpu.pools[l].bytes(), "{when}: pages of layer {l} differ");
+            }
+        }
+    }
+
+    fn scenario<T: Element + Default>(cfg: CacheConfig, nqh: usize, opts: AttnOptions) -> usize {
+        let mut p = Pair::<T>::new(cfg.clone(), nqh, opts);
+        let (g, ring, s) = (cfg.group_size as usize, (cfg.residual + cfg.group_size) as usize, cfg.sinks as usize);
+        for layer in 0..cfg.n_layers {
+            p.append_attend(layer, 0, s + ring + 2 * g + 5);
+            p.append_attend(layer, 1, 3);
+            p.append_attend(layer, 1, g + 1);
+            p.append(layer, 2, 2 * g + 7);
+        }
+        p.state("after prefill");
+        for step in 0..g + 3 {
+            for layer in 0..cfg.n_layers {
+                let seqs: &[u32] = if step % 5 == 4 { &[2, 0] } else { &[0, 1, 2] };
+                p.decode(layer, seqs);
+            }
+        }
+        p.state("after decode");
+        assert_eq!(
+            p.cpu.seq_copy(0, 3, (s + g + 3) as u32),
+            p.gpu.seq_copy(0, 3, (s + g + 3) as u32, std::ptr::null_mut())
+        );
+        assert_eq!(p.cpu.seq_copy(0, 4, u32::MAX), p.gpu.seq_copy(0, 4, u32::MAX, std::ptr::null_mut()));
+        for _ in 0..g + 2 {
+            for layer in 0..cfg.n_layers {
+                p.decode(layer, &[3, 0, 4]);
+            }
+        }
+        p.state("after fork");
+        let cut = (s + g / 2 + 1) as u32;
+        assert_eq!(p.cpu.seq_truncate(1, cut), p.gpu.seq_truncate(1, cut, std::ptr::null_mut()));
+        p.state("after truncate");
+        for layer in 0..cfg.n_layers {
+            for _ in 0..3 {
+                p.decode(layer, &[1]);
+            }
+            p.append_attend(layer, 1, g + 5);
+            p.attend(layer, 0, 5);
+            p.attend(layer, 3, 1);
+        }
+        p.state("after appends past the cut");
+        assert_eq!(p.cpu.seq_remove(2), p.gpu.seq_remove(2));
+        for layer in 0..cfg.n_layers {
+            p.decode(layer, &[5, 0]);
+            p.decode(layer, &[5, 0]);
+        }
+        p.state("after remove");
+        // State blobs: the CUDA cache saves exactly what the CPU cache saves, and loads it back.
+        let blob = p.gpu.save_state_vec(std::ptr::null_mut()).unwrap();
+        assert!(blob == p.cpu.save_state_vec(), "whole-cache blobs differ");
+        let mut fresh = CudaCache::emulated(cfg.clone()).unwrap();
+        fresh.load_state(&blob).unwrap();
+        assert!(fresh.save_state_vec(std::ptr::null_mut()).unwrap() == blob);
+        // A sequence blob records the capacity of the host copy it was written from (sized for
+        // the sequence), so it differs from the CPU's in the header only; it loads the same.
+        let sblob = p.gpu.save_seq_state_vec(3, std::ptr::null_mut()).unwrap();
+        let mut cpu2 = Cache::new(cfg.clone()).unwrap();
+        cpu2.load_seq_state(9, &sblob).unwrap();
+        for layer in 0..cfg.n_layers {
+            assert!(cpu2.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+        }
+        fresh.load_seq_state(9, &p.cpu.save_seq_state_vec(3).unwrap()).unwrap();
+        let fh = fresh.to_host(std::ptr::null_mut()).unwrap();
+        for layer in 0..cfg.n_layers {
+            assert!(fh.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+        }
+        assert!(fresh.load_state(&blob[..blob.len() - 1]).is_err());
+        // One sequence out to the host and back in, under another id.
+        let one = p.gpu.seq_to_host(0, std::ptr::null_mut()).unwrap();
+        assert_eq!(one.seq_ids(), vec![0]);
+        for layer in 0..cfg.n_layers {
+            assert!(one.dequantized(layer, 0).unwrap() == p.cpu.dequantized(layer, 0).unwrap());
+        }
+        p.gpu.seq_from_host(&one, 0, 6).unwrap();
+        assert_eq!(p.cpu.seq_copy(0, 6, u32::MAX), Ok(()));
+        for layer in 0..cfg.n_layers {
+            p.decode(layer, &[6, 0]);
+        }
+        let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
+        for layer in 0..cfg.n_layers {
+            assert!(host.dequantized(layer, 6).unwrap() == p.cpu.dequantized(layer, 6).unwrap());
+        }
+        // Round trip through the host.
+        let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
+        let mut back = CudaCache::emulated(cfg.clone()).unwrap();
+        back.upload(&host).unwrap();
+        let again = back.to_host(std::ptr::null_mut()).unwrap();
+        assert!(again.windows.bytes() == host.windows.bytes());
+        assert_eq!(again.seq_ids(), host.seq_ids());
+        p.calls
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cfg(
+        hd: u32,
+        nkv: u32,
+        bits: (u8, u8),
+        g: u32,
+        r: u32,
+        sinks: u32,
+        mode: KeyMode,
+        dt: DType,
+        pt: u32,
+    ) -> CacheConfig {
+        let mut c = CacheConfig::new(2, nkv, hd);
+        c.key_bits = bits.0;
+        c.value_bits = bits.1;
+        c.group_size = g;
+        c.residual = r;
+        c.sinks = sinks;
+        c.key_mode = mode;
+        c.value_group = if hd % 32 == 0 {
+            32
+        } else if hd % 16 == 0 {
+            16
+        } else {
+            hd / 2
+        };
+        c.dtype = dt;
+        c.max_tokens = 2048;
+        c.max_seqs = 8;
+        c.page_tokens = pt;
+        c
+    }
+
+    #[test]
+    fn emulated_kernels_match_the_cpu_cache() {
+        use DType::*;
+        use KeyMode::*;
+        let d = AttnOptions::default();
+        let nc = AttnOptions { causal: false, ..d };
+        let sw = AttnOptions { sliding_window: 50, ..d };
+        let sc = AttnOptions { softcap: 30.0, scale: Some(0.2), ..d };
+        let mut calls = 0;
+        calls += scenario::<f32>(cfg(64, 2, (2, 2), 32, 128, 0, PerChannel, F32, 0), 8, d);
+        calls += scenario::<bf16>(cfg(80, 2, (8, 8), 16, 32, 4, PerChannel, BF16, 64), 2, sw);
+        calls += scenario::<f32>(cfg(8, 2, (2, 2), 8, 0, 0, PerToken, F32, 0), 4, d);
+        if cfg!(debug_assertions) {
+            return; // the rest takes minutes unoptimised; CI runs the tests optimised
+        }
+        calls += scenario::<f16>(cfg(128, 1, (4, 4), 32, 64, 0, PerChannel, F16, 0), 4, d);
+        calls += scenario::<f32>(cfg(64, 1, (2, 2), 8, 16, 1, PerChannel, F32, 32), 1, d);
+        calls += scenario::<f16>(cfg(96, 2, (2, 4), 32, 0, 0, PerChannel, F16, 0), 6, nc);
+        calls += scenario::<f32>(cfg(256, 1, (2, 2), 32, 32, 2, PerToken, F32, 0), 4, sc);
+        calls += scenario::<f16>(cfg(128, 2, (4, 2), 64, 128, 0, PerToken, F16, 128), 4, d);
+        calls += scenario::<f16>(cfg(128, 2, (2, 2), 32, 128, 0, PerChannel, F16, 128), 32, sc);
+        // Tensor-core decode with sliding windows, softcap, sinks, bf16 and f32 windows.
+        calls += scenario::<f16>(cfg(64, 2, (2, 2), 32, 64, 0, PerChannel, F16, 0), 8, sw);
+        calls += scenario::<bf16>(cfg(128, 1, (2, 4), 16, 32, 0, PerChannel, BF16, 64), 8, sc);
+        calls += scenario::<f32>(cfg(64, 2, (4, 2), 16, 32, 3, PerChannel, F32, 64), 4, nc);
+        assert!(calls > 500);
+    }
+
+    #[test]
+    fn emulated_long_contexts_use_many_splits() {
+        for (bits, g) in [(2u8, 32u32), (4, 32), (4, 64), (2, 16), (2, 64)] {
+            let mut c = cfg(64, 2, (bits, bits), g, 64, 0, KeyMode::PerChannel, DType::F16, 0);
+            c.n_layers = 1;
+            c.max_tokens = 8192;
+            let mut p = Pair::<f16>::new(c, 8, AttnOptions::default());
+            let n = if cfg!(debug_assertions) { 1200 } else { 3000 };
+            p.append(0, 0, n);
+            p.append(0, 1, n / 3);
+            for _ in 0..3 {
+                p.decode(0, &[0, 1]);
+            }
+            p.state("after long decode");
+        }
+    }
+
+    #[test]
+    fn emulated_batched_decode_of_many_sequences() {
+        let mut c = cfg(64, 2, (2, 2), 32, 64, 0, KeyMode::PerChannel, DType::F32, 0);
+        let n = if cfg!(debug_assertions) { 66 } else { 70 };
+        c.n_layers = 1;
+        c.max_seqs = n;
+        c.max_tokens = n * 400;
+        let mut p = Pair::<f32>::new(c.clone(), 8, AttnOptions::default());
+        for seq in 0..n {
+            p.append_attend(0, seq, 1 + (seq as usize * 37) % if cfg!(debug_assertions) { 100 } else { 300 });
+        }
+        let all: Vec<u32> = (0..n).collect();
+        for _ in 0..34 {
+            p.decode(0, &all);
+        }
+        p.state("after batched decode");
+        assert!(MMA_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) > 0, "the tensor-core path never ran");
+    }
+}

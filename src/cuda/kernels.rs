@@ -1,0 +1,349 @@
+//! The CUDA kernels: their sources (embedded from `cuda/`), the macros that specialise them to one
+//! cache configuration, and their compilation with NVRTC.
+//!
+//! Every kernel family is one `.cu` file; shared code lives in `.cuh` files, inlined here before
+//! compilation so NVRTC needs no include path. The kernels include no CUDA header either, so an
+//! NVRTC library is all that compiling them takes: no GPU, no driver, no toolkit.
+
+use std::ffi::CString;
+
+use super::nvrtc_lib;
+use crate::config::{CacheConfig, DType, KeyMode};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+
+const COMMON: &str = include_str!("../../cuda/common.cuh");
+const ATTN: &str = include_str!("../../cuda/attn.cuh");
+const DECODE_MMA: &str = include_str!("../../cuda/decode_mma.cuh");
+const QUANTIZE: &str = include_str!("../../cuda/quantize.cu");
+const DECODE: &str = include_str!("../../cuda/decode.cu");
+const PREFILL: &str = include_str!("../../cuda/prefill.cu");
+
+/// A kernel family: one `.cu` file, one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `quantize.cu`: window writes, group quantization, block-table updates, truncation.
+    Quantize,
+    /// `decode.cu`: one query row per sequence, many sequences.
+    Decode,
+    /// `prefill.cu`: a chunk of query rows of one sequence.
+    Prefill,
+}
+
+impl Family {
+    pub const ALL: [Family; 3] = [Family::Quantize, Family::Decode, Family::Prefill];
+
+    pub fn file(self) -> &'static str {
+        match self {
+            Family::Quantize => "quantize.cu",
+            Family::Decode => "decode.cu",
+            Family::Prefill => "prefill.cu",
+        }
+    }
+
+    /// Whether the family's kernels need `KV_NQ`.
+    pub fn is_attention(self) -> bool {
+        !matches!(self, Family::Quantize)
+    }
+
+    /// The family's source with its `#include "x.cuh"` lines replaced by the headers (each once).
+    pub fn source(self) -> String {
+        let main = match self {
+            Family::Quantize => QUANTIZE,
+            Family::Decode => DECODE,
+            Family::Prefill => PREFILL,
+        };
+        let mut seen = Vec::new();
+        let mut out = String::new();
+        inline(main, &mut seen, &mut out);
+        out
+    }
+}
+
+fn inline(src: &str, seen: &mut Vec<&'static str>, out: &mut String) {
+    for line in src.lines() {
+        let t = line.trim();
+        if t == "#pragma once" {
+            continue;
+        }
+        if let Some(rest) = t.strip_prefix("#include \"") {
+            let name = rest.trim_end_matches('"');
+            let (key, text) = match name {
+                "common.cuh" => ("common.cuh", COMMON),
+                "attn.cuh" => ("attn.cuh", ATTN),
+                "decode_mma.cuh" => ("decode_mma.cuh", DECODE_MMA),
+                _ => panic!("unknown kernel header {name}"),
+            };
+            if !seen.contains(&key) {
+                seen.push(key);
+                inline(text, seen, out);
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+/// Query vectors (query heads times query rows) one attention block handles at most, for this
+/// head_dim: a block keeps `nq * head_dim <= 1024` floats of queries per warp.
+pub fn max_nq(head_dim: usize) -> usize {
+    (1024 / head_dim).clamp(1, 16)
+}
+
+/// Whether `kv_decode_mma` (tensor cores) exists for this layout and `nq` query heads per kv
+/// head: the conditions of `KV_MMA_OK` in cuda/decode_mma.cuh.
+pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
+    let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
+    let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
+    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + 4 * g * ng;
+    let buf = (2 * 4 * stage).max(4 * 8 * hd * 4);
+    lay.key_mode == KeyMode::PerChannel
+        && matches!(kb, 2 | 4)
+        && matches!(vb, 2 | 4)
+        && hd % 16 == 0
+        && hd <= 128
+        && g % 16 == 0
+        && g <= 64
+        && lay.vgroup % 8 == 0
+        && nq <= 8
+        && 8 * (hd + 8) * 4 + buf <= 48000
+}
+
+/// Whether decode steps of a cache of this configuration, with `n_q_heads` query heads, run
+/// their quantized groups on tensor cores (on devices of compute capability 8.0 and newer, unless
+/// `KIVI_CUDA_MMA=0`).
+pub fn tensor_core_decode(cfg: &CacheConfig, n_q_heads: u32) -> bool {
+    if cfg.validate().is_err() || n_q_heads == 0 || n_q_heads % cfg.n_kv_heads != 0 {
+        return false;
+    }
+    let ratio = (n_q_heads / cfg.n_kv_heads) as usize;
+    ratio <= max_nq(cfg.head_dim as usize) && mma_layout(&Layout::new(cfg), ratio)
+}
+
+/// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query
+/// vectors per block).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Spec {
+    defines: Vec<(&'static str, u64)>,
+}
+
+impl Spec {
+    pub(crate) fn new(lay: &Layout, nq: usize) -> Spec {
+        let d = |n: &'static str, v: usize| (n, v as u64);
+        let defines = vec![
+            d("KV_DTYPE", lay.dtype as usize),
+            d("KV_HD", lay.head_dim),
+            d("KV_NKV", lay.n_kv_heads),
+            d("KV_KB", lay.key_bits as usize),
+            d("KV_VB", lay.value_bits as usize),
+            d("KV_KEY_PER_TOKEN", (lay.key_mode == KeyMode::PerToken) as usize),
+            d("KV_G", lay.group),
+            d("KV_VG", lay.vgroup),
+            d("KV_SINKS", lay.sinks),
+            d("KV_RING", lay.ring),
+            d("KV_GPP", lay.groups_per_page),
+            d("KV_PPL", lay.pages_per_layer),
+            d("KV_K_CODES", lay.k_codes),
+            d("KV_K_SCALE", lay.k_scale),
+            d("KV_K_ZERO", lay.k_zero),
+            d("KV_V_CODES", lay.v_codes),
+            d("KV_V_SCALE", lay.v_scale),
+            d("KV_V_ZERO", lay.v_zero),
+            d("KV_HEAD_BYTES", lay.head_bytes),
+            d("KV_PAGE_BYTES", lay.page_bytes),
+            d("KV_WIN_HEAD", lay.window_head_elems),
+            d("KV_NQ", nq),
+        ];
+        Spec { defines }
+    }
+
+    /// The spec of a validated configuration.
+    pub fn for_config(cfg: &CacheConfig, nq: usize) -> Result<Spec> {
+        cfg.validate()?;
+        Ok(Spec::new(&Layout::new(cfg), nq))
+    }
+
+    fn options(&self, arch: &str) -> Vec<String> {
+        let mut o = vec![format!("--gpu-architecture={arch}"), "--std=c++14".to_string()];
+        for (n, v) in &self.defines {
+            o.push(format!("-D{n}={v}u"));
+        }
+        // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
+        // log is then printed to stderr when KIVI_CUDA_LOG is set).
+        if let Ok(extra) = std::env::var("KIVI_NVRTC_OPTS") {
+            o.extend(extra.split_whitespace().map(str::to_string));
+        }
+        o
+    }
+}
+
+/// What NVRTC produced: a cubin for a real architecture (`sm_XY`), PTX for a virtual one
+/// (`compute_XY`).
+#[derive(Debug, Clone)]
+pub enum Image {
+    Cubin(Vec<u8>),
+    Ptx(Vec<u8>),
+}
+
+impl Image {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Image::Cubin(b) | Image::Ptx(b) => b,
+        }
+    }
+}
+
+/// Compiles one family for `arch` (`sm_90` gives a cubin, `compute_90` PTX). Errors carry
+/// NVRTC's log.
+pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
+    nvrtc_lib()?;
+    let src = CString::new(family.source()).expect("kernel sources hold no NUL");
+    let name = CString::new(family.file()).unwrap();
+    let opts = spec.options(arch);
+    let fail = |what: &str, log: String| {
+        Error::BackendUnavailable(format!("NVRTC could not {what} {} for {arch}: {log}", family.file()))
+    };
+    use cudarc::nvrtc::{result, sys};
+    let prog = result::create_program(&src, Some(&name)).map_err(|e| fail("create", format!("{e:?}")))?;
+    // SAFETY: prog was just created and is destroyed once below.
+    unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let out = match compiled {
+            Err(e) => {
+                let log = result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
+                Err(fail("compile", format!("{e:?}\n{log}")))
+            }
+            Ok(()) if std::env::var_os("KIVI_CUDA_LOG").is_some() && log_and(prog, family, arch) => unreachable!(),
+            Ok(()) if arch.starts_with("sm_") => {
+                let mut size = 0usize;
+                let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+                if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                    Err(fail("produce a cubin of", format!("{r:?}")))
+                } else {
+                    let mut buf = vec![0u8; size];
+                    let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _);
+                    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                        Err(fail("produce a cubin of", format!("{r:?}")))
+                    } else {
+                        Ok(Image::Cubin(buf))
+                    }
+                }
+            }
+            Ok(()) => match result::get_ptx(prog) {
+                Ok(p) => Ok(Image::Ptx(p.iter().map(|&c| c as u8).collect())),
+                Err(e) => Err(fail("produce PTX of", format!("{e:?}"))),
+            },
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
+}
+
+/// Prints NVRTC's log of a successful compilation; returns false.
+unsafe fn log_and(prog: cudarc::nvrtc::sys::nvrtcProgram, family: Family, arch: &str) -> bool {
+    let log = cudarc::nvrtc::result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
+    eprintln!("NVRTC {} {arch}:\n{log}", family.file());
+    false
+}
+
+/// [`compile`], through an on-disk cache of cubins when `KIVI_CUDA_CACHE_DIR` names a folder
+/// (keyed by the source, the options, the architecture and NVRTC's version), so that a process
+/// need not compile what an earlier one did.
+pub fn compile_cached(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
+    let Some(dir) = std::env::var_os("KIVI_CUDA_CACHE_DIR") else { return compile(family, spec, arch) };
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (family.source(), spec.options(arch), arch, super::nvrtc_version()?).hash(&mut h);
+    let path = std::path::Path::new(&dir).join(format!("{}-{arch}-{:016x}.cubin", family.file(), h.finish()));
+    if arch.starts_with("sm_") {
+        if let Ok(bytes) = std::fs::read(&path) {
+            return Ok(Image::Cubin(bytes));
+        }
+    }
+    let image = compile(family, spec, arch)?;
+    if let Image::Cubin(bytes) = &image {
+        let _ = std::fs::create_dir_all(&dir);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(image)
+}
+
+fn c_chars(v: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Configurations that exercise every branch of the kernels: KIVI-2 and KIVI-4 at head_dim 128,
+/// 8-bit, per-token keys, f32 and bf16 windows, sinks, multi-group pages, odd head_dims whose
+/// lanes straddle value groups, big groups and tiny ones.
+pub fn test_configs() -> Vec<CacheConfig> {
+    let mut out = Vec::new();
+    let mut base = CacheConfig::new(2, 8, 128);
+    base.dtype = DType::F16;
+    out.push(base.clone());
+    let mut c = base.clone();
+    c.key_bits = 4;
+    c.value_bits = 4;
+    out.push(c);
+    let mut c = base.clone();
+    c.key_bits = 8;
+    c.value_bits = 2;
+    c.dtype = DType::BF16;
+    c.sinks = 4;
+    c.page_tokens = 128;
+    out.push(c);
+    let mut c = CacheConfig::new(1, 2, 64);
+    c.key_mode = KeyMode::PerToken;
+    c.value_group = 16;
+    c.group_size = 16;
+    c.residual = 32;
+    c.dtype = DType::F32;
+    out.push(c);
+    let mut c = CacheConfig::new(1, 1, 96);
+    c.group_size = 64;
+    c.value_group = 32;
+    c.key_bits = 4;
+    c.dtype = DType::F32;
+    c.sinks = 3;
+    out.push(c);
+    let mut c = CacheConfig::new(1, 4, 8);
+    c.group_size = 8;
+    c.value_group = 2;
+    c.residual = 0;
+    c.key_mode = KeyMode::PerToken;
+    out.push(c);
+    let mut c = CacheConfig::new(1, 1, 1024);
+    c.group_size = 256;
+    c.residual = 256;
+    c.value_group = 1024;
+    c.key_bits = 8;
+    c.value_bits = 8;
+    c.dtype = DType::BF16;
+    out.push(c);
+    out
+}
+
+/// Compiles every family for every configuration of [`test_configs`] (attention at one query
+/// vector per block and at the most) for `arch`; returns how many modules were compiled.
+pub fn compile_all(arch: &str) -> Result<usize> {
+    let mut n = 0;
+    for cfg in test_configs() {
+        let hd = cfg.head_dim as usize;
+        for family in Family::ALL {
+            let nqs: &[usize] = if family.is_attention() { &[1, max_nq(hd)] } else { &[1] };
+            for &nq in nqs {
+                let spec = Spec::for_config(&cfg, nq)?;
+                compile(family, &spec, arch).map_err(|e| match e {
+                    Error::BackendUnavailable(m) => Error::BackendUnavailable(format!("{m}\nconfig: {cfg:?}, nq {nq}")),
+                    e => e,
+                })?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}

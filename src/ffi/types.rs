@@ -1,0 +1,227 @@
+//! The C ABI's types: the status enum, the element types, the structs engines fill in, and the
+//! opaque cache handle.
+//!
+//! Rules that hold for every struct here: its first field is `struct_size`, the size of the struct
+//! as the caller compiled it, so fields can be added at the end without breaking old callers.
+//! Fields that C fills in and Rust reads are plain integers (never Rust enums), so any bit pattern
+//! a caller writes is checked rather than trusted.
+
+#![allow(non_camel_case_types)]
+
+use crate::cache::Cache;
+use std::sync::RwLock;
+
+/// The result of every fallible kivi call. The numbers are part of the ABI and never change; new
+/// statuses get new numbers. `KIVI_OK` is 0; everything else is an error, and
+/// `kivi_last_error_message()` then holds a sentence naming the offending value.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum kivi_status {
+    /// Success.
+    KIVI_OK = 0,
+    /// A pointer argument that must not be NULL was NULL.
+    KIVI_ERR_NULL_POINTER = 1,
+    /// A field of `kivi_params` is out of range or inconsistent with another one.
+    KIVI_ERR_INVALID_CONFIG = 2,
+    /// An argument out of range: a bad dtype or flag, an attention scale of 0, a sequence twice in
+    /// one decode batch, an output that overlaps an input, ...
+    KIVI_ERR_INVALID_ARGUMENT = 3,
+    /// Rows, row lengths or strides that do not match what the cache expects (including zero or
+    /// oversized dimensions).
+    KIVI_ERR_SHAPE = 4,
+    /// A NaN or infinity in an input, or a key or value beyond the f16 range.
+    KIVI_ERR_NON_FINITE = 5,
+    /// A layer index at or past the number of layers.
+    KIVI_ERR_LAYER_OUT_OF_RANGE = 6,
+    /// A sequence id that the cache does not hold.
+    KIVI_ERR_UNKNOWN_SEQUENCE = 7,
+    /// A layer's page pool has no room for the tokens being added (`max_tokens`).
+    KIVI_ERR_CAPACITY_EXHAUSTED = 8,
+    /// Every sequence slot is taken (`max_seqs`).
+    KIVI_ERR_TOO_MANY_SEQUENCES = 9,
+    /// A caller buffer smaller than what the call writes.
+    KIVI_ERR_BUFFER_TOO_SMALL = 10,
+    /// A state blob that is truncated, damaged or not a kivi state.
+    KIVI_ERR_CORRUPT_STATE = 11,
+    /// A state blob written by a cache of other dimensions or settings.
+    KIVI_ERR_STATE_MISMATCH = 12,
+    /// A struct whose `struct_size` (or size argument) is not one this library knows.
+    KIVI_ERR_STRUCT_SIZE = 13,
+    /// The device asked for (e.g. a GPU) is not available in this build or on this machine.
+    KIVI_ERR_BACKEND_UNAVAILABLE = 14,
+    /// A bug inside kivi (a Rust panic, caught at the boundary). A cache that was being changed
+    /// when it happened refuses every later call with this status; free it.
+    KIVI_ERR_INTERNAL = 99,
+}
+
+/// Element type of keys, values, queries and outputs (and of the cache's full-precision windows).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum kivi_dtype {
+    /// IEEE binary32 (`float`).
+    KIVI_DTYPE_F32 = 0,
+    /// IEEE binary16 (`_Float16`, `__fp16`, `uint16_t` bits).
+    KIVI_DTYPE_F16 = 1,
+    /// bfloat16 (`uint16_t` bits: the top half of a `float`).
+    KIVI_DTYPE_BF16 = 2,
+}
+
+/// How keys are grouped for quantization.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum kivi_key_mode {
+    /// KIVI: a key group is `group_size` consecutive tokens of one channel (the default).
+    KIVI_KEY_PER_CHANNEL = 0,
+    /// The paper's baseline: keys grouped like values, `value_group` channels of one token.
+    KIVI_KEY_PER_TOKEN = 1,
+}
+
+/// The CPU: the value of `kivi_params.device` that every build supports. (The header defines it as
+/// a parenthesized macro, written by `build/header.rs`, since cbindgen would write a bare `-1`.)
+pub const KIVI_DEVICE_CPU: i32 = -1;
+
+/// `kivi_attn_options.flags` bit: every query sees every key of its sequence (encoders, and
+/// prefix-LM prompts). Without it attention is causal.
+pub const KIVI_ATTN_NON_CAUSAL: u32 = 1;
+
+/// What a cache is: the model's shape, the quantization settings and the capacity. Fill it with
+/// `kivi_params_init()`, change the fields you need, and pass it to `kivi_cache_create()`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct kivi_params {
+    /// `sizeof(kivi_params)` as the caller compiled it; `kivi_params_init()` sets it.
+    pub struct_size: u32,
+    /// Transformer layers the cache holds. Default: 1.
+    pub n_layers: u32,
+    /// Key/value heads per layer; query heads may be any multiple of it (GQA/MQA). Default: 1.
+    pub n_kv_heads: u32,
+    /// Channels per head: a multiple of 8 and of `value_group`, at most 1024. Default: 128.
+    pub head_dim: u32,
+    /// A `kivi_dtype`: how the full-precision windows (recent tokens and sinks) are stored. Inputs
+    /// and outputs may be of any dtype whatever this is. Default: `KIVI_DTYPE_F32`.
+    pub dtype: i32,
+    /// Bits per key code: 2, 4 or 8. Default: 2.
+    pub key_bits: u32,
+    /// Bits per value code: 2, 4 or 8. Default: 2.
+    pub value_bits: u32,
+    /// A `kivi_key_mode`. Default: `KIVI_KEY_PER_CHANNEL`.
+    pub key_mode: i32,
+    /// G, tokens per key group: a multiple of 8 up to 256. Tokens leave the full-precision window
+    /// G at a time. Default: 32.
+    pub group_size: u32,
+    /// Channels per value group; divides `head_dim`. Default: 32.
+    pub value_group: u32,
+    /// R, the most recent tokens kept at full precision: a multiple of G, 0 allowed. Default: 128.
+    pub residual: u32,
+    /// The first tokens of every sequence kept at full precision for ever (attention sinks).
+    /// Default: 0.
+    pub sinks: u32,
+    /// Quantized tokens the cache can hold per layer, over all sequences; all memory is taken at
+    /// creation. Default: 4096.
+    pub max_tokens: u32,
+    /// Sequences alive at once. Default: 1.
+    pub max_seqs: u32,
+    /// Tokens per page: 0 (one group per page) or a multiple of G. Default: 0.
+    pub page_tokens: u32,
+    /// Threads one attention call may use; 1 = only the calling thread. Default: 1.
+    pub n_threads: u32,
+    /// Where the cache lives: `KIVI_DEVICE_CPU` (-1), or a GPU ordinal where the build has a GPU
+    /// backend (otherwise `KIVI_ERR_BACKEND_UNAVAILABLE`). Default: -1.
+    pub device: i32,
+}
+
+/// Options of one attention call. Zero in a field means its default, so
+/// `kivi_attn_options o = {0}; o.struct_size = sizeof o;` asks for plain causal attention; a NULL
+/// options pointer means the same.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct kivi_attn_options {
+    /// `sizeof(kivi_attn_options)` as the caller compiled it.
+    pub struct_size: u32,
+    /// Multiplies `q . k`; 0 means `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// `KIVI_ATTN_*` bits; 0: causal.
+    pub flags: u32,
+    /// If non-zero, a query at position p sees only keys at positions p-W+1 ..= p (Mistral,
+    /// Gemma local layers).
+    pub sliding_window: u32,
+    /// If non-zero, logits become `softcap * tanh(logit / softcap)` (Gemma 2).
+    pub softcap: f32,
+}
+
+/// Read-only rows (tokens) of keys, values or queries: row t starts at element `t * stride` of
+/// `data` and holds `row_len` elements of type `dtype`, heads one after another (head h at
+/// elements `h * head_dim ..`). The caller keeps ownership; kivi reads the rows only during the
+/// call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kivi_rows {
+    /// Element 0 of row 0; aligned for `dtype`. Never NULL.
+    pub data: *const std::ffi::c_void,
+    /// A `kivi_dtype`.
+    pub dtype: i32,
+    /// Rows (tokens); at least 1.
+    pub n_rows: u32,
+    /// Elements per row: `n_kv_heads * head_dim` for keys and values, `n_q_heads * head_dim` for
+    /// queries.
+    pub row_len: u32,
+    /// Elements (not bytes) from the start of one row to the start of the next; 0 means `row_len`
+    /// (packed rows).
+    pub stride: usize,
+}
+
+/// Writable rows (attention outputs), laid out as `kivi_rows`. kivi writes the `row_len`
+/// elements of each row and nothing else (not the gaps between strided rows), and only when the
+/// call succeeds. Its span (from the first element of the first row to the last element of the
+/// last row) must not overlap the span of any input of the same call (`KIVI_ERR_INVALID_ARGUMENT`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kivi_rows_mut {
+    /// Element 0 of row 0; aligned for `dtype`. Never NULL.
+    pub data: *mut std::ffi::c_void,
+    /// A `kivi_dtype`; the same as the inputs of the call.
+    pub dtype: i32,
+    /// Rows; the same as the queries.
+    pub n_rows: u32,
+    /// Elements per row; the same as the queries.
+    pub row_len: u32,
+    /// Elements from the start of one row to the start of the next; 0 means `row_len`.
+    pub stride: usize,
+}
+
+/// Where a cache's bytes go, counted over all layers and sequences. Filled by
+/// `kivi_cache_stats()`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct kivi_memory_stats {
+    /// `sizeof(kivi_memory_stats)` as the caller compiled it (kivi sets it).
+    pub struct_size: u32,
+    /// Sequences held.
+    pub sequences: u32,
+    /// Tokens held, summed over sequences and layers.
+    pub tokens: u64,
+    /// Of those, tokens held as quantized codes (the rest are at full precision).
+    pub quantized_tokens: u64,
+    /// Bytes of codes in the pages in use (a page shared by forked sequences counts once).
+    pub code_bytes: u64,
+    /// Bytes of f16 scales and zeros in the pages in use.
+    pub scale_bytes: u64,
+    /// Bytes of full-precision tokens held (windows and sinks), in the cache's dtype.
+    pub window_bytes: u64,
+    /// `code_bytes + scale_bytes + window_bytes`.
+    pub used_bytes: u64,
+    /// Bytes an f16 cache of the same tokens would take (keys and values).
+    pub f16_bytes: u64,
+    /// Pages in use, over all layers.
+    pub pages_used: u64,
+    /// Pages in all, over all layers.
+    pub pages_total: u64,
+    /// Everything taken at creation (page pools and window slots, padding included).
+    pub reserved_bytes: u64,
+}
+
+/// A KIVI cache for every layer of one model: opaque; create it with `kivi_cache_create()` and
+/// free it with `kivi_cache_free()`.
+pub struct kivi_cache {
+    pub(crate) inner: RwLock<Cache>,
+}

@@ -1,0 +1,106 @@
+//! Compiles every CUDA kernel with NVRTC for sm_80 and sm_90 (no GPU or driver needed).
+//!
+//! NVRTC is looked for through `KIVI_NVRTC_LIB` (the library or its folder), then the
+//! `nvidia-cuda-nvrtc` Python package (`python3 -c 'import nvidia'`), then the usual library
+//! search. Where none is found the test fails when `CI` is set and is skipped with a message
+//! otherwise.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The lib folder of the nvidia-cuda-nvrtc Python package, if python3 finds one.
+fn python_nvrtc_dir() -> Option<PathBuf> {
+    let script = "import nvidia, os\n\
+                  for p in nvidia.__path__:\n\
+                  \x20   for sub in ('cu13/lib', 'cuda_nvrtc/lib', 'cu12/lib'):\n\
+                  \x20       d = os.path.join(p, sub)\n\
+                  \x20       if os.path.isdir(d) and any(f.startswith('libnvrtc.so') for f in os.listdir(d)):\n\
+                  \x20           print(d); raise SystemExit\n";
+    let out = Command::new("python3").arg("-c").arg(script).output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+fn nvrtc_ready() -> bool {
+    if std::env::var_os("KIVI_NVRTC_LIB").is_none() {
+        if let Some(d) = python_nvrtc_dir() {
+            std::env::set_var("KIVI_NVRTC_LIB", &d);
+        }
+    }
+    match kivi::cuda::nvrtc_version() {
+        Ok((a, b)) => {
+            eprintln!("NVRTC {a}.{b}");
+            true
+        }
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI is set but NVRTC is not available: {e}");
+            }
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !nvrtc_ready() {
+        return;
+    }
+    for arch in ["sm_80", "sm_90"] {
+        let n = kivi::cuda::kernels::compile_all(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        eprintln!("{arch}: {n} modules compiled");
+        assert!(n > 0);
+    }
+}
+
+/// The tensor-core decode kernel is compiled exactly where the host will launch it.
+#[test]
+fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile, tensor_core_decode, test_configs, Family, Spec};
+    let mut used = 0;
+    for cfg in test_configs() {
+        for ratio in [1u32, 4, 8] {
+            let nq = ratio.min(kivi::cuda::kernels::max_nq(cfg.head_dim as usize) as u32);
+            let image = compile(Family::Decode, &Spec::for_config(&cfg, nq as usize).unwrap(), "sm_90").unwrap();
+            let has = image.bytes().windows(13).any(|w| w == b"kv_decode_mma");
+            let uses = tensor_core_decode(&cfg, ratio * cfg.n_kv_heads);
+            assert_eq!(has, uses, "config {cfg:?}, {ratio} query heads per kv head");
+            used += uses as usize;
+        }
+    }
+    assert!(used > 0, "no test configuration reaches the tensor-core kernel");
+}
+
+#[test]
+fn the_backend_reports_whether_it_is_available() {
+    // On a machine without a driver this is an error naming what is missing, never a panic.
+    match kivi::cuda::available() {
+        Ok(info) => eprintln!("CUDA available: {info:?}"),
+        Err(e) => {
+            assert!(matches!(e, kivi::Error::BackendUnavailable(_)), "{e:?}");
+            eprintln!("CUDA unavailable: {e}");
+        }
+    }
+}
+
+#[test]
+fn compiled_kernels_are_kept_on_disk_when_asked() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile_cached, test_configs, Family, Spec};
+    let dir = std::env::temp_dir().join(format!("kivi-cubins-test-{}", std::process::id()));
+    std::env::set_var("KIVI_CUDA_CACHE_DIR", &dir);
+    let spec = Spec::for_config(&test_configs()[3], 1).unwrap();
+    let a = compile_cached(Family::Quantize, &spec, "sm_80").unwrap();
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    let b = compile_cached(Family::Quantize, &spec, "sm_80").unwrap();
+    std::env::remove_var("KIVI_CUDA_CACHE_DIR");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(files, 1);
+    assert_eq!(a.bytes(), b.bytes());
+}
