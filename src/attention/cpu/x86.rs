@@ -12,6 +12,14 @@ pub(crate) struct Avx512;
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
 
+/// The 8 bytes of 16 4-bit codes: bytes 0-3 in lanes 0-7, bytes 4-7 in lanes 8-15 (one load and
+/// one permute; two broadcasts and an insert compile to five instructions).
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> __m512i {
+    let v = _mm512_castsi128_si512(_mm_loadl_epi64(p as *const __m128i));
+    _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), v)
+}
+
 impl Simd for Avx512 {
     const L: usize = 16;
     const ACC_REGS: usize = 16;
@@ -119,9 +127,7 @@ impl Simd for Avx512 {
                 _mm512_permutexvar_ps(_mm512_srlv_epi32(x, sh), t)
             }
             4 => {
-                let lo = _mm256_set1_epi32((p as *const i32).read_unaligned());
-                let hi = _mm256_set1_epi32((p.add(4) as *const i32).read_unaligned());
-                let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let x = nibbles16(p);
                 let sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
                 let t = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
                 _mm512_permutexvar_ps(_mm512_srlv_epi32(x, sh), t)
@@ -157,9 +163,7 @@ impl Simd for Avx512 {
                 _mm512_permutexvar_ps(_mm512_srlv_epi32(x, sh), d[0])
             }
             4 => {
-                let lo = _mm256_set1_epi32((p as *const i32).read_unaligned());
-                let hi = _mm256_set1_epi32((p.add(4) as *const i32).read_unaligned());
-                let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let x = nibbles16(p);
                 let sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
                 _mm512_permutexvar_ps(_mm512_srlv_epi32(x, sh), d[0])
             }
