@@ -6,7 +6,7 @@ use crate::config::{CacheConfig, DType, KeyMode};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::pool::{AlignedBuf, PagePool};
-use crate::quant::{quantize_group, write_f16};
+use crate::quant::{quantize_group, quantize_slice, write_f16};
 use crate::rows::{Element, Rows, RowsMut};
 use crate::seq::{LayerSeq, SeqTable, Stream};
 use half::{bf16, f16};
@@ -45,6 +45,8 @@ pub struct Cache {
     pub(crate) pools: Vec<PagePool>,
     pub(crate) windows: AlignedBuf,
     pub(crate) seqs: SeqTable,
+    /// Attention threads (`n_threads - 1` workers) and their working memory.
+    pub(crate) threads: cpu::Threads,
 }
 
 impl std::fmt::Debug for Cache {
@@ -61,7 +63,8 @@ impl Cache {
         let pools = (0..lay.n_layers).map(|_| PagePool::new(lay.pages_per_layer, lay.page_bytes)).collect();
         let windows = AlignedBuf::zeroed(lay.window_elems_total() * lay.dtype.size());
         let seqs = SeqTable::new(&lay);
-        Ok(Cache { cfg, lay, pools, windows, seqs })
+        let threads = cpu::Threads::new(&lay, cfg.n_threads as usize);
+        Ok(Cache { cfg, lay, pools, windows, seqs, threads })
     }
 
     /// The configuration the cache was created with.
@@ -282,7 +285,10 @@ impl Cache {
             }
         }
         self.check_pages(l, blame.0, blame.1, pages)?;
-        for (i, &seq) in seqs.iter().enumerate() {
+        // The slots, new sequences taking theirs (a buffer kept for this: no allocation).
+        let mut slots = std::mem::take(&mut self.threads.decode_slots);
+        slots.clear();
+        for &seq in seqs {
             let slot = match self.seqs.find(seq) {
                 Some(s) => s,
                 None => {
@@ -291,11 +297,28 @@ impl Cache {
                     s
                 }
             };
-            let (k1, v1) = (keys.sub(i, 1), values.sub(i, 1));
-            let pos0 = self.seqs.slots[slot].layers[l].len;
-            self.attend_stream(l, slot, Some((k1, v1)), queries.sub(i, 1), pos0, &mut out, i, &o);
-            self.push(l, slot, k1, v1);
+            slots.push(slot);
         }
+        // Attention for every sequence in one parallel call (each sees only its own state and
+        // token), then the appends.
+        with_dtype!(self.lay.dtype, W => {
+            let slots = &slots;
+            let job = |i: usize| {
+                let slot = slots[i];
+                cpu::Job {
+                    s: self.stream::<W>(l, slot),
+                    chunk: Some((keys.sub(i, 1), values.sub(i, 1))),
+                    queries: queries.sub(i, 1),
+                    q_pos0: self.seqs.slots[slot].layers[l].len,
+                    out_row0: i,
+                }
+            };
+            cpu::attend(&self.threads, &self.lay, n, 1, &job, &mut out, &o)
+        });
+        for (i, &slot) in slots.iter().enumerate() {
+            self.push(l, slot, keys.sub(i, 1), values.sub(i, 1));
+        }
+        self.threads.decode_slots = slots;
         Ok(())
     }
 
@@ -313,7 +336,8 @@ impl Cache {
     ) {
         with_dtype!(self.lay.dtype, W => {
             let s = self.stream::<W>(l, slot);
-            cpu::attend(&s, chunk, queries, pos0, out, row0, o)
+            let job = |_: usize| cpu::Job { s, chunk, queries, q_pos0: pos0, out_row0: row0 };
+            cpu::attend(&self.threads, &self.lay, 1, queries.rows(), &job, out, o)
         })
     }
 
@@ -598,7 +622,10 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut Laye
     let hd = lay.head_dim;
     let (gsz, vg, ng) = (lay.group, lay.vgroup, lay.row_groups());
     let [_, _, rk, rv] = lay.window_parts();
-    let slot = |t: usize| ((ls.quantized + t) % lay.ring) * hd;
+    // Ring offsets of the group's tokens, computed once (not one division per element).
+    let mut slots = [0usize; 256];
+    slots[..gsz].iter_mut().enumerate().for_each(|(t, o)| *o = ((ls.quantized + t) % lay.ring) * hd);
+    let slot = |t: usize| slots[t];
     let page_bytes = pool.page_mut(page);
     for h in 0..lay.n_kv_heads {
         let w = &win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];
@@ -606,12 +633,15 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut Laye
         let key = |t: usize, c: usize| w[rk + slot(t) + c].to_f32();
         let value = |t: usize, c: usize| w[rv + slot(t) + c].to_f32();
         let run = lay.k_run_bytes();
+        // Gathered into f32 first: the fast quantizer wants slices.
+        let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
         match lay.key_mode {
             KeyMode::PerChannel => {
                 for c in 0..hd {
                     let pi = gi * hd + c;
                     let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
-                    let p = quantize_group(gsz, |t| key(t, c), lay.key_bits, codes, 0);
+                    buf[..gsz].iter_mut().enumerate().for_each(|(t, x)| *x = key(t, c));
+                    let p = quantize_slice(&buf[..gsz], lay.key_bits, codes, 0);
                     write_f16(&mut blk[lay.k_scale..], pi, p.scale);
                     write_f16(&mut blk[lay.k_zero..], pi, p.zero);
                 }
@@ -631,9 +661,10 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut Laye
         let vrun = lay.v_row_bytes();
         for t in 0..gsz {
             let row = gi * gsz + t;
+            buf[..hd].iter_mut().enumerate().for_each(|(c, x)| *x = value(t, c));
             for cg in 0..ng {
                 let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
-                let p = quantize_group(vg, |i| value(t, cg * vg + i), lay.value_bits, codes, cg * vg);
+                let p = quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, codes, cg * vg);
                 write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
                 write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
             }

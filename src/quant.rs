@@ -82,6 +82,54 @@ pub fn quantize_group(n: usize, get: impl Fn(usize) -> f32, bits: u32, run: &mut
     p
 }
 
+/// [`quantize_group`] for elements already in a slice, with the same codes, faster: no libm call
+/// for the rounding, and whole bytes of codes written at once when the group starts and ends on
+/// byte boundaries.
+pub fn quantize_slice(xs: &[f32], bits: u32, run: &mut [u8], first: usize) -> GroupParams {
+    // Comparisons rather than `f32::min` (whose NaN rule blocks vectorization; data is finite).
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &x in xs {
+        lo = if x < lo { x } else { lo };
+        hi = if x > hi { x } else { hi };
+    }
+    let p = GroupParams::from_range(lo, hi, bits);
+    let per_byte = (8 / bits) as usize;
+    if first % per_byte != 0 || xs.len() % per_byte != 0 {
+        for (i, &x) in xs.iter().enumerate() {
+            set_code(run, first + i, bits, p.encode(x, bits));
+        }
+        return p;
+    }
+    let (s, z) = (p.scale.to_f32(), p.zero.to_f32());
+    let max_code = ((1u32 << bits) - 1) as f32;
+    let bytes = &mut run[first / per_byte..(first + xs.len()) / per_byte];
+    // Codes in blocks (a plain loop the compiler vectorizes), then packed.
+    let mut codes = [0u32; 64];
+    for (xb, bb) in xs.chunks(64).zip(bytes.chunks_mut(64 / per_byte)) {
+        if s != 0.0 {
+            for (c, &x) in codes.iter_mut().zip(xb) {
+                // As `encode`: clamping before rounding gives the same code.
+                *c = round_nonneg(((x - z) / s).max(0.0).min(max_code));
+            }
+        }
+        for (b, cs) in bb.iter_mut().zip(codes.chunks_exact(per_byte)) {
+            *b = cs.iter().enumerate().fold(0u32, |v, (j, &c)| v | c << (j as u32 * bits)) as u8;
+        }
+    }
+    p
+}
+
+/// `v.round()` (halves away from zero) for `0 <= v < 2^23`, without a libm call: `v + 0.5`
+/// truncated, less one when the addition rounded up past an integer.
+#[inline(always)]
+fn round_nonneg(v: f32) -> u32 {
+    debug_assert!((0.0..8388608.0).contains(&v));
+    // SAFETY: v + 0.5 is finite and within i32 (callers clamp to 0..=255); the unchecked
+    // conversion is the one the compiler vectorizes (`as` saturates, and does not).
+    let t: i32 = unsafe { (v + 0.5).to_int_unchecked() };
+    (if t as f32 - 0.5 > v { t - 1 } else { t }) as u32
+}
+
 /// Reads f16 number `i` of a little-endian byte area.
 #[inline(always)]
 pub fn read_f16(bytes: &[u8], i: usize) -> f16 {
@@ -115,6 +163,45 @@ mod tests {
             assert_eq!(code_at(&run, 5, bits), 1);
             assert_eq!(code_at(&run, 4, bits), codes[4] as u32);
             assert_eq!(code_at(&run, 6, bits), codes[6] as u32);
+        }
+    }
+
+    #[test]
+    fn quantize_slice_matches_quantize_group() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for bits in [2u32, 4, 8] {
+            for n in [8usize, 32, 64, 256] {
+                for trial in 0..50 {
+                    let mut xs: Vec<f32> = (0..n).map(|_| next() * 8.0 - 3.0).collect();
+                    if trial == 0 {
+                        xs.iter_mut().for_each(|x| *x = 1.5);
+                    }
+                    if trial == 1 {
+                        // Halfway points of the grid and their neighbours.
+                        let lv = ((1u32 << bits) - 1) as f32;
+                        for (i, x) in xs.iter_mut().enumerate() {
+                            let h = (i % (lv as usize)) as f32 + 0.5;
+                            *x = h / lv * 4.0 + [0.0, 1e-7, -1e-7][i % 3];
+                        }
+                    }
+                    let mut a = vec![0u8; (n + 16) * bits as usize / 8];
+                    let mut b = a.clone();
+                    let first = [0usize, 8, 16][trial % 3];
+                    let pa = quantize_group(n, |i| xs[i], bits, &mut a, first);
+                    let pb = quantize_slice(&xs, bits, &mut b, first);
+                    assert_eq!(pa, pb);
+                    assert_eq!(a, b, "bits {bits} n {n} trial {trial}");
+                }
+            }
+        }
+        for v in [0.0f32, 0.49999997, 0.5, 0.50000006, 1.4999999, 1.5, 2.5, 254.5, 255.0] {
+            assert_eq!(round_nonneg(v), v.round() as u32, "{v}");
         }
     }
 

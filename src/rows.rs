@@ -214,6 +214,12 @@ impl<'a, T: Element> RowsMut<'a, T> {
         &self.data[i * self.stride..i * self.stride + self.row_len]
     }
 
+    /// The start of row 0 and the distance between rows in elements, for kernels that write
+    /// disjoint parts of rows from several threads.
+    pub(crate) fn raw_parts(&mut self) -> (*mut T, usize) {
+        (self.data.as_mut_ptr(), self.stride)
+    }
+
     pub(crate) fn check(&self, rows: usize, row_len: usize) -> Result<()> {
         if self.rows != rows || self.row_len != row_len {
             return Err(Error::Shape {

@@ -3,9 +3,11 @@
 //! For a per-channel key group with scales `s[c]` and zeros `z[c]`,
 //! `q . k_t = sum_c (q[c] s[c]) code[c][t] + sum_c q[c] z[c]`: the scale is folded into the query
 //! once per group and the zero into one bias, so the inner loop multiplies the query by raw codes.
-//! Values are folded the same way: `sum_t p_t v_t[c] = sum_t (p_t s_t) code_t[c] + sum_t p_t z_t`,
-//! with the zero term accumulated once per channel group. Nothing is dequantized into memory; the
-//! softmax is online (running maximum and sum) in f32.
+//! Values are dequantized in registers (`code * s + z`) and weighted: folding their zeros out
+//! (`sum_t p_t z_t` apart from `sum_t p_t s_t code_t`) would cancel and lose precision over long
+//! contexts. Nothing is dequantized into memory; the softmax is online (running maximum and sum)
+//! in f32. This is the portable path (and the only one for per-token keys); the vector kernels
+//! are in `kernels.rs`.
 
 use super::Resolved;
 use crate::config::KeyMode;
@@ -23,15 +25,12 @@ struct Online<'b> {
     m: f32,
     l: f32,
     acc: &'b mut [f32],
-    /// Accumulated zero terms, one per value channel group.
-    zacc: &'b mut [f32],
 }
 
 impl<'b> Online<'b> {
-    fn new(acc: &'b mut [f32], zacc: &'b mut [f32]) -> Self {
+    fn new(acc: &'b mut [f32]) -> Self {
         acc.fill(0.0);
-        zacc.fill(0.0);
-        Online { m: f32::NEG_INFINITY, l: 0.0, acc, zacc }
+        Online { m: f32::NEG_INFINITY, l: 0.0, acc }
     }
 
     /// Turns a block of logits (masked ones are -inf) into weights relative to the running
@@ -45,21 +44,23 @@ impl<'b> Online<'b> {
         if bm > self.m {
             let corr = (self.m - bm).exp();
             self.acc.iter_mut().for_each(|a| *a *= corr);
-            self.zacc.iter_mut().for_each(|a| *a *= corr);
             self.l *= corr;
             self.m = bm;
         }
+        // Summed per block, then added: long contexts keep their precision.
+        let mut bl = 0.0f32;
         for x in sc.iter_mut() {
             *x = (*x - self.m).exp();
-            self.l += *x;
+            bl += *x;
         }
+        self.l += bl;
         true
     }
 
-    fn finish<T: Element>(self, vgroup: usize, out: &mut [T]) {
+    fn finish<T: Element>(self, out: &mut [T]) {
         let inv = if self.l > 0.0 { 1.0 / self.l } else { 0.0 };
         for (c, o) in out.iter_mut().enumerate() {
-            *o = T::from_f32((self.acc[c] + self.zacc[c / vgroup]) * inv);
+            *o = T::from_f32(self.acc[c] * inv);
         }
     }
 }
@@ -90,9 +91,7 @@ pub(crate) fn attend<W: Element, T: Element>(
 
     let mut q = [0f32; MAX_HEAD_DIM];
     let mut acc = [0f32; MAX_HEAD_DIM];
-    let mut zacc = [0f32; MAX_HEAD_DIM];
     let mut scores = [0f32; BLOCK];
-    let ng = lay.row_groups();
 
     for i in 0..queries.rows() {
         let qpos = q_pos0 + i;
@@ -104,7 +103,7 @@ pub(crate) fn attend<W: Element, T: Element>(
                 *d = x.to_f32();
             }
             let q = &q[..hd];
-            let mut st = Online::new(&mut acc[..hd], &mut zacc[..ng]);
+            let mut st = Online::new(&mut acc[..hd]);
 
             // Sinks.
             fp_range(
@@ -143,7 +142,7 @@ pub(crate) fn attend<W: Element, T: Element>(
                 fp_range(&mut st, q, o, &mut scores, lo.max(base), hi, key, val);
             }
             let orow = out.row_mut(out_row0 + i);
-            st.finish(lay.vgroup, &mut orow[qh * hd..(qh + 1) * hd]);
+            st.finish(&mut orow[qh * hd..(qh + 1) * hd]);
         }
     }
 }
@@ -254,10 +253,11 @@ fn quant_group<W: Element>(
         let r = &blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
         for cg in 0..ng {
             let pi = row * ng + cg;
-            let ps = p * read_f16(vscale, pi).to_f32();
-            st.zacc[cg] += p * read_f16(vzero, pi).to_f32();
+            let (s, z) = (read_f16(vscale, pi).to_f32(), read_f16(vzero, pi).to_f32());
+            // Dequantized before weighting: a zero term summed apart from the codes term
+            // cancels against it and loses precision over long contexts.
             for c in cg * vg..(cg + 1) * vg {
-                st.acc[c] += ps * code_at(r, c, lay.value_bits) as f32;
+                st.acc[c] += p * (code_at(r, c, lay.value_bits) as f32 * s + z);
             }
         }
     }

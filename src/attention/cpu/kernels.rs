@@ -1,0 +1,566 @@
+//! The fused kernels, written once over [`Simd`] and instantiated per instruction set.
+//!
+//! One work item is one query row, one KV head and up to [`NH_MAX`] of that head's query heads
+//! (its GQA group), over a range of the context. Each quantized group is read once for all of
+//! those query heads:
+//!
+//! - keys (per channel): the group's scales are folded into the queries (`q'[h][c] = q[h][c]
+//!   s[c]`) and its zeros into one bias per head (`sum_c q[h][c] z[c]`); then for each channel the
+//!   codes of `L` tokens are unpacked to f32 once and multiplied into the scores of every head;
+//! - values (per token): `L` channels of one token are unpacked and dequantized in registers
+//!   (`code * s + z`, once for all heads; for 2- and 4-bit codes the permute that converts codes
+//!   reads them from a table of the group's dequantized values) and accumulated into every head's
+//!   output with its softmax weight. Folding the zeros out instead (`sum_t p_t z_t` apart) would
+//!   cancel against the codes term and lose precision over long contexts.
+//!
+//! The softmax is online, one step per 128 tokens, with a vector `exp`. Groups of one head are
+//! prefetched eight ahead (with one group per page they are a page apart).
+
+use super::simd::{exp, Simd};
+use crate::attention::Resolved;
+use crate::config::DType;
+use crate::layout::Layout;
+use crate::quant::read_f16;
+use crate::rows::Element;
+
+/// Query heads one work item carries at most (accumulators stay in registers).
+pub(crate) const NH_MAX: usize = 8;
+/// Full-precision tokens per softmax block.
+pub(crate) const FPB: usize = 32;
+/// Groups ahead whose bytes are prefetched.
+const PREFETCH: usize = 8;
+
+/// Per-thread working memory, sized once for a layout.
+pub(crate) struct Scratch {
+    hd: usize,
+    /// Queries in f32, `[NH_MAX][hd]`.
+    pub qf: Vec<f32>,
+    /// Running output, `[NH_MAX][hd]` (unnormalised).
+    pub acc: Vec<f32>,
+    pub m: [f32; NH_MAX],
+    pub l: [f32; NH_MAX],
+    /// Queries times key scales, `[NH_MAX][hd]`.
+    qs: Vec<f32>,
+    /// Scores, then weights: `[NH_MAX][sc_stride]`.
+    sc: Vec<f32>,
+    sc_stride: usize,
+    /// Value scales and zeros of one group in f32, `[G][head_dim / value_group]`.
+    vs: Vec<f32>,
+    vz: Vec<f32>,
+    /// Lane-wise dot products of full-precision tokens, `[NH_MAX][FPB + 16][16]` at most.
+    red: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn new(hd: usize, group: usize, row_groups: usize) -> Scratch {
+        let sc_stride = (group * groups_per_step(group)).max(FPB).next_multiple_of(16);
+        Scratch {
+            hd,
+            qf: vec![0.0; NH_MAX * hd],
+            acc: vec![0.0; NH_MAX * hd],
+            m: [f32::NEG_INFINITY; NH_MAX],
+            l: [0.0; NH_MAX],
+            qs: vec![0.0; NH_MAX * hd],
+            sc: vec![0.0; NH_MAX * sc_stride],
+            sc_stride,
+            vs: vec![0.0; group * row_groups + 16],
+            vz: vec![0.0; group * row_groups + 16],
+            red: vec![0.0; NH_MAX * (FPB + 16) * 16],
+        }
+    }
+
+    /// Loads the queries of `nh` heads (`q`: `nh * hd` elements) and resets the softmax state.
+    pub fn start<T: Element>(&mut self, q: &[T], nh: usize) {
+        let n = nh * self.hd;
+        for (d, x) in self.qf[..n].iter_mut().zip(&q[..n]) {
+            *d = x.to_f32();
+        }
+        self.acc[..n].fill(0.0);
+        self.m = [f32::NEG_INFINITY; NH_MAX];
+        self.l = [0.0; NH_MAX];
+    }
+}
+
+/// One item's range of quantized groups in one stream.
+pub(crate) struct QArgs<'a> {
+    pub lay: &'a Layout,
+    /// The page pool of the layer and the stream's block table.
+    pub pool: &'a [u8],
+    pub blocks: &'a [u32],
+    pub kvh: usize,
+    /// Groups `g0..g1`.
+    pub g0: usize,
+    pub g1: usize,
+    /// Visible positions `lo..hi`.
+    pub lo: usize,
+    pub hi: usize,
+    pub nh: usize,
+    pub o: Resolved,
+}
+
+/// Runs `$e` with `$N` a `const usize` equal to `$n` (1..=8).
+macro_rules! with_nh {
+    ($n:expr, $N:ident => $e:expr) => {
+        match $n {
+            1 => {
+                const $N: usize = 1;
+                $e
+            }
+            2 => {
+                const $N: usize = 2;
+                $e
+            }
+            3 => {
+                const $N: usize = 3;
+                $e
+            }
+            4 => {
+                const $N: usize = 4;
+                $e
+            }
+            5 => {
+                const $N: usize = 5;
+                $e
+            }
+            6 => {
+                const $N: usize = 6;
+                $e
+            }
+            7 => {
+                const $N: usize = 7;
+                $e
+            }
+            _ => {
+                const $N: usize = 8;
+                $e
+            }
+        }
+    };
+}
+
+/// Runs `$e` with `$B` a `const u32` equal to `$b` (2, 4 or 8).
+macro_rules! with_bits {
+    ($b:expr, $B:ident => $e:expr) => {
+        match $b {
+            2 => {
+                const $B: u32 = 2;
+                $e
+            }
+            4 => {
+                const $B: u32 = 4;
+                $e
+            }
+            _ => {
+                const $B: u32 = 8;
+                $e
+            }
+        }
+    };
+}
+
+/// Whether the vector kernels of `L` lanes handle this layout (the scalar path does the rest).
+pub(crate) fn supports(lay: &Layout, lanes: usize) -> bool {
+    lay.key_mode == crate::config::KeyMode::PerChannel
+        && lay.head_dim % lanes == 0
+        && lay.group % lanes == 0
+        && lay.vgroup % lanes == 0
+}
+
+#[inline(always)]
+unsafe fn load_x<S: Simd, X: Element>(p: *const X) -> S::V {
+    match X::DTYPE {
+        DType::F32 => S::load(p as *const f32),
+        DType::F16 => S::load_f16(p as *const u16),
+        DType::BF16 => S::load_bf16(p as *const u16),
+    }
+}
+
+/// `out[h * os + t] = sum_c qs[h * hd + c] * code[c][t]` for the `g` tokens of one per-channel
+/// key group (`code[c]` is a run of `run` bytes); `TT` tiles of `L` tokens at once.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
+    codes: *const u8,
+    run: usize,
+    hd: usize,
+    g: usize,
+    qs: *const f32,
+    out: *mut f32,
+    os: usize,
+) {
+    let tile_bytes = S::L * KB as usize / 8;
+    // 2-bit codes: even and odd channels accumulate apart when registers allow (twice the
+    // independent chains; measured slower for 4 and 8 bits, whose unpacking needs registers).
+    let two = KB == 2 && 4 * NH * TT <= S::ACC_REGS * 2 && hd % 2 == 0;
+    let mut t0 = 0;
+    while t0 < g {
+        let mut acc = [[S::zero(); NH]; TT];
+        let mut acc2 = [[S::zero(); NH]; TT];
+        let base = codes.add(t0 * KB as usize / 8);
+        let step = if two { 2 } else { 1 };
+        let mut c = 0;
+        while c < hd {
+            let p = base.add(c * run);
+            let mut v = [S::zero(); TT];
+            for (k, v) in v.iter_mut().enumerate() {
+                *v = S::codes::<KB>(p.add(k * tile_bytes));
+            }
+            for h in 0..NH {
+                let q = S::splat(*qs.add(h * hd + c));
+                for k in 0..TT {
+                    acc[k][h] = S::fma(q, v[k], acc[k][h]);
+                }
+            }
+            if two {
+                let p = base.add((c + 1) * run);
+                for (k, v) in v.iter_mut().enumerate() {
+                    *v = S::codes::<KB>(p.add(k * tile_bytes));
+                }
+                for h in 0..NH {
+                    let q = S::splat(*qs.add(h * hd + c + 1));
+                    for k in 0..TT {
+                        acc2[k][h] = S::fma(q, v[k], acc2[k][h]);
+                    }
+                }
+            }
+            c += step;
+        }
+        for k in 0..TT {
+            for h in 0..NH {
+                S::store(out.add(h * os + t0 + k * S::L), S::add(acc[k][h], acc2[k][h]));
+            }
+        }
+        t0 += TT * S::L;
+    }
+}
+
+/// `acc[h * hd + c] += sum_t w[h * ws + t] * (code[t][c] * vs[t][c / vg] + vz[t][c / vg])` for the
+/// `g` tokens of one group of per-token value codes (rows of `vrun` bytes); `CT` tiles of `L`
+/// channels at once.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn value_acc<S: Simd, const NH: usize, const VB: u32, const CT: usize>(
+    codes: *const u8,
+    vrun: usize,
+    (hd, vg, ng): (usize, usize, usize),
+    g: usize,
+    vs: *const f32,
+    vz: *const f32,
+    w: *const f32,
+    ws: usize,
+    acc: *mut f32,
+) {
+    let mut c0 = 0;
+    while c0 < hd {
+        let mut a = [[S::zero(); NH]; CT];
+        for (k, a) in a.iter_mut().enumerate() {
+            for (h, a) in a.iter_mut().enumerate() {
+                *a = S::load(acc.add(h * hd + c0 + k * S::L));
+            }
+        }
+        let base = codes.add(c0 * VB as usize / 8);
+        let mut cg = [0usize; CT];
+        for (k, cg) in cg.iter_mut().enumerate() {
+            *cg = (c0 + k * S::L) / vg;
+        }
+        // 2-bit codes: even and odd tokens accumulate apart when registers allow (as above).
+        let two = VB == 2 && 4 * NH * CT <= S::ACC_REGS * 2 && g % 2 == 0;
+        let mut a2 = [[S::zero(); NH]; CT];
+        // All CT tiles in one value group: one dequantization table per token.
+        let one = vg % (CT * S::L) == 0;
+        let mut t = 0;
+        while t < g {
+            let mut v = [S::zero(); CT];
+            deq_tiles::<S, VB, CT>(base, t, vrun, ng, &cg, one, vs, vz, &mut v);
+            for h in 0..NH {
+                let p = S::splat(*w.add(h * ws + t));
+                for k in 0..CT {
+                    a[k][h] = S::fma(p, v[k], a[k][h]);
+                }
+            }
+            if two {
+                let t = t + 1;
+                deq_tiles::<S, VB, CT>(base, t, vrun, ng, &cg, one, vs, vz, &mut v);
+                for h in 0..NH {
+                    let p = S::splat(*w.add(h * ws + t));
+                    for k in 0..CT {
+                        a2[k][h] = S::fma(p, v[k], a2[k][h]);
+                    }
+                }
+            }
+            t += if two { 2 } else { 1 };
+        }
+        for k in 0..CT {
+            for h in 0..NH {
+                a[k][h] = S::add(a[k][h], a2[k][h]);
+            }
+        }
+        for (k, a) in a.iter().enumerate() {
+            for (h, &a) in a.iter().enumerate() {
+                S::store(acc.add(h * hd + c0 + k * S::L), a);
+            }
+        }
+        c0 += CT * S::L;
+    }
+}
+
+/// The `CT` tiles of token `t`'s value codes at `base`, dequantized (`one`: all in value group
+/// `cg[0]`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn deq_tiles<S: Simd, const VB: u32, const CT: usize>(
+    base: *const u8,
+    t: usize,
+    vrun: usize,
+    ng: usize,
+    cg: &[usize; CT],
+    one: bool,
+    vs: *const f32,
+    vz: *const f32,
+    v: &mut [S::V; CT],
+) {
+    let d0 = S::deq_prep::<VB>(*vs.add(t * ng + cg[0]), *vz.add(t * ng + cg[0]));
+    for (k, v) in v.iter_mut().enumerate() {
+        let d = if one || k == 0 { d0 } else { S::deq_prep::<VB>(*vs.add(t * ng + cg[k]), *vz.add(t * ng + cg[k])) };
+        *v = S::codes_deq::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8), d);
+    }
+}
+
+/// Online softmax over one block: row `h` of `sc` (logits, `-inf` where masked, `npad` of them, a
+/// multiple of `L`) becomes weights relative to the running maximum `m[h]`; `acc` rows are
+/// rescaled when a maximum grows and `l[h]` gathers the weights.
+#[inline(always)]
+unsafe fn softmax<S: Simd>(s: &mut Scratch, nh: usize, npad: usize) {
+    let hd = s.hd;
+    for h in 0..nh {
+        let row = s.sc.as_mut_ptr().add(h * s.sc_stride);
+        let mut mx = S::splat(f32::NEG_INFINITY);
+        for i in (0..npad).step_by(S::L) {
+            mx = S::max(mx, S::load(row.add(i)));
+        }
+        let bm = S::hmax(mx);
+        if bm == f32::NEG_INFINITY {
+            for i in (0..npad).step_by(S::L) {
+                S::store(row.add(i), S::zero());
+            }
+            continue;
+        }
+        if bm > s.m[h] {
+            let corr = (s.m[h] - bm).exp();
+            let cv = S::splat(corr);
+            let a = s.acc.as_mut_ptr().add(h * hd);
+            for c in (0..hd).step_by(S::L) {
+                S::store(a.add(c), S::mul(S::load(a.add(c)), cv));
+            }
+            s.l[h] *= corr;
+            s.m[h] = bm;
+        }
+        let neg_m = S::splat(-s.m[h]);
+        let mut sum = S::zero();
+        for i in (0..npad).step_by(S::L) {
+            let e = exp::<S>(S::add(S::load(row.add(i)), neg_m));
+            S::store(row.add(i), e);
+            sum = S::add(sum, e);
+        }
+        s.l[h] += S::hsum(sum);
+    }
+}
+
+/// Softcap (scalar: only Gemma 2 uses it).
+#[inline(always)]
+fn softcap(row: &mut [f32], cap: f32) {
+    for x in row {
+        *x = cap * (*x / cap).tanh();
+    }
+}
+
+/// Groups scored per softmax step (about 128 tokens): fewer horizontal reductions and rescales.
+pub(crate) fn groups_per_step(group: usize) -> usize {
+    (128 / group).max(1)
+}
+
+/// The quantized groups `a.g0..a.g1` of one work item: the item's queries are in `s.qf`, its
+/// state in `s.acc`, `s.m`, `s.l`.
+#[inline(always)]
+pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
+    let lay = a.lay;
+    let (g, hd, nh) = (lay.group, lay.head_dim, a.nh);
+    let (ng, vg) = (lay.row_groups(), lay.vgroup);
+    let run = lay.k_run_bytes();
+    let vrun = lay.v_row_bytes();
+    let tt = if g % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
+    let ct = if hd % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
+    let scale = a.o.scale;
+    let sst = s.sc_stride;
+    let step = groups_per_step(g);
+    debug_assert!(step * g <= sst);
+    // Where group `gr` of this head lives: its head block and its index in the page.
+    let locate = |gr: usize| {
+        let page = a.blocks[gr / lay.groups_per_page] as usize;
+        (a.pool.as_ptr().add(page * lay.page_bytes + a.kvh * lay.head_bytes), gr % lay.groups_per_page)
+    };
+    // Everything one group reads: (offset, bytes) inside its head block.
+    let parts = |gi: usize| {
+        [
+            (lay.k_codes + gi * hd * run, hd * run),
+            (lay.k_scale + 2 * gi * hd, 2 * hd),
+            (lay.k_zero + 2 * gi * hd, 2 * hd),
+            (lay.v_codes + gi * g * vrun, g * vrun),
+            (lay.v_scale + 2 * gi * g * ng, 2 * g * ng),
+            (lay.v_zero + 2 * gi * g * ng, 2 * g * ng),
+        ]
+    };
+    let mut g0 = a.g0;
+    while g0 < a.g1 {
+        let g1 = (g0 + step).min(a.g1);
+        // Scores of every token of these groups for every head.
+        for gr in g0..g1 {
+            let (blk, gi) = locate(gr);
+            // Groups of one head may be a page apart: too far for the hardware prefetcher.
+            if gr + PREFETCH < a.g1 {
+                let (nb, ngi) = locate(gr + PREFETCH);
+                for (off, len) in parts(ngi) {
+                    for o in (off..off + len).step_by(64) {
+                        S::prefetch(nb.add(o));
+                    }
+                }
+            }
+            // Fold the key scales into the queries and the zeros into one bias per head.
+            let ks = blk.add(lay.k_scale + 2 * gi * hd) as *const u16;
+            let kz = blk.add(lay.k_zero + 2 * gi * hd) as *const u16;
+            let mut bias = [S::zero(); NH_MAX];
+            for c in (0..hd).step_by(S::L) {
+                let (sv, zv) = (S::load_f16(ks.add(c)), S::load_f16(kz.add(c)));
+                for (h, b) in bias.iter_mut().enumerate().take(nh) {
+                    let q = S::load(s.qf.as_ptr().add(h * hd + c));
+                    S::store(s.qs.as_mut_ptr().add(h * hd + c), S::mul(q, sv));
+                    *b = S::fma(q, zv, *b);
+                }
+            }
+            let codes = blk.add(lay.k_codes + gi * hd * run);
+            let off = (gr - g0) * g;
+            let (qs, sc) = (s.qs.as_ptr(), s.sc.as_mut_ptr().add(off));
+            with_nh!(nh, NH => with_bits!(lay.key_bits, KB => if tt == 2 {
+                key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst)
+            } else {
+                key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst)
+            }));
+            // Logits, masked outside the visible range.
+            let p0 = lay.sinks + gr * g;
+            for (h, &b) in bias.iter().enumerate().take(nh) {
+                let row = sc.add(h * sst);
+                let bv = S::splat(S::hsum(b) * scale);
+                let sv = S::splat(scale);
+                for t in (0..g).step_by(S::L) {
+                    S::store(row.add(t), S::fma(S::load(row.add(t)), sv, bv));
+                }
+                let row = std::slice::from_raw_parts_mut(row, g);
+                if a.o.softcap > 0.0 {
+                    softcap(row, a.o.softcap);
+                }
+                if p0 < a.lo || p0 + g > a.hi {
+                    for (t, x) in row.iter_mut().enumerate() {
+                        if p0 + t < a.lo || p0 + t >= a.hi {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+        softmax::<S>(s, nh, (g1 - g0) * g);
+        // Values.
+        for gr in g0..g1 {
+            let (blk, gi) = locate(gr);
+            let vsb = blk.add(lay.v_scale + 2 * gi * g * ng) as *const u16;
+            let vzb = blk.add(lay.v_zero + 2 * gi * g * ng) as *const u16;
+            let n = g * ng;
+            let mut i = 0;
+            while i + S::L <= n {
+                S::store(s.vs.as_mut_ptr().add(i), S::load_f16(vsb.add(i)));
+                S::store(s.vz.as_mut_ptr().add(i), S::load_f16(vzb.add(i)));
+                i += S::L;
+            }
+            let vsb = std::slice::from_raw_parts(vsb as *const u8, 2 * n);
+            let vzb = std::slice::from_raw_parts(vzb as *const u8, 2 * n);
+            for i in i..n {
+                s.vs[i] = read_f16(vsb, i).to_f32();
+                s.vz[i] = read_f16(vzb, i).to_f32();
+            }
+            let vcodes = blk.add(lay.v_codes + gi * g * vrun);
+            let w = s.sc.as_ptr().add((gr - g0) * g);
+            let (vs, vz, acc) = (s.vs.as_ptr(), s.vz.as_ptr(), s.acc.as_mut_ptr());
+            with_nh!(nh, NH => with_bits!(lay.value_bits, VB => if ct == 2 {
+                value_acc::<S, NH, VB, 2>(vcodes, vrun, (hd, vg, ng), g, vs, vz, w, sst, acc)
+            } else {
+                value_acc::<S, NH, VB, 1>(vcodes, vrun, (hd, vg, ng), g, vs, vz, w, sst, acc)
+            }));
+        }
+        g0 = g1;
+    }
+}
+
+/// One block of at most [`FPB`] full-precision tokens (key and value rows of `hd` elements),
+/// all visible, for the item whose queries are in `s.qf`.
+#[inline(always)]
+pub(crate) unsafe fn fp<S: Simd, X: Element>(
+    kp: &[*const X],
+    vp: &[*const X],
+    nh: usize,
+    o: &Resolved,
+    s: &mut Scratch,
+) {
+    let n = kp.len();
+    debug_assert!(n <= FPB && vp.len() == n && n > 0);
+    let hd = s.hd;
+    let sst = s.sc_stride;
+    let npad = n.next_multiple_of(S::L);
+    let (qf, sc) = (s.qf.as_ptr(), s.sc.as_mut_ptr());
+    // Each token's per-head products stay lane-wise in `red`; rows of L are then summed at once.
+    let red = s.red.as_mut_ptr();
+    with_nh!(nh, NH => {
+        for (j, &k) in kp.iter().enumerate() {
+            let mut a = [S::zero(); NH];
+            for c in (0..hd).step_by(S::L) {
+                let kv = load_x::<S, X>(k.add(c));
+                for (h, a) in a.iter_mut().enumerate() {
+                    *a = S::fma(S::load(qf.add(h * hd + c)), kv, *a);
+                }
+            }
+            for (h, &a) in a.iter().enumerate() {
+                S::store(red.add((h * FPB + j) * S::L), a);
+            }
+        }
+    });
+    let sv = S::splat(o.scale);
+    for h in 0..nh {
+        for j0 in (0..n).step_by(S::L) {
+            let out = sc.add(h * sst + j0);
+            S::reduce_rows(red.add((h * FPB + j0) * S::L), out);
+            S::store(out, S::mul(S::load(out), sv));
+        }
+        let row = std::slice::from_raw_parts_mut(sc.add(h * sst), npad);
+        if o.softcap > 0.0 {
+            softcap(&mut row[..n], o.softcap);
+        }
+        row[n..].fill(f32::NEG_INFINITY);
+    }
+    softmax::<S>(s, nh, npad);
+    let (w, acc) = (s.sc.as_ptr(), s.acc.as_mut_ptr());
+    with_nh!(nh, NH => {
+        for c in (0..hd).step_by(S::L) {
+            let mut a = [S::zero(); NH];
+            for (h, a) in a.iter_mut().enumerate() {
+                *a = S::load(acc.add(h * hd + c));
+            }
+            for (j, &v) in vp.iter().enumerate() {
+                let x = load_x::<S, X>(v.add(c));
+                for (h, a) in a.iter_mut().enumerate() {
+                    *a = S::fma(S::splat(*w.add(h * sst + j)), x, *a);
+                }
+            }
+            for (h, &a) in a.iter().enumerate() {
+                S::store(acc.add(h * hd + c), a);
+            }
+        }
+    });
+}
