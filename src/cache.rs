@@ -359,7 +359,7 @@ impl Cache {
     /// is part-way through its layers).
     pub fn seq_len(&self, seq: u32) -> Result<u32> {
         let slot = self.slot_of(seq)?;
-        Ok(self.seqs.slots[slot].layers.iter().map(|l| l.len).max().unwrap_or(0) as u32)
+        Ok(self.seqs.len_of(slot))
     }
 
     /// Tokens `seq` holds in `layer`.

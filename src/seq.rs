@@ -52,6 +52,12 @@ impl SeqTable {
         self.slots.iter().filter_map(|s| s.id)
     }
 
+    /// Tokens sequence `slot` holds: the most any layer holds (layers differ only while a
+    /// forward pass is part-way through its layers).
+    pub fn len_of(&self, slot: usize) -> u32 {
+        self.slots[slot].layers.iter().map(|l| l.len).max().unwrap_or(0) as u32
+    }
+
     pub fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.id.is_some()).count()
     }

@@ -1,6 +1,8 @@
 //! Memory statistics: where the bytes of a cache go, and how that compares with an f16 cache.
 
 use crate::cache::Cache;
+use crate::layout::Layout;
+use crate::seq::SeqTable;
 
 /// Bytes held by a cache, counted over all layers and sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,13 +44,13 @@ impl MemoryStats {
     }
 }
 
-impl Cache {
-    /// Where the cache's bytes go right now.
-    pub fn stats(&self) -> MemoryStats {
-        let lay = &self.lay;
-        let mut st = MemoryStats::default();
+impl MemoryStats {
+    /// The accounting shared by every backend: tokens from the sequence table, bytes from the
+    /// layout, pages from the pools' counts.
+    pub(crate) fn count(lay: &Layout, seqs: &SeqTable, pages_used: u64, pages_total: u64) -> MemoryStats {
+        let mut st = MemoryStats { pages_used, pages_total, ..MemoryStats::default() };
         let per_token_fp = (2 * lay.n_kv_heads * lay.head_dim) as u64;
-        for slot in &self.seqs.slots {
+        for slot in &seqs.slots {
             if slot.id.is_none() {
                 continue;
             }
@@ -62,13 +64,18 @@ impl Cache {
         st.f16_bytes = st.tokens * per_token_fp * 2;
         let (codes, params) = lay.quantized_token_bytes();
         let page_tokens = (lay.page_tokens * lay.n_kv_heads) as u64;
-        for pool in &self.pools {
-            st.pages_used += pool.used_count() as u64;
-            st.pages_total += pool.total() as u64;
-        }
         st.code_bytes = st.pages_used * page_tokens * codes as u64;
         st.scale_bytes = st.pages_used * page_tokens * params as u64;
         st.reserved_bytes = lay.total_bytes() as u64;
         st
+    }
+}
+
+impl Cache {
+    /// Where the cache's bytes go right now.
+    pub fn stats(&self) -> MemoryStats {
+        let used = self.pools.iter().map(|p| p.used_count() as u64).sum();
+        let total = self.pools.iter().map(|p| p.total() as u64).sum();
+        MemoryStats::count(&self.lay, &self.seqs, used, total)
     }
 }

@@ -882,7 +882,7 @@ impl CudaCache {
     /// Tokens `seq` holds: the most any layer holds.
     pub fn seq_len(&self, seq: u32) -> Result<u32> {
         let slot = self.slot_of(seq)?;
-        Ok(self.seqs.slots[slot].layers.iter().map(|l| l.len).max().unwrap_or(0) as u32)
+        Ok(self.seqs.len_of(slot))
     }
 
     /// Tokens `seq` holds in `layer`.
@@ -1029,31 +1029,9 @@ impl CudaCache {
 
     /// Where the cache's bytes go right now (the same accounting as [`crate::Cache::stats`]).
     pub fn stats(&self) -> MemoryStats {
-        let lay = &self.lay;
-        let mut st = MemoryStats::default();
-        let per_token_fp = (2 * lay.n_kv_heads * lay.head_dim) as u64;
-        for slot in &self.seqs.slots {
-            if slot.id.is_none() {
-                continue;
-            }
-            st.sequences += 1;
-            for ls in &slot.layers {
-                st.tokens += ls.len as u64;
-                st.quantized_tokens += ls.quantized as u64;
-                st.window_bytes += (ls.len - ls.quantized) as u64 * per_token_fp * lay.dtype.size() as u64;
-            }
-        }
-        st.f16_bytes = st.tokens * per_token_fp * 2;
-        let (codes, params) = lay.quantized_token_bytes();
-        let page_tokens = (lay.page_tokens * lay.n_kv_heads) as u64;
-        for r in &self.refs {
-            st.pages_total += r.refs.len() as u64;
-            st.pages_used += (r.refs.len() - r.free.len()) as u64;
-        }
-        st.code_bytes = st.pages_used * page_tokens * codes as u64;
-        st.scale_bytes = st.pages_used * page_tokens * params as u64;
-        st.reserved_bytes = lay.total_bytes() as u64;
-        st
+        let used = self.refs.iter().map(|r| (r.refs.len() - r.free.len()) as u64).sum();
+        let total = self.refs.iter().map(|r| r.refs.len() as u64).sum();
+        MemoryStats::count(&self.lay, &self.seqs, used, total)
     }
 
     /// Sequence `seq` alone, in a CPU [`Cache`] of the same dimensions sized for it (one
