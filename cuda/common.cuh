@@ -4,7 +4,7 @@
 // Every kernel is compiled at run time with NVRTC for one cache configuration, which arrives as
 // macros (-DKV_HD=128 ...): the layout is then made of constants. No CUDA header is included,
 // so NVRTC needs nothing but itself; f16 and bf16 are handled as raw 16-bit patterns with PTX
-// conversions (round to nearest even, like the `half` crate on the CPU).
+// conversions (round to nearest even, like the `half` crate on the CPU), all in ptx.cuh.
 //
 // Configuration macros (all required):
 //   KV_DTYPE     0 f32, 1 f16, 2 bf16: windows, and keys/values/queries/outputs of every call
@@ -42,22 +42,9 @@ typedef long long i64;
 #define KV_W_RK (2 * KV_SINKS * KV_HD)
 #define KV_W_RV (2 * KV_SINKS * KV_HD + KV_RING * KV_HD)
 
-__device__ __forceinline__ float h2f(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ u16 f2h(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+#include "ptx.cuh"
+
 __device__ __forceinline__ float bf2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
-__device__ __forceinline__ u16 f2bf(float f) {
-    u16 b;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
-    return b;
-}
 
 #if KV_DTYPE == 0
 typedef float elem_t;

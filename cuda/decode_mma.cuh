@@ -51,48 +51,20 @@ struct MmaShared {
     __align__(16) u8 buf[MMA_BUF];
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    u32 s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // x0, x1 as f16 pairs: hi = f16(x), lo = f16(x - hi); the first value in the low half.
 __device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo) {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(x1), "f"(x0));
+    hi = f2h2(x0, x1);
     float h0 = h2f((u16)(hi & 0xffffu)), h1 = h2f((u16)(hi >> 16));
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(x1 - h1), "f"(x0 - h0));
+    lo = f2h2(x0 - h0, x1 - h1);
 }
 
 struct __align__(8) Pairf {
     float x, y;
 };
 
-// Byte permute: the bytes of (a, b) numbered 0-3 and 4-7, picked by the selector's nibbles.
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
-
 // Two small integers at bits 0.. and 16.. as an f16 pair (exact): 1024 + x, minus 1024.
 __device__ __forceinline__ u32 codes_h2(u32 x) {
-    u32 r;
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(x | 0x64006400u), "r"(0x64006400u));
-    return r;
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    return sub_h2(x | 0x64006400u, 0x64006400u);
 }
 
 __device__ __forceinline__ void stage_copy(u8* dst, const u8* src, u32 n, u32 lane) {

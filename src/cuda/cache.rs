@@ -31,6 +31,12 @@ use crate::stats::MemoryStats;
 #[cfg(test)]
 #[path = "emu.rs"]
 mod emu;
+#[cfg(test)]
+#[path = "sim.rs"]
+pub(crate) mod sim;
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;
 
 /// A CUDA stream (`CUstream`) as the engine holds it; null is the default stream.
 pub type Stream = *mut c_void;
@@ -235,6 +241,10 @@ enum Backend {
     #[cfg(test)]
     #[allow(dead_code)]
     Emu(Vec<u64>),
+    /// Host memory too, with the kernels' own code run by the host simulator (`sim.rs`).
+    #[cfg(test)]
+    #[allow(dead_code)]
+    Sim(Vec<u64>),
 }
 
 /// A kernel launch and its parameters.
@@ -340,10 +350,11 @@ impl CudaCache {
                 (Backend::Cuda(dev), info, base)
             }
             #[cfg(test)]
-            Backend::Emu(_) => {
+            Backend::Emu(_) | Backend::Sim(_) => {
                 let mut mem = vec![0u64; bytes.div_ceil(8)];
                 let base = mem.as_mut_ptr() as u64;
-                (Backend::Emu(mem), emu::info(), base)
+                let dev = if matches!(backend, Backend::Emu(_)) { Backend::Emu(mem) } else { Backend::Sim(mem) };
+                (dev, emu::info(), base)
             }
         };
         let refs = (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect();
@@ -1241,7 +1252,7 @@ impl CudaCache {
         match &self.dev {
             Backend::Cuda(d) => d.bind(),
             #[cfg(test)]
-            Backend::Emu(_) => Ok(()),
+            Backend::Emu(_) | Backend::Sim(_) => Ok(()),
         }
     }
 
@@ -1254,6 +1265,12 @@ impl CudaCache {
             Backend::Emu(_) => {
                 // SAFETY: the emulated device pointers are host pointers into live buffers.
                 unsafe { emu::run(&self.lay, k, grid) };
+                return Ok(());
+            }
+            #[cfg(test)]
+            Backend::Sim(_) => {
+                // SAFETY: as above; the simulator runs the kernels' code on these host pointers.
+                unsafe { sim::run(&self.quant_spec, |nq| Spec::new(&self.lay, nq), k, grid, block) };
                 return Ok(());
             }
         };
@@ -1293,7 +1310,7 @@ impl CudaCache {
             Backend::Cuda(_) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream as dsys::CUstream) }
                 .map_err(|e| cuerr("cuMemcpyDtoDAsync", e)),
             #[cfg(test)]
-            Backend::Emu(_) => {
+            Backend::Emu(_) | Backend::Sim(_) => {
                 // SAFETY: host pointers into the emulated allocation.
                 unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
                 Ok(())
@@ -1313,7 +1330,7 @@ impl CudaCache {
                 }
             }
             #[cfg(test)]
-            Backend::Emu(_) => {
+            Backend::Emu(_) | Backend::Sim(_) => {
                 // SAFETY: a host pointer into the emulated allocation.
                 unsafe { std::ptr::copy(src as *const u8, dst.as_mut_ptr(), dst.len()) };
                 Ok(())
@@ -1326,7 +1343,7 @@ impl CudaCache {
             // SAFETY: a synchronous copy into the cache's allocation.
             Backend::Cuda(_) => unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(|e| cuerr("cuMemcpyHtoD", e)),
             #[cfg(test)]
-            Backend::Emu(_) => {
+            Backend::Emu(_) | Backend::Sim(_) => {
                 // SAFETY: a host pointer into the emulated allocation.
                 unsafe { std::ptr::copy(src.as_ptr(), dst as *mut u8, src.len()) };
                 Ok(())
@@ -1340,6 +1357,14 @@ impl CudaCache {
     pub(crate) fn emulated(cfg: CacheConfig) -> Result<CudaCache> {
         cfg.validate()?;
         CudaCache::create(cfg, Backend::Emu(Vec::new()))
+    }
+
+    /// A cache on host memory whose kernels are the CUDA code itself, run by the host simulator
+    /// (`sim.rs`); device pointers are host pointers.
+    #[cfg(test)]
+    pub(crate) fn simulated(cfg: CacheConfig) -> Result<CudaCache> {
+        cfg.validate()?;
+        CudaCache::create(cfg, Backend::Sim(Vec::new()))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::{CacheConfig, DType, KeyMode};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
+const PTX: &str = include_str!("../../cuda/ptx.cuh");
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const ATTN: &str = include_str!("../../cuda/attn.cuh");
 const DECODE_MMA: &str = include_str!("../../cuda/decode_mma.cuh");
@@ -48,6 +49,12 @@ impl Family {
 
     /// The family's source with its `#include "x.cuh"` lines replaced by the headers (each once).
     pub fn source(self) -> String {
+        self.source_with_ptx(PTX)
+    }
+
+    /// [`Family::source`] with `ptx` in the place of `cuda/ptx.cuh` (the host simulator's C++
+    /// versions of the PTX helpers).
+    pub(crate) fn source_with_ptx(self, ptx: &'static str) -> String {
         let main = match self {
             Family::Quantize => QUANTIZE,
             Family::Decode => DECODE,
@@ -55,12 +62,12 @@ impl Family {
         };
         let mut seen = Vec::new();
         let mut out = String::new();
-        inline(main, &mut seen, &mut out);
+        inline(main, ptx, &mut seen, &mut out);
         out
     }
 }
 
-fn inline(src: &str, seen: &mut Vec<&'static str>, out: &mut String) {
+fn inline(src: &str, ptx: &'static str, seen: &mut Vec<&'static str>, out: &mut String) {
     for line in src.lines() {
         let t = line.trim();
         if t == "#pragma once" {
@@ -69,6 +76,7 @@ fn inline(src: &str, seen: &mut Vec<&'static str>, out: &mut String) {
         if let Some(rest) = t.strip_prefix("#include \"") {
             let name = rest.trim_end_matches('"');
             let (key, text) = match name {
+                "ptx.cuh" => ("ptx.cuh", ptx),
                 "common.cuh" => ("common.cuh", COMMON),
                 "attn.cuh" => ("attn.cuh", ATTN),
                 "decode_mma.cuh" => ("decode_mma.cuh", DECODE_MMA),
@@ -76,7 +84,7 @@ fn inline(src: &str, seen: &mut Vec<&'static str>, out: &mut String) {
             };
             if !seen.contains(&key) {
                 seen.push(key);
-                inline(text, seen, out);
+                inline(text, ptx, seen, out);
             }
             continue;
         }
@@ -162,6 +170,12 @@ impl Spec {
     pub fn for_config(cfg: &CacheConfig, nq: usize) -> Result<Spec> {
         cfg.validate()?;
         Ok(Spec::new(&Layout::new(cfg), nq))
+    }
+
+    /// The macros and their values (the host simulator passes them to the C++ compiler).
+    #[cfg(test)]
+    pub(crate) fn defines(&self) -> &[(&'static str, u64)] {
+        &self.defines
     }
 
     fn options(&self, arch: &str) -> Vec<String> {

@@ -1,0 +1,87 @@
+// The PTX helpers of cuda/ptx.cuh in C++, for the host simulator (cuda/host/sim.h): the same
+// functions, computing what the PTX ISA says the instructions compute.
+#pragma once
+
+// f16 bits to f32 (exact).
+inline float h2f(u16 h) {
+    u32 sign = (u32)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+    u32 bits;
+    if (e == 31) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else if (e == 0) {
+        if (m == 0) {
+            bits = sign;
+        } else {
+            float f = (float)m * (1.0f / 16777216.0f);  // m * 2^-24
+            return sign ? -f : f;
+        }
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    return __uint_as_float(bits);
+}
+
+// f32 to f16 bits, rounding to nearest even (cvt.rn.f16.f32).
+inline u16 f2h(float f) {
+    u32 x = __float_as_uint(f);
+    u32 sign = (x >> 16) & 0x8000u;
+    u32 ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (u16)(sign | 0x7e00u);  // NaN
+    if (ax >= 0x477ff000u) return (u16)(sign | 0x7c00u);  // rounds to infinity (65520 and up)
+    if (ax < 0x38800000u) {
+        // Below the smallest normal f16: a multiple of 2^-24, rounded to nearest even.
+        float a = __uint_as_float(ax) * 16777216.0f;
+        float r = nearbyintf(a);  // the default rounding mode: to nearest even
+        return (u16)(sign | (u32)r);
+    }
+    u32 e = (ax >> 23) - 112, m = ax & 0x7fffffu;
+    u32 h = (e << 10) | (m >> 13);
+    u32 rest = m & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) h++;
+    return (u16)(sign | h);
+}
+
+// f32 to bf16 bits, rounding to nearest even (cvt.rn.bf16.f32).
+inline u16 f2bf(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);  // NaN stays NaN
+    x += 0x7fffu + ((x >> 16) & 1);
+    return (u16)(x >> 16);
+}
+
+inline u32 f2h2(float x0, float x1) { return (u32)f2h(x0) | ((u32)f2h(x1) << 16); }
+
+inline u32 sub_h2(u32 a, u32 b) {
+    u16 lo = f2h(h2f((u16)a) - h2f((u16)b));
+    u16 hi = f2h(h2f((u16)(a >> 16)) - h2f((u16)(b >> 16)));
+    return (u32)lo | ((u32)hi << 16);
+}
+
+// prmt.b32 in its default mode: byte i of the result is byte (sel >> 4i) & 7 of {b, a}.
+inline u32 prmt(u32 a, u32 b, u32 sel) {
+    u64 ab = (u64)a | ((u64)b << 32);
+    u32 d = 0;
+    for (u32 i = 0; i < 4; i++) {
+        u32 s = (sel >> (4 * i)) & 15;
+        u32 byte = (u32)(ab >> (8 * (s & 7))) & 0xffu;
+        if (s & 8) byte = (byte & 0x80u) ? 0xffu : 0;  // sign replication
+        d |= byte << (8 * i);
+    }
+    return d;
+}
+
+// Copies happen at once; the groups and waits have nothing left to wait for.
+inline void cp_async16(void* smem, const void* gmem) { memcpy(smem, gmem, 16); }
+inline void cp_commit() {}
+template <int N>
+inline void cp_wait() {}
+
+inline void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    const u32 a[4] = {a0, a1, a2, a3};
+    const u32 b[2] = {b0, b1};
+    kvsim::mma_m16n8k16(c, a, b);
+}
+
+namespace kvsim {
+inline float h16(uint32_t bits) { return h2f((u16)bits); }
+}  // namespace kvsim

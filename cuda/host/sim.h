@@ -1,0 +1,327 @@
+// A CUDA device simulated on the host, for testing the kernels' own source without a GPU.
+//
+// The kernels of cuda/ are compiled as C++ by the host compiler with this header in front and
+// cuda/host/ptx.h in the place of cuda/ptx.cuh (src/cuda/sim.rs assembles the source and runs
+// the compiler). Every CUDA thread of a block is a fiber on the calling OS thread; the fibers of a
+// block take turns, each running until it reaches a barrier (`__syncthreads`, `__syncwarp`, a warp
+// shuffle, `mma.sync`), so the kernels run with the CUDA semantics they rely on: shared memory
+// is one object per block, warp collectives exchange data between the 32 lanes, and a barrier
+// waits for every thread that takes part in it. Blocks run one after another.
+//
+// What it finds: wrong indexing and addressing, races between barriers that change results,
+// collectives not reached by every lane (reported as a deadlock), and any difference of the
+// kernels' arithmetic from the CPU cache. What it cannot find: timing, memory-model effects
+// between concurrent blocks, register or shared-memory limits, and errors in the PTX helpers
+// themselves (ptx.h models them on the PTX ISA).
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// One object per block: blocks of one launch run one after another on the calling thread, and
+// the fibers of a block share it; thread_local keeps launches on different threads apart.
+#define __shared__ static thread_local
+#define __CUDA_ARCH__ 900
+
+namespace kvsim {
+
+struct Dim3 {
+    unsigned x, y, z;
+};
+
+enum State { RUNNABLE, WAITING, DONE };
+
+// Switching between fibers: a few instructions on x86-64 (callee-saved registers and the stack
+// pointer); ucontext elsewhere, which also saves the signal mask with a system call each time.
+#if defined(__x86_64__)
+extern "C" void kvsim_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .globl kvsim_switch
+    .hidden kvsim_switch
+    .type kvsim_switch, @function
+kvsim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size kvsim_switch, .-kvsim_switch
+)");
+struct Context {
+    void* sp;
+};
+inline void switch_to(Context& save, Context& load) { kvsim_switch(&save.sp, load.sp); }
+// A context that starts `entry` (which never returns) on the stack [base, base + size).
+inline void make_context(Context& c, char* base, size_t size, void (*entry)(), Context&) {
+    uintptr_t top = ((uintptr_t)(base + size)) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 64);  // six saved registers, then the address `ret` jumps to
+    for (int i = 0; i < 6; i++) sp[i] = nullptr;
+    sp[6] = (void*)entry;
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_to(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+inline void make_context(Context& c, char* base, size_t size, void (*entry)(), Context& link) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = base;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = &link.uc;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+    Context ctx;
+    unsigned tid;
+    State state;
+    unsigned parity;  // alternates per warp collective, so that one barrier per collective suffices
+};
+
+// Data that lanes of a warp exchange in collectives; two copies, chosen by the parity.
+struct WarpSlots {
+    uint32_t word[2][32];
+    uint32_t a[2][32][4], b[2][32][2];
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    Context sched;
+    unsigned n, cur, alive;
+    unsigned block_waiting;
+    unsigned warp_waiting[32], warp_alive[32];
+    WarpSlots slots[32];
+    Dim3 block_idx, grid_dim, block_dim;
+    void (*body)(const void*);
+    const void* params;
+    const char* error;
+};
+
+inline thread_local Block* blk = nullptr;
+
+inline Fiber& me() { return blk->fibers[blk->cur]; }
+
+// Back to the scheduler until released.
+inline void wait_here() {
+    Fiber& f = me();
+    f.state = WAITING;
+    switch_to(f.ctx, blk->sched);
+}
+
+inline void release_block() {
+    for (auto& f : blk->fibers)
+        if (f.state == WAITING) f.state = RUNNABLE;
+    blk->block_waiting = 0;
+}
+
+inline void release_warp(unsigned w) {
+    for (unsigned i = w * 32; i < blk->n && i < w * 32 + 32; i++)
+        if (blk->fibers[i].state == WAITING) blk->fibers[i].state = RUNNABLE;
+    blk->warp_waiting[w] = 0;
+}
+
+// __syncthreads(): waits for every thread of the block that has not exited.
+inline void sync_block() {
+    if (++blk->block_waiting == blk->alive) {
+        release_block();
+        return;
+    }
+    wait_here();
+}
+
+// A barrier of the warp: waits for all of its lanes (a lane that exited never arrives, and the
+// launch then fails as a deadlock, as a collective missing lanes is undefined on the device).
+inline void sync_warp() {
+    unsigned w = me().tid / 32;
+    unsigned lanes = blk->n - w * 32 < 32 ? blk->n - w * 32 : 32;
+    if (++blk->warp_waiting[w] == lanes) {
+        release_warp(w);
+        return;
+    }
+    wait_here();
+}
+
+template <class T>
+inline T shfl_xor(T v, int mask) {
+    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+    Fiber& f = me();
+    unsigned w = f.tid / 32, lane = f.tid % 32, p = f.parity ^= 1;
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    blk->slots[w].word[p][lane] = bits;
+    sync_warp();
+    unsigned src = lane ^ (unsigned)mask;
+    if (w * 32 + src >= blk->n) src = lane;
+    memcpy(&v, &blk->slots[w].word[p][src], 4);
+    return v;
+}
+
+// An f16 as f32 (defined with the PTX helpers, ptx.h).
+inline float h16(uint32_t bits);
+
+// mma.sync.m16n8k16.row.col.f32.f16.f16.f32, fragments as in the PTX ISA: lane = 4 * group + t;
+// A row g and g + 8, columns 2t, 2t+1 (registers 0, 1) and 2t+8, 2t+9 (registers 2, 3);
+// B column g, rows 2t, 2t+1 and 2t+8, 2t+9; C row g and g + 8 at columns 2t, 2t+1.
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    Fiber& f = me();
+    unsigned w = f.tid / 32, lane = f.tid % 32, p = f.parity ^= 1;
+    WarpSlots& s = blk->slots[w];
+    memcpy(s.a[p][lane], a, sizeof a);
+    memcpy(s.b[p][lane], b, sizeof b);
+    sync_warp();
+    auto A = [&](unsigned r, unsigned k) {
+        unsigned l = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+        return h16(s.a[p][l][reg] >> (16 * (k % 2)));
+    };
+    auto B = [&](unsigned k, unsigned n) {
+        unsigned l = n * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
+        return h16(s.b[p][l][reg] >> (16 * (k % 2)));
+    };
+    unsigned g = lane / 4, t = lane % 4;
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned r = g + (i >= 2 ? 8 : 0), n = 2 * t + i % 2;
+        float acc = c[i];
+        for (unsigned k = 0; k < 16; k++) acc += A(r, k) * B(k, n);
+        c[i] = acc;
+    }
+}
+
+// A CUDA thread: the kernel's body, then back to the scheduler for good.
+inline void fiber_main() {
+    Fiber& f = me();
+    blk->body(blk->params);
+    f.state = DONE;
+    blk->alive--;
+    // A thread that exits no longer holds up __syncthreads.
+    if (blk->block_waiting > 0 && blk->block_waiting == blk->alive) release_block();
+    switch_to(f.ctx, blk->sched);
+}
+
+// Runs one launch: grid blocks of `threads` threads, one block after another. Returns 0, or -1
+// with a message in `err` when the block's threads can no longer all progress.
+inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsigned threads, char* err,
+                  size_t err_len) {
+    const size_t stack = 64 * 1024;
+    // Stacks are kept for the thread's later launches (allocating and clearing them each time
+    // would cost more than most launches).
+    static thread_local std::vector<char> stacks;
+    if (stacks.size() < stack * threads) stacks.resize(stack * threads);
+    Block b{};
+    Block* saved = blk;
+    blk = &b;
+    b.n = threads;
+    b.fibers.resize(threads);
+    b.grid_dim = grid;
+    b.block_dim = {threads, 1, 1};
+    b.body = body;
+    b.params = params;
+    int rc = 0;
+    for (unsigned z = 0; z < grid.z && rc == 0; z++)
+        for (unsigned y = 0; y < grid.y && rc == 0; y++)
+            for (unsigned x = 0; x < grid.x && rc == 0; x++) {
+                b.block_idx = {x, y, z};
+                b.alive = threads;
+                b.block_waiting = 0;
+                memset(b.warp_waiting, 0, sizeof b.warp_waiting);
+                for (unsigned i = 0; i < threads; i++) {
+                    Fiber& f = b.fibers[i];
+                    f.tid = i;
+                    f.state = RUNNABLE;
+                    f.parity = 0;
+                    make_context(f.ctx, stacks.data() + stack * i, stack, fiber_main, b.sched);
+                }
+                // Odd blocks run their threads in reverse order, so that a missing barrier shows
+                // whichever thread of a pair writes first.
+                const bool reverse = ((x + y + z) & 1) != 0;
+                for (;;) {
+                    bool ran = false, done = true;
+                    for (unsigned j = 0; j < threads; j++) {
+                        const unsigned i = reverse ? threads - 1 - j : j;
+                        if (b.fibers[i].state == RUNNABLE) {
+                            b.cur = i;
+                            ran = true;
+                            switch_to(b.sched, b.fibers[i].ctx);
+                        }
+                        if (b.fibers[i].state != DONE) done = false;
+                    }
+                    if (done) break;
+                    if (!ran) {
+                        unsigned waiting = 0, first = 0;
+                        for (unsigned i = 0; i < threads; i++)
+                            if (b.fibers[i].state == WAITING && waiting++ == 0) first = i;
+                        snprintf(err, err_len,
+                                 "deadlock in block (%u, %u, %u): %u of %u threads wait at a barrier that the "
+                                 "others never reach (first waiting thread %u; %u exited)",
+                                 x, y, z, waiting, threads, first, threads - b.alive);
+                        rc = -1;
+                        break;
+                    }
+                }
+            }
+    blk = saved;
+    return rc;
+}
+
+}  // namespace kvsim
+
+// CUDA's built-in variables and functions.
+#define threadIdx (kvsim::Dim3{kvsim::me().tid, 0, 0})
+#define blockIdx (kvsim::blk->block_idx)
+#define blockDim (kvsim::blk->block_dim)
+#define gridDim (kvsim::blk->grid_dim)
+
+inline void __syncthreads() { kvsim::sync_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { kvsim::sync_warp(); }
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    return kvsim::shfl_xor(v, mask);
+}
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+inline float __expf(float x) { return expf(x); }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }

@@ -1,0 +1,158 @@
+//! The CUDA kernels' own source run on the host: with [`CudaCache::simulated`] every launch runs
+//! the `.cu` code of `cuda/`, compiled as C++ by the host compiler (`c++`, or `$CXX`) with the
+//! simulator of `cuda/host/` (CUDA threads as fibers, shared memory per block, warp collectives
+//! and `mma.sync` as the PTX ISA defines them). Together with the Rust emulation (`emu.rs`) this
+//! tests the kernels' code itself, not only its algorithm, on machines without a GPU.
+//!
+//! One module is compiled for each (family, layout, query vectors per block), once per process
+//! and kept in a folder under the system's temporary folder, named by a hash of the source and
+//! the compiler's arguments, for later processes.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::Kernel;
+use crate::cuda::kernels::{Family, Spec};
+
+const SIM_H: &str = include_str!("../../cuda/host/sim.h");
+const PTX_H: &str = include_str!("../../cuda/host/ptx.h");
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *const c_void, *mut c_char, usize) -> i32;
+
+struct Module {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+}
+
+/// Launches of each kernel so far (tests check that they reach the paths they mean to).
+pub(crate) static LAUNCHES: Mutex<Vec<(&'static str, usize)>> = Mutex::new(Vec::new());
+
+pub(crate) fn launches_of(name: &str) -> usize {
+    LAUNCHES.lock().unwrap().iter().find(|(n, _)| *n == name).map_or(0, |&(_, c)| c)
+}
+
+/// The kernels of a family, with their parameter structs.
+fn kernels(family: Family) -> &'static [(&'static str, &'static str)] {
+    match family {
+        Family::Quantize => &[
+            ("kv_set_blocks", "SetBlocksParams"),
+            ("kv_quantize", "QuantParams"),
+            ("kv_window_write", "WriteParams"),
+            ("kv_unquantize", "UnquantParams"),
+        ],
+        Family::Decode => &[("kv_decode_attn", "AttnParams"), ("kv_decode_combine", "AttnParams")],
+        Family::Prefill => &[("kv_prefill_attn", "AttnParams"), ("kv_prefill_combine", "AttnParams")],
+    }
+}
+
+/// The translation unit of one family: the simulator, the kernels, and a launcher by name.
+fn unit(family: Family) -> String {
+    let mut s = String::from(SIM_H);
+    s.push_str("\n#line 1 \"kernels\"\n");
+    s.push_str(&family.source_with_ptx(PTX_H));
+    s.push_str("\n// The launcher: kernel bodies by name.\nnamespace {\nstruct Entry {\n    const char* name;\n");
+    s.push_str("    void (*body)(const void*);\n};\nconst Entry entries[] = {\n");
+    for (name, params) in kernels(family) {
+        s.push_str(&format!("    {{\"{name}\", [](const void* p) {{ {name}(*(const {params}*)p); }}}},\n"));
+    }
+    if family == Family::Decode {
+        s.push_str("#if KV_MMA_OK\n    {\"kv_decode_mma\", [](const void* p) { kv_decode_mma(*(const AttnParams*)p); }},\n#endif\n");
+    }
+    s.push_str(
+        "};\n}  // namespace\n\
+         extern \"C\" int kvsim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads,\n\
+         \x20                          const void* params, char* err, size_t err_len) {\n\
+         \x20   for (const Entry& e : entries)\n\
+         \x20       if (strcmp(e.name, name) == 0) return kvsim::launch(e.body, params, {gx, gy, gz}, threads, err, err_len);\n\
+         \x20   snprintf(err, err_len, \"no kernel %s in this module\", name);\n\
+         \x20   return -1;\n}\n",
+    );
+    s
+}
+
+fn compile(family: Family, spec: &Spec) -> Module {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let mut args: Vec<String> =
+        ["-std=c++17", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-w", "-x", "c++"].map(String::from).into();
+    for (n, v) in spec.defines() {
+        args.push(format!("-D{n}={v}u"));
+    }
+    let src = unit(family);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&src, &cxx, &args).hash(&mut h);
+    let dir = std::env::temp_dir().join("kivi-cuda-sim");
+    std::fs::create_dir_all(&dir).expect("a folder for the simulator's modules");
+    let stem = format!("{}-{:016x}", family.file().trim_end_matches(".cu"), h.finish());
+    let lib = dir.join(format!("{stem}.so"));
+    if !lib.exists() {
+        let tag = format!("{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], "");
+        let cpp = dir.join(format!("{stem}.{tag}.cpp"));
+        let tmp: PathBuf = dir.join(format!("{stem}.{tag}.so"));
+        std::fs::write(&cpp, &src).expect("writing the simulator's source");
+        let out = Command::new(&cxx)
+            .args(&args)
+            .arg(&cpp)
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .unwrap_or_else(|e| panic!("the host simulator needs a C++ compiler ({cxx}): {e}"));
+        assert!(
+            out.status.success(),
+            "{cxx} could not compile {} for the simulator ({args:?}):\n{}",
+            family.file(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&tmp, &lib).expect("keeping the simulator's module");
+        let _ = std::fs::remove_file(&cpp);
+    }
+    // SAFETY: a library this function built; its initialisers only set up statics.
+    unsafe {
+        let l = libloading::Library::new(&lib).unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
+        let launch: LaunchFn = *l.get::<LaunchFn>(b"kvsim_launch\0").expect("kvsim_launch");
+        Module { _lib: l, launch }
+    }
+}
+
+type Cell = Arc<OnceLock<Arc<Module>>>;
+
+fn module(family: Family, spec: &Spec) -> Arc<Module> {
+    static MODULES: OnceLock<Mutex<HashMap<(Family, Spec), Cell>>> = OnceLock::new();
+    let cell = MODULES.get_or_init(Default::default).lock().unwrap().entry((family, spec.clone())).or_default().clone();
+    cell.get_or_init(|| Arc::new(compile(family, spec))).clone()
+}
+
+/// Runs one launch with the kernels' own code; panics with the simulator's message if the
+/// block's threads cannot all progress (a barrier or collective not reached by all).
+pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'_>, grid: (u32, u32, u32), block: u32) {
+    let p = |r: *const u8| r as *const c_void;
+    let (family, spec, name, params) = match k {
+        Kernel::SetBlocks(x) => (Family::Quantize, quant.clone(), "kv_set_blocks", p(x as *const _ as _)),
+        Kernel::Quantize(x) => (Family::Quantize, quant.clone(), "kv_quantize", p(x as *const _ as _)),
+        Kernel::Write(x) => (Family::Quantize, quant.clone(), "kv_window_write", p(x as *const _ as _)),
+        Kernel::Unquant(x) => (Family::Quantize, quant.clone(), "kv_unquantize", p(x as *const _ as _)),
+        Kernel::Attn(f, nq, x) => {
+            let name = if f == Family::Decode { "kv_decode_attn" } else { "kv_prefill_attn" };
+            (f, attn(nq), name, p(x as *const _ as _))
+        }
+        Kernel::Combine(f, nq, x) => {
+            let name = if f == Family::Decode { "kv_decode_combine" } else { "kv_prefill_combine" };
+            (f, attn(nq), name, p(x as *const _ as _))
+        }
+        Kernel::Mma(nq, x) => (Family::Decode, attn(nq), "kv_decode_mma", p(x as *const _ as _)),
+    };
+    let m = module(family, &spec);
+    let cname = CString::new(name).unwrap();
+    let mut err = vec![0 as c_char; 512];
+    let rc = (m.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, block, params, err.as_mut_ptr(), err.len());
+    let msg = CStr::from_ptr(err.as_ptr()).to_string_lossy();
+    assert!(rc == 0, "{name} (grid {grid:?}, {block} threads): {msg}");
+    let mut l = LAUNCHES.lock().unwrap();
+    match l.iter_mut().find(|(n, _)| *n == name) {
+        Some(e) => e.1 += 1,
+        None => l.push((name, 1)),
+    }
+}

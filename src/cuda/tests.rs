@@ -1,0 +1,398 @@
+//! The CUDA cache against the CPU cache, on the operations and configurations of the GPU check
+//! (examples/gpu_check.rs), without a GPU: with the kernels emulated in Rust (`emu.rs`) and with
+//! the kernels' own CUDA code run by the host simulator (`sim.rs`). Outputs agree within 1e-3
+//! (plus a rounding step of the output type); contents, pages and windows are identical.
+
+use half::{bf16, f16};
+
+use super::emu::MMA_BLOCKS;
+use super::*;
+use crate::attention::AttnOptions;
+use crate::cache::Cache;
+use crate::config::{DType, KeyMode};
+use crate::rows::{Element, Rows, RowsMut};
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn normal(&mut self) -> f32 {
+        let u1 = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-300);
+        let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    fn rows<T: Element>(&mut self, n: usize, outliers: bool, hd: usize) -> Vec<T> {
+        (0..n)
+            .map(|i| {
+                let x = self.normal();
+                T::from_f32(if outliers && i % hd == 7 { 10.0 + 3.0 * x } else { x })
+            })
+            .collect()
+    }
+}
+
+struct Pair<T: Element> {
+    cpu: Cache,
+    gpu: CudaCache,
+    rng: Rng,
+    nqh: usize,
+    opts: AttnOptions,
+    tol: f64,
+    calls: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+/// How the CUDA cache of a test runs its kernels: the Rust emulation, or their own code in
+/// the host simulator.
+type Backend = fn(CacheConfig) -> Result<CudaCache>;
+const EMU: Backend = CudaCache::emulated;
+const SIM: Backend = CudaCache::simulated;
+
+fn ptr<T>(v: &[T]) -> u64 {
+    v.as_ptr() as u64
+}
+
+impl<T: Element + Default> Pair<T> {
+    fn new(mk: Backend, cfg: CacheConfig, nqh: usize, opts: AttnOptions) -> Self {
+        let ulp = match T::DTYPE {
+            DType::F32 => 0.0,
+            DType::F16 => 1.0 / 1024.0,
+            DType::BF16 => 1.0 / 128.0,
+        };
+        Pair {
+            cpu: Cache::new(cfg.clone()).unwrap(),
+            gpu: mk(cfg).unwrap(),
+            rng: Rng(7),
+            nqh,
+            opts,
+            tol: 1e-3 + ulp,
+            calls: 0,
+            _t: Default::default(),
+        }
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.cpu.lay.n_kv_heads, self.cpu.lay.head_dim)
+    }
+    fn compare(&mut self, what: &str, got: &[T], want: &[T]) {
+        self.calls += 1;
+        let num = got.iter().zip(want).map(|(a, b)| (a.to_f32() - b.to_f32()).abs() as f64).fold(0.0, f64::max);
+        let den = want.iter().map(|b| b.to_f32().abs() as f64).fold(0.0, f64::max);
+        let e = if den == 0.0 { num } else { num / den };
+        assert!(e <= self.tol, "{what}: relative error {e:e} (config {:?})", self.cpu.config());
+    }
+    fn data(&mut self, n: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (nkv, hd) = self.dims();
+        let k = self.rng.rows(n * nkv * hd, true, hd);
+        let v = self.rng.rows(n * nkv * hd, false, hd);
+        let q = self.rng.rows(n * self.nqh * hd, false, hd);
+        (k, v, q)
+    }
+    fn append_attend(&mut self, layer: u32, seq: u32, n: usize) {
+        let (nkv, hd) = self.dims();
+        let (k, v, q) = self.data(n);
+        let (mut a, mut b) = (vec![T::default(); q.len()], vec![T::default(); q.len()]);
+        let (rk, rv, rq) = (Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap(), Rows::new(&q, n).unwrap());
+        let r = self.cpu.append_attend(layer, seq, rk, rv, rq, RowsMut::new(&mut a, n).unwrap(), &self.opts);
+        let g = self.gpu.append_attend(
+            layer,
+            seq,
+            DevRows::new(ptr(&k), n, nkv * hd),
+            DevRows::new(ptr(&v), n, nkv * hd),
+            DevRows::new(ptr(&q), n, self.nqh * hd),
+            DevRows::new(b.as_mut_ptr() as u64, n, self.nqh * hd),
+            &self.opts,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(r, g);
+        self.compare(&format!("append_attend({layer}, {seq}, {n})"), &b, &a);
+    }
+    fn append(&mut self, layer: u32, seq: u32, n: usize) {
+        let (nkv, hd) = self.dims();
+        let (k, v, _) = self.data(n);
+        let r = self.cpu.append(layer, seq, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap());
+        let g = self.gpu.append(
+            layer,
+            seq,
+            DevRows::new(ptr(&k), n, nkv * hd),
+            DevRows::new(ptr(&v), n, nkv * hd),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(r, g);
+    }
+    fn decode(&mut self, layer: u32, seqs: &[u32]) {
+        let (nkv, hd) = self.dims();
+        let n = seqs.len();
+        let (k, v, q) = self.data(n);
+        let (mut a, mut b) = (vec![T::default(); q.len()], vec![T::default(); q.len()]);
+        let (rk, rv, rq) = (Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap(), Rows::new(&q, n).unwrap());
+        let r = self.cpu.decode(layer, seqs, rk, rv, rq, RowsMut::new(&mut a, n).unwrap(), &self.opts);
+        let g = self.gpu.decode(
+            layer,
+            seqs,
+            DevRows::new(ptr(&k), n, nkv * hd),
+            DevRows::new(ptr(&v), n, nkv * hd),
+            DevRows::new(ptr(&q), n, self.nqh * hd),
+            DevRows::new(b.as_mut_ptr() as u64, n, self.nqh * hd),
+            &self.opts,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(r, g);
+        self.compare(&format!("decode({layer}, {seqs:?})"), &b, &a);
+    }
+    fn attend(&mut self, layer: u32, seq: u32, n: usize) {
+        let hd = self.dims().1;
+        let q: Vec<T> = self.rng.rows(n * self.nqh * hd, false, hd);
+        let (mut a, mut b) = (vec![T::default(); q.len()], vec![T::default(); q.len()]);
+        let r = self.cpu.attend(layer, seq, Rows::new(&q, n).unwrap(), RowsMut::new(&mut a, n).unwrap(), &self.opts);
+        let g = self.gpu.attend(
+            layer,
+            seq,
+            DevRows::new(ptr(&q), n, self.nqh * hd),
+            DevRows::new(b.as_mut_ptr() as u64, n, self.nqh * hd),
+            &self.opts,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(r, g);
+        self.compare(&format!("attend({layer}, {seq}, {n})"), &b, &a);
+    }
+    fn state(&self, when: &str) {
+        let host = self.gpu.to_host(std::ptr::null_mut()).unwrap();
+        assert_eq!(host.seq_ids(), self.cpu.seq_ids(), "{when}");
+        assert_eq!(self.gpu.stats(), self.cpu.stats(), "{when}");
+        for seq in self.cpu.seq_ids() {
+            for layer in 0..self.cpu.config().n_layers {
+                let (a, b) = (host.dequantized(layer, seq).unwrap(), self.cpu.dequantized(layer, seq).unwrap());
+                assert!(a == b, "{when}: contents of seq {seq} layer {layer} differ ({:?})", self.cpu.config());
+            }
+        }
+        // Pages and windows byte for byte: the same pages are allocated in the same order.
+        assert!(host.windows.bytes() == self.cpu.windows.bytes(), "{when}: windows differ");
+        for l in 0..self.cpu.lay.n_layers {
+            assert!(host.pools[l].bytes() == self.cpu.pools[l].bytes(), "{when}: pages of layer {l} differ");
+        }
+    }
+}
+
+fn scenario<T: Element + Default>(mk: Backend, cfg: CacheConfig, nqh: usize, opts: AttnOptions) -> usize {
+    let mut p = Pair::<T>::new(mk, cfg.clone(), nqh, opts);
+    let (g, ring, s) = (cfg.group_size as usize, (cfg.residual + cfg.group_size) as usize, cfg.sinks as usize);
+    for layer in 0..cfg.n_layers {
+        p.append_attend(layer, 0, s + ring + 2 * g + 5);
+        p.append_attend(layer, 1, 3);
+        p.append_attend(layer, 1, g + 1);
+        p.append(layer, 2, 2 * g + 7);
+    }
+    p.state("after prefill");
+    for step in 0..g + 3 {
+        for layer in 0..cfg.n_layers {
+            let seqs: &[u32] = if step % 5 == 4 { &[2, 0] } else { &[0, 1, 2] };
+            p.decode(layer, seqs);
+        }
+    }
+    p.state("after decode");
+    assert_eq!(
+        p.cpu.seq_copy(0, 3, (s + g + 3) as u32),
+        p.gpu.seq_copy(0, 3, (s + g + 3) as u32, std::ptr::null_mut())
+    );
+    assert_eq!(p.cpu.seq_copy(0, 4, u32::MAX), p.gpu.seq_copy(0, 4, u32::MAX, std::ptr::null_mut()));
+    for _ in 0..g + 2 {
+        for layer in 0..cfg.n_layers {
+            p.decode(layer, &[3, 0, 4]);
+        }
+    }
+    p.state("after fork");
+    let cut = (s + g / 2 + 1) as u32;
+    assert_eq!(p.cpu.seq_truncate(1, cut), p.gpu.seq_truncate(1, cut, std::ptr::null_mut()));
+    p.state("after truncate");
+    for layer in 0..cfg.n_layers {
+        for _ in 0..3 {
+            p.decode(layer, &[1]);
+        }
+        p.append_attend(layer, 1, g + 5);
+        p.attend(layer, 0, 5);
+        p.attend(layer, 3, 1);
+    }
+    p.state("after appends past the cut");
+    assert_eq!(p.cpu.seq_remove(2), p.gpu.seq_remove(2));
+    for layer in 0..cfg.n_layers {
+        p.decode(layer, &[5, 0]);
+        p.decode(layer, &[5, 0]);
+    }
+    p.state("after remove");
+    // State blobs: the CUDA cache saves exactly what the CPU cache saves, and loads it back.
+    let blob = p.gpu.save_state_vec(std::ptr::null_mut()).unwrap();
+    assert!(blob == p.cpu.save_state_vec(), "whole-cache blobs differ");
+    let mut fresh = mk(cfg.clone()).unwrap();
+    fresh.load_state(&blob).unwrap();
+    assert!(fresh.save_state_vec(std::ptr::null_mut()).unwrap() == blob);
+    // A sequence blob records the capacity of the host copy it was written from (sized for
+    // the sequence), so it differs from the CPU's in the header only; it loads the same.
+    let sblob = p.gpu.save_seq_state_vec(3, std::ptr::null_mut()).unwrap();
+    let mut cpu2 = Cache::new(cfg.clone()).unwrap();
+    cpu2.load_seq_state(9, &sblob).unwrap();
+    for layer in 0..cfg.n_layers {
+        assert!(cpu2.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+    }
+    fresh.load_seq_state(9, &p.cpu.save_seq_state_vec(3).unwrap()).unwrap();
+    let fh = fresh.to_host(std::ptr::null_mut()).unwrap();
+    for layer in 0..cfg.n_layers {
+        assert!(fh.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+    }
+    assert!(fresh.load_state(&blob[..blob.len() - 1]).is_err());
+    // One sequence out to the host and back in, under another id.
+    let one = p.gpu.seq_to_host(0, std::ptr::null_mut()).unwrap();
+    assert_eq!(one.seq_ids(), vec![0]);
+    for layer in 0..cfg.n_layers {
+        assert!(one.dequantized(layer, 0).unwrap() == p.cpu.dequantized(layer, 0).unwrap());
+    }
+    p.gpu.seq_from_host(&one, 0, 6).unwrap();
+    assert_eq!(p.cpu.seq_copy(0, 6, u32::MAX), Ok(()));
+    for layer in 0..cfg.n_layers {
+        p.decode(layer, &[6, 0]);
+    }
+    let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
+    for layer in 0..cfg.n_layers {
+        assert!(host.dequantized(layer, 6).unwrap() == p.cpu.dequantized(layer, 6).unwrap());
+    }
+    // Round trip through the host.
+    let host = p.gpu.to_host(std::ptr::null_mut()).unwrap();
+    let mut back = mk(cfg.clone()).unwrap();
+    back.upload(&host).unwrap();
+    let again = back.to_host(std::ptr::null_mut()).unwrap();
+    assert!(again.windows.bytes() == host.windows.bytes());
+    assert_eq!(again.seq_ids(), host.seq_ids());
+    p.calls
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cfg(
+    hd: u32,
+    nkv: u32,
+    bits: (u8, u8),
+    g: u32,
+    r: u32,
+    sinks: u32,
+    mode: KeyMode,
+    dt: DType,
+    pt: u32,
+) -> CacheConfig {
+    let mut c = CacheConfig::new(2, nkv, hd);
+    c.key_bits = bits.0;
+    c.value_bits = bits.1;
+    c.group_size = g;
+    c.residual = r;
+    c.sinks = sinks;
+    c.key_mode = mode;
+    c.value_group = if hd % 32 == 0 {
+        32
+    } else if hd % 16 == 0 {
+        16
+    } else {
+        hd / 2
+    };
+    c.dtype = dt;
+    c.max_tokens = 2048;
+    c.max_seqs = 8;
+    c.page_tokens = pt;
+    c
+}
+
+/// The scenario over configurations that reach every branch of the kernels.
+fn every_configuration(mk: Backend) {
+    use DType::*;
+    use KeyMode::*;
+    let d = AttnOptions::default();
+    let nc = AttnOptions { causal: false, ..d };
+    let sw = AttnOptions { sliding_window: 50, ..d };
+    let sc = AttnOptions { softcap: 30.0, scale: Some(0.2), ..d };
+    let mut calls = 0;
+    calls += scenario::<f32>(mk, cfg(64, 2, (2, 2), 32, 128, 0, PerChannel, F32, 0), 8, d);
+    calls += scenario::<bf16>(mk, cfg(80, 2, (8, 8), 16, 32, 4, PerChannel, BF16, 64), 2, sw);
+    calls += scenario::<f32>(mk, cfg(8, 2, (2, 2), 8, 0, 0, PerToken, F32, 0), 4, d);
+    if cfg!(debug_assertions) {
+        return; // the rest takes minutes unoptimised; CI runs the tests optimised
+    }
+    calls += scenario::<f16>(mk, cfg(128, 1, (4, 4), 32, 64, 0, PerChannel, F16, 0), 4, d);
+    calls += scenario::<f32>(mk, cfg(64, 1, (2, 2), 8, 16, 1, PerChannel, F32, 32), 1, d);
+    calls += scenario::<f16>(mk, cfg(96, 2, (2, 4), 32, 0, 0, PerChannel, F16, 0), 6, nc);
+    calls += scenario::<f32>(mk, cfg(256, 1, (2, 2), 32, 32, 2, PerToken, F32, 0), 4, sc);
+    calls += scenario::<f16>(mk, cfg(128, 2, (4, 2), 64, 128, 0, PerToken, F16, 128), 4, d);
+    calls += scenario::<f16>(mk, cfg(128, 2, (2, 2), 32, 128, 0, PerChannel, F16, 128), 32, sc);
+    // Tensor-core decode with sliding windows, softcap, sinks, bf16 and f32 windows.
+    calls += scenario::<f16>(mk, cfg(64, 2, (2, 2), 32, 64, 0, PerChannel, F16, 0), 8, sw);
+    calls += scenario::<bf16>(mk, cfg(128, 1, (2, 4), 16, 32, 0, PerChannel, BF16, 64), 8, sc);
+    calls += scenario::<f32>(mk, cfg(64, 2, (4, 2), 16, 32, 3, PerChannel, F32, 64), 4, nc);
+    assert!(calls > 500);
+}
+
+/// Contexts long enough for many splits, over the group sizes and bit widths of the
+/// tensor-core path.
+fn long_contexts(mk: Backend, n: usize) {
+    for (bits, g) in [(2u8, 32u32), (4, 32), (4, 64), (2, 16), (2, 64)] {
+        let mut c = cfg(64, 2, (bits, bits), g, 64, 0, KeyMode::PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        c.max_tokens = 8192;
+        let mut p = Pair::<f16>::new(mk, c, 8, AttnOptions::default());
+        p.append(0, 0, n);
+        p.append(0, 1, n / 3);
+        for _ in 0..3 {
+            p.decode(0, &[0, 1]);
+        }
+        p.state("after long decode");
+    }
+}
+
+/// One decode launch over many sequences of different lengths.
+fn batched_decode(mk: Backend, n: u32, steps: usize) {
+    let mut c = cfg(64, 2, (2, 2), 32, 64, 0, KeyMode::PerChannel, DType::F32, 0);
+    c.n_layers = 1;
+    c.max_seqs = n;
+    c.max_tokens = n * 400;
+    let mut p = Pair::<f32>::new(mk, c.clone(), 8, AttnOptions::default());
+    for seq in 0..n {
+        p.append_attend(0, seq, 1 + (seq as usize * 37) % if cfg!(debug_assertions) { 100 } else { 300 });
+    }
+    let all: Vec<u32> = (0..n).collect();
+    for _ in 0..steps {
+        p.decode(0, &all);
+    }
+    p.state("after batched decode");
+}
+
+#[test]
+fn emulated_kernels_match_the_cpu_cache() {
+    every_configuration(EMU);
+}
+
+#[test]
+fn emulated_long_contexts_use_many_splits() {
+    long_contexts(EMU, if cfg!(debug_assertions) { 1200 } else { 3000 });
+}
+
+#[test]
+fn emulated_batched_decode_of_many_sequences() {
+    batched_decode(EMU, if cfg!(debug_assertions) { 66 } else { 70 }, 34);
+    assert!(MMA_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) > 0, "the tensor-core path never ran");
+}
+
+// The same with the kernels' own CUDA code, run by the host simulator (sim.rs).
+
+#[test]
+fn simulated_kernels_match_the_cpu_cache() {
+    every_configuration(SIM);
+}
+
+#[test]
+fn simulated_long_contexts_use_many_splits() {
+    long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 3000 });
+}
+
+#[test]
+fn simulated_batched_decode_of_many_sequences() {
+    batched_decode(SIM, 66, if cfg!(debug_assertions) { 3 } else { 34 });
+    assert!(sim::launches_of("kv_decode_mma") > 0, "the tensor-core path never ran");
+}
