@@ -245,7 +245,7 @@ pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
                 }
             }
             Ok(()) => match result::get_ptx(prog) {
-                Ok(p) => Ok(Image::Ptx(p.iter().map(|&c| c as u8).collect())),
+                Ok(p) => Ok(Image::Ptx(p.iter().map(|&c| c.to_ne_bytes()[0]).collect())),
                 Err(e) => Err(fail("produce PTX of", format!("{e:?}"))),
             },
         };
@@ -287,7 +287,7 @@ pub fn compile_cached(family: Family, spec: &Spec, arch: &str) -> Result<Image> 
 }
 
 fn c_chars(v: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c.to_ne_bytes()[0]).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
