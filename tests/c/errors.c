@@ -257,7 +257,8 @@ int main(void) {
     if (c != sentinel) fail("create", "out_cache written by a failed call");
 
     /* --- CUDA: where there is none (this test's usual machine), device 0 is refused with the
-       reason; where there is one, it is reported and a cache can be made there. */
+       reason; where there is one, it is reported (caches on it are examples/gpu_check.rs's to
+       test: the CUDA driver under the sanitizers is not this test's business). */
     {
         kivi_device_info info;
         kivi_status st;
@@ -272,15 +273,12 @@ int main(void) {
         p = small_params();
         p.device = 0;
         if (st == KIVI_OK) {
-            printf("  CUDA device 0: %s, sm_%u%u, %u of %u devices\n", info.name, info.compute_capability_major,
+            printf("  CUDA device 0: %s, sm_%u%u, device %d of %u\n", info.name, info.compute_capability_major,
                    info.compute_capability_minor, info.device, info.n_devices);
             checks++;
             if (info.struct_size != sizeof info || info.device != 0 || info.n_devices < 1 ||
                 memchr(info.name, 0, sizeof info.name) == NULL || info.name[0] == 0)
                 fail("device_info", "implausible device info");
-            expect("CUDA cache", kivi_cache_create(&p, &other), KIVI_OK, "");
-            kivi_cache_free(other);
-            other = NULL;
         } else {
             const char *msg = kivi_last_error_message();
             size_t i;
