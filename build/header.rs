@@ -44,15 +44,39 @@ const PREAMBLE: &str = r#"
  *   written, and the cache is unchanged. Status numbers never change.
  * - Pointers: every pointer argument is checked for NULL (KIVI_ERR_NULL_POINTER), except where
  *   a comment says NULL is allowed. kivi never keeps a pointer to caller memory after a call
- *   returns, and never frees caller memory.
+ *   returns (except that a CUDA cache's queued device work reads and writes the rows of the call
+ *   that queued it; see below), and never frees caller memory.
  * - Ownership: a kivi_cache is created by kivi_cache_create() and owned by the caller until
  *   kivi_cache_free(). Strings returned by kivi are owned by kivi.
  * - Threads: calls on one cache may come from any thread. Calls that take a `const kivi_cache *`
  *   read the cache and run concurrently; calls that take a `kivi_cache *` change it and kivi
- *   serializes them (each waits for the calls in progress on that cache). Different caches are
- *   independent. Only kivi_cache_free() must not overlap any other call on its cache.
+ *   serializes them (each waits for the calls in progress on that cache; kivi_attend() on a CUDA
+ *   cache is serialized too). Different caches are independent. Only kivi_cache_free() must not
+ *   overlap any other call on its cache.
  * - Panics: a bug inside kivi returns KIVI_ERR_INTERNAL; it never unwinds into the caller.
  * - Versioned structs: each struct starts with `struct_size`, set to sizeof(the struct), so
  *   fields can be added in later versions without breaking callers built with this header.
+ * - CUDA: with kivi_params.device set to a CUDA device's ordinal, the cache lives in that
+ *   device's memory, and kivi_rows / kivi_rows_mut hold device pointers in the cache's dtype.
+ *   Calls queue their device work on the cache's stream (kivi_cache_set_stream(); the default
+ *   stream until then) and return without waiting for it, so rows must stay valid until the
+ *   stream gets there; kivi_cache_set_stream() lists the calls that wait. The CUDA driver and
+ *   NVRTC are loaded at run time: kivi_cuda_device_info() says whether a device can be used,
+ *   and why not (KIVI_ERR_BACKEND_UNAVAILABLE). A CUDA cache checks what the host can check
+ *   before changing anything, as on the CPU (but not the values of device rows: no NaN check);
+ *   a CUDA driver error while queuing work (KIVI_ERR_BACKEND_UNAVAILABLE from a call on an
+ *   existing cache, e.g. after an earlier kernel faulted) may leave it part-way: free it.
+ *
+ *     kivi_params p;
+ *     kivi_params_init(&p, sizeof p);
+ *     p.n_layers = 32; p.n_kv_heads = 8; p.head_dim = 128;
+ *     p.dtype = KIVI_DTYPE_F16;                 // every row of every call in f16
+ *     p.device = 0;                             // CUDA device 0
+ *     kivi_cache *cache;
+ *     if (kivi_cache_create(&p, &cache) != KIVI_OK) { puts(kivi_last_error_message()); ... }
+ *     kivi_cache_set_stream(cache, stream);     // the engine's cudaStream_t on device 0
+ *     kivi_rows k = {d_k, KIVI_DTYPE_F16, n_seqs, 8 * 128, qkv_stride};  // device pointers
+ *     ...                                       // v, q, o likewise; seq_ids in host memory
+ *     kivi_decode(cache, layer, seq_ids, n_seqs, &k, &v, &q, &o, NULL);  // queued on stream
  */
 "#;

@@ -14,7 +14,9 @@
 //! forks with copy-on-write, truncation inside a quantized group, removal, sinks, per-token keys,
 //! 2/4/8 bits, f32/f16/bf16, GQA ratios up to 16, sliding windows, softcap and non-causal masks.
 //! Attention outputs must agree within 1e-3 relative (plus one rounding step of the output type),
-//! and the cache contents (dequantized) must be identical.
+//! and the cache contents (dequantized) must be identical. Its last case (`c-abi-stream`) does
+//! the same through the C ABI: a `kivi_cache` made with `params.device = 0`, on a non-blocking
+//! stream set with `kivi_cache_set_stream`, against a CPU `kivi_cache`.
 
 use std::time::Instant;
 
@@ -561,6 +563,311 @@ fn cases() -> Vec<Case> {
     v
 }
 
+/// The C ABI on the device: what `kivi_cache_create` makes with `params.device = 0`, on a
+/// non-blocking stream set with `kivi_cache_set_stream`, fed device pointers, against a CPU
+/// `kivi_cache` fed the same data through the same functions: prefill chunks, appends, batched
+/// decode steps across flushes, attend, a fork and a truncation, the statistics and the state
+/// blob, and a second CUDA cache loaded from the CPU cache's blob.
+mod c_abi {
+    use super::{rel_err, sync, to_t, DevBuf, Rng};
+    use cudarc::driver::{result as drv, sys};
+    use kivi::f16;
+    use kivi::ffi::*;
+    use std::ffi::{c_void, CStr};
+    use std::ptr::{null, null_mut};
+
+    const LAYERS: u32 = 2;
+    const KV: usize = 2;
+    const HD: usize = 128;
+    const QH: usize = 8;
+    const KVROW: usize = KV * HD;
+    const QROW: usize = QH * HD;
+
+    fn last_error() -> String {
+        // SAFETY: kivi returns a valid NUL-terminated string.
+        unsafe { CStr::from_ptr(kivi_last_error_message()) }.to_string_lossy().into_owned()
+    }
+
+    fn ok(what: &str, st: kivi_status) -> Result<(), String> {
+        if st == kivi_status::KIVI_OK {
+            Ok(())
+        } else {
+            Err(format!("{what}: {st:?}: {}", last_error()))
+        }
+    }
+
+    fn rows(data: *const c_void, n: usize, len: usize) -> kivi_rows {
+        let dtype = kivi_dtype::KIVI_DTYPE_F16 as i32;
+        kivi_rows { data, dtype, n_rows: n as u32, row_len: len as u32, stride: 0 }
+    }
+
+    fn rows_mut(data: *mut c_void, n: usize, len: usize) -> kivi_rows_mut {
+        let dtype = kivi_dtype::KIVI_DTYPE_F16 as i32;
+        kivi_rows_mut { data, dtype, n_rows: n as u32, row_len: len as u32, stride: 0 }
+    }
+
+    /// A CPU cache and one or two CUDA caches, all made through the C ABI.
+    struct Run {
+        cpu: *mut kivi_cache,
+        gpu: *mut kivi_cache,
+        stream: sys::CUstream,
+        rng: Rng,
+        tol: f64,
+        calls: usize,
+        max_err: f64,
+        failures: Vec<String>,
+    }
+
+    impl Drop for Run {
+        fn drop(&mut self) {
+            // SAFETY: handles from kivi_cache_create (or NULL); the stream is ours.
+            unsafe {
+                kivi_cache_free(self.cpu);
+                kivi_cache_free(self.gpu);
+                if !self.stream.is_null() {
+                    let _ = drv::stream::destroy(self.stream);
+                }
+            }
+        }
+    }
+
+    fn create(p: &kivi_params, device: i32) -> Result<*mut kivi_cache, String> {
+        let p = kivi_params { device, ..*p };
+        let mut c = null_mut();
+        // SAFETY: valid params and out pointer.
+        ok(&format!("kivi_cache_create(device {device})"), unsafe { kivi_cache_create(&p, &mut c) })?;
+        Ok(c)
+    }
+
+    impl Run {
+        fn new(p: &kivi_params) -> Result<Run, String> {
+            let mut r = Run {
+                cpu: null_mut(),
+                gpu: null_mut(),
+                stream: null_mut(),
+                rng: Rng(0xCAB1),
+                tol: 1e-3 + 1.0 / 1024.0,
+                calls: 0,
+                max_err: 0.0,
+                failures: Vec::new(),
+            };
+            r.cpu = create(p, -1)?;
+            r.gpu = create(p, 0)?;
+            // The cache made device 0's primary context current on this thread: the stream is
+            // created there, as an engine's runtime-API stream would be.
+            r.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+                .map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+            r.set_stream(r.gpu)?;
+            Ok(r)
+        }
+
+        fn set_stream(&self, c: *mut kivi_cache) -> Result<(), String> {
+            let mut back: *mut c_void = null_mut();
+            // SAFETY: live handle and stream; valid out pointer.
+            unsafe {
+                ok("kivi_cache_set_stream", kivi_cache_set_stream(c, self.stream as *mut c_void))?;
+                ok("kivi_cache_stream", kivi_cache_stream(c, &mut back))?;
+            }
+            if back != self.stream as *mut c_void {
+                return Err("kivi_cache_stream does not return the stream that was set".into());
+            }
+            Ok(())
+        }
+
+        fn data(&mut self, n: usize, nq: usize) -> (Vec<f16>, Vec<f16>, Vec<f16>) {
+            (to_t(&self.rng.keys(n, KV, HD)), to_t(&self.rng.normals(n * KVROW)), to_t(&self.rng.normals(nq * QROW)))
+        }
+
+        /// Waits for the stream, brings `dout` back and compares it with the CPU's `out`.
+        fn compare(&mut self, what: &str, dout: &DevBuf, out: &[f16]) -> Result<(), String> {
+            // SAFETY: our live stream.
+            unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| format!("{what}: stream: {e:?}"))?;
+            let got: Vec<f16> = dout.download(out.len());
+            let e = rel_err(&got, out);
+            self.calls += 1;
+            self.max_err = if e.is_finite() { self.max_err.max(e) } else { f64::INFINITY };
+            if !e.is_finite() || e > self.tol {
+                self.failures.push(format!("{what}: relative error {e:.3e} > {:.1e}", self.tol));
+            }
+            Ok(())
+        }
+
+        /// One call on the CPU cache with host rows and on `gpu` with device rows; `f` gets the
+        /// cache, keys, values, queries and output, and returns the status.
+        #[allow(clippy::type_complexity)]
+        fn both(
+            &mut self,
+            what: &str,
+            gpu: *mut kivi_cache,
+            n: usize,
+            nq: usize,
+            f: &dyn Fn(*mut kivi_cache, &kivi_rows, &kivi_rows, &kivi_rows, &kivi_rows_mut) -> kivi_status,
+        ) -> Result<(), String> {
+            let (k, v, q) = self.data(n, nq);
+            let mut out = vec![f16::ZERO; q.len().max(1)];
+            // Empty inputs (no queries for an append, no keys for an attend) are not uploaded.
+            let up = |x: &[f16]| (!x.is_empty()).then(|| DevBuf::upload(x));
+            let ptr = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr) as *const c_void;
+            let (dk, dv, dq) = (up(&k), up(&v), up(&q));
+            let dout = DevBuf::zeroed(out.len() * 2);
+            // The uploads ran on the legacy stream, which a non-blocking stream does not wait for.
+            sync()?;
+            let host = (rows(k.as_ptr().cast(), n, KVROW), rows(v.as_ptr().cast(), n, KVROW));
+            let hq = rows(q.as_ptr().cast(), nq, QROW);
+            let ho = rows_mut(out.as_mut_ptr().cast(), nq, QROW);
+            ok(&format!("{what} (CPU)"), f(self.cpu, &host.0, &host.1, &hq, &ho))?;
+            let dev = (rows(ptr(&dk), n, KVROW), rows(ptr(&dv), n, KVROW));
+            let dq_rows = rows(ptr(&dq), nq, QROW);
+            let do_rows = rows_mut(dout.ptr as *mut c_void, nq, QROW);
+            ok(&format!("{what} (CUDA)"), f(gpu, &dev.0, &dev.1, &dq_rows, &do_rows))?;
+            if nq > 0 {
+                self.compare(what, &dout, &out)
+            } else {
+                // SAFETY: our live stream; the rows stay allocated until it is done.
+                unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| format!("{what}: stream: {e:?}"))
+            }
+        }
+
+        fn same(&mut self, when: &str) -> Result<(), String> {
+            let (mut a, mut b) = (kivi_memory_stats::default(), kivi_memory_stats::default());
+            let size = std::mem::size_of::<kivi_memory_stats>();
+            // SAFETY: live handles, valid out pointers.
+            unsafe {
+                ok("kivi_cache_stats", kivi_cache_stats(self.cpu, &mut a, size))?;
+                ok("kivi_cache_stats", kivi_cache_stats(self.gpu, &mut b, size))?;
+            }
+            if a != b {
+                self.failures.push(format!("{when}: stats {a:?} vs {b:?}"));
+            }
+            if blob(self.cpu)? != blob(self.gpu)? {
+                self.failures.push(format!("{when}: the state blobs differ"));
+            }
+            Ok(())
+        }
+    }
+
+    fn blob(c: *const kivi_cache) -> Result<Vec<u8>, String> {
+        let (mut size, mut written) = (0usize, 0usize);
+        // SAFETY: live handle; the buffer has `size` bytes.
+        unsafe {
+            ok("kivi_state_size", kivi_state_size(c, &mut size))?;
+            let mut b = vec![0u8; size];
+            ok("kivi_state_save", kivi_state_save(c, b.as_mut_ptr(), size, &mut written))?;
+            b.truncate(written);
+            Ok(b)
+        }
+    }
+
+    fn scenario(r: &mut Run, p: &kivi_params) -> Result<(), String> {
+        for layer in 0..LAYERS {
+            let f = move |c: *mut kivi_cache, k: &kivi_rows, v: &kivi_rows, q: &kivi_rows, o: &kivi_rows_mut| {
+                // SAFETY: the rows describe live buffers of the sizes given.
+                unsafe { kivi_append_attend(c, layer, 0, k, v, q, o, null()) }
+            };
+            r.both(&format!("append_attend(layer {layer}, seq 0, 300)"), r.gpu, 300, 300, &f)?;
+            let f = move |c: *mut kivi_cache, k: &kivi_rows, v: &kivi_rows, _: &kivi_rows, _: &kivi_rows_mut| {
+                // SAFETY: as above.
+                unsafe { kivi_append(c, layer, 1, k, v) }
+            };
+            r.both(&format!("append(layer {layer}, seq 1, 200)"), r.gpu, 200, 0, &f)?;
+        }
+        r.same("after prefill")?;
+        let decode = |seqs: &'static [u32], layer: u32| {
+            move |c: *mut kivi_cache, k: &kivi_rows, v: &kivi_rows, q: &kivi_rows, o: &kivi_rows_mut| {
+                // SAFETY: as above; seqs has seqs.len() ids.
+                unsafe { kivi_decode(c, layer, seqs.as_ptr(), seqs.len() as u32, k, v, q, o, null()) }
+            }
+        };
+        for step in 0..40 {
+            for layer in 0..LAYERS {
+                r.both(&format!("decode(step {step}, layer {layer})"), r.gpu, 2, 2, &decode(&[1, 0], layer))?;
+            }
+        }
+        for (what, c) in [("CPU", r.cpu), ("CUDA", r.gpu)] {
+            // SAFETY: live handles.
+            unsafe {
+                ok(&format!("kivi_seq_copy ({what})"), kivi_seq_copy(c, 0, 2, 100))?;
+                ok(&format!("kivi_seq_truncate ({what})"), kivi_seq_truncate(c, 1, 50))?;
+            }
+        }
+        for step in 0..3 {
+            for layer in 0..LAYERS {
+                let f = decode(&[2, 1, 0], layer);
+                r.both(&format!("decode after fork (step {step}, layer {layer})"), r.gpu, 3, 3, &f)?;
+            }
+        }
+        let f = |c: *mut kivi_cache, _: &kivi_rows, _: &kivi_rows, q: &kivi_rows, o: &kivi_rows_mut| {
+            // SAFETY: as above.
+            unsafe { kivi_attend(c, 1, 0, q, o, null()) }
+        };
+        r.both("attend(layer 1, seq 0, 4)", r.gpu, 0, 4, &f)?;
+        r.same("after decode")?;
+        // The CPU cache's blob into a second CUDA cache: it then decodes as the CPU cache does.
+        let cpu_blob = blob(r.cpu)?;
+        let gpu2 = create(p, 0)?;
+        let res = (|| {
+            r.set_stream(gpu2)?;
+            // SAFETY: live handle; the blob is cpu_blob.len() bytes.
+            ok("kivi_state_load", unsafe { kivi_state_load(gpu2, cpu_blob.as_ptr(), cpu_blob.len()) })?;
+            if blob(gpu2)? != cpu_blob {
+                r.failures.push("a CUDA cache loaded from a CPU blob saves another blob".into());
+            }
+            for layer in 0..LAYERS {
+                r.both(&format!("decode after load (layer {layer})"), gpu2, 3, 3, &decode(&[0, 1, 2], layer))?;
+            }
+            Ok(())
+        })();
+        // SAFETY: created above.
+        unsafe { kivi_cache_free(gpu2) };
+        res
+    }
+
+    /// Runs the check; prints one JSON line like the other cases and returns whether it passed.
+    pub fn check() -> bool {
+        let t0 = std::time::Instant::now();
+        // SAFETY: kivi_params is plain integers; kivi_params_init fills it.
+        let mut p: kivi_params = unsafe { std::mem::zeroed() };
+        // SAFETY: p is a kivi_params.
+        let mut res = ok("kivi_params_init", unsafe { kivi_params_init(&mut p, std::mem::size_of::<kivi_params>()) });
+        p.n_layers = LAYERS;
+        p.n_kv_heads = KV as u32;
+        p.head_dim = HD as u32;
+        p.dtype = kivi_dtype::KIVI_DTYPE_F16 as i32;
+        p.max_tokens = 2048;
+        p.max_seqs = 4;
+        // SAFETY: plain integers and a char array.
+        let mut info: kivi_device_info = unsafe { std::mem::zeroed() };
+        res = res.and_then(|_| {
+            // SAFETY: info is a kivi_device_info.
+            ok("kivi_cuda_device_info", unsafe {
+                kivi_cuda_device_info(0, &mut info, std::mem::size_of::<kivi_device_info>())
+            })
+        });
+        let (calls, err, failures) = match res.and_then(|_| Run::new(&p)) {
+            Ok(mut r) => {
+                let res = scenario(&mut r, &p);
+                let mut f = std::mem::take(&mut r.failures);
+                if let Err(e) = res {
+                    f.push(e);
+                }
+                (r.calls, r.max_err, f)
+            }
+            Err(e) => (0, f64::NAN, vec![e]),
+        };
+        let ok = failures.is_empty() && calls > 0;
+        let fails: Vec<String> = failures.iter().map(|f| format!("{f:?}")).collect();
+        // SAFETY: kivi wrote a NUL-terminated name (or it is all zeros).
+        let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }.to_string_lossy().into_owned();
+        println!(
+            "{{\"kind\":\"check\",\"case\":\"c-abi-stream\",\"device\":{name:?},\"calls\":{calls},\"max_rel_err\":{err:.3e},\"tol\":{:.2e},\"ok\":{ok},\"seconds\":{:.2},\"failures\":[{}]}}",
+            1e-3 + 1.0 / 1024.0,
+            t0.elapsed().as_secs_f64(),
+            fails.join(",")
+        );
+        ok
+    }
+}
+
 /// `mma_only`: just the cases whose decode steps run on tensor cores where allowed (to check
 /// them again with KIVI_CUDA_MMA=0).
 fn check(mma_only: bool) -> bool {
@@ -611,6 +918,9 @@ fn check(mma_only: bool) -> bool {
             eprintln!("the device is in an error state; stopping the check");
             return false;
         }
+    }
+    if !mma_only {
+        all_ok &= c_abi::check();
     }
     all_ok
 }

@@ -10,16 +10,40 @@
  *   written, and the cache is unchanged. Status numbers never change.
  * - Pointers: every pointer argument is checked for NULL (KIVI_ERR_NULL_POINTER), except where
  *   a comment says NULL is allowed. kivi never keeps a pointer to caller memory after a call
- *   returns, and never frees caller memory.
+ *   returns (except that a CUDA cache's queued device work reads and writes the rows of the call
+ *   that queued it; see below), and never frees caller memory.
  * - Ownership: a kivi_cache is created by kivi_cache_create() and owned by the caller until
  *   kivi_cache_free(). Strings returned by kivi are owned by kivi.
  * - Threads: calls on one cache may come from any thread. Calls that take a `const kivi_cache *`
  *   read the cache and run concurrently; calls that take a `kivi_cache *` change it and kivi
- *   serializes them (each waits for the calls in progress on that cache). Different caches are
- *   independent. Only kivi_cache_free() must not overlap any other call on its cache.
+ *   serializes them (each waits for the calls in progress on that cache; kivi_attend() on a CUDA
+ *   cache is serialized too). Different caches are independent. Only kivi_cache_free() must not
+ *   overlap any other call on its cache.
  * - Panics: a bug inside kivi returns KIVI_ERR_INTERNAL; it never unwinds into the caller.
  * - Versioned structs: each struct starts with `struct_size`, set to sizeof(the struct), so
  *   fields can be added in later versions without breaking callers built with this header.
+ * - CUDA: with kivi_params.device set to a CUDA device's ordinal, the cache lives in that
+ *   device's memory, and kivi_rows / kivi_rows_mut hold device pointers in the cache's dtype.
+ *   Calls queue their device work on the cache's stream (kivi_cache_set_stream(); the default
+ *   stream until then) and return without waiting for it, so rows must stay valid until the
+ *   stream gets there; kivi_cache_set_stream() lists the calls that wait. The CUDA driver and
+ *   NVRTC are loaded at run time: kivi_cuda_device_info() says whether a device can be used,
+ *   and why not (KIVI_ERR_BACKEND_UNAVAILABLE). A CUDA cache checks what the host can check
+ *   before changing anything, as on the CPU (but not the values of device rows: no NaN check);
+ *   a CUDA driver error while queuing work (KIVI_ERR_BACKEND_UNAVAILABLE from a call on an
+ *   existing cache, e.g. after an earlier kernel faulted) may leave it part-way: free it.
+ *
+ *     kivi_params p;
+ *     kivi_params_init(&p, sizeof p);
+ *     p.n_layers = 32; p.n_kv_heads = 8; p.head_dim = 128;
+ *     p.dtype = KIVI_DTYPE_F16;                 // every row of every call in f16
+ *     p.device = 0;                             // CUDA device 0
+ *     kivi_cache *cache;
+ *     if (kivi_cache_create(&p, &cache) != KIVI_OK) { puts(kivi_last_error_message()); ... }
+ *     kivi_cache_set_stream(cache, stream);     // the engine's cudaStream_t on device 0
+ *     kivi_rows k = {d_k, KIVI_DTYPE_F16, n_seqs, 8 * 128, qkv_stride};  // device pointers
+ *     ...                                       // v, q, o likewise; seq_ids in host memory
+ *     kivi_decode(cache, layer, seq_ids, n_seqs, &k, &v, &q, &o, NULL);  // queued on stream
  */
 
 #ifndef KIVI_H
@@ -185,8 +209,8 @@ typedef int32_t kivi_key_mode;
 #endif // __cplusplus
 
 /**
- * A KIVI cache for every layer of one model: opaque; create it with `kivi_cache_create()` and
- * free it with `kivi_cache_free()`.
+ * A KIVI cache for every layer of one model, on the CPU or on a CUDA device: opaque; create it
+ * with `kivi_cache_create()` and free it with `kivi_cache_free()`.
  */
 typedef struct kivi_cache kivi_cache;
 
@@ -260,12 +284,16 @@ typedef struct kivi_params {
      */
     uint32_t page_tokens;
     /**
-     * Threads one attention call may use; 1 = only the calling thread. Default: 1.
+     * Threads one attention call may use; 1 = only the calling thread. A CUDA cache needs 1.
+     * Default: 1.
      */
     uint32_t n_threads;
     /**
-     * Where the cache lives: `KIVI_DEVICE_CPU` (-1), or a GPU ordinal where the build has a GPU
-     * backend (otherwise `KIVI_ERR_BACKEND_UNAVAILABLE`). Default: -1.
+     * Where the cache lives: `KIVI_DEVICE_CPU` (-1), or the ordinal (0, 1, ...) of a CUDA
+     * device, whose cache lives in device memory and takes device pointers in `kivi_rows` (see
+     * `kivi_cuda_device_info()` and `kivi_cache_set_stream()`). A CUDA device that is missing or
+     * unusable (no driver, no NVRTC, too old) gives `KIVI_ERR_BACKEND_UNAVAILABLE`; a CUDA
+     * cache needs `n_threads` 1. Default: -1.
      */
     int32_t device;
 } kivi_params;
@@ -273,16 +301,21 @@ typedef struct kivi_params {
 /**
  * Read-only rows (tokens) of keys, values or queries: row t starts at element `t * stride` of
  * `data` and holds `row_len` elements of type `dtype`, heads one after another (head h at
- * elements `h * head_dim ..`). The caller keeps ownership; kivi reads the rows only during the
- * call.
+ * elements `h * head_dim ..`). The caller keeps ownership.
+ *
+ * CPU cache: `data` is host memory, read during the call only. CUDA cache (`device` >= 0):
+ * `data` is a device pointer (e.g. from `cudaMalloc`, or an offset into a fused QKV tensor) on
+ * the cache's device, never read by the host; the device reads it when the cache's stream
+ * reaches the call's work, so it must stay valid (not freed, not overwritten) until then.
  */
 typedef struct kivi_rows {
     /**
-     * Element 0 of row 0; aligned for `dtype`. Never NULL.
+     * Element 0 of row 0; aligned for `dtype`. Never NULL. A device pointer for a CUDA cache.
      */
     const void *data;
     /**
-     * A `kivi_dtype`.
+     * A `kivi_dtype`. A CUDA cache takes only its own dtype (`kivi_params.dtype`); a CPU cache
+     * takes any.
      */
     int32_t dtype;
     /**
@@ -306,10 +339,13 @@ typedef struct kivi_rows {
  * elements of each row and nothing else (not the gaps between strided rows), and only when the
  * call succeeds. Its span (from the first element of the first row to the last element of the
  * last row) must not overlap the span of any input of the same call (`KIVI_ERR_INVALID_ARGUMENT`).
+ *
+ * CUDA cache: `data` is a device pointer, written by the device when the cache's stream reaches
+ * the call's work (not by the time the call returns); read it on that stream or after it.
  */
 typedef struct kivi_rows_mut {
     /**
-     * Element 0 of row 0; aligned for `dtype`. Never NULL.
+     * Element 0 of row 0; aligned for `dtype`. Never NULL. A device pointer for a CUDA cache.
      */
     void *data;
     /**
@@ -414,6 +450,58 @@ typedef struct kivi_memory_stats {
     uint64_t reserved_bytes;
 } kivi_memory_stats;
 
+/**
+ * What `kivi_cuda_device_info()` found: a CUDA device and the libraries kivi runs it with.
+ */
+typedef struct kivi_device_info {
+    /**
+     * `sizeof(kivi_device_info)` as the caller compiled it (kivi sets it).
+     */
+    uint32_t struct_size;
+    /**
+     * The device described: the ordinal asked for, the `kivi_params.device` that creates a cache
+     * on it.
+     */
+    int32_t device;
+    /**
+     * CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`).
+     */
+    uint32_t n_devices;
+    /**
+     * Compute capability, major (e.g. 9 for sm_90); kivi needs 7.0 or newer.
+     */
+    uint32_t compute_capability_major;
+    /**
+     * Compute capability, minor.
+     */
+    uint32_t compute_capability_minor;
+    /**
+     * Streaming multiprocessors.
+     */
+    uint32_t n_multiprocessors;
+    /**
+     * Device memory, in bytes.
+     */
+    uint64_t total_memory;
+    /**
+     * The newest CUDA version the driver supports, as `cuDriverGetVersion()` gives it:
+     * 1000 * major + 10 * minor (13000 for CUDA 13.0).
+     */
+    uint32_t driver_version;
+    /**
+     * Major version of NVRTC, which compiles kivi's kernels for the device at run time.
+     */
+    uint32_t nvrtc_version_major;
+    /**
+     * Minor version of NVRTC.
+     */
+    uint32_t nvrtc_version_minor;
+    /**
+     * The device's name, NUL-terminated (cut at 255 bytes).
+     */
+    char name[256];
+} kivi_device_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -468,12 +556,23 @@ kivi_status kivi_params_init(struct kivi_params *params, size_t struct_size);
  * per layer, and one full-precision window per sequence slot and layer); nothing grows later.
  *
  * - `params`: read during the call only; not NULL; `params->struct_size` must be
- *   `sizeof(kivi_params)`.
+ *   `sizeof(kivi_params)`. `params->device` chooses the backend: `KIVI_DEVICE_CPU`, or a CUDA
+ *   device ordinal.
  * - `out_cache`: not NULL; on success receives a new cache that the caller owns and must release
  *   with `kivi_cache_free()`; on failure it is left untouched.
  *
- * Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field), `KIVI_ERR_STRUCT_SIZE`,
- * `KIVI_ERR_BACKEND_UNAVAILABLE`, `KIVI_ERR_NULL_POINTER`.
+ * CUDA cache: its memory is one device allocation (zeroed), in the device's primary context
+ * (the CUDA runtime's), which kivi makes current on the calling thread, here and in every later
+ * call on the cache. The call loads the CUDA driver and NVRTC if this process has not yet,
+ * compiles the append kernels for the device (the attention kernels are compiled by the first
+ * call that needs them; `KIVI_CUDA_CACHE_DIR` keeps them for later processes), and waits for
+ * the device before it returns. Its stream is the default stream until
+ * `kivi_cache_set_stream()`.
+ *
+ * Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field; also when a CUDA cache does
+ * not fit in the device's free memory), `KIVI_ERR_STRUCT_SIZE`, `KIVI_ERR_BACKEND_UNAVAILABLE`
+ * (the message says what is missing: the driver, the device, NVRTC, ...),
+ * `KIVI_ERR_NULL_POINTER`.
  *
  * Thread safety: any thread; caches are independent of each other.
  *
@@ -488,6 +587,10 @@ kivi_status kivi_cache_create(const struct kivi_params *params, struct kivi_cach
  * Ownership: takes back the cache; the handle is invalid afterwards (do not free it twice).
  * Thread safety: no other call on this cache may be running or start after it.
  *
+ * CUDA cache: freeing the device memory (`cuMemFree`) first waits for the device to finish the
+ * work queued on it, so the cache may be freed while its work is still queued; the free is then
+ * as slow as a device synchronisation.
+ *
  * # Safety
  * `cache` is NULL or a handle from `kivi_cache_create()` that has not been freed.
  */
@@ -497,6 +600,9 @@ void kivi_cache_free(struct kivi_cache *cache);
  * Removes every sequence (the memory stays reserved for reuse).
  *
  * - `cache`: not NULL.
+ *
+ * CUDA cache: changes only the host's bookkeeping (no device work); later calls reuse the
+ * memory with work queued after whatever is queued before.
  *
  * Thread safety: changes the cache; calls on one cache from several threads are serialized
  * by kivi (a call that changes the cache waits for all others to finish).
@@ -508,7 +614,7 @@ kivi_status kivi_cache_clear(struct kivi_cache *cache);
 
 /**
  * Writes the parameters the cache was created with into `*params` (struct_size set to
- * `struct_size`).
+ * `struct_size`), `device` included.
  *
  * - `cache`: not NULL. `params`: caller-owned, not NULL, written only on success.
  * - `struct_size`: `sizeof(kivi_params)`.
@@ -528,12 +634,17 @@ kivi_status kivi_cache_params(const struct kivi_cache *cache, struct kivi_params
  * - `cache`: not NULL.
  * - `layer`: `0 .. n_layers`. `seq`: any id the engine chooses.
  * - `keys`, `values`: not NULL, nor their `data`; `n_rows` tokens of `n_kv_heads * head_dim`
- *   elements each, the same `n_rows` and dtype; read during the call only. Values must be finite
- *   and within the f16 range.
+ *   elements each, the same `n_rows` and dtype; read during the call only (CPU cache). Values
+ *   must be finite and within the f16 range.
+ *
+ * CUDA cache: `keys->data` and `values->data` are device pointers in the cache's dtype, with
+ * the same stride; the work is queued on the cache's stream and the call returns without
+ * waiting for it, so the rows must stay valid until the stream reaches it. The values are not
+ * checked for NaN or range there (the host never reads them).
  *
  * Errors: `KIVI_ERR_LAYER_OUT_OF_RANGE`, `KIVI_ERR_SHAPE`, `KIVI_ERR_NON_FINITE`,
- * `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`, ... On any error the cache is
- * unchanged.
+ * `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`, `KIVI_ERR_INVALID_ARGUMENT` (a
+ * CUDA cache given rows of another dtype), ... On any error the cache is unchanged.
  *
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
  *
@@ -561,6 +672,11 @@ kivi_status kivi_append(struct kivi_cache *cache,
  *   success; must not overlap any input.
  * - `opts`: NULL for defaults (causal, scale `1/sqrt(head_dim)`).
  *
+ * CUDA cache: every `data` is a device pointer, all in the cache's dtype, keys and values with
+ * one stride; the attention and the append are queued on the cache's stream, the call returns
+ * without waiting, and `out` is written when the stream gets there. Every option works as on
+ * the CPU.
+ *
  * Errors: as `kivi_append()`, plus `KIVI_ERR_INVALID_ARGUMENT` for bad options. On any error
  * the cache and `out` are unchanged.
  *
@@ -586,8 +702,12 @@ kivi_status kivi_append_attend(struct kivi_cache *cache,
  *   `queries->n_rows` tokens in `layer`.
  * - `queries`, `out`, `opts`: as `kivi_append_attend()`.
  *
+ * CUDA cache: device pointers, queued on the cache's stream, as `kivi_append_attend()`.
+ *
  * Thread safety: reads the cache; any number of reading calls (`kivi_attend`, lengths, stats,
- * save) may run at once on one cache, while calls that change it wait.
+ * save) may run at once on one CPU cache, while calls that change it wait. On a CUDA cache
+ * `kivi_attend` calls are serialized like changing calls (they share the cache's scratch
+ * memory on the device).
  *
  * # Safety
  * `cache` is a live handle; each `data` points to the memory its struct describes.
@@ -609,6 +729,10 @@ kivi_status kivi_attend(const struct kivi_cache *cache,
  * - `keys`, `values`: `n_seqs` rows of `n_kv_heads * head_dim`.
  * - `queries`, `out`: `n_seqs` rows of `n_q_heads * head_dim`; `out` written only on success.
  * - `opts`: NULL for defaults.
+ *
+ * CUDA cache: `seqs` is host memory (read during the call only); the rows are device pointers,
+ * as for `kivi_append_attend()`. One call queues one attention launch per 64 sequences, then
+ * the appends, on the cache's stream, and returns without waiting.
  *
  * Errors: as `kivi_append_attend()`; `KIVI_ERR_INVALID_ARGUMENT` for a repeated id. Capacity
  * is checked for the whole batch first: on any error no sequence has changed.
@@ -709,6 +833,9 @@ kivi_status kivi_seq_keep(struct kivi_cache *cache, uint32_t seq);
  * key group, that group's kept tokens go back to the full-precision window holding their
  * dequantized values, and are quantized again with the tokens that follow them.
  *
+ * CUDA cache: a cut inside a quantized group queues that group's dequantization on the
+ * cache's stream; the call does not wait for it.
+ *
  * - `cache`: not NULL.
  *
  * Errors: `KIVI_ERR_UNKNOWN_SEQUENCE` (cache unchanged).
@@ -727,6 +854,9 @@ kivi_status kivi_seq_truncate(struct kivi_cache *cache, uint32_t seq, uint32_t n
  *
  * - `cache`: not NULL. `src` must exist; `src != dst`; `dst` takes a free slot if new.
  *
+ * CUDA cache: the windows and block tables are copied on the device, queued on the cache's
+ * stream; the call does not wait for them.
+ *
  * Errors: `KIVI_ERR_UNKNOWN_SEQUENCE`, `KIVI_ERR_INVALID_ARGUMENT` (`src == dst`),
  * `KIVI_ERR_TOO_MANY_SEQUENCES` (cache unchanged).
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
@@ -740,6 +870,8 @@ kivi_status kivi_seq_copy(struct kivi_cache *cache, uint32_t src, uint32_t dst, 
  * The bytes `kivi_state_save()` needs for the whole cache as it is now.
  *
  * - `cache`, `out_size`: not NULL; `*out_size` written only on success.
+ *
+ * CUDA cache: found on the host; no device work, no waiting.
  *
  * Thread safety: reads the cache; runs alongside other reading calls (the size holds until a
  * call changes the cache).
@@ -756,6 +888,10 @@ kivi_status kivi_state_size(const struct kivi_cache *cache, size_t *out_size);
  * - `buf`: caller-owned, not NULL, `buf_size` bytes, at least `kivi_state_size()`; any
  *   alignment. Written only on success.
  * - `out_written`: not NULL; receives the bytes written, on success.
+ *
+ * CUDA cache: copies the cache to host memory on the cache's stream and waits for the stream
+ * (so for everything queued on it before), then writes the blob; it takes host memory as large
+ * as the cache for the time of the call.
  *
  * Errors: `KIVI_ERR_BUFFER_TOO_SMALL` (nothing written).
  * Thread safety: reads the cache; runs alongside other reading calls.
@@ -775,6 +911,9 @@ kivi_status kivi_state_save(const struct kivi_cache *cache,
  *
  * - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
  *
+ * CUDA cache: waits for all work on the device (every stream: the copies to the device are
+ * synchronous, outside the cache's stream), loads, and waits again.
+ *
  * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
  * ...; on any error the cache is unchanged.
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
@@ -788,6 +927,8 @@ kivi_status kivi_state_load(struct kivi_cache *cache, const uint8_t *buf, size_t
  * The bytes `kivi_seq_state_save()` needs for sequence `seq` as it is now.
  *
  * - `cache`, `out_size`: not NULL; `*out_size` written only on success.
+ *
+ * CUDA cache: found on the host; no device work, no waiting.
  *
  * Errors: `KIVI_ERR_UNKNOWN_SEQUENCE`.
  * Thread safety: reads the cache; runs alongside other reading calls.
@@ -803,6 +944,9 @@ kivi_status kivi_seq_state_size(const struct kivi_cache *cache, uint32_t seq, si
  *
  * - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, at least `kivi_seq_state_size()`;
  *   written only on success. `out_written`: not NULL.
+ *
+ * CUDA cache: copies the sequence to host memory on the cache's stream and waits for the
+ * stream, as `kivi_state_save()`.
  *
  * Errors: `KIVI_ERR_UNKNOWN_SEQUENCE`, `KIVI_ERR_BUFFER_TOO_SMALL`.
  * Thread safety: reads the cache; runs alongside other reading calls.
@@ -822,6 +966,8 @@ kivi_status kivi_seq_state_save(const struct kivi_cache *cache,
  *
  * - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
  *
+ * CUDA cache: waits for the device before and after, as `kivi_state_load()`.
+ *
  * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
  * `KIVI_ERR_TOO_MANY_SEQUENCES`; on any error the cache is unchanged.
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
@@ -840,6 +986,10 @@ kivi_status kivi_seq_state_load(struct kivi_cache *cache, uint32_t seq, const ui
  *   `struct_size`).
  * - `struct_size`: `sizeof(kivi_memory_stats)`.
  *
+ * CUDA cache: the same accounting (bytes of device memory), found on the host: no device work,
+ * no waiting. `reserved_bytes` counts pages and windows as on the CPU; the device allocation is
+ * larger by the block tables and a 32 MiB scratch area for attention.
+ *
  * Thread safety: reads the cache; runs alongside other reading calls.
  *
  * # Safety
@@ -848,6 +998,97 @@ kivi_status kivi_seq_state_load(struct kivi_cache *cache, uint32_t seq, const ui
 kivi_status kivi_cache_stats(const struct kivi_cache *cache,
                              struct kivi_memory_stats *out,
                              size_t struct_size);
+
+/**
+ * Whether the CUDA backend can run on CUDA device `device` (0, 1, ...), and what it found: the
+ * device, the driver and NVRTC (loaded now if this process has not yet). `KIVI_OK` means that
+ * `kivi_cache_create()` with `params.device = device` can make a cache there (given the memory).
+ *
+ * - `out`: caller-owned, not NULL; written only on success (`out->struct_size` set to
+ *   `struct_size`).
+ * - `struct_size`: `sizeof(kivi_device_info)`.
+ *
+ * Errors: `KIVI_ERR_BACKEND_UNAVAILABLE` when the backend cannot run there, with the reason in
+ * `kivi_last_error_message()` (no driver, no such device, no NVRTC, compute capability below
+ * 7.0, ...); `KIVI_ERR_INVALID_ARGUMENT` for a negative `device`; `KIVI_ERR_STRUCT_SIZE`;
+ * `KIVI_ERR_NULL_POINTER`.
+ *
+ * Thread safety: any thread, any time; it touches no cache.
+ *
+ * ```c
+ * kivi_device_info info;
+ * if (kivi_cuda_device_info(0, &info, sizeof info) == KIVI_OK)
+ *     printf("%s, sm_%u%u\n", info.name, info.compute_capability_major, info.compute_capability_minor);
+ * else
+ *     printf("no CUDA: %s\n", kivi_last_error_message());
+ * ```
+ *
+ * # Safety
+ * `out` points to `struct_size` writable bytes.
+ */
+kivi_status kivi_cuda_device_info(int32_t device, struct kivi_device_info *out, size_t struct_size);
+
+/**
+ * Sets the CUDA stream (`CUstream`, or `cudaStream_t`: the same handle) on which every later call
+ * on `cache` queues its device work, like `cublasSetStream()`. NULL is the default stream, and
+ * the stream of a new cache.
+ *
+ * - `cache`: not NULL.
+ * - `stream`: NULL, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`, or a live stream of the cache's
+ *   device created in its primary context (the CUDA runtime's, where `cudaStreamCreate` makes
+ *   them); kivi does not take it over: the caller destroys it, after the cache's last call on
+ *   it has been queued and has run. A CPU cache accepts only NULL.
+ *
+ * How a CUDA cache's calls run:
+ * - Queued, not waited for: `kivi_append`, `kivi_append_attend`, `kivi_attend`, `kivi_decode`,
+ *   `kivi_seq_truncate`, `kivi_seq_copy` return once their work is queued on the stream. Their
+ *   input rows must stay valid, and their outputs are written, when the stream reaches that
+ *   work: order the engine's own work on the same stream (or with events). A failure found by
+ *   the device (a bad pointer) shows in a later call that waits, or in the engine's own
+ *   synchronisation. The first call that needs a kernel compiles it with NVRTC (once per
+ *   process and cache layout; `KIVI_CUDA_CACHE_DIR` keeps them for later processes).
+ * - Host only, no device work, no waiting: lengths, ids, `kivi_seq_remove`, `kivi_seq_keep`,
+ *   `kivi_cache_clear`, `kivi_cache_params`, `kivi_cache_stats`, `kivi_state_size`,
+ *   `kivi_seq_state_size`, this function and `kivi_cache_stream`.
+ * - Waiting: `kivi_state_save` and `kivi_seq_state_save` wait for the stream (they copy to the
+ *   host); `kivi_state_load` and `kivi_seq_state_load` wait for the whole device before and
+ *   after their copies; `kivi_cache_create` waits for the device; `kivi_cache_free` waits for
+ *   the device (`cuMemFree` does), so a cache may be freed with work still queued.
+ *
+ * The cache's work must reach the device in the order of the calls. Changing the stream with
+ * work still queued on the old one is the caller's to order (e.g. an event recorded on the old
+ * stream that the new one waits for); so is calling on one cache from several threads with
+ * different streams of their own.
+ *
+ * Errors: `KIVI_ERR_INVALID_ARGUMENT` for a stream on a CPU cache, or a stream of another
+ * context or device (the stream is unchanged); `KIVI_ERR_NULL_POINTER`.
+ *
+ * Thread safety: changes the cache; waits for calls in progress on it, which finish queuing on
+ * the previous stream.
+ *
+ * ```c
+ * cudaStream_t s;
+ * cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+ * kivi_cache_set_stream(cache, s);
+ * ```
+ *
+ * # Safety
+ * `cache` is a live handle; `stream` is NULL, a special stream handle, or a live `CUstream`.
+ */
+kivi_status kivi_cache_set_stream(struct kivi_cache *cache, void *stream);
+
+/**
+ * The stream `kivi_cache_set_stream()` set on `cache` (NULL: the default stream; always NULL
+ * for a CPU cache).
+ *
+ * - `cache`, `out_stream`: not NULL; `*out_stream` written only on success.
+ *
+ * Thread safety: reads the cache; runs alongside other reading calls.
+ *
+ * # Safety
+ * `cache` is a live handle; `out_stream` is writable.
+ */
+kivi_status kivi_cache_stream(const struct kivi_cache *cache, void **out_stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -16,6 +16,7 @@ use crate::cache::Cache;
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::seq::SeqTable;
 
 const MAGIC: &[u8; 8] = b"KIVISTAT";
 /// The state format this library writes and reads.
@@ -23,7 +24,7 @@ pub const STATE_VERSION: u32 = 1;
 const KIND_CACHE: u32 = 0;
 const KIND_SEQ: u32 = 1;
 const N_FIELDS: usize = 14;
-const HEADER: usize = 8 + 4 + 4 + 4 * N_FIELDS + 8;
+pub(crate) const HEADER: usize = 8 + 4 + 4 + 4 * N_FIELDS + 8;
 const FIELD_NAMES: [&str; N_FIELDS] = [
     "n_layers",
     "n_kv_heads",
@@ -114,6 +115,36 @@ struct LayerRec<'a> {
     window: &'a [u8],
 }
 
+/// Bytes of a whole-cache blob of `seqs`, whose layers have `pages` (total, in use) pages: what
+/// [`Cache::state_size`] says, for either backend (the CUDA cache saves the same blob).
+pub(crate) fn cache_state_size(lay: &Layout, seqs: &SeqTable, pages: impl Iterator<Item = (usize, usize)>) -> usize {
+    let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+    // Header, CRC, sequence count.
+    let mut n = HEADER + 4 + 4;
+    for (total, used) in pages {
+        n += 4 * total + used * lay.page_bytes;
+    }
+    for slot in seqs.slots.iter().filter(|s| s.id.is_some()) {
+        n += 8;
+        for ls in &slot.layers {
+            n += 8 + 8 + 4 + 4 * ls.blocks.len() + window_bytes;
+        }
+    }
+    n
+}
+
+/// Bytes of a blob of the sequence in slot `s` of `seqs`: what [`Cache::seq_state_size`] says,
+/// for either backend.
+pub(crate) fn seq_state_size(lay: &Layout, seqs: &SeqTable, s: usize) -> usize {
+    let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+    // Header, CRC, sequence id.
+    let mut n = HEADER + 4 + 4;
+    for ls in &seqs.slots[s].layers {
+        n += 8 + 8 + ls.blocks.len() * lay.page_bytes + window_bytes;
+    }
+    n
+}
+
 impl Cache {
     fn window_bytes(&self) -> usize {
         self.lay.n_kv_heads * self.lay.window_head_elems * self.lay.dtype.size()
@@ -121,19 +152,7 @@ impl Cache {
 
     /// Bytes [`Cache::save_state`] writes now.
     pub fn state_size(&self) -> usize {
-        let lay = &self.lay;
-        // Header, CRC, sequence count.
-        let mut n = HEADER + 4 + 4;
-        for pool in &self.pools {
-            n += 4 * pool.total() + pool.used_count() * lay.page_bytes;
-        }
-        for slot in self.seqs.slots.iter().filter(|s| s.id.is_some()) {
-            n += 8;
-            for ls in &slot.layers {
-                n += 8 + 8 + 4 + 4 * ls.blocks.len() + self.window_bytes();
-            }
-        }
-        n
+        cache_state_size(&self.lay, &self.seqs, self.pools.iter().map(|p| (p.total(), p.used_count())))
     }
 
     /// Writes the whole cache into `buf` (at least [`Cache::state_size`] bytes); returns the
@@ -269,12 +288,7 @@ impl Cache {
     }
 
     fn seq_size(&self, s: usize) -> usize {
-        // Header, CRC, sequence id.
-        let mut n = HEADER + 4 + 4;
-        for ls in &self.seqs.slots[s].layers {
-            n += 8 + 8 + ls.blocks.len() * self.lay.page_bytes + self.window_bytes();
-        }
-        n
+        seq_state_size(&self.lay, &self.seqs, s)
     }
 
     /// Writes sequence `seq` into `buf` (at least [`Cache::seq_state_size`] bytes); returns the

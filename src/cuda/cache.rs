@@ -1190,6 +1190,17 @@ impl CudaCache {
         Ok(self.to_host(stream)?.save_state_vec())
     }
 
+    /// Bytes [`CudaCache::save_state_vec`] returns now, found on the host (no device work).
+    pub fn state_size(&self) -> usize {
+        let pages = self.refs.iter().map(|r| (r.refs.len(), r.refs.len() - r.free.len()));
+        crate::state::cache_state_size(&self.lay, &self.seqs, pages)
+    }
+
+    /// Bytes [`CudaCache::save_seq_state_vec`] returns for `seq` now (no device work).
+    pub fn seq_state_size(&self, seq: u32) -> Result<usize> {
+        Ok(crate::state::seq_state_size(&self.lay, &self.seqs, self.slot_of(seq)?))
+    }
+
     /// Replaces everything with a state blob of a cache of the same configuration
     /// ([`Cache::load_state`]); a blob that is refused changes nothing.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {

@@ -5,12 +5,18 @@
 //! `n_q_heads * head_dim` elements, where `n_q_heads` is any multiple of `n_kv_heads` (query
 //! head h uses KV head `h / (n_q_heads / n_kv_heads)`, as in GQA/MQA). Keys carry their rotary
 //! embedding already. All tensors of one call share one dtype.
+//!
+//! For a CUDA cache the rows are device pointers, checked here as for the CPU (dtype, NULL,
+//! alignment, overlap) and by the cache (shapes), then handed over as [`DevRows`]; the work is
+//! queued on the handle's stream.
 
+use super::handle::{Backend, Gpu};
 use super::types::kivi_status::{self, *};
 use super::types::{kivi_attn_options, kivi_cache, kivi_rows, kivi_rows_mut, KIVI_ATTN_NON_CAUSAL};
 use super::{ffi_fn, nonnull, read_cache, read_versioned, write_cache, Failure, FfiResult};
 use crate::attention::AttnOptions;
 use crate::config::DType;
+use crate::cuda::DevRows;
 use crate::rows::{Element, Rows, RowsMut};
 use half::{bf16, f16};
 use std::ops::Range;
@@ -104,6 +110,27 @@ unsafe fn rows_mut<'a, T: Element>(s: &Span) -> FfiResult<RowsMut<'a, T>> {
     Ok(RowsMut::strided(data, s.rows, s.row_len, s.stride)?)
 }
 
+/// The span as device rows (a CUDA cache's inputs and outputs).
+fn dev_rows(s: &Span) -> DevRows {
+    DevRows::strided(s.bytes.start as u64, s.rows, s.row_len, s.stride)
+}
+
+/// Fails unless the rows (all of one dtype, `dt`) are in the CUDA cache's own dtype: its kernels
+/// read and write that type only, where the CPU converts.
+fn cuda_dtype(dt: DType, g: &Gpu) -> FfiResult {
+    let own = g.cache.config().dtype;
+    if dt != own {
+        return Err(Failure::new(
+            KIVI_ERR_INVALID_ARGUMENT,
+            format!(
+                "the rows are {dt:?} but the cache is {own:?} (kivi_params.dtype): a CUDA cache takes keys, values, \
+                 queries and outputs in its own dtype only"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `$body` with `$T` bound to the Rust element type of `$dt`.
 macro_rules! with_elem {
     ($dt:expr, $T:ident => $body:expr) => {
@@ -151,12 +178,17 @@ unsafe fn options(p: *const kivi_attn_options) -> FfiResult<AttnOptions> {
 /// - `cache`: not NULL.
 /// - `layer`: `0 .. n_layers`. `seq`: any id the engine chooses.
 /// - `keys`, `values`: not NULL, nor their `data`; `n_rows` tokens of `n_kv_heads * head_dim`
-///   elements each, the same `n_rows` and dtype; read during the call only. Values must be finite
-///   and within the f16 range.
+///   elements each, the same `n_rows` and dtype; read during the call only (CPU cache). Values
+///   must be finite and within the f16 range.
+///
+/// CUDA cache: `keys->data` and `values->data` are device pointers in the cache's dtype, with
+/// the same stride; the work is queued on the cache's stream and the call returns without
+/// waiting for it, so the rows must stay valid until the stream reaches it. The values are not
+/// checked for NaN or range there (the host never reads them).
 ///
 /// Errors: `KIVI_ERR_LAYER_OUT_OF_RANGE`, `KIVI_ERR_SHAPE`, `KIVI_ERR_NON_FINITE`,
-/// `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`, ... On any error the cache is
-/// unchanged.
+/// `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`, `KIVI_ERR_INVALID_ARGUMENT` (a
+/// CUDA cache given rows of another dtype), ... On any error the cache is unchanged.
 ///
 /// Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
 ///
@@ -173,8 +205,13 @@ pub unsafe extern "C" fn kivi_append(
     ffi_fn!("kivi_append", {
         let (k, v) = (span_of(nonnull(keys, "keys")?, "keys")?, span_of(nonnull(values, "values")?, "values")?);
         let dt = check_together(&[(&k, "keys"), (&v, "values")], None)?;
-        let mut c = write_cache(cache)?;
-        with_elem!(dt, T => c.append::<T>(layer, seq, rows(&k)?, rows(&v)?)?);
+        match &mut *write_cache(cache)? {
+            Backend::Cpu(c) => with_elem!(dt, T => c.append::<T>(layer, seq, rows(&k)?, rows(&v)?)?),
+            Backend::Cuda(g) => {
+                cuda_dtype(dt, g)?;
+                g.cache.append(layer, seq, dev_rows(&k), dev_rows(&v), g.stream())?
+            }
+        }
         Ok(())
     })
 }
@@ -192,6 +229,11 @@ pub unsafe extern "C" fn kivi_append(
 /// - `out`: not NULL; same shape and dtype as `queries` (its stride may differ); written only on
 ///   success; must not overlap any input.
 /// - `opts`: NULL for defaults (causal, scale `1/sqrt(head_dim)`).
+///
+/// CUDA cache: every `data` is a device pointer, all in the cache's dtype, keys and values with
+/// one stride; the attention and the append are queued on the cache's stream, the call returns
+/// without waiting, and `out` is written when the stream gets there. Every option works as on
+/// the CPU.
 ///
 /// Errors: as `kivi_append()`, plus `KIVI_ERR_INVALID_ARGUMENT` for bad options. On any error
 /// the cache and `out` are unchanged.
@@ -218,8 +260,15 @@ pub unsafe extern "C" fn kivi_append_attend(
         let o = span_of_mut(nonnull(out, "out")?, "out")?;
         let dt = check_together(&[(&k, "keys"), (&v, "values"), (&q, "queries")], Some(&o))?;
         let opts = options(opts)?;
-        let mut c = write_cache(cache)?;
-        with_elem!(dt, T => c.append_attend::<T>(layer, seq, rows(&k)?, rows(&v)?, rows(&q)?, rows_mut(&o)?, &opts)?);
+        match &mut *write_cache(cache)? {
+            Backend::Cpu(c) => with_elem!(dt, T => c.append_attend::<T>(
+                layer, seq, rows(&k)?, rows(&v)?, rows(&q)?, rows_mut(&o)?, &opts)?),
+            Backend::Cuda(g) => {
+                cuda_dtype(dt, g)?;
+                let (k, v, q, o) = (dev_rows(&k), dev_rows(&v), dev_rows(&q), dev_rows(&o));
+                g.cache.append_attend(layer, seq, k, v, q, o, &opts, g.stream())?
+            }
+        }
         Ok(())
     })
 }
@@ -231,8 +280,12 @@ pub unsafe extern "C" fn kivi_append_attend(
 ///   `queries->n_rows` tokens in `layer`.
 /// - `queries`, `out`, `opts`: as `kivi_append_attend()`.
 ///
+/// CUDA cache: device pointers, queued on the cache's stream, as `kivi_append_attend()`.
+///
 /// Thread safety: reads the cache; any number of reading calls (`kivi_attend`, lengths, stats,
-/// save) may run at once on one cache, while calls that change it wait.
+/// save) may run at once on one CPU cache, while calls that change it wait. On a CUDA cache
+/// `kivi_attend` calls are serialized like changing calls (they share the cache's scratch
+/// memory on the device).
 ///
 /// # Safety
 /// `cache` is a live handle; each `data` points to the memory its struct describes.
@@ -251,7 +304,16 @@ pub unsafe extern "C" fn kivi_attend(
         let dt = check_together(&[(&q, "queries")], Some(&o))?;
         let opts = options(opts)?;
         let c = read_cache(cache)?;
-        with_elem!(dt, T => c.attend::<T>(layer, seq, rows(&q)?, rows_mut(&o)?, &opts)?);
+        if let Backend::Cpu(c) = &*c {
+            with_elem!(dt, T => c.attend::<T>(layer, seq, rows(&q)?, rows_mut(&o)?, &opts)?);
+            return Ok(());
+        }
+        drop(c);
+        // A CUDA cache: attention calls share the scratch area, so one at a time.
+        if let Backend::Cuda(g) = &*write_cache(cache.cast_mut())? {
+            cuda_dtype(dt, g)?;
+            g.cache.attend(layer, seq, dev_rows(&q), dev_rows(&o), &opts, g.stream())?;
+        }
         Ok(())
     })
 }
@@ -265,6 +327,10 @@ pub unsafe extern "C" fn kivi_attend(
 /// - `keys`, `values`: `n_seqs` rows of `n_kv_heads * head_dim`.
 /// - `queries`, `out`: `n_seqs` rows of `n_q_heads * head_dim`; `out` written only on success.
 /// - `opts`: NULL for defaults.
+///
+/// CUDA cache: `seqs` is host memory (read during the call only); the rows are device pointers,
+/// as for `kivi_append_attend()`. One call queues one attention launch per 64 sequences, then
+/// the appends, on the cache's stream, and returns without waiting.
 ///
 /// Errors: as `kivi_append_attend()`; `KIVI_ERR_INVALID_ARGUMENT` for a repeated id. Capacity
 /// is checked for the whole batch first: on any error no sequence has changed.
@@ -311,8 +377,15 @@ pub unsafe extern "C" fn kivi_decode(
             ));
         }
         let opts = options(opts)?;
-        let mut c = write_cache(cache)?;
-        with_elem!(dt, T => c.decode::<T>(layer, ids, rows(&k)?, rows(&v)?, rows(&q)?, rows_mut(&o)?, &opts)?);
+        match &mut *write_cache(cache)? {
+            Backend::Cpu(c) => with_elem!(dt, T => c.decode::<T>(
+                layer, ids, rows(&k)?, rows(&v)?, rows(&q)?, rows_mut(&o)?, &opts)?),
+            Backend::Cuda(g) => {
+                cuda_dtype(dt, g)?;
+                let (k, v, q, o) = (dev_rows(&k), dev_rows(&v), dev_rows(&q), dev_rows(&o));
+                g.cache.decode(layer, ids, k, v, q, o, &opts, g.stream())?
+            }
+        }
         Ok(())
     })
 }

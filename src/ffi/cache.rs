@@ -1,10 +1,12 @@
 //! Cache lifecycle: default parameters, create, free, clear, and reading the parameters back.
 
+use super::handle::{Backend, Gpu};
 use super::types::kivi_status;
 use super::types::{kivi_cache, kivi_params, KIVI_DEVICE_CPU};
 use super::{check_out, ffi_fn, read_cache, read_versioned, write_cache, write_versioned, Failure, FfiResult};
 use crate::cache::Cache;
 use crate::config::{CacheConfig, DType, KeyMode};
+use crate::cuda::CudaCache;
 use crate::error::Error;
 use std::sync::RwLock;
 
@@ -47,11 +49,17 @@ pub(crate) fn config_of(p: &kivi_params) -> FfiResult<CacheConfig> {
         .and_then(KeyMode::from_u32)
         .ok_or_else(|| bad(format!("key_mode {} is not a kivi_key_mode (0 per channel, 1 per token)", p.key_mode)))?;
     let bits = |name: &str, b: u32| u8::try_from(b).map_err(|_| bad(format!("{name} {b} is not 2, 4 or 8")));
-    if p.device != KIVI_DEVICE_CPU {
-        return Err(Failure::from(Error::BackendUnavailable(format!(
-            "device {}: this build of kivi has only the CPU backend (device -1)",
+    if p.device < KIVI_DEVICE_CPU {
+        return Err(bad(format!(
+            "device {} is neither KIVI_DEVICE_CPU (-1) nor a CUDA device ordinal (0 and up)",
             p.device
-        ))));
+        )));
+    }
+    if p.device != KIVI_DEVICE_CPU && p.n_threads != 1 {
+        return Err(bad(format!(
+            "n_threads {}: a CUDA cache (device {}) runs on the device and takes no host threads; set n_threads to 1",
+            p.n_threads, p.device
+        )));
     }
     let cfg = CacheConfig {
         n_layers: p.n_layers,
@@ -106,12 +114,23 @@ pub unsafe extern "C" fn kivi_params_init(params: *mut kivi_params, struct_size:
 /// per layer, and one full-precision window per sequence slot and layer); nothing grows later.
 ///
 /// - `params`: read during the call only; not NULL; `params->struct_size` must be
-///   `sizeof(kivi_params)`.
+///   `sizeof(kivi_params)`. `params->device` chooses the backend: `KIVI_DEVICE_CPU`, or a CUDA
+///   device ordinal.
 /// - `out_cache`: not NULL; on success receives a new cache that the caller owns and must release
 ///   with `kivi_cache_free()`; on failure it is left untouched.
 ///
-/// Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field), `KIVI_ERR_STRUCT_SIZE`,
-/// `KIVI_ERR_BACKEND_UNAVAILABLE`, `KIVI_ERR_NULL_POINTER`.
+/// CUDA cache: its memory is one device allocation (zeroed), in the device's primary context
+/// (the CUDA runtime's), which kivi makes current on the calling thread, here and in every later
+/// call on the cache. The call loads the CUDA driver and NVRTC if this process has not yet,
+/// compiles the append kernels for the device (the attention kernels are compiled by the first
+/// call that needs them; `KIVI_CUDA_CACHE_DIR` keeps them for later processes), and waits for
+/// the device before it returns. Its stream is the default stream until
+/// `kivi_cache_set_stream()`.
+///
+/// Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field; also when a CUDA cache does
+/// not fit in the device's free memory), `KIVI_ERR_STRUCT_SIZE`, `KIVI_ERR_BACKEND_UNAVAILABLE`
+/// (the message says what is missing: the driver, the device, NVRTC, ...),
+/// `KIVI_ERR_NULL_POINTER`.
 ///
 /// Thread safety: any thread; caches are independent of each other.
 ///
@@ -122,17 +141,38 @@ pub unsafe extern "C" fn kivi_cache_create(params: *const kivi_params, out_cache
     ffi_fn!("kivi_cache_create", {
         let p = read_versioned(params, "params")?;
         check_out(out_cache, "out_cache")?;
-        let cache = Cache::new(config_of(&p)?)?;
+        let cfg = config_of(&p)?;
+        let cache = if p.device == KIVI_DEVICE_CPU {
+            Backend::Cpu(Cache::new(cfg)?)
+        } else {
+            let gpu = Gpu::new(CudaCache::new(cfg, p.device as u32).map_err(|e| on_device(e, p.device))?);
+            // The zeroing of the memory is queued on the legacy stream, which a non-blocking
+            // stream does not wait for.
+            gpu.sync_device()?;
+            Backend::Cuda(gpu)
+        };
         let handle = Box::into_raw(Box::new(kivi_cache { inner: RwLock::new(cache) }));
         *out_cache = handle;
         Ok(())
     })
 }
 
+/// A CUDA error, its message saying which device was asked for.
+fn on_device(e: Error, device: i32) -> Error {
+    match e {
+        Error::BackendUnavailable(m) => Error::BackendUnavailable(format!("device {device}: {m}")),
+        e => e,
+    }
+}
+
 /// Frees a cache and all of its memory. NULL is accepted and does nothing.
 ///
 /// Ownership: takes back the cache; the handle is invalid afterwards (do not free it twice).
 /// Thread safety: no other call on this cache may be running or start after it.
+///
+/// CUDA cache: freeing the device memory (`cuMemFree`) first waits for the device to finish the
+/// work queued on it, so the cache may be freed while its work is still queued; the free is then
+/// as slow as a device synchronisation.
 ///
 /// # Safety
 /// `cache` is NULL or a handle from `kivi_cache_create()` that has not been freed.
@@ -146,6 +186,9 @@ pub unsafe extern "C" fn kivi_cache_free(cache: *mut kivi_cache) {
 /// Removes every sequence (the memory stays reserved for reuse).
 ///
 /// - `cache`: not NULL.
+///
+/// CUDA cache: changes only the host's bookkeeping (no device work); later calls reuse the
+/// memory with work queued after whatever is queued before.
 ///
 /// Thread safety: changes the cache; calls on one cache from several threads are serialized
 /// by kivi (a call that changes the cache waits for all others to finish).
@@ -161,7 +204,7 @@ pub unsafe extern "C" fn kivi_cache_clear(cache: *mut kivi_cache) -> kivi_status
 }
 
 /// Writes the parameters the cache was created with into `*params` (struct_size set to
-/// `struct_size`).
+/// `struct_size`), `device` included.
 ///
 /// - `cache`: not NULL. `params`: caller-owned, not NULL, written only on success.
 /// - `struct_size`: `sizeof(kivi_params)`.
@@ -180,6 +223,7 @@ pub unsafe extern "C" fn kivi_cache_params(
         let c = read_cache(cache)?;
         check_out(params, "params")?;
         let mut p = params_of(c.config());
+        p.device = c.device();
         p.struct_size = struct_size.min(u32::MAX as usize) as u32;
         write_versioned(params, struct_size, p, "params")
     })

@@ -9,11 +9,14 @@
 //!
 //! One file per family of exports: [`cache`] (params, create, free, clear), [`attention`]
 //! (append, attend, decode), [`sequence`] (remove, truncate, copy, lengths), [`state`] (save and
-//! restore), [`stats`] (memory), [`error`] (status strings, last error, version); [`types`] holds
-//! the C structs and enums.
+//! restore), [`stats`] (memory), [`device`] (CUDA devices and streams), [`error`] (status
+//! strings, last error, version); [`types`] holds the C structs and enums, `handle` what a
+//! handle holds (a cache of either backend).
 
 // In the header's order (cbindgen follows the declarations; blank lines keep rustfmt from sorting).
 pub mod types;
+
+pub(crate) mod handle;
 
 pub mod error;
 
@@ -27,16 +30,19 @@ pub mod state;
 
 pub mod stats;
 
+pub mod device;
+
 pub use attention::*;
 pub use cache::*;
+pub use device::*;
 pub use error::*;
 pub use sequence::*;
 pub use state::*;
 pub use stats::*;
 pub use types::*;
 
-use crate::cache::Cache;
 use crate::error::Error;
+use handle::Backend;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 use types::kivi_status::*;
@@ -138,7 +144,7 @@ const POISONED: &str = "the cache is unusable: an earlier call panicked while ch
 ///
 /// # Safety
 /// A non-NULL `p` must come from `kivi_cache_create` and not have been freed.
-pub(crate) unsafe fn read_cache<'a>(p: *const types::kivi_cache) -> FfiResult<RwLockReadGuard<'a, Cache>> {
+pub(crate) unsafe fn read_cache<'a>(p: *const types::kivi_cache) -> FfiResult<RwLockReadGuard<'a, Backend>> {
     let c = nonnull(p, "cache")?;
     c.inner.read().map_err(|_| Failure::new(KIVI_ERR_INTERNAL, POISONED))
 }
@@ -147,7 +153,7 @@ pub(crate) unsafe fn read_cache<'a>(p: *const types::kivi_cache) -> FfiResult<Rw
 ///
 /// # Safety
 /// As [`read_cache`].
-pub(crate) unsafe fn write_cache<'a>(p: *mut types::kivi_cache) -> FfiResult<RwLockWriteGuard<'a, Cache>> {
+pub(crate) unsafe fn write_cache<'a>(p: *mut types::kivi_cache) -> FfiResult<RwLockWriteGuard<'a, Backend>> {
     let c = nonnull(p.cast_const(), "cache")?;
     c.inner.write().map_err(|_| Failure::new(KIVI_ERR_INTERNAL, POISONED))
 }
@@ -210,6 +216,9 @@ pub(crate) unsafe fn write_versioned<T: Copy>(dst: *mut T, size: usize, value: T
     std::ptr::write_bytes(dst.cast::<u8>().add(ours), 0, size - ours);
     Ok(())
 }
+
+#[cfg(test)]
+mod cuda_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,9 @@
 //! Sequence operations: lengths, ids, remove, keep, truncate (rollback), copy (fork).
 //!
 //! A sequence is created by its first append and identified by a `uint32_t` the engine chooses.
+//!
+//! On a CUDA cache, lengths, ids, remove and keep touch only the host's bookkeeping; truncate and
+//! copy also queue device work on the cache's stream (and return without waiting for it).
 
 use super::types::kivi_cache;
 use super::types::kivi_status::{self, *};
@@ -131,6 +134,9 @@ pub unsafe extern "C" fn kivi_seq_keep(cache: *mut kivi_cache, seq: u32) -> kivi
 /// key group, that group's kept tokens go back to the full-precision window holding their
 /// dequantized values, and are quantized again with the tokens that follow them.
 ///
+/// CUDA cache: a cut inside a quantized group queues that group's dequantization on the
+/// cache's stream; the call does not wait for it.
+///
 /// - `cache`: not NULL.
 ///
 /// Errors: `KIVI_ERR_UNKNOWN_SEQUENCE` (cache unchanged).
@@ -152,6 +158,9 @@ pub unsafe extern "C" fn kivi_seq_truncate(cache: *mut kivi_cache, seq: u32, n_t
 /// (copy-on-write), so forking a long prompt costs only the full-precision windows.
 ///
 /// - `cache`: not NULL. `src` must exist; `src != dst`; `dst` takes a free slot if new.
+///
+/// CUDA cache: the windows and block tables are copied on the device, queued on the cache's
+/// stream; the call does not wait for them.
 ///
 /// Errors: `KIVI_ERR_UNKNOWN_SEQUENCE`, `KIVI_ERR_INVALID_ARGUMENT` (`src == dst`),
 /// `KIVI_ERR_TOO_MANY_SEQUENCES` (cache unchanged).

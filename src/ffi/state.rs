@@ -3,7 +3,13 @@
 //! A state blob is self-describing and checked on load (a damaged blob gives
 //! `KIVI_ERR_CORRUPT_STATE`, one from a cache with other settings `KIVI_ERR_STATE_MISMATCH`);
 //! loading it replaces what it covers. Ask for the size first, allocate, then save.
+//!
+//! The format is the same for both backends: a blob saved from a CPU cache loads into a CUDA
+//! cache of the same parameters and the other way round. A CUDA cache saves through a host copy
+//! of what it saves (waiting for its stream), and loads with synchronous copies to the device
+//! (waiting for the whole device before and after).
 
+use super::handle::Backend;
 use super::types::kivi_cache;
 use super::types::kivi_status::{self, *};
 use super::{check_out, ffi_fn, read_cache, write_cache, Failure, FfiResult};
@@ -27,9 +33,20 @@ unsafe fn buffer_mut<'a>(buf: *mut u8, size: usize, needed: usize) -> FfiResult<
     Ok(std::slice::from_raw_parts_mut(buf, size))
 }
 
+/// Copies a blob a CUDA cache saved into the caller's buffer.
+fn put(blob: &[u8], b: &mut [u8]) -> FfiResult<usize> {
+    if blob.len() > b.len() {
+        return Err(Error::BufferTooSmall { needed: blob.len(), given: b.len() }.into());
+    }
+    b[..blob.len()].copy_from_slice(blob);
+    Ok(blob.len())
+}
+
 /// The bytes `kivi_state_save()` needs for the whole cache as it is now.
 ///
 /// - `cache`, `out_size`: not NULL; `*out_size` written only on success.
+///
+/// CUDA cache: found on the host; no device work, no waiting.
 ///
 /// Thread safety: reads the cache; runs alongside other reading calls (the size holds until a
 /// call changes the cache).
@@ -53,6 +70,10 @@ pub unsafe extern "C" fn kivi_state_size(cache: *const kivi_cache, out_size: *mu
 ///   alignment. Written only on success.
 /// - `out_written`: not NULL; receives the bytes written, on success.
 ///
+/// CUDA cache: copies the cache to host memory on the cache's stream and waits for the stream
+/// (so for everything queued on it before), then writes the blob; it takes host memory as large
+/// as the cache for the time of the call.
+///
 /// Errors: `KIVI_ERR_BUFFER_TOO_SMALL` (nothing written).
 /// Thread safety: reads the cache; runs alongside other reading calls.
 ///
@@ -69,7 +90,10 @@ pub unsafe extern "C" fn kivi_state_save(
         let c = read_cache(cache)?;
         check_out(out_written, "out_written")?;
         let b = buffer_mut(buf, buf_size, c.state_size())?;
-        *out_written = c.save_state(b)?;
+        *out_written = match &*c {
+            Backend::Cpu(c) => c.save_state(b)?,
+            Backend::Cuda(g) => put(&g.cache.save_state_vec(g.stream())?, b)?,
+        };
         Ok(())
     })
 }
@@ -79,6 +103,9 @@ pub unsafe extern "C" fn kivi_state_save(
 /// allows).
 ///
 /// - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
+///
+/// CUDA cache: waits for all work on the device (every stream: the copies to the device are
+/// synchronous, outside the cache's stream), loads, and waits again.
 ///
 /// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
 /// ...; on any error the cache is unchanged.
@@ -90,7 +117,14 @@ pub unsafe extern "C" fn kivi_state_save(
 pub unsafe extern "C" fn kivi_state_load(cache: *mut kivi_cache, buf: *const u8, buf_size: usize) -> kivi_status {
     ffi_fn!("kivi_state_load", {
         let b = buffer(buf, buf_size)?;
-        write_cache(cache)?.load_state(b)?;
+        match &mut *write_cache(cache)? {
+            Backend::Cpu(c) => c.load_state(b)?,
+            Backend::Cuda(g) => {
+                g.sync_device()?;
+                g.cache.load_state(b)?;
+                g.sync_device()?
+            }
+        }
         Ok(())
     })
 }
@@ -98,6 +132,8 @@ pub unsafe extern "C" fn kivi_state_load(cache: *mut kivi_cache, buf: *const u8,
 /// The bytes `kivi_seq_state_save()` needs for sequence `seq` as it is now.
 ///
 /// - `cache`, `out_size`: not NULL; `*out_size` written only on success.
+///
+/// CUDA cache: found on the host; no device work, no waiting.
 ///
 /// Errors: `KIVI_ERR_UNKNOWN_SEQUENCE`.
 /// Thread safety: reads the cache; runs alongside other reading calls.
@@ -120,6 +156,9 @@ pub unsafe extern "C" fn kivi_seq_state_size(cache: *const kivi_cache, seq: u32,
 /// - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, at least `kivi_seq_state_size()`;
 ///   written only on success. `out_written`: not NULL.
 ///
+/// CUDA cache: copies the sequence to host memory on the cache's stream and waits for the
+/// stream, as `kivi_state_save()`.
+///
 /// Errors: `KIVI_ERR_UNKNOWN_SEQUENCE`, `KIVI_ERR_BUFFER_TOO_SMALL`.
 /// Thread safety: reads the cache; runs alongside other reading calls.
 ///
@@ -137,7 +176,10 @@ pub unsafe extern "C" fn kivi_seq_state_save(
         let c = read_cache(cache)?;
         check_out(out_written, "out_written")?;
         let b = buffer_mut(buf, buf_size, c.seq_state_size(seq)?)?;
-        *out_written = c.save_seq_state(seq, b)?;
+        *out_written = match &*c {
+            Backend::Cpu(c) => c.save_seq_state(seq, b)?,
+            Backend::Cuda(g) => put(&g.cache.save_seq_state_vec(seq, g.stream())?, b)?,
+        };
         Ok(())
     })
 }
@@ -146,6 +188,8 @@ pub unsafe extern "C" fn kivi_seq_state_save(
 /// sequence `seq`, replacing what `seq` held or creating it.
 ///
 /// - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
+///
+/// CUDA cache: waits for the device before and after, as `kivi_state_load()`.
 ///
 /// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
 /// `KIVI_ERR_TOO_MANY_SEQUENCES`; on any error the cache is unchanged.
@@ -162,7 +206,14 @@ pub unsafe extern "C" fn kivi_seq_state_load(
 ) -> kivi_status {
     ffi_fn!("kivi_seq_state_load", {
         let b = buffer(buf, buf_size)?;
-        write_cache(cache)?.load_seq_state(seq, b)?;
+        match &mut *write_cache(cache)? {
+            Backend::Cpu(c) => c.load_seq_state(seq, b)?,
+            Backend::Cuda(g) => {
+                g.sync_device()?;
+                g.cache.load_seq_state(seq, b)?;
+                g.sync_device()?
+            }
+        }
         Ok(())
     })
 }

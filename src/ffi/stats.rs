@@ -12,6 +12,10 @@ use super::{check_out, ffi_fn, read_cache, write_versioned};
 ///   `struct_size`).
 /// - `struct_size`: `sizeof(kivi_memory_stats)`.
 ///
+/// CUDA cache: the same accounting (bytes of device memory), found on the host: no device work,
+/// no waiting. `reserved_bytes` counts pages and windows as on the CPU; the device allocation is
+/// larger by the block tables and a 32 MiB scratch area for attention.
+///
 /// Thread safety: reads the cache; runs alongside other reading calls.
 ///
 /// # Safety

@@ -8,7 +8,8 @@
 
 #![allow(non_camel_case_types)]
 
-use crate::cache::Cache;
+use super::handle::Backend;
+use std::ffi::c_char;
 use std::sync::RwLock;
 
 /// The result of every fallible kivi call. The numbers are part of the ABI and never change; new
@@ -123,10 +124,14 @@ pub struct kivi_params {
     pub max_seqs: u32,
     /// Tokens per page: 0 (one group per page) or a multiple of G. Default: 0.
     pub page_tokens: u32,
-    /// Threads one attention call may use; 1 = only the calling thread. Default: 1.
+    /// Threads one attention call may use; 1 = only the calling thread. A CUDA cache needs 1.
+    /// Default: 1.
     pub n_threads: u32,
-    /// Where the cache lives: `KIVI_DEVICE_CPU` (-1), or a GPU ordinal where the build has a GPU
-    /// backend (otherwise `KIVI_ERR_BACKEND_UNAVAILABLE`). Default: -1.
+    /// Where the cache lives: `KIVI_DEVICE_CPU` (-1), or the ordinal (0, 1, ...) of a CUDA
+    /// device, whose cache lives in device memory and takes device pointers in `kivi_rows` (see
+    /// `kivi_cuda_device_info()` and `kivi_cache_set_stream()`). A CUDA device that is missing or
+    /// unusable (no driver, no NVRTC, too old) gives `KIVI_ERR_BACKEND_UNAVAILABLE`; a CUDA
+    /// cache needs `n_threads` 1. Default: -1.
     pub device: i32,
 }
 
@@ -151,14 +156,19 @@ pub struct kivi_attn_options {
 
 /// Read-only rows (tokens) of keys, values or queries: row t starts at element `t * stride` of
 /// `data` and holds `row_len` elements of type `dtype`, heads one after another (head h at
-/// elements `h * head_dim ..`). The caller keeps ownership; kivi reads the rows only during the
-/// call.
+/// elements `h * head_dim ..`). The caller keeps ownership.
+///
+/// CPU cache: `data` is host memory, read during the call only. CUDA cache (`device` >= 0):
+/// `data` is a device pointer (e.g. from `cudaMalloc`, or an offset into a fused QKV tensor) on
+/// the cache's device, never read by the host; the device reads it when the cache's stream
+/// reaches the call's work, so it must stay valid (not freed, not overwritten) until then.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kivi_rows {
-    /// Element 0 of row 0; aligned for `dtype`. Never NULL.
+    /// Element 0 of row 0; aligned for `dtype`. Never NULL. A device pointer for a CUDA cache.
     pub data: *const std::ffi::c_void,
-    /// A `kivi_dtype`.
+    /// A `kivi_dtype`. A CUDA cache takes only its own dtype (`kivi_params.dtype`); a CPU cache
+    /// takes any.
     pub dtype: i32,
     /// Rows (tokens); at least 1.
     pub n_rows: u32,
@@ -174,10 +184,13 @@ pub struct kivi_rows {
 /// elements of each row and nothing else (not the gaps between strided rows), and only when the
 /// call succeeds. Its span (from the first element of the first row to the last element of the
 /// last row) must not overlap the span of any input of the same call (`KIVI_ERR_INVALID_ARGUMENT`).
+///
+/// CUDA cache: `data` is a device pointer, written by the device when the cache's stream reaches
+/// the call's work (not by the time the call returns); read it on that stream or after it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kivi_rows_mut {
-    /// Element 0 of row 0; aligned for `dtype`. Never NULL.
+    /// Element 0 of row 0; aligned for `dtype`. Never NULL. A device pointer for a CUDA cache.
     pub data: *mut std::ffi::c_void,
     /// A `kivi_dtype`; the same as the inputs of the call.
     pub dtype: i32,
@@ -220,8 +233,38 @@ pub struct kivi_memory_stats {
     pub reserved_bytes: u64,
 }
 
-/// A KIVI cache for every layer of one model: opaque; create it with `kivi_cache_create()` and
-/// free it with `kivi_cache_free()`.
+/// What `kivi_cuda_device_info()` found: a CUDA device and the libraries kivi runs it with.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct kivi_device_info {
+    /// `sizeof(kivi_device_info)` as the caller compiled it (kivi sets it).
+    pub struct_size: u32,
+    /// The device described: the ordinal asked for, the `kivi_params.device` that creates a cache
+    /// on it.
+    pub device: i32,
+    /// CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`).
+    pub n_devices: u32,
+    /// Compute capability, major (e.g. 9 for sm_90); kivi needs 7.0 or newer.
+    pub compute_capability_major: u32,
+    /// Compute capability, minor.
+    pub compute_capability_minor: u32,
+    /// Streaming multiprocessors.
+    pub n_multiprocessors: u32,
+    /// Device memory, in bytes.
+    pub total_memory: u64,
+    /// The newest CUDA version the driver supports, as `cuDriverGetVersion()` gives it:
+    /// 1000 * major + 10 * minor (13000 for CUDA 13.0).
+    pub driver_version: u32,
+    /// Major version of NVRTC, which compiles kivi's kernels for the device at run time.
+    pub nvrtc_version_major: u32,
+    /// Minor version of NVRTC.
+    pub nvrtc_version_minor: u32,
+    /// The device's name, NUL-terminated (cut at 255 bytes).
+    pub name: [c_char; 256],
+}
+
+/// A KIVI cache for every layer of one model, on the CPU or on a CUDA device: opaque; create it
+/// with `kivi_cache_create()` and free it with `kivi_cache_free()`.
 pub struct kivi_cache {
-    pub(crate) inner: RwLock<Cache>,
+    pub(crate) inner: RwLock<Backend>,
 }

@@ -248,10 +248,54 @@ int main(void) {
     p.n_layers = 0xFFFFFFFFu;
     expect("oversized cache", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
     p = small_params();
+    p.device = -2;
+    expect("device -2", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
     p.device = 0;
-    expect("device 0", kivi_cache_create(&p, &c), KIVI_ERR_BACKEND_UNAVAILABLE, "kivi_cache_create");
+    p.n_threads = 2;
+    expect("CUDA cache with n_threads 2", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
     checks++;
     if (c != sentinel) fail("create", "out_cache written by a failed call");
+
+    /* --- CUDA: where there is none (this test's usual machine), device 0 is refused with the
+       reason; where there is one, it is reported (caches on it are examples/gpu_check.rs's to
+       test: the CUDA driver under the sanitizers is not this test's business). */
+    {
+        kivi_device_info info;
+        kivi_status st;
+        memset(&info, 0xAB, sizeof info);
+        expect("device_info NULL out", kivi_cuda_device_info(0, NULL, sizeof info), KIVI_ERR_NULL_POINTER,
+               "kivi_cuda_device_info");
+        expect("device_info device -1", kivi_cuda_device_info(-1, &info, sizeof info), KIVI_ERR_INVALID_ARGUMENT,
+               "kivi_cuda_device_info");
+        expect("device_info small struct", kivi_cuda_device_info(0, &info, sizeof info - 8), KIVI_ERR_STRUCT_SIZE,
+               "kivi_cuda_device_info");
+        st = kivi_cuda_device_info(0, &info, sizeof info);
+        p = small_params();
+        p.device = 0;
+        if (st == KIVI_OK) {
+            printf("  CUDA device 0: %s, sm_%u%u, device %d of %u\n", info.name, info.compute_capability_major,
+                   info.compute_capability_minor, info.device, info.n_devices);
+            checks++;
+            if (info.struct_size != sizeof info || info.device != 0 || info.n_devices < 1 ||
+                memchr(info.name, 0, sizeof info.name) == NULL || info.name[0] == 0)
+                fail("device_info", "implausible device info");
+        } else {
+            const char *msg = kivi_last_error_message();
+            size_t i;
+            expect("device_info without CUDA", st, KIVI_ERR_BACKEND_UNAVAILABLE, "kivi_cuda_device_info");
+            checks++;
+            if (strstr(msg, "device 0") == NULL || strlen(msg) < 50) fail("device_info", "the reason is missing");
+            for (i = 0; i < sizeof info; i++)
+                if (((const unsigned char *)&info)[i] != 0xAB) break;
+            checks++;
+            if (i != sizeof info) fail("device_info", "out written by a failed call");
+            c = sentinel;
+            expect("CUDA cache without CUDA", kivi_cache_create(&p, &c), KIVI_ERR_BACKEND_UNAVAILABLE,
+                   "kivi_cache_create");
+            checks++;
+            if (c != sentinel) fail("create", "out_cache written by a failed call");
+        }
+    }
 
     p = small_params();
     expect("create", kivi_cache_create(&p, &c), KIVI_OK, "");
@@ -298,6 +342,21 @@ int main(void) {
     expect("stats NULL out", kivi_cache_stats(c, NULL, sizeof(kivi_memory_stats)), KIVI_ERR_NULL_POINTER,
            "kivi_cache_stats");
     expect("seq_ids NULL out_n", kivi_seq_ids(c, NULL, 0, NULL), KIVI_ERR_NULL_POINTER, "kivi_seq_ids");
+
+    /* --- streams: a CPU cache has none */
+    {
+        void *stream = &p;
+        expect("set_stream on a CPU cache", kivi_cache_set_stream(c, (void *)1), KIVI_ERR_INVALID_ARGUMENT,
+               "kivi_cache_set_stream");
+        expect("set_stream NULL cache", kivi_cache_set_stream(NULL, NULL), KIVI_ERR_NULL_POINTER,
+               "kivi_cache_set_stream");
+        expect("stream NULL out", kivi_cache_stream(c, NULL), KIVI_ERR_NULL_POINTER, "kivi_cache_stream");
+        expect("set_stream NULL on a CPU cache", kivi_cache_set_stream(c, NULL), KIVI_OK, "");
+        expect("stream of a CPU cache", kivi_cache_stream(c, &stream), KIVI_OK, "");
+        checks++;
+        if (stream != NULL) fail("stream", "a CPU cache's stream is not NULL");
+        unchanged("streams", c, before, n_before);
+    }
     unchanged("NULL pointers", c, before, n_before);
 
     /* --- zero, wrong and oversized dimensions */
