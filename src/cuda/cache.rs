@@ -311,8 +311,9 @@ const fn align256(n: usize) -> usize {
 }
 
 impl CudaCache {
-    /// Creates a cache on CUDA device `device`, taking all of its device memory now (zeroed).
-    /// Compiles the append kernels for the device if this process has not yet.
+    /// Creates a cache on CUDA device `device`, taking all of its device memory now (zeroed;
+    /// waits for the device, so that work on any stream may use the cache at once). Compiles the
+    /// append kernels for the device if this process has not yet.
     pub fn new(cfg: CacheConfig, device: u32) -> Result<CudaCache> {
         cfg.validate()?;
         let dev = Device::get(device)?;
@@ -340,11 +341,16 @@ impl CudaCache {
                     )),
                     _ => cuerr("cuMemAlloc", e),
                 })?;
+                // The zeroing is queued on the legacy stream, which the engine's non-blocking
+                // streams do not wait for: wait for it here, once.
                 // SAFETY: base is valid for bytes.
-                if let Err(e) = unsafe { drv::memset_d8_sync(base, 0, bytes) } {
+                let zeroed = unsafe { drv::memset_d8_sync(base, 0, bytes) }
+                    .map_err(|e| cuerr("cuMemsetD8", e))
+                    .and_then(|()| drv::ctx::synchronize().map_err(|e| cuerr("cuCtxSynchronize", e)));
+                if let Err(e) = zeroed {
                     // SAFETY: allocated above.
                     let _ = unsafe { drv::free_sync(base) };
-                    return Err(cuerr("cuMemsetD8", e));
+                    return Err(e);
                 }
                 let info = dev.info.clone();
                 (Backend::Cuda(dev), info, base)
@@ -598,6 +604,17 @@ impl CudaCache {
             p.items[..chunk.len()].copy_from_slice(chunk);
             let block = lay.head_dim.min(128) as u32;
             self.kernel(Kernel::Write(&p), (p.total, lay.n_kv_heads as u32, 1), block, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
+    /// this process has not yet.
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    fn prepare(&self, family: Family, n_q_heads: usize) -> Result<()> {
+        if let Backend::Cuda(d) = &self.dev {
+            let (nq, _, _) = attention_shape(family, self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
+            d.module(family, &Spec::new(&self.lay, nq))?;
         }
         Ok(())
     }
@@ -858,6 +875,9 @@ impl CudaCache {
         }
         self.check_pages(l, blame.0, blame.1, pages)?;
         self.bind()?;
+        // Compile the attention kernels (once per process) before anything changes, so that a
+        // compilation error leaves the cache as it was.
+        self.prepare(Family::Decode, nqh)?;
         for (i, &seq) in seqs.iter().enumerate() {
             if slots[i] == usize::MAX {
                 let s = self.seqs.free_slot().expect("free slots were counted");
@@ -1082,7 +1102,8 @@ impl CudaCache {
 
     /// Makes `as_id` a copy of sequence `seq` of the CPU cache `host` (e.g. one restored from a
     /// saved state, of any capacity but the same dimensions), replacing whatever `as_id` held.
-    /// The copies to the device are synchronous.
+    /// Waits for the whole device before its copies (work queued earlier on any stream may use
+    /// the pages) and after them.
     pub fn seq_from_host(&mut self, host: &Cache, seq: u32, as_id: u32) -> Result<()> {
         let hc = host.config();
         let same = CacheConfig {
@@ -1124,6 +1145,9 @@ impl CudaCache {
             }
         }
         self.bind()?;
+        // The copies below are not ordered with work on the engine's streams: wait for that
+        // work first, and for the copies at the end.
+        self.sync_device()?;
         self.release_slot(slot);
         let dsz = lay.dtype.size();
         let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
@@ -1146,7 +1170,7 @@ impl CudaCache {
             ls.blocks = blocks;
         }
         self.seqs.slots[slot].id = Some(as_id);
-        Ok(())
+        self.sync_device()
     }
 
     /// A CPU [`Cache`] holding exactly what this cache holds (pages, windows, sequences), e.g. to
@@ -1202,7 +1226,8 @@ impl CudaCache {
     }
 
     /// Replaces everything with a state blob of a cache of the same configuration
-    /// ([`Cache::load_state`]); a blob that is refused changes nothing.
+    /// ([`Cache::load_state`]); a blob that is refused changes nothing. Waits for the whole
+    /// device before and after its copies.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
         let mut host = Cache::new(self.cfg.clone())?;
         host.load_state(buf)?;
@@ -1236,7 +1261,13 @@ impl CudaCache {
         unreachable!("the second size holds every page of the blob")
     }
 
+    /// Replaces the device copy with `cache`'s contents. Waits for the device before (work queued
+    /// on any stream may still use the memory) and after (synchronous copies from pageable
+    /// memory may return before the data lands, and later work on a non-blocking stream is not
+    /// ordered after them).
     fn upload(&mut self, cache: &Cache) -> Result<()> {
+        self.bind()?;
+        self.sync_device()?;
         let c = self;
         let lay = c.lay.clone();
         let mut blocks = vec![0u32; lay.n_layers * lay.max_seqs * lay.pages_per_layer];
@@ -1256,7 +1287,17 @@ impl CudaCache {
             c.refs[l].set_refs(cache.pools[l].all_refs());
         }
         c.seqs = cache.seqs.clone();
-        Ok(())
+        c.sync_device()
+    }
+
+    /// Waits for everything queued on the device, on every stream (`cuCtxSynchronize`).
+    fn sync_device(&self) -> Result<()> {
+        match &self.dev {
+            Backend::Cuda(_) => drv::ctx::synchronize()
+                .map_err(|e| cuerr("cuCtxSynchronize (work queued earlier on the device failed)", e)),
+            #[cfg(test)]
+            Backend::Emu(_) | Backend::Sim(_) => Ok(()),
+        }
     }
 
     fn bind(&self) -> Result<()> {

@@ -145,11 +145,7 @@ pub unsafe extern "C" fn kivi_cache_create(params: *const kivi_params, out_cache
         let cache = if p.device == KIVI_DEVICE_CPU {
             Backend::Cpu(Cache::new(cfg)?)
         } else {
-            let gpu = Gpu::new(CudaCache::new(cfg, p.device as u32).map_err(|e| on_device(e, p.device))?);
-            // The zeroing of the memory is queued on the legacy stream, which a non-blocking
-            // stream does not wait for.
-            gpu.sync_device()?;
-            Backend::Cuda(gpu)
+            Backend::Cuda(Gpu::new(CudaCache::new(cfg, p.device as u32).map_err(|e| on_device(e, p.device))?))
         };
         let handle = Box::into_raw(Box::new(kivi_cache { inner: RwLock::new(cache) }));
         *out_cache = handle;

@@ -8,9 +8,9 @@ use super::{Failure, FfiResult};
 use crate::cache::Cache;
 use crate::config::CacheConfig;
 use crate::cuda::{CudaCache, Stream};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stats::MemoryStats;
-use cudarc::driver::{result as drv, sys as dsys};
+use cudarc::driver::sys as dsys;
 
 /// The cache behind a handle.
 pub(crate) enum Backend {
@@ -57,21 +57,6 @@ impl Gpu {
         let d = crate::cuda::Device::get(self.cache.device().ordinal)?;
         d.bind()?;
         Ok(d)
-    }
-
-    /// Waits until the device has finished everything queued on it, on every stream
-    /// (`cuCtxSynchronize`): around the synchronous copies of a state load, which are not ordered
-    /// with a non-blocking stream, and after creation (the memory is zeroed on the legacy stream).
-    pub fn sync_device(&self) -> Result<()> {
-        if self.emulated() {
-            return Ok(());
-        }
-        self.device()?;
-        drv::ctx::synchronize().map_err(|e| {
-            Error::BackendUnavailable(format!(
-                "CUDA: cuCtxSynchronize failed: {e:?} (work queued earlier on the device failed)"
-            ))
-        })
     }
 
     /// Fails unless `stream` can carry the cache's work: NULL, `CU_STREAM_LEGACY`,

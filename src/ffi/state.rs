@@ -119,11 +119,7 @@ pub unsafe extern "C" fn kivi_state_load(cache: *mut kivi_cache, buf: *const u8,
         let b = buffer(buf, buf_size)?;
         match &mut *write_cache(cache)? {
             Backend::Cpu(c) => c.load_state(b)?,
-            Backend::Cuda(g) => {
-                g.sync_device()?;
-                g.cache.load_state(b)?;
-                g.sync_device()?
-            }
+            Backend::Cuda(g) => g.cache.load_state(b)?,
         }
         Ok(())
     })
@@ -208,11 +204,7 @@ pub unsafe extern "C" fn kivi_seq_state_load(
         let b = buffer(buf, buf_size)?;
         match &mut *write_cache(cache)? {
             Backend::Cpu(c) => c.load_seq_state(seq, b)?,
-            Backend::Cuda(g) => {
-                g.sync_device()?;
-                g.cache.load_seq_state(seq, b)?;
-                g.sync_device()?
-            }
+            Backend::Cuda(g) => g.cache.load_seq_state(seq, b)?,
         }
         Ok(())
     })
