@@ -28,10 +28,10 @@ use crate::pool::PagePool;
 use crate::seq::{LayerSeq, SeqTable};
 use crate::stats::MemoryStats;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "sim"))]
 #[path = "emu.rs"]
 mod emu;
-#[cfg(test)]
+#[cfg(any(test, feature = "sim"))]
 #[path = "sim.rs"]
 pub(crate) mod sim;
 #[cfg(test)]
@@ -234,15 +234,16 @@ pub(crate) struct UnquantParams {
     pad: u32,
 }
 
-/// Where the cache's memory is: a CUDA device, or (in tests) host memory with emulated kernels.
+/// Where the cache's memory is: a CUDA device, or (in tests, and with the `sim` feature) host
+/// memory with emulated or simulated kernels.
 enum Backend {
     Cuda(Arc<Device>),
     /// Emulated device memory (kept alive; addressed through raw pointers).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "sim"))]
     #[allow(dead_code)]
     Emu(Vec<u64>),
     /// Host memory too, with the kernels' own code run by the host simulator (`sim.rs`).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "sim"))]
     #[allow(dead_code)]
     Sim(Vec<u64>),
 }
@@ -355,12 +356,12 @@ impl CudaCache {
                 let info = dev.info.clone();
                 (Backend::Cuda(dev), info, base)
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => {
                 let mut mem = vec![0u64; bytes.div_ceil(8)];
                 let base = mem.as_mut_ptr() as u64;
                 let dev = if matches!(backend, Backend::Emu(_)) { Backend::Emu(mem) } else { Backend::Sim(mem) };
-                (dev, emu::info(), base)
+                (dev, sim::info(), base)
             }
         };
         let refs = (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect();
@@ -1295,7 +1296,7 @@ impl CudaCache {
         match &self.dev {
             Backend::Cuda(_) => drv::ctx::synchronize()
                 .map_err(|e| cuerr("cuCtxSynchronize (work queued earlier on the device failed)", e)),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => Ok(()),
         }
     }
@@ -1303,7 +1304,7 @@ impl CudaCache {
     fn bind(&self) -> Result<()> {
         match &self.dev {
             Backend::Cuda(d) => d.bind(),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => Ok(()),
         }
     }
@@ -1313,13 +1314,13 @@ impl CudaCache {
     fn kernel(&self, k: Kernel<'_>, grid: (u32, u32, u32), block: u32, stream: Stream) -> Result<()> {
         let dev = match &self.dev {
             Backend::Cuda(d) => d,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) => {
                 // SAFETY: the emulated device pointers are host pointers into live buffers.
                 unsafe { emu::run(&self.lay, k, grid) };
                 return Ok(());
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Sim(_) => {
                 // SAFETY: as above; the simulator runs the kernels' code on these host pointers.
                 unsafe { sim::run(&self.quant_spec, |nq| Spec::new(&self.lay, nq), k, grid, block) };
@@ -1361,7 +1362,7 @@ impl CudaCache {
             // SAFETY: both ranges lie inside the cache's allocation.
             Backend::Cuda(_) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream as dsys::CUstream) }
                 .map_err(|e| cuerr("cuMemcpyDtoDAsync", e)),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => {
                 // SAFETY: host pointers into the emulated allocation.
                 unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
@@ -1381,7 +1382,7 @@ impl CudaCache {
                     drv::stream::synchronize(st).map_err(|e| cuerr("cuStreamSynchronize", e))
                 }
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => {
                 // SAFETY: a host pointer into the emulated allocation.
                 unsafe { std::ptr::copy(src as *const u8, dst.as_mut_ptr(), dst.len()) };
@@ -1394,7 +1395,7 @@ impl CudaCache {
         match &self.dev {
             // SAFETY: a synchronous copy into the cache's allocation.
             Backend::Cuda(_) => unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(|e| cuerr("cuMemcpyHtoD", e)),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => {
                 // SAFETY: a host pointer into the emulated allocation.
                 unsafe { std::ptr::copy(src.as_ptr(), dst as *mut u8, src.len()) };
@@ -1405,16 +1406,19 @@ impl CudaCache {
 
     /// A cache whose device is emulated on the host by Rust versions of the kernels (tests of
     /// everything but the CUDA code itself); device pointers are host pointers.
-    #[cfg(test)]
-    pub(crate) fn emulated(cfg: CacheConfig) -> Result<CudaCache> {
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn emulated(cfg: CacheConfig) -> Result<CudaCache> {
         cfg.validate()?;
         CudaCache::create(cfg, Backend::Emu(Vec::new()))
     }
 
     /// A cache on host memory whose kernels are the CUDA code itself, run by the host simulator
-    /// (`sim.rs`); device pointers are host pointers.
-    #[cfg(test)]
-    pub(crate) fn simulated(cfg: CacheConfig) -> Result<CudaCache> {
+    /// (`sim.rs`); device pointers are host pointers. Needs a C++ compiler (`c++`, or `$CXX`)
+    /// when it first runs each kernel family. For tests (the `sim` feature).
+    #[cfg(any(test, feature = "sim"))]
+    #[doc(hidden)]
+    pub fn simulated(cfg: CacheConfig) -> Result<CudaCache> {
         cfg.validate()?;
         CudaCache::create(cfg, Backend::Sim(Vec::new()))
     }

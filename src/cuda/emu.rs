@@ -12,19 +12,6 @@ use half::{bf16, f16};
 use super::*;
 use crate::config::{DType, KeyMode};
 
-pub(super) fn info() -> DeviceInfo {
-    DeviceInfo {
-        ordinal: 0,
-        count: 1,
-        name: "emulated".into(),
-        capability: (9, 0),
-        multiprocessors: 4,
-        total_memory: 0,
-        driver_version: 0,
-        nvrtc_version: (0, 0),
-    }
-}
-
 unsafe fn rd8(a: u64) -> u8 {
     *(a as *const u8)
 }

@@ -173,7 +173,7 @@ impl Spec {
     }
 
     /// The macros and their values (the host simulator passes them to the C++ compiler).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) fn defines(&self) -> &[(&'static str, u64)] {
         &self.defines
     }

@@ -17,9 +17,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::Kernel;
 use crate::cuda::kernels::{Family, Spec};
+use crate::cuda::DeviceInfo;
 
 const SIM_H: &str = include_str!("../../cuda/host/sim.h");
 const PTX_H: &str = include_str!("../../cuda/host/ptx.h");
+
+/// What a simulated (or emulated) cache reports as its device.
+pub(super) fn info() -> DeviceInfo {
+    DeviceInfo {
+        ordinal: 0,
+        count: 1,
+        name: "host simulator".into(),
+        capability: (9, 0),
+        multiprocessors: 4,
+        total_memory: 0,
+        driver_version: 0,
+        nvrtc_version: (0, 0),
+    }
+}
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *const c_void, *mut c_char, usize) -> i32;
 
@@ -31,6 +46,7 @@ struct Module {
 /// Launches of each kernel so far (tests check that they reach the paths they mean to).
 pub(crate) static LAUNCHES: Mutex<Vec<(&'static str, usize)>> = Mutex::new(Vec::new());
 
+#[cfg(test)]
 pub(crate) fn launches_of(name: &str) -> usize {
     LAUNCHES.lock().unwrap().iter().find(|(n, _)| *n == name).map_or(0, |&(_, c)| c)
 }
