@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The CUDA backend on a CUDA machine, in one run of at most 7.4 minutes (the timeouts below): the
+# The CUDA backend on a CUDA machine, in one run of at most 7.9 minutes (the timeouts below): the
 # device and its libraries, CUDA against the CPU backend on identical random inputs (with and
-# without the tensor-core decode), then the decode benchmark with the PyTorch fp16 baseline and
-# the copy bandwidth. Needs no Rust: build the binary first elsewhere,
-#   cargo build --release --example gpu_check
-# and bring target/release/examples/gpu_check along (or pass its path as $1).
+# without the tensor-core decode; the C ABI on a stream; Python with PyTorch tensors), then the
+# decode benchmark with the PyTorch fp16 baseline and the copy bandwidth. Needs no Rust: build
+# the binary and the library first elsewhere,
+#   cargo build --release --example gpu_check && cargo build --release
+# and bring target/release/examples/gpu_check (or pass its path as $1) and
+# target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
+# skipped.
 #
 # Writes into $OUT (default ./gpu-out): info.txt, check.jsonl, bench.jsonl, results.jsonl,
 # benchmarks.md, targets.json and the logs. Exits non-zero when the correctness check fails.
@@ -13,7 +16,7 @@ BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
 OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-CHECK_S=${CHECK_S:-130}
+CHECK_S=${CHECK_S:-120}
 BENCH_S=${BENCH_S:-140}
 BASE_S=${BASE_S:-50}
 # Compiled kernels are kept between the runs below (each run is its own process).
@@ -58,6 +61,18 @@ grep -c '"ok":true' "$OUT/check-nomma.jsonl" || true
 grep '"ok":false' "$OUT/check-nomma.jsonl" || true
 echo "check (no mma) exit code: $nomma_rc"
 [ "$check_rc" = 0 ] && check_rc=$nomma_rc
+
+echo "== Python (ctypes) with PyTorch CUDA tensors, on a PyTorch stream"
+LIB=$(realpath -m "${KIVI_LIB:-target/release/libkivi.so}")
+if [ -f "$LIB" ]; then
+  KIVI_LIB="$LIB" timeout 45 python3 examples/python/cuda_example.py > "$OUT/python.jsonl" 2> "$OUT/python.log"
+  py_rc=$?
+  cat "$OUT/python.jsonl"; tail -5 "$OUT/python.log"
+  echo "python exit code: $py_rc"
+  [ "$check_rc" = 0 ] && check_rc=$py_rc
+else
+  echo "skipped: no $LIB"
+fi
 
 echo "== bench"
 timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/bench.log"

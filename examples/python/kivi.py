@@ -6,6 +6,11 @@ repository's target/release or target/debug directory.
     from kivi import Cache
     cache = Cache(n_layers=2, n_kv_heads=2, head_dim=64, max_tokens=4096)
     out = cache.append_attend(layer, seq, keys, values, queries)   # numpy float32 arrays
+
+Rows are 2-D arrays (tokens x elements, elements contiguous): numpy arrays or PyTorch tensors
+for a CPU cache, PyTorch CUDA tensors for a CUDA cache (`Cache(..., device=0)`), whose calls are
+queued on the stream given to `set_stream` (a torch.cuda.Stream, or a raw handle) and return
+without waiting; outputs are new tensors of the queries' type.
 """
 
 import ctypes as C
@@ -42,6 +47,8 @@ STATUS_NAMES = {
     13: "KIVI_ERR_STRUCT_SIZE", 14: "KIVI_ERR_BACKEND_UNAVAILABLE", 99: "KIVI_ERR_INTERNAL",
 }
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # bf16 (2) has no numpy dtype
+TORCH_DTYPES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}
+KIVI_DEVICE_CPU = -1
 KIVI_ATTN_NON_CAUSAL = 1
 
 
@@ -55,6 +62,14 @@ class Params(C.Structure):
 class AttnOptions(C.Structure):
     _fields_ = [("struct_size", C.c_uint32), ("scale", C.c_float), ("flags", C.c_uint32),
                 ("sliding_window", C.c_uint32), ("softcap", C.c_float)]
+
+
+class DeviceInfo(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("device", C.c_int32), ("n_devices", C.c_uint32),
+                ("compute_capability_major", C.c_uint32), ("compute_capability_minor", C.c_uint32),
+                ("n_multiprocessors", C.c_uint32), ("total_memory", C.c_uint64), ("driver_version", C.c_uint32),
+                ("nvrtc_version_major", C.c_uint32), ("nvrtc_version_minor", C.c_uint32),
+                ("name", C.c_char * 256)]
 
 
 class Rows(C.Structure):
@@ -84,6 +99,9 @@ _SIGNATURES = {
     "kivi_state_save": [C.c_void_p, C.c_char_p, SZ, P(SZ)],
     "kivi_state_load": [C.c_void_p, C.c_char_p, SZ],
     "kivi_cache_stats": [C.c_void_p, P(MemoryStats), SZ],
+    "kivi_cuda_device_info": [C.c_int32, P(DeviceInfo), SZ],
+    "kivi_cache_set_stream": [C.c_void_p, C.c_void_p],
+    "kivi_cache_stream": [C.c_void_p, P(C.c_void_p)],
 }
 for _name, _args in _SIGNATURES.items():
     getattr(lib, _name).argtypes = _args
@@ -111,13 +129,47 @@ def version():
     return lib.kivi_version().decode()
 
 
-def _rows(a):
-    """A 2-D numpy array (tokens x elements; rows may be strided, elements contiguous) as kivi_rows."""
+def _is_torch(a):
+    return hasattr(a, "data_ptr") and hasattr(a, "is_cuda")
+
+
+def _rows(a, device=KIVI_DEVICE_CPU):
+    """A 2-D array (tokens x elements; rows may be strided, elements contiguous) as kivi_rows:
+    numpy or a CPU tensor for a CPU cache, a CUDA tensor on the cache's device for a CUDA cache."""
+    if _is_torch(a):
+        on = a.get_device() if a.is_cuda else KIVI_DEVICE_CPU
+        if on != device:
+            where = "the CPU" if device == KIVI_DEVICE_CPU else f"CUDA device {device}"
+            raise ValueError(f"a tensor on {a.device} for a cache on {where}")
+        if a.dim() != 2 or a.stride(1) != 1:
+            raise ValueError("rows must be a 2-D tensor with contiguous elements")
+        if str(a.dtype) not in TORCH_DTYPES:
+            raise TypeError(f"dtype {a.dtype} is not float32, float16 or bfloat16")
+        return Rows(a.data_ptr(), TORCH_DTYPES[str(a.dtype)], a.shape[0], a.shape[1], a.stride(0))
+    if device != KIVI_DEVICE_CPU:
+        raise ValueError(f"a numpy array (host memory) for a cache on CUDA device {device}: pass CUDA tensors")
     if a.ndim != 2 or a.strides[1] != a.itemsize or a.strides[0] % a.itemsize:
         raise ValueError("rows must be a 2-D array with contiguous elements")
     if a.dtype not in DTYPES:
         raise TypeError(f"dtype {a.dtype} is not float32 or float16")
     return Rows(a.ctypes.data, DTYPES[a.dtype], a.shape[0], a.shape[1], a.strides[0] // a.itemsize)
+
+
+def _empty_like(q):
+    if _is_torch(q):
+        import torch
+
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return np.empty_like(q, order="C")
+
+
+def device_info(device=0):
+    """What kivi finds on CUDA device `device` (a dict), or KiviError (KIVI_ERR_BACKEND_UNAVAILABLE)
+    saying why it cannot use it."""
+    info = DeviceInfo()
+    _check(lib.kivi_cuda_device_info(device, C.byref(info), C.sizeof(info)))
+    return {name: (getattr(info, name).decode() if name == "name" else getattr(info, name))
+            for name, _ in DeviceInfo._fields_ if name != "struct_size"}
 
 
 def _options(scale=0.0, causal=True, sliding_window=0, softcap=0.0):
@@ -147,20 +199,35 @@ class Cache:
     def __del__(self):
         self.close()
 
+    def _r(self, a):
+        return C.byref(_rows(a, self.params.device))
+
+    def set_stream(self, stream):
+        """The CUDA stream later calls queue on: a torch.cuda.Stream, a raw handle, or None (the
+        default stream). Tensors given to the cache must be ready on that stream."""
+        handle = getattr(stream, "cuda_stream", stream) or 0
+        _check(lib.kivi_cache_set_stream(self._h, C.c_void_p(handle)))
+        self._stream = stream
+
     def append(self, layer, seq, keys, values):
-        _check(lib.kivi_append(self._h, layer, seq, C.byref(_rows(keys)), C.byref(_rows(values))))
+        _check(lib.kivi_append(self._h, layer, seq, self._r(keys), self._r(values)))
 
     def append_attend(self, layer, seq, keys, values, queries, **opts):
-        out = np.empty_like(queries, order="C")
-        _check(lib.kivi_append_attend(self._h, layer, seq, C.byref(_rows(keys)), C.byref(_rows(values)),
-                                      C.byref(_rows(queries)), C.byref(_rows(out)), _options(**opts)))
+        out = _empty_like(queries)
+        _check(lib.kivi_append_attend(self._h, layer, seq, self._r(keys), self._r(values), self._r(queries),
+                                      self._r(out), _options(**opts)))
+        return out
+
+    def attend(self, layer, seq, queries, **opts):
+        out = _empty_like(queries)
+        _check(lib.kivi_attend(self._h, layer, seq, self._r(queries), self._r(out), _options(**opts)))
         return out
 
     def decode(self, layer, seqs, keys, values, queries, **opts):
         ids = (U32 * len(seqs))(*seqs)
-        out = np.empty_like(queries, order="C")
-        _check(lib.kivi_decode(self._h, layer, ids, len(seqs), C.byref(_rows(keys)), C.byref(_rows(values)),
-                               C.byref(_rows(queries)), C.byref(_rows(out)), _options(**opts)))
+        out = _empty_like(queries)
+        _check(lib.kivi_decode(self._h, layer, ids, len(seqs), self._r(keys), self._r(values), self._r(queries),
+                               self._r(out), _options(**opts)))
         return out
 
     def seq_len(self, seq):
