@@ -5,10 +5,10 @@ use crate::attention::{cpu, AttnOptions, Resolved};
 use crate::config::{CacheConfig, DType, KeyMode};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::pool::{AlignedBuf, PagePool};
+use crate::pool::{AlignedBuf, PagePool, PageRefs};
 use crate::quant::{quantize_group, quantize_slice, write_f16};
 use crate::rows::{Element, Rows, RowsMut};
-use crate::seq::{LayerSeq, SeqTable, Stream};
+use crate::seq::{GroupPage, LayerSeq, SeqTable, Stream};
 use half::{bf16, f16};
 
 /// Runs `$body` with `$W` bound to the Rust type of the dtype `$dt`.
@@ -79,10 +79,6 @@ impl Cache {
         Ok(layer as usize)
     }
 
-    fn slot_of(&self, seq: u32) -> Result<usize> {
-        self.seqs.find(seq).ok_or(Error::UnknownSequence(seq))
-    }
-
     fn check_kv<T: Element>(&self, keys: &Rows<T>, values: &Rows<T>, rows: Option<usize>) -> Result<usize> {
         let n = rows.unwrap_or(keys.rows());
         let row = self.lay.n_kv_heads * self.lay.head_dim;
@@ -117,48 +113,6 @@ impl Cache {
         Ok(len / hd)
     }
 
-    /// Flushes that appending `n` tokens to `ls` causes, and the pages they need (copy-on-write
-    /// of a shared last page included).
-    fn pages_needed(&self, layer: usize, ls: &LayerSeq, n: usize) -> usize {
-        let lay = &self.lay;
-        let w_total = (ls.len + n).saturating_sub(lay.sinks + ls.quantized);
-        let flushes = if w_total >= lay.residual + lay.group { (w_total - lay.residual) / lay.group } else { 0 };
-        if flushes == 0 {
-            return 0;
-        }
-        let groups = ls.quantized / lay.group;
-        let after = (groups + flushes).div_ceil(lay.groups_per_page);
-        let cow = groups % lay.groups_per_page != 0 && self.pools[layer].refs(*ls.blocks.last().unwrap()) > 1;
-        after - ls.blocks.len() + cow as usize
-    }
-
-    /// Fails when `layer`'s pool has fewer than `pages` free pages; `token` is where `seq` stands.
-    fn check_pages(&self, layer: usize, seq: u32, token: usize, pages: usize) -> Result<()> {
-        let free = self.pools[layer].free_count();
-        if pages > free {
-            return Err(Error::CapacityExhausted {
-                seq,
-                layer: layer as u32,
-                token: token as u64,
-                needed: pages as u64,
-                free: free as u64,
-                total: self.pools[layer].total() as u64,
-            });
-        }
-        Ok(())
-    }
-
-    /// The slot of `seq`, or the free slot it will take (`true` when new).
-    fn slot_or_new(&self, seq: u32) -> Result<(usize, bool)> {
-        match self.seqs.find(seq) {
-            Some(s) => Ok((s, false)),
-            None => match self.seqs.free_slot() {
-                Some(s) => Ok((s, true)),
-                None => Err(Error::TooManySequences { seq, max: self.cfg.max_seqs }),
-            },
-        }
-    }
-
     pub(crate) fn stream<W: Element>(&self, layer: usize, slot: usize) -> Stream<'_, W> {
         let lay = &self.lay;
         let ls = &self.seqs.slots[slot].layers[layer];
@@ -179,9 +133,7 @@ impl Cache {
     pub fn append<T: Element>(&mut self, layer: u32, seq: u32, keys: Rows<T>, values: Rows<T>) -> Result<()> {
         let l = self.check_layer(layer)?;
         let n = self.check_kv(&keys, &values, None)?;
-        let (slot, _) = self.slot_or_new(seq)?;
-        let ls = &self.seqs.slots[slot].layers[l];
-        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        let slot = self.seqs.check_append(&self.lay, l, seq, n)?;
         self.push(l, slot, keys, values);
         self.seqs.slots[slot].id = Some(seq);
         Ok(())
@@ -207,10 +159,8 @@ impl Cache {
         let n = self.check_kv(&keys, &values, None)?;
         self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
-        let (slot, _) = self.slot_or_new(seq)?;
-        let ls = &self.seqs.slots[slot].layers[l];
-        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
-        let pos0 = ls.len;
+        let slot = self.seqs.check_append(&self.lay, l, seq, n)?;
+        let pos0 = self.seqs.slots[slot].layers[l].len;
         self.attend_stream(l, slot, Some((keys, values)), queries, pos0, &mut out, 0, &o);
         self.push(l, slot, keys, values);
         self.seqs.slots[slot].id = Some(seq);
@@ -228,7 +178,7 @@ impl Cache {
         opts: &AttnOptions,
     ) -> Result<()> {
         let l = self.check_layer(layer)?;
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         let n = queries.rows();
         self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
@@ -260,45 +210,11 @@ impl Cache {
         let n = self.check_kv(&keys, &values, Some(seqs.len()))?;
         self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
-        // Check everything first (no allocation: the ids are looked up again below).
-        let (mut pages, mut new_seqs) = (0usize, 0usize);
-        let mut blame = (seqs.first().copied().unwrap_or(0), 0usize);
-        for (i, &seq) in seqs.iter().enumerate() {
-            if seqs[..i].contains(&seq) {
-                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decode step")));
-            }
-            match self.seqs.find(seq) {
-                None => {
-                    new_seqs += 1;
-                    if new_seqs > self.lay.max_seqs - self.seqs.live() {
-                        return Err(Error::TooManySequences { seq, max: self.cfg.max_seqs });
-                    }
-                }
-                Some(slot) => {
-                    let ls = &self.seqs.slots[slot].layers[l];
-                    let need = self.pages_needed(l, ls, 1);
-                    if need > 0 {
-                        blame = (seq, ls.len);
-                    }
-                    pages += need;
-                }
-            }
-        }
-        self.check_pages(l, blame.0, blame.1, pages)?;
+        self.seqs.check_decode(&self.lay, l, seqs)?;
         // The slots, new sequences taking theirs (a buffer kept for this: no allocation).
         let mut slots = std::mem::take(&mut self.threads.decode_slots);
         slots.clear();
-        for &seq in seqs {
-            let slot = match self.seqs.find(seq) {
-                Some(s) => s,
-                None => {
-                    let s = self.seqs.free_slot().expect("free slots were counted");
-                    self.seqs.slots[s].id = Some(seq);
-                    s
-                }
-            };
-            slots.push(slot);
-        }
+        slots.extend(seqs.iter().map(|&seq| self.seqs.take_slot(seq)));
         // Attention for every sequence in one parallel call (each sees only its own state and
         // token), then the appends.
         with_dtype!(self.lay.dtype, W => {
@@ -348,24 +264,24 @@ impl Cache {
         let base = lay.window_base(l, slot, 0);
         let n = lay.n_kv_heads * lay.window_head_elems;
         let pool = &mut self.pools[l];
-        let ls = &mut self.seqs.slots[slot].layers[l];
+        let (ls, pages) = self.seqs.layer_mut(l, slot);
         with_dtype!(lay.dtype, W => {
             let win = &mut self.windows.typed_mut::<W>()[base..base + n];
-            push_tokens(lay, pool, win, ls, keys, values)
+            push_tokens(lay, pool, pages, win, ls, keys, values)
         })
     }
 
     /// Tokens `seq` holds: the most any layer holds (layers differ only while a forward pass
     /// is part-way through its layers).
     pub fn seq_len(&self, seq: u32) -> Result<u32> {
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         Ok(self.seqs.len_of(slot))
     }
 
     /// Tokens `seq` holds in `layer`.
     pub fn seq_layer_len(&self, seq: u32, layer: u32) -> Result<u32> {
         let l = self.check_layer(layer)?;
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         Ok(self.seqs.slots[slot].layers[l].len as u32)
     }
 
@@ -381,40 +297,17 @@ impl Cache {
 
     /// Removes `seq`, releasing its pages and its slot.
     pub fn seq_remove(&mut self, seq: u32) -> Result<()> {
-        let slot = self.slot_of(seq)?;
-        self.release_slot(slot);
-        Ok(())
-    }
-
-    fn release_slot(&mut self, slot: usize) {
-        let s = &mut self.seqs.slots[slot];
-        for (l, ls) in s.layers.iter_mut().enumerate() {
-            for &p in &ls.blocks {
-                self.pools[l].decref(p);
-            }
-            ls.blocks.clear();
-            ls.len = 0;
-            ls.quantized = 0;
-        }
-        s.id = None;
+        self.seqs.remove(seq)
     }
 
     /// Removes every sequence but `seq`.
     pub fn seq_keep(&mut self, seq: u32) -> Result<()> {
-        let keep = self.slot_of(seq)?;
-        for slot in 0..self.seqs.slots.len() {
-            if slot != keep && self.seqs.slots[slot].id.is_some() {
-                self.release_slot(slot);
-            }
-        }
-        Ok(())
+        self.seqs.keep(seq)
     }
 
     /// Removes every sequence.
     pub fn clear(&mut self) {
-        for slot in 0..self.seqs.slots.len() {
-            self.release_slot(slot);
-        }
+        self.seqs.clear()
     }
 
     /// Keeps only the first `n_tokens` tokens of `seq` in every layer (a no-op for layers that
@@ -427,7 +320,7 @@ impl Cache {
     /// truncation fewer than `residual` of the most recent tokens may be exact until new tokens
     /// arrive.
     pub fn seq_truncate(&mut self, seq: u32, n_tokens: u32) -> Result<()> {
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         for l in 0..self.lay.n_layers {
             self.truncate_layer(l, slot, n_tokens as usize);
         }
@@ -435,29 +328,10 @@ impl Cache {
     }
 
     fn truncate_layer(&mut self, l: usize, slot: usize, n: usize) {
-        let lay = &self.lay;
-        let ls = &self.seqs.slots[slot].layers[l];
-        if n >= ls.len {
-            return;
+        if let Some((g, partial)) = self.seqs.truncated_group(&self.lay, l, slot, n) {
+            with_dtype!(self.lay.dtype, W => self.unquantize_partial::<W>(l, slot, g, partial));
         }
-        let rel = n.saturating_sub(lay.sinks);
-        if rel >= ls.quantized {
-            self.seqs.slots[slot].layers[l].len = n;
-            return;
-        }
-        let (keep_groups, partial) = (rel / lay.group, rel % lay.group);
-        if partial > 0 {
-            with_dtype!(lay.dtype, W => self.unquantize_partial::<W>(l, slot, keep_groups, partial));
-        }
-        let lay = &self.lay;
-        let ls = &mut self.seqs.slots[slot].layers[l];
-        let keep_pages = keep_groups.div_ceil(lay.groups_per_page);
-        for &p in &ls.blocks[keep_pages..] {
-            self.pools[l].decref(p);
-        }
-        ls.blocks.truncate(keep_pages);
-        ls.quantized = keep_groups * lay.group;
-        ls.len = n;
+        self.seqs.truncate(&self.lay, l, slot, n);
     }
 
     /// Writes the first `partial` tokens of quantized group `g`, dequantized, into the ring.
@@ -497,31 +371,15 @@ impl Cache {
     /// replacing whatever `dst` held. Quantized pages are shared, not copied (copy-on-write), so
     /// forking a long prompt costs only the windows.
     pub fn seq_copy(&mut self, src: u32, dst: u32, n_tokens: u32) -> Result<()> {
-        let s = self.slot_of(src)?;
-        if src == dst {
-            return Err(Error::InvalidArgument(format!("source and destination are both sequence {src}")));
-        }
-        let d = match self.seqs.find(dst) {
-            Some(d) => d,
-            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: dst, max: self.cfg.max_seqs })?,
-        };
-        self.release_slot(d);
+        let (s, d) = self.seqs.copy_slots(src, dst)?;
+        self.seqs.copy(s, d, dst);
         let lay = &self.lay;
         let n = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
         for l in 0..lay.n_layers {
-            let (src_ls, dst_ls) = two_mut(&mut self.seqs.slots, s, d);
-            let (src_ls, dst_ls) = (&src_ls.layers[l], &mut dst_ls.layers[l]);
-            dst_ls.len = src_ls.len;
-            dst_ls.quantized = src_ls.quantized;
-            dst_ls.blocks.extend_from_slice(&src_ls.blocks);
-            for &p in &src_ls.blocks {
-                self.pools[l].incref(p);
-            }
             let sb = lay.window_base(l, s, 0) * lay.dtype.size();
             let db = lay.window_base(l, d, 0) * lay.dtype.size();
             self.windows.bytes_mut().copy_within(sb..sb + n, db);
         }
-        self.seqs.slots[d].id = Some(dst);
         for l in 0..self.lay.n_layers {
             self.truncate_layer(l, d, n_tokens as usize);
         }
@@ -532,7 +390,7 @@ impl Cache {
     /// debugging; allocates).
     pub fn dequantized(&self, layer: u32, seq: u32) -> Result<Dequantized> {
         let l = self.check_layer(layer)?;
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         let lay = &self.lay;
         let (nkv, hd) = (lay.n_kv_heads, lay.head_dim);
         with_dtype!(lay.dtype, W => {
@@ -552,22 +410,12 @@ impl Cache {
     }
 }
 
-fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
-    assert_ne!(a, b);
-    if a < b {
-        let (x, y) = v.split_at_mut(b);
-        (&x[a], &mut y[0])
-    } else {
-        let (x, y) = v.split_at_mut(a);
-        (&y[0], &mut x[b])
-    }
-}
-
 /// Appends tokens to one (layer, sequence): sinks first, then the ring; whenever the window
 /// reaches `residual + group_size` tokens its oldest group is quantized into a page.
 fn push_tokens<W: Element, T: Element>(
     lay: &Layout,
     pool: &mut PagePool,
+    pages: &mut PageRefs,
     win: &mut [W],
     ls: &mut LayerSeq,
     keys: Rows<T>,
@@ -593,32 +441,19 @@ fn push_tokens<W: Element, T: Element>(
         }
         ls.len += 1;
         if pos >= lay.sinks && ls.len - lay.sinks - ls.quantized == lay.residual + lay.group {
-            flush(lay, pool, win, ls);
+            flush(lay, pool, pages, win, ls);
         }
     }
 }
 
 /// Quantizes the oldest `group_size` tokens of the window into the next group of the pages.
-fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, win: &[W], ls: &mut LayerSeq) {
+fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, pages: &mut PageRefs, win: &[W], ls: &mut LayerSeq) {
     let g = ls.quantized / lay.group;
     let gi = g % lay.groups_per_page;
-    let page = if gi == 0 {
-        let p = pool.alloc();
-        ls.blocks.push(p);
-        p
-    } else {
-        let bi = g / lay.groups_per_page;
-        let p = ls.blocks[bi];
-        if pool.refs(p) > 1 {
-            let fresh = pool.alloc();
-            pool.copy_page(p, fresh);
-            pool.decref(p);
-            ls.blocks[bi] = fresh;
-            fresh
-        } else {
-            p
-        }
-    };
+    let GroupPage { page, copy_of, .. } = ls.group_page(lay, pages, g);
+    if let Some(shared) = copy_of {
+        pool.copy_page(shared, page);
+    }
     let hd = lay.head_dim;
     let (gsz, vg, ng) = (lay.group, lay.vgroup, lay.row_groups());
     let [_, _, rk, rv] = lay.window_parts();

@@ -1,4 +1,5 @@
-//! Memory taken once: a 64-byte aligned buffer, and the page pool of one layer.
+//! Memory taken once: a 64-byte aligned buffer and the page pool of one layer; and the page
+//! reference counts every backend keeps on the host.
 
 use std::alloc::{self, Layout as AllocLayout};
 use std::ptr::NonNull;
@@ -102,23 +103,19 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
     let _ = (ptr, len);
 }
 
-/// The pages of one layer, with reference counts so forked sequences share their prompt.
-pub(crate) struct PagePool {
-    data: AlignedBuf,
-    page_bytes: usize,
+/// Reference counts of the pages of one layer, and which pages are free. Every backend keeps
+/// them on the host (in [`crate::seq::SeqTable`], next to the block tables that hold the
+/// references), so all hand out the same pages for the same calls; forked sequences share pages.
+#[derive(Debug, Clone)]
+pub(crate) struct PageRefs {
     refs: Vec<u32>,
     free: Vec<u32>,
 }
 
-impl PagePool {
-    pub fn new(pages: usize, page_bytes: usize) -> PagePool {
-        PagePool {
-            data: AlignedBuf::zeroed(pages * page_bytes),
-            page_bytes,
-            refs: vec![0; pages],
-            // Popped from the end: hand out low page numbers first.
-            free: (0..pages as u32).rev().collect(),
-        }
+impl PageRefs {
+    pub fn new(pages: usize) -> PageRefs {
+        // Popped from the end: hand out low page numbers first.
+        PageRefs { refs: vec![0; pages], free: (0..pages as u32).rev().collect() }
     }
 
     pub fn total(&self) -> usize {
@@ -166,6 +163,18 @@ impl PagePool {
 
     pub fn all_refs(&self) -> &[u32] {
         &self.refs
+    }
+}
+
+/// The page bytes of one layer (which pages are in use is kept in a [`PageRefs`]).
+pub(crate) struct PagePool {
+    data: AlignedBuf,
+    page_bytes: usize,
+}
+
+impl PagePool {
+    pub fn new(pages: usize, page_bytes: usize) -> PagePool {
+        PagePool { data: AlignedBuf::zeroed(pages * page_bytes), page_bytes }
     }
 
     #[inline]

@@ -1,9 +1,12 @@
 //! Sequences: which slot each sequence id has, and per layer how many tokens it holds, how many of
-//! them are quantized and which pages hold them. [`Stream`] is a read-only view of one
-//! (layer, sequence) that attention and dequantization read through.
+//! them are quantized and which pages hold them, with the pages' reference counts. Every backend
+//! keeps this on the host and changes it here; it only moves its own bytes. [`Stream`] is a
+//! read-only view of one (layer, sequence) that attention and dequantization read through.
 
 use crate::config::KeyMode;
+use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::pool::PageRefs;
 use crate::quant::{code_at, read_f16, GroupParams};
 use crate::rows::Element;
 
@@ -19,6 +22,47 @@ pub(crate) struct LayerSeq {
     pub blocks: Vec<u32>,
 }
 
+/// The page a quantized group is written into ([`LayerSeq::group_page`]).
+pub(crate) struct GroupPage {
+    pub page: u32,
+    /// The page is new in the block table, at index `g / groups_per_page`.
+    pub new: bool,
+    /// Copy-on-write: the shared page whose bytes `page` must first receive.
+    pub copy_of: Option<u32>,
+}
+
+impl LayerSeq {
+    /// Groups that appending `n` tokens flushes out of the window.
+    pub fn flushes(&self, lay: &Layout, n: usize) -> usize {
+        let w_total = (self.len + n).saturating_sub(lay.sinks + self.quantized);
+        if w_total >= lay.residual + lay.group {
+            (w_total - lay.residual) / lay.group
+        } else {
+            0
+        }
+    }
+
+    /// The page quantized group `g` (the next one) goes into, taken from `pages` where needed: a
+    /// new page when the group starts one, a private copy when its page is shared, else its page.
+    pub fn group_page(&mut self, lay: &Layout, pages: &mut PageRefs, g: usize) -> GroupPage {
+        let bi = g / lay.groups_per_page;
+        if g % lay.groups_per_page == 0 {
+            let p = pages.alloc();
+            self.blocks.push(p);
+            return GroupPage { page: p, new: true, copy_of: None };
+        }
+        let p = self.blocks[bi];
+        if pages.refs(p) > 1 {
+            let fresh = pages.alloc();
+            pages.decref(p);
+            self.blocks[bi] = fresh;
+            GroupPage { page: fresh, new: true, copy_of: Some(p) }
+        } else {
+            GroupPage { page: p, new: false, copy_of: None }
+        }
+    }
+}
+
 /// One sequence slot: an id when in use, and one [`LayerSeq`] per layer.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot {
@@ -26,17 +70,26 @@ pub(crate) struct Slot {
     pub layers: Vec<LayerSeq>,
 }
 
-/// All sequence slots. Block tables are reserved at creation, so appending never allocates.
+/// All sequence slots, and per layer the reference counts of its pages (the references are the
+/// slots' block tables). Block tables are reserved at creation, so appending never allocates.
+///
+/// The checks (`slot_of`, `check_*`, `copy_slots`) change nothing; the changes that follow them
+/// cannot fail, so a call that fails has changed nothing.
 #[derive(Debug, Clone)]
 pub(crate) struct SeqTable {
     pub slots: Vec<Slot>,
+    /// One per layer.
+    pub pages: Vec<PageRefs>,
 }
 
 impl SeqTable {
     pub fn new(lay: &Layout) -> SeqTable {
         let layer = || LayerSeq { len: 0, quantized: 0, blocks: Vec::with_capacity(lay.pages_per_layer) };
         let slot = || Slot { id: None, layers: (0..lay.n_layers).map(|_| layer()).collect() };
-        SeqTable { slots: (0..lay.max_seqs).map(|_| slot()).collect() }
+        SeqTable {
+            slots: (0..lay.max_seqs).map(|_| slot()).collect(),
+            pages: (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect(),
+        }
     }
 
     /// The slot of sequence `id`.
@@ -60,6 +113,236 @@ impl SeqTable {
 
     pub fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.id.is_some()).count()
+    }
+
+    /// A copy for another cache: the same sequences and counts, the free pages handed out lowest
+    /// first (as [`PageRefs::set_refs`] leaves them when a state is restored).
+    pub fn restored(&self) -> SeqTable {
+        let mut t = self.clone();
+        for (p, src) in t.pages.iter_mut().zip(&self.pages) {
+            p.set_refs(src.all_refs());
+        }
+        t
+    }
+
+    /// (Layer `l`, `slot`) and the page counts of layer `l`, to append to.
+    pub fn layer_mut(&mut self, l: usize, slot: usize) -> (&mut LayerSeq, &mut PageRefs) {
+        (&mut self.slots[slot].layers[l], &mut self.pages[l])
+    }
+
+    /// The slot of `seq`, which must exist.
+    pub fn slot_of(&self, seq: u32) -> Result<usize> {
+        self.find(seq).ok_or(Error::UnknownSequence(seq))
+    }
+
+    /// The slot of `seq`, or the free slot it will take (`true` when new).
+    pub fn slot_or_new(&self, seq: u32) -> Result<(usize, bool)> {
+        match self.find(seq) {
+            Some(s) => Ok((s, false)),
+            None => match self.free_slot() {
+                Some(s) => Ok((s, true)),
+                None => Err(Error::TooManySequences { seq, max: self.slots.len() as u32 }),
+            },
+        }
+    }
+
+    /// The slot of `seq`, giving it the first free slot when it is new (one is free: checked).
+    pub fn take_slot(&mut self, seq: u32) -> usize {
+        match self.find(seq) {
+            Some(s) => s,
+            None => {
+                let s = self.free_slot().expect("free slots were counted");
+                self.slots[s].id = Some(seq);
+                s
+            }
+        }
+    }
+
+    /// Flushes that appending `n` tokens to (layer `l`, `slot`) causes, and the pages they need
+    /// (copy-on-write of a shared last page included).
+    pub fn pages_needed(&self, lay: &Layout, l: usize, slot: usize, n: usize) -> usize {
+        let ls = &self.slots[slot].layers[l];
+        let flushes = ls.flushes(lay, n);
+        if flushes == 0 {
+            return 0;
+        }
+        let groups = ls.quantized / lay.group;
+        let after = (groups + flushes).div_ceil(lay.groups_per_page);
+        let cow = groups % lay.groups_per_page != 0 && self.pages[l].refs(*ls.blocks.last().unwrap()) > 1;
+        after - ls.blocks.len() + cow as usize
+    }
+
+    /// Fails when layer `l` has fewer than `pages` free pages, counting those that releasing
+    /// slot `replacing` would free; `token` is where `seq` stands.
+    pub fn check_pages(&self, l: usize, seq: u32, token: usize, pages: usize, replacing: Option<usize>) -> Result<()> {
+        let refs = &self.pages[l];
+        let reclaim = match replacing {
+            Some(s) => self.slots[s].layers[l].blocks.iter().filter(|&&p| refs.refs(p) == 1).count(),
+            None => 0,
+        };
+        let free = refs.free_count() + reclaim;
+        if pages > free {
+            return Err(Error::CapacityExhausted {
+                seq,
+                layer: l as u32,
+                token: token as u64,
+                needed: pages as u64,
+                free: free as u64,
+                total: refs.total() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks appending `n` tokens to `seq` (created when new) in layer `l`: a slot for it and
+    /// the pages the append needs. Returns its slot (not yet given to it when new).
+    pub fn check_append(&self, lay: &Layout, l: usize, seq: u32, n: usize) -> Result<usize> {
+        let (slot, _) = self.slot_or_new(seq)?;
+        let len = self.slots[slot].layers[l].len;
+        self.check_pages(l, seq, len, self.pages_needed(lay, l, slot, n), None)?;
+        Ok(slot)
+    }
+
+    /// Checks a decode step of one token for each of `seqs` in layer `l`: distinct ids, slots for
+    /// the new ones, pages for all (no allocation).
+    pub fn check_decode(&self, lay: &Layout, l: usize, seqs: &[u32]) -> Result<()> {
+        let (mut pages, mut new_seqs) = (0usize, 0usize);
+        let mut blame = (seqs.first().copied().unwrap_or(0), 0usize);
+        for (i, &seq) in seqs.iter().enumerate() {
+            if seqs[..i].contains(&seq) {
+                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decode step")));
+            }
+            match self.find(seq) {
+                None => {
+                    new_seqs += 1;
+                    if new_seqs > self.slots.len() - self.live() {
+                        return Err(Error::TooManySequences { seq, max: self.slots.len() as u32 });
+                    }
+                }
+                Some(slot) => {
+                    let need = self.pages_needed(lay, l, slot, 1);
+                    if need > 0 {
+                        blame = (seq, self.slots[slot].layers[l].len);
+                    }
+                    pages += need;
+                }
+            }
+        }
+        self.check_pages(l, blame.0, blame.1, pages, None)
+    }
+
+    /// Empties `slot`, releasing its pages.
+    pub fn release(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        for (ls, pages) in s.layers.iter_mut().zip(&mut self.pages) {
+            for &p in &ls.blocks {
+                pages.decref(p);
+            }
+            ls.blocks.clear();
+            ls.len = 0;
+            ls.quantized = 0;
+        }
+        s.id = None;
+    }
+
+    /// Removes `seq`, releasing its pages and its slot.
+    pub fn remove(&mut self, seq: u32) -> Result<()> {
+        let slot = self.slot_of(seq)?;
+        self.release(slot);
+        Ok(())
+    }
+
+    /// Removes every sequence but `seq`.
+    pub fn keep(&mut self, seq: u32) -> Result<()> {
+        let keep = self.slot_of(seq)?;
+        for slot in 0..self.slots.len() {
+            if slot != keep && self.slots[slot].id.is_some() {
+                self.release(slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every sequence.
+    pub fn clear(&mut self) {
+        for slot in 0..self.slots.len() {
+            self.release(slot);
+        }
+    }
+
+    /// Where keeping the first `n` tokens of (layer `l`, `slot`) cuts its quantized groups: the
+    /// groups kept whole and the tokens kept of the next one; `None` when no group is cut.
+    fn cut(&self, lay: &Layout, l: usize, slot: usize, n: usize) -> Option<(usize, usize)> {
+        let ls = &self.slots[slot].layers[l];
+        let rel = n.saturating_sub(lay.sinks);
+        if n >= ls.len || rel >= ls.quantized {
+            return None;
+        }
+        Some((rel / lay.group, rel % lay.group))
+    }
+
+    /// The quantized group `g` whose first `partial` tokens return to the window when (layer `l`,
+    /// `slot`) keeps its first `n` tokens, if the cut falls inside a group: the backend writes
+    /// them there, dequantized, before [`SeqTable::truncate`].
+    pub fn truncated_group(&self, lay: &Layout, l: usize, slot: usize, n: usize) -> Option<(usize, usize)> {
+        self.cut(lay, l, slot, n).filter(|&(_, partial)| partial > 0)
+    }
+
+    /// Keeps the first `n` tokens of (layer `l`, `slot`) (nothing changes when it holds fewer),
+    /// releasing the pages of the groups cut.
+    pub fn truncate(&mut self, lay: &Layout, l: usize, slot: usize, n: usize) {
+        if n >= self.slots[slot].layers[l].len {
+            return;
+        }
+        let cut = self.cut(lay, l, slot, n);
+        let ls = &mut self.slots[slot].layers[l];
+        if let Some((keep_groups, _)) = cut {
+            let keep_pages = keep_groups.div_ceil(lay.groups_per_page);
+            for &p in &ls.blocks[keep_pages..] {
+                self.pages[l].decref(p);
+            }
+            ls.blocks.truncate(keep_pages);
+            ls.quantized = keep_groups * lay.group;
+        }
+        ls.len = n;
+    }
+
+    /// The slots of `src` and of `dst` (its own or the free one it will take) for making `dst`
+    /// a copy of `src`.
+    pub fn copy_slots(&self, src: u32, dst: u32) -> Result<(usize, usize)> {
+        let s = self.slot_of(src)?;
+        if src == dst {
+            return Err(Error::InvalidArgument(format!("source and destination are both sequence {src}")));
+        }
+        let (d, _) = self.slot_or_new(dst)?;
+        Ok((s, d))
+    }
+
+    /// Makes slot `d` sequence `dst`, holding what slot `s` holds in every layer, its pages
+    /// shared (copy-on-write); what `d` held is released first. The backend copies the windows.
+    pub fn copy(&mut self, s: usize, d: usize, dst: u32) {
+        self.release(d);
+        let (from, to) = two_mut(&mut self.slots, s, d);
+        for ((a, b), pages) in from.layers.iter().zip(&mut to.layers).zip(&mut self.pages) {
+            b.len = a.len;
+            b.quantized = a.quantized;
+            b.blocks.extend_from_slice(&a.blocks);
+            for &p in &a.blocks {
+                pages.incref(p);
+            }
+        }
+        to.id = Some(dst);
+    }
+}
+
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&y[0], &mut x[b])
     }
 }
 

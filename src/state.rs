@@ -115,14 +115,14 @@ struct LayerRec<'a> {
     window: &'a [u8],
 }
 
-/// Bytes of a whole-cache blob of `seqs`, whose layers have `pages` (total, in use) pages: what
-/// [`Cache::state_size`] says, for either backend (the CUDA cache saves the same blob).
-pub(crate) fn cache_state_size(lay: &Layout, seqs: &SeqTable, pages: impl Iterator<Item = (usize, usize)>) -> usize {
+/// Bytes of a whole-cache blob of `seqs`: what [`Cache::state_size`] says, for either backend
+/// (the CUDA cache saves the same blob).
+pub(crate) fn cache_state_size(lay: &Layout, seqs: &SeqTable) -> usize {
     let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
     // Header, CRC, sequence count.
     let mut n = HEADER + 4 + 4;
-    for (total, used) in pages {
-        n += 4 * total + used * lay.page_bytes;
+    for pages in &seqs.pages {
+        n += 4 * pages.total() + pages.used_count() * lay.page_bytes;
     }
     for slot in seqs.slots.iter().filter(|s| s.id.is_some()) {
         n += 8;
@@ -152,7 +152,7 @@ impl Cache {
 
     /// Bytes [`Cache::save_state`] writes now.
     pub fn state_size(&self) -> usize {
-        cache_state_size(&self.lay, &self.seqs, self.pools.iter().map(|p| (p.total(), p.used_count())))
+        cache_state_size(&self.lay, &self.seqs)
     }
 
     /// Writes the whole cache into `buf` (at least [`Cache::state_size`] bytes); returns the
@@ -163,11 +163,11 @@ impl Cache {
             return Err(Error::BufferTooSmall { needed: size, given: buf.len() });
         }
         let mut w = self.header(buf, KIND_CACHE, size);
-        for pool in &self.pools {
-            for &r in pool.all_refs() {
+        for (pool, pages) in self.pools.iter().zip(&self.seqs.pages) {
+            for &r in pages.all_refs() {
                 w.u32(r);
             }
-            for (p, &r) in pool.all_refs().iter().enumerate() {
+            for (p, &r) in pages.all_refs().iter().enumerate() {
                 if r > 0 {
                     w.put(pool.page(p as u32));
                 }
@@ -249,23 +249,16 @@ impl Cache {
             }
         }
         // Everything checked: apply.
+        self.seqs.clear();
         for (refs, data, l) in pools {
             let pool = &mut self.pools[l];
-            pool.set_refs(&refs);
+            self.seqs.pages[l].set_refs(&refs);
             let mut at = 0;
             for (p, &rc) in refs.iter().enumerate() {
                 if rc > 0 {
                     pool.page_mut(p as u32).copy_from_slice(&data[at..at + lay.page_bytes]);
                     at += lay.page_bytes;
                 }
-            }
-        }
-        for slot in &mut self.seqs.slots {
-            slot.id = None;
-            for ls in &mut slot.layers {
-                ls.blocks.clear();
-                ls.len = 0;
-                ls.quantized = 0;
             }
         }
         for (s, id, layers) in seqs {
@@ -283,7 +276,7 @@ impl Cache {
 
     /// Bytes [`Cache::save_seq_state`] writes for `seq` now.
     pub fn seq_state_size(&self, seq: u32) -> Result<usize> {
-        let s = self.seqs.find(seq).ok_or(Error::UnknownSequence(seq))?;
+        let s = self.seqs.slot_of(seq)?;
         Ok(self.seq_size(s))
     }
 
@@ -294,7 +287,7 @@ impl Cache {
     /// Writes sequence `seq` into `buf` (at least [`Cache::seq_state_size`] bytes); returns the
     /// bytes written.
     pub fn save_seq_state(&self, seq: u32, buf: &mut [u8]) -> Result<usize> {
-        let s = self.seqs.find(seq).ok_or(Error::UnknownSequence(seq))?;
+        let s = self.seqs.slot_of(seq)?;
         let size = self.seq_size(s);
         if buf.len() < size {
             return Err(Error::BufferTooSmall { needed: size, given: buf.len() });
@@ -330,35 +323,17 @@ impl Cache {
         for _ in 0..lay.n_layers {
             layers.push(read_layer(&mut r, &lay, false, self.window_bytes())?);
         }
-        let existing = self.seqs.find(seq);
-        let slot = match existing {
-            Some(s) => s,
-            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq, max: self.cfg.max_seqs })?,
-        };
+        let (slot, new) = self.seqs.slot_or_new(seq)?;
         for (l, rec) in layers.iter().enumerate() {
-            let pool = &self.pools[l];
-            let reclaim = match existing {
-                Some(s) => self.seqs.slots[s].layers[l].blocks.iter().filter(|&&b| pool.refs(b) == 1).count(),
-                None => 0,
-            };
             let need = rec.pages.len() / lay.page_bytes;
-            if need > pool.free_count() + reclaim {
-                return Err(Error::CapacityExhausted {
-                    seq,
-                    layer: l as u32,
-                    token: rec.len as u64,
-                    needed: need as u64,
-                    free: (pool.free_count() + reclaim) as u64,
-                    total: pool.total() as u64,
-                });
-            }
+            self.seqs.check_pages(l, seq, rec.len, need, (!new).then_some(slot))?;
         }
         // Everything checked: apply.
         self.seq_remove(seq).ok();
         self.seqs.slots[slot].id = Some(seq);
         for (l, rec) in layers.into_iter().enumerate() {
             for page in rec.pages.chunks_exact(lay.page_bytes) {
-                let p = self.pools[l].alloc();
+                let p = self.seqs.pages[l].alloc();
                 self.pools[l].page_mut(p).copy_from_slice(page);
                 self.seqs.slots[slot].layers[l].blocks.push(p);
             }

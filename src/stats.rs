@@ -45,9 +45,11 @@ impl MemoryStats {
 }
 
 impl MemoryStats {
-    /// The accounting shared by every backend: tokens from the sequence table, bytes from the
-    /// layout, pages from the pools' counts.
-    pub(crate) fn count(lay: &Layout, seqs: &SeqTable, pages_used: u64, pages_total: u64) -> MemoryStats {
+    /// The accounting shared by every backend: tokens and pages from the sequence table, bytes
+    /// from the layout.
+    pub(crate) fn count(lay: &Layout, seqs: &SeqTable) -> MemoryStats {
+        let pages_used = seqs.pages.iter().map(|p| p.used_count() as u64).sum();
+        let pages_total = seqs.pages.iter().map(|p| p.total() as u64).sum();
         let mut st = MemoryStats { pages_used, pages_total, ..MemoryStats::default() };
         let per_token_fp = (2 * lay.n_kv_heads * lay.head_dim) as u64;
         for slot in &seqs.slots {
@@ -74,8 +76,6 @@ impl MemoryStats {
 impl Cache {
     /// Where the cache's bytes go right now.
     pub fn stats(&self) -> MemoryStats {
-        let used = self.pools.iter().map(|p| p.used_count() as u64).sum();
-        let total = self.pools.iter().map(|p| p.total() as u64).sum();
-        MemoryStats::count(&self.lay, &self.seqs, used, total)
+        MemoryStats::count(&self.lay, &self.seqs)
     }
 }

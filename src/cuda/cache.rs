@@ -24,8 +24,7 @@ use crate::cache::Cache;
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::pool::PagePool;
-use crate::seq::{LayerSeq, SeqTable};
+use crate::seq::{GroupPage, SeqTable};
 use crate::stats::MemoryStats;
 
 #[cfg(any(test, feature = "sim"))]
@@ -82,41 +81,6 @@ impl DevRows {
             return shape(format!("stride {} too large", self.stride));
         }
         Ok(())
-    }
-}
-
-/// Page reference counts of one layer (the host side of a page pool: same allocation order as
-/// the CPU's [`PagePool`], so both hand out the same pages for the same calls).
-#[derive(Debug, Clone)]
-struct PageRefs {
-    refs: Vec<u32>,
-    free: Vec<u32>,
-}
-
-impl PageRefs {
-    fn new(pages: usize) -> PageRefs {
-        PageRefs { refs: vec![0; pages], free: (0..pages as u32).rev().collect() }
-    }
-    fn alloc(&mut self) -> u32 {
-        let p = self.free.pop().expect("page availability is checked before any change");
-        self.refs[p as usize] = 1;
-        p
-    }
-    fn incref(&mut self, p: u32) {
-        self.refs[p as usize] += 1;
-    }
-    fn decref(&mut self, p: u32) {
-        let r = &mut self.refs[p as usize];
-        debug_assert!(*r > 0, "page {p} released twice");
-        *r -= 1;
-        if *r == 0 {
-            self.free.push(p);
-        }
-    }
-    fn set_refs(&mut self, refs: &[u32]) {
-        self.refs.copy_from_slice(refs);
-        self.free.clear();
-        self.free.extend((0..refs.len() as u32).rev().filter(|&p| refs[p as usize] == 0));
     }
 }
 
@@ -280,7 +244,6 @@ pub struct CudaCache {
     dev: Backend,
     info: DeviceInfo,
     seqs: SeqTable,
-    refs: Vec<PageRefs>,
     base: u64,
     bytes: usize,
     off_windows: u64,
@@ -364,7 +327,6 @@ impl CudaCache {
                 (dev, sim::info(), base)
             }
         };
-        let refs = (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect();
         let seqs = SeqTable::new(&lay);
         Ok(CudaCache {
             cfg,
@@ -372,7 +334,6 @@ impl CudaCache {
             dev,
             info,
             seqs,
-            refs,
             base,
             bytes,
             off_windows: off_windows as u64,
@@ -421,20 +382,6 @@ impl CudaCache {
         Ok(layer as usize)
     }
 
-    fn slot_of(&self, seq: u32) -> Result<usize> {
-        self.seqs.find(seq).ok_or(Error::UnknownSequence(seq))
-    }
-
-    fn slot_or_new(&self, seq: u32) -> Result<(usize, bool)> {
-        match self.seqs.find(seq) {
-            Some(s) => Ok((s, false)),
-            None => match self.seqs.free_slot() {
-                Some(s) => Ok((s, true)),
-                None => Err(Error::TooManySequences { seq, max: self.cfg.max_seqs }),
-            },
-        }
-    }
-
     fn check_kv(&self, keys: &DevRows, values: &DevRows, rows: usize) -> Result<()> {
         let row = self.lay.n_kv_heads * self.lay.head_dim;
         keys.check("keys", rows, Some(row))?;
@@ -465,63 +412,23 @@ impl CudaCache {
         Ok(len / hd)
     }
 
-    /// Pages that appending `n` tokens to `ls` needs (as the CPU cache counts them).
-    fn pages_needed(&self, l: usize, ls: &LayerSeq, n: usize) -> usize {
-        let lay = &self.lay;
-        let w_total = (ls.len + n).saturating_sub(lay.sinks + ls.quantized);
-        let flushes = if w_total >= lay.residual + lay.group { (w_total - lay.residual) / lay.group } else { 0 };
-        if flushes == 0 {
-            return 0;
-        }
-        let groups = ls.quantized / lay.group;
-        let after = (groups + flushes).div_ceil(lay.groups_per_page);
-        let cow = groups % lay.groups_per_page != 0 && self.refs[l].refs[*ls.blocks.last().unwrap() as usize] > 1;
-        after - ls.blocks.len() + cow as usize
-    }
-
-    fn check_pages(&self, l: usize, seq: u32, token: usize, pages: usize) -> Result<()> {
-        let free = self.refs[l].free.len();
-        if pages > free {
-            return Err(Error::CapacityExhausted {
-                seq,
-                layer: l as u32,
-                token: token as u64,
-                needed: pages as u64,
-                free: free as u64,
-                total: self.refs[l].refs.len() as u64,
-            });
-        }
-        Ok(())
-    }
-
     /// Updates the host metadata of (layer, slot) for `n` tokens from input rows `row0..` and
     /// records what the device has to do. Capacity has been checked.
     fn plan_push(&mut self, l: usize, slot: usize, n: usize, row0: usize, plan: &mut Plan) {
         let lay = self.lay.clone();
         let bidx = self.blocks_index(l, slot);
-        let refs = &mut self.refs[l];
-        let ls = &mut self.seqs.slots[slot].layers[l];
+        let (ls, pages) = self.seqs.layer_mut(l, slot);
         let (len_old, q_old) = (ls.len, ls.quantized);
         let len_new = len_old + n;
-        let w_total = len_new.saturating_sub(lay.sinks + q_old);
-        let flushes = if w_total >= lay.residual + lay.group { (w_total - lay.residual) / lay.group } else { 0 };
+        let flushes = ls.flushes(&lay, n);
         for k in 0..flushes {
             let g = q_old / lay.group + k;
-            let gi = g % lay.groups_per_page;
-            let bi = g / lay.groups_per_page;
-            if gi == 0 {
-                let p = refs.alloc();
-                ls.blocks.push(p);
-                plan.set_blocks.push(((bidx + bi) as u32, p));
-            } else {
-                let p = ls.blocks[bi];
-                if refs.refs[p as usize] > 1 {
-                    let fresh = refs.alloc();
-                    plan.cow.push((p, fresh));
-                    refs.decref(p);
-                    ls.blocks[bi] = fresh;
-                    plan.set_blocks.push(((bidx + bi) as u32, fresh));
-                }
+            let GroupPage { page, new, copy_of } = ls.group_page(&lay, pages, g);
+            if let Some(shared) = copy_of {
+                plan.cow.push((shared, page));
+            }
+            if new {
+                plan.set_blocks.push(((bidx + g / lay.groups_per_page) as u32, page));
             }
         }
         if flushes > 0 {
@@ -735,9 +642,7 @@ impl CudaCache {
         let l = self.check_layer(layer)?;
         let n = keys.rows;
         self.check_kv(&keys, &values, n)?;
-        let (slot, _) = self.slot_or_new(seq)?;
-        let ls = &self.seqs.slots[slot].layers[l];
-        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        let slot = self.seqs.check_append(&self.lay, l, seq, n)?;
         self.bind()?;
         let mut plan = Plan::default();
         self.plan_push(l, slot, n, 0, &mut plan);
@@ -764,10 +669,9 @@ impl CudaCache {
         self.check_kv(&keys, &values, n)?;
         let nqh = self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
-        let (slot, _) = self.slot_or_new(seq)?;
-        let ls = &self.seqs.slots[slot].layers[l];
-        self.check_pages(l, seq, ls.len, self.pages_needed(l, ls, n))?;
+        let slot = self.seqs.check_append(&self.lay, l, seq, n)?;
         self.bind()?;
+        let ls = &self.seqs.slots[slot].layers[l];
         let (len, quantized) = (ls.len, ls.quantized);
         let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
         let items: Vec<AttnItem> = (0..n.div_ceil(qt))
@@ -802,7 +706,7 @@ impl CudaCache {
         stream: Stream,
     ) -> Result<()> {
         let l = self.check_layer(layer)?;
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         let n = queries.rows;
         let nqh = self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
@@ -850,42 +754,12 @@ impl CudaCache {
         self.check_kv(&keys, &values, n)?;
         let nqh = self.check_q(&queries, &out, n)?;
         let o = opts.resolve(self.lay.head_dim)?;
-        let mut slots = Vec::with_capacity(n);
-        let (mut pages, mut new_seqs) = (0usize, 0usize);
-        let mut blame = (seqs.first().copied().unwrap_or(0), 0usize);
-        for (i, &seq) in seqs.iter().enumerate() {
-            if seqs[..i].contains(&seq) {
-                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decode step")));
-            }
-            let (slot, new) = self.slot_or_new(seq)?;
-            if new {
-                new_seqs += 1;
-                if new_seqs > self.lay.max_seqs - self.seqs.live() {
-                    return Err(Error::TooManySequences { seq, max: self.cfg.max_seqs });
-                }
-                slots.push(usize::MAX);
-            } else {
-                let ls = &self.seqs.slots[slot].layers[l];
-                let need = self.pages_needed(l, ls, 1);
-                if need > 0 {
-                    blame = (seq, ls.len);
-                }
-                pages += need;
-                slots.push(slot);
-            }
-        }
-        self.check_pages(l, blame.0, blame.1, pages)?;
+        self.seqs.check_decode(&self.lay, l, seqs)?;
         self.bind()?;
         // Compile the attention kernels (once per process) before anything changes, so that a
         // compilation error leaves the cache as it was.
         self.prepare(Family::Decode, nqh)?;
-        for (i, &seq) in seqs.iter().enumerate() {
-            if slots[i] == usize::MAX {
-                let s = self.seqs.free_slot().expect("free slots were counted");
-                self.seqs.slots[s].id = Some(seq);
-                slots[i] = s;
-            }
-        }
+        let slots: Vec<usize> = seqs.iter().map(|&seq| self.seqs.take_slot(seq)).collect();
         let items: Vec<AttnItem> = slots
             .iter()
             .enumerate()
@@ -913,14 +787,14 @@ impl CudaCache {
 
     /// Tokens `seq` holds: the most any layer holds.
     pub fn seq_len(&self, seq: u32) -> Result<u32> {
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         Ok(self.seqs.len_of(slot))
     }
 
     /// Tokens `seq` holds in `layer`.
     pub fn seq_layer_len(&self, seq: u32, layer: u32) -> Result<u32> {
         let l = self.check_layer(layer)?;
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         Ok(self.seqs.slots[slot].layers[l].len as u32)
     }
 
@@ -934,48 +808,25 @@ impl CudaCache {
         self.seqs.ids().collect()
     }
 
-    fn release_slot(&mut self, slot: usize) {
-        let s = &mut self.seqs.slots[slot];
-        for (l, ls) in s.layers.iter_mut().enumerate() {
-            for &p in &ls.blocks {
-                self.refs[l].decref(p);
-            }
-            ls.blocks.clear();
-            ls.len = 0;
-            ls.quantized = 0;
-        }
-        s.id = None;
-    }
-
     /// Removes `seq`, releasing its pages and its slot (host bookkeeping only).
     pub fn seq_remove(&mut self, seq: u32) -> Result<()> {
-        let slot = self.slot_of(seq)?;
-        self.release_slot(slot);
-        Ok(())
+        self.seqs.remove(seq)
     }
 
     /// Removes every sequence but `seq`.
     pub fn seq_keep(&mut self, seq: u32) -> Result<()> {
-        let keep = self.slot_of(seq)?;
-        for slot in 0..self.seqs.slots.len() {
-            if slot != keep && self.seqs.slots[slot].id.is_some() {
-                self.release_slot(slot);
-            }
-        }
-        Ok(())
+        self.seqs.keep(seq)
     }
 
     /// Removes every sequence.
     pub fn clear(&mut self) {
-        for slot in 0..self.seqs.slots.len() {
-            self.release_slot(slot);
-        }
+        self.seqs.clear()
     }
 
     /// [`crate::Cache::seq_truncate`] on the device (same precision rules): keeps the first
     /// `n_tokens` tokens of `seq` in every layer.
     pub fn seq_truncate(&mut self, seq: u32, n_tokens: u32, stream: Stream) -> Result<()> {
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         self.bind()?;
         for l in 0..self.lay.n_layers {
             self.truncate_layer(l, slot, n_tokens as usize, stream)?;
@@ -984,37 +835,19 @@ impl CudaCache {
     }
 
     fn truncate_layer(&mut self, l: usize, slot: usize, n: usize, stream: Stream) -> Result<()> {
-        let lay = self.lay.clone();
-        let ls = &self.seqs.slots[slot].layers[l];
-        if n >= ls.len {
-            return Ok(());
-        }
-        let rel = n.saturating_sub(lay.sinks);
-        if rel >= ls.quantized {
-            self.seqs.slots[slot].layers[l].len = n;
-            return Ok(());
-        }
-        let (keep_groups, partial) = (rel / lay.group, rel % lay.group);
-        if partial > 0 {
+        if let Some((g, partial)) = self.seqs.truncated_group(&self.lay, l, slot, n) {
             let p = UnquantParams {
                 windows: self.windows_ptr(l),
                 pages: self.pages_ptr(l),
                 blocks: self.blocks_ptr(l),
                 slot: slot as u32,
-                g: keep_groups as u32,
+                g: g as u32,
                 partial: partial as u32,
                 pad: 0,
             };
-            self.kernel(Kernel::Unquant(&p), (lay.n_kv_heads as u32, 1, 1), 256, stream)?;
+            self.kernel(Kernel::Unquant(&p), (self.lay.n_kv_heads as u32, 1, 1), 256, stream)?;
         }
-        let ls = &mut self.seqs.slots[slot].layers[l];
-        let keep_pages = keep_groups.div_ceil(lay.groups_per_page);
-        for &p in &ls.blocks[keep_pages..] {
-            self.refs[l].decref(p);
-        }
-        ls.blocks.truncate(keep_pages);
-        ls.quantized = keep_groups * lay.group;
-        ls.len = n;
+        self.seqs.truncate(&self.lay, l, slot, n);
         Ok(())
     }
 
@@ -1022,38 +855,23 @@ impl CudaCache {
     /// tokens of `src`, sharing its quantized pages (copy-on-write); windows and block tables
     /// are copied on the device.
     pub fn seq_copy(&mut self, src: u32, dst: u32, n_tokens: u32, stream: Stream) -> Result<()> {
-        let s = self.slot_of(src)?;
-        if src == dst {
-            return Err(Error::InvalidArgument(format!("source and destination are both sequence {src}")));
-        }
-        let d = match self.seqs.find(dst) {
-            Some(d) => d,
-            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: dst, max: self.cfg.max_seqs })?,
-        };
+        let (s, d) = self.seqs.copy_slots(src, dst)?;
         self.bind()?;
-        self.release_slot(d);
-        let wbytes = self.lay.n_kv_heads * self.lay.window_head_elems * self.lay.dtype.size();
-        for l in 0..self.lay.n_layers {
-            let src_ls = self.seqs.slots[s].layers[l].clone();
-            for &p in &src_ls.blocks {
-                self.refs[l].incref(p);
-            }
-            let dsz = self.lay.dtype.size() as u64;
-            let sw = self.base + self.off_windows + self.lay.window_base(l, s, 0) as u64 * dsz;
-            let dw = self.base + self.off_windows + self.lay.window_base(l, d, 0) as u64 * dsz;
+        self.seqs.copy(s, d, dst);
+        let lay = &self.lay;
+        let (dsz, wbytes) = (lay.dtype.size() as u64, lay.n_kv_heads * lay.window_head_elems * lay.dtype.size());
+        for l in 0..lay.n_layers {
+            let sw = self.base + self.off_windows + lay.window_base(l, s, 0) as u64 * dsz;
+            let dw = self.base + self.off_windows + lay.window_base(l, d, 0) as u64 * dsz;
             let sb = self.base + self.off_blocks + self.blocks_index(l, s) as u64 * 4;
             let db = self.base + self.off_blocks + self.blocks_index(l, d) as u64 * 4;
             self.dtod(dw, sw, wbytes, stream)?;
-            if !src_ls.blocks.is_empty() {
-                self.dtod(db, sb, src_ls.blocks.len() * 4, stream)?;
+            let n_blocks = self.seqs.slots[s].layers[l].blocks.len();
+            if n_blocks > 0 {
+                self.dtod(db, sb, n_blocks * 4, stream)?;
             }
-            let dst_ls = &mut self.seqs.slots[d].layers[l];
-            dst_ls.len = src_ls.len;
-            dst_ls.quantized = src_ls.quantized;
-            dst_ls.blocks.extend_from_slice(&src_ls.blocks);
         }
-        self.seqs.slots[d].id = Some(dst);
-        for l in 0..self.lay.n_layers {
+        for l in 0..lay.n_layers {
             self.truncate_layer(l, d, n_tokens as usize, stream)?;
         }
         Ok(())
@@ -1061,16 +879,14 @@ impl CudaCache {
 
     /// Where the cache's bytes go right now (the same accounting as [`crate::Cache::stats`]).
     pub fn stats(&self) -> MemoryStats {
-        let used = self.refs.iter().map(|r| (r.refs.len() - r.free.len()) as u64).sum();
-        let total = self.refs.iter().map(|r| r.refs.len() as u64).sum();
-        MemoryStats::count(&self.lay, &self.seqs, used, total)
+        MemoryStats::count(&self.lay, &self.seqs)
     }
 
     /// Sequence `seq` alone, in a CPU [`Cache`] of the same dimensions sized for it (one
     /// sequence, its quantized tokens): what to save when one sequence is swapped out. Waits for
     /// `stream`.
     pub fn seq_to_host(&self, seq: u32, stream: Stream) -> Result<Cache> {
-        let slot = self.slot_of(seq)?;
+        let slot = self.seqs.slot_of(seq)?;
         self.bind()?;
         let lay = &self.lay;
         let mut cfg = self.cfg.clone();
@@ -1084,7 +900,7 @@ impl CudaCache {
             let ls = self.seqs.slots[slot].layers[l].clone();
             let mut blocks = Vec::with_capacity(ls.blocks.len());
             for &p in &ls.blocks {
-                let np = host.pools[l].alloc();
+                let np = host.seqs.pages[l].alloc();
                 let src = self.pages_ptr(l) + p as u64 * lay.page_bytes as u64;
                 self.dtoh(host.pools[l].page_mut(np), src, stream)?;
                 blocks.push(np);
@@ -1116,47 +932,24 @@ impl CudaCache {
         if *hc != same {
             return Err(Error::StateMismatch(format!("a cache of {hc:?} into a cache of {:?}", self.cfg)));
         }
-        let hslot = host.seqs.find(seq).ok_or(Error::UnknownSequence(seq))?;
-        let existing = self.seqs.find(as_id);
-        let slot = match existing {
-            Some(s) => s,
-            None => self.seqs.free_slot().ok_or(Error::TooManySequences { seq: as_id, max: self.cfg.max_seqs })?,
-        };
+        let hslot = host.seqs.slot_of(seq)?;
+        let (slot, new) = self.seqs.slot_or_new(as_id)?;
         let lay = self.lay.clone();
-        for l in 0..lay.n_layers {
-            let need = host.seqs.slots[hslot].layers[l].blocks.len();
-            let freed = match existing {
-                Some(s) => {
-                    self.seqs.slots[s].layers[l].blocks.iter().filter(|&&p| self.refs[l].refs[p as usize] == 1).count()
-                }
-                None => 0,
-            };
-            let free = self.refs[l].free.len() + freed;
-            if need > free {
-                let token = host.seqs.slots[hslot].layers[l].len as u64;
-                let total = self.refs[l].refs.len() as u64;
-                return Err(Error::CapacityExhausted {
-                    seq: as_id,
-                    layer: l as u32,
-                    token,
-                    needed: need as u64,
-                    free: free as u64,
-                    total,
-                });
-            }
+        for (l, hls) in host.seqs.slots[hslot].layers.iter().enumerate() {
+            self.seqs.check_pages(l, as_id, hls.len, hls.blocks.len(), (!new).then_some(slot))?;
         }
         self.bind()?;
         // The copies below are not ordered with work on the engine's streams: wait for that
         // work first, and for the copies at the end.
         self.sync_device()?;
-        self.release_slot(slot);
+        self.seqs.release(slot);
         let dsz = lay.dtype.size();
         let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
         for l in 0..lay.n_layers {
             let hls = &host.seqs.slots[hslot].layers[l];
             let mut blocks = Vec::with_capacity(hls.blocks.len());
             for &hp in &hls.blocks {
-                let p = self.refs[l].alloc();
+                let p = self.seqs.pages[l].alloc();
                 self.htod(self.pages_ptr(l) + p as u64 * lay.page_bytes as u64, host.pools[l].page(hp))?;
                 blocks.push(p);
             }
@@ -1190,13 +983,11 @@ impl CudaCache {
         }
         self.dtoh(host.windows.bytes_mut(), self.base + self.off_windows, stream)?;
         for (l, buf) in pages.iter().enumerate() {
-            let pool: &mut PagePool = &mut host.pools[l];
             for p in 0..lay.pages_per_layer {
-                pool.page_mut(p as u32).copy_from_slice(&buf[p * lay.page_bytes..(p + 1) * lay.page_bytes]);
+                host.pools[l].page_mut(p as u32).copy_from_slice(&buf[p * lay.page_bytes..(p + 1) * lay.page_bytes]);
             }
-            pool.set_refs(&self.refs[l].refs);
         }
-        host.seqs = self.seqs.clone();
+        host.seqs = self.seqs.restored();
         Ok(host)
     }
 
@@ -1217,13 +1008,12 @@ impl CudaCache {
 
     /// Bytes [`CudaCache::save_state_vec`] returns now, found on the host (no device work).
     pub fn state_size(&self) -> usize {
-        let pages = self.refs.iter().map(|r| (r.refs.len(), r.refs.len() - r.free.len()));
-        crate::state::cache_state_size(&self.lay, &self.seqs, pages)
+        crate::state::cache_state_size(&self.lay, &self.seqs)
     }
 
     /// Bytes [`CudaCache::save_seq_state_vec`] returns for `seq` now (no device work).
     pub fn seq_state_size(&self, seq: u32) -> Result<usize> {
-        Ok(crate::state::seq_state_size(&self.lay, &self.seqs, self.slot_of(seq)?))
+        Ok(crate::state::seq_state_size(&self.lay, &self.seqs, self.seqs.slot_of(seq)?))
     }
 
     /// Replaces everything with a state blob of a cache of the same configuration
@@ -1284,10 +1074,7 @@ impl CudaCache {
         c.htod(c.base + c.off_windows, cache.windows.bytes())?;
         let blocks: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
         c.htod(c.base + c.off_blocks, &blocks)?;
-        for l in 0..lay.n_layers {
-            c.refs[l].set_refs(cache.pools[l].all_refs());
-        }
-        c.seqs = cache.seqs.clone();
+        c.seqs = cache.seqs.restored();
         c.sync_device()
     }
 
