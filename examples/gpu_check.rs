@@ -8,6 +8,9 @@
 //!                                      # memory; the C ABI case and the longest cases are skipped
 //! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
 //! ```
+//! gpu_check cubins DIR [--arch sm_90]  # no GPU needed: the decode modules of the benchmark
+//!                                      # shapes compiled with NVRTC, for scripts/sass_mix.py
+//!
 //! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
 //! all three and adds the fp16 baseline (`scripts/gpu_baseline.py`).
 //!
@@ -1170,6 +1173,39 @@ fn bench(args: &[String]) -> bool {
     true
 }
 
+/// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
+/// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`.
+fn cubins(args: &[String]) -> bool {
+    let Some(dir) = args.get(2) else {
+        eprintln!("usage: gpu_check cubins DIR [--arch sm_90]");
+        return false;
+    };
+    let arch = args.iter().position(|a| a == "--arch").map_or("sm_90", |i| args[i + 1].as_str());
+    let _ = std::fs::create_dir_all(dir);
+    for bits in [2u8, 4] {
+        let mut cfg = CacheConfig::new(1, 8, 128);
+        cfg.dtype = DType::F16;
+        cfg.key_bits = bits;
+        cfg.value_bits = bits;
+        let spec = kivi::cuda::kernels::Spec::for_config(&cfg, 4).expect("a valid configuration");
+        match kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, &spec, arch) {
+            Ok(img) => {
+                let path = format!("{dir}/decode-kivi{bits}.cubin");
+                if let Err(e) = std::fs::write(&path, img.bytes()) {
+                    eprintln!("{path}: {e}");
+                    return false;
+                }
+                println!("{{\"kind\":\"cubin\",\"bits\":{bits},\"arch\":{arch:?},\"path\":{path:?}}}");
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let cmd = args.get(1).map(String::as_str).unwrap_or("check");
@@ -1181,6 +1217,7 @@ fn main() {
         }
         "check" => info() && check(args.iter().any(|a| a == "--mma-only")),
         "bench" => info() && bench(&args),
+        "cubins" => cubins(&args),
         other => {
             eprintln!("unknown command {other}: use info, check or bench");
             false

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""The static cost of the tensor-core decode kernel, without a GPU.
+
+Disassembles the cubins that `gpu_check cubins DIR` writes (nvdisasm: from the CUDA toolkit or
+the PyPI package nvidia-cuda-nvdisasm), finds the loop of kv_decode_mma that handles one
+quantized group per warp per iteration (the loop holding the HMMA instructions), and counts its
+instructions by kind. From the counts it estimates the cycles one group costs a multiprocessor,
+the largest of: issue (4 schedulers, one instruction each per cycle), the integer pipes (half
+rate on sm_80/sm_90), and shared memory (one access per cycle); this assumes the pipes overlap
+perfectly, so it is a lower bound. It compares that with the cycles the group's bytes take at a
+device's memory bandwidth: while the first is larger, the kernel is bound by instructions, not
+by memory.
+
+Usage: sass_mix.py DIR [--nvdisasm PATH] [--bandwidth-gbs 4800 --sms 132 --clock-ghz 1.98]
+(the defaults are an H200's).
+"""
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+INT = {"LOP3", "SHF", "PRMT", "IADD3", "IMAD", "LEA", "ISETP", "IABS", "IMNMX", "VIADD", "SEL", "BMSK", "POPC", "FLO"}
+# Shared-memory and async-copy instructions: about one per multiprocessor cycle (one wavefront).
+SHARED = {"LDS", "STS", "LDSM", "LDGSTS"}
+FREE = {"NOP", "BSSY", "BSYNC", "BRA", "WARPSYNC", "DEPBAR", "LDGDEPBAR"}
+
+
+def nvdisasm_path(given):
+    if given:
+        return given
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia  # noqa: F401  (the PyPI packages)
+
+        for p in nvidia.__path__:
+            for c in glob.glob(os.path.join(p, "*", "bin", "nvdisasm")):
+                return c
+    except ImportError:
+        pass
+    sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm, or pass --nvdisasm")
+
+
+def loop_of(sass, kernel):
+    """The instructions of the innermost loop of `kernel` that holds HMMA instructions."""
+    text = sass.split(f".text.{kernel}:", 1)[1].split(".text.", 1)[0]
+    lines = text.splitlines()
+    labels = {}
+    insts = []  # (line index, opcode, target label or None)
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(insts)
+            continue
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]*)?\s*(.*?);", line)
+        if m:
+            target = re.search(r"\(\s*(\.L_x_\d+)\s*\)", m.group(3))
+            insts.append((m.group(1), target.group(1) if target else None))
+    best = None
+    for j, (op, target) in enumerate(insts):
+        if op == "BRA" and target in labels and labels[target] <= j:
+            body = insts[labels[target]: j + 1]
+            n_mma = sum(1 for o, _ in body if o == "HMMA")
+            if n_mma and (best is None or len(body) < len(best)):
+                best = body
+    if best is None:
+        sys.exit(f"no loop with HMMA found in {kernel}")
+    return [o for o, _ in best]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("--nvdisasm")
+    ap.add_argument("--bandwidth-gbs", type=float, default=4800)
+    ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--clock-ghz", type=float, default=1.98)
+    a = ap.parse_args()
+    tool = nvdisasm_path(a.nvdisasm)
+    for path in sorted(glob.glob(os.path.join(a.dir, "decode-kivi*.cubin"))):
+        bits = int(re.search(r"kivi(\d+)", path).group(1))
+        sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+        ops = loop_of(sass, "kv_decode_mma")
+        mix = collections.Counter(ops)
+        n = sum(c for o, c in mix.items() if o not in FREE)
+        issue = n / 4
+        int_pipe = sum(c for o, c in mix.items() if o in INT) * 2 / 4
+        shared = sum(c for o, c in mix.items() if o in SHARED)
+        cycles = max(issue, int_pipe, shared)
+        # One group of 32 tokens of one KV head of 128 channels: codes, f16 scales and zeros.
+        group_bytes = 2 * 32 * 128 * bits // 8 + 2 * 2 * 128 + 2 * 2 * 32 * 4
+        mem_cycles = group_bytes / (a.bandwidth_gbs * 1e9 / a.sms / (a.clock_ghz * 1e9))
+        top = ", ".join(f"{o} {c}" for o, c in mix.most_common(12))
+        print(f"KIVI-{bits}: {n} instructions per group per warp ({mix['HMMA']} HMMA); at least {cycles:.0f} "
+              f"cycles per group per multiprocessor (issue {issue:.0f}, integer pipe {int_pipe:.0f}, shared "
+              f"memory {shared:.0f}) against {mem_cycles:.0f} for its "
+              f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "
+              f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
+        print(f"  {top}")
+
+
+if __name__ == "__main__":
+    main()
