@@ -4,14 +4,21 @@
 //
 // One block per (split, kv head, sequence); each warp takes whole groups, staged into shared
 // memory with 16-byte cp.async copies (double-buffered: the next group loads while this one is
-// computed). The query heads of the GQA group are the rows of the A operands; the codes, which
-// are small integers and exact in f16, are the B operands:
+// computed). The query heads of the GQA group are the rows of the A operands:
 //   scores  S[h][t] = sum_c (q[h][c] * ks[c]) * code[c][t] + sum_c q[h][c] * kz[c]
-//   output  O[h][c] = sum_t (p[h][t] * vs[t][cg]) * code[t][c] + sum_t p[h][t] * vz[t][cg]
-// The scaled query and the scaled weights are f32 numbers split into two f16 parts (hi in rows
-// 0..7, lo = x - hi in rows 8..15 of A), so the products keep about 22 bits; rows h and h + 8 of
-// every result are added. Token and channel orders inside the mma tiles are permuted so that each
-// lane reads few, contiguous bits:
+//   output  O[h][c] = sum_t p[h][t] * f16(code[t][c] * vs[t][cg] + vz[t][cg])
+// A operands that are not exact in f16 (the scaled query, the weights) are split into two f16
+// parts, hi in rows 0..7 and lo in rows 8..15, so the products keep about 22 bits; rows h and
+// h + 8 of every result are added. Key codes are B operands as they are (small integers, exact);
+// values are B operands dequantized to f16 (rounded once, about 2^-12 relative: keys are kept
+// exact because their outlier channels would make that rounding cost about 1e-3 of the output,
+// values cost about 3e-4). The loop is bound by instructions, not bytes, on H100/H200-class
+// GPUs, so each step is chosen for its instruction count (scripts/sass_mix.py measures it):
+// codes become f16 with one LOP3 (mask and exponent) and no shifts, bytes are picked with prmt,
+// the query's hi/lo products and the zero points' bias come from f16x2 arithmetic and one more
+// mma, and the accumulators are rescaled only when a row's maximum grows by more than e^8.
+// Token and channel orders inside the mma tiles are permuted so that each lane reads few,
+// contiguous bits:
 //   QK: n-tile j, column n  <-> token NT * n + j          (NT = G / 8)
 //   PV: k-step kk, k = 2t+i <-> token NT * (2t + i) + 2kk, k = 2t+8+i <-> the next token,
 //       which is where the QK accumulators of n-tiles 2kk and 2kk+1 left the weights;
@@ -45,9 +52,12 @@
 
 #if KV_MMA_OK
 struct MmaShared {
-    float qf[8][MMA_QROW];
+    // The scaled queries as f16 pairs: qhl[v][c] = hi of channels (c, c+1), qhl[v][c + 1] = lo,
+    // for even c (hi = f16(x), lo = f16(x - hi)).
+    u32 qhl[8][MMA_QROW];
     float wm[KV_WARPS][8], wl[KV_WARPS][8];
     int lo[8], hi[8];
+    u32 magic;  // 0x64006400
     __align__(16) u8 buf[MMA_BUF];
 };
 
@@ -58,14 +68,9 @@ __device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo)
     lo = f2h2(x0 - h0, x1 - h1);
 }
 
-struct __align__(8) Pairf {
-    float x, y;
+struct __align__(8) Pairu {
+    u32 hi, lo;
 };
-
-// Two small integers at bits 0.. and 16.. as an f16 pair (exact): 1024 + x, minus 1024.
-__device__ __forceinline__ u32 codes_h2(u32 x) {
-    return sub_h2(x | 0x64006400u, 0x64006400u);
-}
 
 __device__ __forceinline__ void stage_copy(u8* dst, const u8* src, u32 n, u32 lane) {
     for (u32 off = lane * 16; off < n; off += 512) cp_async16(dst + off, src + off);
@@ -86,55 +91,98 @@ __device__ __forceinline__ void stage_group(const AttnParams& P, const u32* bloc
 struct MmaState {
     float m, l;  // row g's running maximum; this lane's part of the row's sum
     float acc[MMA_NJ][4];
-    float zacc[KV_NG];  // this lane's part of the value zero terms of row g
 };
 
+// Bit offset o of a code inside a 16-bit half: read as 1024 + code * 2^KP(o) (exact in f16: the
+// code lies in the mantissa) after a right shift by KSH(o), a shift of 8 when the code would
+// otherwise reach past the mantissa's 10 bits.
+#define MMA_KSH(o) (((o) & 15) + KV_KB > 10 ? 8 : 0)
+#define MMA_KP(o) (((o) & 15) - MMA_KSH(o))
+// Whether some n-tile's codes are read scaled (KP > 0): those tiles need the bias correction.
+#define MMA_SCALED_TILES (MMA_NT > 1)
+
+// A row's running maximum moves only when a score passes it by more than this (natural log):
+// weights then stay below e^8 (exact in the f16 hi/lo split, far from f32 overflow), and the
+// accumulators are rescaled only when some row of the warp moves, not after every group.
+#define MMA_RESCALE 8.0f
+
+template <bool SOFTCAP>
 __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& sh, MmaState& st, const u8* buf, u32 u,
                                           u32 nvec) {
     const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const u32 p0 = KV_SINKS + u * KV_G;
-    const float* qrow = sh.qf[g];
+    const u32* qrow = sh.qhl[g];
     const u16* ksp = (const u16*)(buf + MMA_KS_OFF);
     const u16* kzp = (const u16*)(buf + MMA_KZ_OFF);
 
-    // Scores: A = the query scaled by the group's key scales (hi/lo), B = key codes.
+    // Scores: A = the query scaled by the group's key scales, B = key codes. The A operand is
+    // the f16 pair hi + lo of q * ks, found with f16 arithmetic from the query's own hi + lo:
+    // hi = f16(qh * ks), lo = f16(ql * ks + (qh * ks - hi)), the bracket exact (an fma); about
+    // 22 bits, like an f32 product split in two. The zero points give one bias per query row,
+    // sum_c q[c] * kz[c], from one more mma per k-step: A = the query (hi/lo rows), B = kz (Cz).
+    // A code at bit offset p > 0 of its half is read in place as 1024 + code * 2^p (one LOP3, no
+    // shift, no subtraction): tile j then holds 1024 * sum(A) + 2^p * S, and the first part, the
+    // same for every column, comes from one more mma per k-step with B = 1024 (Cb). Tiles at
+    // offset 0 subtract the 1024 exactly instead.
     float S[MMA_NT][4];
 #pragma unroll
     for (int j = 0; j < MMA_NT; j++) S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
-    float bias = 0.0f;
+    float Cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float Cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     // This lane's tokens NT*g .. NT*g+NT-1 sit in bits bit0.. of every key run.
     const u32 bit0 = MMA_NT * g * KV_KB, kwi = bit0 >> 5, ksh = bit0 & 31;
+    // When they are one or two whole bytes, a prmt picks them: bytes kb (and kb + 1) of the
+    // first word to bytes 0 (1), of the second to bytes 2 (3).
+    const u32 kb = ksh >> 3;
+    const u32 ksel = MMA_NT * KV_KB == 8 ? kb | ((kb + 4) << 8) : kb | ((kb + 1) << 4) | ((kb + 4) << 8) | ((kb + 5) << 12);
     const u32 kmask2 = KV_LEVELS_K | (KV_LEVELS_K << 16);
+    // 1024 in both halves, read from shared memory so that it stays a register operand and
+    // (a & imm) | magic is one LOP3 (which takes one immediate).
+    const u32 magic = sh.magic;
 #pragma unroll
     for (int k = 0; k < MMA_KS; k++) {
         // Channels c0, c0+1 (K columns 2t, 2t+1) and c0+8, c0+9 (2t+8, 2t+9).
         const u32 c0 = 16 * k + 2 * t;
-        const Pairf q01 = *(const Pairf*)(qrow + c0), q89 = *(const Pairf*)(qrow + c0 + 8);
+        const Pairu q01 = *(const Pairu*)(qrow + c0), q89 = *(const Pairu*)(qrow + c0 + 8);
         const u32 ks01 = *(const u32*)(ksp + c0), ks89 = *(const u32*)(ksp + c0 + 8);
         const u32 kz01 = *(const u32*)(kzp + c0), kz89 = *(const u32*)(kzp + c0 + 8);
-        bias += q01.x * h2f((u16)kz01) + q01.y * h2f((u16)(kz01 >> 16)) + q89.x * h2f((u16)kz89) +
-                q89.y * h2f((u16)(kz89 >> 16));
-        u32 a0, a1, a2, a3;
-        split_pair(q01.x * h2f((u16)ks01), q01.y * h2f((u16)(ks01 >> 16)), a0, a1);
-        split_pair(q89.x * h2f((u16)ks89), q89.y * h2f((u16)(ks89 >> 16)), a2, a3);
-        const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kwi] >> ksh;
-        const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kwi] >> ksh;
-        const u32 w8 = ((const u32*)(buf + (c0 + 8) * KV_K_RUN))[kwi] >> ksh;
-        const u32 w9 = ((const u32*)(buf + (c0 + 9) * KV_K_RUN))[kwi] >> ksh;
-        // Channel pairs side by side: the low (high) 16 bits of each word in one register.
-        const u32 lo01 = prmt(w0, w1, 0x5410), lo89 = prmt(w8, w9, 0x5410);
-        const u32 hi01 = prmt(w0, w1, 0x7632), hi89 = prmt(w8, w9, 0x7632);
+        mma16816(Cz, q01.hi, q01.lo, q89.hi, q89.lo, kz01, kz89);
+        const u32 a0 = mul_h2(q01.hi, ks01), a2 = mul_h2(q89.hi, ks89);
+        const u32 a1 = fma_h2(q01.lo, ks01, fms_h2(q01.hi, ks01, a0));
+        const u32 a3 = fma_h2(q89.lo, ks89, fms_h2(q89.hi, ks89, a2));
+        const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kwi];
+        const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kwi];
+        const u32 w8 = ((const u32*)(buf + (c0 + 8) * KV_K_RUN))[kwi];
+        const u32 w9 = ((const u32*)(buf + (c0 + 9) * KV_K_RUN))[kwi];
+        // Channel pairs side by side: this lane's bits of channel c in the low half, of c + 1 in
+        // the high half (the low 16 bits, then the high 16, when they take a whole word).
+        u32 lo01, lo89, hi01 = 0u, hi89 = 0u;
+        if (MMA_NT * KV_KB == 8 || MMA_NT * KV_KB == 16) {
+            lo01 = prmt(w0, w1, ksel);
+            lo89 = prmt(w8, w9, ksel);
+        } else {
+            lo01 = prmt(w0 >> ksh, w1 >> ksh, 0x5410);
+            lo89 = prmt(w8 >> ksh, w9 >> ksh, 0x5410);
+            if (MMA_NT * KV_KB > 16) {
+                hi01 = prmt(w0 >> ksh, w1 >> ksh, 0x7632);
+                hi89 = prmt(w8 >> ksh, w9 >> ksh, 0x7632);
+            }
+        }
 #pragma unroll
         for (int j = 0; j < MMA_NT; j++) {
             const u32 o = j * KV_KB;  // bit of token NT*g+j after the shift (below 32)
-            const u32 x01 = o < 16 ? lo01 : hi01, x89 = o < 16 ? lo89 : hi89;
-            u32 b0 = codes_h2((x01 >> (o & 15)) & kmask2);
-            u32 b1 = codes_h2((x89 >> (o & 15)) & kmask2);
+            const u32 x01 = (o < 16 ? lo01 : hi01) >> MMA_KSH(o), x89 = (o < 16 ? lo89 : hi89) >> MMA_KSH(o);
+            u32 b0 = (x01 & (kmask2 << MMA_KP(o))) | magic;
+            u32 b1 = (x89 & (kmask2 << MMA_KP(o))) | magic;
+            if (MMA_KP(o) == 0) {
+                b0 = sub_h2(b0, magic);
+                b1 = sub_h2(b1, magic);
+            }
             mma16816(S[j], a0, a1, a2, a3, b0, b1);
         }
+        if (MMA_SCALED_TILES) mma16816(Cb, a0, a1, a2, a3, magic, magic);
     }
-    bias += __shfl_xor_sync(0xffffffffu, bias, 1);
-    bias += __shfl_xor_sync(0xffffffffu, bias, 2);
+    const float bias = Cz[0] + Cz[2];
 
     // Online softmax of row g over its 2 * NT scores in this lane and the 3 other lanes of the row.
     const bool rowok = g < nvec;
@@ -143,75 +191,119 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     float bm = KV_NEG_INF;
 #pragma unroll
     for (int j = 0; j < MMA_NT; j++) {
+        const u32 o = j * KV_KB;
+        const float f = 1.0f / (float)(1u << MMA_KP(o));
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             int pos = (int)(p0 + MMA_NT * (2 * t + i) + j);
-            float x = S[j][i] + S[j][i + 2] + bias;
-            x = (rowok && pos >= lo && pos < hi) ? logit(P, x) : KV_NEG_INF;
+            float x = MMA_KP(o) == 0 ? S[j][i] + S[j][i + 2] : ((S[j][i] - Cb[i]) + (S[j][i + 2] - Cb[i + 2])) * f;
+            x += bias;
+            if (SOFTCAP) x = P.softcap * tanhf(x / P.softcap);
+            x = (rowok && pos >= lo && pos < hi) ? x : KV_NEG_INF;
             pp[j][i] = x;
             bm = fmaxf(bm, x);
         }
     }
     bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 1));
     bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 2));
-    if (bm != KV_NEG_INF) {
-        const float mn = fmaxf(st.m, bm);
+    // The four lanes of a row agree on bm and st.m, so on whether the row's maximum moves.
+    const bool grow = bm > st.m + MMA_RESCALE;
+    if (__any_sync(0xffffffffu, grow)) {
+        const float mn = grow ? bm : st.m;
         const float corr = exp_diff(st.m, mn);
         st.m = mn;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < MMA_NT; j++) {
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                pp[j][i] = exp_diff(pp[j][i], mn);
-                sum += pp[j][i];
-            }
-        }
-        st.l = st.l * corr + sum;
+        st.l *= corr;
 #pragma unroll
         for (int jj = 0; jj < MMA_NJ; jj++) {
 #pragma unroll
             for (int r = 0; r < 4; r++) st.acc[jj][r] *= corr;
         }
-#pragma unroll
-        for (int cg = 0; cg < KV_NG; cg++) st.zacc[cg] *= corr;
-    } else {
-#pragma unroll
-        for (int j = 0; j < MMA_NT; j++) pp[j][0] = pp[j][1] = 0.0f;
     }
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MMA_NT; j++) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            pp[j][i] = exp_diff(pp[j][i], st.m);
+            sum += pp[j][i];
+        }
+    }
+    st.l += sum;
 
-    // Values: A = the weights scaled by the value scales (hi/lo), B = value codes.
+    // Values: A = the weights (hi/lo), B = the values dequantized to f16 (code * scale + zero,
+    // rounded once), two tokens per register. Lane g reads channel 8jj+g: the byte holding it is
+    // picked from two tokens' words by one prmt, its code kept by a mask and made an exact f16 by
+    // an exponent that puts the code's lowest bit at 1 (2^E + code, minus 2^E).
+    const u8* vcp = buf + MMA_VC_OFF;
     const u16* vsp = (const u16*)(buf + MMA_VS_OFF);
     const u16* vzp = (const u16*)(buf + MMA_VZ_OFF);
-    const u8* vcp = buf + MMA_VC_OFF;
-    const u32 vsh = g * KV_VB, vmask2 = KV_LEVELS_V | (KV_LEVELS_V << 16);
+    const u32 vpos = (g * KV_VB) & 7;             // bit of channel 8jj+g inside its byte
+    const u32 vbyte = (g * KV_VB) >> 3;           // its byte inside the 8 channels' bits of n-tile jj
+    const u32 vmask = (KV_LEVELS_V << vpos) * 0x00010001u;
+    const u32 vmagic = ((25u - vpos) << 10) * 0x00010001u;  // 2^(10 - vpos) in both halves
 #pragma unroll
     for (int kk = 0; kk < MMA_KK; kk++) {
         const u32 ta0 = MMA_NT * (2 * t) + 2 * kk, ta1 = MMA_NT * (2 * t + 1) + 2 * kk;
         const u32 tb0 = ta0 + 1, tb1 = ta1 + 1;
-        const float pa0 = pp[2 * kk][0], pa1 = pp[2 * kk][1], pb0 = pp[2 * kk + 1][0], pb1 = pp[2 * kk + 1][1];
-        const u32* ra0 = (const u32*)(vcp + ta0 * KV_V_ROW);
-        const u32* ra1 = (const u32*)(vcp + ta1 * KV_V_ROW);
-        const u32* rb0 = (const u32*)(vcp + tb0 * KV_V_ROW);
-        const u32* rb1 = (const u32*)(vcp + tb1 * KV_V_ROW);
+        u32 a0, a1, a2, a3;
+        split_pair(pp[2 * kk][0], pp[2 * kk][1], a0, a1);
+        split_pair(pp[2 * kk + 1][0], pp[2 * kk + 1][1], a2, a3);
+        const u8* ra0 = vcp + ta0 * KV_V_ROW;
+        const u8* ra1 = vcp + ta1 * KV_V_ROW;
+        const u8* rb0 = vcp + tb0 * KV_V_ROW;
+        const u8* rb1 = vcp + tb1 * KV_V_ROW;
 #pragma unroll
         for (int cg = 0; cg < KV_NG; cg++) {
-            st.zacc[cg] += pa0 * h2f(vzp[ta0 * KV_NG + cg]) + pa1 * h2f(vzp[ta1 * KV_NG + cg]) +
-                           pb0 * h2f(vzp[tb0 * KV_NG + cg]) + pb1 * h2f(vzp[tb1 * KV_NG + cg]);
-            u32 a0, a1, a2, a3;
-            split_pair(pa0 * h2f(vsp[ta0 * KV_NG + cg]), pa1 * h2f(vsp[ta1 * KV_NG + cg]), a0, a1);
-            split_pair(pb0 * h2f(vsp[tb0 * KV_NG + cg]), pb1 * h2f(vsp[tb1 * KV_NG + cg]), a2, a3);
+            // (scale, zero) of the two tokens of b0 and of b1, as f16 pairs.
+            const u32 sa = (u32)vsp[ta0 * KV_NG + cg] | ((u32)vsp[ta1 * KV_NG + cg] << 16);
+            const u32 za = (u32)vzp[ta0 * KV_NG + cg] | ((u32)vzp[ta1 * KV_NG + cg] << 16);
+            const u32 sb = (u32)vsp[tb0 * KV_NG + cg] | ((u32)vsp[tb1 * KV_NG + cg] << 16);
+            const u32 zb = (u32)vzp[tb0 * KV_NG + cg] | ((u32)vzp[tb1 * KV_NG + cg] << 16);
 #pragma unroll
             for (int jj = cg * (KV_VG / 8); jj < (cg + 1) * (KV_VG / 8); jj++) {
-                // Channel 8jj+g: word wi, bit 16*o + g*VB; shifted by g*VB it is at bit 16*o.
-                const u32 wi = (8 * jj * KV_VB) / 32, o = ((8 * jj * KV_VB) % 32) / 16;
-                const u32 sel = o ? 0x7632 : 0x5410;
-                u32 b0 = codes_h2(prmt(ra0[wi] >> vsh, ra1[wi] >> vsh, sel) & vmask2);
-                u32 b1 = codes_h2(prmt(rb0[wi] >> vsh, rb1[wi] >> vsh, sel) & vmask2);
+                // Byte of channel 8jj+g in a token's row, as (word, byte in the word).
+                const u32 byte = jj * KV_VB + vbyte, wi = byte >> 2, bw = byte & 3;
+                const u32 sel = bw | ((bw + 4) << 8);
+                const u32 xa = prmt(((const u32*)ra0)[wi], ((const u32*)ra1)[wi], sel);
+                const u32 xb = prmt(((const u32*)rb0)[wi], ((const u32*)rb1)[wi], sel);
+                const u32 b0 = fma_h2(sub_h2((xa & vmask) | vmagic, vmagic), sa, za);
+                const u32 b1 = fma_h2(sub_h2((xb & vmask) | vmagic, vmagic), sb, zb);
                 mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
             }
         }
     }
+}
+
+// This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
+// staged while the one before is computed (double-buffered cp.async).
+template <bool SOFTCAP>
+__device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
+                                           u32 gb, u32 ge, int lo_min, int hi_max, u32 nvec) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    auto visible = [&](u32 u) {
+        int first = KV_SINKS + u * KV_G;
+        return !(first + KV_G - 1 < lo_min || first >= hi_max);
+    };
+    // Staging buffer b of this warp.
+#define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
+    u32 u = gb + warp;
+    while (u < ge && !visible(u)) u += KV_WARPS;
+    if (u < ge) stage_group(P, blocks, kvh, u, MMA_BUF_OF(0), lane);
+    cp_commit();
+    u32 cur = 0;
+    while (u < ge) {
+        u32 nu = u + KV_WARPS;
+        while (nu < ge && !visible(nu)) nu += KV_WARPS;
+        if (nu < ge) stage_group(P, blocks, kvh, nu, MMA_BUF_OF(cur ^ 1), lane);
+        cp_commit();
+        cp_wait<1>();
+        __syncwarp();
+        mma_group<SOFTCAP>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
+        __syncwarp();
+        cur ^= 1;
+        u = nu;
+    }
+#undef MMA_BUF_OF
 }
 
 // grid (splits, kv heads, sequences). Split 0 is the full-precision tokens on CUDA cores (the
@@ -233,12 +325,17 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const Att
     const u32 nvec = P.ratio;  // one query row, every query head of the kv head (at most 8)
     const u32 total = it.len + it.n_chunk;
 
-    for (u32 i = tid; i < 8 * KV_HD; i += KV_THREADS) {
-        u32 v = i / KV_HD, c = i % KV_HD;
-        float x = 0.0f;
-        if (v < nvec) x = ld_elem(P.q + (i64)it.q_row0 * P.q_stride + (i64)(h0 + v) * KV_HD + c) * P.scale;
-        sh.qf[v][c] = x;
+    for (u32 i = tid; i < 4 * KV_HD; i += KV_THREADS) {
+        u32 v = i / (KV_HD / 2), c = 2 * (i % (KV_HD / 2));
+        float x0 = 0.0f, x1 = 0.0f;
+        if (v < nvec) {
+            const elem_t* q = P.q + (i64)it.q_row0 * P.q_stride + (i64)(h0 + v) * KV_HD + c;
+            x0 = ld_elem(q) * P.scale;
+            x1 = ld_elem(q + 1) * P.scale;
+        }
+        split_pair(x0, x1, sh.qhl[v][c], sh.qhl[v][c + 1]);
     }
+    if (tid == 0) sh.magic = 0x64006400u;
     if (tid < 8) {
         int lo = 0, hi = 0;
         if (tid < nvec) {
@@ -264,46 +361,22 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const Att
     st.l = 0.0f;
 #pragma unroll
     for (int jj = 0; jj < MMA_NJ; jj++) st.acc[jj][0] = st.acc[jj][1] = st.acc[jj][2] = st.acc[jj][3] = 0.0f;
-#pragma unroll
-    for (int cg = 0; cg < KV_NG; cg++) st.zacc[cg] = 0.0f;
 
     const u32 n_groups = it.quantized / KV_G;
     const u32 gb = (blockIdx.x - 1) * P.ups;
     const u32 ge = min(n_groups, gb + P.ups);
     const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
-    auto visible = [&](u32 u) {
-        int first = KV_SINKS + u * KV_G;
-        return !(first + KV_G - 1 < lo_min || first >= hi_max);
-    };
-    u32 u = gb + warp;
-    while (u < ge && !visible(u)) u += KV_WARPS;
-    // Staging buffer b of this warp.
-#define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
-    if (u < ge) stage_group(P, blocks, kvh, u, MMA_BUF_OF(0), lane);
-    cp_commit();
-    u32 cur = 0;
-    while (u < ge) {
-        u32 nu = u + KV_WARPS;
-        while (nu < ge && !visible(nu)) nu += KV_WARPS;
-        if (nu < ge) stage_group(P, blocks, kvh, nu, MMA_BUF_OF(cur ^ 1), lane);
-        cp_commit();
-        cp_wait<1>();
-        __syncwarp();
-        mma_group(P, sh, st, MMA_BUF_OF(cur), u, nvec);
-        __syncwarp();
-        cur ^= 1;
-        u = nu;
+    // The softcap's tanh stays out of the loop that does not need it.
+    if (P.softcap > 0.0f) {
+        mma_groups<true>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, nvec);
+    } else {
+        mma_groups<false>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, nvec);
     }
     cp_wait<0>();
 
     // Row g's sums over its four lanes; rows g and g + 8 of the accumulators added.
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
-#pragma unroll
-    for (int cg = 0; cg < KV_NG; cg++) {
-        st.zacc[cg] += __shfl_xor_sync(0xffffffffu, st.zacc[cg], 1);
-        st.zacc[cg] += __shfl_xor_sync(0xffffffffu, st.zacc[cg], 2);
-    }
     __syncthreads();  // the staging buffers become the merge area
     float* merge = (float*)sh.buf;  // [KV_WARPS][8][KV_HD]
     if (g < nvec) {
@@ -312,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const Att
 #pragma unroll
             for (int i = 0; i < 2; i++) {
                 u32 c = 8 * jj + 2 * t + i;
-                merge[(warp * 8 + g) * KV_HD + c] = st.acc[jj][i] + st.acc[jj][i + 2] + st.zacc[c / KV_VG];
+                merge[(warp * 8 + g) * KV_HD + c] = st.acc[jj][i] + st.acc[jj][i + 2];
             }
         }
         if (t == 0) {

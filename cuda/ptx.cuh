@@ -32,6 +32,26 @@ __device__ __forceinline__ u32 sub_h2(u32 a, u32 b) {
     return r;
 }
 
+// a * b on f16 pairs, half by half, rounded to nearest even.
+__device__ __forceinline__ u32 mul_h2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+// a * b + c on f16 pairs, half by half, rounded once to nearest even.
+__device__ __forceinline__ u32 fma_h2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// a * b - c on f16 pairs, rounded once.
+__device__ __forceinline__ u32 fms_h2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("{ .reg .b32 n; neg.f16x2 n, %3; fma.rn.f16x2 %0, %1, %2, n; }" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
 // Byte permute: the bytes of (a, b) numbered 0-3 and 4-7, picked by the selector's nibbles.
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;

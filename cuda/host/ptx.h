@@ -57,6 +57,41 @@ inline u32 sub_h2(u32 a, u32 b) {
     return (u32)lo | ((u32)hi << 16);
 }
 
+// A double to f16 bits, rounding to nearest even (finite inputs).
+inline u16 f2h_d(double d) {
+    u32 sign = d < 0 ? 0x8000u : 0;
+    double a = fabs(d);
+    if (a >= 65520.0) return (u16)(sign | 0x7c00u);
+    if (a < 6.103515625e-05) return (u16)(sign | (u32)nearbyint(a * 16777216.0));  // multiples of 2^-24
+    int ex;
+    frexp(a, &ex);  // a = m * 2^ex, m in [0.5, 1)
+    int e = ex - 1;
+    double r = nearbyint(ldexp(a, 10 - e));  // in [1024, 2048]
+    if (r == 2048.0) {
+        r = 1024.0;
+        e++;
+    }
+    if (e + 15 >= 31) return (u16)(sign | 0x7c00u);
+    return (u16)(sign | ((u32)(e + 15) << 10) | ((u32)r - 1024u));
+}
+
+// fma.rn.f16x2 half by half: the product and sum are exact in double (or below f16's rounding),
+// then rounded once to f16.
+inline u16 fma1(u16 a, u16 b, u16 c) {
+    double r = (double)h2f(a) * (double)h2f(b) + (double)h2f(c);
+    return f2h_d(r);
+}
+inline u32 fma_h2(u32 a, u32 b, u32 c) {
+    return (u32)fma1((u16)a, (u16)b, (u16)c) | ((u32)fma1((u16)(a >> 16), (u16)(b >> 16), (u16)(c >> 16)) << 16);
+}
+
+inline u32 mul_h2(u32 a, u32 b) {
+    return (u32)f2h_d((double)h2f((u16)a) * h2f((u16)b)) |
+           ((u32)f2h_d((double)h2f((u16)(a >> 16)) * h2f((u16)(b >> 16))) << 16);
+}
+
+inline u32 fms_h2(u32 a, u32 b, u32 c) { return fma_h2(a, b, c ^ 0x80008000u); }
+
 // prmt.b32 in its default mode: byte i of the result is byte (sel >> 4i) & 7 of {b, a}.
 inline u32 prmt(u32 a, u32 b, u32 sel) {
     u64 ab = (u64)a | ((u64)b << 32);

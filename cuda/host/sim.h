@@ -181,6 +181,18 @@ inline T shfl_xor(T v, int mask) {
     return v;
 }
 
+// __any_sync over the whole warp.
+inline bool any_lane(bool x) {
+    Fiber& f = me();
+    unsigned w = f.tid / 32, lane = f.tid % 32, p = f.parity ^= 1;
+    blk->slots[w].word[p][lane] = x ? 1u : 0u;
+    sync_warp();
+    unsigned lanes = blk->n - w * 32 < 32 ? blk->n - w * 32 : 32;
+    for (unsigned i = 0; i < lanes; i++)
+        if (blk->slots[w].word[p][i]) return true;
+    return false;
+}
+
 // An f16 as f32 (defined with the PTX helpers, ptx.h).
 inline float h16(uint32_t bits);
 
@@ -301,6 +313,7 @@ template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {
     return kvsim::shfl_xor(v, mask);
 }
+inline int __any_sync(unsigned, int x) { return kvsim::any_lane(x != 0); }
 template <class T>
 inline T __ldg(const T* p) {
     return *p;

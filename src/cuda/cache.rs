@@ -323,8 +323,11 @@ impl CudaCache {
             Backend::Emu(_) | Backend::Sim(_) => {
                 let mut mem = vec![0u64; bytes.div_ceil(8)];
                 let base = mem.as_mut_ptr() as u64;
-                let dev = if matches!(backend, Backend::Emu(_)) { Backend::Emu(mem) } else { Backend::Sim(mem) };
-                (dev, sim::info(), base)
+                if matches!(backend, Backend::Emu(_)) {
+                    (Backend::Emu(mem), emu::info(), base)
+                } else {
+                    (Backend::Sim(mem), sim::info(), base)
+                }
             }
         };
         let seqs = SeqTable::new(&lay);

@@ -1,15 +1,21 @@
-//! The CUDA kernels re-written in Rust, one to one, run on host memory: with
+//! The CUDA-core kernels re-written in Rust, one to one, run on host memory: with
 //! [`CudaCache::emulated`] every host-side decision (plans, kernel parameters, launch shapes,
 //! splits) and the kernels' algorithms (unit and position mapping, masks, folding, the online
-//! softmax per warp, the merges) are tested against the CPU cache without a GPU (`tests.rs`). What
-//! this cannot test is the CUDA code itself: the host simulator (`sim.rs`) runs that code on the
-//! CPU, and the GPU check runs it on a GPU.
+//! softmax per warp, the merges) are tested against the CPU cache without a GPU (`tests.rs`).
+//! An emulated device reports compute capability 7.5, so decode runs the CUDA-core kernel there;
+//! the tensor-core decode (decode_mma.cuh) is left to the host simulator (`sim.rs`), which runs
+//! the CUDA code itself, as it does every kernel, and to the GPU check.
 // Index loops, like the CUDA code they mirror.
 #![allow(clippy::needless_range_loop)]
 
 use half::{bf16, f16};
 
 use super::*;
+
+/// What an emulated cache reports as its device: the simulator's, without tensor cores.
+pub(super) fn info() -> DeviceInfo {
+    DeviceInfo { name: "emulated".into(), capability: (7, 5), ..sim::info() }
+}
 use crate::config::{DType, KeyMode};
 
 unsafe fn rd8(a: u64) -> u8 {
@@ -97,9 +103,6 @@ impl K<'_> {
     }
 }
 
-/// Blocks of the tensor-core kernel run so far (to check that tests reach it).
-pub(super) static MMA_BLOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 /// Runs one launch on the host, block after block.
 pub(super) unsafe fn run(lay: &Layout, k: Kernel<'_>, grid: (u32, u32, u32)) {
     let kk = K { lay, dt: lay.dtype, esz: lay.dtype.size() as u64 };
@@ -137,17 +140,7 @@ pub(super) unsafe fn run(lay: &Layout, k: Kernel<'_>, grid: (u32, u32, u32)) {
                 }
             }
         }
-        Kernel::Mma(nq, p) => {
-            MMA_BLOCKS.fetch_add((grid.0 * grid.1 * grid.2) as usize, std::sync::atomic::Ordering::Relaxed);
-            for z in 0..grid.2 {
-                for y in 0..grid.1 {
-                    attn_block(&kk, p, nq, 0, y as usize, z as usize);
-                    for x in 1..grid.0 {
-                        mma::block(&kk, p, x as usize, y as usize, z as usize);
-                    }
-                }
-            }
-        }
+        Kernel::Mma(..) => unreachable!("an emulated device reports compute capability 7.5: no tensor-core decode"),
         Kernel::Combine(_, _, p) => {
             for z in 0..grid.2 {
                 for y in 0..grid.1 {
@@ -697,333 +690,5 @@ unsafe fn combine_block(k: &K, p: &AttnParams, head: usize, r: usize, z: usize) 
     for c in 0..hd {
         let a: f32 = (0..ns).map(|s| at(s, 2 + c) * exp_diff(at(s, 0), m)).sum();
         k.st(p.out, row * p.out_stride + (head * hd + c) as i64, a * inv);
-    }
-}
-
-/// decode_mma.cuh lane by lane: every register of every lane, and mma.sync by the PTX fragment
-/// layouts of m16n8k16 (A: a0 = (g, 2t..2t+1), a1 = (g+8, ..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..);
-/// B: b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); C: c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, ..)).
-mod mma {
-    use super::*;
-
-    const NEG: f32 = f32::NEG_INFINITY;
-
-    fn h(bits: u16) -> f32 {
-        f16::from_bits(bits).to_f32()
-    }
-
-    /// cvt.rn.f16x2.f32 twice: (hi, lo) of x0 (low half) and x1 (high half).
-    fn split_pair(x0: f32, x1: f32) -> (u32, u32) {
-        let (h0, h1) = (f16::from_f32(x0), f16::from_f32(x1));
-        let hi = h0.to_bits() as u32 | (h1.to_bits() as u32) << 16;
-        let (l0, l1) = (f16::from_f32(x0 - h0.to_f32()), f16::from_f32(x1 - h1.to_f32()));
-        (hi, l0.to_bits() as u32 | (l1.to_bits() as u32) << 16)
-    }
-
-    /// prmt.b32: byte i of the result is byte (sel >> 4i) & 7 of (b:a).
-    fn prmt(a: u32, b: u32, sel: u32) -> u32 {
-        let bytes = (a as u64) | (b as u64) << 32;
-        (0..4).fold(0u32, |d, i| d | (((bytes >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) as u32) << (8 * i))
-    }
-
-    /// sub.f16x2 (x | 0x64006400), 0x64006400.
-    fn codes_h2(x: u32) -> u32 {
-        let y = x | 0x6400_6400;
-        let lo = f16::from_f32(h(y as u16) - 1024.0).to_bits() as u32;
-        let hi = f16::from_f32(h((y >> 16) as u16) - 1024.0).to_bits() as u32;
-        lo | hi << 16
-    }
-
-    fn half(r: u32, which: usize) -> f32 {
-        h((r >> (16 * which)) as u16)
-    }
-
-    /// mma.sync.m16n8k16 for one warp: c[lane] += A * B.
-    fn mma(c: &mut [[f32; 4]; 32], a: &[[u32; 4]; 32], b: &[[u32; 2]; 32]) {
-        let mut am = [[0f32; 16]; 16];
-        let mut bm = [[0f32; 8]; 16];
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for (reg, (row, col)) in
-                [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)].into_iter().enumerate()
-            {
-                am[row][col] = half(a[lane][reg], 0);
-                am[row][col + 1] = half(a[lane][reg], 1);
-            }
-            for (reg, k) in [2 * t, 2 * t + 8].into_iter().enumerate() {
-                bm[k][g] = half(b[lane][reg], 0);
-                bm[k + 1][g] = half(b[lane][reg], 1);
-            }
-        }
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for (reg, (row, col)) in
-                [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate()
-            {
-                let dot: f32 = (0..16).map(|k| am[row][k] * bm[k][col]).sum();
-                c[lane][reg] += dot;
-            }
-        }
-    }
-
-    struct Lane {
-        m: f32,
-        l: f32,
-        acc: Vec<[f32; 4]>,
-        zacc: Vec<f32>,
-    }
-
-    /// One group on one warp (mma_group).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn group(
-        k: &K,
-        p: &AttnParams,
-        qf: &[Vec<f32>],
-        lohi: &[(i64, i64)],
-        st: &mut [Lane],
-        buf: &[u8],
-        u: usize,
-        nvec: usize,
-    ) {
-        let lay = k.lay;
-        let (hd, gs, ng, vg) = (lay.head_dim, lay.group, k.ng(), lay.vgroup);
-        let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
-        let (nt, ks_n, kk_n) = (gs / 8, hd / 16, gs / 16);
-        let kc = hd * gs * kb / 8;
-        let vc = gs * hd * vb / 8;
-        let (ks_off, kz_off, vc_off) = (kc, kc + 2 * hd, kc + 4 * hd);
-        let (vs_off, vz_off) = (vc_off + vc, vc_off + vc + 2 * gs * ng);
-        let rd16 = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
-        let rd32 = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
-        let (kmask, vmask) = ((1u32 << kb) - 1, (1u32 << vb) - 1);
-        let p0 = lay.sinks + u * gs;
-        let mut s = vec![[[0f32; 4]; 32]; nt];
-        let mut bias = [0f32; 32];
-        for kstep in 0..ks_n {
-            let mut a = [[0u32; 4]; 32];
-            let mut w = [[0u32; 4]; 32];
-            for lane in 0..32 {
-                let (g, t) = (lane / 4, lane % 4);
-                let c0 = 16 * kstep + 2 * t;
-                let cs = [c0, c0 + 1, c0 + 8, c0 + 9];
-                let bit0 = nt * g * kb;
-                let mut x = [0f32; 4];
-                for i in 0..4 {
-                    let q = qf[g][cs[i]];
-                    x[i] = q * h(rd16(ks_off + 2 * cs[i]));
-                    bias[lane] += q * h(rd16(kz_off + 2 * cs[i]));
-                    w[lane][i] = rd32(cs[i] * k.k_run() + 4 * (bit0 >> 5)) >> (bit0 & 31);
-                }
-                let (a0, a1) = split_pair(x[0], x[1]);
-                let (a2, a3) = split_pair(x[2], x[3]);
-                a[lane] = [a0, a1, a2, a3];
-            }
-            for j in 0..nt {
-                let mut b = [[0u32; 2]; 32];
-                for lane in 0..32 {
-                    // As the kernel does it: pairs side by side with prmt, then shift and mask.
-                    let o = (j * kb) as u32;
-                    let wl = &w[lane];
-                    let kmask2 = kmask | kmask << 16;
-                    let sel = if o < 16 { 0x5410 } else { 0x7632 };
-                    let (x01, x89) = (prmt(wl[0], wl[1], sel), prmt(wl[2], wl[3], sel));
-                    b[lane][0] = codes_h2((x01 >> (o & 15)) & kmask2);
-                    b[lane][1] = codes_h2((x89 >> (o & 15)) & kmask2);
-                    debug_assert_eq!(b[lane][0], codes_h2(((wl[0] >> o) & kmask) | (((wl[1] >> o) & kmask) << 16)));
-                }
-                mma(&mut s[j], &a, &b);
-            }
-        }
-        // bias summed over the four lanes of each row
-        let bias: Vec<f32> = (0..32).map(|lane| (0..4).map(|t| bias[lane / 4 * 4 + t]).sum()).collect();
-        let mut pp = vec![[[0f32; 2]; 32]; nt];
-        let mut rowmax = [NEG; 8];
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for j in 0..nt {
-                for i in 0..2 {
-                    let pos = (p0 + nt * (2 * t + i) + j) as i64;
-                    let mut x = s[j][lane][i] + s[j][lane][i + 2] + bias[lane];
-                    let vis = g < nvec && pos >= lohi[g].0 && pos < lohi[g].1;
-                    x = if vis {
-                        if p.softcap > 0.0 {
-                            p.softcap * (x / p.softcap).tanh()
-                        } else {
-                            x
-                        }
-                    } else {
-                        NEG
-                    };
-                    pp[j][lane][i] = x;
-                    rowmax[g] = rowmax[g].max(x);
-                }
-            }
-        }
-        let exp_diff = |a: f32, b: f32| if a == NEG { 0.0 } else { (a - b).exp() };
-        for lane in 0..32 {
-            let g = lane / 4;
-            let bm = rowmax[g];
-            let l = &mut st[lane];
-            if bm != NEG {
-                let mn = l.m.max(bm);
-                let corr = exp_diff(l.m, mn);
-                l.m = mn;
-                let mut sum = 0.0;
-                for j in 0..nt {
-                    for i in 0..2 {
-                        pp[j][lane][i] = exp_diff(pp[j][lane][i], mn);
-                        sum += pp[j][lane][i];
-                    }
-                }
-                l.l = l.l * corr + sum;
-                l.acc.iter_mut().for_each(|r| r.iter_mut().for_each(|x| *x *= corr));
-                l.zacc.iter_mut().for_each(|x| *x *= corr);
-            } else {
-                for j in 0..nt {
-                    pp[j][lane] = [0.0; 2];
-                }
-            }
-        }
-        for kk in 0..kk_n {
-            for cg in 0..ng {
-                let mut a = [[0u32; 4]; 32];
-                let mut rows = [[0usize; 4]; 32];
-                for lane in 0..32 {
-                    let t = lane % 4;
-                    let ta0 = nt * (2 * t) + 2 * kk;
-                    let ta1 = nt * (2 * t + 1) + 2 * kk;
-                    let toks = [ta0, ta1, ta0 + 1, ta1 + 1];
-                    let pv =
-                        [pp[2 * kk][lane][0], pp[2 * kk][lane][1], pp[2 * kk + 1][lane][0], pp[2 * kk + 1][lane][1]];
-                    let mut z = 0f32;
-                    for i in 0..4 {
-                        z += pv[i] * h(rd16(vz_off + 2 * (toks[i] * ng + cg)));
-                    }
-                    st[lane].zacc[cg] += z;
-                    let sc = |i: usize| pv[i] * h(rd16(vs_off + 2 * (toks[i] * ng + cg)));
-                    let (a0, a1) = split_pair(sc(0), sc(1));
-                    let (a2, a3) = split_pair(sc(2), sc(3));
-                    a[lane] = [a0, a1, a2, a3];
-                    rows[lane] = toks;
-                }
-                for jj in cg * (vg / 8)..(cg + 1) * (vg / 8) {
-                    let mut b = [[0u32; 2]; 32];
-                    for lane in 0..32 {
-                        let g = lane / 4;
-                        // As the kernel does it: shift by g*VB, pair with prmt, mask.
-                        let (wi, o) = ((8 * jj * vb) / 32, ((8 * jj * vb) % 32) / 16);
-                        let vsh = (g * vb) as u32;
-                        let sel = if o == 1 { 0x7632 } else { 0x5410 };
-                        let word = |tok: usize| rd32(vc_off + tok * lay.v_row_bytes() + 4 * wi) >> vsh;
-                        let r = rows[lane];
-                        let vmask2 = vmask | vmask << 16;
-                        b[lane][0] = codes_h2(prmt(word(r[0]), word(r[1]), sel) & vmask2);
-                        b[lane][1] = codes_h2(prmt(word(r[2]), word(r[3]), sel) & vmask2);
-                        let bit = (8 * jj + g) * vb;
-                        let plain = |tok: usize| {
-                            (rd32(vc_off + tok * lay.v_row_bytes() + 4 * (bit >> 5)) >> (bit & 31)) & vmask
-                        };
-                        debug_assert_eq!(b[lane][0], codes_h2(plain(r[0]) | plain(r[1]) << 16));
-                    }
-                    let mut c: [[f32; 4]; 32] = std::array::from_fn(|lane| st[lane].acc[jj]);
-                    mma(&mut c, &a, &b);
-                    for lane in 0..32 {
-                        st[lane].acc[jj] = c[lane];
-                    }
-                }
-            }
-        }
-    }
-
-    /// kv_decode_mma, one block.
-    pub(super) unsafe fn block(k: &K, p: &AttnParams, bx: usize, kvh: usize, z: usize) {
-        let lay = k.lay;
-        let (hd, gs, ng) = (lay.head_dim, lay.group, k.ng());
-        let it = p.items[z];
-        let h0 = kvh * p.ratio as usize;
-        let nvec = p.ratio as usize;
-        let total = (it.len + it.n_chunk) as i64;
-        let mut qf = vec![vec![0f32; hd]; 8];
-        let mut lohi = vec![(0i64, 0i64); 8];
-        for v in 0..nvec {
-            for c in 0..hd {
-                qf[v][c] = k.ld(p.q, it.q_row0 as i64 * p.q_stride + ((h0 + v) * hd + c) as i64) * p.scale;
-            }
-            let qpos = it.q_pos0 as i64;
-            let lo = if p.window > 0 { (qpos + 1 - p.window as i64).max(0) } else { 0 };
-            let hi = if p.causal != 0 { (qpos + 1).min(total) } else { total };
-            lohi[v] = (lo, hi.max(lo));
-        }
-        let vis: Vec<usize> = (0..nvec).filter(|&v| lohi[v].1 > lohi[v].0).collect();
-        let lo_min = vis.iter().map(|&v| lohi[v].0).min().unwrap_or(i32::MAX as i64);
-        let hi_max = vis.iter().map(|&v| lohi[v].1).max().unwrap_or(0);
-        let n_groups = it.quantized as usize / gs;
-        let gb = (bx - 1) * p.ups as usize;
-        let ge = n_groups.min(gb + p.ups as usize);
-        let blocks = p.blocks + 4 * (it.slot as usize * lay.pages_per_layer) as u64;
-        let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
-        let kc = hd * gs * kb / 8;
-        let vc = gs * hd * vb / 8;
-        let mut merge = vec![vec![vec![0f32; hd]; 8]; WARPS];
-        let mut wml = vec![vec![(NEG, 0f32); 8]; WARPS];
-        for warp in 0..WARPS {
-            let mut st: Vec<Lane> =
-                (0..32).map(|_| Lane { m: NEG, l: 0.0, acc: vec![[0.0; 4]; hd / 8], zacc: vec![0.0; ng] }).collect();
-            let mut u = gb + warp;
-            while u < ge {
-                let first = (lay.sinks + u * gs) as i64;
-                if !(first + gs as i64 - 1 < lo_min || first >= hi_max) {
-                    // The staged copy: the group's six regions one after another.
-                    let (blk, gi) = k.group_block(p.pages, blocks, u, kvh);
-                    let mut buf = Vec::new();
-                    let region = |off: usize, n: usize, buf: &mut Vec<u8>| {
-                        for i in 0..n {
-                            buf.push(rd8(blk + (off + i) as u64));
-                        }
-                    };
-                    region(lay.k_codes + gi * kc, kc, &mut buf);
-                    region(lay.k_scale + gi * hd * 2, 2 * hd, &mut buf);
-                    region(lay.k_zero + gi * hd * 2, 2 * hd, &mut buf);
-                    region(lay.v_codes + gi * vc, vc, &mut buf);
-                    region(lay.v_scale + gi * gs * ng * 2, 2 * gs * ng, &mut buf);
-                    region(lay.v_zero + gi * gs * ng * 2, 2 * gs * ng, &mut buf);
-                    group(k, p, &qf, &lohi, &mut st, &buf, u, nvec);
-                }
-                u += WARPS;
-            }
-            for lane in 0..32 {
-                let (g, t) = (lane / 4, lane % 4);
-                if g >= nvec {
-                    continue;
-                }
-                let row: Vec<usize> = (0..4).map(|t2| g * 4 + t2).collect();
-                let l: f32 = row.iter().map(|&r| st[r].l).sum();
-                let zacc: Vec<f32> = (0..ng).map(|cg| row.iter().map(|&r| st[r].zacc[cg]).sum()).collect();
-                for jj in 0..hd / 8 {
-                    for i in 0..2 {
-                        let c = 8 * jj + 2 * t + i;
-                        merge[warp][g][c] = st[lane].acc[jj][i] + st[lane].acc[jj][i + 2] + zacc[c / lay.vgroup];
-                    }
-                }
-                if t == 0 {
-                    wml[warp][g] = (st[lane].m, l);
-                }
-            }
-        }
-        let exp_diff = |a: f32, b: f32| if a == NEG { 0.0 } else { (a - b).exp() };
-        let split = bx;
-        for v in 0..nvec {
-            let m = (0..WARPS).map(|w| wml[w][v].0).fold(NEG, f32::max);
-            let l: f32 = (0..WARPS).map(|w| wml[w][v].1 * exp_diff(wml[w][v].0, m)).sum();
-            let dst = p.part
-                + 4 * ((((z * p.qt as usize) * p.n_q_heads as usize + h0 + v) * p.n_splits as usize + split) * (hd + 2))
-                    as u64;
-            wrf(dst, m);
-            wrf(dst + 4, l);
-            for c in 0..hd {
-                let a: f32 = (0..WARPS).map(|w| merge[w][v][c] * exp_diff(wml[w][v].0, m)).sum();
-                wrf(dst + 4 * (2 + c) as u64, a);
-            }
-        }
     }
 }

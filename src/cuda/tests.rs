@@ -5,7 +5,6 @@
 
 use half::{bf16, f16};
 
-use super::emu::MMA_BLOCKS;
 use super::*;
 use crate::attention::AttnOptions;
 use crate::cache::Cache;
@@ -376,7 +375,6 @@ fn emulated_long_contexts_use_many_splits() {
 #[test]
 fn emulated_batched_decode_of_many_sequences() {
     batched_decode(EMU, if cfg!(debug_assertions) { 66 } else { 70 }, 34);
-    assert!(MMA_BLOCKS.load(std::sync::atomic::Ordering::Relaxed) > 0, "the tensor-core path never ran");
 }
 
 // The same with the kernels' own CUDA code, run by the host simulator (sim.rs).
