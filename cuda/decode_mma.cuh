@@ -41,8 +41,8 @@
 #define MMA_VZ_OFF (MMA_VS_OFF + 2 * KV_G * KV_NG)
 #define MMA_STAGE (MMA_VZ_OFF + 2 * KV_G * KV_NG)
 #define MMA_MERGE (KV_WARPS * 8 * KV_HD * 4)
-// Query rows padded by 8 floats: the 8 rows read at once fall on different banks.
-#define MMA_QROW (KV_HD + 8)
+// Query rows padded by 16 words: the rows read at once by a quarter warp fall on different banks.
+#define MMA_QROW (KV_HD + 16)
 #define MMA_BUF (2 * KV_WARPS * MMA_STAGE > MMA_MERGE ? 2 * KV_WARPS * MMA_STAGE : MMA_MERGE)
 // Must match mma_eligible() in src/cuda/cache.rs.
 #define KV_MMA_OK                                                                                        \
@@ -70,6 +70,12 @@ __device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo)
 
 struct __align__(8) Pairu {
     u32 hi, lo;
+};
+struct __align__(8) Wordu2 {
+    u32 x, y;
+};
+struct __align__(16) Quadu {
+    u32 x, y, z, w;
 };
 
 __device__ __forceinline__ void stage_copy(u8* dst, const u8* src, u32 n, u32 lane) {
@@ -141,19 +147,21 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     const u32 magic = sh.magic;
 #pragma unroll
     for (int k = 0; k < MMA_KS; k++) {
-        // Channels c0, c0+1 (K columns 2t, 2t+1) and c0+8, c0+9 (2t+8, 2t+9).
-        const u32 c0 = 16 * k + 2 * t;
-        const Pairu q01 = *(const Pairu*)(qrow + c0), q89 = *(const Pairu*)(qrow + c0 + 8);
-        const u32 ks01 = *(const u32*)(ksp + c0), ks89 = *(const u32*)(ksp + c0 + 8);
-        const u32 kz01 = *(const u32*)(kzp + c0), kz89 = *(const u32*)(kzp + c0 + 8);
+        // Channels c0, c0+1 (K columns 2t, 2t+1) and c0+2, c0+3 (2t+8, 2t+9): four adjacent
+        // channels, so the query's hi/lo pairs, the scales and the zeros each take one load.
+        const u32 c0 = 16 * k + 4 * t;
+        const Quadu qq = *(const Quadu*)(qrow + c0);
+        const Pairu q01 = {qq.x, qq.y}, q89 = {qq.z, qq.w};
+        const Wordu2 ks = *(const Wordu2*)(ksp + c0), kz = *(const Wordu2*)(kzp + c0);
+        const u32 ks01 = ks.x, ks89 = ks.y, kz01 = kz.x, kz89 = kz.y;
         mma16816(Cz, q01.hi, q01.lo, q89.hi, q89.lo, kz01, kz89);
         const u32 a0 = mul_h2(q01.hi, ks01), a2 = mul_h2(q89.hi, ks89);
         const u32 a1 = fma_h2(q01.lo, ks01, fms_h2(q01.hi, ks01, a0));
         const u32 a3 = fma_h2(q89.lo, ks89, fms_h2(q89.hi, ks89, a2));
         const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kwi];
         const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kwi];
-        const u32 w8 = ((const u32*)(buf + (c0 + 8) * KV_K_RUN))[kwi];
-        const u32 w9 = ((const u32*)(buf + (c0 + 9) * KV_K_RUN))[kwi];
+        const u32 w8 = ((const u32*)(buf + (c0 + 2) * KV_K_RUN))[kwi];
+        const u32 w9 = ((const u32*)(buf + (c0 + 3) * KV_K_RUN))[kwi];
         // Channel pairs side by side: this lane's bits of channel c in the low half, of c + 1 in
         // the high half (the low 16 bits, then the high 16, when they take a whole word).
         u32 lo01, lo89, hi01 = 0u, hi89 = 0u;

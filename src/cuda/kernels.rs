@@ -115,7 +115,7 @@ pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
         && g <= 64
         && lay.vgroup % 8 == 0
         && nq <= 8
-        && 8 * (hd + 8) * 4 + buf <= 48000
+        && 8 * (hd + 16) * 4 + buf <= 48000
 }
 
 /// Whether decode steps of a cache of this configuration, with `n_q_heads` query heads, run
