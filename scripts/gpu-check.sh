@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA backend on a CUDA machine, in one run of at most 7.9 minutes (the timeouts below): the
+# The CUDA backend on a CUDA machine, in one run of at most 7.8 minutes (the timeouts below): the
 # device and its libraries, CUDA against the CPU backend on identical random inputs (with and
 # without the tensor-core decode; the C ABI on a stream; Python with PyTorch tensors), then the
 # decode benchmark with the PyTorch fp16 baseline and the copy bandwidth. Needs no Rust: build
@@ -17,7 +17,7 @@ OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 CHECK_S=${CHECK_S:-120}
-BENCH_S=${BENCH_S:-140}
+BENCH_S=${BENCH_S:-130}
 BASE_S=${BASE_S:-50}
 # Compiled kernels are kept between the runs below (each run is its own process).
 export KIVI_CUDA_CACHE_DIR=${KIVI_CUDA_CACHE_DIR:-/tmp/kivi-cubins}
@@ -55,7 +55,7 @@ cat "$OUT/check.jsonl"
 echo "check exit code: $check_rc"
 
 echo "== check with the tensor-core decode turned off (the CUDA-core kernel for every group)"
-KIVI_CUDA_MMA=0 timeout 80 "$BIN" check --mma-only > "$OUT/check-nomma.jsonl" 2> "$OUT/check-nomma.log"
+KIVI_CUDA_MMA=0 timeout 60 "$BIN" check --mma-only > "$OUT/check-nomma.jsonl" 2> "$OUT/check-nomma.log"
 nomma_rc=$?
 grep -c '"ok":true' "$OUT/check-nomma.jsonl" || true
 grep '"ok":false' "$OUT/check-nomma.jsonl" || true
@@ -65,7 +65,7 @@ echo "check (no mma) exit code: $nomma_rc"
 echo "== Python (ctypes) with PyTorch CUDA tensors, on a PyTorch stream"
 LIB=$(realpath -m "${KIVI_LIB:-target/release/libkivi.so}")
 if [ -f "$LIB" ]; then
-  KIVI_LIB="$LIB" timeout 45 python3 examples/python/cuda_example.py > "$OUT/python.jsonl" 2> "$OUT/python.log"
+  KIVI_LIB="$LIB" timeout 40 python3 examples/python/cuda_example.py > "$OUT/python.jsonl" 2> "$OUT/python.log"
   py_rc=$?
   cat "$OUT/python.jsonl"; tail -5 "$OUT/python.log"
   echo "python exit code: $py_rc"
@@ -81,6 +81,9 @@ cat "$OUT/bench.jsonl"
 echo "== bench, CUDA-core kernel only, 32k context (for comparison)"
 KIVI_CUDA_MMA=0 timeout 40 "$BIN" bench --contexts 32768 --batches 1,16 --label nomma --no-prefill > "$OUT/bench-nomma.jsonl" 2> "$OUT/bench-nomma.log"
 cat "$OUT/bench-nomma.jsonl"
+
+echo "== static cost of the decode loop (nvdisasm), next to the measured times"
+timeout 15 "$BIN" cubins "$OUT/cubins" > /dev/null 2>&1 && timeout 15 python3 scripts/sass_mix.py "$OUT/cubins" | tee "$OUT/sass_mix.txt"
 
 echo "== fp16 baseline and copy bandwidth"
 timeout "$BASE_S" python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" > "$OUT/baseline.jsonl" 2> "$OUT/baseline.log"

@@ -35,6 +35,9 @@ def nvdisasm_path(given):
     found = shutil.which("nvdisasm")
     if found:
         return found
+    toolkit = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvdisasm")
+    if os.path.exists(toolkit):
+        return toolkit
     try:
         import nvidia  # noqa: F401  (the PyPI packages)
 
