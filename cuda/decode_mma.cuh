@@ -318,7 +318,8 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 // body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
 // cores. Both kinds of block share one shared-memory area.
 #define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
-extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_decode_mma(const AttnParams P) {
+// Three blocks per multiprocessor: the register budget (168) the loop is written for.
+extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) u8 smem[MMA_SMEM];
     if (blockIdx.x == 0) {
