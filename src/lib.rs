@@ -43,6 +43,8 @@ pub mod rows;
 mod seq;
 pub mod state;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 
 pub use attention::reference::Dequantized;
 pub use attention::AttnOptions;
