@@ -16,7 +16,9 @@
 // GPUs, so each step is chosen for its instruction count (scripts/sass_mix.py measures it):
 // codes become f16 with one LOP3 (mask and exponent) and no shifts, bytes are picked with prmt,
 // the query's hi/lo products and the zero points' bias come from f16x2 arithmetic and one more
-// mma, and the accumulators are rescaled only when a row's maximum grows by more than e^8.
+// mma, scores are in log2 units so that a weight is one ex2, positions are masked only in
+// groups at the edge of some row's range, and the accumulators are rescaled only when a row's
+// maximum grows by more than 2^11.
 // Token and channel orders inside the mma tiles are permuted so that each lane reads few,
 // contiguous bits:
 //   QK: n-tile j, column n  <-> token NT * n + j          (NT = G / 8)
@@ -78,24 +80,30 @@ struct __align__(16) Quadu {
     u32 x, y, z, w;
 };
 
-__device__ __forceinline__ void stage_copy(u8* dst, const u8* src, u32 n, u32 lane) {
-    for (u32 off = lane * 16; off < n; off += 512) cp_async16(dst + off, src + off);
+// Queues the copy of N bytes (a multiple of 16), 16 per lane at a time. N is known at compile
+// time, so the copies need no loop and their addresses are one base plus constant offsets.
+template <u32 N>
+__device__ __forceinline__ void stage_part(u8* dst, const u8* src, u32 lane) {
+#pragma unroll
+    for (u32 off = 0; off < N; off += 512) {
+        if (off + 512 <= N || lane * 16 < N - off) cp_async16(dst + off + lane * 16, src + off + lane * 16);
+    }
 }
 
 // Queues the copies of group u's codes, scales and zeros into a warp's staging buffer.
 __device__ __forceinline__ void stage_group(const AttnParams& P, const u32* blocks, u32 kvh, u32 u, u8* buf, u32 lane) {
     u32 gi;
     const u8* blk = group_block(P.pages, blocks, u, kvh, &gi);
-    stage_copy(buf, blk + KV_K_CODES + gi * MMA_KC, MMA_KC, lane);
-    stage_copy(buf + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, 2 * KV_HD, lane);
-    stage_copy(buf + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, 2 * KV_HD, lane);
-    stage_copy(buf + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, MMA_VC, lane);
-    stage_copy(buf + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, 2 * KV_G * KV_NG, lane);
-    stage_copy(buf + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, 2 * KV_G * KV_NG, lane);
+    stage_part<MMA_KC>(buf, blk + KV_K_CODES + gi * MMA_KC, lane);
+    stage_part<2 * KV_HD>(buf + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
+    stage_part<2 * KV_HD>(buf + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
+    stage_part<MMA_VC>(buf + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
+    stage_part<2 * KV_G * KV_NG>(buf + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
+    stage_part<2 * KV_G * KV_NG>(buf + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
 }
 
 struct MmaState {
-    float m, l;  // row g's running maximum; this lane's part of the row's sum
+    float m, l;  // row g's running maximum (log2 units); this lane's part of the row's sum
     float acc[MMA_NJ][4];
 };
 
@@ -107,12 +115,19 @@ struct MmaState {
 // Whether some n-tile's codes are read scaled (KP > 0): those tiles need the bias correction.
 #define MMA_SCALED_TILES (MMA_NT > 1)
 
-// A row's running maximum moves only when a score passes it by more than this (natural log):
-// weights then stay below e^8 (exact in the f16 hi/lo split, far from f32 overflow), and the
-// accumulators are rescaled only when some row of the warp moves, not after every group.
-#define MMA_RESCALE 8.0f
+// Scores are kept in log2 units (the query is scaled by log2(e) once), so every weight is one
+// ex2 of a difference. A row's running maximum moves only when a score passes it by more than
+// MMA_RESCALE: weights then stay below 2^11 (exact in the f16 hi/lo split, far from f32
+// overflow), and the accumulators are rescaled only when some row of the warp moves, not after
+// every group.
+#define MMA_LOG2E 1.4426950408889634f
+#define MMA_LN2 0.6931471805599453f
+#define MMA_RESCALE 11.0f
 
-template <bool SOFTCAP>
+// EDGE: some query row sees only part of the group (the edge of a sliding window or of the
+// causal range, or a row that sees nothing): scores are masked per position. Groups inside
+// every row's range skip that.
+template <bool SOFTCAP, bool EDGE>
 __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& sh, MmaState& st, const u8* buf, u32 u,
                                           u32 nvec) {
     const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -193,8 +208,6 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     const float bias = Cz[0] + Cz[2];
 
     // Online softmax of row g over its 2 * NT scores in this lane and the 3 other lanes of the row.
-    const bool rowok = g < nvec;
-    const int lo = sh.lo[g], hi = sh.hi[g];
     float pp[MMA_NT][2];
     float bm = KV_NEG_INF;
 #pragma unroll
@@ -203,11 +216,16 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
         const float f = 1.0f / (float)(1u << MMA_KP(o));
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            int pos = (int)(p0 + MMA_NT * (2 * t + i) + j);
             float x = MMA_KP(o) == 0 ? S[j][i] + S[j][i + 2] : ((S[j][i] - Cb[i]) + (S[j][i + 2] - Cb[i + 2])) * f;
             x += bias;
-            if (SOFTCAP) x = P.softcap * tanhf(x / P.softcap);
-            x = (rowok && pos >= lo && pos < hi) ? x : KV_NEG_INF;
+            if (SOFTCAP) {
+                const float cap = P.softcap * MMA_LOG2E;  // the cap in log2 units
+                x = cap * tanhf(x / cap);
+            }
+            if (EDGE) {
+                const int pos = (int)(p0 + MMA_NT * (2 * t + i) + j);
+                x = (g < nvec && pos >= sh.lo[g] && pos < sh.hi[g]) ? x : KV_NEG_INF;
+            }
             pp[j][i] = x;
             bm = fmaxf(bm, x);
         }
@@ -216,10 +234,10 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 2));
     // The four lanes of a row agree on bm and st.m, so on whether the row's maximum moves.
     const bool grow = bm > st.m + MMA_RESCALE;
+#ifndef KV_COST_PROBE  // (the static cost counts the path of groups that do not rescale)
     if (__any_sync(0xffffffffu, grow)) {
-        const float mn = grow ? bm : st.m;
-        const float corr = exp_diff(st.m, mn);
-        st.m = mn;
+        const float corr = grow ? ex2(st.m - bm) : 1.0f;  // 0 while the row had no score
+        if (grow) st.m = bm;
         st.l *= corr;
 #pragma unroll
         for (int jj = 0; jj < MMA_NJ; jj++) {
@@ -227,12 +245,15 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
             for (int r = 0; r < 4; r++) st.acc[jj][r] *= corr;
         }
     }
+#endif
+    // A row that has seen no score yet has only -inf scores here: their weights are 0.
+    const float mref = st.m == KV_NEG_INF ? 0.0f : st.m;
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < MMA_NT; j++) {
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            pp[j][i] = exp_diff(pp[j][i], st.m);
+            pp[j][i] = ex2(pp[j][i] - mref);
             sum += pp[j][i];
         }
     }
@@ -283,10 +304,11 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 }
 
 // This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
-// staged while the one before is computed (double-buffered cp.async).
+// staged while the one before is computed (double-buffered cp.async). Some row sees positions
+// lo_min .. hi_max - 1; every row sees lo_max .. hi_min - 1.
 template <bool SOFTCAP>
 __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
-                                           u32 gb, u32 ge, int lo_min, int hi_max, u32 nvec) {
+                                           u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     auto visible = [&](u32 u) {
         int first = KV_SINKS + u * KV_G;
@@ -306,7 +328,15 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         cp_commit();
         cp_wait<1>();
         __syncwarp();
-        mma_group<SOFTCAP>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
+        const int first = KV_SINKS + u * KV_G;
+#ifndef KV_COST_PROBE  // (the static cost counts the path of groups inside every row's range)
+        if (first < lo_max || first + KV_G > hi_min) {
+            mma_group<SOFTCAP, true>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
+        } else
+#endif
+        {
+            mma_group<SOFTCAP, false>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
+        }
         __syncwarp();
         cur ^= 1;
         u = nu;
@@ -339,8 +369,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
         float x0 = 0.0f, x1 = 0.0f;
         if (v < nvec) {
             const elem_t* q = P.q + (i64)it.q_row0 * P.q_stride + (i64)(h0 + v) * KV_HD + c;
-            x0 = ld_elem(q) * P.scale;
-            x1 = ld_elem(q + 1) * P.scale;
+            x0 = ld_elem(q) * (P.scale * MMA_LOG2E);
+            x1 = ld_elem(q + 1) * (P.scale * MMA_LOG2E);
         }
         split_pair(x0, x1, sh.qhl[v][c], sh.qhl[v][c + 1]);
     }
@@ -357,12 +387,14 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
         sh.hi[tid] = hi;
     }
     __syncthreads();
-    int lo_min = 0x7fffffff, hi_max = 0;
+    int lo_min = 0x7fffffff, hi_max = 0, lo_max = 0, hi_min = 0x7fffffff;
     for (u32 v = 0; v < nvec; v++) {
         if (sh.hi[v] > sh.lo[v]) {
             lo_min = min(lo_min, sh.lo[v]);
             hi_max = max(hi_max, sh.hi[v]);
         }
+        lo_max = max(lo_max, sh.lo[v]);
+        hi_min = min(hi_min, sh.hi[v]);
     }
 
     MmaState st;
@@ -377,9 +409,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
     const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
     // The softcap's tanh stays out of the loop that does not need it.
     if (P.softcap > 0.0f) {
-        mma_groups<true>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, nvec);
+        mma_groups<true>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, lo_max, hi_min, nvec);
     } else {
-        mma_groups<false>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, nvec);
+        mma_groups<false>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, lo_max, hi_min, nvec);
     }
     cp_wait<0>();
 
@@ -398,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
             }
         }
         if (t == 0) {
-            sh.wm[warp][g] = st.m;
+            sh.wm[warp][g] = st.m * MMA_LN2;  // natural units, like the other splits
             sh.wl[warp][g] = st.l;
         }
     }

@@ -52,6 +52,13 @@ __device__ __forceinline__ u32 fms_h2(u32 a, u32 b, u32 c) {
     return r;
 }
 
+// 2^x (approximate, about 2 ulp; results below 2^-126 flush to zero, 2^-inf = 0).
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 // Byte permute: the bytes of (a, b) numbered 0-3 and 4-7, picked by the selector's nibbles.
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;
@@ -60,9 +67,10 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 }
 
 // Asynchronous 16-byte copies from global to shared memory (sm_80+), committed in groups.
+// The shared-memory address comes from the compiler's own conversion, which it folds into
+// constant offsets of one base register.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    u32 s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }

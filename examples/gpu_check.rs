@@ -1176,12 +1176,16 @@ fn bench(args: &[String]) -> bool {
 }
 
 /// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
-/// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`.
+/// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`. They are
+/// built with `KV_COST_PROBE` defined: the loop then holds only the path most groups take (no
+/// position masking, no accumulator rescale), which is what `scripts/sass_mix.py` counts.
 fn cubins(args: &[String]) -> bool {
     let Some(dir) = args.get(2) else {
         eprintln!("usage: gpu_check cubins DIR [--arch sm_90]");
         return false;
     };
+    let extra = std::env::var("KIVI_NVRTC_OPTS").unwrap_or_default();
+    std::env::set_var("KIVI_NVRTC_OPTS", format!("{extra} -DKV_COST_PROBE=1"));
     let arch = args.iter().position(|a| a == "--arch").map_or("sm_90", |i| args[i + 1].as_str());
     let _ = std::fs::create_dir_all(dir);
     for bits in [2u8, 4] {

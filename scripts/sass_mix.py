@@ -4,10 +4,14 @@
 Disassembles the cubins that `gpu_check cubins DIR` writes (nvdisasm: from the CUDA toolkit or
 the PyPI package nvidia-cuda-nvdisasm), finds the loop of kv_decode_mma that handles one
 quantized group per warp per iteration (the loop holding the HMMA instructions), and counts its
-instructions by kind. From the counts it estimates the cycles one group costs a multiprocessor,
-the largest of: issue (4 schedulers, one instruction each per cycle), the integer pipes (half
-rate on sm_80/sm_90), and shared memory (one access per cycle); this assumes the pipes overlap
-perfectly, so it is a lower bound. It compares that with the cycles the group's bytes take at a
+instructions by kind. `gpu_check cubins` builds the kernel with KV_COST_PROBE, so the loop holds
+the path most groups take (no position masking, no accumulator rescale). From the counts it
+estimates the cycles one group costs a multiprocessor, the largest of: issue (4 schedulers, one
+instruction each per cycle), the integer pipes (half rate on sm_80/sm_90), shared memory (128
+bytes per cycle: one wavefront for a warp's 32-bit access, two for 64-bit, four for 128-bit,
+bank conflicts not counted), and the tensor cores (an m16n8k16 f16 mma takes one of the four
+sub-partitions' tensor cores 4 cycles at the full rate of an H100/H200); this assumes the pipes
+overlap perfectly, so it is a lower bound. It compares that with the cycles the group's bytes take at a
 device's memory bandwidth: while the first is larger, the kernel is bound by instructions, not
 by memory.
 
@@ -26,6 +30,8 @@ import sys
 INT = {"LOP3", "SHF", "PRMT", "IADD3", "IMAD", "LEA", "ISETP", "IABS", "IMNMX", "VIADD", "SEL", "BMSK", "POPC", "FLO"}
 # Shared-memory and async-copy instructions: about one per multiprocessor cycle (one wavefront).
 SHARED = {"LDS", "STS", "LDSM", "LDGSTS"}
+# Tensor-core cycles of one sub-partition per HMMA.16816 at full rate (sm_80: 8).
+HMMA_CYCLES = 4
 FREE = {"NOP", "BSSY", "BSYNC", "BRA", "WARPSYNC", "DEPBAR", "LDGDEPBAR"}
 
 
@@ -63,17 +69,31 @@ def loop_of(sass, kernel):
         m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]*)?\s*(.*?);", line)
         if m:
             target = re.search(r"\(\s*(\.L_x_\d+)\s*\)", m.group(3))
-            insts.append((m.group(1), target.group(1) if target else None))
+            insts.append((m.group(1), target.group(1) if target else None, m.group(2) or ""))
     best = None
-    for j, (op, target) in enumerate(insts):
+    for j, (op, target, _) in enumerate(insts):
         if op == "BRA" and target in labels and labels[target] <= j:
             body = insts[labels[target]: j + 1]
-            n_mma = sum(1 for o, _ in body if o == "HMMA")
+            n_mma = sum(1 for o, _, _ in body if o == "HMMA")
             if n_mma and (best is None or len(body) < len(best)):
                 best = body
     if best is None:
         sys.exit(f"no loop with HMMA found in {kernel}")
-    return [o for o, _ in best]
+    return [(o, mods) for o, _, mods in best]
+
+
+def wavefronts(op, mods):
+    """Shared-memory wavefronts of one warp-wide access (no bank conflicts)."""
+    if op not in SHARED:
+        return 0
+    if op == "LDSM":
+        m = re.search(r"\.X(\d)", mods)
+        return int(m.group(1)) if m else 1
+    if ".128" in mods:
+        return 4
+    if ".64" in mods:
+        return 2
+    return 1
 
 
 def main():
@@ -88,20 +108,21 @@ def main():
     for path in sorted(glob.glob(os.path.join(a.dir, "decode-kivi*.cubin"))):
         bits = int(re.search(r"kivi(\d+)", path).group(1))
         sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
-        ops = loop_of(sass, "kv_decode_mma")
-        mix = collections.Counter(ops)
+        body = loop_of(sass, "kv_decode_mma")
+        mix = collections.Counter(o for o, _ in body)
         n = sum(c for o, c in mix.items() if o not in FREE)
         issue = n / 4
         int_pipe = sum(c for o, c in mix.items() if o in INT) * 2 / 4
-        shared = sum(c for o, c in mix.items() if o in SHARED)
-        cycles = max(issue, int_pipe, shared)
+        shared = sum(wavefronts(o, mods) for o, mods in body)
+        tensor = mix["HMMA"] * HMMA_CYCLES / 4
+        cycles = max(issue, int_pipe, shared, tensor)
         # One group of 32 tokens of one KV head of 128 channels: codes, f16 scales and zeros.
         group_bytes = 2 * 32 * 128 * bits // 8 + 2 * 2 * 128 + 2 * 2 * 32 * 4
         mem_cycles = group_bytes / (a.bandwidth_gbs * 1e9 / a.sms / (a.clock_ghz * 1e9))
         top = ", ".join(f"{o} {c}" for o, c in mix.most_common(12))
         print(f"KIVI-{bits}: {n} instructions per group per warp ({mix['HMMA']} HMMA); at least {cycles:.0f} "
               f"cycles per group per multiprocessor (issue {issue:.0f}, integer pipe {int_pipe:.0f}, shared "
-              f"memory {shared:.0f}) against {mem_cycles:.0f} for its "
+              f"memory {shared:.0f}, tensor cores {tensor:.0f}) against {mem_cycles:.0f} for its "
               f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "
               f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
         print(f"  {top}")

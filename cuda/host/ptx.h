@@ -92,6 +92,12 @@ inline u32 mul_h2(u32 a, u32 b) {
 
 inline u32 fms_h2(u32 a, u32 b, u32 c) { return fma_h2(a, b, c ^ 0x80008000u); }
 
+// ex2.approx.ftz.f32: 2^x, results below the smallest normal f32 flushed to zero.
+inline float ex2(float x) {
+    float r = exp2f(x);
+    return std::fabs(r) < 1.17549435e-38f ? 0.0f : r;
+}
+
 // prmt.b32 in its default mode: byte i of the result is byte (sel >> 4i) & 7 of {b, a}.
 inline u32 prmt(u32 a, u32 b, u32 sel) {
     u64 ab = (u64)a | ((u64)b << 32);
