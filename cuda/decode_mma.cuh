@@ -24,7 +24,8 @@
 //   QK: n-tile j, column n  <-> token NT * n + j          (NT = G / 8)
 //   PV: k-step kk, k = 2t+i <-> token NT * (2t + i) + 2kk, k = 2t+8+i <-> the next token,
 //       which is where the QK accumulators of n-tiles 2kk and 2kk+1 left the weights;
-//       n-tile jj, column n <-> channel 8 * jj + n.
+//       n-tile jj, column n <-> channel NJ * n + jj (MMA_VLANE: each lane's channels are
+//       adjacent) or 8 * jj + n (other head sizes).
 // The full-precision tokens (sinks, window, the new token) are read from their own storage by
 // split 0 of the same kernel, with the CUDA-core body of attn.cuh; kv_decode_combine merges.
 #pragma once
@@ -36,10 +37,18 @@
 #define MMA_NJ (KV_HD / 8)
 #define MMA_KC (KV_HD * KV_G * KV_KB / 8)
 #define MMA_VC (KV_G * KV_HD * KV_VB / 8)
+// Value columns per lane (the common layouts): lane g's B operands are channels NJ*g .. NJ*g +
+// NJ - 1 of a token, MMA_VLB contiguous bits read with one 32- or 64-bit load, all in one value
+// group. The lanes of one t read tokens 2NT*t .. 2NT*t + 2NT - 1 (MMA_VBLK bytes of codes),
+// staged MMA_VPAD bytes apart so that the four t fall on different banks.
+#define MMA_VLB (MMA_NJ * KV_VB)
+#define MMA_VLANE ((MMA_VLB == 16 || MMA_VLB == 32 || MMA_VLB == 64) && KV_VG % MMA_NJ == 0)
+#define MMA_VBLK (KV_G / 4 * KV_V_ROW)
+#define MMA_VPAD (MMA_VLANE ? 32 : 0)
 #define MMA_KS_OFF MMA_KC
 #define MMA_KZ_OFF (MMA_KC + 2 * KV_HD)
 #define MMA_VC_OFF (MMA_KC + 4 * KV_HD)
-#define MMA_VS_OFF (MMA_VC_OFF + MMA_VC)
+#define MMA_VS_OFF (MMA_VC_OFF + MMA_VC + 4 * MMA_VPAD)
 #define MMA_VZ_OFF (MMA_VS_OFF + 2 * KV_G * KV_NG)
 #define MMA_STAGE (MMA_VZ_OFF + 2 * KV_G * KV_NG)
 #define MMA_MERGE (KV_WARPS * 8 * KV_HD * 4)
@@ -90,6 +99,16 @@ __device__ __forceinline__ void stage_part(u8* dst, const u8* src, u32 lane) {
     }
 }
 
+// The same for value codes: each block of MMA_VBLK bytes followed by MMA_VPAD bytes of padding.
+template <u32 N>
+__device__ __forceinline__ void stage_values(u8* dst, const u8* src, u32 lane) {
+#pragma unroll
+    for (u32 off = 0; off < N; off += 512) {
+        const u32 b = off + lane * 16;
+        if (off + 512 <= N || b < N) cp_async16(dst + b + b / MMA_VBLK * MMA_VPAD, src + b);
+    }
+}
+
 // Queues the copies of group u's codes, scales and zeros into a warp's staging buffer.
 __device__ __forceinline__ void stage_group(const AttnParams& P, const u32* blocks, u32 kvh, u32 u, u8* buf, u32 lane) {
     u32 gi;
@@ -97,7 +116,7 @@ __device__ __forceinline__ void stage_group(const AttnParams& P, const u32* bloc
     stage_part<MMA_KC>(buf, blk + KV_K_CODES + gi * MMA_KC, lane);
     stage_part<2 * KV_HD>(buf + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
     stage_part<2 * KV_HD>(buf + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
-    stage_part<MMA_VC>(buf + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
+    stage_values<MMA_VC>(buf + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
     stage_part<2 * KV_G * KV_NG>(buf + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
     stage_part<2 * KV_G * KV_NG>(buf + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
 }
@@ -259,7 +278,54 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     }
     st.l += sum;
 
+#if MMA_VLANE
     // Values: A = the weights (hi/lo), B = the values dequantized to f16 (code * scale + zero,
+    // rounded once), two tokens per register. Lane g reads its channels' bits of a token with one
+    // load; a prmt puts one byte of two tokens side by side, and each code in it is made an
+    // exact f16 by a mask and an exponent that puts its lowest bit at 1 (2^E + code, minus 2^E).
+    const u8* vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
+    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + MMA_NJ * g / KV_VG;  // this lane's value group
+    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + MMA_NJ * g / KV_VG;
+    // 2^(10 - p) in both halves for a code at bit p of its byte: registers (from the shared
+    // 0x64006400), so that (x & mask) | magic stays one LOP3 with the mask as its immediate.
+    u32 vmagic[8 / KV_VB];
+#pragma unroll
+    for (int i = 0; i < 8 / KV_VB; i++) vmagic[i] = magic - (((u32)(i * KV_VB) << 10) * 0x00010001u);
+    const u32 voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;  // this lane's first byte in the word
+    const u32 r0 = 2 * MMA_NT * t;                      // this lane's first token
+#pragma unroll
+    for (int kk = 0; kk < MMA_KK; kk++) {
+        // Rows (tokens) of b0: NT*2t + 2kk and NT*(2t+1) + 2kk; of b1: the next ones.
+        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
+        u32 a0, a1, a2, a3;
+        split_pair(pp[2 * kk][0], pp[2 * kk][1], a0, a1);
+        split_pair(pp[2 * kk + 1][0], pp[2 * kk + 1][1], a2, a3);
+        const u32 sa = (u32)vsp[(r0 + ia0) * KV_NG] | ((u32)vsp[(r0 + ia1) * KV_NG] << 16);
+        const u32 za = (u32)vzp[(r0 + ia0) * KV_NG] | ((u32)vzp[(r0 + ia1) * KV_NG] << 16);
+        const u32 sb = (u32)vsp[(r0 + ia0 + 1) * KV_NG] | ((u32)vsp[(r0 + ia1 + 1) * KV_NG] << 16);
+        const u32 zb = (u32)vzp[(r0 + ia0 + 1) * KV_NG] | ((u32)vzp[(r0 + ia1 + 1) * KV_NG] << 16);
+#pragma unroll
+        for (int w = 0; w < (MMA_VLB + 31) / 32; w++) {
+            const u32 xa0 = ((const u32*)(vcp + ia0 * KV_V_ROW))[w], xa1 = ((const u32*)(vcp + ia1 * KV_V_ROW))[w];
+            const u32 xb0 = ((const u32*)(vcp + (ia0 + 1) * KV_V_ROW))[w];
+            const u32 xb1 = ((const u32*)(vcp + (ia1 + 1) * KV_V_ROW))[w];
+#pragma unroll
+            for (int by = 0; by < (MMA_VLB < 32 ? MMA_VLB : 32) / 8; by++) {
+                const u32 sel = (by + voff) | ((by + voff + 4) << 8);
+                const u32 xa = prmt(xa0, xa1, sel), xb = prmt(xb0, xb1, sel);
+#pragma unroll
+                for (int p = 0; p < 8; p += KV_VB) {
+                    const int jj = (32 * w + 8 * by + p) / KV_VB;
+                    const u32 vm = (KV_LEVELS_V << p) * 0x00010001u;
+                    const u32 b0 = fma_h2(sub_h2((xa & vm) | vmagic[p / KV_VB], vmagic[p / KV_VB]), sa, za);
+                    const u32 b1 = fma_h2(sub_h2((xb & vm) | vmagic[p / KV_VB], vmagic[p / KV_VB]), sb, zb);
+                    mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
+                }
+            }
+        }
+    }
+#else
+    // Values (any layout): A = the weights (hi/lo), B = the values dequantized to f16 (code * scale + zero,
     // rounded once), two tokens per register. Lane g reads channel 8jj+g: the byte holding it is
     // picked from two tokens' words by one prmt, its code kept by a mask and made an exact f16 by
     // an exponent that puts the code's lowest bit at 1 (2^E + code, minus 2^E).
@@ -301,6 +367,7 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
             }
         }
     }
+#endif
 }
 
 // This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
@@ -425,7 +492,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
         for (int jj = 0; jj < MMA_NJ; jj++) {
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                u32 c = 8 * jj + 2 * t + i;
+                // The channel of n-tile jj, column 2t + i (see the values' layouts).
+                u32 c = MMA_VLANE ? MMA_NJ * (2 * t + i) + jj : 8 * jj + 2 * t + i;
                 merge[(warp * 8 + g) * KV_HD + c] = st.acc[jj][i] + st.acc[jj][i + 2];
             }
         }

@@ -104,7 +104,11 @@ pub fn max_nq(head_dim: usize) -> usize {
 pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
     let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
     let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
-    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + 4 * g * ng;
+    // Value codes are staged with 32 bytes of padding after each quarter when every lane's
+    // channels take 16, 32 or 64 contiguous bits of one value group (MMA_VLANE).
+    let (nj, vlb) = (hd / 8, hd / 8 * vb);
+    let vpad = if matches!(vlb, 16 | 32 | 64) && lay.vgroup % nj == 0 { 4 * 32 } else { 0 };
+    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + vpad + 4 * g * ng;
     let buf = (2 * 4 * stage).max(4 * 8 * hd * 4);
     lay.key_mode == KeyMode::PerChannel
         && matches!(kb, 2 | 4)
