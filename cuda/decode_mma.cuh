@@ -89,13 +89,14 @@ struct __align__(16) Quadu {
     u32 x, y, z, w;
 };
 
-// Queues the copy of N bytes (a multiple of 16), 16 per lane at a time. N is known at compile
-// time, so the copies need no loop and their addresses are one base plus constant offsets.
+// Queues the copy of N bytes (a multiple of 16) from src to dst, 16 per lane at a time; dst and
+// src already point at this lane's first 16 bytes. N is known at compile time, so the copies
+// need no loop and their addresses are the same two base registers plus constant offsets.
 template <u32 N>
 __device__ __forceinline__ void stage_part(u8* dst, const u8* src, u32 lane) {
 #pragma unroll
     for (u32 off = 0; off < N; off += 512) {
-        if (off + 512 <= N || lane * 16 < N - off) cp_async16(dst + off + lane * 16, src + off + lane * 16);
+        if (off + 512 <= N || lane * 16 < N - off) cp_async16(dst + off, src + off);
     }
 }
 
@@ -105,20 +106,46 @@ __device__ __forceinline__ void stage_values(u8* dst, const u8* src, u32 lane) {
 #pragma unroll
     for (u32 off = 0; off < N; off += 512) {
         const u32 b = off + lane * 16;
-        if (off + 512 <= N || b < N) cp_async16(dst + b + b / MMA_VBLK * MMA_VPAD, src + b);
+        if (off + 512 <= N || b < N) cp_async16(dst + off + b / MMA_VBLK * MMA_VPAD, src + off);
     }
 }
 
-// Queues the copies of group u's codes, scales and zeros into a warp's staging buffer.
-__device__ __forceinline__ void stage_group(const AttnParams& P, const u32* blocks, u32 kvh, u32 u, u8* buf, u32 lane) {
-    u32 gi;
-    const u8* blk = group_block(P.pages, blocks, u, kvh, &gi);
-    stage_part<MMA_KC>(buf, blk + KV_K_CODES + gi * MMA_KC, lane);
-    stage_part<2 * KV_HD>(buf + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
-    stage_part<2 * KV_HD>(buf + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
-    stage_values<MMA_VC>(buf + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
-    stage_part<2 * KV_G * KV_NG>(buf + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
-    stage_part<2 * KV_G * KV_NG>(buf + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
+// Whether a group's parts lie in the page in the staging buffer's order with no gaps (one group
+// per page, the default) and the value codes start and end on a 512-byte boundary of it: the
+// group is then staged as one run of 512-byte steps, each inside one part.
+#define MMA_FLAT                                                                                       \
+    (KV_GPP == 1 && KV_K_CODES == 0 && KV_K_SCALE == MMA_KS_OFF && KV_K_ZERO == MMA_KZ_OFF &&         \
+     KV_V_CODES == MMA_VC_OFF && KV_V_SCALE == MMA_VC_OFF + MMA_VC && KV_V_ZERO == KV_V_SCALE + 2 * KV_G * KV_NG && \
+     MMA_VC_OFF % 512 == 0 && MMA_VC % 512 == 0 && 512 % MMA_VBLK == 0)
+#define MMA_FLAT_BYTES (KV_V_ZERO + 2 * KV_G * KV_NG)
+
+// Queues the copies of group u's codes, scales and zeros, in page `page`, into a warp's staging
+// buffer. vpad: this lane's padding inside a 512-byte step of value codes,
+// (lane * 16 / MMA_VBLK) * MMA_VPAD.
+__device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 kvh, u32 u, u8* buf, u32 lane, u32 vpad) {
+    const u32 gi = u % KV_GPP;
+    const u8* blk = P.pages + (u64)page * KV_PAGE_BYTES + (u64)kvh * KV_HEAD_BYTES + lane * 16;
+    u8* d = buf + lane * 16;
+#if MMA_FLAT
+#pragma unroll
+    for (u32 off = 0; off < MMA_FLAT_BYTES; off += 512) {
+        // Padding before this step: whole value blocks before it, then this lane's share.
+        const bool vc = off >= MMA_VC_OFF && off < MMA_VC_OFF + MMA_VC;
+        const u32 pad = off < MMA_VC_OFF ? 0
+                        : vc             ? (off - MMA_VC_OFF) / MMA_VBLK * MMA_VPAD + vpad
+                                         : 4 * MMA_VPAD;
+        if (off + 512 <= MMA_FLAT_BYTES || lane * 16 < MMA_FLAT_BYTES - off) cp_async16(d + off + pad, blk + off);
+    }
+    (void)gi;
+#else
+    stage_part<MMA_KC>(d, blk + KV_K_CODES + gi * MMA_KC, lane);
+    stage_part<2 * KV_HD>(d + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
+    stage_part<2 * KV_HD>(d + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
+    stage_values<MMA_VC>(d + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
+    stage_part<2 * KV_G * KV_NG>(d + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
+    stage_part<2 * KV_G * KV_NG>(d + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
+    (void)vpad;
+#endif
 }
 
 struct MmaState {
@@ -371,8 +398,9 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 }
 
 // This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
-// staged while the one before is computed (double-buffered cp.async). Some row sees positions
-// lo_min .. hi_max - 1; every row sees lo_max .. hi_min - 1.
+// staged while the one before is computed (double-buffered cp.async), and the page of the one
+// after that read from the block table meanwhile, so that staging does not wait for it. Some row
+// sees positions lo_min .. hi_max - 1; every row sees lo_max .. hi_min - 1.
 template <bool SOFTCAP>
 __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
                                            u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
@@ -383,16 +411,22 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     };
     // Staging buffer b of this warp.
 #define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
-    u32 u = gb + warp;
-    while (u < ge && !visible(u)) u += KV_WARPS;
-    if (u < ge) stage_group(P, blocks, kvh, u, MMA_BUF_OF(0), lane);
+    // The next visible group of this warp after u (ge if none) and its page (0 if none).
+    auto next = [&](u32 u) {
+        while (u < ge && !visible(u)) u += KV_WARPS;
+        return u;
+    };
+    auto page_of = [&](u32 u) { return u < ge ? blocks[u / KV_GPP] : 0u; };
+    u32 u = next(gb + warp);
+    const u32 vpad = lane * 16 / MMA_VBLK * MMA_VPAD;
+    if (u < ge) stage_group(P, page_of(u), kvh, u, MMA_BUF_OF(0), lane, vpad);
     cp_commit();
+    u32 nu = next(u + KV_WARPS), nu_page = page_of(nu);
     u32 cur = 0;
     while (u < ge) {
-        u32 nu = u + KV_WARPS;
-        while (nu < ge && !visible(nu)) nu += KV_WARPS;
-        if (nu < ge) stage_group(P, blocks, kvh, nu, MMA_BUF_OF(cur ^ 1), lane);
+        if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(cur ^ 1), lane, vpad);
         cp_commit();
+        const u32 nnu = next(nu + KV_WARPS), nnu_page = page_of(nnu);
         cp_wait<1>();
         __syncwarp();
         const int first = KV_SINKS + u * KV_G;
@@ -407,6 +441,8 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         __syncwarp();
         cur ^= 1;
         u = nu;
+        nu = nnu;
+        nu_page = nnu_page;
     }
 #undef MMA_BUF_OF
 }

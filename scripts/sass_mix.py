@@ -66,10 +66,12 @@ def loop_of(sass, kernel):
         if m:
             labels[m.group(1)] = len(insts)
             continue
-        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]*)?\s*(.*?);", line)
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]*)?\s*(.*?);", line)
         if m:
-            target = re.search(r"\(\s*(\.L_x_\d+)\s*\)", m.group(3))
-            insts.append((m.group(1), target.group(1) if target else None, m.group(2) or ""))
+            target = re.search(r"\(\s*(\.L_x_\d+)\s*\)", m.group(4))
+            # "@!PT": never executed (the compiler's padding); it takes an issue slot only.
+            mods = (m.group(3) or "") + (" never" if (m.group(1) or "").strip() == "@!PT" else "")
+            insts.append((m.group(2), target.group(1) if target else None, mods))
     best = None
     for j, (op, target, _) in enumerate(insts):
         if op == "BRA" and target in labels and labels[target] <= j:
@@ -84,7 +86,7 @@ def loop_of(sass, kernel):
 
 def wavefronts(op, mods):
     """Shared-memory wavefronts of one warp-wide access (no bank conflicts)."""
-    if op not in SHARED:
+    if op not in SHARED or mods.endswith(" never"):
         return 0
     if op == "LDSM":
         m = re.search(r"\.X(\d)", mods)
