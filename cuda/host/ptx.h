@@ -112,7 +112,10 @@ inline u32 prmt(u32 a, u32 b, u32 sel) {
 }
 
 // Copies happen at once; the groups and waits have nothing left to wait for.
-inline void cp_async16(void* smem, const void* gmem) { memcpy(smem, gmem, 16); }
+inline void cp_async16(void* smem, const void* gmem) {
+    if ((((uintptr_t)smem) | ((uintptr_t)gmem)) & 15) kvsim::fault("cp.async of 16 bytes from or to an address not 16-byte aligned");
+    memcpy(smem, gmem, 16);
+}
 inline void cp_commit() {}
 template <int N>
 inline void cp_wait() {}

@@ -126,6 +126,12 @@ inline thread_local Block* blk = nullptr;
 
 inline Fiber& me() { return blk->fibers[blk->cur]; }
 
+// Records a fault of the running thread (what the device would reject or get wrong, such as a
+// misaligned asynchronous copy); the launch then fails with the first fault's message.
+inline void fault(const char* what) {
+    if (!blk->error) blk->error = what;
+}
+
 // Back to the scheduler until released.
 inline void wait_here() {
     Fiber& f = me();
@@ -257,6 +263,7 @@ inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsi
         for (unsigned y = 0; y < grid.y && rc == 0; y++)
             for (unsigned x = 0; x < grid.x && rc == 0; x++) {
                 b.block_idx = {x, y, z};
+                b.error = nullptr;
                 b.alive = threads;
                 b.block_waiting = 0;
                 memset(b.warp_waiting, 0, sizeof b.warp_waiting);
@@ -281,7 +288,13 @@ inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsi
                         }
                         if (b.fibers[i].state != DONE) done = false;
                     }
-                    if (done) break;
+                    if (done) {
+                        if (b.error) {
+                            snprintf(err, err_len, "block (%u, %u, %u): %s", x, y, z, b.error);
+                            rc = -1;
+                        }
+                        break;
+                    }
                     if (!ran) {
                         unsigned waiting = 0, first = 0;
                         for (unsigned i = 0; i < threads; i++)

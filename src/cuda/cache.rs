@@ -321,8 +321,10 @@ impl CudaCache {
             }
             #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => {
-                let mut mem = vec![0u64; bytes.div_ceil(8)];
-                let base = mem.as_mut_ptr() as u64;
+                // 256-byte aligned, like cudaMalloc, so that the simulator checks alignments
+                // as the device would see them.
+                let mut mem = vec![0u64; bytes.div_ceil(8) + 32];
+                let base = (mem.as_mut_ptr() as u64 + 255) & !255;
                 if matches!(backend, Backend::Emu(_)) {
                     (Backend::Emu(mem), emu::info(), base)
                 } else {
