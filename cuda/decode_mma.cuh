@@ -1,8 +1,10 @@
-// Decode attention over quantized groups on tensor cores (sm_80+): mma.sync m16n8k16, f16
-// operands, f32 accumulation. For the common KIVI layouts (per-channel keys of 2 or 4 bits,
-// values of 2 or 4 bits, head_dim <= 128, G a multiple of 16, at most 8 query heads per kv head).
+// Attention over quantized groups on tensor cores (sm_80+): mma.sync m16n8k16, f16 operands, f32
+// accumulation. For the common KIVI layouts (per-channel keys of 2 or 4 bits, values of 2 or 4
+// bits, head_dim <= 128, G a multiple of 16, at most 8 query heads per kv head). Decode steps
+// launch it with one query row per item; chunks of queries (prefill, attend) with 8 / ratio rows
+// per item, so that a block always has at most 8 query vectors.
 //
-// One block per (split, kv head, sequence); each warp takes whole groups, staged into shared
+// One block per (split, kv head, item); each warp takes whole groups, staged into shared
 // memory with 16-byte cp.async copies (double-buffered: the next group loads while this one is
 // computed). The query heads of the GQA group are the rows of the A operands:
 //   scores  S[h][t] = sum_c (q[h][c] * ks[c]) * code[c][t] + sum_c q[h][c] * kz[c]
@@ -447,7 +449,7 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 #undef MMA_BUF_OF
 }
 
-// grid (splits, kv heads, sequences). Split 0 is the full-precision tokens on CUDA cores (the
+// grid (splits, kv heads, items). Split 0 is the full-precision tokens on CUDA cores (the
 // body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
 // cores. Both kinds of block share one shared-memory area.
 #define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
@@ -463,15 +465,17 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const u32 kvh = blockIdx.y;
     const AttnItem it = P.items[blockIdx.z];
-    const u32 h0 = kvh * P.ratio;
-    const u32 nvec = P.ratio;  // one query row, every query head of the kv head (at most 8)
+    const u32 h0 = kvh * P.ratio, nh = P.ratio;
+    // Query vector v: row v / nh of the item, head h0 + v % nh; every query head of the kv head,
+    // at most 8 vectors (decode: one row; chunks of queries: 8 / ratio rows per item).
+    const u32 nvec = nh * it.n_q;
     const u32 total = it.len + it.n_chunk;
 
     for (u32 i = tid; i < 4 * KV_HD; i += KV_THREADS) {
         u32 v = i / (KV_HD / 2), c = 2 * (i % (KV_HD / 2));
         float x0 = 0.0f, x1 = 0.0f;
         if (v < nvec) {
-            const elem_t* q = P.q + (i64)it.q_row0 * P.q_stride + (i64)(h0 + v) * KV_HD + c;
+            const elem_t* q = P.q + (i64)(it.q_row0 + v / nh) * P.q_stride + (i64)(h0 + v % nh) * KV_HD + c;
             x0 = ld_elem(q) * (P.scale * MMA_LOG2E);
             x1 = ld_elem(q + 1) * (P.scale * MMA_LOG2E);
         }
@@ -481,7 +485,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
     if (tid < 8) {
         int lo = 0, hi = 0;
         if (tid < nvec) {
-            int qpos = (int)it.q_pos0;
+            int qpos = (int)(it.q_pos0 + tid / nh);
             lo = P.window > 0 ? max(0, qpos + 1 - (int)P.window) : 0;
             hi = P.causal ? min(qpos + 1, (int)total) : (int)total;
             hi = max(hi, lo);
@@ -552,7 +556,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
             l += sh.wl[w][v] * f;
             a += merge[(w * 8 + v) * KV_HD + c] * f;
         }
-        float* dst = P.part + ((((u64)blockIdx.z * P.qt) * P.n_q_heads + h0 + v) * P.n_splits + split) * (KV_HD + 2);
+        const u32 r = v / nh, head = h0 + v % nh;
+        float* dst = P.part + ((((u64)blockIdx.z * P.qt + r) * P.n_q_heads + head) * P.n_splits + split) * (KV_HD + 2);
         if (c == 0) {
             dst[0] = m;
             dst[1] = l;

@@ -60,19 +60,27 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     if !nvrtc_ready() {
         return;
     }
-    use kivi::cuda::kernels::{compile, tensor_core_decode, test_configs, Family, Spec};
-    let mut used = 0;
+    use kivi::cuda::kernels::{compile, tensor_core_chunks, tensor_core_decode, test_configs, Family, Spec};
+    let has_mma = |nq: usize, cfg: &kivi::CacheConfig| {
+        let image = compile(Family::Decode, &Spec::for_config(cfg, nq).unwrap(), "sm_90").unwrap();
+        image.bytes().windows(13).any(|w| w == b"kv_decode_mma")
+    };
+    let (mut decode, mut chunks) = (0, 0);
     for cfg in test_configs() {
         for ratio in [1u32, 4, 8] {
+            // Decode: the module for min(ratio, max_nq) query vectors.
             let nq = ratio.min(kivi::cuda::kernels::max_nq(cfg.head_dim as usize) as u32);
-            let image = compile(Family::Decode, &Spec::for_config(&cfg, nq as usize).unwrap(), "sm_90").unwrap();
-            let has = image.bytes().windows(13).any(|w| w == b"kv_decode_mma");
             let uses = tensor_core_decode(&cfg, ratio * cfg.n_kv_heads);
-            assert_eq!(has, uses, "config {cfg:?}, {ratio} query heads per kv head");
-            used += uses as usize;
+            assert_eq!(has_mma(nq as usize, &cfg), uses, "decode: config {cfg:?}, {ratio} query heads per kv head");
+            decode += uses as usize;
+            // Chunks of queries: the decode module for 8 query vectors.
+            if tensor_core_chunks(&cfg, ratio * cfg.n_kv_heads) {
+                assert!(has_mma(8, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
+                chunks += 1;
+            }
         }
     }
-    assert!(used > 0, "no test configuration reaches the tensor-core kernel");
+    assert!(decode > 0 && chunks > 0, "no test configuration reaches the tensor-core kernel");
 }
 
 #[test]

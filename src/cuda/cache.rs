@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result as drv, sys as dsys};
 
-use super::kernels::{max_nq, mma_layout, Family, Spec};
+use super::kernels::{chunk_mma, decode_mma, max_nq, Family, Spec};
 use super::{launch, Device, DeviceInfo};
 use crate::attention::{AttnOptions, Resolved};
 use crate::cache::Cache;
@@ -526,10 +526,33 @@ impl CudaCache {
     #[allow(irrefutable_let_patterns)] // a second backend exists in tests
     fn prepare(&self, family: Family, n_q_heads: usize) -> Result<()> {
         if let Backend::Cuda(d) = &self.dev {
-            let (nq, _, _) = attention_shape(family, self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
-            d.module(family, &Spec::new(&self.lay, nq))?;
+            let sh = self.shape(family, n_q_heads);
+            d.module(sh.module, &Spec::new(&self.lay, sh.nq))?;
         }
         Ok(())
+    }
+
+    /// How attention of `family` for `n_q_heads` query heads runs on this device.
+    fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
+        let (hd, ratio) = (self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
+        let cap = max_nq(hd);
+        let tensor_cores = self.info.capability.0 >= 8 && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0");
+        match family {
+            Family::Decode => {
+                let nq = ratio.min(cap);
+                let mma = tensor_cores && decode_mma(&self.lay, ratio);
+                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma }
+            }
+            _ if tensor_cores && chunk_mma(&self.lay, ratio) => {
+                // Chunks of queries take the tensor-core kernel too: 8 query vectors per block,
+                // the 8 / ratio rows of every query head of one kv head.
+                Shape { module: Family::Decode, nq: 8, hc: ratio, qt: 8 / ratio, mma: true }
+            }
+            _ => {
+                let hc = ratio.min(cap);
+                Shape { module: family, nq: cap, hc, qt: cap / hc, mma: false }
+            }
+        }
     }
 
     /// Queues attention for `items` (all of layer `l`) and the combine.
@@ -550,14 +573,9 @@ impl CudaCache {
         let lay = &self.lay;
         let (hd, nkv) = (lay.head_dim, lay.n_kv_heads);
         let ratio = n_q_heads / nkv;
-        let (nq, hc, qt) = attention_shape(family, hd, ratio);
+        let Shape { module, nq, hc, qt, mma } = self.shape(family, n_q_heads);
         let hchunks = ratio.div_ceil(hc);
         let per_item = qt * n_q_heads * (hd + 2) * 4;
-        let mma = family == Family::Decode
-            && hchunks == 1
-            && self.info.capability.0 >= 8
-            && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0")
-            && mma_layout(lay, nq);
         let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
         if max_items == 0 {
             return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
@@ -628,10 +646,10 @@ impl CudaCache {
                 self.kernel(Kernel::Mma(nq, &p), (n as u32, nkv as u32, rows), 128, stream)?;
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
-                self.kernel(Kernel::Attn(family, nq, &p), grid, 128, stream)?;
+                self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;
             }
             self.kernel(
-                Kernel::Combine(family, nq, &p),
+                Kernel::Combine(module, nq, &p),
                 (n_q_heads as u32, qt as u32, chunk.len() as u32),
                 128,
                 stream,
@@ -678,7 +696,7 @@ impl CudaCache {
         self.bind()?;
         let ls = &self.seqs.slots[slot].layers[l];
         let (len, quantized) = (ls.len, ls.quantized);
-        let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
+        let qt = self.shape(Family::Prefill, nqh).qt;
         let items: Vec<AttnItem> = (0..n.div_ceil(qt))
             .map(|i| AttnItem {
                 slot: slot as u32,
@@ -723,7 +741,7 @@ impl CudaCache {
             )));
         }
         self.bind()?;
-        let (_, _, qt) = attention_shape(Family::Prefill, self.lay.head_dim, nqh / self.lay.n_kv_heads);
+        let qt = self.shape(Family::Prefill, nqh).qt;
         let items: Vec<AttnItem> = (0..n.div_ceil(qt))
             .map(|i| AttnItem {
                 slot: slot as u32,
@@ -1230,18 +1248,14 @@ impl Drop for CudaCache {
     }
 }
 
-/// Query vectors per block (`nq`), query heads per block (`hc`) and query rows per block (`qt`)
-/// of an attention family for this head_dim and GQA ratio.
-fn attention_shape(family: Family, head_dim: usize, ratio: usize) -> (usize, usize, usize) {
-    let cap = max_nq(head_dim);
-    match family {
-        Family::Decode => {
-            let nq = ratio.min(cap);
-            (nq, nq, 1)
-        }
-        _ => {
-            let hc = ratio.min(cap);
-            (cap, hc, cap / hc)
-        }
-    }
+/// How one attention call runs: the module it launches (`module`), query vectors per block
+/// (`nq`), query heads per block (`hc`), query rows per item (`qt`), and whether the quantized
+/// groups go to the tensor-core kernel (`mma`, in the decode module, for chunks of queries too).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    module: Family,
+    nq: usize,
+    hc: usize,
+    qt: usize,
+    mma: bool,
 }

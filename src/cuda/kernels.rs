@@ -126,11 +126,31 @@ pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
 /// their quantized groups on tensor cores (on devices of compute capability 8.0 and newer, unless
 /// `KIVI_CUDA_MMA=0`).
 pub fn tensor_core_decode(cfg: &CacheConfig, n_q_heads: u32) -> bool {
+    gqa_ratio(cfg, n_q_heads).is_some_and(|r| decode_mma(&Layout::new(cfg), r))
+}
+
+/// Whether attention for chunks of queries (`append_attend`, `attend`) of a cache of this
+/// configuration, with `n_q_heads` query heads, runs its quantized groups on tensor cores (same
+/// devices as [`tensor_core_decode`]): 8 query vectors per block, 8 / ratio query rows.
+pub fn tensor_core_chunks(cfg: &CacheConfig, n_q_heads: u32) -> bool {
+    gqa_ratio(cfg, n_q_heads).is_some_and(|r| chunk_mma(&Layout::new(cfg), r))
+}
+
+fn gqa_ratio(cfg: &CacheConfig, n_q_heads: u32) -> Option<usize> {
     if cfg.validate().is_err() || n_q_heads == 0 || n_q_heads % cfg.n_kv_heads != 0 {
-        return false;
+        return None;
     }
-    let ratio = (n_q_heads / cfg.n_kv_heads) as usize;
-    ratio <= max_nq(cfg.head_dim as usize) && mma_layout(&Layout::new(cfg), ratio)
+    Some((n_q_heads / cfg.n_kv_heads) as usize)
+}
+
+/// The tensor-core kernel for decode: one query row, the `ratio` heads of a kv head.
+pub(crate) fn decode_mma(lay: &Layout, ratio: usize) -> bool {
+    ratio <= max_nq(lay.head_dim) && mma_layout(lay, ratio)
+}
+
+/// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block.
+pub(crate) fn chunk_mma(lay: &Layout, ratio: usize) -> bool {
+    ratio <= 8 && max_nq(lay.head_dim) >= 8 && mma_layout(lay, 8)
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query

@@ -43,12 +43,15 @@ struct Module {
     launch: LaunchFn,
 }
 
-/// Launches of each kernel so far (tests check that they reach the paths they mean to).
-pub(crate) static LAUNCHES: Mutex<Vec<(&'static str, usize)>> = Mutex::new(Vec::new());
+thread_local! {
+    /// Launches of each kernel so far on this thread (launches run on the calling thread, so a
+    /// test counts its own: tests check that they reach the paths they mean to).
+    static LAUNCHES: std::cell::RefCell<Vec<(&'static str, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 #[cfg(test)]
 pub(crate) fn launches_of(name: &str) -> usize {
-    LAUNCHES.lock().unwrap().iter().find(|(n, _)| *n == name).map_or(0, |&(_, c)| c)
+    LAUNCHES.with_borrow(|l| l.iter().find(|(n, _)| *n == name).map_or(0, |&(_, c)| c))
 }
 
 /// The kernels of a family, with their parameter structs.
@@ -80,7 +83,7 @@ fn unit(family: Family) -> String {
     }
     s.push_str(
         "};\n}  // namespace\n\
-         extern \"C\" int kvsim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads,\n\
+         extern \"C\" __attribute__((visibility(\"default\"))) int kvsim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads,\n\
          \x20                          const void* params, char* err, size_t err_len) {\n\
          \x20   for (const Entry& e : entries)\n\
          \x20       if (strcmp(e.name, name) == 0) return kvsim::launch(e.body, params, {gx, gy, gz}, threads, err, err_len);\n\
@@ -92,8 +95,13 @@ fn unit(family: Family) -> String {
 
 fn compile(family: Family, spec: &Spec) -> Module {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    // Hidden visibility keeps each module's statics its own: `__shared__` objects are static
+    // locals of inline functions, which GCC otherwise binds process-wide (STB_GNU_UNIQUE, even
+    // with RTLD_LOCAL), so every module would share the object sized by the first one loaded.
     let mut args: Vec<String> =
-        ["-std=c++17", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-w", "-x", "c++"].map(String::from).into();
+        ["-std=c++17", "-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-shared", "-fPIC", "-w", "-x", "c++"]
+            .map(String::from)
+            .into();
     for (n, v) in spec.defines() {
         args.push(format!("-D{n}={v}u"));
     }
@@ -166,9 +174,8 @@ pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'
     let rc = (m.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, block, params, err.as_mut_ptr(), err.len());
     let msg = CStr::from_ptr(err.as_ptr()).to_string_lossy();
     assert!(rc == 0, "{name} (grid {grid:?}, {block} threads): {msg}");
-    let mut l = LAUNCHES.lock().unwrap();
-    match l.iter_mut().find(|(n, _)| *n == name) {
+    LAUNCHES.with_borrow_mut(|l| match l.iter_mut().find(|(n, _)| *n == name) {
         Some(e) => e.1 += 1,
         None => l.push((name, 1)),
-    }
+    });
 }

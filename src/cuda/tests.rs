@@ -367,6 +367,33 @@ fn simulated_long_contexts_use_many_splits() {
     long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 3000 });
 }
 
+/// Chunks of queries (append_attend, attend) over a quantized past take the tensor-core kernel,
+/// 8 / ratio query rows per block: every ratio, chunk sizes around the rows per block and the
+/// group size, causal and sliding-window masks that cut through groups.
+#[test]
+fn simulated_chunks_of_queries_use_tensor_cores() {
+    for (nqh, opts) in [
+        (8, AttnOptions::default()),                                   // ratio 4: 2 rows per block
+        (2, AttnOptions { sliding_window: 70, ..Default::default() }), // ratio 1: 8 rows
+        (16, AttnOptions { causal: false, ..Default::default() }),     // ratio 8: 1 row
+        (6, AttnOptions { softcap: 30.0, ..Default::default() }),      // ratio 3: 2 rows, 6 vectors
+    ] {
+        let mut c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        assert!(crate::cuda::kernels::tensor_core_chunks(&c, nqh as u32), "{nqh} query heads");
+        let mut p = Pair::<f16>::new(SIM, c, nqh, opts);
+        let before = sim::launches_of("kv_decode_mma");
+        p.append(0, 0, 200);
+        for n in [1, 2, 3, 9, 31, 33] {
+            p.append_attend(0, 0, n);
+        }
+        p.attend(0, 0, 17);
+        let launched = sim::launches_of("kv_decode_mma") - before;
+        assert_eq!(launched, 7, "{nqh} query heads: every chunk on tensor cores");
+        p.state("after chunks");
+    }
+}
+
 #[test]
 fn simulated_batched_decode_of_many_sequences() {
     batched_decode(SIM, 66, if cfg!(debug_assertions) { 3 } else { 34 });
