@@ -162,7 +162,7 @@ impl Cache {
         if buf.len() < size {
             return Err(Error::BufferTooSmall { needed: size, given: buf.len() });
         }
-        let mut w = self.header(buf, KIND_CACHE, size);
+        let mut w = header(&self.cfg, buf, KIND_CACHE, size);
         for (pool, pages) in self.pools.iter().zip(&self.seqs.pages) {
             for &r in pages.all_refs() {
                 w.u32(r);
@@ -287,12 +287,19 @@ impl Cache {
     /// Writes sequence `seq` into `buf` (at least [`Cache::seq_state_size`] bytes); returns the
     /// bytes written.
     pub fn save_seq_state(&self, seq: u32, buf: &mut [u8]) -> Result<usize> {
+        self.save_seq_state_as(seq, &self.cfg, buf)
+    }
+
+    /// [`Cache::save_seq_state`] with the header of a cache of configuration `cfg` (the same
+    /// dimensions, another capacity): a CUDA cache saves through a host copy sized for the
+    /// sequence and writes the blob the CPU cache of its own configuration would write.
+    pub(crate) fn save_seq_state_as(&self, seq: u32, cfg: &CacheConfig, buf: &mut [u8]) -> Result<usize> {
         let s = self.seqs.slot_of(seq)?;
         let size = self.seq_size(s);
         if buf.len() < size {
             return Err(Error::BufferTooSmall { needed: size, given: buf.len() });
         }
-        let mut w = self.header(buf, KIND_SEQ, size);
+        let mut w = header(cfg, buf, KIND_SEQ, size);
         w.u32(seq);
         for (l, ls) in self.seqs.slots[s].layers.iter().enumerate() {
             w.u64(ls.len as u64);
@@ -356,18 +363,6 @@ impl Cache {
         &mut self.windows.bytes_mut()[b..b + n]
     }
 
-    fn header<'a>(&self, buf: &'a mut [u8], kind: u32, size: usize) -> Writer<'a> {
-        let mut w = Writer { buf: &mut buf[..size], at: 0 };
-        w.put(MAGIC);
-        w.u32(STATE_VERSION);
-        w.u32(kind);
-        for f in fields(&self.cfg) {
-            w.u32(f);
-        }
-        w.u64((size - HEADER - 4) as u64);
-        w
-    }
-
     /// Checks a blob's header and checksum; returns a reader over its payload.
     fn open<'a>(&self, buf: &'a [u8], kind: u32, capacity_too: bool) -> Result<Reader<'a>> {
         if buf.len() < HEADER + 4 {
@@ -419,6 +414,19 @@ impl Cache {
         }
         Ok(Reader { buf: &buf[..total - 4], at: HEADER })
     }
+}
+
+/// Starts a blob of `size` bytes: the header of a cache of configuration `cfg`.
+fn header<'a>(cfg: &CacheConfig, buf: &'a mut [u8], kind: u32, size: usize) -> Writer<'a> {
+    let mut w = Writer { buf: &mut buf[..size], at: 0 };
+    w.put(MAGIC);
+    w.u32(STATE_VERSION);
+    w.u32(kind);
+    for f in fields(cfg) {
+        w.u32(f);
+    }
+    w.u64((size - HEADER - 4) as u64);
+    w
 }
 
 fn finish(w: Writer, size: usize) -> usize {

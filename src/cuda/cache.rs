@@ -1048,11 +1048,13 @@ impl CudaCache {
         self.upload(&host)
     }
 
-    /// Sequence `seq` as a state blob ([`Cache::save_seq_state_vec`]); its header records the
-    /// capacity of the host copy, sized for the sequence, which any cache of the same dimensions
-    /// loads. Waits for `stream`.
+    /// Sequence `seq` as a state blob: the bytes [`Cache::save_seq_state_vec`] writes for a CPU
+    /// cache of this configuration holding the same sequence. Waits for `stream`.
     pub fn save_seq_state_vec(&self, seq: u32, stream: Stream) -> Result<Vec<u8>> {
-        self.seq_to_host(seq, stream)?.save_seq_state_vec(seq)
+        let host = self.seq_to_host(seq, stream)?;
+        let mut v = vec![0; host.seq_state_size(seq)?];
+        host.save_seq_state_as(seq, &self.cfg, &mut v)?;
+        Ok(v)
     }
 
     /// Loads a sequence blob ([`Cache::load_seq_state`], from a cache of the same dimensions,

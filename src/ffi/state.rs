@@ -5,7 +5,8 @@
 //! loading it replaces what it covers. Ask for the size first, allocate, then save.
 //!
 //! The format is the same for both backends: a blob saved from a CPU cache loads into a CUDA
-//! cache of the same parameters and the other way round. A CUDA cache saves through a host copy
+//! cache of the same parameters and the other way round, and both write the same bytes for the
+//! same contents. A CUDA cache saves through a host copy
 //! of what it saves (waiting for its stream), and loads with synchronous copies to the device
 //! (waiting for the whole device before and after).
 
