@@ -1,8 +1,9 @@
 //! The fused kernels, written once over [`Simd`] and instantiated per instruction set.
 //!
-//! One work item is one query row, one KV head and up to [`NH_MAX`] of that head's query heads
-//! (its GQA group), over a range of the context. Each quantized group is read once for all of
-//! those query heads:
+//! One work item is up to [`NH_MAX`] query vectors of one KV head: query heads of its GQA group,
+//! of one query row or (for chunks of queries) of several rows, each vector with its own visible
+//! range, over a range of the context. Each quantized group is read once for all of those
+//! vectors:
 //!
 //! - keys (per channel): the group's scales are folded into the queries (`q'[h][c] = q[h][c]
 //!   s[c]`) and its zeros into one bias per head (`sum_c q[h][c] z[c]`); then for each channel the
@@ -39,6 +40,9 @@ pub(crate) struct Scratch {
     pub acc: Vec<f32>,
     pub m: [f32; NH_MAX],
     pub l: [f32; NH_MAX],
+    /// Visible positions `lo[v]..hi[v]` of each query vector.
+    pub lo: [usize; NH_MAX],
+    pub hi: [usize; NH_MAX],
     /// Queries times key scales, `[NH_MAX][hd]`.
     qs: Vec<f32>,
     /// Scores, then weights: `[NH_MAX][sc_stride]`.
@@ -60,6 +64,8 @@ impl Scratch {
             acc: vec![0.0; NH_MAX * hd],
             m: [f32::NEG_INFINITY; NH_MAX],
             l: [0.0; NH_MAX],
+            lo: [0; NH_MAX],
+            hi: [usize::MAX; NH_MAX],
             qs: vec![0.0; NH_MAX * hd],
             sc: vec![0.0; NH_MAX * sc_stride],
             sc_stride,
@@ -69,15 +75,28 @@ impl Scratch {
         }
     }
 
-    /// Loads the queries of `nh` heads (`q`: `nh * hd` elements) and resets the softmax state.
+    /// Loads the queries of `nh` vectors (`q`: `nh * hd` elements), each seeing every position,
+    /// and resets the softmax state.
     pub fn start<T: Element>(&mut self, q: &[T], nh: usize) {
-        let n = nh * self.hd;
-        for (d, x) in self.qf[..n].iter_mut().zip(&q[..n]) {
+        self.load(0, q, nh);
+        self.reset(nh);
+    }
+
+    /// Loads query vectors `v0..v0 + n` (`q`: `n * hd` elements).
+    pub fn load<T: Element>(&mut self, v0: usize, q: &[T], n: usize) {
+        let (a, b) = (v0 * self.hd, (v0 + n) * self.hd);
+        for (d, x) in self.qf[a..b].iter_mut().zip(&q[..b - a]) {
             *d = x.to_f32();
         }
-        self.acc[..n].fill(0.0);
+    }
+
+    /// Resets the softmax state of `nh` vectors and lets them see every position.
+    pub fn reset(&mut self, nh: usize) {
+        self.acc[..nh * self.hd].fill(0.0);
         self.m = [f32::NEG_INFINITY; NH_MAX];
         self.l = [0.0; NH_MAX];
+        self.lo = [0; NH_MAX];
+        self.hi = [usize::MAX; NH_MAX];
     }
 }
 
@@ -91,9 +110,7 @@ pub(crate) struct QArgs<'a> {
     /// Groups `g0..g1`.
     pub g0: usize,
     pub g1: usize,
-    /// Visible positions `lo..hi`.
-    pub lo: usize,
-    pub hi: usize,
+    /// Query vectors (their visible ranges: `Scratch::lo`, `Scratch::hi`).
     pub nh: usize,
     pub o: Resolved,
 }
@@ -366,6 +383,18 @@ unsafe fn softmax<S: Simd>(s: &mut Scratch, nh: usize, npad: usize) {
     }
 }
 
+/// Scores of positions `p0..p0 + row.len()` outside `lo..hi` to -inf.
+#[inline(always)]
+fn mask(row: &mut [f32], p0: usize, lo: usize, hi: usize) {
+    if p0 < lo || p0 + row.len() > hi {
+        for (t, x) in row.iter_mut().enumerate() {
+            if p0 + t < lo || p0 + t >= hi {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// Softcap (scalar: only Gemma 2 uses it).
 #[inline(always)]
 fn softcap(row: &mut [f32], cap: f32) {
@@ -458,13 +487,7 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
                 if a.o.softcap > 0.0 {
                     softcap(row, a.o.softcap);
                 }
-                if p0 < a.lo || p0 + g > a.hi {
-                    for (t, x) in row.iter_mut().enumerate() {
-                        if p0 + t < a.lo || p0 + t >= a.hi {
-                            *x = f32::NEG_INFINITY;
-                        }
-                    }
-                }
+                mask(row, p0, s.lo[h], s.hi[h]);
             }
         }
         softmax::<S>(s, nh, (g1 - g0) * g);
@@ -499,12 +522,14 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     }
 }
 
-/// One block of at most [`FPB`] full-precision tokens (key and value rows of `hd` elements),
-/// all visible, for the item whose queries are in `s.qf`.
+/// One block of at most [`FPB`] full-precision tokens (key and value rows of `hd` elements) at
+/// positions `p0..`, for the item whose queries are in `s.qf` (each vector masked outside its
+/// visible range).
 #[inline(always)]
 pub(crate) unsafe fn fp<S: Simd, X: Element>(
     kp: &[*const X],
     vp: &[*const X],
+    p0: usize,
     nh: usize,
     o: &Resolved,
     s: &mut Scratch,
@@ -542,6 +567,7 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
         if o.softcap > 0.0 {
             softcap(&mut row[..n], o.softcap);
         }
+        mask(&mut row[..n], p0, s.lo[h], s.hi[h]);
         row[n..].fill(f32::NEG_INFINITY);
     }
     softmax::<S>(s, nh, npad);

@@ -5,10 +5,12 @@
 //!   AVX2 + FMA (`x86`) and NEON (`neon`); the instruction set is chosen once at run time.
 //! - `threads`: the cache's own worker threads (`CacheConfig::n_threads`).
 //!
-//! A call is split into work items: one query row, one KV head and up to [`kernels::NH_MAX`] of
-//! its query heads, so each KV head is read once for its whole GQA group. When there are fewer
-//! such items than threads (one KV head, one sequence), the context of each is split across
-//! threads (flash-decoding) and the partial softmax states `(m, l, acc)` are combined.
+//! A call is split into work items: one KV head and up to [`kernels::NH_MAX`] query vectors, its
+//! query heads of one query row or, when the GQA group is smaller, of several rows of a chunk
+//! (vector `v`: row `v / heads`, head `v % heads`), so each KV head is read once for its whole
+//! GQA group and for as many rows as fit. When there are fewer such items than threads (one KV
+//! head, one sequence), the context of each is split across threads (flash-decoding) and the
+//! partial softmax states `(m, l, acc)` are combined.
 
 /// Implements [`Backend`] for an instruction set's [`simd::Simd`] type: `#[target_feature]` entry
 /// points that instantiate the generic kernels for it.
@@ -28,6 +30,7 @@ macro_rules! backend {
             unsafe fn fp<X: $crate::rows::Element>(
                 kp: &[*const X],
                 vp: &[*const X],
+                p0: usize,
                 nh: usize,
                 o: &$crate::attention::Resolved,
                 s: &mut $crate::attention::cpu::Scratch,
@@ -36,13 +39,14 @@ macro_rules! backend {
                 unsafe fn fp<X: $crate::rows::Element>(
                     kp: &[*const X],
                     vp: &[*const X],
+                    p0: usize,
                     nh: usize,
                     o: &$crate::attention::Resolved,
                     s: &mut $crate::attention::cpu::Scratch,
                 ) {
-                    $crate::attention::cpu::kernels::fp::<$S, X>(kp, vp, nh, o, s)
+                    $crate::attention::cpu::kernels::fp::<$S, X>(kp, vp, p0, nh, o, s)
                 }
-                fp::<X>(kp, vp, nh, o, s)
+                fp::<X>(kp, vp, p0, nh, o, s)
             }
         }
     };
@@ -156,7 +160,7 @@ pub(crate) trait Backend: Sync {
     unsafe fn quant(a: &QArgs, s: &mut Scratch);
     /// # Safety
     /// The instruction set is available; every pointer is valid for `head_dim` elements.
-    unsafe fn fp<X: Element>(kp: &[*const X], vp: &[*const X], nh: usize, o: &Resolved, s: &mut Scratch);
+    unsafe fn fp<X: Element>(kp: &[*const X], vp: &[*const X], p0: usize, nh: usize, o: &Resolved, s: &mut Scratch);
 }
 
 /// The cache's attention threads and per-thread working memory.
@@ -268,15 +272,18 @@ pub(crate) struct Plan {
     rows: usize,
     nkv: usize,
     ratio: usize,
-    /// Head blocks per KV head and context splits per (row, KV head, head block).
+    /// Head blocks per KV head, query rows per item and row blocks per job, and context splits
+    /// per (row block, KV head, head block).
     nhb: usize,
+    rpi: usize,
+    nrb: usize,
     nsplit: usize,
     /// Floats of one partial state.
     pstride: usize,
 }
 
 impl Plan {
-    /// (job, row, kv head, head block, split) of item `i`.
+    /// (job, row block, kv head, head block, split) of item `i`.
     pub fn decompose(&self, i: usize) -> (usize, usize, usize, usize, usize) {
         let split = i % self.nsplit;
         let r = i / self.nsplit;
@@ -284,7 +291,12 @@ impl Plan {
         let r = r / self.nhb;
         let kvh = r % self.nkv;
         let r = r / self.nkv;
-        (r / self.rows, r % self.rows, kvh, hb, split)
+        (r / self.nrb, r % self.nrb, kvh, hb, split)
+    }
+
+    /// Query rows `r0..r1` of row block `rb`.
+    pub fn rows_of(&self, rb: usize) -> (usize, usize) {
+        (rb * self.rpi, (rb * self.rpi + self.rpi).min(self.rows))
     }
 
     /// Query heads `qh0..qh1` of head block `hb` of KV head `kvh`.
@@ -331,8 +343,9 @@ pub(crate) struct Shape {
     pub blocks: usize,
 }
 
-/// Work item body: (scratch, plan, job, row, kv head, head block, split); leaves the item's state
-/// in the scratch.
+/// Work item body: (scratch, plan, job, row block, kv head, head block, split); leaves the item's
+/// state in the scratch, vector `v` being row `r0 + v / nh` (`Plan::rows_of`) and head
+/// `qh0 + v % nh` (`Plan::heads`).
 pub(crate) type Body<'b> = dyn Fn(&mut Scratch, &Plan, usize, usize, usize, usize, usize) + Sync + 'b;
 
 /// Runs every item of a call on the cache's threads, then writes (or combines) the outputs.
@@ -346,7 +359,10 @@ pub(crate) fn execute<T: Element>(
     let hd = sz.hd;
     let ratio = sz.nq / sz.nkv;
     let nhb = ratio.div_ceil(NH_MAX);
-    let base = sz.njobs * sz.rows * sz.nkv * nhb;
+    // Rows per item: as many as fit next to the heads of one head block.
+    let rpi = (NH_MAX / ratio.div_ceil(nhb)).clamp(1, sz.rows);
+    let nrb = sz.rows.div_ceil(rpi);
+    let base = sz.njobs * nrb * sz.nkv * nhb;
 
     // Our threads and scratch; a concurrent call on the same cache runs on its own thread with
     // fresh scratch (allocation only in that case).
@@ -380,7 +396,7 @@ pub(crate) fn execute<T: Element>(
     if nsplit > 1 && sh.partial.len() < items * pstride {
         sh.partial.resize(items * pstride, 0.0);
     }
-    let plan = Plan { rows: sz.rows, nkv: sz.nkv, ratio, nhb, nsplit, pstride };
+    let plan = Plan { rows: sz.rows, nkv: sz.nkv, ratio, nhb, rpi, nrb, nsplit, pstride };
     let nthreads = nthreads.min(items);
     let (optr, ostride) = out.raw_parts();
     let optr = SendPtr(optr);
@@ -395,25 +411,26 @@ pub(crate) fn execute<T: Element>(
             if i >= items {
                 break;
             }
-            let (j, row, kvh, hb, split) = plan.decompose(i);
-            body(s, &plan, j, row, kvh, hb, split);
+            let (j, rb, kvh, hb, split) = plan.decompose(i);
+            body(s, &plan, j, rb, kvh, hb, split);
             let (qh0, qh1) = plan.heads(kvh, hb);
-            let nh = qh1 - qh0;
+            let (r0, r1) = plan.rows_of(rb);
+            let (nh, nvec) = (qh1 - qh0, (r1 - r0) * (qh1 - qh0));
             if nsplit == 1 {
-                // SAFETY: each item owns heads qh0..qh1 of its output row.
-                let orow = unsafe { optr.get().add((out_row0(j) + row) * ostride + qh0 * hd) };
-                for h in 0..nh {
-                    let inv = if s.l[h] > 0.0 { 1.0 / s.l[h] } else { 0.0 };
+                for v in 0..nvec {
+                    // SAFETY: each item owns heads qh0..qh1 of its output rows r0..r1.
+                    let o = unsafe { optr.get().add((out_row0(j) + r0 + v / nh) * ostride + (qh0 + v % nh) * hd) };
+                    let inv = if s.l[v] > 0.0 { 1.0 / s.l[v] } else { 0.0 };
                     for c in 0..hd {
-                        unsafe { *orow.add(h * hd + c) = T::from_f32(s.acc[h * hd + c] * inv) };
+                        unsafe { *o.add(c) = T::from_f32(s.acc[v * hd + c] * inv) };
                     }
                 }
             } else {
                 // SAFETY: each item owns its partial slot.
                 let p = unsafe { std::slice::from_raw_parts_mut(partial.get().add(i * pstride), pstride) };
-                p[..nh].copy_from_slice(&s.m[..nh]);
-                p[NH_MAX..NH_MAX + nh].copy_from_slice(&s.l[..nh]);
-                p[2 * NH_MAX..2 * NH_MAX + nh * hd].copy_from_slice(&s.acc[..nh * hd]);
+                p[..nvec].copy_from_slice(&s.m[..nvec]);
+                p[NH_MAX..NH_MAX + nvec].copy_from_slice(&s.l[..nvec]);
+                p[2 * NH_MAX..2 * NH_MAX + nvec * hd].copy_from_slice(&s.acc[..nvec * hd]);
             }
         }
     };
@@ -437,13 +454,15 @@ fn combine<T: Element>(
 ) {
     let ns = plan.nsplit;
     for b in 0..base {
-        let (j, row, kvh, hb, _) = plan.decompose(b * ns);
+        let (j, rb, kvh, hb, _) = plan.decompose(b * ns);
         let (qh0, qh1) = plan.heads(kvh, hb);
-        let orow = out.row_mut(out_row0(j) + row);
-        for h in 0..qh1 - qh0 {
+        let (r0, r1) = plan.rows_of(rb);
+        let nh = qh1 - qh0;
+        for h in 0..(r1 - r0) * nh {
             let st = |k: usize| &partial[(b * ns + k) * plan.pstride..(b * ns + k + 1) * plan.pstride];
             let m = (0..ns).map(|k| st(k)[h]).fold(f32::NEG_INFINITY, f32::max);
-            let dst = &mut orow[(qh0 + h) * hd..(qh0 + h + 1) * hd];
+            let orow = out.row_mut(out_row0(j) + r0 + h / nh);
+            let dst = &mut orow[(qh0 + h % nh) * hd..(qh0 + h % nh + 1) * hd];
             if m == f32::NEG_INFINITY {
                 dst.iter_mut().for_each(|x| *x = T::from_f32(0.0));
                 continue;
@@ -477,7 +496,7 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
     lay: &Layout,
     plan: &Plan,
     jb: &Job<W, T>,
-    row: usize,
+    rb: usize,
     kvh: usize,
     hb: usize,
     split: usize,
@@ -487,11 +506,29 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
     let hd = lay.head_dim;
     let st = &jb.s;
     let (qh0, qh1) = plan.heads(kvh, hb);
+    let (r0, r1) = plan.rows_of(rb);
     let nh = qh1 - qh0;
-    s.start(&jb.queries.row(row)[qh0 * hd..qh1 * hd], nh);
+    let nvec = (r1 - r0) * nh;
+    s.reset(nvec);
     let chunk_len = jb.chunk.map_or(0, |c| c.0.rows());
     let total = st.len + chunk_len;
-    let (lo, hi) = o.visible(jb.q_pos0 + row, total);
+    // The rows' queries and visible ranges; the item covers their union.
+    let (mut lo, mut hi) = (usize::MAX, 0);
+    for r in r0..r1 {
+        let v0 = (r - r0) * nh;
+        s.load(v0, &jb.queries.row(r)[qh0 * hd..qh1 * hd], nh);
+        let (a, b) = o.visible(jb.q_pos0 + r, total);
+        s.lo[v0..v0 + nh].fill(a);
+        s.hi[v0..v0 + nh].fill(b);
+        if a < b {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    if lo >= hi {
+        return;
+    }
+    let nh = nvec;
     let q_start = lay.sinks.min(st.len);
     let ws = st.window_start();
 
@@ -503,7 +540,7 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
         let g0 = (ga + split * per).min(gb);
         let g1 = (g0 + per).min(gb);
         if g0 < g1 {
-            let qa = QArgs { lay, pool: st.pool, blocks: st.blocks, kvh, g0, g1, lo, hi, nh, o: *o };
+            let qa = QArgs { lay, pool: st.pool, blocks: st.blocks, kvh, g0, g1, nh, o: *o };
             B::quant(&qa, s);
         }
     }
@@ -540,7 +577,7 @@ unsafe fn fp_range<'r, B: Backend, X: Element>(
             kp[j] = k.as_ptr();
             vp[j] = v.as_ptr();
         }
-        B::fp::<X>(&kp[..n], &vp[..n], nh, o, s);
+        B::fp::<X>(&kp[..n], &vp[..n], p0, nh, o, s);
         p0 += n;
     }
 }
