@@ -43,8 +43,9 @@ struct Dim3 {
 enum State { RUNNABLE, WAITING, DONE };
 
 // Switching between fibers: a few instructions on x86-64 (callee-saved registers and the stack
-// pointer); ucontext elsewhere, which also saves the signal mask with a system call each time.
-#if defined(__x86_64__)
+// pointer); ucontext elsewhere (or with KVSIM_UCONTEXT defined, which the tests use to run that
+// path on x86-64 too), which also saves the signal mask with a system call each time.
+#if defined(__x86_64__) && !defined(KVSIM_UCONTEXT)
 extern "C" void kvsim_switch(void** save_sp, void* load_sp);
 asm(R"(
     .text

@@ -93,7 +93,7 @@ fn unit(family: Family) -> String {
     s
 }
 
-fn compile(family: Family, spec: &Spec) -> Module {
+fn compile(family: Family, spec: &Spec, ucontext: bool) -> Module {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     // Hidden visibility keeps each module's statics its own: `__shared__` objects are static
     // locals of inline functions, which GCC otherwise binds process-wide (STB_GNU_UNIQUE, even
@@ -104,6 +104,9 @@ fn compile(family: Family, spec: &Spec) -> Module {
             .into();
     for (n, v) in spec.defines() {
         args.push(format!("-D{n}={v}u"));
+    }
+    if ucontext {
+        args.push("-DKVSIM_UCONTEXT=1".to_string());
     }
     let src = unit(family);
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -142,11 +145,34 @@ fn compile(family: Family, spec: &Spec) -> Module {
 }
 
 type Cell = Arc<OnceLock<Arc<Module>>>;
+/// A module: its family, its specialisation, and whether its fibers switch with ucontext.
+type Key = (Family, Spec, bool);
 
-fn module(family: Family, spec: &Spec) -> Arc<Module> {
-    static MODULES: OnceLock<Mutex<HashMap<(Family, Spec), Cell>>> = OnceLock::new();
-    let cell = MODULES.get_or_init(Default::default).lock().unwrap().entry((family, spec.clone())).or_default().clone();
-    cell.get_or_init(|| Arc::new(compile(family, spec))).clone()
+fn module(family: Family, spec: &Spec, ucontext: bool) -> Arc<Module> {
+    static MODULES: OnceLock<Mutex<HashMap<Key, Cell>>> = OnceLock::new();
+    let key = (family, spec.clone(), ucontext);
+    let cell = MODULES.get_or_init(Default::default).lock().unwrap().entry(key).or_default().clone();
+    cell.get_or_init(|| Arc::new(compile(family, spec, ucontext))).clone()
+}
+
+thread_local! {
+    static UCONTEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's launches on modules whose fibers switch with ucontext, the
+/// portable path the simulator takes on targets other than x86-64 (there it uses a few
+/// instructions of its own), so that tests on x86-64 run that path too.
+#[cfg(test)]
+pub(crate) fn with_ucontext<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            UCONTEXT.set(false);
+        }
+    }
+    UCONTEXT.set(true);
+    let _reset = Reset;
+    f()
 }
 
 /// Runs one launch with the kernels' own code; panics with the simulator's message if the
@@ -168,14 +194,16 @@ pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'
         }
         Kernel::Mma(nq, x) => (Family::Decode, attn(nq), "kv_decode_mma", p(x as *const _ as _)),
     };
-    let m = module(family, &spec);
+    let ucontext = UCONTEXT.get();
+    let m = module(family, &spec, ucontext);
     let cname = CString::new(name).unwrap();
     let mut err = vec![0 as c_char; 512];
     let rc = (m.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, block, params, err.as_mut_ptr(), err.len());
     let msg = CStr::from_ptr(err.as_ptr()).to_string_lossy();
     assert!(rc == 0, "{name} (grid {grid:?}, {block} threads): {msg}");
-    LAUNCHES.with_borrow_mut(|l| match l.iter_mut().find(|(n, _)| *n == name) {
+    let counted = if ucontext { "ucontext" } else { name };
+    LAUNCHES.with_borrow_mut(|l| match l.iter_mut().find(|(n, _)| *n == counted) {
         Some(e) => e.1 += 1,
-        None => l.push((name, 1)),
+        None => l.push((counted, 1)),
     });
 }

@@ -395,6 +395,14 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
     }
 }
 
+/// The simulator's portable fiber switch (ucontext, used on targets other than x86-64) runs the
+/// same kernels to the same results.
+#[test]
+fn simulated_kernels_on_ucontext_fibers() {
+    sim::with_ucontext(|| batched_decode(SIM, 10, 3));
+    assert!(sim::launches_of("ucontext") > 0, "no launch took the ucontext modules");
+}
+
 #[test]
 fn simulated_batched_decode_of_many_sequences() {
     batched_decode(SIM, 66, if cfg!(debug_assertions) { 3 } else { 34 });
