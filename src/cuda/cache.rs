@@ -782,6 +782,7 @@ impl CudaCache {
         // Compile the attention kernels (once per process) before anything changes, so that a
         // compilation error leaves the cache as it was.
         self.prepare(Family::Decode, nqh)?;
+        let new: Vec<bool> = seqs.iter().map(|&seq| self.seqs.find(seq).is_none()).collect();
         let slots: Vec<usize> = seqs.iter().map(|&seq| self.seqs.take_slot(seq)).collect();
         let items: Vec<AttnItem> = slots
             .iter()
@@ -800,7 +801,15 @@ impl CudaCache {
                 }
             })
             .collect();
-        self.run_attention(l, Family::Decode, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
+        if let Err(e) =
+            self.run_attention(l, Family::Decode, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)
+        {
+            // Nothing was appended: sequences this call created are not kept.
+            for (&slot, _) in slots.iter().zip(&new).filter(|(_, &n)| n) {
+                self.seqs.slots[slot].id = None;
+            }
+            return Err(e);
+        }
         let mut plan = Plan::default();
         for (i, &slot) in slots.iter().enumerate() {
             self.plan_push(l, slot, 1, i, &mut plan);
