@@ -1,8 +1,9 @@
 // Attention over quantized groups on tensor cores (sm_80+): mma.sync m16n8k16, f16 operands, f32
 // accumulation. For the common KIVI layouts (per-channel keys of 2 or 4 bits, values of 2 or 4
-// bits, head_dim <= 128, G a multiple of 16, at most 8 query heads per kv head). Decode steps
-// launch it with one query row per item; chunks of queries (prefill, attend) with 8 / ratio rows
-// per item, so that a block always has at most 8 query vectors.
+// bits, head_dim <= 128, G a multiple of 16). A block takes at most 8 query vectors: decode
+// steps launch it with one query row per item, chunks of queries (prefill, attend) with 8 / hc
+// rows per item, and GQA groups of more than 8 query heads take several blocks per kv head
+// (hc = 8 heads each).
 //
 // One block per (split, kv head, item); each warp takes whole groups, staged into shared
 // memory with 16-byte cp.async copies (double-buffered: the next group loads while this one is
@@ -449,7 +450,7 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 #undef MMA_BUF_OF
 }
 
-// grid (splits, kv heads, items). Split 0 is the full-precision tokens on CUDA cores (the
+// grid (splits, kv heads * head chunks, items). Split 0 is the full-precision tokens on CUDA cores (the
 // body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
 // cores. Both kinds of block share one shared-memory area.
 #define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
@@ -463,11 +464,14 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
     }
     MmaShared& sh = *(MmaShared*)smem;
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const u32 kvh = blockIdx.y;
+    // blockIdx.y: kv head and chunk of its query heads (more than 8 heads per kv head take
+    // several blocks, each reading the kv head's groups).
+    const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
+    const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
     const AttnItem it = P.items[blockIdx.z];
-    const u32 h0 = kvh * P.ratio, nh = P.ratio;
-    // Query vector v: row v / nh of the item, head h0 + v % nh; every query head of the kv head,
-    // at most 8 vectors (decode: one row; chunks of queries: 8 / ratio rows per item).
+    const u32 h0 = kvh * P.ratio + hci * P.hc, nh = min(P.hc, P.ratio - hci * P.hc);
+    // Query vector v: row v / nh of the item, head h0 + v % nh; at most 8 vectors (decode: one
+    // row; chunks of queries: 8 / hc rows per item).
     const u32 nvec = nh * it.n_q;
     const u32 total = it.len + it.n_chunk;
 

@@ -67,10 +67,11 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     };
     let (mut decode, mut chunks) = (0, 0);
     for cfg in test_configs() {
-        for ratio in [1u32, 4, 8] {
-            // Decode: the module for min(ratio, max_nq) query vectors.
-            let nq = ratio.min(kivi::cuda::kernels::max_nq(cfg.head_dim as usize) as u32);
+        for ratio in [1u32, 4, 8, 12] {
+            // Decode: the module for min(ratio, 8) query vectors on tensor cores, min(ratio,
+            // max_nq) otherwise.
             let uses = tensor_core_decode(&cfg, ratio * cfg.n_kv_heads);
+            let nq = ratio.min(if uses { 8 } else { kivi::cuda::kernels::max_nq(cfg.head_dim as usize) as u32 });
             assert_eq!(has_mma(nq as usize, &cfg), uses, "decode: config {cfg:?}, {ratio} query heads per kv head");
             decode += uses as usize;
             // Chunks of queries: the decode module for 8 query vectors.

@@ -538,15 +538,20 @@ impl CudaCache {
         let cap = max_nq(hd);
         let tensor_cores = self.info.capability.0 >= 8 && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0");
         match family {
+            Family::Decode if tensor_cores && decode_mma(&self.lay, ratio) => {
+                // At most 8 query heads per block: larger GQA groups take several blocks.
+                let nq = ratio.min(8);
+                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: true }
+            }
             Family::Decode => {
                 let nq = ratio.min(cap);
-                let mma = tensor_cores && decode_mma(&self.lay, ratio);
-                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma }
+                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: false }
             }
-            _ if tensor_cores && chunk_mma(&self.lay, ratio) => {
+            _ if tensor_cores && chunk_mma(&self.lay) => {
                 // Chunks of queries take the tensor-core kernel too: 8 query vectors per block,
-                // the 8 / ratio rows of every query head of one kv head.
-                Shape { module: Family::Decode, nq: 8, hc: ratio, qt: 8 / ratio, mma: true }
+                // the 8 / hc rows of hc query heads of one kv head.
+                let hc = ratio.min(8);
+                Shape { module: Family::Decode, nq: 8, hc, qt: 8 / hc, mma: true }
             }
             _ => {
                 let hc = ratio.min(cap);
@@ -643,7 +648,7 @@ impl CudaCache {
                 p.ups = ups as u32;
                 p.n_splits = n as u32;
                 p.fp_only = 1;
-                self.kernel(Kernel::Mma(nq, &p), (n as u32, nkv as u32, rows), 128, stream)?;
+                self.kernel(Kernel::Mma(nq, &p), (n as u32, (nkv * hchunks) as u32, rows), 128, stream)?;
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;

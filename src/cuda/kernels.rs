@@ -131,9 +131,10 @@ pub fn tensor_core_decode(cfg: &CacheConfig, n_q_heads: u32) -> bool {
 
 /// Whether attention for chunks of queries (`append_attend`, `attend`) of a cache of this
 /// configuration, with `n_q_heads` query heads, runs its quantized groups on tensor cores (same
-/// devices as [`tensor_core_decode`]): 8 query vectors per block, 8 / ratio query rows.
+/// devices as [`tensor_core_decode`]): 8 query vectors per block, the rows of up to 8 query
+/// heads (8 / heads rows).
 pub fn tensor_core_chunks(cfg: &CacheConfig, n_q_heads: u32) -> bool {
-    gqa_ratio(cfg, n_q_heads).is_some_and(|r| chunk_mma(&Layout::new(cfg), r))
+    gqa_ratio(cfg, n_q_heads).is_some() && chunk_mma(&Layout::new(cfg))
 }
 
 fn gqa_ratio(cfg: &CacheConfig, n_q_heads: u32) -> Option<usize> {
@@ -143,14 +144,15 @@ fn gqa_ratio(cfg: &CacheConfig, n_q_heads: u32) -> Option<usize> {
     Some((n_q_heads / cfg.n_kv_heads) as usize)
 }
 
-/// The tensor-core kernel for decode: one query row, the `ratio` heads of a kv head.
+/// The tensor-core kernel for decode: one query row, up to 8 query heads of a kv head per block
+/// (the decode module compiled for `ratio.min(8)` query vectors).
 pub(crate) fn decode_mma(lay: &Layout, ratio: usize) -> bool {
-    ratio <= max_nq(lay.head_dim) && mma_layout(lay, ratio)
+    mma_layout(lay, ratio.min(8))
 }
 
 /// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block.
-pub(crate) fn chunk_mma(lay: &Layout, ratio: usize) -> bool {
-    ratio <= 8 && max_nq(lay.head_dim) >= 8 && mma_layout(lay, 8)
+pub(crate) fn chunk_mma(lay: &Layout) -> bool {
+    max_nq(lay.head_dim) >= 8 && mma_layout(lay, 8)
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query

@@ -369,8 +369,9 @@ fn simulated_long_contexts_use_many_splits() {
 }
 
 /// Chunks of queries (append_attend, attend) over a quantized past take the tensor-core kernel,
-/// 8 / ratio query rows per block: every ratio, chunk sizes around the rows per block and the
-/// group size, causal and sliding-window masks that cut through groups.
+/// 8 / ratio query rows per block (GQA groups of more than 8 heads: several blocks per kv head),
+/// and so does decode: every ratio, chunk sizes around the rows per block and the group size,
+/// causal and sliding-window masks that cut through groups.
 #[test]
 fn simulated_chunks_of_queries_use_tensor_cores() {
     for (nqh, opts) in [
@@ -378,6 +379,7 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
         (2, AttnOptions { sliding_window: 70, ..Default::default() }), // ratio 1: 8 rows
         (16, AttnOptions { causal: false, ..Default::default() }),     // ratio 8: 1 row
         (6, AttnOptions { softcap: 30.0, ..Default::default() }),      // ratio 3: 2 rows, 6 vectors
+        (24, AttnOptions::default()),                                  // ratio 12: 2 blocks per kv head
     ] {
         let mut c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
         c.n_layers = 1;
@@ -391,6 +393,8 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
         p.attend(0, 0, 17);
         let launched = sim::launches_of("kv_decode_mma") - before;
         assert_eq!(launched, 7, "{nqh} query heads: every chunk on tensor cores");
+        p.decode(0, &[0]);
+        assert_eq!(sim::launches_of("kv_decode_mma") - before, 8, "{nqh} query heads: decode on tensor cores");
         p.state("after chunks");
     }
 }
