@@ -787,12 +787,18 @@ impl CudaCache {
         // Compile the attention kernels (once per process) before anything changes, so that a
         // compilation error leaves the cache as it was.
         self.prepare(Family::Decode, nqh)?;
-        let new: Vec<bool> = seqs.iter().map(|&seq| self.seqs.find(seq).is_none()).collect();
-        let slots: Vec<usize> = seqs.iter().map(|&seq| self.seqs.take_slot(seq)).collect();
+        // Each sequence's slot, and whether this call created the sequence.
+        let slots: Vec<(usize, bool)> = seqs
+            .iter()
+            .map(|&seq| {
+                let new = self.seqs.find(seq).is_none();
+                (self.seqs.take_slot(seq), new)
+            })
+            .collect();
         let items: Vec<AttnItem> = slots
             .iter()
             .enumerate()
-            .map(|(i, &slot)| {
+            .map(|(i, &(slot, _))| {
                 let ls = &self.seqs.slots[slot].layers[l];
                 AttnItem {
                     slot: slot as u32,
@@ -810,13 +816,13 @@ impl CudaCache {
             self.run_attention(l, Family::Decode, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)
         {
             // Nothing was appended: sequences this call created are not kept.
-            for (&slot, _) in slots.iter().zip(&new).filter(|(_, &n)| n) {
+            for &(slot, _) in slots.iter().filter(|(_, new)| *new) {
                 self.seqs.slots[slot].id = None;
             }
             return Err(e);
         }
         let mut plan = Plan::default();
-        for (i, &slot) in slots.iter().enumerate() {
+        for (i, &(slot, _)) in slots.iter().enumerate() {
             self.plan_push(l, slot, 1, i, &mut plan);
         }
         self.run_plan(l, &plan, &keys, &values, stream)

@@ -150,9 +150,10 @@ pub(crate) fn decode_mma(lay: &Layout, ratio: usize) -> bool {
     mma_layout(lay, ratio.min(8))
 }
 
-/// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block.
+/// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block (its
+/// layouts have head_dim <= 128, so the decode module can be built for 8 vectors).
 pub(crate) fn chunk_mma(lay: &Layout) -> bool {
-    max_nq(lay.head_dim) >= 8 && mma_layout(lay, 8)
+    mma_layout(lay, 8)
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query

@@ -299,6 +299,20 @@ impl Plan {
         (rb * self.rpi, (rb * self.rpi + self.rpi).min(self.rows))
     }
 
+    /// Query vectors of the item at (row block `rb`, kv head `kvh`, head block `hb`).
+    pub fn vectors(&self, rb: usize, kvh: usize, hb: usize) -> usize {
+        let ((r0, r1), (qh0, qh1)) = (self.rows_of(rb), self.heads(kvh, hb));
+        (r1 - r0) * (qh1 - qh0)
+    }
+
+    /// The query row (in its job) and query head of vector `v` of the item at (row block `rb`,
+    /// kv head `kvh`, head block `hb`).
+    pub fn vector(&self, rb: usize, kvh: usize, hb: usize, v: usize) -> (usize, usize) {
+        let (qh0, qh1) = self.heads(kvh, hb);
+        let nh = qh1 - qh0;
+        (self.rows_of(rb).0 + v / nh, qh0 + v % nh)
+    }
+
     /// Query heads `qh0..qh1` of head block `hb` of KV head `kvh`.
     pub fn heads(&self, kvh: usize, hb: usize) -> (usize, usize) {
         let b = kvh * self.ratio;
@@ -413,13 +427,12 @@ pub(crate) fn execute<T: Element>(
             }
             let (j, rb, kvh, hb, split) = plan.decompose(i);
             body(s, &plan, j, rb, kvh, hb, split);
-            let (qh0, qh1) = plan.heads(kvh, hb);
-            let (r0, r1) = plan.rows_of(rb);
-            let (nh, nvec) = (qh1 - qh0, (r1 - r0) * (qh1 - qh0));
+            let nvec = plan.vectors(rb, kvh, hb);
             if nsplit == 1 {
                 for v in 0..nvec {
-                    // SAFETY: each item owns heads qh0..qh1 of its output rows r0..r1.
-                    let o = unsafe { optr.get().add((out_row0(j) + r0 + v / nh) * ostride + (qh0 + v % nh) * hd) };
+                    let (row, head) = plan.vector(rb, kvh, hb, v);
+                    // SAFETY: each item owns its vectors' heads of its output rows.
+                    let o = unsafe { optr.get().add((out_row0(j) + row) * ostride + head * hd) };
                     let inv = if s.l[v] > 0.0 { 1.0 / s.l[v] } else { 0.0 };
                     for c in 0..hd {
                         unsafe { *o.add(c) = T::from_f32(s.acc[v * hd + c] * inv) };
@@ -455,14 +468,11 @@ fn combine<T: Element>(
     let ns = plan.nsplit;
     for b in 0..base {
         let (j, rb, kvh, hb, _) = plan.decompose(b * ns);
-        let (qh0, qh1) = plan.heads(kvh, hb);
-        let (r0, r1) = plan.rows_of(rb);
-        let nh = qh1 - qh0;
-        for h in 0..(r1 - r0) * nh {
+        for h in 0..plan.vectors(rb, kvh, hb) {
             let st = |k: usize| &partial[(b * ns + k) * plan.pstride..(b * ns + k + 1) * plan.pstride];
             let m = (0..ns).map(|k| st(k)[h]).fold(f32::NEG_INFINITY, f32::max);
-            let orow = out.row_mut(out_row0(j) + r0 + h / nh);
-            let dst = &mut orow[(qh0 + h % nh) * hd..(qh0 + h % nh + 1) * hd];
+            let (row, head) = plan.vector(rb, kvh, hb, h);
+            let dst = &mut out.row_mut(out_row0(j) + row)[head * hd..(head + 1) * hd];
             if m == f32::NEG_INFINITY {
                 dst.iter_mut().for_each(|x| *x = T::from_f32(0.0));
                 continue;
@@ -508,7 +518,7 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
     let (qh0, qh1) = plan.heads(kvh, hb);
     let (r0, r1) = plan.rows_of(rb);
     let nh = qh1 - qh0;
-    let nvec = (r1 - r0) * nh;
+    let nvec = plan.vectors(rb, kvh, hb);
     s.reset(nvec);
     let chunk_len = jb.chunk.map_or(0, |c| c.0.rows());
     let total = st.len + chunk_len;
@@ -528,7 +538,6 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
     if lo >= hi {
         return;
     }
-    let nh = nvec;
     let q_start = lay.sinks.min(st.len);
     let ws = st.window_start();
 
@@ -540,7 +549,7 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
         let g0 = (ga + split * per).min(gb);
         let g1 = (g0 + per).min(gb);
         if g0 < g1 {
-            let qa = QArgs { lay, pool: st.pool, blocks: st.blocks, kvh, g0, g1, nh, o: *o };
+            let qa = QArgs { lay, pool: st.pool, blocks: st.blocks, kvh, g0, g1, nh: nvec, o: *o };
             B::quant(&qa, s);
         }
     }
@@ -548,13 +557,13 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
         return;
     }
     let n_sink = st.n_sink();
-    fp_range::<B, W>(s, nh, o, lo.min(n_sink), hi.min(n_sink), |p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
-    fp_range::<B, W>(s, nh, o, lo.max(ws), hi.min(st.len), |p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
+    fp_range::<B, W>(s, nvec, o, lo.min(n_sink), hi.min(n_sink), |p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
+    fp_range::<B, W>(s, nvec, o, lo.max(ws), hi.min(st.len), |p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
     if let Some((ck, cv)) = jb.chunk {
         let base = st.len;
         let rows =
             |p: usize| (&ck.row(p - base)[kvh * hd..(kvh + 1) * hd], &cv.row(p - base)[kvh * hd..(kvh + 1) * hd]);
-        fp_range::<B, T>(s, nh, o, lo.max(base), hi, rows);
+        fp_range::<B, T>(s, nvec, o, lo.max(base), hi, rows);
     }
 }
 
