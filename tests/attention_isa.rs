@@ -19,6 +19,15 @@ fn for_each_isa(mut f: impl FnMut(Isa)) {
     force_isa(None);
 }
 
+/// NEON is part of the aarch64 base, so on aarch64 the tests below always run the NEON kernels,
+/// not only the scalar path (CI runs them under qemu-user: `scripts/test-aarch64.sh`).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_is_available_on_aarch64() {
+    let isas = available_isas();
+    assert!(isas.contains(&Isa::Neon), "NEON not detected: {isas:?}");
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     hd: u32,

@@ -1,8 +1,8 @@
 //! aarch64 NEON vectors (4 lanes).
 
 use super::simd::Simd;
-use half::f16;
 use std::arch::aarch64::*;
+use std::arch::asm;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Neon;
@@ -18,6 +18,11 @@ impl Simd for Neon {
     const ACC_REGS: usize = 16;
     type V = float32x4_t;
 
+    /// `prfm pldl1keep` (`std::arch`'s prefetch is not stable on aarch64 yet).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        asm!("prfm pldl1keep, [{p}]", p = in(reg) p, options(readonly, nostack, preserves_flags));
+    }
     #[inline(always)]
     unsafe fn zero() -> float32x4_t {
         vdupq_n_f32(0.0)
@@ -34,12 +39,13 @@ impl Simd for Neon {
     unsafe fn store(p: *mut f32, v: float32x4_t) {
         vst1q_f32(p, v)
     }
+    /// One `fcvtl` (base AdvSIMD; the f16 vector types of `std::arch` are not stable yet).
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> float32x4_t {
-        let p = p as *const [u16; 4];
-        let b = p.read_unaligned();
-        let a = b.map(|x| f16::from_bits(x).to_f32());
-        vld1q_f32(a.as_ptr())
+        let h = vld1_u16(p);
+        let r: float32x4_t;
+        asm!("fcvtl {r:v}.4s, {h:v}.4h", r = lateout(vreg) r, h = in(vreg) h, options(pure, nomem, nostack, preserves_flags));
+        r
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> float32x4_t {
