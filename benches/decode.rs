@@ -8,12 +8,12 @@
 //!
 //! Options: `--threads N` (default 2), `--quick` (fewer repetitions), `--reps N`,
 //! `--isa scalar|avx2|avx512|neon`, `--only CASE:CTX`, `--formats 2,4,16`, `--page-tokens N`
-//! (default 256).
+//! (default 256), `--per-token-keys` (the KIVI paper's baseline quantization for the kivi caches).
 
 use std::time::Instant;
 
 use kivi::attention::{force_isa, DenseF16Cache, Isa};
-use kivi::{Cache, CacheConfig, DType, Rows, RowsMut};
+use kivi::{Cache, CacheConfig, DType, KeyMode, Rows, RowsMut};
 
 /// xorshift64*: fast test data.
 struct Rng(u64);
@@ -64,7 +64,15 @@ fn layers(c: &Case) -> usize {
     (64e6 / bytes_read(c, 2)).ceil().clamp(1.0, 16.0) as usize
 }
 
-fn kivi_cache(c: &Case, bits: u8, threads: u32, page_tokens: u32, extra: usize, rng: &mut Rng) -> Cache {
+/// How the kivi caches are built: threads, tokens per page, key quantization.
+#[derive(Clone, Copy)]
+struct Setup {
+    threads: u32,
+    page_tokens: u32,
+    key_mode: KeyMode,
+}
+
+fn kivi_cache(c: &Case, bits: u8, setup: Setup, extra: usize, rng: &mut Rng) -> Cache {
     let nl = layers(c);
     let mut cfg = CacheConfig::new(nl as u32, c.nkv as u32, c.hd as u32);
     cfg.key_bits = bits;
@@ -72,8 +80,9 @@ fn kivi_cache(c: &Case, bits: u8, threads: u32, page_tokens: u32, extra: usize, 
     cfg.dtype = DType::F16;
     cfg.max_seqs = c.seqs as u32;
     cfg.max_tokens = (c.seqs * (c.ctx + extra)) as u32;
-    cfg.n_threads = threads;
-    cfg.page_tokens = page_tokens;
+    cfg.n_threads = setup.threads;
+    cfg.page_tokens = setup.page_tokens;
+    cfg.key_mode = setup.key_mode;
     let mut cache = Cache::new(cfg).unwrap();
     let row = c.nkv * c.hd;
     let chunk = 1024;
@@ -142,6 +151,8 @@ fn main() {
     // Tokens per page: 256 keeps each KV head's consecutive groups together in memory (8 groups
     // of 32), which streams from DRAM about 1.4x faster than one group per page (0).
     let page_tokens: u32 = arg("--page-tokens").map_or(256, |s| s.parse().expect("--page-tokens N"));
+    let key_mode = if args.iter().any(|a| a == "--per-token-keys") { KeyMode::PerToken } else { KeyMode::PerChannel };
+    let setup = Setup { threads: threads as u32, page_tokens, key_mode };
     if let Some(isa) = arg("--isa") {
         let isa = match isa.as_str() {
             "scalar" => Isa::Scalar,
@@ -160,8 +171,9 @@ fn main() {
         Case { name: "batch16-gqa4-hs128", ctx: 4096, hd: 128, nkv: 8, nq: 32, seqs: 16 },
     ];
     println!(
-        "CPU decode attention, {threads} thread(s), instruction set {:?}, {page_tokens} tokens per page",
-        kivi::attention::active_isa()
+        "CPU decode attention, {threads} thread(s), instruction set {:?}, {page_tokens} tokens per page, keys {:?}",
+        kivi::attention::active_isa(),
+        key_mode
     );
     println!(
         "{:<20} {:>2} {:>6} {:>4} {:>3} {:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} | {:>6} {:>6} {:>6}",
@@ -207,8 +219,8 @@ fn main() {
         };
         let reps = reps_arg.unwrap_or(reps);
         let extra = reps + 64;
-        let mut k2 = kivi_cache(&c, 2, threads as u32, page_tokens, extra, &mut rng);
-        let mut k4 = kivi_cache(&c, 4, threads as u32, page_tokens, extra, &mut rng);
+        let mut k2 = kivi_cache(&c, 2, setup, extra, &mut rng);
+        let mut k4 = kivi_cache(&c, 4, setup, extra, &mut rng);
         let mut d = dense_cache(&c, threads, extra, &mut rng);
         let row = c.nkv * c.hd;
         let qrow = c.nq * c.hd;
@@ -301,7 +313,7 @@ fn main() {
         }
         let c = cases[1];
         let n_app = if quick { 512 } else { 4096 };
-        let mut cache = kivi_cache(&c, bits, threads as u32, page_tokens, n_app + 64, &mut rng);
+        let mut cache = kivi_cache(&c, bits, setup, n_app + 64, &mut rng);
         let row = c.nkv * c.hd;
         let (mut kn, mut vn) = (vec![0f32; n_app * row], vec![0f32; n_app * row]);
         rng.keys(&mut kn, c.hd);

@@ -154,12 +154,39 @@ fn groups_pages_sinks_and_windows() {
         c.opts = AttnOptions { scale: None, causal, sliding_window: w, softcap: cap };
         cases.push(c);
     }
-    // Per-token keys (the baseline mode: scalar) and odd value groups.
-    let mut c = base(128, 2, 4);
-    c.mode = KeyMode::PerToken;
-    cases.push(c);
+    // Odd value groups.
     let mut c = base(64, 1, 2);
     c.vg = 8;
+    cases.push(c);
+    for c in cases {
+        run(&c, rng.next_u64());
+    }
+}
+
+/// Keys per token (the paper's baseline): rows dequantized like values, every bit width, channel
+/// groups of one and several vector tiles, one to eight query vectors, pages, sinks, windows.
+#[test]
+fn per_token_keys() {
+    let mut rng = Rng::fresh("per_token_keys");
+    let mut cases = Vec::new();
+    for (kb, vb, vg) in [(2, 2, 32), (4, 2, 16), (8, 4, 64), (2, 8, 128), (4, 4, 32)] {
+        let mut c = base(128, 2, 8);
+        c.mode = KeyMode::PerToken;
+        (c.kb, c.vb, c.vg) = (kb, vb, vg);
+        cases.push(c);
+    }
+    for (hd, nkv, nq, g, vg) in [(64, 1, 1, 16, 16), (96, 1, 3, 32, 32), (256, 1, 4, 64, 32), (80, 2, 4, 16, 16)] {
+        let mut c = base(hd, nkv, nq);
+        c.mode = KeyMode::PerToken;
+        (c.g, c.vg) = (g, vg);
+        cases.push(c);
+    }
+    let mut c = base(128, 2, 8);
+    c.mode = KeyMode::PerToken;
+    c.page = 128;
+    c.sinks = 3;
+    c.dtype = DType::F16;
+    c.opts = AttnOptions { scale: None, causal: true, sliding_window: 77, softcap: 25.0 };
     cases.push(c);
     for c in cases {
         run(&c, rng.next_u64());

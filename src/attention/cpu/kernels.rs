@@ -8,6 +8,8 @@
 //! - keys (per channel): the group's scales are folded into the queries (`q'[h][c] = q[h][c]
 //!   s[c]`) and its zeros into one bias per head (`sum_c q[h][c] z[c]`); then for each channel the
 //!   codes of `L` tokens are unpacked to f32 once and multiplied into the scores of every head;
+//! - keys per token (the paper's baseline): each token's row is dequantized in registers as values
+//!   are, multiplied lane-wise into every head, and the lane sums of `L` tokens reduced at once;
 //! - values (per token): `L` channels of one token are unpacked and dequantized in registers
 //!   (`code * s + z`, once for all heads; for 2- and 4-bit codes the permute that converts codes
 //!   reads them from a table of the group's dequantized values) and accumulated into every head's
@@ -19,7 +21,7 @@
 
 use super::simd::{exp, Simd};
 use crate::attention::Resolved;
-use crate::config::DType;
+use crate::config::{DType, KeyMode};
 use crate::layout::Layout;
 use crate::quant::read_f16;
 use crate::rows::Element;
@@ -177,10 +179,7 @@ macro_rules! with_bits {
 
 /// Whether the vector kernels of `L` lanes handle this layout (the scalar path does the rest).
 pub(crate) fn supports(lay: &Layout, lanes: usize) -> bool {
-    lay.key_mode == crate::config::KeyMode::PerChannel
-        && lay.head_dim % lanes == 0
-        && lay.group % lanes == 0
-        && lay.vgroup % lanes == 0
+    lay.head_dim % lanes == 0 && lay.group % lanes == 0 && lay.vgroup % lanes == 0
 }
 
 #[inline(always)]
@@ -248,6 +247,66 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
             }
         }
         t0 += TT * S::L;
+    }
+}
+
+/// Keys per token (the paper's baseline): `out[h * os + t] = sum_c qf[h * hd + c] * (code[t][c] *
+/// ks[t][c / vg] + kz[t][c / vg])` for the `g` tokens of one group (rows of `krun` bytes). Each
+/// row is dequantized in registers as values are, multiplied lane-wise into every head, and `L`
+/// tokens' lane sums are reduced at once through `red` (`[NH][FPB][L]`).
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn key_scores_tok<S: Simd, const NH: usize, const KB: u32>(
+    codes: *const u8,
+    krun: usize,
+    (hd, vg, ng): (usize, usize, usize),
+    g: usize,
+    (ks, kz): (*const f32, *const f32),
+    qf: *const f32,
+    red: *mut f32,
+    out: *mut f32,
+    os: usize,
+) {
+    for t0 in (0..g).step_by(S::L) {
+        for j in 0..S::L {
+            let t = t0 + j;
+            let row = codes.add(t * krun);
+            let mut a = [S::zero(); NH];
+            let mut d = S::deq_prep::<KB>(*ks.add(t * ng), *kz.add(t * ng));
+            for c in (0..hd).step_by(S::L) {
+                if c > 0 && c % vg == 0 {
+                    let i = t * ng + c / vg;
+                    d = S::deq_prep::<KB>(*ks.add(i), *kz.add(i));
+                }
+                let k = S::codes_deq::<KB>(row.add(c * KB as usize / 8), d);
+                for h in 0..NH {
+                    a[h] = S::fma(S::load(qf.add(h * hd + c)), k, a[h]);
+                }
+            }
+            for h in 0..NH {
+                S::store(red.add((h * FPB + j) * S::L), a[h]);
+            }
+        }
+        for h in 0..NH {
+            S::reduce_rows(red.add(h * FPB * S::L), out.add(h * os + t0));
+        }
+    }
+}
+
+/// `n` f16 scales and zeros at `sb`, `zb` widened into `vs`, `vz`.
+#[inline(always)]
+unsafe fn widen_params<S: Simd>(sb: *const u16, zb: *const u16, n: usize, vs: &mut [f32], vz: &mut [f32]) {
+    let mut i = 0;
+    while i + S::L <= n {
+        S::store(vs.as_mut_ptr().add(i), S::load_f16(sb.add(i)));
+        S::store(vz.as_mut_ptr().add(i), S::load_f16(zb.add(i)));
+        i += S::L;
+    }
+    let sb = std::slice::from_raw_parts(sb as *const u8, 2 * n);
+    let zb = std::slice::from_raw_parts(zb as *const u8, 2 * n);
+    for i in i..n {
+        vs[i] = read_f16(sb, i).to_f32();
+        vz[i] = read_f16(zb, i).to_f32();
     }
 }
 
@@ -417,6 +476,10 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     let (ng, vg) = (lay.row_groups(), lay.vgroup);
     let run = lay.k_run_bytes();
     let vrun = lay.v_row_bytes();
+    let per_token = lay.key_mode == KeyMode::PerToken;
+    let kb = lay.key_bits as usize;
+    // Key scales (and zeros) per group: one per channel, or one per token and channel group.
+    let kpar = if per_token { g * ng } else { hd };
     let tt = if g % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
     let ct = if hd % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
     let scale = a.o.scale;
@@ -431,9 +494,9 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     // Everything one group reads: (offset, bytes) inside its head block.
     let parts = |gi: usize| {
         [
-            (lay.k_codes + gi * hd * run, hd * run),
-            (lay.k_scale + 2 * gi * hd, 2 * hd),
-            (lay.k_zero + 2 * gi * hd, 2 * hd),
+            (lay.k_codes + gi * hd * g * kb / 8, hd * g * kb / 8),
+            (lay.k_scale + 2 * gi * kpar, 2 * kpar),
+            (lay.k_zero + 2 * gi * kpar, 2 * kpar),
             (lay.v_codes + gi * g * vrun, g * vrun),
             (lay.v_scale + 2 * gi * g * ng, 2 * g * ng),
             (lay.v_zero + 2 * gi * g * ng, 2 * g * ng),
@@ -454,26 +517,37 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
                     }
                 }
             }
-            // Fold the key scales into the queries and the zeros into one bias per head.
-            let ks = blk.add(lay.k_scale + 2 * gi * hd) as *const u16;
-            let kz = blk.add(lay.k_zero + 2 * gi * hd) as *const u16;
-            let mut bias = [S::zero(); NH_MAX];
-            for c in (0..hd).step_by(S::L) {
-                let (sv, zv) = (S::load_f16(ks.add(c)), S::load_f16(kz.add(c)));
-                for (h, b) in bias.iter_mut().enumerate().take(nh) {
-                    let q = S::load(s.qf.as_ptr().add(h * hd + c));
-                    S::store(s.qs.as_mut_ptr().add(h * hd + c), S::mul(q, sv));
-                    *b = S::fma(q, zv, *b);
-                }
-            }
-            let codes = blk.add(lay.k_codes + gi * hd * run);
+            let codes = blk.add(lay.k_codes + gi * hd * g * kb / 8);
             let off = (gr - g0) * g;
-            let (qs, sc) = (s.qs.as_ptr(), s.sc.as_mut_ptr().add(off));
-            with_nh!(nh, NH => with_bits!(lay.key_bits, KB => if tt == 2 {
-                key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst)
+            let sc = s.sc.as_mut_ptr().add(off);
+            let mut bias = [S::zero(); NH_MAX];
+            if per_token {
+                let ks = blk.add(lay.k_scale + 2 * gi * kpar) as *const u16;
+                let kz = blk.add(lay.k_zero + 2 * gi * kpar) as *const u16;
+                widen_params::<S>(ks, kz, kpar, &mut s.vs, &mut s.vz);
+                let (kp, qf, red) = ((s.vs.as_ptr(), s.vz.as_ptr()), s.qf.as_ptr(), s.red.as_mut_ptr());
+                with_nh!(nh, NH => with_bits!(lay.key_bits, KB => {
+                    key_scores_tok::<S, NH, KB>(codes, run, (hd, vg, ng), g, kp, qf, red, sc, sst)
+                }));
             } else {
-                key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst)
-            }));
+                // Fold the key scales into the queries and the zeros into one bias per head.
+                let ks = blk.add(lay.k_scale + 2 * gi * hd) as *const u16;
+                let kz = blk.add(lay.k_zero + 2 * gi * hd) as *const u16;
+                for c in (0..hd).step_by(S::L) {
+                    let (sv, zv) = (S::load_f16(ks.add(c)), S::load_f16(kz.add(c)));
+                    for (h, b) in bias.iter_mut().enumerate().take(nh) {
+                        let q = S::load(s.qf.as_ptr().add(h * hd + c));
+                        S::store(s.qs.as_mut_ptr().add(h * hd + c), S::mul(q, sv));
+                        *b = S::fma(q, zv, *b);
+                    }
+                }
+                let qs = s.qs.as_ptr();
+                with_nh!(nh, NH => with_bits!(lay.key_bits, KB => if tt == 2 {
+                    key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst)
+                } else {
+                    key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst)
+                }));
+            }
             // Logits, masked outside the visible range.
             let p0 = lay.sinks + gr * g;
             for (h, &b) in bias.iter().enumerate().take(nh) {
@@ -496,19 +570,7 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
             let (blk, gi) = locate(gr);
             let vsb = blk.add(lay.v_scale + 2 * gi * g * ng) as *const u16;
             let vzb = blk.add(lay.v_zero + 2 * gi * g * ng) as *const u16;
-            let n = g * ng;
-            let mut i = 0;
-            while i + S::L <= n {
-                S::store(s.vs.as_mut_ptr().add(i), S::load_f16(vsb.add(i)));
-                S::store(s.vz.as_mut_ptr().add(i), S::load_f16(vzb.add(i)));
-                i += S::L;
-            }
-            let vsb = std::slice::from_raw_parts(vsb as *const u8, 2 * n);
-            let vzb = std::slice::from_raw_parts(vzb as *const u8, 2 * n);
-            for i in i..n {
-                s.vs[i] = read_f16(vsb, i).to_f32();
-                s.vz[i] = read_f16(vzb, i).to_f32();
-            }
+            widen_params::<S>(vsb, vzb, g * ng, &mut s.vs, &mut s.vz);
             let vcodes = blk.add(lay.v_codes + gi * g * vrun);
             let w = s.sc.as_ptr().add((gr - g0) * g);
             let (vs, vz, acc) = (s.vs.as_ptr(), s.vz.as_ptr(), s.acc.as_mut_ptr());
