@@ -1,6 +1,7 @@
 //! kivi-eval: perplexity, KL divergence and top-1 agreement of KV-cache
 //! configurations on a real GGUF model. See README.md.
 
+use kivi::attention::{force_isa, Isa};
 use kivi_eval::eval::{evaluate_against, windows, CacheSpec, EvalOptions};
 use kivi_eval::gguf::{describe, Gguf, Result};
 use kivi_eval::llama_ref::RefLogProbs;
@@ -31,6 +32,8 @@ options:
   --llama-logits F also compare the exact configuration with the log-probs that
                    llama.cpp's perplexity tool saved with --kl-divergence-base F
                    (same text, --ctx and --chunks)
+  --isa I          run kivi's CPU attention on one instruction set: scalar,
+                   avx2, avx512 or neon (default: the best this CPU has)
   --quiet          no progress lines
 ";
 
@@ -96,6 +99,19 @@ fn parse_args() -> Result<Args> {
             "--naive" => a.naive = true,
             "--llama-logits" => a.llama_logits = Some(val("--llama-logits")?.into()),
             "--dtype" => a.dtype = stores::WindowType::parse(&val("--dtype")?)?,
+            "--isa" => {
+                let name = val("--isa")?;
+                let isa = match name.as_str() {
+                    "scalar" => Isa::Scalar,
+                    "avx2" => Isa::Avx2,
+                    "avx512" => Isa::Avx512,
+                    "neon" => Isa::Neon,
+                    other => return Err(format!("--isa {other}: not scalar, avx2, avx512 or neon").into()),
+                };
+                if !force_isa(Some(isa)) {
+                    return Err(format!("--isa {name}: this CPU does not have it").into());
+                }
+            }
             "--quiet" => a.quiet = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
