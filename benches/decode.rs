@@ -168,6 +168,7 @@ fn main() {
         Case { name: "gqa4-hs128", ctx: 16384, hd: 128, nkv: 8, nq: 32, seqs: 1 },
         Case { name: "gqa4-hs128", ctx: 65536, hd: 128, nkv: 8, nq: 32, seqs: 1 },
         Case { name: "gemma3-hs256", ctx: 16384, hd: 256, nkv: 1, nq: 4, seqs: 1 },
+        Case { name: "mha-hs128", ctx: 8192, hd: 128, nkv: 32, nq: 32, seqs: 1 },
         Case { name: "batch16-gqa4-hs128", ctx: 4096, hd: 128, nkv: 8, nq: 32, seqs: 16 },
     ];
     println!(
