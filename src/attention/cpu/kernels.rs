@@ -191,6 +191,16 @@ unsafe fn load_x<S: Simd, X: Element>(p: *const X) -> S::V {
     }
 }
 
+/// `L` key codes, unpacked the cheapest way for `shared` (several query vectors) or not.
+#[inline(always)]
+unsafe fn unpack<S: Simd, const KB: u32>(p: *const u8, shared: bool) -> S::V {
+    if shared {
+        S::codes_shared::<KB>(p)
+    } else {
+        S::codes::<KB>(p)
+    }
+}
+
 /// `out[h * os + t] = sum_c qs[h * hd + c] * code[c][t]` for the `g` tokens of one per-channel
 /// key group (`code[c]` is a run of `run` bytes); `TT` tiles of `L` tokens at once.
 #[allow(clippy::needless_range_loop)]
@@ -219,7 +229,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
             let p = base.add(c * run);
             let mut v = [S::zero(); TT];
             for (k, v) in v.iter_mut().enumerate() {
-                *v = S::codes::<KB>(p.add(k * tile_bytes));
+                *v = unpack::<S, KB>(p.add(k * tile_bytes), NH > 1);
             }
             for h in 0..NH {
                 let q = S::splat(*qs.add(h * hd + c));
@@ -230,7 +240,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
             if two {
                 let p = base.add((c + 1) * run);
                 for (k, v) in v.iter_mut().enumerate() {
-                    *v = S::codes::<KB>(p.add(k * tile_bytes));
+                    *v = unpack::<S, KB>(p.add(k * tile_bytes), NH > 1);
                 }
                 for h in 0..NH {
                     let q = S::splat(*qs.add(h * hd + c + 1));

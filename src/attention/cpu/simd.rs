@@ -37,6 +37,12 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn pow2i(n: Self::V) -> Self::V;
     /// `L` consecutive `B`-bit codes (little-endian packed, starting at bit 0 of `p`) as f32.
     unsafe fn codes<const B: u32>(p: *const u8) -> Self::V;
+    /// [`Simd::codes`] for key codes that several query vectors share: the instruction set's
+    /// cheapest unpacking when its cost is spread over them (the same as `codes` by default).
+    #[inline(always)]
+    unsafe fn codes_shared<const B: u32>(p: *const u8) -> Self::V {
+        Self::codes::<B>(p)
+    }
     /// What [`Simd::codes_deq`] needs to dequantize `B`-bit codes with scale `s` and zero `z`
     /// (a lookup table where codes index one, else the two vectors).
     type D: Copy;

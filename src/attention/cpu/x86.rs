@@ -266,6 +266,22 @@ impl Simd for Avx2 {
         }
     }
 
+    /// 2-bit codes through a permute of a table of (i & 3), which reads the low 3 bits of each
+    /// lane: one instruction where `codes` takes an and and a conversion, but on the shuffle
+    /// port that value dequantization also uses.
+    #[inline(always)]
+    unsafe fn codes_shared<const B: u32>(p: *const u8) -> __m256 {
+        match B {
+            2 => {
+                let x = _mm256_set1_epi32((p as *const u16).read_unaligned() as i32);
+                let sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                let t = _mm256_setr_ps(0., 1., 2., 3., 0., 1., 2., 3.);
+                _mm256_permutevar8x32_ps(t, _mm256_srlv_epi32(x, sh))
+            }
+            _ => Self::codes::<B>(p),
+        }
+    }
+
     /// For 2 bits, the 4 dequantized values (an 8-lane permute reads 3 index bits); else the
     /// scale and zero.
     type D = [__m256; 2];
