@@ -18,6 +18,13 @@ impl Simd for Neon {
     const ACC_REGS: usize = 16;
     type V = float32x4_t;
 
+    /// Three pairwise adds give the 4 row sums (instead of 4 reductions).
+    #[inline(always)]
+    unsafe fn reduce_rows(rows: *const f32, out: *mut f32) {
+        let r: [float32x4_t; 4] = std::array::from_fn(|i| vld1q_f32(rows.add(4 * i)));
+        vst1q_f32(out, vpaddq_f32(vpaddq_f32(r[0], r[1]), vpaddq_f32(r[2], r[3])));
+    }
+
     /// `prfm pldl1keep` (`std::arch`'s prefetch is not stable on aarch64 yet).
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {
