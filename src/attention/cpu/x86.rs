@@ -20,6 +20,14 @@ unsafe fn nibbles16(p: *const u8) -> __m512i {
     _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), v)
 }
 
+/// 8 two-bit codes (one u16), code `i` shifted to the bottom of lane `i`; the bits above it are
+/// the following codes.
+#[inline(always)]
+unsafe fn crumbs8(p: *const u8) -> __m256i {
+    let x = _mm256_set1_epi32((p as *const u16).read_unaligned() as i32);
+    _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14))
+}
+
 impl Simd for Avx512 {
     const L: usize = 16;
     const ACC_REGS: usize = 16;
@@ -267,11 +275,7 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn codes<const B: u32>(p: *const u8) -> __m256 {
         match B {
-            2 => {
-                let x = _mm256_set1_epi32((p as *const u16).read_unaligned() as i32);
-                let sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(x, sh), _mm256_set1_epi32(3)))
-            }
+            2 => _mm256_cvtepi32_ps(_mm256_and_si256(crumbs8(p), _mm256_set1_epi32(3))),
             4 => {
                 let x = _mm256_set1_epi32((p as *const i32).read_unaligned());
                 let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
@@ -288,10 +292,8 @@ impl Simd for Avx2 {
     unsafe fn codes_shared<const B: u32>(p: *const u8) -> __m256 {
         match B {
             2 => {
-                let x = _mm256_set1_epi32((p as *const u16).read_unaligned() as i32);
-                let sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
                 let t = _mm256_setr_ps(0., 1., 2., 3., 0., 1., 2., 3.);
-                _mm256_permutevar8x32_ps(t, _mm256_srlv_epi32(x, sh))
+                _mm256_permutevar8x32_ps(t, crumbs8(p))
             }
             _ => Self::codes::<B>(p),
         }
@@ -311,11 +313,7 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn codes_deq<const B: u32>(p: *const u8, d: [__m256; 2]) -> __m256 {
         match B {
-            2 => {
-                let x = _mm256_set1_epi32((p as *const u16).read_unaligned() as i32);
-                let sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-                _mm256_permutevar8x32_ps(d[0], _mm256_srlv_epi32(x, sh))
-            }
+            2 => _mm256_permutevar8x32_ps(d[0], crumbs8(p)),
             _ => _mm256_fmadd_ps(Self::codes::<B>(p), d[0], d[1]),
         }
     }
