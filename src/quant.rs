@@ -1,5 +1,5 @@
 //! Quantization formats: asymmetric min/max rounding to 2, 4 or 8 bits with an f16 scale and zero
-//! per group, and the packing of codes (see [`crate::layout`] for where groups are stored).
+//! per group, and the packing of codes (see `layout` for where groups are stored).
 //!
 //! For a group with minimum `min` and maximum `max`:
 //! `zero = min` rounded to f16, `scale = (max - zero) / (2^b - 1)` rounded to f16 (the paper's

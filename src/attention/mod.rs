@@ -1,10 +1,10 @@
 //! Attention over the cache: the options engines pass, and one module per backend.
 //!
-//! - [`cpu`]: the fused attention that reads packed codes directly (key scales folded into the
+//! - `cpu`: the fused attention that reads packed codes directly (key scales folded into the
 //!   query and key zeros into one bias per group; values dequantized in registers), with an
 //!   online softmax in f32: AVX-512, AVX2 and NEON kernels chosen at run time, a scalar
 //!   fallback, and the cache's own threads.
-//! - [`reference`]: textbook attention in f64 over the dequantized cache, for tests.
+//! - [`reference`](mod@reference): textbook attention in f64 over the dequantized cache, for tests.
 
 pub(crate) mod cpu;
 pub mod reference;

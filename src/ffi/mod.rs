@@ -1,7 +1,7 @@
 //! The stable C ABI: a thin layer over the safe core, exported from `libkivi.so` / `libkivi.a` and
 //! described by the generated header `include/kivi.h`.
 //!
-//! Every export goes through one boundary ([`boundary`], via the `ffi_fn!` macro): it checks
+//! Every export goes through one boundary (`boundary`, via the `ffi_fn!` macro): it checks
 //! pointers before use, turns a core [`Error`] into a `kivi_status` and a thread-local message,
 //! and catches panics (a panic becomes `KIVI_ERR_INTERNAL`, never an unwind into C). Output
 //! arguments are written only after everything else succeeded, and the core's own rule (a call
