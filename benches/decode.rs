@@ -164,6 +164,7 @@ fn main() {
         assert!(force_isa(Some(isa)), "{isa:?} is not available on this machine");
     }
     let cases = [
+        Case { name: "gqa4-hs128", ctx: 512, hd: 128, nkv: 8, nq: 32, seqs: 1 },
         Case { name: "gqa4-hs128", ctx: 4096, hd: 128, nkv: 8, nq: 32, seqs: 1 },
         Case { name: "gqa4-hs128", ctx: 16384, hd: 128, nkv: 8, nq: 32, seqs: 1 },
         Case { name: "gqa4-hs128", ctx: 65536, hd: 128, nkv: 8, nq: 32, seqs: 1 },

@@ -128,7 +128,7 @@ impl DenseF16Cache {
                 (&kk[r.clone()], &vv[r])
             };
             // SAFETY: B is available (chosen above) and every row has hd elements.
-            unsafe { fp_range::<B, f16>(s, nh, o, b0 * FPB, (b1 * FPB).min(len), rows) };
+            unsafe { fp_range::<B, f16>(s, nh, o, b0 * FPB, (b1 * FPB).min(len), true, rows) };
         };
         execute(&self.threads, sz, &|j| j, &body, out);
     }

@@ -17,7 +17,11 @@
 //!   cancel against the codes term and lose precision over long contexts.
 //!
 //! The softmax is online, one step per 128 tokens, with a vector `exp`. Groups of one head are
-//! prefetched eight ahead (with one group per page they are a page apart).
+//! prefetched eight ahead (with one group per page they are a page apart). Full-precision rows
+//! (sinks, window, new tokens) are prefetched too when they come from memory (decode, where one
+//! item reads them): keys [`FP_AHEAD`] rows ahead (a block's first rows by its caller), and each
+//! value row while its key row is scored, so that the value pass, which walks all of a block's
+//! rows at once, finds them in cache.
 
 use super::simd::{exp, Simd};
 use crate::attention::Resolved;
@@ -32,6 +36,8 @@ pub(crate) const NH_MAX: usize = 8;
 pub(crate) const FPB: usize = 32;
 /// Groups ahead whose bytes are prefetched.
 const PREFETCH: usize = 8;
+/// Full-precision key rows ahead whose bytes are prefetched.
+pub(crate) const FP_AHEAD: usize = 8;
 
 /// Per-thread working memory, sized once for a layout.
 pub(crate) struct Scratch {
@@ -596,7 +602,7 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
 
 /// One block of at most [`FPB`] full-precision tokens (key and value rows of `hd` elements) at
 /// positions `p0..`, for the item whose queries are in `s.qf` (each vector masked outside its
-/// visible range).
+/// visible range). With `prefetch`, the rows come from memory and are fetched ahead.
 #[inline(always)]
 pub(crate) unsafe fn fp<S: Simd, X: Element>(
     kp: &[*const X],
@@ -605,6 +611,7 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
     nh: usize,
     o: &Resolved,
     s: &mut Scratch,
+    prefetch: bool,
 ) {
     let n = kp.len();
     debug_assert!(n <= FPB && vp.len() == n && n > 0);
@@ -616,6 +623,16 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
     let red = s.red.as_mut_ptr();
     with_nh!(nh, NH => {
         for (j, &k) in kp.iter().enumerate() {
+            if prefetch {
+                // Rows read once, from memory: keys a few rows ahead, and this token's value row
+                // for the value pass, which walks all of the block's rows at once.
+                for line in (0..hd * X::DTYPE.size()).step_by(64) {
+                    if let Some(&kn) = kp.get(j + FP_AHEAD) {
+                        S::prefetch((kn as *const u8).add(line));
+                    }
+                    S::prefetch((vp[j] as *const u8).add(line));
+                }
+            }
             let mut a = [S::zero(); NH];
             for c in (0..hd).step_by(S::L) {
                 let kv = load_x::<S, X>(k.add(c));

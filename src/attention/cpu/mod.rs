@@ -34,6 +34,7 @@ macro_rules! backend {
                 nh: usize,
                 o: &$crate::attention::Resolved,
                 s: &mut $crate::attention::cpu::Scratch,
+                prefetch: bool,
             ) {
                 #[target_feature(enable = $feat)]
                 unsafe fn fp<X: $crate::rows::Element>(
@@ -43,10 +44,16 @@ macro_rules! backend {
                     nh: usize,
                     o: &$crate::attention::Resolved,
                     s: &mut $crate::attention::cpu::Scratch,
+                    prefetch: bool,
                 ) {
-                    $crate::attention::cpu::kernels::fp::<$S, X>(kp, vp, p0, nh, o, s)
+                    $crate::attention::cpu::kernels::fp::<$S, X>(kp, vp, p0, nh, o, s, prefetch)
                 }
-                fp::<X>(kp, vp, p0, nh, o, s)
+                fp::<X>(kp, vp, p0, nh, o, s, prefetch)
+            }
+            #[inline(always)]
+            fn prefetch(p: *const u8) {
+                // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+                unsafe { <$S as $crate::attention::cpu::simd::Simd>::prefetch(p) }
             }
         }
     };
@@ -160,7 +167,18 @@ pub(crate) trait Backend: Sync {
     unsafe fn quant(a: &QArgs, s: &mut Scratch);
     /// # Safety
     /// The instruction set is available; every pointer is valid for `head_dim` elements.
-    unsafe fn fp<X: Element>(kp: &[*const X], vp: &[*const X], p0: usize, nh: usize, o: &Resolved, s: &mut Scratch);
+    /// With `prefetch`, rows are fetched ahead (they are read once, from memory).
+    unsafe fn fp<X: Element>(
+        kp: &[*const X],
+        vp: &[*const X],
+        p0: usize,
+        nh: usize,
+        o: &Resolved,
+        s: &mut Scratch,
+        prefetch: bool,
+    );
+    /// Hints that the cache line at `p` will be read soon.
+    fn prefetch(p: *const u8);
 }
 
 /// The cache's attention threads and per-thread working memory.
@@ -542,6 +560,13 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
     let ws = st.window_start();
 
     let (a, b) = (lo.max(q_start), hi.min(ws));
+    // Rows come from memory when each is read by one item (decode); a chunk's row blocks share
+    // them, and they stay in cache from the first block on (prefetching them would only cost).
+    let cold = plan.nrb == 1;
+    if a < b && split == 0 && cold {
+        // The window's first rows, read right after the quantized groups.
+        prefetch_keys::<B, W>(lo.max(ws), hi.min(st.len), &|p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
+    }
     if a < b {
         let ga = (a - q_start) / lay.group;
         let gb = (b - 1 - q_start) / lay.group + 1;
@@ -557,13 +582,14 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
         return;
     }
     let n_sink = st.n_sink();
-    fp_range::<B, W>(s, nvec, o, lo.min(n_sink), hi.min(n_sink), |p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
-    fp_range::<B, W>(s, nvec, o, lo.max(ws), hi.min(st.len), |p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
+    let rows = |p| (st.fp_key(kvh, p), st.fp_value(kvh, p));
+    fp_range::<B, W>(s, nvec, o, lo.min(n_sink), hi.min(n_sink), cold, rows);
+    fp_range::<B, W>(s, nvec, o, lo.max(ws), hi.min(st.len), cold, rows);
     if let Some((ck, cv)) = jb.chunk {
         let base = st.len;
         let rows =
             |p: usize| (&ck.row(p - base)[kvh * hd..(kvh + 1) * hd], &cv.row(p - base)[kvh * hd..(kvh + 1) * hd]);
-        fp_range::<B, T>(s, nvec, o, lo.max(base), hi, rows);
+        fp_range::<B, T>(s, nvec, o, lo.max(base), hi, cold, rows);
     }
 }
 
@@ -574,6 +600,7 @@ unsafe fn fp_range<'r, B: Backend, X: Element>(
     o: &Resolved,
     a: usize,
     b: usize,
+    prefetch: bool,
     rows: impl Fn(usize) -> (&'r [X], &'r [X]),
 ) {
     let mut kp = [std::ptr::null::<X>(); FPB];
@@ -586,7 +613,22 @@ unsafe fn fp_range<'r, B: Backend, X: Element>(
             kp[j] = k.as_ptr();
             vp[j] = v.as_ptr();
         }
-        B::fp::<X>(&kp[..n], &vp[..n], p0, nh, o, s);
+        // The next block's first key rows: the kernel fetches further rows itself, a few ahead.
+        if prefetch {
+            prefetch_keys::<B, X>(p0 + n, b, &rows);
+        }
+        B::fp::<X>(&kp[..n], &vp[..n], p0, nh, o, s, prefetch);
         p0 += n;
+    }
+}
+
+/// Prefetches the key rows of the first [`kernels::FP_AHEAD`] positions of `a..b`.
+fn prefetch_keys<'r, B: Backend, X: Element>(a: usize, b: usize, rows: &impl Fn(usize) -> (&'r [X], &'r [X])) {
+    for p in a..b.min(a + kernels::FP_AHEAD) {
+        let k = rows(p).0;
+        for line in (0..std::mem::size_of_val(k)).step_by(64) {
+            // SAFETY: inside the row.
+            B::prefetch(unsafe { k.as_ptr().cast::<u8>().add(line) });
+        }
     }
 }
