@@ -280,7 +280,12 @@ typedef struct kivi_params {
      */
     uint32_t max_seqs;
     /**
-     * Tokens per page: 0 (one group per page) or a multiple of G. Default: 0.
+     * Tokens per page: 0 (one group per page) or a multiple of G up to 65536. Default: 0.
+     * On a CPU cache 256 decodes about 1.2 to 1.35 times faster from a few thousand tokens on
+     * (each KV head's groups are then contiguous in memory), for one spare page per sequence in
+     * each layer's pool (`max_seqs` x 256 tokens); CPU engines should set it. A CUDA cache is
+     * tuned for one group per page (a group is staged in one copy). A saved state loads only
+     * into a cache with the same page size.
      */
     uint32_t page_tokens;
     /**
