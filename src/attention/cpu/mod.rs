@@ -563,9 +563,10 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
     // Rows come from memory when each is read by one item (decode); a chunk's row blocks share
     // them, and they stay in cache from the first block on (prefetching them would only cost).
     let cold = plan.nrb == 1;
+    let stored = |p| (st.fp_key(kvh, p), st.fp_value(kvh, p));
     if a < b && split == 0 && cold {
         // The window's first rows, read right after the quantized groups.
-        prefetch_keys::<B, W>(lo.max(ws), hi.min(st.len), &|p| (st.fp_key(kvh, p), st.fp_value(kvh, p)));
+        prefetch_keys::<B, W>(lo.max(ws), hi.min(st.len), &stored);
     }
     if a < b {
         let ga = (a - q_start) / lay.group;
@@ -582,9 +583,8 @@ unsafe fn item<B: Backend, W: Element, T: Element>(
         return;
     }
     let n_sink = st.n_sink();
-    let rows = |p| (st.fp_key(kvh, p), st.fp_value(kvh, p));
-    fp_range::<B, W>(s, nvec, o, lo.min(n_sink), hi.min(n_sink), cold, rows);
-    fp_range::<B, W>(s, nvec, o, lo.max(ws), hi.min(st.len), cold, rows);
+    fp_range::<B, W>(s, nvec, o, lo.min(n_sink), hi.min(n_sink), cold, stored);
+    fp_range::<B, W>(s, nvec, o, lo.max(ws), hi.min(st.len), cold, stored);
     if let Some((ck, cv)) = jb.chunk {
         let base = st.len;
         let rows =
