@@ -662,20 +662,68 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
     softmax::<S>(s, nh, npad);
     let (w, acc) = (s.sc.as_ptr(), s.acc.as_mut_ptr());
     with_nh!(nh, NH => {
-        for c in (0..hd).step_by(S::L) {
-            let mut a = [S::zero(); NH];
-            for (h, a) in a.iter_mut().enumerate() {
-                *a = S::load(acc.add(h * hd + c));
-            }
-            for (j, &v) in vp.iter().enumerate() {
-                let x = load_x::<S, X>(v.add(c));
-                for (h, a) in a.iter_mut().enumerate() {
-                    *a = S::fma(S::splat(*w.add(h * sst + j)), x, *a);
-                }
-            }
-            for (h, &a) in a.iter().enumerate() {
-                S::store(acc.add(h * hd + c), a);
-            }
+        if hd % (2 * S::L) == 0 && 2 * NH <= S::ACC_REGS {
+            fp_values::<S, X, NH, 2>(vp, hd, w, sst, acc)
+        } else {
+            fp_values::<S, X, NH, 1>(vp, hd, w, sst, acc)
         }
     });
+}
+
+/// `acc[h * hd + c] += sum_j w[h * ws + j] * v[j][c]` over a block's full-precision value rows:
+/// `CT` tiles of `L` channels at once, and even and odd rows into separate accumulators when
+/// registers allow, so that enough independent FMA chains are in flight (as in [`value_acc`]).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn fp_values<S: Simd, X: Element, const NH: usize, const CT: usize>(
+    vp: &[*const X],
+    hd: usize,
+    w: *const f32,
+    ws: usize,
+    acc: *mut f32,
+) {
+    let n = vp.len();
+    let two = 2 * NH * CT <= S::ACC_REGS;
+    let mut c0 = 0;
+    while c0 < hd {
+        let mut a = [[S::zero(); NH]; CT];
+        let mut a2 = [[S::zero(); NH]; CT];
+        for k in 0..CT {
+            for h in 0..NH {
+                a[k][h] = S::load(acc.add(h * hd + c0 + k * S::L));
+            }
+        }
+        let mut j = 0;
+        while j < n {
+            let mut x = [S::zero(); CT];
+            for k in 0..CT {
+                x[k] = load_x::<S, X>(vp[j].add(c0 + k * S::L));
+            }
+            for h in 0..NH {
+                let p = S::splat(*w.add(h * ws + j));
+                for k in 0..CT {
+                    a[k][h] = S::fma(p, x[k], a[k][h]);
+                }
+            }
+            if two && j + 1 < n {
+                let j = j + 1;
+                for k in 0..CT {
+                    x[k] = load_x::<S, X>(vp[j].add(c0 + k * S::L));
+                }
+                for h in 0..NH {
+                    let p = S::splat(*w.add(h * ws + j));
+                    for k in 0..CT {
+                        a2[k][h] = S::fma(p, x[k], a2[k][h]);
+                    }
+                }
+            }
+            j += if two { 2 } else { 1 };
+        }
+        for k in 0..CT {
+            for h in 0..NH {
+                S::store(acc.add(h * hd + c0 + k * S::L), S::add(a[k][h], a2[k][h]));
+            }
+        }
+        c0 += CT * S::L;
+    }
 }
