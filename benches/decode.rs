@@ -153,14 +153,8 @@ fn main() {
     let page_tokens: u32 = arg("--page-tokens").map_or(256, |s| s.parse().expect("--page-tokens N"));
     let key_mode = if args.iter().any(|a| a == "--per-token-keys") { KeyMode::PerToken } else { KeyMode::PerChannel };
     let setup = Setup { threads: threads as u32, page_tokens, key_mode };
-    if let Some(isa) = arg("--isa") {
-        let isa = match isa.as_str() {
-            "scalar" => Isa::Scalar,
-            "avx2" => Isa::Avx2,
-            "avx512" => Isa::Avx512,
-            "neon" => Isa::Neon,
-            other => panic!("unknown --isa {other}"),
-        };
+    if let Some(name) = arg("--isa") {
+        let isa = Isa::from_name(&name).unwrap_or_else(|| panic!("--isa {name}: not scalar, avx2, avx512 or neon"));
         assert!(force_isa(Some(isa)), "{isa:?} is not available on this machine");
     }
     let cases = [

@@ -28,6 +28,21 @@ fn neon_is_available_on_aarch64() {
     assert!(isas.contains(&Isa::Neon), "NEON not detected: {isas:?}");
 }
 
+/// Command lines name instruction sets (`--isa` of the bench and of kivi-eval): every name maps
+/// back to its set, and nothing else is a name.
+#[test]
+fn isa_names_round_trip() {
+    let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+    for isa in all {
+        assert_eq!(Isa::from_name(isa.name()), Some(isa));
+    }
+    let names: std::collections::HashSet<_> = all.iter().map(|i| i.name()).collect();
+    assert_eq!(names.len(), all.len());
+    for bad in ["", "AVX2", "avx", "avx512f", "sse2", "neon ", "scalar\0"] {
+        assert_eq!(Isa::from_name(bad), None, "{bad:?}");
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     hd: u32,

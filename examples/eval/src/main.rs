@@ -101,13 +101,8 @@ fn parse_args() -> Result<Args> {
             "--dtype" => a.dtype = stores::WindowType::parse(&val("--dtype")?)?,
             "--isa" => {
                 let name = val("--isa")?;
-                let isa = match name.as_str() {
-                    "scalar" => Isa::Scalar,
-                    "avx2" => Isa::Avx2,
-                    "avx512" => Isa::Avx512,
-                    "neon" => Isa::Neon,
-                    other => return Err(format!("--isa {other}: not scalar, avx2, avx512 or neon").into()),
-                };
+                let isa =
+                    Isa::from_name(&name).ok_or_else(|| format!("--isa {name}: not scalar, avx2, avx512 or neon"))?;
                 if !force_isa(Some(isa)) {
                     return Err(format!("--isa {name}: this CPU does not have it").into());
                 }

@@ -106,6 +106,22 @@ impl Isa {
         }
     }
 
+    /// Its lower-case name: `scalar`, `avx2`, `avx512` or `neon`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// The instruction set of that [`name`](Isa::name) (for a command line or an environment
+    /// variable), whether or not this machine has it.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon].into_iter().find(|i| i.name() == name)
+    }
+
     /// Whether this machine can run it.
     pub fn available(self) -> bool {
         match self {
