@@ -1005,6 +1005,18 @@ kivi_status kivi_cache_stats(const struct kivi_cache *cache,
                              size_t struct_size);
 
 /**
+ * The instruction set the CPU attention kernels of this process run on: "avx512", "avx2",
+ * "neon" or "scalar", the best this CPU has (detected at the first call). A cache whose
+ * `head_dim`, key group or value group is not a multiple of the vector width (16 floats for
+ * AVX-512, 8 for AVX2, 4 for NEON) runs the widest of them that fits, or the scalar code. For an
+ * engine's log line and for bug reports: decode speed differs several-fold between them.
+ *
+ * Returns a static NUL-terminated string owned by kivi, never NULL; never free it. Thread
+ * safety: any thread, any time; it touches no cache.
+ */
+const char *kivi_cpu_isa(void);
+
+/**
  * Whether the CUDA backend can run on CUDA device `device` (0, 1, ...), and what it found: the
  * device, the driver and NVRTC (loaded now if this process has not yet). `KIVI_OK` means that
  * `kivi_cache_create()` with `params.device = device` can make a cache there (given the memory).

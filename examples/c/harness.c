@@ -477,7 +477,7 @@ int main(int argc, char **argv) {
     e.logits = malloc((size_t)seq_cap * sizeof(float));
     if (!e.seqs || !e.k || !e.v || !e.q || !e.ref || !e.logits) return 3;
 
-    printf("kivi %s engine harness\n", kivi_version());
+    printf("kivi %s engine harness, CPU kernels: %s\n", kivi_version(), kivi_cpu_isa());
     printf("model: %u layers, %u KV heads x %u channels, %u query heads (GQA %u); %u sequences, prompt %u\n",
            o->layers, o->kv_heads, o->head_dim, o->kv_heads * o->gqa, o->gqa, o->seqs, o->prompt);
     printf("       in chunks of %u, %u decode steps, %u thread(s) per call, seed %llu\n", o->chunk, o->decode,

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from kivi import Cache, KiviError, version
+from kivi import Cache, KiviError, cpu_isa, version
 
 LAYERS, KV, QH, HD, PROMPT, CHUNK, STEPS = 2, 4, 8, 64, 320, 80, 16
 rng = np.random.default_rng(7)
@@ -50,7 +50,7 @@ def rel_err(out, ref):
     return np.linalg.norm(o - r, axis=2) / np.linalg.norm(r, axis=2)
 
 
-print(f"kivi {version()} from Python (ctypes)")
+print(f"kivi {version()} from Python (ctypes), CPU kernels: {cpu_isa()}")
 errors = {}
 for bits in (2, 4, 8):
     cache = Cache(n_layers=LAYERS, n_kv_heads=KV, head_dim=HD, key_bits=bits, value_bits=bits, max_tokens=1024,

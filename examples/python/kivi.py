@@ -107,7 +107,7 @@ for _name, _args in _SIGNATURES.items():
     getattr(lib, _name).argtypes = _args
     getattr(lib, _name).restype = C.c_int32
 lib.kivi_cache_free.argtypes, lib.kivi_cache_free.restype = [C.c_void_p], None
-for _name in ("kivi_version", "kivi_last_error_message"):
+for _name in ("kivi_version", "kivi_last_error_message", "kivi_cpu_isa"):
     getattr(lib, _name).argtypes, getattr(lib, _name).restype = [], C.c_char_p
 lib.kivi_status_str.argtypes, lib.kivi_status_str.restype = [C.c_int32], C.c_char_p
 
@@ -127,6 +127,11 @@ def _check(status):
 
 def version():
     return lib.kivi_version().decode()
+
+
+def cpu_isa():
+    """The instruction set of the CPU kernels: "avx512", "avx2", "neon" or "scalar"."""
+    return lib.kivi_cpu_isa().decode()
 
 
 def _is_torch(a):

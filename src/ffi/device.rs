@@ -1,5 +1,5 @@
-//! CUDA devices and streams: whether the CUDA backend can run on a device, and the stream a CUDA
-//! cache queues its work on (set like `cublasSetStream`).
+//! Where the work runs: the instruction set of the CPU kernels, whether the CUDA backend can run
+//! on a device, and the stream a CUDA cache queues its work on (set like `cublasSetStream`).
 //!
 //! A CUDA cache is created by `kivi_cache_create()` with `kivi_params.device` set to the device's
 //! ordinal. Its calls then take device pointers in `kivi_rows` and queue their work on the
@@ -10,7 +10,20 @@ use super::types::kivi_status::{self, *};
 use super::types::{kivi_cache, kivi_device_info};
 use super::{check_out, ffi_fn, read_cache, write_cache, write_versioned, Failure};
 use crate::error::Error;
-use std::ffi::c_void;
+use std::ffi::{c_char, c_void};
+
+/// The instruction set the CPU attention kernels of this process run on: "avx512", "avx2",
+/// "neon" or "scalar", the best this CPU has (detected at the first call). A cache whose
+/// `head_dim`, key group or value group is not a multiple of the vector width (16 floats for
+/// AVX-512, 8 for AVX2, 4 for NEON) runs the widest of them that fits, or the scalar code. For an
+/// engine's log line and for bug reports: decode speed differs several-fold between them.
+///
+/// Returns a static NUL-terminated string owned by kivi, never NULL; never free it. Thread
+/// safety: any thread, any time; it touches no cache.
+#[no_mangle]
+pub extern "C" fn kivi_cpu_isa() -> *const c_char {
+    std::panic::catch_unwind(crate::attention::active_isa).map_or(c"scalar", |isa| isa.c_name()).as_ptr()
+}
 
 /// Whether the CUDA backend can run on CUDA device `device` (0, 1, ...), and what it found: the
 /// device, the driver and NVRTC (loaded now if this process has not yet). `KIVI_OK` means that

@@ -231,6 +231,14 @@ mod tests {
     }
 
     #[test]
+    fn cpu_isa_names_the_active_instruction_set() {
+        let name = unsafe { CStr::from_ptr(device::kivi_cpu_isa()) }.to_str().unwrap();
+        let isa = crate::attention::Isa::from_name(name).unwrap_or_else(|| panic!("{name:?}"));
+        assert!(crate::attention::available_isas().contains(&isa), "{name}");
+        assert_eq!(isa, crate::attention::active_isa());
+    }
+
+    #[test]
     fn a_panic_becomes_a_status_and_a_message() {
         let status = boundary("kivi_test", || panic!("boom {}", 7));
         assert_eq!(status, KIVI_ERR_INTERNAL);

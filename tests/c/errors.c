@@ -194,6 +194,16 @@ int main(void) {
     fill();
     printf("kivi %s: bad input through the C ABI\n", kivi_version());
     if (strcmp(kivi_version(), KIVI_VERSION_STRING) != 0) fail("version", "library and header versions differ");
+    checks++;
+    {
+        /* The CPU kernels' instruction set: one of four names, the same on every call. */
+        const char *isa = kivi_cpu_isa();
+        if (!isa || (strcmp(isa, "avx512") != 0 && strcmp(isa, "avx2") != 0 && strcmp(isa, "neon") != 0 &&
+                     strcmp(isa, "scalar") != 0))
+            fail("cpu_isa", "not one of avx512, avx2, neon, scalar");
+        else if (strcmp(kivi_cpu_isa(), isa) != 0)
+            fail("cpu_isa", "changed between calls");
+    }
 
     /* --- statuses and messages */
     checks++;

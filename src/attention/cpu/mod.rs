@@ -69,6 +69,7 @@ mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -108,11 +109,16 @@ impl Isa {
 
     /// Its lower-case name: `scalar`, `avx2`, `avx512` or `neon`.
     pub fn name(self) -> &'static str {
+        self.c_name().to_str().expect("names are ASCII")
+    }
+
+    /// [`name`](Isa::name), NUL-terminated (for the C ABI).
+    pub(crate) fn c_name(self) -> &'static CStr {
         match self {
-            Isa::Scalar => "scalar",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-            Isa::Neon => "neon",
+            Isa::Scalar => c"scalar",
+            Isa::Avx2 => c"avx2",
+            Isa::Avx512 => c"avx512",
+            Isa::Neon => c"neon",
         }
     }
 
