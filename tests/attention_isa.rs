@@ -32,7 +32,7 @@ fn neon_is_available_on_aarch64() {
 /// back to its set, and nothing else is a name.
 #[test]
 fn isa_names_round_trip() {
-    let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+    let all = Isa::ALL;
     for isa in all {
         assert_eq!(Isa::from_name(isa.name()), Some(isa));
     }

@@ -478,6 +478,17 @@ fn softcap(row: &mut [f32], cap: f32) {
     }
 }
 
+/// Tiles of `L` lanes taken at once along a run of `n` (tokens of a group, channels of a row) for
+/// `nh` query vectors: 2 where `n` allows it and the accumulators fit in registers.
+#[inline(always)]
+fn tiles<S: Simd>(n: usize, nh: usize) -> usize {
+    if n % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS {
+        2
+    } else {
+        1
+    }
+}
+
 /// Groups scored per softmax step (about 128 tokens): fewer horizontal reductions and rescales.
 pub(crate) fn groups_per_step(group: usize) -> usize {
     (128 / group).max(1)
@@ -496,8 +507,7 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     let kb = lay.key_bits as usize;
     // Key scales (and zeros) per group: one per channel, or one per token and channel group.
     let kpar = if per_token { g * ng } else { hd };
-    let tt = if g % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
-    let ct = if hd % (2 * S::L) == 0 && 2 * nh <= S::ACC_REGS { 2 } else { 1 };
+    let (tt, ct) = (tiles::<S>(g, nh), tiles::<S>(hd, nh));
     let scale = a.o.scale;
     let sst = s.sc_stride;
     let step = groups_per_step(g);
@@ -662,7 +672,7 @@ pub(crate) unsafe fn fp<S: Simd, X: Element>(
     softmax::<S>(s, nh, npad);
     let (w, acc) = (s.sc.as_ptr(), s.acc.as_mut_ptr());
     with_nh!(nh, NH => {
-        if hd % (2 * S::L) == 0 && 2 * NH <= S::ACC_REGS {
+        if tiles::<S>(hd, NH) == 2 {
             fp_values::<S, X, NH, 2>(vp, hd, w, sst, acc)
         } else {
             fp_values::<S, X, NH, 1>(vp, hd, w, sst, acc)

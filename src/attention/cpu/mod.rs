@@ -97,14 +97,11 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every instruction set, best last (for each architecture).
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Neon, Isa::Avx2, Isa::Avx512];
+
     fn from_u8(v: u8) -> Option<Isa> {
-        match v {
-            1 => Some(Isa::Scalar),
-            2 => Some(Isa::Avx2),
-            3 => Some(Isa::Avx512),
-            4 => Some(Isa::Neon),
-            _ => None,
-        }
+        Isa::ALL.into_iter().find(|&i| i as u8 == v)
     }
 
     /// Its lower-case name: `scalar`, `avx2`, `avx512` or `neon`.
@@ -125,7 +122,7 @@ impl Isa {
     /// The instruction set of that [`name`](Isa::name) (for a command line or an environment
     /// variable), whether or not this machine has it.
     pub fn from_name(name: &str) -> Option<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon].into_iter().find(|i| i.name() == name)
+        Isa::ALL.into_iter().find(|i| i.name() == name)
     }
 
     /// Whether this machine can run it.
@@ -156,7 +153,7 @@ static BEST: OnceLock<Isa> = OnceLock::new();
 
 /// The instruction sets this machine can run, best last.
 pub fn available_isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Neon, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available()).collect()
+    Isa::ALL.into_iter().filter(|i| i.available()).collect()
 }
 
 /// The instruction set attention uses: the best one this machine has, unless forced.
