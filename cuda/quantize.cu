@@ -3,7 +3,8 @@
 // the device copy of the block tables current and undo quantization on truncation.
 //
 // The numbers are the CPU's to the bit (src/quant.rs): per group, zero = f16(min) and
-// scale = f16(max((max - zero) / (2^b - 1), 0)) measured from the stored zero, then
+// scale = f16(max((max - zero) / (2^b - 1), 0)) measured from the stored zero (min/max rounding;
+// values with KV_V_LSQ take least-squares rounding, lsq_params below), then
 // code = clamp(round((x - zero) / scale), 0, 2^b - 1) with the f16-rounded scale and zero (code 0
 // when the scale is 0), computed in f32 with IEEE division.
 #include "common.cuh"
@@ -54,6 +55,65 @@ __device__ __forceinline__ u32 encode(float x, float s, float z, u32 levels) {
     return (u32)c;
 }
 
+// Sum of f(i) over i < n in 8 interleaved lanes (element i into lane i % 8, each lane in order,
+// the lanes added 0 to 7), with operations that are never fused: GroupParams::least_squares's order.
+template <class F>
+__device__ __forceinline__ float lanes_sum(u32 n, F f) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (u32 i = 0; i < n; i++) acc[i % 8] = __fadd_rn(acc[i % 8], f(i));
+    float t = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) t = __fadd_rn(t, acc[j]);
+    return t;
+}
+
+// Sum of squared reconstruction errors of the n elements x(i) under an f16 scale and zero.
+template <class X>
+__device__ __forceinline__ float squared_error(u32 n, X x, float s, float z, u32 levels) {
+    return lanes_sum(n, [&](u32 i) {
+        const float v = x(i);
+        const float d = __fsub_rn(v, __fadd_rn(__fmul_rn((float)encode(v, s, z, levels), s), z));
+        return __fmul_rn(d, d);
+    });
+}
+
+// Least-squares rounding (GroupParams::least_squares, src/quant.rs): of the min/max grid and
+// the grids refitted by least squares to the codes of spans (hi - lo) / f, the one with the
+// smallest squared error, strictly better replacing. Writes the f16 scale and zero.
+template <class X>
+__device__ __forceinline__ void lsq_params(u32 n, X x, float lo, float hi, u32 levels, u16* sh, u16* zh) {
+    if (!(hi > lo) || h2f(*sh) == 0.0f) return;
+    const float spans[5] = {1.0f, 1.1f, 1.2f, 1.3f, 1.4f};
+    const float fn = (float)n, lv = (float)levels, range = __fsub_rn(hi, lo);
+    const float sy = lanes_sum(n, [&](u32 i) { return __fsub_rn(x(i), lo); });
+    float best = squared_error(n, x, h2f(*sh), h2f(*zh), levels);
+#pragma unroll 1
+    for (int k = 0; k < 5; k++) {
+        const float iscale = __fdiv_rn(__fmul_rn(lv, spans[k]), range);
+        auto code = [&](u32 i) { return roundf(fminf(__fmul_rn(__fsub_rn(x(i), lo), iscale), lv)); };
+        const float sl = lanes_sum(n, code);
+        const float sll = lanes_sum(n, [&](u32 i) {
+            const float l = code(i);
+            return __fmul_rn(l, l);
+        });
+        const float sly = lanes_sum(n, [&](u32 i) { return __fmul_rn(code(i), __fsub_rn(x(i), lo)); });
+        const float det = __fsub_rn(__fmul_rn(fn, sll), __fmul_rn(sl, sl));
+        if (!(det > 0.0f)) continue;
+        const float s = __fdiv_rn(__fsub_rn(__fmul_rn(fn, sly), __fmul_rn(sl, sy)), det);
+        if (!(s > 0.0f)) continue;
+        const u16 cs = f2h(s), cz = f2h(__fadd_rn(lo, __fdiv_rn(__fsub_rn(sy, __fmul_rn(s, sl)), fn)));
+        const float fs = h2f(cs), fz = h2f(cz);
+        // Not zero, nor an f16 infinity (exponent bits all set).
+        if (!(fs > 0.0f) || (cs & 0x7c00u) == 0x7c00u || (cz & 0x7c00u) == 0x7c00u) continue;
+        const float e = squared_error(n, x, fs, fz, levels);
+        if (e < best) {
+            best = e;
+            *sh = cs;
+            *zh = cz;
+        }
+    }
+}
+
 // Quantizes groups of channels of each token row (values, and keys per token) of one group of
 // tokens: parameters first (one thread per (token, channel group)), then the packed bytes (one
 // thread per byte, so no two threads share a byte whatever the group width).
@@ -70,8 +130,13 @@ __device__ void quantize_rows(const QuantParams& P, const FlushItem& it, const e
             hi = fmaxf(hi, x);
         }
         u32 row = gi * KV_G + t;
-        const u16 zh = f2h(lo);
-        ((u16*)scales)[row * KV_NG + cg] = f2h(fmaxf((hi - h2f(zh)) / (float)levels, 0.0f));
+        u16 zh = f2h(lo);
+        u16 sh = f2h(fmaxf((hi - h2f(zh)) / (float)levels, 0.0f));
+        if (KV_V_LSQ && value) {
+            auto x = [&](u32 i) { return token_elem(P, it, hw, h, p0 + t, cg * KV_VG + i, true); };
+            lsq_params(KV_VG, x, lo, hi, levels, &sh, &zh);
+        }
+        ((u16*)scales)[row * KV_NG + cg] = sh;
         ((u16*)zeros)[row * KV_NG + cg] = zh;
     }
     __syncthreads();

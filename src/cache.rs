@@ -2,7 +2,7 @@
 
 use crate::attention::reference::Dequantized;
 use crate::attention::{cpu, AttnOptions, Resolved};
-use crate::config::{CacheConfig, DType, KeyMode};
+use crate::config::{CacheConfig, DType, KeyMode, Rounding};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::pool::{AlignedBuf, PagePool, PageRefs};
@@ -476,7 +476,7 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, pages: &mut PageRefs, wi
                     let pi = gi * hd + c;
                     let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
                     buf[..gsz].iter_mut().enumerate().for_each(|(t, x)| *x = key(t, c));
-                    let p = quantize_slice(&buf[..gsz], lay.key_bits, codes, 0);
+                    let p = quantize_slice(&buf[..gsz], lay.key_bits, Rounding::MinMax, codes, 0);
                     write_f16(&mut blk[lay.k_scale..], pi, p.scale);
                     write_f16(&mut blk[lay.k_zero..], pi, p.zero);
                 }
@@ -499,7 +499,8 @@ fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, pages: &mut PageRefs, wi
             buf[..hd].iter_mut().enumerate().for_each(|(c, x)| *x = value(t, c));
             for cg in 0..ng {
                 let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
-                let p = quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, codes, cg * vg);
+                let p =
+                    quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, lay.value_rounding, codes, cg * vg);
                 write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
                 write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
             }

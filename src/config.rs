@@ -53,6 +53,33 @@ impl KeyMode {
     }
 }
 
+/// How the scale and zero of a group are chosen when it is quantized. The stored format is the
+/// same either way (codes, an f16 scale and an f16 zero per group), so it changes nothing at
+/// attention time and is not part of a saved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Rounding {
+    /// The paper's: the grid spans the group's minimum to its maximum.
+    MinMax = 0,
+    /// Of the min/max grid and narrower ones (spans of 1/1.1 to 1/1.4 of the range, each
+    /// refitted by least squares to the codes it gives), the one with the smallest squared error
+    /// over the group. Extreme elements may be clipped to their nearest level. It pays where
+    /// errors average out, as in values (an output is a weighted sum of them); for keys, whose
+    /// extremes decide the attention scores, it measured worse than min/max.
+    LeastSquares = 1,
+}
+
+impl Rounding {
+    /// The rounding with this numeric value.
+    pub fn from_u32(v: u32) -> Option<Rounding> {
+        match v {
+            0 => Some(Rounding::MinMax),
+            1 => Some(Rounding::LeastSquares),
+            _ => None,
+        }
+    }
+}
+
 /// Everything fixed when a cache is created. Build one with [`CacheConfig::new`] (KIVI-2 defaults),
 /// change the fields you need, and pass it to [`crate::Cache::new`], which validates it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -76,6 +103,9 @@ pub struct CacheConfig {
     pub group_size: u32,
     /// Channels per value group (and per key group in [`KeyMode::PerToken`]); divides `head_dim`.
     pub value_group: u32,
+    /// How value groups are rounded. Keys always take min/max rounding (the paper's), which keeps
+    /// each channel's extremes.
+    pub value_rounding: Rounding,
     /// R: the most recent tokens kept at full precision; a multiple of `group_size`, 0 allowed.
     pub residual: u32,
     /// S: the first tokens of every sequence kept at full precision for ever (attention sinks).
@@ -96,8 +126,8 @@ pub struct CacheConfig {
 
 impl CacheConfig {
     /// A KIVI-2 configuration for a model of this shape: 2-bit keys per channel and 2-bit values,
-    /// G = 32, value groups of 32 channels, R = 128, no sinks, f32 windows, 4096 tokens, one
-    /// sequence, one group per page.
+    /// G = 32, value groups of 32 channels rounded by least squares, R = 128, no sinks, f32
+    /// windows, 4096 tokens, one sequence, one group per page.
     pub fn new(n_layers: u32, n_kv_heads: u32, head_dim: u32) -> CacheConfig {
         CacheConfig {
             n_layers,
@@ -109,6 +139,7 @@ impl CacheConfig {
             key_mode: KeyMode::PerChannel,
             group_size: 32,
             value_group: 32,
+            value_rounding: Rounding::LeastSquares,
             residual: 128,
             sinks: 0,
             max_tokens: 4096,

@@ -23,7 +23,7 @@
 //! token at position `p` (counted from the start of the sequence, `p >= sinks`) lives in ring
 //! slot `(p - sinks) % W`.
 
-use crate::config::{CacheConfig, DType, KeyMode};
+use crate::config::{CacheConfig, DType, KeyMode, Rounding};
 
 /// Rounds up to a multiple of 64 bytes.
 pub(crate) const fn align64(n: usize) -> usize {
@@ -40,6 +40,7 @@ pub(crate) struct Layout {
     pub key_bits: u32,
     pub value_bits: u32,
     pub key_mode: KeyMode,
+    pub value_rounding: Rounding,
     /// G: tokens per key group.
     pub group: usize,
     /// Channels per value group.
@@ -102,6 +103,7 @@ impl Layout {
             key_bits: kb as u32,
             value_bits: vb as u32,
             key_mode: c.key_mode,
+            value_rounding: c.value_rounding,
             group: g,
             vgroup: vg,
             residual: c.residual as usize,

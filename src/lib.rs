@@ -49,7 +49,7 @@ mod testing;
 pub use attention::reference::Dequantized;
 pub use attention::AttnOptions;
 pub use cache::Cache;
-pub use config::{CacheConfig, DType, KeyMode};
+pub use config::{CacheConfig, DType, KeyMode, Rounding};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use rows::{Element, Rows, RowsMut};

@@ -1,15 +1,21 @@
-//! Quantization formats: asymmetric min/max rounding to 2, 4 or 8 bits with an f16 scale and zero
-//! per group, and the packing of codes (see `layout` for where groups are stored).
+//! Quantization formats: asymmetric rounding to 2, 4 or 8 bits with an f16 scale and zero per
+//! group, and the packing of codes (see `layout` for where groups are stored).
 //!
-//! For a group with minimum `min` and maximum `max`:
-//! `zero = min` rounded to f16, `scale = (max - zero) / (2^b - 1)` rounded to f16 (the paper's
-//! `(max - min) / (2^b - 1)`, measured from the zero actually stored); then
-//! `code = round((x - zero) / scale)` clamped to `0..=2^b-1`, computed with the f16-rounded scale
-//! and zero so that codes are the nearest points of the grid that dequantization uses:
-//! `x' = code * scale + zero`. A constant group has scale 0 and dequantizes to its value (rounded
-//! to f16) exactly, with no division by zero.
+//! Min/max rounding (the paper's, [`Rounding::MinMax`]), for a group with minimum `min` and
+//! maximum `max`: `zero = min` rounded to f16, `scale = (max - zero) / (2^b - 1)` rounded to f16
+//! (the paper's `(max - min) / (2^b - 1)`, measured from the zero actually stored). Least-squares
+//! rounding ([`Rounding::LeastSquares`], see [`GroupParams::least_squares`]) chooses another scale
+//! and zero. Either way `code = round((x - zero) / scale)` clamped to `0..=2^b-1`, computed with
+//! the f16-rounded scale and zero so that codes are the nearest points of the grid that
+//! dequantization uses: `x' = code * scale + zero`. A constant group has scale 0 and dequantizes
+//! to its value (rounded to f16) exactly, with no division by zero.
+//!
+//! The CUDA backend's quantizer (`cuda/quantize.cu`) computes the same numbers to the bit: every
+//! sum below is taken in the order written here, in f32, without fused multiply-adds.
 
 use half::f16;
+
+use crate::config::Rounding;
 
 /// Largest finite f16: quantized data must stay within it, since zeros are stored as f16.
 pub const F16_LIMIT: f32 = 65504.0;
@@ -48,6 +54,179 @@ impl GroupParams {
     pub fn decode(&self, code: u32) -> f32 {
         code as f32 * self.scale.to_f32() + self.zero.to_f32()
     }
+
+    /// Parameters for the group `xs`, whose elements lie in `lo..=hi`, by `rounding`.
+    pub fn choose(xs: &[f32], lo: f32, hi: f32, bits: u32, rounding: Rounding) -> GroupParams {
+        match rounding {
+            Rounding::MinMax => GroupParams::from_range(lo, hi, bits),
+            Rounding::LeastSquares => GroupParams::least_squares(xs, lo, hi, bits),
+        }
+    }
+
+    /// [`Rounding::LeastSquares`]: of the min/max grid and the grids refitted to the codes of
+    /// narrower spans, the one whose codes reconstruct `xs` (elements in `lo..=hi`) with the
+    /// smallest sum of squared errors.
+    ///
+    /// For each factor `f` of [`LSQ_SPANS`], with `y = x - lo` and `iscale = (2^b - 1) f / (hi -
+    /// lo)`: codes `l = min(round(y iscale), 2^b - 1)`, then the scale `s` and offset `o`
+    /// minimizing `sum (y - l s - o)^2` (closed form; skipped unless `s > 0`), stored as `scale = f16(s)`,
+    /// `zero = f16(lo + o)`. Each candidate is scored by the codes it really gives (nearest grid
+    /// points, clamped) and replaces the best so far only when strictly better, so the result is
+    /// never worse than min/max. The sums run in 8 interleaved lanes (element `i` into lane
+    /// `i % 8`, each lane in order, the lanes added 0 to 7), which vectorizes; the CUDA quantizer
+    /// sums the same way.
+    pub fn least_squares(xs: &[f32], lo: f32, hi: f32, bits: u32) -> GroupParams {
+        let mm = GroupParams::from_range(lo, hi, bits);
+        if hi <= lo || mm.scale.to_f32() == 0.0 {
+            return mm;
+        }
+        let levels = ((1u32 << bits) - 1) as f32;
+        let n = xs.len() as f32;
+        let range = hi - lo;
+        let [sy] = lanes_sums(xs, |x| [x - lo]);
+        let mut best = mm;
+        let mut best_err = mm.squared_error(xs, bits);
+        for f in LSQ_SPANS {
+            let iscale = levels * f / range;
+            let [sl, sll, sly] = code_sums(xs, lo, iscale, levels);
+            let det = n * sll - sl * sl;
+            if det <= 0.0 {
+                continue;
+            }
+            let s = (n * sly - sl * sy) / det;
+            if s <= 0.0 {
+                continue;
+            }
+            let p = GroupParams { scale: f16::from_f32(s), zero: f16::from_f32(lo + (sy - s * sl) / n) };
+            if p.scale.to_f32() <= 0.0 || !p.scale.is_finite() || !p.zero.is_finite() {
+                continue;
+            }
+            let e = p.squared_error(xs, bits);
+            if e < best_err {
+                best = p;
+                best_err = e;
+            }
+        }
+        best
+    }
+
+    /// `sum (x - decode(encode(x)))^2` over `xs`, in lanes as [`GroupParams::least_squares`] says.
+    pub fn squared_error(&self, xs: &[f32], bits: u32) -> f32 {
+        let (s, z) = (self.scale.to_f32(), self.zero.to_f32());
+        let max_code = ((1u32 << bits) - 1) as f32;
+        #[cfg(target_arch = "x86_64")]
+        if s != 0.0 && xs.len() % 8 == 0 && std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2::squared_error(xs, s, z, max_code) };
+        }
+        let [e] = lanes_sums(xs, |x| {
+            // As `encode` (clamping before rounding gives the same code), then `decode`.
+            let c = if s == 0.0 { 0.0 } else { round_nonneg(min(max((x - z) / s, 0.0), max_code)) as f32 };
+            let d = x - (c * s + z);
+            [d * d]
+        });
+        e
+    }
+}
+
+/// The sums of `l`, `l^2` and `l (x - lo)` over `xs` for the codes
+/// `l = min(round((x - lo) * iscale), levels)`, in lanes as [`GroupParams::least_squares`] says.
+#[inline(always)]
+fn code_sums(xs: &[f32], lo: f32, iscale: f32, levels: f32) -> [f32; 3] {
+    #[cfg(target_arch = "x86_64")]
+    if xs.len() % 8 == 0 && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2::code_sums(xs, lo, iscale, levels) };
+    }
+    lanes_sums(xs, |x| {
+        let l = round_nonneg(min((x - lo) * iscale, levels)) as f32;
+        [l, l * l, l * (x - lo)]
+    })
+}
+
+/// The two sums of least-squares rounding with the 8 lanes in one AVX2 register: the same
+/// operations in the same order as the portable code, so the same numbers to the bit (the
+/// portable code does not vectorize well, and this runs for every value group that leaves the
+/// window).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `round_nonneg` in every lane, as f32.
+    #[inline(always)]
+    unsafe fn round_nonneg(v: __m256) -> __m256 {
+        let half = _mm256_set1_ps(0.5);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm256_add_ps(v, half));
+        let over = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_sub_ps(t, half), v);
+        _mm256_sub_ps(t, _mm256_and_ps(over, _mm256_set1_ps(1.0)))
+    }
+
+    /// The lanes added in order.
+    #[inline(always)]
+    unsafe fn total(v: __m256) -> f32 {
+        let mut a = [0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), v);
+        a.iter().fold(0.0, |t, &x| t + x)
+    }
+
+    /// `super::code_sums` for `xs.len()` a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn code_sums(xs: &[f32], lo: f32, iscale: f32, levels: f32) -> [f32; 3] {
+        let (lo, iscale, levels) = (_mm256_set1_ps(lo), _mm256_set1_ps(iscale), _mm256_set1_ps(levels));
+        let (mut sl, mut sll, mut sly) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        for ch in xs.chunks_exact(8) {
+            let y = _mm256_sub_ps(_mm256_loadu_ps(ch.as_ptr()), lo);
+            // `min(a, b)` is `a < b ? a : b`, as minps is.
+            let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, iscale), levels));
+            sl = _mm256_add_ps(sl, l);
+            sll = _mm256_add_ps(sll, _mm256_mul_ps(l, l));
+            sly = _mm256_add_ps(sly, _mm256_mul_ps(l, y));
+        }
+        [total(sl), total(sll), total(sly)]
+    }
+
+    /// `GroupParams::squared_error` for a non-zero scale and `xs.len()` a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn squared_error(xs: &[f32], s: f32, z: f32, max_code: f32) -> f32 {
+        let (sv, zv, mc) = (_mm256_set1_ps(s), _mm256_set1_ps(z), _mm256_set1_ps(max_code));
+        let mut e = _mm256_setzero_ps();
+        for ch in xs.chunks_exact(8) {
+            let x = _mm256_loadu_ps(ch.as_ptr());
+            // `max(a, b)` is `a > b ? a : b`, as maxps is.
+            let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(x, zv), sv), _mm256_setzero_ps());
+            let c = round_nonneg(_mm256_min_ps(q, mc));
+            let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(c, sv), zv));
+            e = _mm256_add_ps(e, _mm256_mul_ps(d, d));
+        }
+        total(e)
+    }
+}
+
+/// Spans [`GroupParams::least_squares`] tries, as divisors of the group's range.
+pub const LSQ_SPANS: [f32; 5] = [1.0, 1.1, 1.2, 1.3, 1.4];
+
+/// The `K` sums of `f(x)` over `xs`, each in 8 interleaved lanes: element `i` into lane `i % 8`,
+/// each lane in order, then the lanes added in order. A fixed order that vectorizes and that the
+/// CUDA code repeats.
+#[inline(always)]
+fn lanes_sums<const K: usize>(xs: &[f32], f: impl Fn(f32) -> [f32; K]) -> [f32; K] {
+    let mut acc = [[0f32; 8]; K];
+    let mut chunks = xs.chunks_exact(8);
+    for ch in &mut chunks {
+        for (j, &x) in ch.iter().enumerate() {
+            let v = f(x);
+            for k in 0..K {
+                acc[k][j] += v[k];
+            }
+        }
+    }
+    for (j, &x) in chunks.remainder().iter().enumerate() {
+        let v = f(x);
+        for (a, v) in acc.iter_mut().zip(v) {
+            a[j] += v;
+        }
+    }
+    acc.map(|a| a.iter().fold(0.0, |t, &x| t + x))
 }
 
 /// Reads code `i` of a packed run of `bits`-bit codes.
@@ -66,8 +245,8 @@ pub fn set_code(run: &mut [u8], i: usize, bits: u32, code: u8) {
     *b = (*b & !mask) | ((code << (bit % 8)) & mask);
 }
 
-/// Quantizes `n` elements given by `get` into one group: returns its parameters and writes the
-/// packed codes into `run` at code positions `first..first + n`.
+/// Quantizes `n` elements given by `get` into one group with min/max rounding: returns its
+/// parameters and writes the packed codes into `run` at code positions `first..first + n`.
 pub fn quantize_group(n: usize, get: impl Fn(usize) -> f32, bits: u32, run: &mut [u8], first: usize) -> GroupParams {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for i in 0..n {
@@ -82,17 +261,17 @@ pub fn quantize_group(n: usize, get: impl Fn(usize) -> f32, bits: u32, run: &mut
     p
 }
 
-/// [`quantize_group`] for elements already in a slice, with the same codes, faster: no libm call
-/// for the rounding, and whole bytes of codes written at once when the group starts and ends on
-/// byte boundaries.
-pub fn quantize_slice(xs: &[f32], bits: u32, run: &mut [u8], first: usize) -> GroupParams {
+/// [`quantize_group`] for elements already in a slice, by `rounding` (with min/max, the same codes
+/// as `quantize_group`), faster: no libm call for the rounding, and whole bytes of codes written
+/// at once when the group starts and ends on byte boundaries.
+pub fn quantize_slice(xs: &[f32], bits: u32, rounding: Rounding, run: &mut [u8], first: usize) -> GroupParams {
     // Comparisons rather than `f32::min` (whose NaN rule blocks vectorization; data is finite).
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &x in xs {
         lo = if x < lo { x } else { lo };
         hi = if x > hi { x } else { hi };
     }
-    let p = GroupParams::from_range(lo, hi, bits);
+    let p = GroupParams::choose(xs, lo, hi, bits, rounding);
     let per_byte = (8 / bits) as usize;
     if first % per_byte != 0 || xs.len() % per_byte != 0 {
         for (i, &x) in xs.iter().enumerate() {
@@ -117,6 +296,26 @@ pub fn quantize_slice(xs: &[f32], bits: u32, run: &mut [u8], first: usize) -> Gr
         }
     }
     p
+}
+
+/// `a.min(b)` for numbers (not NaN), as a comparison, which vectorizes.
+#[inline(always)]
+fn min(a: f32, b: f32) -> f32 {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+/// `a.max(b)` for numbers (not NaN), as a comparison, which vectorizes.
+#[inline(always)]
+fn max(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
 }
 
 /// `v.round()` (halves away from zero) for `0 <= v < 2^23`, without a libm call: `v + 0.5`
@@ -194,7 +393,7 @@ mod tests {
                     let mut b = a.clone();
                     let first = [0usize, 8, 16][trial % 3];
                     let pa = quantize_group(n, |i| xs[i], bits, &mut a, first);
-                    let pb = quantize_slice(&xs, bits, &mut b, first);
+                    let pb = quantize_slice(&xs, bits, Rounding::MinMax, &mut b, first);
                     assert_eq!(pa, pb);
                     assert_eq!(a, b, "bits {bits} n {n} trial {trial}");
                 }

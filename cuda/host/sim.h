@@ -348,6 +348,12 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 inline float __expf(float x) { return expf(x); }
+// IEEE f32 operations that the device never fuses (the simulator is compiled with
+// -ffp-contract=off, so plain operators are not fused either).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -49,6 +49,7 @@ STATUS_NAMES = {
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # bf16 (2) has no numpy dtype
 TORCH_DTYPES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}
 KIVI_DEVICE_CPU = -1
+KIVI_ROUNDING_MIN_MAX, KIVI_ROUNDING_LEAST_SQUARES = 0, 1
 KIVI_ATTN_NON_CAUSAL = 1
 
 
@@ -56,7 +57,8 @@ class Params(C.Structure):
     _fields_ = [(name, C.c_uint32) for name in ("struct_size", "n_layers", "n_kv_heads", "head_dim")] + [
         ("dtype", C.c_int32), ("key_bits", C.c_uint32), ("value_bits", C.c_uint32), ("key_mode", C.c_int32),
     ] + [(name, C.c_uint32) for name in ("group_size", "value_group", "residual", "sinks", "max_tokens",
-                                         "max_seqs", "page_tokens", "n_threads")] + [("device", C.c_int32)]
+                                         "max_seqs", "page_tokens", "n_threads")] + [
+        ("device", C.c_int32), ("value_rounding", C.c_int32)]
 
 
 class AttnOptions(C.Structure):

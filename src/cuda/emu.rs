@@ -16,7 +16,8 @@ use super::*;
 pub(super) fn info() -> DeviceInfo {
     DeviceInfo { name: "emulated".into(), capability: (7, 5), ..sim::info() }
 }
-use crate::config::{DType, KeyMode};
+use crate::config::{DType, KeyMode, Rounding};
+use crate::quant::GroupParams;
 
 unsafe fn rd8(a: u64) -> u8 {
     *(a as *const u8)
@@ -207,6 +208,13 @@ unsafe fn quantize_rows(
         let row = gi * g + t;
         let zh = f16::from_f32(lo);
         let sh = f16::from_f32(((hi - zh.to_f32()) / levels as f32).max(0.0));
+        let (sh, zh) = if value && k.lay.value_rounding == Rounding::LeastSquares {
+            let xs: Vec<f32> = (cg * vg..(cg + 1) * vg).map(|c| token_elem(k, p, it, hw, h, p0 + t, c, true)).collect();
+            let q = GroupParams::least_squares(&xs, lo, hi, bits);
+            (q.scale, q.zero)
+        } else {
+            (sh, zh)
+        };
         wr16(scales + 2 * (row * ng + cg) as u64, sh.to_bits());
         wr16(zeros + 2 * (row * ng + cg) as u64, zh.to_bits());
     }

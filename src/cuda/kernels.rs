@@ -8,7 +8,7 @@
 use std::ffi::CString;
 
 use super::nvrtc_lib;
-use crate::config::{CacheConfig, DType, KeyMode};
+use crate::config::{CacheConfig, DType, KeyMode, Rounding};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -173,6 +173,7 @@ impl Spec {
             d("KV_KB", lay.key_bits as usize),
             d("KV_VB", lay.value_bits as usize),
             d("KV_KEY_PER_TOKEN", (lay.key_mode == KeyMode::PerToken) as usize),
+            d("KV_V_LSQ", (lay.value_rounding == Rounding::LeastSquares) as usize),
             d("KV_G", lay.group),
             d("KV_VG", lay.vgroup),
             d("KV_SINKS", lay.sinks),

@@ -98,10 +98,20 @@ fn compile(family: Family, spec: &Spec, ucontext: bool) -> Module {
     // Hidden visibility keeps each module's statics its own: `__shared__` objects are static
     // locals of inline functions, which GCC otherwise binds process-wide (STB_GNU_UNIQUE, even
     // with RTLD_LOCAL), so every module would share the object sized by the first one loaded.
-    let mut args: Vec<String> =
-        ["-std=c++17", "-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-shared", "-fPIC", "-w", "-x", "c++"]
-            .map(String::from)
-            .into();
+    let mut args: Vec<String> = [
+        "-std=c++17",
+        "-O2",
+        "-ffp-contract=off",
+        "-fno-strict-aliasing",
+        "-fvisibility=hidden",
+        "-shared",
+        "-fPIC",
+        "-w",
+        "-x",
+        "c++",
+    ]
+    .map(String::from)
+    .into();
     for (n, v) in spec.defines() {
         args.push(format!("-D{n}={v}u"));
     }

@@ -5,7 +5,7 @@ use super::types::kivi_status;
 use super::types::{kivi_cache, kivi_params, KIVI_DEVICE_CPU};
 use super::{check_out, ffi_fn, read_cache, read_versioned, write_cache, write_versioned, Failure, FfiResult};
 use crate::cache::Cache;
-use crate::config::{CacheConfig, DType, KeyMode};
+use crate::config::{CacheConfig, DType, KeyMode, Rounding};
 use crate::cuda::CudaCache;
 use crate::error::Error;
 use std::sync::RwLock;
@@ -34,6 +34,7 @@ fn params_of(c: &CacheConfig) -> kivi_params {
         page_tokens: c.page_tokens,
         n_threads: c.n_threads,
         device: KIVI_DEVICE_CPU,
+        value_rounding: c.value_rounding as i32,
     }
 }
 
@@ -48,6 +49,9 @@ pub(crate) fn config_of(p: &kivi_params) -> FfiResult<CacheConfig> {
         .ok()
         .and_then(KeyMode::from_u32)
         .ok_or_else(|| bad(format!("key_mode {} is not a kivi_key_mode (0 per channel, 1 per token)", p.key_mode)))?;
+    let value_rounding = u32::try_from(p.value_rounding).ok().and_then(Rounding::from_u32).ok_or_else(|| {
+        bad(format!("value_rounding {} is not a kivi_rounding (0 min/max, 1 least squares)", p.value_rounding))
+    })?;
     let bits = |name: &str, b: u32| u8::try_from(b).map_err(|_| bad(format!("{name} {b} is not 2, 4 or 8")));
     if p.device < KIVI_DEVICE_CPU {
         return Err(bad(format!(
@@ -71,6 +75,7 @@ pub(crate) fn config_of(p: &kivi_params) -> FfiResult<CacheConfig> {
         key_mode,
         group_size: p.group_size,
         value_group: p.value_group,
+        value_rounding,
         residual: p.residual,
         sinks: p.sinks,
         max_tokens: p.max_tokens,

@@ -253,6 +253,10 @@ int main(void) {
     p.dtype = 7;
     expect("dtype 7", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
     p = small_params();
+    p.value_rounding = 2;
+    expect("value_rounding 2", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
+    if (!strstr(kivi_last_error_message(), "value_rounding 2")) fail("value_rounding 2", "the message does not name it");
+    p = small_params();
     p.max_tokens = 0xFFFFFFFFu;
     p.max_seqs = 0xFFFFFFFFu;
     p.n_layers = 0xFFFFFFFFu;

@@ -35,11 +35,21 @@ pub struct CacheSpec {
     pub residual: usize,
     /// Keys quantized per token (the paper's baseline) instead of per channel.
     pub per_token_keys: bool,
+    /// Values rounded min/max (the paper's) instead of by least squares (kivi's default).
+    pub min_max_values: bool,
 }
 
 impl CacheSpec {
     pub fn exact() -> Self {
-        Self { name: "exact".into(), key_bits: 0, value_bits: 0, group: 32, residual: 0, per_token_keys: false }
+        Self {
+            name: "exact".into(),
+            key_bits: 0,
+            value_bits: 0,
+            group: 32,
+            residual: 0,
+            per_token_keys: false,
+            min_max_values: false,
+        }
     }
 
     pub fn kivi(bits: u8, residual: usize) -> Self {
@@ -50,6 +60,7 @@ impl CacheSpec {
             group: 32,
             residual,
             per_token_keys: false,
+            min_max_values: false,
         }
     }
 
@@ -61,6 +72,7 @@ impl CacheSpec {
             group: 32,
             residual: 128,
             per_token_keys: true,
+            min_max_values: false,
         }
     }
 
@@ -68,28 +80,40 @@ impl CacheSpec {
         self.key_bits == 0
     }
 
-    /// The default set: exact, KIVI-8/4/2 (G=32, R=128), KIVI-2 with R=0, and
-    /// per-token-key baselines at 4 and 2 bits.
+    /// The default set: exact, KIVI-8/4/2 (G=32, R=128), KIVI-4/2 with the paper's min/max
+    /// values, KIVI-2 with R=0, and per-token-key baselines at 4 and 2 bits.
     pub fn defaults() -> Vec<Self> {
+        let mm = |mut c: Self| {
+            c.name += "-mm";
+            c.min_max_values = true;
+            c
+        };
         vec![
             Self::exact(),
             Self::kivi(8, 128),
             Self::kivi(4, 128),
+            mm(Self::kivi(4, 128)),
             Self::kivi(2, 128),
+            mm(Self::kivi(2, 128)),
             Self::kivi(2, 0),
             Self::per_token(4),
             Self::per_token(2),
         ]
     }
 
-    /// Parses a name as printed by this tool (`exact`, `kivi2`, `kivi2-r0`, `ktok4`, ...).
+    /// Parses a name as printed by this tool (`exact`, `kivi2`, `kivi2-r0`, `kivi2-mm`, `ktok4`,
+    /// ...).
     pub fn parse(s: &str) -> Result<Self> {
         if s == "exact" {
             return Ok(Self::exact());
         }
-        let (body, residual) = match s.split_once("-r") {
+        let (rest, min_max_values) = match s.strip_suffix("-mm") {
+            Some(r) => (r, true),
+            None => (s, false),
+        };
+        let (body, residual) = match rest.split_once("-r") {
             Some((b, r)) => (b, r.parse::<usize>().map_err(|_| format!("bad residual in `{s}`"))?),
-            None => (s, 128),
+            None => (rest, 128),
         };
         let (per_token, bits) = if let Some(b) = body.strip_prefix("kivi") {
             (false, b)
@@ -104,6 +128,7 @@ impl CacheSpec {
         }
         let mut c = if per_token { Self::per_token(bits) } else { Self::kivi(bits, residual) };
         c.residual = residual;
+        c.min_max_values = min_max_values;
         c.name = s.to_string();
         Ok(c)
     }

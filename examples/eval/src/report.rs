@@ -113,9 +113,17 @@ pub fn plot_png(rs: &[ConfigResult], path: &Path) -> Result<()> {
     c.text((x0 + x1) / 2 - 8 * 12, h - 40, "BITS PER ELEMENT", 2, black);
     for r in pts {
         let (x, y) = (px(r.bits_per_element) as i64, py(r.kld) as i64);
-        let col = if r.name.starts_with("ktok") { [200, 30, 30] } else { [30, 80, 200] };
+        let col = if r.name.starts_with("ktok") {
+            [200, 30, 30]
+        } else if r.name.ends_with("-mm") {
+            [110, 110, 110]
+        } else {
+            [30, 80, 200]
+        };
         c.disc(x, y, 6, col);
-        c.text((x + 10) as usize, (y - 7).max(0) as usize, &r.name.to_uppercase(), 2, col);
+        // Min/max variants share their configuration's x: their labels go a line higher.
+        let up = if r.name.ends_with("-mm") { 14 } else { 0 };
+        c.text((x + 10) as usize, (y - 7 - up).max(0) as usize, &r.name.to_uppercase(), 2, col);
     }
     let f = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w as u32, h as u32);

@@ -5,7 +5,7 @@ use crate::eval::CacheSpec;
 use crate::gguf::Result;
 use crate::kv::{AttnParams, KvStore, NaiveStore};
 use crate::model::ModelConfig;
-use kivi::{AttnOptions, Cache, CacheConfig, DType, KeyMode, Rows, RowsMut};
+use kivi::{AttnOptions, Cache, CacheConfig, DType, KeyMode, Rounding, Rows, RowsMut};
 
 /// Element type the caches keep full-precision tokens in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,7 @@ pub fn kivi_config(
         c.residual = spec.residual as u32;
     }
     c.key_mode = if spec.per_token_keys { KeyMode::PerToken } else { KeyMode::PerChannel };
+    c.value_rounding = if spec.min_max_values { Rounding::MinMax } else { Rounding::LeastSquares };
     c.max_seqs = max_seqs as u32;
     c.max_tokens = (max_seqs * max_tokens) as u32;
     c.n_threads = n_threads as u32;

@@ -164,3 +164,21 @@ fn write_tiny_models_for_llama_cpp() {
     }
     std::fs::write(dir.join("tiny.txt"), text).unwrap();
 }
+
+#[test]
+fn config_names_parse() {
+    let c = CacheSpec::parse("kivi2-r0-mm").unwrap();
+    assert_eq!((c.key_bits, c.value_bits, c.residual, c.min_max_values, c.per_token_keys), (2, 2, 0, true, false));
+    assert_eq!(c.name, "kivi2-r0-mm");
+    let c = CacheSpec::parse("ktok4-mm").unwrap();
+    assert_eq!((c.key_bits, c.residual, c.min_max_values, c.per_token_keys), (4, 128, true, true));
+    let c = CacheSpec::parse("kivi4").unwrap();
+    assert!(!c.min_max_values && c.residual == 128);
+    for bad in ["kivi3", "kivi2-rx", "kivi2-mm-r0", "kv2", "kivi2-m"] {
+        assert!(CacheSpec::parse(bad).is_err(), "{bad}");
+    }
+    // Every default prints a name that parses back to it.
+    for c in CacheSpec::defaults() {
+        assert_eq!(CacheSpec::parse(&c.name).unwrap(), c, "{}", c.name);
+    }
+}
