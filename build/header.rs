@@ -55,7 +55,10 @@ const PREAMBLE: &str = r#"
  *   overlap any other call on its cache.
  * - Panics: a bug inside kivi returns KIVI_ERR_INTERNAL; it never unwinds into the caller.
  * - Versioned structs: each struct starts with `struct_size`, set to sizeof(the struct), so
- *   fields can be added in later versions without breaking callers built with this header.
+ *   fields can be added in later versions without breaking callers built with this header: a
+ *   library reads and writes its own size, the sizes of earlier headers (fields a caller does
+ *   not know take their defaults, and are not written), and the larger sizes of newer headers
+ *   as long as their extra fields are zero.
  * - CUDA: with kivi_params.device set to a CUDA device's ordinal, the cache lives in that
  *   device's memory, and kivi_rows / kivi_rows_mut hold device pointers in the cache's dtype.
  *   Calls queue their device work on the cache's stream (kivi_cache_set_stream(); the default

@@ -21,7 +21,10 @@
  *   overlap any other call on its cache.
  * - Panics: a bug inside kivi returns KIVI_ERR_INTERNAL; it never unwinds into the caller.
  * - Versioned structs: each struct starts with `struct_size`, set to sizeof(the struct), so
- *   fields can be added in later versions without breaking callers built with this header.
+ *   fields can be added in later versions without breaking callers built with this header: a
+ *   library reads and writes its own size, the sizes of earlier headers (fields a caller does
+ *   not know take their defaults, and are not written), and the larger sizes of newer headers
+ *   as long as their extra fields are zero.
  * - CUDA: with kivi_params.device set to a CUDA device's ordinal, the cache lives in that
  *   device's memory, and kivi_rows / kivi_rows_mut hold device pointers in the cache's dtype.
  *   Calls queue their device work on the cache's stream (kivi_cache_set_stream(); the default
@@ -574,8 +577,9 @@ const char *kivi_version(void);
  * 4096 tokens, 1 sequence, 1 thread, CPU) and sets `params->struct_size` to `struct_size`.
  *
  * - `params`: caller-owned, not NULL; written only on success.
- * - `struct_size`: `sizeof(kivi_params)` (fails with `KIVI_ERR_STRUCT_SIZE` if smaller than this
- *   library's struct; bytes past it are zeroed).
+ * - `struct_size`: `sizeof(kivi_params)`: this library's (bytes past it are zeroed), or an
+ *   earlier header's (the fields it lacks are not written); any other smaller size fails with
+ *   `KIVI_ERR_STRUCT_SIZE`.
  *
  * Thread safety: touches nothing but `*params`.
  *
@@ -595,8 +599,8 @@ kivi_status kivi_params_init(struct kivi_params *params, size_t struct_size);
  * per layer, and one full-precision window per sequence slot and layer); nothing grows later.
  *
  * - `params`: read during the call only; not NULL; `params->struct_size` must be
- *   `sizeof(kivi_params)`. `params->device` chooses the backend: `KIVI_DEVICE_CPU`, or a CUDA
- *   device ordinal.
+ *   `sizeof(kivi_params)` (an earlier header's size gives the fields it lacks their defaults).
+ *   `params->device` chooses the backend: `KIVI_DEVICE_CPU`, or a CUDA device ordinal.
  * - `out_cache`: not NULL; on success receives a new cache that the caller owns and must release
  *   with `kivi_cache_free()`; on failure it is left untouched.
  *
@@ -656,7 +660,8 @@ kivi_status kivi_cache_clear(struct kivi_cache *cache);
  * `struct_size`), `device` included.
  *
  * - `cache`: not NULL. `params`: caller-owned, not NULL, written only on success.
- * - `struct_size`: `sizeof(kivi_params)`.
+ * - `struct_size`: `sizeof(kivi_params)` (or an earlier header's: the fields it lacks are not
+ *   written).
  *
  * Thread safety: reads the cache; any number of reading calls may run at once.
  *

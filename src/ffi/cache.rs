@@ -92,8 +92,9 @@ pub(crate) fn config_of(p: &kivi_params) -> FfiResult<CacheConfig> {
 /// 4096 tokens, 1 sequence, 1 thread, CPU) and sets `params->struct_size` to `struct_size`.
 ///
 /// - `params`: caller-owned, not NULL; written only on success.
-/// - `struct_size`: `sizeof(kivi_params)` (fails with `KIVI_ERR_STRUCT_SIZE` if smaller than this
-///   library's struct; bytes past it are zeroed).
+/// - `struct_size`: `sizeof(kivi_params)`: this library's (bytes past it are zeroed), or an
+///   earlier header's (the fields it lacks are not written); any other smaller size fails with
+///   `KIVI_ERR_STRUCT_SIZE`.
 ///
 /// Thread safety: touches nothing but `*params`.
 ///
@@ -119,8 +120,8 @@ pub unsafe extern "C" fn kivi_params_init(params: *mut kivi_params, struct_size:
 /// per layer, and one full-precision window per sequence slot and layer); nothing grows later.
 ///
 /// - `params`: read during the call only; not NULL; `params->struct_size` must be
-///   `sizeof(kivi_params)`. `params->device` chooses the backend: `KIVI_DEVICE_CPU`, or a CUDA
-///   device ordinal.
+///   `sizeof(kivi_params)` (an earlier header's size gives the fields it lacks their defaults).
+///   `params->device` chooses the backend: `KIVI_DEVICE_CPU`, or a CUDA device ordinal.
 /// - `out_cache`: not NULL; on success receives a new cache that the caller owns and must release
 ///   with `kivi_cache_free()`; on failure it is left untouched.
 ///
@@ -208,7 +209,8 @@ pub unsafe extern "C" fn kivi_cache_clear(cache: *mut kivi_cache) -> kivi_status
 /// `struct_size`), `device` included.
 ///
 /// - `cache`: not NULL. `params`: caller-owned, not NULL, written only on success.
-/// - `struct_size`: `sizeof(kivi_params)`.
+/// - `struct_size`: `sizeof(kivi_params)` (or an earlier header's: the fields it lacks are not
+///   written).
 ///
 /// Thread safety: reads the cache; any number of reading calls may run at once.
 ///

@@ -161,26 +161,89 @@ pub(crate) unsafe fn write_cache<'a>(p: *mut types::kivi_cache) -> FfiResult<RwL
 /// Sizes of versioned structs beyond this are refused as garbage rather than read.
 const MAX_STRUCT_SIZE: usize = 4096;
 
-/// Reads a versioned struct whose first field is its `u32` size as the caller compiled it.
-/// Accepts this library's size, or a larger one (a newer header) whose extra bytes are all zero.
+/// A struct of the C ABI whose first field is its `u32` size as the caller compiled it
+/// (`struct_size`), so that fields can be added at its end without breaking callers built with an
+/// older header.
+pub(crate) trait Versioned: Copy {
+    /// `sizeof` of each earlier layout of the struct, smallest first: a caller built with an
+    /// older header passes one of them. Reading such a struct gives the fields past it their
+    /// defaults; writing one leaves them out.
+    const OLDER_SIZES: &'static [usize];
+    /// The value of every field for a caller that does not know it.
+    fn defaults() -> Self;
+}
+
+impl Versioned for types::kivi_params {
+    /// Before `value_rounding`.
+    const OLDER_SIZES: &'static [usize] = &[std::mem::offset_of!(types::kivi_params, value_rounding)];
+    fn defaults() -> Self {
+        cache::default_params()
+    }
+}
+
+impl Versioned for types::kivi_attn_options {
+    const OLDER_SIZES: &'static [usize] = &[];
+    fn defaults() -> Self {
+        types::kivi_attn_options {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            scale: 0.0,
+            flags: 0,
+            sliding_window: 0,
+            softcap: 0.0,
+        }
+    }
+}
+
+impl Versioned for types::kivi_device_info {
+    const OLDER_SIZES: &'static [usize] = &[];
+    fn defaults() -> Self {
+        // SAFETY: integers and a char array: all zeros is a valid value.
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+impl Versioned for types::kivi_memory_stats {
+    const OLDER_SIZES: &'static [usize] = &[];
+    fn defaults() -> Self {
+        // SAFETY: integers only: all zeros is a valid value.
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+/// The error for a versioned struct of a size this library does not read or write (`lead`
+/// names the struct and the size).
+fn bad_size<T: Versioned>(lead: &str) -> Failure {
+    let ours = std::mem::size_of::<T>();
+    let older: Vec<String> = T::OLDER_SIZES.iter().map(|s| s.to_string()).collect();
+    let also = if older.is_empty() { String::new() } else { format!(" (or {}, an older header's)", older.join(", ")) };
+    Failure::new(
+        KIVI_ERR_STRUCT_SIZE,
+        format!(
+            "{lead}, but this library (kivi {}) expects {ours}{also}: set it to sizeof the struct \
+             and use the header that came with the library",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+}
+
+/// Reads a versioned struct. Accepts this library's size; an older layout's size, whose missing
+/// fields take their defaults; or a larger one (a newer header) whose extra bytes are all zero.
 ///
 /// # Safety
 /// `p` is non-NULL and points to at least `struct_size` readable bytes, as the caller promised.
-pub(crate) unsafe fn read_versioned<T: Copy>(p: *const T, what: &str) -> FfiResult<T> {
+pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, what: &str) -> FfiResult<T> {
     if p.is_null() {
         return Err(Failure::new(KIVI_ERR_NULL_POINTER, format!("{what} is NULL")));
     }
     let size = std::ptr::read_unaligned(p.cast::<u32>()) as usize;
     let ours = std::mem::size_of::<T>();
+    if T::OLDER_SIZES.contains(&size) {
+        let mut v = T::defaults();
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut v as *mut T).cast::<u8>(), size);
+        return Ok(v);
+    }
     if size < ours || size > MAX_STRUCT_SIZE {
-        return Err(Failure::new(
-            KIVI_ERR_STRUCT_SIZE,
-            format!(
-                "{what}.struct_size is {size}, but this library (kivi {}) expects {ours}: set it to sizeof the struct \
-                 and use the header that came with the library",
-                env!("CARGO_PKG_VERSION")
-            ),
-        ));
+        return Err(bad_size::<T>(&format!("{what}.struct_size is {size}")));
     }
     if size > ours {
         let tail = std::slice::from_raw_parts(p.cast::<u8>().add(ours), size - ours);
@@ -200,17 +263,19 @@ pub(crate) unsafe fn read_versioned<T: Copy>(p: *const T, what: &str) -> FfiResu
 }
 
 /// Writes a versioned struct into a caller buffer of `size` bytes: this library's fields, then
-/// zeros up to `size`. Fails, writing nothing, when `size` is smaller than this library's struct.
+/// zeros up to `size`; or, for an older layout's size, the fields it has. Fails, writing
+/// nothing, for any other size smaller than this library's struct.
 ///
 /// # Safety
 /// `dst` is non-NULL and points to `size` writable bytes.
-pub(crate) unsafe fn write_versioned<T: Copy>(dst: *mut T, size: usize, value: T, what: &str) -> FfiResult {
+pub(crate) unsafe fn write_versioned<T: Versioned>(dst: *mut T, size: usize, value: T, what: &str) -> FfiResult {
     let ours = std::mem::size_of::<T>();
+    if T::OLDER_SIZES.contains(&size) {
+        std::ptr::copy_nonoverlapping((&value as *const T).cast::<u8>(), dst.cast::<u8>(), size);
+        return Ok(());
+    }
     if size < ours || size > MAX_STRUCT_SIZE {
-        return Err(Failure::new(
-            KIVI_ERR_STRUCT_SIZE,
-            format!("{what} size {size}, but this library (kivi {}) expects {ours}", env!("CARGO_PKG_VERSION")),
-        ));
+        return Err(bad_size::<T>(&format!("{what} size {size}")));
     }
     std::ptr::write_unaligned(dst, value);
     std::ptr::write_bytes(dst.cast::<u8>().add(ours), 0, size - ours);
@@ -277,6 +342,38 @@ mod tests {
         assert_eq!(numbers, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 99], "status numbers are ABI");
         let e = Error::BufferTooSmall { needed: 2, given: 1 };
         assert_eq!(Failure::from(e).status, KIVI_ERR_BUFFER_TOO_SMALL);
+    }
+
+    /// A caller built with the header before `value_rounding` passes the smaller struct: it
+    /// reads with the default rounding, is written without the field, and sizes between the two
+    /// layouts are refused.
+    #[test]
+    fn versioned_structs_accept_an_older_layout() {
+        let older = std::mem::offset_of!(kivi_params, value_rounding);
+        let mut p = cache::default_params();
+        p.value_rounding = 77; // beyond the older struct: must not be read
+        p.struct_size = older as u32;
+        let read = unsafe { read_versioned(&p as *const kivi_params, "params") }.unwrap();
+        assert_eq!(read.value_rounding, crate::config::Rounding::LeastSquares as i32);
+        assert_eq!((read.head_dim, read.device, read.struct_size), (128, types::KIVI_DEVICE_CPU, older as u32));
+        let cfg = cache::config_of(&read).unwrap();
+        assert_eq!(cfg.value_rounding, crate::config::Rounding::LeastSquares);
+
+        let mut buf = [0xABu8; std::mem::size_of::<kivi_params>()];
+        let st = unsafe { cache::kivi_params_init(buf.as_mut_ptr().cast(), older) };
+        assert_eq!(st, KIVI_OK);
+        assert!(buf[older..].iter().all(|&b| b == 0xAB), "wrote past the older struct");
+        let got = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<kivi_params>()) };
+        assert_eq!((got.struct_size, got.head_dim, got.device), (older as u32, 128, types::KIVI_DEVICE_CPU));
+
+        for size in [older - 4, older + 2, std::mem::size_of::<kivi_params>() - 1] {
+            p.struct_size = size as u32;
+            let e = unsafe { read_versioned(&p as *const kivi_params, "params") }.unwrap_err();
+            assert_eq!(e.status, KIVI_ERR_STRUCT_SIZE, "size {size}");
+            assert!(e.message.contains(&format!("{size}")) && e.message.contains(&format!("{older}")), "{}", e.message);
+            let st = unsafe { cache::kivi_params_init(buf.as_mut_ptr().cast(), size) };
+            assert_eq!(st, KIVI_ERR_STRUCT_SIZE, "size {size}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -215,12 +216,31 @@ int main(void) {
 
     /* --- params and creation */
     expect("params_init NULL", kivi_params_init(NULL, sizeof p), KIVI_ERR_NULL_POINTER, "kivi_params_init");
-    expect("params_init small", kivi_params_init(&p, sizeof p - 4), KIVI_ERR_STRUCT_SIZE, "kivi_params_init");
+    expect("params_init small", kivi_params_init(&p, sizeof p - 2), KIVI_ERR_STRUCT_SIZE, "kivi_params_init");
     expect("create NULL params", kivi_cache_create(NULL, &c), KIVI_ERR_NULL_POINTER, "kivi_cache_create");
     expect("create NULL out", kivi_cache_create(&p, NULL), KIVI_ERR_NULL_POINTER, "kivi_cache_create");
-    p.struct_size = sizeof p - 4;
+    p.struct_size = sizeof p - 2;
     c = sentinel;
     expect("params struct too small", kivi_cache_create(&p, &c), KIVI_ERR_STRUCT_SIZE, "kivi_cache_create");
+    {
+        /* A caller built with the header before value_rounding: its smaller struct is filled and
+           read without the field, which takes its default. */
+        kivi_params old, back;
+        kivi_cache *oc = NULL;
+        const size_t old_size = offsetof(kivi_params, value_rounding);
+        memset(&old, 0x5A, sizeof old);
+        expect("params_init older header", kivi_params_init(&old, old_size), KIVI_OK, "");
+        checks++;
+        if (old.struct_size != old_size || old.head_dim != 128 || old.value_rounding != 0x5A5A5A5A)
+            fail("params_init older header", "wrong fields, or wrote past the older struct");
+        old.n_layers = LAYERS;
+        expect("create from older header", kivi_cache_create(&old, &oc), KIVI_OK, "");
+        expect("params of it", kivi_cache_params(oc, &back, sizeof back), KIVI_OK, "");
+        checks++;
+        if (back.value_rounding != KIVI_ROUNDING_LEAST_SQUARES || back.n_layers != LAYERS)
+            fail("create from older header", "value_rounding did not take its default");
+        kivi_cache_free(oc);
+    }
     p.struct_size = 0;
     expect("params struct_size 0", kivi_cache_create(&p, &c), KIVI_ERR_STRUCT_SIZE, "kivi_cache_create");
     {
