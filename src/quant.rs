@@ -83,12 +83,13 @@ impl GroupParams {
         let levels = ((1u32 << bits) - 1) as f32;
         let n = xs.len() as f32;
         let range = hi - lo;
-        let [sy] = lanes_sums(xs, |x| [x - lo]);
-        let mut best = mm;
-        let mut best_err = mm.squared_error(xs, bits);
-        for f in LSQ_SPANS {
-            let iscale = levels * f / range;
-            let [sl, sll, sly] = code_sums(xs, lo, iscale, levels);
+        let iscales = LSQ_SPANS.map(|f| levels * f / range);
+        // Every candidate's sums in one pass, then every candidate's error in one: the
+        // candidates are independent, and one at a time would wait on each one's reductions.
+        let (sy, sums) = code_sums(xs, lo, &iscales, levels);
+        let mut cands = [Some(mm); 1 + LSQ_SPANS.len()];
+        for (c, [sl, sll, sly]) in cands[1..].iter_mut().zip(sums) {
+            *c = None;
             let det = n * sll - sl * sl;
             if det <= 0.0 {
                 continue;
@@ -98,13 +99,18 @@ impl GroupParams {
                 continue;
             }
             let p = GroupParams { scale: f16::from_f32(s), zero: f16::from_f32(lo + (sy - s * sl) / n) };
-            if p.scale.to_f32() <= 0.0 || !p.scale.is_finite() || !p.zero.is_finite() {
-                continue;
+            if p.scale.to_f32() > 0.0 && p.scale.is_finite() && p.zero.is_finite() {
+                *c = Some(p);
             }
-            let e = p.squared_error(xs, bits);
-            if e < best_err {
-                best = p;
-                best_err = e;
+        }
+        let errs = squared_errors(xs, &cands, bits);
+        let (mut best, mut best_err) = (mm, errs[0]);
+        for (c, e) in cands.into_iter().zip(errs).skip(1) {
+            if let Some(p) = c {
+                if e < best_err {
+                    best = p;
+                    best_err = e;
+                }
             }
         }
         best
@@ -114,11 +120,6 @@ impl GroupParams {
     pub fn squared_error(&self, xs: &[f32], bits: u32) -> f32 {
         let (s, z) = (self.scale.to_f32(), self.zero.to_f32());
         let max_code = ((1u32 << bits) - 1) as f32;
-        #[cfg(target_arch = "x86_64")]
-        if s != 0.0 && xs.len() % 8 == 0 && std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { avx2::squared_error(xs, s, z, max_code) };
-        }
         let [e] = lanes_sums(xs, |x| {
             // As `encode` (clamping before rounding gives the same code), then `decode`.
             let c = if s == 0.0 { 0.0 } else { round_nonneg(min(max((x - z) / s, 0.0), max_code)) as f32 };
@@ -129,25 +130,50 @@ impl GroupParams {
     }
 }
 
-/// The sums of `l`, `l^2` and `l (x - lo)` over `xs` for the codes
-/// `l = min(round((x - lo) * iscale), levels)`, in lanes as [`GroupParams::least_squares`] says.
+/// Number of candidate grids of least-squares rounding: min/max and [`LSQ_SPANS`].
+const NC: usize = 1 + LSQ_SPANS.len();
+
+/// `sum (x - lo)` and, for each `iscale`, the sums of `l`, `l^2` and `l (x - lo)` over `xs` for
+/// the codes `l = min(round((x - lo) * iscale), levels)`, in lanes as
+/// [`GroupParams::least_squares`] says.
 #[inline(always)]
-fn code_sums(xs: &[f32], lo: f32, iscale: f32, levels: f32) -> [f32; 3] {
+fn code_sums(xs: &[f32], lo: f32, iscales: &[f32; NC - 1], levels: f32) -> (f32, [[f32; 3]; NC - 1]) {
     #[cfg(target_arch = "x86_64")]
     if xs.len() % 8 == 0 && std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { avx2::code_sums(xs, lo, iscale, levels) };
+        return unsafe { avx2::code_sums(xs, lo, iscales, levels) };
     }
-    lanes_sums(xs, |x| {
-        let l = round_nonneg(min((x - lo) * iscale, levels)) as f32;
-        [l, l * l, l * (x - lo)]
-    })
+    let [sy] = lanes_sums(xs, |x| [x - lo]);
+    let sums = iscales.map(|iscale| {
+        lanes_sums(xs, |x| {
+            let l = round_nonneg(min((x - lo) * iscale, levels)) as f32;
+            [l, l * l, l * (x - lo)]
+        })
+    });
+    (sy, sums)
 }
 
-/// The two sums of least-squares rounding with the 8 lanes in one AVX2 register: the same
-/// operations in the same order as the portable code, so the same numbers to the bit (the
-/// portable code does not vectorize well, and this runs for every value group that leaves the
-/// window).
+/// [`GroupParams::squared_error`] of each candidate (`None`: skipped, `f32::INFINITY`).
+#[inline(always)]
+fn squared_errors(xs: &[f32], cands: &[Option<GroupParams>; NC], bits: u32) -> [f32; NC] {
+    #[cfg(target_arch = "x86_64")]
+    if xs.len() % 8 == 0 && std::is_x86_feature_detected!("avx2") {
+        let max_code = ((1u32 << bits) - 1) as f32;
+        // A skipped candidate is scored on a dummy grid and its result dropped.
+        let sz = cands.map(|c| c.map_or((1.0, 0.0), |p| (p.scale.to_f32(), p.zero.to_f32())));
+        if sz.iter().all(|&(s, _)| s != 0.0) {
+            // SAFETY: the CPU has AVX2.
+            let e = unsafe { avx2::squared_errors(xs, &sz, max_code) };
+            return std::array::from_fn(|k| if cands[k].is_some() { e[k] } else { f32::INFINITY });
+        }
+    }
+    cands.map(|c| c.map_or(f32::INFINITY, |p| p.squared_error(xs, bits)))
+}
+
+/// The two passes of least-squares rounding with the 8 lanes in one AVX2 register and every
+/// candidate at once: the same operations in the same order as the portable code, so the same
+/// numbers to the bit (the portable code does not vectorize well, and this runs for every value
+/// group that leaves the window).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -171,34 +197,52 @@ mod avx2 {
 
     /// `super::code_sums` for `xs.len()` a multiple of 8.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn code_sums(xs: &[f32], lo: f32, iscale: f32, levels: f32) -> [f32; 3] {
-        let (lo, iscale, levels) = (_mm256_set1_ps(lo), _mm256_set1_ps(iscale), _mm256_set1_ps(levels));
-        let (mut sl, mut sll, mut sly) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    pub(super) unsafe fn code_sums(
+        xs: &[f32],
+        lo: f32,
+        iscales: &[f32; super::NC - 1],
+        levels: f32,
+    ) -> (f32, [[f32; 3]; super::NC - 1]) {
+        let (lo, levels) = (_mm256_set1_ps(lo), _mm256_set1_ps(levels));
+        let iscales = iscales.map(|i| _mm256_set1_ps(i));
+        let mut sy = _mm256_setzero_ps();
+        let mut acc = [[_mm256_setzero_ps(); 3]; super::NC - 1];
         for ch in xs.chunks_exact(8) {
             let y = _mm256_sub_ps(_mm256_loadu_ps(ch.as_ptr()), lo);
-            // `min(a, b)` is `a < b ? a : b`, as minps is.
-            let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, iscale), levels));
-            sl = _mm256_add_ps(sl, l);
-            sll = _mm256_add_ps(sll, _mm256_mul_ps(l, l));
-            sly = _mm256_add_ps(sly, _mm256_mul_ps(l, y));
+            sy = _mm256_add_ps(sy, y);
+            for (a, &is) in acc.iter_mut().zip(&iscales) {
+                // `min(a, b)` is `a < b ? a : b`, as minps is.
+                let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, is), levels));
+                a[0] = _mm256_add_ps(a[0], l);
+                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(l, l));
+                a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(l, y));
+            }
         }
-        [total(sl), total(sll), total(sly)]
+        (total(sy), acc.map(|a| a.map(|v| total(v))))
     }
 
-    /// `GroupParams::squared_error` for a non-zero scale and `xs.len()` a multiple of 8.
+    /// `GroupParams::squared_error` on each grid `(scale, zero)` (scales not zero) for
+    /// `xs.len()` a multiple of 8.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn squared_error(xs: &[f32], s: f32, z: f32, max_code: f32) -> f32 {
-        let (sv, zv, mc) = (_mm256_set1_ps(s), _mm256_set1_ps(z), _mm256_set1_ps(max_code));
-        let mut e = _mm256_setzero_ps();
+    pub(super) unsafe fn squared_errors(
+        xs: &[f32],
+        grids: &[(f32, f32); super::NC],
+        max_code: f32,
+    ) -> [f32; super::NC] {
+        let mc = _mm256_set1_ps(max_code);
+        let g = grids.map(|(s, z)| (_mm256_set1_ps(s), _mm256_set1_ps(z)));
+        let mut e = [_mm256_setzero_ps(); super::NC];
         for ch in xs.chunks_exact(8) {
             let x = _mm256_loadu_ps(ch.as_ptr());
-            // `max(a, b)` is `a > b ? a : b`, as maxps is.
-            let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(x, zv), sv), _mm256_setzero_ps());
-            let c = round_nonneg(_mm256_min_ps(q, mc));
-            let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(c, sv), zv));
-            e = _mm256_add_ps(e, _mm256_mul_ps(d, d));
+            for (e, &(sv, zv)) in e.iter_mut().zip(&g) {
+                // `max(a, b)` is `a > b ? a : b`, as maxps is.
+                let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(x, zv), sv), _mm256_setzero_ps());
+                let c = round_nonneg(_mm256_min_ps(q, mc));
+                let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(c, sv), zv));
+                *e = _mm256_add_ps(*e, _mm256_mul_ps(d, d));
+            }
         }
-        total(e)
+        e.map(|v| total(v))
     }
 }
 
