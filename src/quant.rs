@@ -69,8 +69,8 @@ impl GroupParams {
     ///
     /// For each factor `f` of [`LSQ_SPANS`], with `y = x - lo` and `iscale = (2^b - 1) f / (hi -
     /// lo)`: codes `l = min(round(y iscale), 2^b - 1)`, then the scale `s` and offset `o`
-    /// minimizing `sum (y - l s - o)^2` (closed form; skipped unless `s > 0`), stored as `scale = f16(s)`,
-    /// `zero = f16(lo + o)`. Each candidate is scored by the codes it really gives (nearest grid
+    /// minimizing `sum (y - l s - o)^2` (closed form; skipped unless `s > 0`), stored as
+    /// `scale = f16(s)`, `zero = f16(lo + o)`. Each candidate is scored by the codes it really gives (nearest grid
     /// points, clamped) and replaces the best so far only when strictly better, so the result is
     /// never worse than min/max. The sums run in 8 interleaved lanes (element `i` into lane
     /// `i % 8`, each lane in order, the lanes added 0 to 7), which vectorizes; the CUDA quantizer
@@ -87,7 +87,7 @@ impl GroupParams {
         // Every candidate's sums in one pass, then every candidate's error in one: the
         // candidates are independent, and one at a time would wait on each one's reductions.
         let (sy, sums) = code_sums(xs, lo, &iscales, levels);
-        let mut cands = [Some(mm); 1 + LSQ_SPANS.len()];
+        let mut cands = [Some(mm); NC];
         for (c, [sl, sll, sly]) in cands[1..].iter_mut().zip(sums) {
             *c = None;
             let det = n * sll - sl * sl;
