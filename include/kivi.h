@@ -319,7 +319,8 @@ typedef struct kivi_params {
      */
     uint32_t page_tokens;
     /**
-     * Threads one attention call may use; 1 = only the calling thread. A CUDA cache needs 1.
+     * Threads one attention or append call may use (appends spread the quantization of flushed
+     * groups over KV heads); 1 = only the calling thread. A CUDA cache needs 1.
      * Default: 1.
      */
     uint32_t n_threads;

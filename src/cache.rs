@@ -45,7 +45,7 @@ pub struct Cache {
     pub(crate) pools: Vec<PagePool>,
     pub(crate) windows: AlignedBuf,
     pub(crate) seqs: SeqTable,
-    /// Attention threads (`n_threads - 1` workers) and their working memory.
+    /// Worker threads (`n_threads - 1`) for attention and flushes, and their working memory.
     pub(crate) threads: cpu::Threads,
 }
 
@@ -267,7 +267,7 @@ impl Cache {
         let (ls, pages) = self.seqs.layer_mut(l, slot);
         with_dtype!(lay.dtype, W => {
             let win = &mut self.windows.typed_mut::<W>()[base..base + n];
-            push_tokens(lay, pool, pages, win, ls, keys, values)
+            push_tokens(lay, &mut self.threads, pool, pages, win, ls, keys, values)
         })
     }
 
@@ -412,8 +412,10 @@ impl Cache {
 
 /// Appends tokens to one (layer, sequence): sinks first, then the ring; whenever the window
 /// reaches `residual + group_size` tokens its oldest group is quantized into a page.
+#[allow(clippy::too_many_arguments)]
 fn push_tokens<W: Element, T: Element>(
     lay: &Layout,
+    threads: &mut cpu::Threads,
     pool: &mut PagePool,
     pages: &mut PageRefs,
     win: &mut [W],
@@ -441,70 +443,80 @@ fn push_tokens<W: Element, T: Element>(
         }
         ls.len += 1;
         if pos >= lay.sinks && ls.len - lay.sinks - ls.quantized == lay.residual + lay.group {
-            flush(lay, pool, pages, win, ls);
+            flush(lay, threads, pool, pages, win, ls);
         }
     }
 }
 
-/// Quantizes the oldest `group_size` tokens of the window into the next group of the pages.
-fn flush<W: Element>(lay: &Layout, pool: &mut PagePool, pages: &mut PageRefs, win: &[W], ls: &mut LayerSeq) {
+/// Quantizes the oldest `group_size` tokens of the window into the next group of the pages, one
+/// KV head per task on the cache's threads (each head owns its part of the page).
+fn flush<W: Element>(
+    lay: &Layout,
+    threads: &mut cpu::Threads,
+    pool: &mut PagePool,
+    pages: &mut PageRefs,
+    win: &[W],
+    ls: &mut LayerSeq,
+) {
     let g = ls.quantized / lay.group;
-    let gi = g % lay.groups_per_page;
     let GroupPage { page, copy_of, .. } = ls.group_page(lay, pages, g);
     if let Some(shared) = copy_of {
         pool.copy_page(shared, page);
     }
+    // Ring offsets of the group's tokens, computed once (not one division per element).
+    let mut slots = [0usize; 256];
+    slots[..lay.group].iter_mut().enumerate().for_each(|(t, o)| *o = ((ls.quantized + t) % lay.ring) * lay.head_dim);
+    let heads = &mut pool.page_mut(page)[..lay.n_kv_heads * lay.head_bytes];
+    threads.par_chunks_mut(heads, lay.head_bytes, &|h, blk| {
+        let w = &win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];
+        quantize_head_group(lay, w, &slots[..lay.group], g % lay.groups_per_page, blk);
+    });
+    ls.quantized += lay.group;
+}
+
+/// Quantizes one KV head's tokens at window offsets `slots` (one group) into group `gi` of
+/// that head's part of a page, `blk`.
+fn quantize_head_group<W: Element>(lay: &Layout, w: &[W], slots: &[usize], gi: usize, blk: &mut [u8]) {
     let hd = lay.head_dim;
     let (gsz, vg, ng) = (lay.group, lay.vgroup, lay.row_groups());
     let [_, _, rk, rv] = lay.window_parts();
-    // Ring offsets of the group's tokens, computed once (not one division per element).
-    let mut slots = [0usize; 256];
-    slots[..gsz].iter_mut().enumerate().for_each(|(t, o)| *o = ((ls.quantized + t) % lay.ring) * hd);
-    let slot = |t: usize| slots[t];
-    let page_bytes = pool.page_mut(page);
-    for h in 0..lay.n_kv_heads {
-        let w = &win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];
-        let blk = &mut page_bytes[h * lay.head_bytes..(h + 1) * lay.head_bytes];
-        let key = |t: usize, c: usize| w[rk + slot(t) + c].to_f32();
-        let value = |t: usize, c: usize| w[rv + slot(t) + c].to_f32();
-        let run = lay.k_run_bytes();
-        // Gathered into f32 first: the fast quantizer wants slices.
-        let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
-        match lay.key_mode {
-            KeyMode::PerChannel => {
-                for c in 0..hd {
-                    let pi = gi * hd + c;
-                    let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
-                    buf[..gsz].iter_mut().enumerate().for_each(|(t, x)| *x = key(t, c));
-                    let p = quantize_slice(&buf[..gsz], lay.key_bits, Rounding::MinMax, codes, 0);
-                    write_f16(&mut blk[lay.k_scale..], pi, p.scale);
-                    write_f16(&mut blk[lay.k_zero..], pi, p.zero);
-                }
-            }
-            KeyMode::PerToken => {
-                for t in 0..gsz {
-                    let row = gi * gsz + t;
-                    for cg in 0..ng {
-                        let codes = &mut blk[lay.k_codes + row * run..lay.k_codes + (row + 1) * run];
-                        let p = quantize_group(vg, |i| key(t, cg * vg + i), lay.key_bits, codes, cg * vg);
-                        write_f16(&mut blk[lay.k_scale..], row * ng + cg, p.scale);
-                        write_f16(&mut blk[lay.k_zero..], row * ng + cg, p.zero);
-                    }
-                }
+    let key = |t: usize, c: usize| w[rk + slots[t] + c].to_f32();
+    let value = |t: usize, c: usize| w[rv + slots[t] + c].to_f32();
+    let run = lay.k_run_bytes();
+    // Gathered into f32 first: the fast quantizer wants slices.
+    let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
+    match lay.key_mode {
+        KeyMode::PerChannel => {
+            for c in 0..hd {
+                let pi = gi * hd + c;
+                let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
+                buf[..gsz].iter_mut().enumerate().for_each(|(t, x)| *x = key(t, c));
+                let p = quantize_slice(&buf[..gsz], lay.key_bits, Rounding::MinMax, codes, 0);
+                write_f16(&mut blk[lay.k_scale..], pi, p.scale);
+                write_f16(&mut blk[lay.k_zero..], pi, p.zero);
             }
         }
-        let vrun = lay.v_row_bytes();
-        for t in 0..gsz {
-            let row = gi * gsz + t;
-            buf[..hd].iter_mut().enumerate().for_each(|(c, x)| *x = value(t, c));
-            for cg in 0..ng {
-                let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
-                let p =
-                    quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, lay.value_rounding, codes, cg * vg);
-                write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
-                write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
+        KeyMode::PerToken => {
+            for t in 0..gsz {
+                let row = gi * gsz + t;
+                for cg in 0..ng {
+                    let codes = &mut blk[lay.k_codes + row * run..lay.k_codes + (row + 1) * run];
+                    let p = quantize_group(vg, |i| key(t, cg * vg + i), lay.key_bits, codes, cg * vg);
+                    write_f16(&mut blk[lay.k_scale..], row * ng + cg, p.scale);
+                    write_f16(&mut blk[lay.k_zero..], row * ng + cg, p.zero);
+                }
             }
         }
     }
-    ls.quantized += lay.group;
+    let vrun = lay.v_row_bytes();
+    for t in 0..gsz {
+        let row = gi * gsz + t;
+        buf[..hd].iter_mut().enumerate().for_each(|(c, x)| *x = value(t, c));
+        for cg in 0..ng {
+            let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
+            let p = quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, lay.value_rounding, codes, cg * vg);
+            write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
+            write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
+        }
+    }
 }

@@ -120,7 +120,8 @@ pub struct CacheConfig {
     /// layer's pool; CPU engines should set it. CUDA caches are tuned for one group per page. A
     /// saved state loads only into a cache with the same page size.
     pub page_tokens: u32,
-    /// Threads one attention call may use (the engine's choice; 1 = the calling thread only).
+    /// Threads one attention or append call may use (the engine's choice; 1 = the calling thread
+    /// only). Appends spread the quantization of flushed groups over the KV heads.
     pub n_threads: u32,
 }
 

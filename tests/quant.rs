@@ -62,22 +62,22 @@ fn constant_groups_have_zero_scale_and_no_nan() {
 
 /// What the cache holds matches the input: sinks and the newest `residual` tokens exactly, and
 /// quantized tokens within the bound of their group (per channel for keys, per token for
-/// values).
+/// values), also when flushes spread the KV heads over several threads (3 heads on 2 or 3).
 #[test]
 fn cache_holds_exact_window_and_bounded_groups() {
     let mut rng = Rng::fresh("cache_holds_exact_window_and_bounded_groups");
     use Rounding::{LeastSquares, MinMax};
-    for (kb, vb, mode, sinks, rounding) in [
-        (2u8, 2u8, KeyMode::PerChannel, 0u32, LeastSquares),
-        (2, 2, KeyMode::PerChannel, 2, MinMax),
-        (4, 2, KeyMode::PerToken, 3, MinMax),
-        (4, 4, KeyMode::PerToken, 0, LeastSquares),
-        (8, 8, KeyMode::PerChannel, 1, LeastSquares),
+    for (kb, vb, mode, sinks, rounding, threads) in [
+        (2u8, 2u8, KeyMode::PerChannel, 0u32, LeastSquares, 1u32),
+        (2, 2, KeyMode::PerChannel, 2, MinMax, 2),
+        (4, 2, KeyMode::PerToken, 3, MinMax, 3),
+        (4, 4, KeyMode::PerToken, 0, LeastSquares, 2),
+        (8, 8, KeyMode::PerChannel, 1, LeastSquares, 3),
     ] {
-        let (nkv, hd, g, r, vg) = (2usize, 64usize, 32usize, 64usize, 32usize);
+        let (nkv, hd, g, r, vg) = (3usize, 64usize, 32usize, 64usize, 32usize);
         let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
         (cfg.key_bits, cfg.value_bits, cfg.key_mode, cfg.sinks, cfg.residual) = (kb, vb, mode, sinks, r as u32);
-        cfg.value_rounding = rounding;
+        (cfg.value_rounding, cfg.n_threads) = (rounding, threads);
         let mut cache = Cache::new(cfg).unwrap();
         let gen = KvGen::new(&mut rng, nkv, hd);
         let n = 300;

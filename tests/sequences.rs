@@ -141,6 +141,56 @@ fn save_and_restore_round_trips() {
     }
 }
 
+/// Flushes spread KV heads over the cache's threads: any thread count holds exactly the same
+/// bytes, with heads that do not divide evenly, pages of several groups, forks whose shared page
+/// is copied before a flush writes to it, and batched decode steps.
+#[test]
+fn flushes_on_any_thread_count_hold_the_same_bytes() {
+    let mut rng = Rng::fresh("flushes_on_any_thread_count_hold_the_same_bytes");
+    let seed = rng.next_u64();
+    for (nkv, page) in [(5u32, 0u32), (3, 64), (1, 0)] {
+        let mut blobs = Vec::new();
+        for threads in [1u32, 2, 3, 4] {
+            let mut c = CacheConfig::new(2, nkv, 64);
+            (c.residual, c.group_size, c.max_tokens, c.max_seqs, c.page_tokens) = (32, 16, 2048, 3, page);
+            (c.sinks, c.n_threads) = (1, threads);
+            let mut cache = Cache::new(c).unwrap();
+            let mut rng = Rng::new(seed);
+            let gen = KvGen::new(&mut rng, nkv as usize, 64);
+            let row = nkv as usize * 64;
+            let mut put = |cache: &mut Cache, seq: u32, n: usize| {
+                let (k, v) = (gen.keys(&mut rng, n), gen.values(&mut rng, n));
+                for l in 0..2 {
+                    cache.append(l, seq, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap()).unwrap();
+                }
+            };
+            put(&mut cache, 0, 201);
+            cache.seq_copy(0, 1, 170).unwrap();
+            put(&mut cache, 1, 37);
+            put(&mut cache, 0, 1);
+            put(&mut cache, 2, 60);
+            for _ in 0..20 {
+                let ids = [0u32, 1, 2];
+                let (k, v) = (gen.keys(&mut rng, 3), gen.values(&mut rng, 3));
+                let q = queries(&mut rng, 3, nkv as usize, 64);
+                let mut out = vec![0f32; q.len()];
+                let (kr, vr) = (Rows::new(&k, 3).unwrap(), Rows::new(&v, 3).unwrap());
+                let o = AttnOptions::default();
+                assert_eq!(k.len(), 3 * row);
+                for l in 0..2 {
+                    cache
+                        .decode(l, &ids, kr, vr, Rows::new(&q, 3).unwrap(), RowsMut::new(&mut out, 3).unwrap(), &o)
+                        .unwrap();
+                }
+            }
+            blobs.push((threads, cache.save_state_vec()));
+        }
+        for (threads, b) in &blobs[1..] {
+            assert!(*b == blobs[0].1, "{nkv} KV heads, page {page}: {threads} threads hold other bytes than 1");
+        }
+    }
+}
+
 #[test]
 fn corrupt_and_mismatched_states_are_refused() {
     let mut rng = Rng::fresh("corrupt_and_mismatched_states_are_refused");

@@ -141,7 +141,8 @@ pub struct kivi_params {
     /// tuned for one group per page (a group is staged in one copy). A saved state loads only
     /// into a cache with the same page size.
     pub page_tokens: u32,
-    /// Threads one attention call may use; 1 = only the calling thread. A CUDA cache needs 1.
+    /// Threads one attention or append call may use (appends spread the quantization of flushed
+    /// groups over KV heads); 1 = only the calling thread. A CUDA cache needs 1.
     /// Default: 1.
     pub n_threads: u32,
     /// Where the cache lives: `KIVI_DEVICE_CPU` (-1), or the ordinal (0, 1, ...) of a CUDA

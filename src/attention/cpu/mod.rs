@@ -235,6 +235,29 @@ impl Threads {
     }
 }
 
+impl Threads {
+    /// Calls `f(i, chunk)` for every chunk `i` of `data` cut into pieces of `size` elements (a
+    /// remainder shorter than `size` is left alone), spreading the chunks over the cache's threads:
+    /// chunk `i` runs on thread `i % threads`. Exclusive access (`&mut self`) means no attention
+    /// call is using the pool meanwhile.
+    pub fn par_chunks_mut<E: Send>(&mut self, data: &mut [E], size: usize, f: &(dyn Fn(usize, &mut [E]) + Sync)) {
+        let n = data.len().checked_div(size).unwrap_or(0);
+        let threads = self.pool.as_ref().map_or(1, |p| p.threads()).min(n);
+        let pool = match &self.pool {
+            Some(pool) if threads > 1 => pool,
+            _ => return data.chunks_exact_mut(size).enumerate().for_each(|(i, c)| f(i, c)),
+        };
+        let base = SendPtr(data.as_mut_ptr());
+        let work = |t: usize| {
+            for i in (t..n).step_by(threads) {
+                // SAFETY: chunk `i` lies inside `data` and is handed to exactly one thread.
+                f(i, unsafe { std::slice::from_raw_parts_mut(base.get().add(i * size), size) });
+            }
+        };
+        pool.run(threads, &work);
+    }
+}
+
 /// One attention request: queries at positions `q_pos0..` over stream `s` followed by the exact
 /// `chunk`, written to rows `out_row0..` of the output.
 pub(crate) struct Job<'a, W: Element, T: Element> {
