@@ -57,10 +57,15 @@ __device__ __forceinline__ u32 encode(float x, float s, float z, u32 levels) {
 
 // Sum of f(i) over i < n in 8 interleaved lanes (element i into lane i % 8, each lane in order,
 // the lanes added 0 to 7), with operations that are never fused: GroupParams::least_squares's order.
+// The lanes are indexed by constants (an unrolled inner loop), so they stay in registers.
 template <class F>
 __device__ __forceinline__ float lanes_sum(u32 n, F f) {
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (u32 i = 0; i < n; i++) acc[i % 8] = __fadd_rn(acc[i % 8], f(i));
+    for (u32 i0 = 0; i0 < n; i0 += 8) {
+#pragma unroll
+        for (u32 j = 0; j < 8; j++)
+            if (i0 + j < n) acc[j] = __fadd_rn(acc[j], f(i0 + j));
+    }
     float t = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; j++) t = __fadd_rn(t, acc[j]);
@@ -83,6 +88,7 @@ __device__ __forceinline__ float squared_error(u32 n, X x, float s, float z, u32
 template <class X>
 __device__ __forceinline__ void lsq_params(u32 n, X x, float lo, float hi, u32 levels, u16* sh, u16* zh) {
     if (!(hi > lo) || h2f(*sh) == 0.0f) return;
+    // LSQ_SPANS of src/quant.rs (the simulator's byte-for-byte test catches a mismatch).
     const float spans[5] = {1.0f, 1.1f, 1.2f, 1.3f, 1.4f};
     const float fn = (float)n, lv = (float)levels, range = __fsub_rn(hi, lo);
     const float sy = lanes_sum(n, [&](u32 i) { return __fsub_rn(x(i), lo); });
@@ -90,13 +96,28 @@ __device__ __forceinline__ void lsq_params(u32 n, X x, float lo, float hi, u32 l
 #pragma unroll 1
     for (int k = 0; k < 5; k++) {
         const float iscale = __fdiv_rn(__fmul_rn(lv, spans[k]), range);
-        auto code = [&](u32 i) { return roundf(fminf(__fmul_rn(__fsub_rn(x(i), lo), iscale), lv)); };
-        const float sl = lanes_sum(n, code);
-        const float sll = lanes_sum(n, [&](u32 i) {
-            const float l = code(i);
-            return __fmul_rn(l, l);
-        });
-        const float sly = lanes_sum(n, [&](u32 i) { return __fmul_rn(code(i), __fsub_rn(x(i), lo)); });
+        // The sums of l, l^2 and l y (y = x - lo, l its code) in one pass, each in lanes_sum's order.
+        float al[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        float all[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        float aly[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (u32 i0 = 0; i0 < n; i0 += 8) {
+#pragma unroll
+            for (u32 j = 0; j < 8; j++) {
+                if (i0 + j >= n) continue;
+                const float y = __fsub_rn(x(i0 + j), lo);
+                const float l = roundf(fminf(__fmul_rn(y, iscale), lv));
+                al[j] = __fadd_rn(al[j], l);
+                all[j] = __fadd_rn(all[j], __fmul_rn(l, l));
+                aly[j] = __fadd_rn(aly[j], __fmul_rn(l, y));
+            }
+        }
+        float sl = 0.0f, sll = 0.0f, sly = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            sl = __fadd_rn(sl, al[j]);
+            sll = __fadd_rn(sll, all[j]);
+            sly = __fadd_rn(sly, aly[j]);
+        }
         const float det = __fsub_rn(__fmul_rn(fn, sll), __fmul_rn(sl, sl));
         if (!(det > 0.0f)) continue;
         const float s = __fdiv_rn(__fsub_rn(__fmul_rn(fn, sly), __fmul_rn(sl, sy)), det);
