@@ -434,12 +434,15 @@ fn push_tokens<W: Element, T: Element>(
             (rk + r, rv + r)
         };
         let (krow, vrow) = (keys.row(t), values.row(t));
+        // Through f32, a head at a time (slice conversions, vectorized for f16).
+        let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
+        let buf = &mut buf[..hd];
         for h in 0..lay.n_kv_heads {
             let w = &mut win[h * lay.window_head_elems..(h + 1) * lay.window_head_elems];
-            for c in 0..hd {
-                w[ko + c] = W::from_f32(krow[h * hd + c].to_f32());
-                w[vo + c] = W::from_f32(vrow[h * hd + c].to_f32());
-            }
+            T::to_f32_slice(&krow[h * hd..(h + 1) * hd], buf);
+            W::from_f32_slice(buf, &mut w[ko..ko + hd]);
+            T::to_f32_slice(&vrow[h * hd..(h + 1) * hd], buf);
+            W::from_f32_slice(buf, &mut w[vo..vo + hd]);
         }
         ls.len += 1;
         if pos >= lay.sinks && ls.len - lay.sinks - ls.quantized == lay.residual + lay.group {
@@ -481,7 +484,6 @@ fn quantize_head_group<W: Element>(lay: &Layout, w: &[W], slots: &[usize], gi: u
     let (gsz, vg, ng) = (lay.group, lay.vgroup, lay.row_groups());
     let [_, _, rk, rv] = lay.window_parts();
     let key = |t: usize, c: usize| w[rk + slots[t] + c].to_f32();
-    let value = |t: usize, c: usize| w[rv + slots[t] + c].to_f32();
     let run = lay.k_run_bytes();
     // Gathered into f32 first: the fast quantizer wants slices.
     let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
@@ -511,7 +513,7 @@ fn quantize_head_group<W: Element>(lay: &Layout, w: &[W], slots: &[usize], gi: u
     let vrun = lay.v_row_bytes();
     for t in 0..gsz {
         let row = gi * gsz + t;
-        buf[..hd].iter_mut().enumerate().for_each(|(c, x)| *x = value(t, c));
+        W::to_f32_slice(&w[rv + slots[t]..rv + slots[t] + hd], &mut buf[..hd]);
         for cg in 0..ng {
             let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
             let p = quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, lay.value_rounding, codes, cg * vg);

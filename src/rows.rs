@@ -5,6 +5,7 @@
 
 use crate::config::DType;
 use crate::error::{Error, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 mod sealed {
@@ -22,6 +23,16 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static + std::fmt::Deb
     fn to_f32(self) -> f32;
     /// Round from f32 (to nearest even).
     fn from_f32(v: f32) -> Self;
+    /// Widens `src` into `dst` (same length): [`Element::to_f32`] of each, vectorized where the
+    /// CPU allows (F16C for f16).
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s.to_f32());
+    }
+    /// Rounds `src` into `dst` (same length): [`Element::from_f32`] of each, vectorized where
+    /// the CPU allows.
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = Self::from_f32(s));
+    }
 }
 
 impl Element for f32 {
@@ -34,6 +45,12 @@ impl Element for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
 }
 
 impl Element for f16 {
@@ -45,6 +62,12 @@ impl Element for f16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
+    }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src)
     }
 }
 
@@ -231,5 +254,39 @@ impl<'a, T: Element> RowsMut<'a, T> {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slice conversions round and widen each element exactly as the scalar ones do, on
+    /// every length around the 8-wide vector chunks and over f16's edges: subnormals, values
+    /// halfway between two f16s, overflow to infinity, signed zeros.
+    fn slices_match_scalars<E: Element + PartialEq>() {
+        let mut xs: Vec<f32> = vec![0.0, -0.0, 1.0, -1.5, 65504.0, 65520.0, -70000.0, 1e-8, -3e-6, 6.1e-5];
+        // Halfway cases of f16 near 1 (its step there is 2^-10), and a spread of magnitudes.
+        xs.extend((0..16).map(|i| 1.0 + (2 * i + 1) as f32 * 2f32.powi(-11)));
+        xs.extend((0..40).map(|i| (i as f32 * 0.7311).sin() * 10f32.powi(i % 9 - 4)));
+        for n in 0..xs.len() {
+            let src = &xs[..n];
+            let mut got = vec![E::from_f32(7.0); n];
+            E::from_f32_slice(src, &mut got);
+            let want: Vec<E> = src.iter().map(|&x| E::from_f32(x)).collect();
+            assert!(got == want, "{:?}: rounding {n} elements", E::DTYPE);
+            let mut wide = vec![0f32; n];
+            E::to_f32_slice(&got, &mut wide);
+            for (w, g) in wide.iter().zip(&got) {
+                assert_eq!(w.to_bits(), g.to_f32().to_bits(), "{:?}: widening {g:?}", E::DTYPE);
+            }
+        }
+    }
+
+    #[test]
+    fn slice_conversions_match_the_scalar_ones() {
+        slices_match_scalars::<f16>();
+        slices_match_scalars::<bf16>();
+        slices_match_scalars::<f32>();
     }
 }
