@@ -2,11 +2,11 @@
 
 use crate::attention::reference::Dequantized;
 use crate::attention::{cpu, AttnOptions, Resolved};
-use crate::config::{CacheConfig, DType, KeyMode, Rounding};
+use crate::config::{CacheConfig, DType, KeyMode};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::pool::{AlignedBuf, PagePool, PageRefs};
-use crate::quant::{quantize_group, quantize_slice, write_f16};
+use crate::quant::{quantize_columns, quantize_group, quantize_slice, write_f16, GroupParams};
 use crate::rows::{Element, Rows, RowsMut};
 use crate::seq::{GroupPage, LayerSeq, SeqTable, Stream};
 use half::{bf16, f16};
@@ -489,13 +489,23 @@ fn quantize_head_group<W: Element>(lay: &Layout, w: &[W], slots: &[usize], gi: u
     let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
     match lay.key_mode {
         KeyMode::PerChannel => {
-            for c in 0..hd {
-                let pi = gi * hd + c;
-                let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + 1) * run];
-                buf[..gsz].iter_mut().enumerate().for_each(|(t, x)| *x = key(t, c));
-                let p = quantize_slice(&buf[..gsz], lay.key_bits, Rounding::MinMax, codes, 0);
-                write_f16(&mut blk[lay.k_scale..], pi, p.scale);
-                write_f16(&mut blk[lay.k_zero..], pi, p.zero);
+            // A block of channels at a time: the group's token rows of those channels, widened
+            // by slices, then quantized across channels.
+            const CB: usize = 16;
+            let mut tile = [0f32; 256 * CB];
+            let mut params = [GroupParams::from_range(0.0, 0.0, 2); CB];
+            for c0 in (0..hd).step_by(CB) {
+                let cw = CB.min(hd - c0);
+                for (t, &o) in slots.iter().enumerate() {
+                    W::to_f32_slice(&w[rk + o + c0..rk + o + c0 + cw], &mut tile[t * cw..(t + 1) * cw]);
+                }
+                let pi = gi * hd + c0;
+                let codes = &mut blk[lay.k_codes + pi * run..lay.k_codes + (pi + cw) * run];
+                quantize_columns(&tile[..gsz * cw], cw, lay.key_bits, codes, &mut params[..cw]);
+                for (j, p) in params[..cw].iter().enumerate() {
+                    write_f16(&mut blk[lay.k_scale..], pi + j, p.scale);
+                    write_f16(&mut blk[lay.k_zero..], pi + j, p.zero);
+                }
             }
         }
         KeyMode::PerToken => {

@@ -342,6 +342,78 @@ pub fn quantize_slice(xs: &[f32], bits: u32, rounding: Rounding, run: &mut [u8],
     p
 }
 
+/// Columns [`quantize_columns`] handles at once: one AVX-512 register, two AVX2 ones.
+const COLS: usize = 16;
+
+/// Min/max quantization of `cols` groups at once, one per column of the row-major `xs` (`n =
+/// xs.len() / cols` rows; element `t` of group `j` is `xs[t * cols + j]`): the parameters and
+/// codes that [`quantize_slice`] with [`Rounding::MinMax`] gives each column, to the bit, but
+/// computed across columns, which vectorizes (per-channel keys arrive as token rows). Group `j`'s
+/// packed codes fill `codes[j * run..(j + 1) * run]` (`run = n * bits / 8`, whole bytes) and its
+/// parameters go to `params[j]`.
+pub fn quantize_columns(xs: &[f32], cols: usize, bits: u32, codes: &mut [u8], params: &mut [GroupParams]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { quantize_columns_avx2(xs, cols, bits, codes, params) };
+    }
+    quantize_columns_body(xs, cols, bits, codes, params)
+}
+
+/// [`quantize_columns`] compiled for AVX2 (the same operations, so the same numbers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_columns_avx2(xs: &[f32], cols: usize, bits: u32, codes: &mut [u8], params: &mut [GroupParams]) {
+    quantize_columns_body(xs, cols, bits, codes, params)
+}
+
+#[inline(always)]
+fn quantize_columns_body(xs: &[f32], cols: usize, bits: u32, codes: &mut [u8], params: &mut [GroupParams]) {
+    let n = xs.len() / cols;
+    let per_byte = (8 / bits) as usize;
+    let run = n / per_byte;
+    assert!(xs.len() == n * cols && n % per_byte == 0, "{} elements in {cols} columns", xs.len());
+    assert!(codes.len() == cols * run && params.len() == cols);
+    let max_code = ((1u32 << bits) - 1) as f32;
+    for j0 in (0..cols).step_by(COLS) {
+        let w = COLS.min(cols - j0);
+        // Row `t` of this block of columns; a narrower last block repeats its first column.
+        let row = |t: usize| -> [f32; COLS] {
+            let r = &xs[t * cols + j0..t * cols + j0 + w];
+            std::array::from_fn(|j| r[if j < w { j } else { 0 }])
+        };
+        let (mut lo, mut hi) = ([f32::INFINITY; COLS], [f32::NEG_INFINITY; COLS]);
+        for t in 0..n {
+            let r = row(t);
+            for j in 0..COLS {
+                lo[j] = min(r[j], lo[j]);
+                hi[j] = max(r[j], hi[j]);
+            }
+        }
+        let p: [GroupParams; COLS] = std::array::from_fn(|j| GroupParams::from_range(lo[j], hi[j], bits));
+        let (s, z) = (p.map(|p| p.scale.to_f32()), p.map(|p| p.zero.to_f32()));
+        // A zero scale must give code 0, as in `quantize_slice`. Dividing by 1 there does: f16
+        // rounds a scale to 0 only below 2^-25, so every element is within `levels * 2^-25`
+        // above the zero (or below it) and rounds to 0.
+        let div = s.map(|s| if s != 0.0 { s } else { 1.0 });
+        for k in 0..run {
+            let mut byte = [0u32; COLS];
+            for q in 0..per_byte {
+                let r = row(k * per_byte + q);
+                for j in 0..COLS {
+                    // As `quantize_slice`: clamping before rounding gives the same code.
+                    let c = round_nonneg(min(max((r[j] - z[j]) / div[j], 0.0), max_code));
+                    byte[j] |= c << (q as u32 * bits);
+                }
+            }
+            for j in 0..w {
+                codes[(j0 + j) * run + k] = byte[j] as u8;
+            }
+        }
+        params[j0..j0 + w].copy_from_slice(&p[..w]);
+    }
+}
+
 /// `a.min(b)` for numbers (not NaN), as a comparison, which vectorizes.
 #[inline(always)]
 fn min(a: f32, b: f32) -> f32 {
@@ -445,6 +517,53 @@ mod tests {
         }
         for v in [0.0f32, 0.49999997, 0.5, 0.50000006, 1.4999999, 1.5, 2.5, 254.5, 255.0] {
             assert_eq!(round_nonneg(v), v.round() as u32, "{v}");
+        }
+    }
+
+    /// Every column of `quantize_columns` is `quantize_slice` (min/max) of that column, to the
+    /// bit: widths below, at and past a block of columns, constant columns, an outlier, halfway
+    /// points of the grid, zeros that f16 rounds above the whole column, and scales it rounds to 0.
+    #[test]
+    fn quantize_columns_matches_quantize_slice_per_column() {
+        let mut seed = 0x0bad_5eed_1234_5678u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for bits in [2u32, 4, 8] {
+            for (n, cols) in [(8usize, 8usize), (32, 16), (32, 24), (64, 40), (256, 16), (32, 128)] {
+                for trial in 0..6 {
+                    let mut xs: Vec<f32> = (0..n * cols).map(|_| next() * 8.0 - 3.0).collect();
+                    for j in 0..cols {
+                        let col = (0..n).map(|t| t * cols + j);
+                        match (j + trial) % 6 {
+                            0 => col.for_each(|i| xs[i] = 1.5),
+                            1 => col.for_each(|i| xs[i] = xs[i] * 1e-4 - 34.5625),
+                            2 => xs[(j * 7 % n) * cols + j] *= 40.0,
+                            3 => {
+                                let lv = ((1u32 << bits) - 1) as f32;
+                                col.enumerate().for_each(|(t, i)| xs[i] = ((t as f32 % lv) + 0.5) / lv * 4.0)
+                            }
+                            // One f32 step wide: a subnormal f16 scale at 2 bits, 0 at 8.
+                            4 => col.enumerate().for_each(|(t, i)| xs[i] = 1.0 + f32::EPSILON * (t % 2) as f32),
+                            _ => {}
+                        }
+                    }
+                    let run = n * bits as usize / 8;
+                    let mut codes = vec![0xa5u8; cols * run];
+                    let mut params = vec![GroupParams::from_range(9.0, 9.0, bits); cols];
+                    quantize_columns(&xs, cols, bits, &mut codes, &mut params);
+                    for j in 0..cols {
+                        let col: Vec<f32> = (0..n).map(|t| xs[t * cols + j]).collect();
+                        let mut want = vec![0u8; run];
+                        let p = quantize_slice(&col, bits, Rounding::MinMax, &mut want, 0);
+                        assert_eq!(params[j], p, "bits {bits} n {n} cols {cols} column {j}");
+                        assert_eq!(codes[j * run..(j + 1) * run], want, "bits {bits} n {n} cols {cols} column {j}");
+                    }
+                }
+            }
         }
     }
 

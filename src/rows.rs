@@ -165,6 +165,20 @@ impl<'a, T: Element> Rows<'a, T> {
     /// Finds the first NaN or infinity, or a value beyond the f16 range when `f16_range` is set
     /// (scales and zeros are f16, so quantized data must fit it).
     pub(crate) fn check_finite(&self, what: &'static str, f16_range: bool) -> Result<()> {
+        // First a pass without branches (it vectorizes): the largest magnitude's bits, which a
+        // NaN or an infinity exceeds; only a failing row is then searched for its culprit.
+        let limit = if f16_range { crate::quant::F16_LIMIT } else { f32::MAX }.to_bits();
+        let mut buf = [0f32; 256];
+        let mut fine = |row: &[T]| {
+            row.chunks(buf.len()).all(|c| {
+                let b = &mut buf[..c.len()];
+                T::to_f32_slice(c, b);
+                b.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)) <= limit
+            })
+        };
+        if (0..self.rows).all(|t| fine(self.row(t))) {
+            return Ok(());
+        }
         for t in 0..self.rows {
             for (i, &x) in self.row(t).iter().enumerate() {
                 let v = x.to_f32();
@@ -281,6 +295,68 @@ mod tests {
                 assert_eq!(w.to_bits(), g.to_f32().to_bits(), "{:?}: widening {g:?}", E::DTYPE);
             }
         }
+    }
+
+    /// `check_finite` names the first bad element, whatever its row, its place around the
+    /// 256-element blocks of the fast pass, and the element type; the largest finite values
+    /// and the f16 range's ends pass.
+    fn finite_checks<E: Element>() {
+        let (rows, row_len, stride) = (3, 600, 613);
+        let base: Vec<E> = (0..rows * stride).map(|i| E::from_f32((i as f32 * 0.37).sin() * 3.0)).collect();
+        let check =
+            |data: &[E], f16_range| Rows::strided(data, rows, row_len, stride).unwrap().check_finite("keys", f16_range);
+        assert_eq!(check(&base, true), Ok(()));
+        // Between the rows (the stride's gap) nothing is looked at.
+        let mut gap = base.clone();
+        gap[row_len + 3] = E::from_f32(f32::NAN);
+        assert_eq!(check(&gap, true), Ok(()));
+        let (inf, nan) = (E::from_f32(f32::INFINITY), E::from_f32(f32::NAN));
+        for (t, i) in [(0, 0), (0, 255), (1, 256), (1, 599), (2, 300), (2, 599)] {
+            let at = t * stride + i;
+            let mut data = base.clone();
+            // A NaN, also behind an earlier infinity in a later row: the first one is named.
+            data[at] = nan;
+            let e = check(&data, false).unwrap_err();
+            assert!(matches!(e, Error::NonFinite { kind: "NaN", token, index, .. } if (token, index) == (t, i)), "{e}");
+            let last = (rows - 1) * stride + row_len - 1;
+            data[last] = nan;
+            data[at] = E::from_f32(f32::NEG_INFINITY);
+            let e = check(&data, false).unwrap_err();
+            assert!(
+                matches!(e, Error::NonFinite { kind: "infinity", token, index, .. } if (token, index) == (t, i)),
+                "{e}"
+            );
+            data[last] = base[last];
+            data[at] = inf;
+            assert!(check(&data, true).is_err());
+            // The f16 range is a limit for keys and values only (f16 and bf16 round the largest
+            // values to infinity).
+            for v in [65504.0f32, -65504.0, 65600.0, -1e6, f32::MAX] {
+                data[at] = E::from_f32(v);
+                let v = data[at].to_f32();
+                let (all, f16_range) = (check(&data, false), check(&data, true));
+                if v.abs() <= 65504.0 {
+                    assert_eq!((all, f16_range), (Ok(()), Ok(())), "{v}");
+                    continue;
+                }
+                let e = f16_range.unwrap_err();
+                assert!(matches!(e, Error::NonFinite { token, index, .. } if (token, index) == (t, i)), "{e}");
+                if v.is_finite() {
+                    assert_eq!(all, Ok(()), "{v}");
+                    assert!(e.to_string().contains("beyond the f16 range"), "{e}");
+                } else {
+                    assert_ne!(E::DTYPE, DType::F32, "{v}");
+                    assert_eq!(all, Err(e));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn finite_checks_name_the_first_bad_element() {
+        finite_checks::<f16>();
+        finite_checks::<bf16>();
+        finite_checks::<f32>();
     }
 
     #[test]
