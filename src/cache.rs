@@ -56,14 +56,25 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// Creates a cache, taking all of its memory now.
+    /// Creates a cache, taking all of its memory now: [`Error::InvalidConfig`] for a bad
+    /// field, or when the machine cannot give that memory (the message says how much).
     pub fn new(cfg: CacheConfig) -> Result<Cache> {
         cfg.validate()?;
         let lay = Layout::new(&cfg);
-        let pools = (0..lay.n_layers).map(|_| PagePool::new(lay.pages_per_layer, lay.page_bytes)).collect();
-        let windows = AlignedBuf::zeroed(lay.window_elems_total() * lay.dtype.size());
-        let seqs = SeqTable::new(&lay);
-        let threads = cpu::Threads::new(&lay, cfg.n_threads as usize);
+        // Memory the machine cannot give is an error, not an abort.
+        let total = lay.total_bytes();
+        let page_bytes = lay.pages_per_layer as u128 * lay.page_bytes as u128;
+        let pools = (0..lay.n_layers)
+            .map(|l| {
+                PagePool::new(lay.pages_per_layer, lay.page_bytes)
+                    .ok_or_else(|| Error::allocation(&format!("the pages of layer {l}"), page_bytes, total))
+            })
+            .collect::<Result<_>>()?;
+        let window_bytes = lay.window_elems_total() * lay.dtype.size();
+        let windows = AlignedBuf::try_zeroed(window_bytes)
+            .ok_or_else(|| Error::allocation("the full-precision windows", window_bytes as u128, total))?;
+        let seqs = SeqTable::new(&lay).ok_or_else(|| Error::allocation("the page tables", lay.table_bytes(), total))?;
+        let threads = cpu::Threads::new(&lay, cfg.n_threads as usize)?;
         Ok(Cache { cfg, lay, pools, windows, seqs, threads })
     }
 

@@ -50,3 +50,13 @@ pub enum Error {
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
 }
+
+impl Error {
+    /// A cache whose memory (`bytes` of it for `what`, `total` in all) could not be allocated.
+    pub(crate) fn allocation(what: &str, bytes: u128, total: u128) -> Error {
+        Error::InvalidConfig(format!(
+            "could not allocate {bytes} bytes for {what} (the cache takes {total} bytes in all): \
+             lower max_tokens or max_seqs"
+        ))
+    }
+}

@@ -132,6 +132,13 @@ impl Layout {
         pages + windows * self.window_head_elems as u128 * self.dtype.size() as u128
     }
 
+    /// Host bytes of the page tables: a block list of a whole layer's pages for every
+    /// (sequence, layer), and each layer's page references and free list.
+    pub fn table_bytes(&self) -> u128 {
+        let per_layer = self.pages_per_layer as u128 * 4;
+        per_layer * self.n_layers as u128 * (self.max_seqs as u128 + 2)
+    }
+
     /// Elements of every window of every layer and slot.
     pub fn window_elems_total(&self) -> usize {
         self.n_layers * self.max_seqs * self.n_kv_heads * self.window_head_elems

@@ -17,11 +17,12 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    pub fn zeroed(len: usize) -> AlignedBuf {
+    /// `len` zeroed bytes, or `None` when they cannot be allocated.
+    pub fn try_zeroed(len: usize) -> Option<AlignedBuf> {
         if len == 0 {
-            return AlignedBuf { ptr: NonNull::<u64>::dangling().cast(), len: 0 };
+            return Some(AlignedBuf { ptr: NonNull::<u64>::dangling().cast(), len: 0 });
         }
-        let layout = AllocLayout::from_size_align(len, align_for(len)).expect("size validated by CacheConfig");
+        let layout = AllocLayout::from_size_align(len, align_for(len)).ok()?;
         let ptr = if len >= HUGE {
             // Advised before the first touch (zeroing), which is when pages are chosen.
             // SAFETY: layout has non-zero size; the bytes are zeroed before any use.
@@ -35,8 +36,7 @@ impl AlignedBuf {
             // SAFETY: layout has non-zero size.
             unsafe { alloc::alloc_zeroed(layout) }
         };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        Some(AlignedBuf { ptr: NonNull::new(ptr)?, len })
     }
 
     #[inline]
@@ -113,9 +113,15 @@ pub(crate) struct PageRefs {
 }
 
 impl PageRefs {
-    pub fn new(pages: usize) -> PageRefs {
+    /// `None` when the tables cannot be allocated.
+    pub fn new(pages: usize) -> Option<PageRefs> {
+        let (mut refs, mut free) = (Vec::new(), Vec::new());
+        refs.try_reserve_exact(pages).ok()?;
+        free.try_reserve_exact(pages).ok()?;
+        refs.resize(pages, 0);
         // Popped from the end: hand out low page numbers first.
-        PageRefs { refs: vec![0; pages], free: (0..pages as u32).rev().collect() }
+        free.extend((0..pages as u32).rev());
+        Some(PageRefs { refs, free })
     }
 
     pub fn total(&self) -> usize {
@@ -173,8 +179,9 @@ pub(crate) struct PagePool {
 }
 
 impl PagePool {
-    pub fn new(pages: usize, page_bytes: usize) -> PagePool {
-        PagePool { data: AlignedBuf::zeroed(pages * page_bytes), page_bytes }
+    /// `pages` zeroed pages, or `None` when they cannot be allocated.
+    pub fn new(pages: usize, page_bytes: usize) -> Option<PagePool> {
+        Some(PagePool { data: AlignedBuf::try_zeroed(pages.checked_mul(page_bytes)?)?, page_bytes })
     }
 
     #[inline]

@@ -83,13 +83,19 @@ pub(crate) struct SeqTable {
 }
 
 impl SeqTable {
-    pub fn new(lay: &Layout) -> SeqTable {
-        let layer = || LayerSeq { len: 0, quantized: 0, blocks: Vec::with_capacity(lay.pages_per_layer) };
-        let slot = || Slot { id: None, layers: (0..lay.n_layers).map(|_| layer()).collect() };
-        SeqTable {
-            slots: (0..lay.max_seqs).map(|_| slot()).collect(),
-            pages: (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect(),
-        }
+    /// Every slot with room for a whole layer's pages (appends never allocate), or `None` when
+    /// that cannot be allocated.
+    pub fn new(lay: &Layout) -> Option<SeqTable> {
+        let layer = || {
+            let mut blocks = Vec::new();
+            blocks.try_reserve_exact(lay.pages_per_layer).ok()?;
+            Some(LayerSeq { len: 0, quantized: 0, blocks })
+        };
+        let slot = || Some(Slot { id: None, layers: (0..lay.n_layers).map(|_| layer()).collect::<Option<_>>()? });
+        Some(SeqTable {
+            slots: (0..lay.max_seqs).map(|_| slot()).collect::<Option<_>>()?,
+            pages: (0..lay.n_layers).map(|_| PageRefs::new(lay.pages_per_layer)).collect::<Option<_>>()?,
+        })
     }
 
     /// The slot of sequence `id`.

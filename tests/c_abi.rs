@@ -117,7 +117,9 @@ fn run_exe(exe: &Path, args: &[&str]) -> String {
     cmd.args(args)
         // Leak checking stays on: the programs free every cache, and the Rust runtime's own
         // allocations (thread-locals, the error message) are freed at exit, so any leak is real.
-        .env("ASAN_OPTIONS", "detect_leaks=1:halt_on_error=1:abort_on_error=0")
+        // A refused allocation returns NULL, as without ASan, so a cache too large for the
+        // machine is an error there too.
+        .env("ASAN_OPTIONS", "detect_leaks=1:halt_on_error=1:abort_on_error=0:allocator_may_return_null=1")
         .env("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1");
     run_ok(&mut cmd, &format!("running {}", exe.display()))
 }

@@ -462,3 +462,21 @@ fn random_operations_match_a_model() {
         }
     }
 }
+
+/// A configuration that validates but whose memory the machine cannot give (here more than
+/// a 64-bit process can map) is refused with an error that says so, not an abort.
+#[test]
+fn a_cache_too_large_to_allocate_is_an_error() {
+    let mut cfg = CacheConfig::new(1, 1 << 20, 1024);
+    cfg.max_tokens = u32::MAX;
+    cfg.page_tokens = 1 << 16;
+    cfg.validate().unwrap();
+    let e = Cache::new(cfg.clone()).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::InvalidConfig(_)), "{msg}");
+    assert!(msg.contains("could not allocate") && msg.contains("the pages of layer 0"), "{msg}");
+    // The same configuration at a size the machine has is fine.
+    cfg.n_kv_heads = 1;
+    cfg.max_tokens = 1 << 16;
+    Cache::new(cfg).unwrap();
+}

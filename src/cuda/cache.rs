@@ -332,7 +332,8 @@ impl CudaCache {
                 }
             }
         };
-        let seqs = SeqTable::new(&lay);
+        let seqs = SeqTable::new(&lay)
+            .ok_or_else(|| Error::allocation("the host's page tables", lay.table_bytes(), lay.total_bytes()))?;
         Ok(CudaCache {
             cfg,
             lay,

@@ -133,8 +133,9 @@ pub unsafe extern "C" fn kivi_params_init(params: *mut kivi_params, struct_size:
 /// the device before it returns. Its stream is the default stream until
 /// `kivi_cache_set_stream()`.
 ///
-/// Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field; also when a CUDA cache does
-/// not fit in the device's free memory), `KIVI_ERR_STRUCT_SIZE`, `KIVI_ERR_BACKEND_UNAVAILABLE`
+/// Errors: `KIVI_ERR_INVALID_CONFIG` (the message names the field; also when a CPU cache's
+/// memory cannot be allocated, or a CUDA cache does not fit in the device's free memory: the
+/// message gives the bytes), `KIVI_ERR_STRUCT_SIZE`, `KIVI_ERR_BACKEND_UNAVAILABLE`
 /// (the message says what is missing: the driver, the device, NVRTC, ...),
 /// `KIVI_ERR_NULL_POINTER`.
 ///

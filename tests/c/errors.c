@@ -281,6 +281,17 @@ int main(void) {
     p.max_seqs = 0xFFFFFFFFu;
     p.n_layers = 0xFFFFFFFFu;
     expect("oversized cache", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
+    /* Valid, but more memory than a process can map: an error, not an abort. */
+    p = small_params();
+    p.n_layers = 1;
+    p.n_kv_heads = 1u << 20;
+    p.head_dim = 1024;
+    p.max_tokens = 0xFFFFFFFFu;
+    p.page_tokens = 1u << 16;
+    p.max_seqs = 1;
+    expect("cache too large to allocate", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");
+    if (!strstr(kivi_last_error_message(), "could not allocate"))
+        fail("cache too large to allocate", "the message does not say so");
     p = small_params();
     p.device = -2;
     expect("device -2", kivi_cache_create(&p, &c), KIVI_ERR_INVALID_CONFIG, "kivi_cache_create");

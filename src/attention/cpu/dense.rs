@@ -27,6 +27,7 @@ pub struct DenseF16Cache {
 
 impl DenseF16Cache {
     /// Room for `capacity` tokens in each of `n_seqs` sequences; attention on `n_threads` threads.
+    /// A benchmark baseline: panics when the memory or the worker threads cannot be had.
     pub fn new(n_seqs: usize, n_kv_heads: usize, head_dim: usize, capacity: usize, n_threads: usize) -> Self {
         assert!(head_dim % 8 == 0 && head_dim <= super::MAX_HEAD_DIM, "head_dim must be a multiple of 8");
         let n = n_seqs * n_kv_heads * capacity * head_dim;
@@ -35,9 +36,9 @@ impl DenseF16Cache {
             hd: head_dim,
             cap: capacity,
             len: vec![0; n_seqs],
-            k: AlignedBuf::zeroed(2 * n),
-            v: AlignedBuf::zeroed(2 * n),
-            threads: Threads::with_dims(head_dim, FPB, 1, n_threads),
+            k: AlignedBuf::try_zeroed(2 * n).expect("memory for the dense keys"),
+            v: AlignedBuf::try_zeroed(2 * n).expect("memory for the dense values"),
+            threads: Threads::with_dims(head_dim, FPB, 1, n_threads).expect("starting the worker threads"),
         }
     }
 

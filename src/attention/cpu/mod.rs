@@ -76,6 +76,7 @@ use std::sync::{Mutex, OnceLock};
 pub(crate) use self::kernels::Scratch;
 use self::kernels::{QArgs, FPB, NH_MAX};
 use super::Resolved;
+use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::rows::{Element, Rows, RowsMut};
 use crate::seq::Stream;
@@ -218,20 +219,25 @@ struct Shared {
 }
 
 impl Threads {
-    pub fn new(lay: &Layout, n_threads: usize) -> Threads {
-        let mut t = Threads::with_dims(lay.head_dim, lay.group, lay.row_groups(), n_threads);
+    pub fn new(lay: &Layout, n_threads: usize) -> Result<Threads> {
+        let mut t = Threads::with_dims(lay.head_dim, lay.group, lay.row_groups(), n_threads)?;
         t.decode_slots = Vec::with_capacity(lay.max_seqs);
-        t
+        Ok(t)
     }
 
     /// Threads whose scratch fits heads of `hd` channels and groups of `group` tokens of
-    /// `row_groups` value groups.
-    pub fn with_dims(hd: usize, group: usize, row_groups: usize, n_threads: usize) -> Threads {
+    /// `row_groups` value groups; an error when the system will not start the workers.
+    pub fn with_dims(hd: usize, group: usize, row_groups: usize, n_threads: usize) -> Result<Threads> {
         let n = n_threads.max(1);
-        let pool = (n > 1).then(|| threads::Pool::new(n - 1));
+        let pool = match n {
+            1 => None,
+            _ => Some(threads::Pool::new(n - 1).map_err(|e| {
+                Error::InvalidConfig(format!("n_threads {n}: could not start {} worker threads: {e}", n - 1))
+            })?),
+        };
         let scratch = (0..n).map(|_| Scratch::new(hd, group, row_groups)).collect();
         let state = Mutex::new(Shared { scratch, partial: Vec::new() });
-        Threads { decode_slots: Vec::new(), pool, state, hd, group, row_groups }
+        Ok(Threads { decode_slots: Vec::new(), pool, state, hd, group, row_groups })
     }
 }
 

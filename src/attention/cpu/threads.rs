@@ -1,7 +1,8 @@
 //! A small pool of parked worker threads owned by one cache (no global pool): the engine's
-//! `n_threads` budget is the calling thread plus `n_threads - 1` workers. A call hands every
-//! worker the same closure with its thread index; workers spin briefly after a call (layers come
-//! back to back) and then park on a condition variable.
+//! `n_threads` budget is the calling thread plus `n_threads - 1` workers, for attention and for
+//! the quantization of flushed groups. A call hands every worker the same closure with its
+//! thread index; workers spin briefly after a call (layers come back to back) and then park on a
+//! condition variable.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -47,7 +48,8 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// A pool of `workers` threads (thread indices `1..=workers`; the caller is index 0).
-    pub fn new(workers: usize) -> Pool {
+    /// `workers` parked threads, or the error of the first that could not be started.
+    pub fn new(workers: usize) -> std::io::Result<Pool> {
         let shared = Arc::new(Shared {
             slot: Mutex::new(Slot { generation: 0, job: None, shutdown: false }),
             cv: Condvar::new(),
@@ -55,16 +57,14 @@ impl Pool {
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
         });
-        let handles = (1..=workers)
-            .map(|tid| {
-                let sh = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("kivi-attn-{tid}"))
-                    .spawn(move || worker(&sh, tid))
-                    .expect("spawning an attention worker thread")
-            })
-            .collect();
-        Pool { shared, handles }
+        let mut pool = Pool { shared, handles: Vec::with_capacity(workers) };
+        for tid in 1..=workers {
+            let sh = pool.shared.clone();
+            // On failure, dropping `pool` stops the threads already started.
+            pool.handles
+                .push(std::thread::Builder::new().name(format!("kivi-worker-{tid}")).spawn(move || worker(&sh, tid))?);
+        }
+        Ok(pool)
     }
 
     /// Threads a call may use: the workers and the caller.
@@ -113,7 +113,7 @@ impl Pool {
         f(0);
         drop(wait);
         if sh.panicked.swap(false, Ordering::AcqRel) {
-            panic!("an attention worker thread panicked");
+            panic!("a kivi worker thread panicked");
         }
     }
 }
