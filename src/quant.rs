@@ -461,6 +461,16 @@ pub fn write_f16(bytes: &mut [u8], i: usize, v: f16) {
 mod tests {
     use super::*;
 
+    /// Uniform numbers in [0, 1) from a fixed seed (xorshift).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
     #[test]
     fn packing_round_trips_every_position() {
         for bits in [2u32, 4, 8] {
@@ -483,13 +493,7 @@ mod tests {
 
     #[test]
     fn quantize_slice_matches_quantize_group() {
-        let mut seed = 0x1234_5678_9abc_def0u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = uniform(0x1234_5678_9abc_def0);
         for bits in [2u32, 4, 8] {
             for n in [8usize, 32, 64, 256] {
                 for trial in 0..50 {
@@ -525,13 +529,7 @@ mod tests {
     /// points of the grid, zeros that f16 rounds above the whole column, and scales it rounds to 0.
     #[test]
     fn quantize_columns_matches_quantize_slice_per_column() {
-        let mut seed = 0x0bad_5eed_1234_5678u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = uniform(0x0bad_5eed_1234_5678);
         for bits in [2u32, 4, 8] {
             for (n, cols) in [(8usize, 8usize), (32, 16), (32, 24), (64, 40), (256, 16), (32, 128)] {
                 for trial in 0..6 {
