@@ -63,11 +63,11 @@ impl Cache {
         let lay = Layout::new(&cfg);
         // Memory the machine cannot give is an error, not an abort.
         let total = lay.total_bytes();
-        let page_bytes = lay.pages_per_layer as u128 * lay.page_bytes as u128;
+        let layer_bytes = lay.pages_per_layer as u128 * lay.page_bytes as u128;
         let pools = (0..lay.n_layers)
             .map(|l| {
                 PagePool::new(lay.pages_per_layer, lay.page_bytes)
-                    .ok_or_else(|| Error::allocation(&format!("the pages of layer {l}"), page_bytes, total))
+                    .ok_or_else(|| Error::allocation(&format!("the pages of layer {l}"), layer_bytes, total))
             })
             .collect::<Result<_>>()?;
         let window_bytes = lay.window_elems_total() * lay.dtype.size();

@@ -166,7 +166,8 @@ impl<'a, T: Element> Rows<'a, T> {
     /// (scales and zeros are f16, so quantized data must fit it).
     pub(crate) fn check_finite(&self, what: &'static str, f16_range: bool) -> Result<()> {
         // First a pass without branches (it vectorizes): the largest magnitude's bits, which a
-        // NaN or an infinity exceeds; only a failing row is then searched for its culprit.
+        // NaN or an infinity exceeds; only when that fails are elements tested one by one, to
+        // name the first culprit.
         let limit = if f16_range { crate::quant::F16_LIMIT } else { f32::MAX }.to_bits();
         let mut buf = [0f32; 256];
         let mut fine = |row: &[T]| {
