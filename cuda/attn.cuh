@@ -42,7 +42,7 @@ struct AttnItem {
 struct AttnParams {
     const u8* pages;        // this layer's page pool
     const elem_t* windows;  // this layer's windows
-    const u32* blocks;      // this layer's block tables, [max_seqs][KV_PPL]
+    const u32* blocks;      // this layer's block tables, [max_seqs][KV_SEQ_PAGES]
     const elem_t* q;
     const elem_t* k;
     const elem_t* v;
@@ -351,7 +351,7 @@ __device__ __forceinline__ void attn_block_in(const AttnParams& P, AttnShared& s
     // (split 0 of kv_decode_mma) does the full-precision tokens.
     const u32 u_begin = P.fp_only ? n_groups : split * P.ups;
     const u32 u_end = P.fp_only ? n_units : min(n_units, u_begin + P.ups);
-    const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
+    const u32* blocks = P.blocks + (u64)it.slot * KV_SEQ_PAGES;
     const elem_t* hw = head_window(P.windows, it.slot, kvh);
     const int lo_min = sh.lo_min, hi_max = sh.hi_max;
 

@@ -12,7 +12,7 @@
 //   KV_KB, KV_VB key and value bits    KV_KEY_PER_TOKEN 0 (KIVI, per channel) or 1
 //   KV_G         tokens per key group  KV_VG    channels per value group
 //   KV_SINKS     sink tokens           KV_RING  residual + group (window ring length)
-//   KV_GPP       groups per page       KV_PPL   pages per layer (block-table row length)
+//   KV_GPP       groups per page       KV_SEQ_PAGES pages one sequence holds (block-table row)
 //   KV_K_CODES, KV_K_SCALE, KV_K_ZERO, KV_V_CODES, KV_V_SCALE, KV_V_ZERO: offsets in a head block
 //   KV_HEAD_BYTES, KV_PAGE_BYTES       KV_WIN_HEAD: elements of one head's window
 // Attention kernels also take KV_NQ: query vectors (query heads x query rows) per block.

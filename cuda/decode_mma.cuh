@@ -517,7 +517,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const 
     const u32 n_groups = it.quantized / KV_G;
     const u32 gb = (blockIdx.x - 1) * P.ups;
     const u32 ge = min(n_groups, gb + P.ups);
-    const u32* blocks = P.blocks + (u64)it.slot * KV_PPL;
+    const u32* blocks = P.blocks + (u64)it.slot * KV_SEQ_PAGES;
     // The softcap's tanh stays out of the loop that does not need it.
     if (P.softcap > 0.0f) {
         mma_groups<true>(P, sh, st, blocks, kvh, gb, ge, lo_min, hi_max, lo_max, hi_min, nvec);

@@ -184,7 +184,7 @@ extern "C" __global__ void kv_quantize(const QuantParams P) {
     if (n >= P.n_items) return;
     const FlushItem it = P.items[n];
     const u32 g = it.g0 + x, h = blockIdx.y;
-    const u32 page = P.blocks[(u64)it.slot * KV_PPL + g / KV_GPP];
+    const u32 page = P.blocks[(u64)it.slot * KV_SEQ_PAGES + g / KV_GPP];
     const u32 gi = g % KV_GPP;
     u8* blk = P.pages + (u64)page * KV_PAGE_BYTES + (u64)h * KV_HEAD_BYTES;
     const elem_t* hw = head_window(P.windows, it.slot, h);
@@ -272,7 +272,7 @@ __device__ __forceinline__ elem_t dequant(const u8* blk, u32 scale_off, u32 zero
 extern "C" __global__ void kv_unquantize(const UnquantParams P) {
     const u32 h = blockIdx.x;
     u32 gi;
-    const u8* blk = group_block(P.pages, P.blocks + (u64)P.slot * KV_PPL, P.g, h, &gi);
+    const u8* blk = group_block(P.pages, P.blocks + (u64)P.slot * KV_SEQ_PAGES, P.g, h, &gi);
     elem_t* hw = P.windows + ((u64)P.slot * KV_NKV + h) * KV_WIN_HEAD;
     for (u32 i = threadIdx.x; i < P.partial * KV_HD; i += blockDim.x) {
         u32 t = i / KV_HD, c = i % KV_HD;

@@ -144,6 +144,10 @@ enum kivi_status
      */
     KIVI_ERR_BACKEND_UNAVAILABLE = 14,
     /**
+     * A sequence would grow past `max_seq_tokens` (the pool may still have room for others).
+     */
+    KIVI_ERR_SEQUENCE_FULL = 15,
+    /**
      * A bug inside kivi (a Rust panic, caught at the boundary). A cache that was being changed
      * when it happened refuses every later call with this status; free it.
      */
@@ -339,6 +343,15 @@ typedef struct kivi_params {
      * and a saved state loads whatever it is. Default: `KIVI_ROUNDING_LEAST_SQUARES`.
      */
     int32_t value_rounding;
+    /**
+     * Tokens one sequence may hold (the model's context length), or 0 for no limit but the
+     * pool (`max_tokens`). An append or decode step that would take a sequence past it fails
+     * with `KIVI_ERR_SEQUENCE_FULL`. Each sequence's page list in each layer is sized for this
+     * many tokens at creation (in device memory too for a CUDA cache): 4 bytes per page, so
+     * `max_seqs` x `n_layers` x 4 x (`max_seq_tokens`, or `max_tokens` when 0) / page tokens
+     * bytes. An engine serving many sequences from a large pool should set it. Default: 0.
+     */
+    uint32_t max_seq_tokens;
 } kivi_params;
 
 /**
@@ -689,8 +702,10 @@ kivi_status kivi_cache_params(const struct kivi_cache *cache, struct kivi_params
  * checked for NaN or range there (the host never reads them).
  *
  * Errors: `KIVI_ERR_LAYER_OUT_OF_RANGE`, `KIVI_ERR_SHAPE`, `KIVI_ERR_NON_FINITE`,
- * `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`, `KIVI_ERR_INVALID_ARGUMENT` (a
- * CUDA cache given rows of another dtype), ... On any error the cache is unchanged.
+ * `KIVI_ERR_CAPACITY_EXHAUSTED` (the layer's pool is full), `KIVI_ERR_SEQUENCE_FULL` (the
+ * sequence would pass `max_seq_tokens`), `KIVI_ERR_TOO_MANY_SEQUENCES`,
+ * `KIVI_ERR_INVALID_ARGUMENT` (a CUDA cache given rows of another dtype), ... On any error the
+ * cache is unchanged.
  *
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
  *
@@ -960,8 +975,8 @@ kivi_status kivi_state_save(const struct kivi_cache *cache,
  * CUDA cache: waits for all work on the device (every stream: the copies to the device are
  * synchronous, outside the cache's stream), loads, and waits again.
  *
- * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
- * ...; on any error the cache is unchanged.
+ * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
+ * longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is unchanged.
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
  *
  * # Safety
@@ -1014,8 +1029,9 @@ kivi_status kivi_seq_state_save(const struct kivi_cache *cache,
  *
  * CUDA cache: waits for the device before and after, as `kivi_state_load()`.
  *
- * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
- * `KIVI_ERR_TOO_MANY_SEQUENCES`; on any error the cache is unchanged.
+ * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
+ * longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`;
+ * on any error the cache is unchanged.
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
  *
  * # Safety

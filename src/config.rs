@@ -114,6 +114,12 @@ pub struct CacheConfig {
     pub max_tokens: u32,
     /// Sequences alive at once; each holds one full-precision window per layer.
     pub max_seqs: u32,
+    /// Tokens one sequence may hold (the model's context length), or 0 for no limit but the
+    /// pool. Every (sequence, layer) has a block table with room for the pages of this many
+    /// tokens, taken at creation (on the device too for a CUDA cache): 4 bytes per page of
+    /// `max_seq_tokens` (or of `max_tokens` when 0) times `max_seqs` times `n_layers`. An engine
+    /// serving many sequences from a large pool should set it.
+    pub max_seq_tokens: u32,
     /// Tokens per page: a multiple of `group_size` up to 65536, or 0 for one group per page. On
     /// a CPU cache 256 decodes about 1.2 to 1.35 times faster from a few thousand tokens on (each
     /// KV head's groups are then contiguous in memory), for one spare page per sequence in each
@@ -128,7 +134,7 @@ pub struct CacheConfig {
 impl CacheConfig {
     /// A KIVI-2 configuration for a model of this shape: 2-bit keys per channel and 2-bit values,
     /// G = 32, value groups of 32 channels rounded by least squares, R = 128, no sinks, f32
-    /// windows, 4096 tokens, one sequence, one group per page.
+    /// windows, 4096 tokens, one sequence of any length, one group per page.
     pub fn new(n_layers: u32, n_kv_heads: u32, head_dim: u32) -> CacheConfig {
         CacheConfig {
             n_layers,
@@ -145,6 +151,7 @@ impl CacheConfig {
             sinks: 0,
             max_tokens: 4096,
             max_seqs: 1,
+            max_seq_tokens: 0,
             page_tokens: 0,
             n_threads: 1,
         }

@@ -25,6 +25,11 @@ pub enum Error {
          {needed} more pages needed, {free} free of {total}"
     )]
     CapacityExhausted { seq: u32, layer: u32, token: u64, needed: u64, free: u64, total: u64 },
+    /// A sequence that would grow past [`CacheConfig::max_seq_tokens`](crate::CacheConfig).
+    #[error(
+        "sequence {seq} is full: it holds {len} tokens in layer {layer}, {adding} more would pass max_seq_tokens {max}"
+    )]
+    SequenceFull { seq: u32, layer: u32, len: u64, adding: u64, max: u32 },
     /// Every sequence slot is taken.
     #[error("too many sequences: sequence {seq} would be number {} but the cache holds at most {max}", max + 1)]
     TooManySequences { seq: u32, max: u32 },

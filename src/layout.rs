@@ -53,6 +53,10 @@ pub(crate) struct Layout {
     pub groups_per_page: usize,
     pub max_seqs: usize,
     pub pages_per_layer: usize,
+    /// Tokens one sequence may hold (`usize::MAX`: no limit but the pool).
+    pub max_seq_tokens: usize,
+    /// Pages one sequence can hold in a layer: the length of a block table.
+    pub seq_pages: usize,
 
     // Offsets inside one head's block of a page.
     pub k_codes: usize,
@@ -93,6 +97,10 @@ impl Layout {
         // Pages larger than one group can be partly filled: one spare page per sequence.
         let spare = if gpp > 1 { c.max_seqs as usize } else { 0 };
         let pages_per_layer = groups_needed.div_ceil(gpp) + spare;
+        let (max_seq_tokens, seq_pages) = match c.max_seq_tokens {
+            0 => (usize::MAX, pages_per_layer),
+            m => (m as usize, (m as usize).div_ceil(g).div_ceil(gpp).min(pages_per_layer)),
+        };
         let ring = c.residual as usize + g;
         let s = c.sinks as usize;
         Layout {
@@ -113,6 +121,8 @@ impl Layout {
             groups_per_page: gpp,
             max_seqs: c.max_seqs as usize,
             pages_per_layer,
+            max_seq_tokens,
+            seq_pages,
             k_codes,
             k_scale,
             k_zero,
@@ -132,11 +142,16 @@ impl Layout {
         pages + windows * self.window_head_elems as u128 * self.dtype.size() as u128
     }
 
-    /// Host bytes of the page tables: a block list of a whole layer's pages for every
-    /// (sequence, layer), and each layer's page references and free list.
+    /// Bytes of the block tables: one of [`Layout::seq_pages`] pages for every (sequence,
+    /// layer). A CUDA cache has them on the device too.
+    pub fn block_table_bytes(&self) -> u128 {
+        self.seq_pages as u128 * 4 * self.n_layers as u128 * self.max_seqs as u128
+    }
+
+    /// Host bytes of the page tables: the block tables, and each layer's page references and
+    /// free list.
     pub fn table_bytes(&self) -> u128 {
-        let per_layer = self.pages_per_layer as u128 * 4;
-        per_layer * self.n_layers as u128 * (self.max_seqs as u128 + 2)
+        self.block_table_bytes() + self.pages_per_layer as u128 * 4 * 2 * self.n_layers as u128
     }
 
     /// Elements of every window of every layer and slot.
@@ -188,5 +203,29 @@ impl Layout {
             KeyMode::PerToken => self.row_groups() * 4,
         };
         (codes, k_params + self.row_groups() * 4)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Block tables are as long as one sequence's pages, never longer than the pool.
+    #[test]
+    fn block_tables_hold_one_sequences_pages() {
+        let mut c = CacheConfig::new(32, 8, 128);
+        (c.max_tokens, c.max_seqs) = (1 << 20, 256);
+        let unbounded = Layout::new(&c);
+        assert_eq!(unbounded.seq_pages, unbounded.pages_per_layer);
+        assert_eq!(unbounded.block_table_bytes(), 1 << 30, "1M tokens of 32-token pages, 256 x 32 tables");
+        c.max_seq_tokens = 32768;
+        assert_eq!(Layout::new(&c).block_table_bytes(), 32 << 20);
+        // A limit inside a page: 100 tokens are 7 groups of 16, 4 pages of 2 groups.
+        (c.group_size, c.page_tokens, c.max_seq_tokens) = (16, 32, 100);
+        assert_eq!(Layout::new(&c).seq_pages, 4);
+        // A limit past the pool: the pool's pages (plus the spare per sequence).
+        (c.max_tokens, c.max_seqs, c.max_seq_tokens) = (64, 3, 1000);
+        let lay = Layout::new(&c);
+        assert_eq!((lay.pages_per_layer, lay.seq_pages), (2 + 3, 5));
     }
 }

@@ -83,12 +83,12 @@ pub(crate) struct SeqTable {
 }
 
 impl SeqTable {
-    /// Every slot with room for a whole layer's pages (appends never allocate), or `None` when
-    /// that cannot be allocated.
+    /// Every slot with room for the pages of its longest sequence (appends never allocate), or
+    /// `None` when that cannot be allocated.
     pub fn new(lay: &Layout) -> Option<SeqTable> {
         let layer = || {
             let mut blocks = Vec::new();
-            blocks.try_reserve_exact(lay.pages_per_layer).ok()?;
+            blocks.try_reserve_exact(lay.seq_pages).ok()?;
             Some(LayerSeq { len: 0, quantized: 0, blocks })
         };
         let slot = || Some(Slot { id: None, layers: (0..lay.n_layers).map(|_| layer()).collect::<Option<_>>()? });
@@ -200,11 +200,28 @@ impl SeqTable {
         Ok(())
     }
 
-    /// Checks appending `n` tokens to `seq` (created when new) in layer `l`: a slot for it and
-    /// the pages the append needs. Returns its slot (not yet given to it when new).
+    /// Fails when `seq`, holding `len` tokens in layer `l`, cannot take `n` more
+    /// (`max_seq_tokens`).
+    pub fn check_len(lay: &Layout, l: usize, seq: u32, len: usize, n: usize) -> Result<()> {
+        if n > lay.max_seq_tokens.saturating_sub(len) {
+            return Err(Error::SequenceFull {
+                seq,
+                layer: l as u32,
+                len: len as u64,
+                adding: n as u64,
+                max: lay.max_seq_tokens as u32,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks appending `n` tokens to `seq` (created when new) in layer `l`: a slot for it, its
+    /// length limit and the pages the append needs. Returns its slot (not yet given to it when
+    /// new).
     pub fn check_append(&self, lay: &Layout, l: usize, seq: u32, n: usize) -> Result<usize> {
-        let (slot, _) = self.slot_or_new(seq)?;
-        let len = self.slots[slot].layers[l].len;
+        let (slot, new) = self.slot_or_new(seq)?;
+        let len = if new { 0 } else { self.slots[slot].layers[l].len };
+        Self::check_len(lay, l, seq, len, n)?;
         self.check_pages(l, seq, len, self.pages_needed(lay, l, slot, n), None)?;
         Ok(slot)
     }
@@ -226,6 +243,7 @@ impl SeqTable {
                     }
                 }
                 Some(slot) => {
+                    Self::check_len(lay, l, seq, self.slots[slot].layers[l].len, 1)?;
                     let need = self.pages_needed(lay, l, slot, 1);
                     if need > 0 {
                         blame = (seq, self.slots[slot].layers[l].len);

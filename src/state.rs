@@ -231,6 +231,7 @@ impl Cache {
             let mut layers = Vec::with_capacity(lay.n_layers);
             for (l, count) in counted.iter_mut().enumerate() {
                 let rec = read_layer(&mut r, &lay, true, self.window_bytes())?;
+                check_seq_len(&lay, id, l, rec.len)?;
                 for &b in &rec.blocks {
                     if b as usize >= lay.pages_per_layer || pools[l].0[b as usize] == 0 {
                         return Err(Error::CorruptState(format!("sequence {id} layer {l}: page {b} not in use")));
@@ -327,8 +328,10 @@ impl Cache {
         let lay = self.lay.clone();
         let _saved_id = r.u32()?;
         let mut layers = Vec::with_capacity(lay.n_layers);
-        for _ in 0..lay.n_layers {
-            layers.push(read_layer(&mut r, &lay, false, self.window_bytes())?);
+        for l in 0..lay.n_layers {
+            let rec = read_layer(&mut r, &lay, false, self.window_bytes())?;
+            check_seq_len(&lay, seq, l, rec.len)?;
+            layers.push(rec);
         }
         let (slot, new) = self.seqs.slot_or_new(seq)?;
         for (l, rec) in layers.iter().enumerate() {
@@ -414,6 +417,19 @@ impl Cache {
         }
         Ok(Reader { buf: &buf[..total - 4], at: HEADER })
     }
+}
+
+/// Fails when sequence `id` holds more tokens in layer `l` (`len`) than this cache lets one
+/// sequence hold (`max_seq_tokens` is not part of a blob's settings: a blob loads into a cache
+/// with any limit its sequences fit).
+pub(crate) fn check_seq_len(lay: &Layout, id: u32, l: usize, len: usize) -> Result<()> {
+    if len > lay.max_seq_tokens {
+        return Err(Error::StateMismatch(format!(
+            "sequence {id} holds {len} tokens in layer {l}, more than this cache's max_seq_tokens {}",
+            lay.max_seq_tokens
+        )));
+    }
+    Ok(())
 }
 
 /// Starts a blob of `size` bytes: the header of a cache of configuration `cfg`.

@@ -344,6 +344,9 @@ fn random_operations_match_a_model() {
         c.key_mode = if trial == 3 { KeyMode::PerToken } else { KeyMode::PerChannel };
         c.page_tokens = c.group_size * 2;
         (c.max_tokens, c.max_seqs) = (256, 3);
+        // Two trials bound each sequence below the pool (block tables shorter than the pool).
+        c.max_seq_tokens = [0, 100, 0, 150][trial];
+        let limit = if c.max_seq_tokens == 0 { usize::MAX } else { c.max_seq_tokens as usize };
         let mut cache = Cache::new(c.clone()).unwrap();
         let gen = KvGen::new(&mut rng, 1, 64);
         // Model: per sequence id, its tokens (keys, values) and how many of its newest tokens
@@ -379,6 +382,9 @@ fn random_operations_match_a_model() {
                                 .unwrap();
                         assert!(rel_err(&out, &want) < 1e-5, "trial {trial} op {op}");
                     }
+                    let held_now = model.get(&seq).map_or(0, |e| e.0.len() / 64);
+                    let full = matches!(res, Err(Error::SequenceFull { .. }));
+                    assert_eq!(full, held_now + n > limit, "trial {trial} op {op}: {res:?} for {held_now} + {n}");
                     if res.is_ok() {
                         let e = model.entry(seq).or_default();
                         e.0.extend_from_slice(&k);
@@ -461,6 +467,82 @@ fn random_operations_match_a_model() {
             }
         }
     }
+}
+
+/// `max_seq_tokens` bounds each sequence, not the pool: appends and decode steps that would pass
+/// it fail naming the sequence and change nothing, other sequences still grow, and state blobs
+/// holding a longer sequence are refused.
+#[test]
+fn max_seq_tokens_bounds_each_sequence() {
+    let mut rng = Rng::fresh("max_seq_tokens_bounds_each_sequence");
+    let gen = KvGen::new(&mut rng, 2, 64);
+    // 100 = 3 groups of 16 past the window of 32 and a partial one; pages of 2 groups.
+    let mut c = config();
+    (c.max_seq_tokens, c.page_tokens) = (100, 32);
+    let mut cache = Cache::new(c.clone()).unwrap();
+    let (k, v) = (gen.keys(&mut rng, 101), gen.values(&mut rng, 101));
+    for l in 0..3 {
+        append(&mut cache, l, 0, &k[..99 * 128], &v[..99 * 128]).unwrap();
+    }
+    let before = cache.save_state_vec();
+    let e = append(&mut cache, 1, 0, &k[..2 * 128], &v[..2 * 128]).unwrap_err();
+    assert_eq!(e, Error::SequenceFull { seq: 0, layer: 1, len: 99, adding: 2, max: 100 });
+    assert!(e.to_string().contains("sequence 0 is full") && e.to_string().contains("max_seq_tokens 100"), "{e}");
+    assert!(cache.save_state_vec() == before, "a refused append changed the cache");
+    // A decode step: sequence 1 is new, sequence 0 takes its 100th token, then is full.
+    let step = |cache: &mut Cache, seqs: &[u32], l: u32| {
+        let n = seqs.len();
+        let (k1, v1, q1) = (&k[..n * 128], &v[..n * 128], queries(&mut Rng::new(7), n, 4, 64));
+        let mut out = vec![0f32; q1.len()];
+        cache.decode(
+            l,
+            seqs,
+            Rows::new(k1, n).unwrap(),
+            Rows::new(v1, n).unwrap(),
+            Rows::new(&q1, n).unwrap(),
+            RowsMut::new(&mut out, n).unwrap(),
+            &AttnOptions::default(),
+        )
+    };
+    for l in 0..3 {
+        step(&mut cache, &[1, 0], l).unwrap();
+    }
+    assert_eq!(cache.seq_len(0).unwrap(), 100);
+    let before = cache.save_state_vec();
+    let e = step(&mut cache, &[1, 0], 0).unwrap_err();
+    assert!(matches!(e, Error::SequenceFull { seq: 0, layer: 0, len: 100, adding: 1, .. }), "{e}");
+    assert!(cache.save_state_vec() == before, "a refused decode step changed the cache");
+    // Sequence 1 still grows to its own limit, and a truncated sequence 0 grows again.
+    let (k2, v2) = (gen.keys(&mut rng, 99), gen.values(&mut rng, 99));
+    for l in 0..3 {
+        append(&mut cache, l, 1, &k2, &v2).unwrap();
+    }
+    assert_eq!(cache.seq_len(1).unwrap(), 100);
+    cache.seq_truncate(0, 60).unwrap();
+    for l in 0..3 {
+        append(&mut cache, l, 0, &k[..40 * 128], &v[..40 * 128]).unwrap();
+    }
+    assert_eq!(cache.seq_len(0).unwrap(), 100);
+
+    // Blobs from a cache without the limit: a sequence of 101 tokens does not load, one of 100
+    // does; a whole cache holding the long one does not load either.
+    let mut free = Cache::new(CacheConfig { max_seq_tokens: 0, ..c.clone() }).unwrap();
+    for l in 0..3 {
+        append(&mut free, l, 5, &k, &v).unwrap();
+        append(&mut free, l, 6, &k[..100 * 128], &v[..100 * 128]).unwrap();
+    }
+    let before = cache.save_state_vec();
+    let e = cache.load_seq_state(2, &free.save_seq_state_vec(5).unwrap()).unwrap_err();
+    assert!(
+        matches!(&e, Error::StateMismatch(m) if m.contains("101 tokens") && m.contains("max_seq_tokens 100")),
+        "{e}"
+    );
+    let e = cache.load_state(&free.save_state_vec()).unwrap_err();
+    assert!(matches!(&e, Error::StateMismatch(m) if m.contains("sequence 5")), "{e}");
+    assert!(cache.save_state_vec() == before, "a refused blob changed the cache");
+    cache.seq_remove(1).unwrap();
+    cache.load_seq_state(2, &free.save_seq_state_vec(6).unwrap()).unwrap();
+    assert_eq!(held(&cache, 2, 2).keys, held(&free, 2, 6).keys);
 }
 
 /// A configuration that validates but whose memory the machine cannot give (here more than

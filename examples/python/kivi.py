@@ -44,7 +44,8 @@ STATUS_NAMES = {
     4: "KIVI_ERR_SHAPE", 5: "KIVI_ERR_NON_FINITE", 6: "KIVI_ERR_LAYER_OUT_OF_RANGE",
     7: "KIVI_ERR_UNKNOWN_SEQUENCE", 8: "KIVI_ERR_CAPACITY_EXHAUSTED", 9: "KIVI_ERR_TOO_MANY_SEQUENCES",
     10: "KIVI_ERR_BUFFER_TOO_SMALL", 11: "KIVI_ERR_CORRUPT_STATE", 12: "KIVI_ERR_STATE_MISMATCH",
-    13: "KIVI_ERR_STRUCT_SIZE", 14: "KIVI_ERR_BACKEND_UNAVAILABLE", 99: "KIVI_ERR_INTERNAL",
+    13: "KIVI_ERR_STRUCT_SIZE", 14: "KIVI_ERR_BACKEND_UNAVAILABLE", 15: "KIVI_ERR_SEQUENCE_FULL",
+    99: "KIVI_ERR_INTERNAL",
 }
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # bf16 (2) has no numpy dtype
 TORCH_DTYPES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}
@@ -58,7 +59,7 @@ class Params(C.Structure):
         ("dtype", C.c_int32), ("key_bits", C.c_uint32), ("value_bits", C.c_uint32), ("key_mode", C.c_int32),
     ] + [(name, C.c_uint32) for name in ("group_size", "value_group", "residual", "sinks", "max_tokens",
                                          "max_seqs", "page_tokens", "n_threads")] + [
-        ("device", C.c_int32), ("value_rounding", C.c_int32)]
+        ("device", C.c_int32), ("value_rounding", C.c_int32), ("max_seq_tokens", C.c_uint32)]
 
 
 class AttnOptions(C.Structure):

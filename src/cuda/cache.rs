@@ -289,7 +289,7 @@ impl CudaCache {
         let lay = Layout::new(&cfg);
         let pages = lay.n_layers * lay.pages_per_layer * lay.page_bytes;
         let windows = lay.window_elems_total() * lay.dtype.size();
-        let blocks = lay.n_layers * lay.max_seqs * lay.pages_per_layer * 4;
+        let blocks = lay.block_table_bytes() as usize;
         let off_windows = align256(pages);
         let off_blocks = off_windows + align256(windows);
         let off_scratch = off_blocks + align256(blocks);
@@ -374,7 +374,7 @@ impl CudaCache {
     }
 
     fn blocks_index(&self, l: usize, slot: usize) -> usize {
-        (l * self.lay.max_seqs + slot) * self.lay.pages_per_layer
+        (l * self.lay.max_seqs + slot) * self.lay.seq_pages
     }
 
     fn blocks_ptr(&self, l: usize) -> u64 {
@@ -970,6 +970,7 @@ impl CudaCache {
         let same = CacheConfig {
             max_tokens: hc.max_tokens,
             max_seqs: hc.max_seqs,
+            max_seq_tokens: hc.max_seq_tokens,
             n_threads: hc.n_threads,
             ..self.cfg.clone()
         };
@@ -980,6 +981,7 @@ impl CudaCache {
         let (slot, new) = self.seqs.slot_or_new(as_id)?;
         let lay = self.lay.clone();
         for (l, hls) in host.seqs.slots[hslot].layers.iter().enumerate() {
+            crate::state::check_seq_len(&self.lay, seq, l, hls.len)?;
             self.seqs.check_pages(l, as_id, hls.len, hls.blocks.len(), (!new).then_some(slot))?;
         }
         self.bind()?;
@@ -1107,7 +1109,7 @@ impl CudaCache {
         self.sync_device()?;
         let c = self;
         let lay = c.lay.clone();
-        let mut blocks = vec![0u32; lay.n_layers * lay.max_seqs * lay.pages_per_layer];
+        let mut blocks = vec![0u32; lay.n_layers * lay.max_seqs * lay.seq_pages];
         for (slot, s) in cache.seqs.slots.iter().enumerate() {
             for (l, ls) in s.layers.iter().enumerate() {
                 let b = c.blocks_index(l, slot);

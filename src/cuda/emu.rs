@@ -245,7 +245,7 @@ unsafe fn quantize(k: &K, p: &QuantParams, x: usize, h: usize) {
     }
     let it = p.items[n];
     let g = it.g0 as usize + x;
-    let page = rd32(p.blocks + 4 * (it.slot as usize * lay.pages_per_layer + g / lay.groups_per_page) as u64) as u64;
+    let page = rd32(p.blocks + 4 * (it.slot as usize * lay.seq_pages + g / lay.groups_per_page) as u64) as u64;
     let gi = g % lay.groups_per_page;
     let blk = p.pages + page * lay.page_bytes as u64 + (h * lay.head_bytes) as u64;
     let hw = k.head_window(p.windows, it.slot as usize, h);
@@ -334,7 +334,7 @@ unsafe fn window_write(k: &K, p: &WriteParams, x: usize, h: usize) {
 unsafe fn unquantize(k: &K, p: &UnquantParams, h: usize) {
     let lay = k.lay;
     let (hd, g, ng) = (lay.head_dim, lay.group, k.ng());
-    let blocks = p.blocks + 4 * (p.slot as usize * lay.pages_per_layer) as u64;
+    let blocks = p.blocks + 4 * (p.slot as usize * lay.seq_pages) as u64;
     let (blk, gi) = k.group_block(p.pages, blocks, p.g as usize, h);
     let hw = k.head_window(p.windows, p.slot as usize, h);
     let [_, _, rk, rv] = lay.window_parts();
@@ -624,7 +624,7 @@ unsafe fn attn_block(k: &K, p: &AttnParams, nq: usize, split: usize, y: usize, z
     } else {
         (split * p.ups as usize, n_units.min(split * p.ups as usize + p.ups as usize))
     };
-    let blocks = p.blocks + 4 * (it.slot as usize * lay.pages_per_layer) as u64;
+    let blocks = p.blocks + 4 * (it.slot as usize * lay.seq_pages) as u64;
     let hw = k.head_window(p.windows, it.slot as usize, kvh);
     let mut warps: Vec<Warp> = (0..WARPS)
         .map(|_| Warp {

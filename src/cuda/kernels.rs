@@ -179,7 +179,7 @@ impl Spec {
             d("KV_SINKS", lay.sinks),
             d("KV_RING", lay.ring),
             d("KV_GPP", lay.groups_per_page),
-            d("KV_PPL", lay.pages_per_layer),
+            d("KV_SEQ_PAGES", lay.seq_pages),
             d("KV_K_CODES", lay.k_codes),
             d("KV_K_SCALE", lay.k_scale),
             d("KV_K_ZERO", lay.k_zero),

@@ -275,6 +275,8 @@ fn cfg(
     c.dtype = dt;
     c.max_tokens = 2048;
     c.max_seqs = 8;
+    // Block tables half a pool long: their row length differs from the pool's page count.
+    c.max_seq_tokens = 1024;
     c.page_tokens = pt;
     c
 }
@@ -318,7 +320,7 @@ fn long_contexts(mk: Backend, n: usize) {
     for (bits, g) in [(2u8, 32u32), (4, 32), (4, 64), (2, 16), (2, 64)] {
         let mut c = cfg(64, 2, (bits, bits), g, 64, 0, KeyMode::PerChannel, DType::F16, 0);
         c.n_layers = 1;
-        c.max_tokens = 8192;
+        (c.max_tokens, c.max_seq_tokens) = (8192, 0);
         let mut p = Pair::<f16>::new(mk, c, 8, AttnOptions::default());
         p.append(0, 0, n);
         p.append(0, 1, n / 3);

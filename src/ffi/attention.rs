@@ -187,8 +187,10 @@ unsafe fn options(p: *const kivi_attn_options) -> FfiResult<AttnOptions> {
 /// checked for NaN or range there (the host never reads them).
 ///
 /// Errors: `KIVI_ERR_LAYER_OUT_OF_RANGE`, `KIVI_ERR_SHAPE`, `KIVI_ERR_NON_FINITE`,
-/// `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`, `KIVI_ERR_INVALID_ARGUMENT` (a
-/// CUDA cache given rows of another dtype), ... On any error the cache is unchanged.
+/// `KIVI_ERR_CAPACITY_EXHAUSTED` (the layer's pool is full), `KIVI_ERR_SEQUENCE_FULL` (the
+/// sequence would pass `max_seq_tokens`), `KIVI_ERR_TOO_MANY_SEQUENCES`,
+/// `KIVI_ERR_INVALID_ARGUMENT` (a CUDA cache given rows of another dtype), ... On any error the
+/// cache is unchanged.
 ///
 /// Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
 ///

@@ -35,6 +35,7 @@ fn params_of(c: &CacheConfig) -> kivi_params {
         n_threads: c.n_threads,
         device: KIVI_DEVICE_CPU,
         value_rounding: c.value_rounding as i32,
+        max_seq_tokens: c.max_seq_tokens,
     }
 }
 
@@ -80,6 +81,7 @@ pub(crate) fn config_of(p: &kivi_params) -> FfiResult<CacheConfig> {
         sinks: p.sinks,
         max_tokens: p.max_tokens,
         max_seqs: p.max_seqs,
+        max_seq_tokens: p.max_seq_tokens,
         page_tokens: p.page_tokens,
         n_threads: p.n_threads,
     };

@@ -15,7 +15,7 @@ pub(crate) fn set_last_error(msg: &str) {
 }
 
 /// Every status with its text (NUL-terminated, static).
-pub(crate) const STATUS_TEXT: [(kivi_status, &str); 16] = [
+pub(crate) const STATUS_TEXT: [(kivi_status, &str); 17] = [
     (KIVI_OK, "KIVI_OK: success\0"),
     (KIVI_ERR_NULL_POINTER, "KIVI_ERR_NULL_POINTER: a required pointer argument is NULL\0"),
     (KIVI_ERR_INVALID_CONFIG, "KIVI_ERR_INVALID_CONFIG: invalid cache parameters\0"),
@@ -31,6 +31,7 @@ pub(crate) const STATUS_TEXT: [(kivi_status, &str); 16] = [
     (KIVI_ERR_STATE_MISMATCH, "KIVI_ERR_STATE_MISMATCH: the state blob comes from a cache with other settings\0"),
     (KIVI_ERR_STRUCT_SIZE, "KIVI_ERR_STRUCT_SIZE: struct size does not match this library\0"),
     (KIVI_ERR_BACKEND_UNAVAILABLE, "KIVI_ERR_BACKEND_UNAVAILABLE: the requested device is not available\0"),
+    (KIVI_ERR_SEQUENCE_FULL, "KIVI_ERR_SEQUENCE_FULL: the sequence would pass max_seq_tokens\0"),
     (KIVI_ERR_INTERNAL, "KIVI_ERR_INTERNAL: internal error in kivi\0"),
 ];
 

@@ -79,6 +79,7 @@ pub(crate) fn status_of(e: &Error) -> kivi_status {
         Error::StateMismatch(_) => KIVI_ERR_STATE_MISMATCH,
         Error::BufferTooSmall { .. } => KIVI_ERR_BUFFER_TOO_SMALL,
         Error::BackendUnavailable(_) => KIVI_ERR_BACKEND_UNAVAILABLE,
+        Error::SequenceFull { .. } => KIVI_ERR_SEQUENCE_FULL,
     }
 }
 
@@ -174,8 +175,11 @@ pub(crate) trait Versioned: Copy {
 }
 
 impl Versioned for types::kivi_params {
-    /// Before `value_rounding`.
-    const OLDER_SIZES: &'static [usize] = &[std::mem::offset_of!(types::kivi_params, value_rounding)];
+    /// Before `value_rounding`, before `max_seq_tokens`.
+    const OLDER_SIZES: &'static [usize] = &[
+        std::mem::offset_of!(types::kivi_params, value_rounding),
+        std::mem::offset_of!(types::kivi_params, max_seq_tokens),
+    ];
     fn defaults() -> Self {
         cache::default_params()
     }

@@ -108,8 +108,8 @@ pub unsafe extern "C" fn kivi_state_save(
 /// CUDA cache: waits for all work on the device (every stream: the copies to the device are
 /// synchronous, outside the cache's stream), loads, and waits again.
 ///
-/// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
-/// ...; on any error the cache is unchanged.
+/// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
+/// longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is unchanged.
 /// Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
 ///
 /// # Safety
@@ -188,8 +188,9 @@ pub unsafe extern "C" fn kivi_seq_state_save(
 ///
 /// CUDA cache: waits for the device before and after, as `kivi_state_load()`.
 ///
-/// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH`, `KIVI_ERR_CAPACITY_EXHAUSTED`,
-/// `KIVI_ERR_TOO_MANY_SEQUENCES`; on any error the cache is unchanged.
+/// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
+/// longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, `KIVI_ERR_TOO_MANY_SEQUENCES`;
+/// on any error the cache is unchanged.
 /// Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
 ///
 /// # Safety

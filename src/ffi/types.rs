@@ -50,6 +50,8 @@ pub enum kivi_status {
     KIVI_ERR_STRUCT_SIZE = 13,
     /// The device asked for (e.g. a GPU) is not available in this build or on this machine.
     KIVI_ERR_BACKEND_UNAVAILABLE = 14,
+    /// A sequence would grow past `max_seq_tokens` (the pool may still have room for others).
+    KIVI_ERR_SEQUENCE_FULL = 15,
     /// A bug inside kivi (a Rust panic, caught at the boundary). A cache that was being changed
     /// when it happened refuses every later call with this status; free it.
     KIVI_ERR_INTERNAL = 99,
@@ -156,6 +158,13 @@ pub struct kivi_params {
     /// is the paper's rounding. Keys always take min/max. It does not change the stored format,
     /// and a saved state loads whatever it is. Default: `KIVI_ROUNDING_LEAST_SQUARES`.
     pub value_rounding: i32,
+    /// Tokens one sequence may hold (the model's context length), or 0 for no limit but the
+    /// pool (`max_tokens`). An append or decode step that would take a sequence past it fails
+    /// with `KIVI_ERR_SEQUENCE_FULL`. Each sequence's page list in each layer is sized for this
+    /// many tokens at creation (in device memory too for a CUDA cache): 4 bytes per page, so
+    /// `max_seqs` x `n_layers` x 4 x (`max_seq_tokens`, or `max_tokens` when 0) / page tokens
+    /// bytes. An engine serving many sequences from a large pool should set it. Default: 0.
+    pub max_seq_tokens: u32,
 }
 
 /// Options of one attention call. Zero in a field means its default, so

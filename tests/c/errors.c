@@ -30,6 +30,7 @@ PIN(KIVI_ERR_CORRUPT_STATE, 11);
 PIN(KIVI_ERR_STATE_MISMATCH, 12);
 PIN(KIVI_ERR_STRUCT_SIZE, 13);
 PIN(KIVI_ERR_BACKEND_UNAVAILABLE, 14);
+PIN(KIVI_ERR_SEQUENCE_FULL, 15);
 PIN(KIVI_ERR_INTERNAL, 99);
 typedef char pin_status_width[(sizeof(kivi_status) == 4) ? 1 : -1];
 
@@ -223,23 +224,29 @@ int main(void) {
     c = sentinel;
     expect("params struct too small", kivi_cache_create(&p, &c), KIVI_ERR_STRUCT_SIZE, "kivi_cache_create");
     {
-        /* A caller built with the header before value_rounding: its smaller struct is filled and
-           read without the field, which takes its default. */
-        kivi_params old, back;
-        kivi_cache *oc = NULL;
-        const size_t old_size = offsetof(kivi_params, value_rounding);
-        memset(&old, 0x5A, sizeof old);
-        expect("params_init older header", kivi_params_init(&old, old_size), KIVI_OK, "");
-        checks++;
-        if (old.struct_size != old_size || old.head_dim != 128 || old.value_rounding != 0x5A5A5A5A)
-            fail("params_init older header", "wrong fields, or wrote past the older struct");
-        old.n_layers = LAYERS;
-        expect("create from older header", kivi_cache_create(&old, &oc), KIVI_OK, "");
-        expect("params of it", kivi_cache_params(oc, &back, sizeof back), KIVI_OK, "");
-        checks++;
-        if (back.value_rounding != KIVI_ROUNDING_LEAST_SQUARES || back.n_layers != LAYERS)
-            fail("create from older header", "value_rounding did not take its default");
-        kivi_cache_free(oc);
+        /* Callers built with older headers (before value_rounding, before max_seq_tokens): their
+           smaller struct is filled and read without the fields, which take their defaults. */
+        const size_t old_sizes[2] = {offsetof(kivi_params, value_rounding), offsetof(kivi_params, max_seq_tokens)};
+        int i;
+        for (i = 0; i < 2; i++) {
+            kivi_params old, back;
+            kivi_cache *oc = NULL;
+            const size_t old_size = old_sizes[i];
+            memset(&old, 0x5A, sizeof old);
+            expect("params_init older header", kivi_params_init(&old, old_size), KIVI_OK, "");
+            checks++;
+            if (old.struct_size != old_size || old.head_dim != 128 || old.max_seq_tokens != 0x5A5A5A5A ||
+                (i == 0 && old.value_rounding != 0x5A5A5A5A))
+                fail("params_init older header", "wrong fields, or wrote past the older struct");
+            old.n_layers = LAYERS;
+            expect("create from older header", kivi_cache_create(&old, &oc), KIVI_OK, "");
+            expect("params of it", kivi_cache_params(oc, &back, sizeof back), KIVI_OK, "");
+            checks++;
+            if (back.value_rounding != KIVI_ROUNDING_LEAST_SQUARES || back.max_seq_tokens != 0 ||
+                back.n_layers != LAYERS)
+                fail("create from older header", "the fields it lacks did not take their defaults");
+            kivi_cache_free(oc);
+        }
     }
     p.struct_size = 0;
     expect("params struct_size 0", kivi_cache_create(&p, &c), KIVI_ERR_STRUCT_SIZE, "kivi_cache_create");
@@ -549,6 +556,28 @@ int main(void) {
     expect("fork into no slot", kivi_seq_copy(c, 1, 5, 10), KIVI_ERR_TOO_MANY_SEQUENCES, "kivi_seq_copy");
     expect("remove third", kivi_seq_remove(c, 3), KIVI_OK, "");
     unchanged("capacity", c, before, n_before);
+    {
+        /* A sequence limit below the pool's: 20 tokens fit, the 21st does not, others still do. */
+        kivi_params q = small_params();
+        kivi_cache *s = NULL;
+        uint8_t *s_before;
+        size_t s_n = 0;
+        q.max_seq_tokens = 20;
+        expect("create with max_seq_tokens", kivi_cache_create(&q, &s), KIVI_OK, "");
+        expect("fill to max_seq_tokens", append_all(s, 1, 20), KIVI_OK, "");
+        s_before = save(s, &s_n);
+        k = rows(kbuf, 1, KVROW);
+        v = rows(vbuf, 1, KVROW);
+        expect("past max_seq_tokens", kivi_append(s, 0, 1, &k, &v), KIVI_ERR_SEQUENCE_FULL, "kivi_append");
+        checks++;
+        if (!strstr(kivi_last_error_message(), "sequence 1 is full") ||
+            !strstr(kivi_last_error_message(), "max_seq_tokens 20"))
+            fail("past max_seq_tokens", "the message does not name the sequence and the limit");
+        unchanged("sequence full", s, s_before, s_n);
+        free(s_before);
+        expect("another sequence", append_all(s, 2, 20), KIVI_OK, "");
+        kivi_cache_free(s);
+    }
 
     /* --- state blobs: short buffer, corrupt, truncated, from another cache */
     {
@@ -586,6 +615,19 @@ int main(void) {
         expect("seq save", kivi_seq_state_save(c, 1, blob, size, &written), KIVI_OK, "");
         expect("seq blob into another cache", kivi_seq_state_load(other, 1, blob, written), KIVI_ERR_STATE_MISMATCH,
                "kivi_seq_state_load");
+        kivi_cache_free(other);
+        {
+            kivi_params q3 = small_params();
+            uint32_t n1 = 0;
+            expect("seq 1 len", kivi_seq_len(c, 1, &n1), KIVI_OK, "");
+            q3.max_seq_tokens = n1 - 1;
+            expect("create a cache of shorter sequences", kivi_cache_create(&q3, &other), KIVI_OK, "");
+            expect("seq blob longer than max_seq_tokens", kivi_seq_state_load(other, 1, blob, written),
+                   KIVI_ERR_STATE_MISMATCH, "kivi_seq_state_load");
+            checks++;
+            if (!strstr(kivi_last_error_message(), "max_seq_tokens"))
+                fail("seq blob longer than max_seq_tokens", "the message does not name max_seq_tokens");
+        }
         blob[written - 1] ^= 1;
         expect("corrupt seq blob", kivi_seq_state_load(c, 9, blob, written), KIVI_ERR_CORRUPT_STATE,
                "kivi_seq_state_load");
