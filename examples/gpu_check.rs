@@ -1027,6 +1027,9 @@ fn bench(args: &[String]) -> bool {
             cfg.max_seqs = max_batch as u32;
             let extra = (iters + 8) * batches.len() + 256;
             cfg.max_tokens = (max_batch * (ctx + extra)) as u32;
+            // Each sequence's own limit, as a serving engine sets it: block tables of one
+            // sequence's pages rather than the pool's.
+            cfg.max_seq_tokens = (ctx + extra) as u32;
             let mut cache = match CudaCache::new(cfg.clone(), 0) {
                 Ok(c) => c,
                 Err(e) => {
