@@ -45,6 +45,7 @@ pub mod state;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+mod threads;
 
 pub use attention::reference::Dequantized;
 pub use attention::AttnOptions;

@@ -65,7 +65,6 @@ mod kernels;
 mod neon;
 pub(crate) mod scalar;
 mod simd;
-mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -205,7 +204,7 @@ pub(crate) trait Backend: Sync {
 pub(crate) struct Threads {
     /// Slots of a batched decode step (capacity `max_seqs`, kept so decoding does not allocate).
     pub decode_slots: Vec<usize>,
-    pool: Option<threads::Pool>,
+    pool: Option<crate::threads::Pool>,
     state: Mutex<Shared>,
     hd: usize,
     group: usize,
@@ -231,7 +230,7 @@ impl Threads {
         let n = n_threads.max(1);
         let pool = match n {
             1 => None,
-            _ => Some(threads::Pool::new(n - 1).map_err(|e| {
+            _ => Some(crate::threads::Pool::new(n - 1).map_err(|e| {
                 Error::InvalidConfig(format!("n_threads {n}: could not start {} worker threads: {e}", n - 1))
             })?),
         };
