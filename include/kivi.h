@@ -504,6 +504,13 @@ typedef struct kivi_memory_stats {
      * Everything taken at creation (page pools and window slots, padding included).
      */
     uint64_t reserved_bytes;
+    /**
+     * The page tables, also taken at creation (not in `reserved_bytes`): a block table per
+     * (sequence, layer) with room for `max_seq_tokens` (or the whole pool when 0), and each
+     * layer's page reference counts, in host memory. A CUDA cache holds the block tables in
+     * device memory too.
+     */
+    uint64_t table_bytes;
 } kivi_memory_stats;
 
 /**
@@ -1050,7 +1057,7 @@ kivi_status kivi_seq_state_load(struct kivi_cache *cache, uint32_t seq, const ui
  *
  * CUDA cache: the same accounting (bytes of device memory), found on the host: no device work,
  * no waiting. `reserved_bytes` counts pages and windows as on the CPU; the device allocation is
- * larger by the block tables and a 32 MiB scratch area for attention.
+ * larger by the block tables (part of `table_bytes`) and a 32 MiB scratch area for attention.
  *
  * Thread safety: reads the cache; runs alongside other reading calls.
  *

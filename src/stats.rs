@@ -26,6 +26,11 @@ pub struct MemoryStats {
     pub pages_total: u64,
     /// Everything taken at creation: page pools and window slots, padding included.
     pub reserved_bytes: u64,
+    /// The page tables, also taken at creation (not in `reserved_bytes`): a block table per
+    /// (sequence, layer) with room for `max_seq_tokens` (or the whole pool when 0), and each
+    /// layer's page reference counts, in host memory. A CUDA cache holds the block tables in
+    /// device memory too.
+    pub table_bytes: u64,
 }
 
 impl MemoryStats {
@@ -69,6 +74,7 @@ impl MemoryStats {
         st.code_bytes = st.pages_used * page_tokens * codes as u64;
         st.scale_bytes = st.pages_used * page_tokens * params as u64;
         st.reserved_bytes = lay.total_bytes() as u64;
+        st.table_bytes = lay.table_bytes() as u64;
         st
     }
 }

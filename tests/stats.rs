@@ -41,3 +41,22 @@ fn stats_count_codes_scales_and_windows() {
     let st = cache.stats();
     assert_eq!((st.used_bytes(), st.pages_used, st.sequences), (0, 0, 0));
 }
+
+/// Page tables: a block table of one sequence's pages per (sequence, layer), 4 bytes a page,
+/// and a reference count and free-list entry per page of each layer's pool.
+#[test]
+fn stats_count_the_page_tables() {
+    let (layers, seqs, pages) = (3u64, 5u64, 4096u64 / 32);
+    let mut c = CacheConfig::new(layers as u32, 2, 64);
+    (c.max_tokens, c.max_seqs) = (4096, seqs as u32);
+    let per_layer = pages * 4 * 2;
+    let unbounded = Cache::new(c.clone()).unwrap().stats();
+    assert_eq!(unbounded.table_bytes, layers * (seqs * pages * 4 + per_layer));
+    assert_eq!(unbounded.pages_total, layers * pages);
+    // 1000 tokens: 32 groups of 32 (the last one partial).
+    c.max_seq_tokens = 1000;
+    assert_eq!(Cache::new(c.clone()).unwrap().stats().table_bytes, layers * (seqs * 32 * 4 + per_layer));
+    // A limit past the pool: no table longer than the pool.
+    c.max_seq_tokens = 100_000;
+    assert_eq!(Cache::new(c).unwrap().stats().table_bytes, unbounded.table_bytes);
+}

@@ -83,7 +83,8 @@ class Rows(C.Structure):
 class MemoryStats(C.Structure):
     _fields_ = [("struct_size", C.c_uint32), ("sequences", C.c_uint32)] + [
         (name, C.c_uint64) for name in ("tokens", "quantized_tokens", "code_bytes", "scale_bytes", "window_bytes",
-                                        "used_bytes", "f16_bytes", "pages_used", "pages_total", "reserved_bytes")]
+                                        "used_bytes", "f16_bytes", "pages_used", "pages_total", "reserved_bytes",
+                                        "table_bytes")]
 
 
 P, U32, SZ = C.POINTER, C.c_uint32, C.c_size_t

@@ -207,7 +207,8 @@ impl Versioned for types::kivi_device_info {
 }
 
 impl Versioned for types::kivi_memory_stats {
-    const OLDER_SIZES: &'static [usize] = &[];
+    /// Before `table_bytes`.
+    const OLDER_SIZES: &'static [usize] = &[std::mem::offset_of!(types::kivi_memory_stats, table_bytes)];
     fn defaults() -> Self {
         // SAFETY: integers only: all zeros is a valid value.
         unsafe { std::mem::zeroed() }

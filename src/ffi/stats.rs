@@ -14,7 +14,7 @@ use super::{check_out, ffi_fn, read_cache, write_versioned};
 ///
 /// CUDA cache: the same accounting (bytes of device memory), found on the host: no device work,
 /// no waiting. `reserved_bytes` counts pages and windows as on the CPU; the device allocation is
-/// larger by the block tables and a 32 MiB scratch area for attention.
+/// larger by the block tables (part of `table_bytes`) and a 32 MiB scratch area for attention.
 ///
 /// Thread safety: reads the cache; runs alongside other reading calls.
 ///
@@ -43,6 +43,7 @@ pub unsafe extern "C" fn kivi_cache_stats(
             pages_used: s.pages_used,
             pages_total: s.pages_total,
             reserved_bytes: s.reserved_bytes,
+            table_bytes: s.table_bytes,
         };
         write_versioned(out, struct_size, st, "stats")
     })

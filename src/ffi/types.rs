@@ -263,6 +263,11 @@ pub struct kivi_memory_stats {
     pub pages_total: u64,
     /// Everything taken at creation (page pools and window slots, padding included).
     pub reserved_bytes: u64,
+    /// The page tables, also taken at creation (not in `reserved_bytes`): a block table per
+    /// (sequence, layer) with room for `max_seq_tokens` (or the whole pool when 0), and each
+    /// layer's page reference counts, in host memory. A CUDA cache holds the block tables in
+    /// device memory too.
+    pub table_bytes: u64,
 }
 
 /// What `kivi_cuda_device_info()` found: a CUDA device and the libraries kivi runs it with.

@@ -495,10 +495,20 @@ int main(void) {
     {
         kivi_memory_stats st;
         memset(&st, 0xAB, sizeof st);
-        expect("stats struct too small", kivi_cache_stats(c, &st, sizeof st - 8), KIVI_ERR_STRUCT_SIZE,
+        expect("stats struct too small", kivi_cache_stats(c, &st, sizeof st - 4), KIVI_ERR_STRUCT_SIZE,
                "kivi_cache_stats");
         checks++;
         if (st.tokens != 0xABABABABABABABABull) fail("stats", "written by a failed call");
+        /* A caller built with the header before table_bytes gets the fields it knows. */
+        expect("stats of an older header", kivi_cache_stats(c, &st, offsetof(kivi_memory_stats, table_bytes)),
+               KIVI_OK, "");
+        checks++;
+        if (st.struct_size != offsetof(kivi_memory_stats, table_bytes) || st.tokens == 0xABABABABABABABABull ||
+            st.table_bytes != 0xABABABABABABABABull)
+            fail("stats of an older header", "wrong fields, or wrote past the older struct");
+        expect("stats", kivi_cache_stats(c, &st, sizeof st), KIVI_OK, "");
+        checks++;
+        if (st.table_bytes == 0 || st.table_bytes == 0xABABABABABABABABull) fail("stats", "table_bytes not written");
     }
     {
         float nan_keys[KVROW];
