@@ -491,7 +491,8 @@ int main(int argc, char **argv) {
     p.head_dim = o->head_dim;
     p.dtype = KIVI_DTYPE_F16;
     p.max_seqs = e.n_seqs;
-    p.max_tokens = e.n_seqs * seq_cap;
+    p.max_tokens = e.n_seqs * seq_cap; /* the pool, shared by every sequence */
+    p.max_seq_tokens = seq_cap;        /* one sequence's context length: sizes its page tables */
     p.n_threads = o->threads;
     for (i = 0; i < n_set; i++) {
         p.key_bits = p.value_bits = BITS[i];
