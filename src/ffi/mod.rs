@@ -344,14 +344,14 @@ mod tests {
             assert!(c.starts_with(&format!("{s:?}:")), "{c}");
         }
         let numbers: Vec<i32> = STATUS_TEXT.iter().map(|(s, _)| *s as i32).collect();
-        assert_eq!(numbers, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 99], "status numbers are ABI");
+        assert_eq!(numbers, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 99], "status numbers are ABI");
         let e = Error::BufferTooSmall { needed: 2, given: 1 };
         assert_eq!(Failure::from(e).status, KIVI_ERR_BUFFER_TOO_SMALL);
     }
 
-    /// A caller built with the header before `value_rounding` passes the smaller struct: it
-    /// reads with the default rounding, is written without the field, and sizes between the two
-    /// layouts are refused.
+    /// A caller built with the header before `value_rounding` (or before `max_seq_tokens`)
+    /// passes the smaller struct: it reads with the defaults of the fields it lacks, is written
+    /// without them, and sizes between the layouts are refused.
     #[test]
     fn versioned_structs_accept_an_older_layout() {
         let older = std::mem::offset_of!(kivi_params, value_rounding);
@@ -371,7 +371,15 @@ mod tests {
         let got = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<kivi_params>()) };
         assert_eq!((got.struct_size, got.head_dim, got.device), (older as u32, 128, types::KIVI_DEVICE_CPU));
 
-        for size in [older - 4, older + 2, std::mem::size_of::<kivi_params>() - 1] {
+        // Before `max_seq_tokens`: the rounding is read, the limit takes its default (none).
+        let older2 = std::mem::offset_of!(kivi_params, max_seq_tokens);
+        let mut p2 = cache::default_params();
+        (p2.value_rounding, p2.max_seq_tokens, p2.struct_size) = (0, 77, older2 as u32);
+        let read = unsafe { read_versioned(&p2 as *const kivi_params, "params") }.unwrap();
+        assert_eq!((read.value_rounding, read.max_seq_tokens, read.struct_size), (0, 0, older2 as u32));
+        assert_eq!(cache::config_of(&read).unwrap().max_seq_tokens, 0);
+
+        for size in [older - 4, older + 2, older2 + 2, std::mem::size_of::<kivi_params>() - 1] {
             p.struct_size = size as u32;
             let e = unsafe { read_versioned(&p as *const kivi_params, "params") }.unwrap_err();
             assert_eq!(e.status, KIVI_ERR_STRUCT_SIZE, "size {size}");
