@@ -983,7 +983,8 @@ kivi_status kivi_state_save(const struct kivi_cache *cache,
  * synchronous, outside the cache's stream), loads, and waits again.
  *
  * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
- * longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is unchanged.
+ * longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is
+ * unchanged.
  * Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
  *
  * # Safety

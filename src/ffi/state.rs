@@ -109,7 +109,8 @@ pub unsafe extern "C" fn kivi_state_save(
 /// synchronous, outside the cache's stream), loads, and waits again.
 ///
 /// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
-/// longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is unchanged.
+/// longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is
+/// unchanged.
 /// Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
 ///
 /// # Safety
