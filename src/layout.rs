@@ -195,6 +195,30 @@ impl Layout {
         self.head_dim / self.vgroup
     }
 
+    /// Where the group at position `pos` of a page lives inside one head's block: (offset,
+    /// bytes) of its key codes, key scales, key zeros, value codes, value scales and value
+    /// zeros. Copying these six runs of every head moves one group between pages of any size.
+    pub fn group_parts(&self, pos: usize) -> [(usize, usize); 6] {
+        let (g, hd) = (self.group, self.head_dim);
+        let tok = pos * g;
+        let row_params = self.row_groups() * 2;
+        let (k_codes, k_params) = match self.key_mode {
+            KeyMode::PerChannel => ((pos * hd * self.k_run_bytes(), hd * self.k_run_bytes()), (pos * hd * 2, hd * 2)),
+            KeyMode::PerToken => {
+                ((tok * self.k_run_bytes(), g * self.k_run_bytes()), (tok * row_params, g * row_params))
+            }
+        };
+        let v_row = self.v_row_bytes();
+        [
+            (self.k_codes + k_codes.0, k_codes.1),
+            (self.k_scale + k_params.0, k_params.1),
+            (self.k_zero + k_params.0, k_params.1),
+            (self.v_codes + tok * v_row, g * v_row),
+            (self.v_scale + tok * row_params, g * row_params),
+            (self.v_zero + tok * row_params, g * row_params),
+        ]
+    }
+
     /// Code and scale/zero bytes that one quantized token of one head actually uses.
     pub fn quantized_token_bytes(&self) -> (usize, usize) {
         let codes = self.head_dim * (self.key_bits + self.value_bits) as usize / 8;
@@ -209,6 +233,34 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The groups of a page, part by part, tile each part of a head's block in order, without
+    /// gaps or overlaps, for both key modes and pages of one or several groups.
+    #[test]
+    fn group_parts_tile_a_heads_block() {
+        for (mode, page, bits) in
+            [(KeyMode::PerChannel, 0, 2), (KeyMode::PerToken, 64, 4), (KeyMode::PerChannel, 96, 8)]
+        {
+            let mut c = CacheConfig::new(1, 3, 96);
+            (c.key_mode, c.page_tokens, c.group_size, c.value_group) = (mode, page, 32, 48);
+            (c.key_bits, c.value_bits) = (bits, 2);
+            let lay = Layout::new(&c);
+            let starts = [lay.k_codes, lay.k_scale, lay.k_zero, lay.v_codes, lay.v_scale, lay.v_zero];
+            let mut ends = starts;
+            for pos in 0..lay.groups_per_page {
+                for (i, (at, n)) in lay.group_parts(pos).into_iter().enumerate() {
+                    assert_eq!(at, ends[i], "{mode:?}, page {page}: part {i} of group {pos}");
+                    assert!(n > 0);
+                    ends[i] = at + n;
+                }
+            }
+            // Each part ends where its padding to 64 bytes begins.
+            let next = [lay.k_scale, lay.k_zero, lay.v_codes, lay.v_scale, lay.v_zero, lay.head_bytes];
+            for i in 0..6 {
+                assert_eq!(align64(ends[i]), next[i], "{mode:?}, page {page}: part {i}");
+            }
+        }
+    }
 
     /// Block tables are as long as one sequence's pages, never longer than the pool.
     #[test]

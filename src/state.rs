@@ -4,7 +4,9 @@
 //! dimensions and settings, payload length), the payload, and a CRC-32 of everything before it.
 //! Restoring checks the checksum, the version, the settings and every length and index in the
 //! payload before it changes anything: a corrupt or mismatched blob is an error, and the cache
-//! is left as it was.
+//! is left as it was. Page size and capacity (the last three header fields) may differ from the
+//! restoring cache's: the blob's pages are read in its own page size (its page count per layer
+//! follows from them as `Layout::new` computes it) and regrouped into the cache's.
 //!
 //! Payload of a whole cache: per layer, the reference count of every page and the bytes of each
 //! page in use; then each live sequence (slot, id, and per layer its length, quantized length,
@@ -200,40 +202,46 @@ impl Cache {
     }
 
     /// Replaces the whole cache with a state saved by [`Cache::save_state`] from a cache of the
-    /// same configuration.
+    /// same dimensions and quantization settings. Its capacity (`max_tokens`, `max_seqs`,
+    /// `max_seq_tokens`) and page size may differ as long as the saved sequences fit: pages are
+    /// regrouped into this cache's page size, and pages that forked sequences share stay shared.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
-        let mut r = self.open(buf, KIND_CACHE, true)?;
+        let (mut r, src) = open(&self.cfg, buf, KIND_CACHE)?;
         let lay = self.lay.clone();
-        let mut refs = vec![0u32; lay.pages_per_layer];
+        // Each layer's page reference counts and the bytes of its pages in use, as saved.
         let mut pools = Vec::with_capacity(lay.n_layers);
-        for l in 0..lay.n_layers {
-            for x in refs.iter_mut() {
-                *x = r.u32()?;
-            }
+        for _ in 0..lay.n_layers {
+            let refs: Vec<u32> = r.take(4 * src.pages_per_layer)?.chunks_exact(4).map(le_u32).collect();
             let used = refs.iter().filter(|&&x| x > 0).count();
-            let data = r.take(used * lay.page_bytes)?;
-            pools.push((refs.clone(), data, l));
+            let data = r.take(used * src.page_bytes)?;
+            pools.push((refs, data));
         }
         let n_live = r.u32()? as usize;
+        if n_live > src.max_seqs {
+            return Err(Error::CorruptState(format!("{n_live} sequences, the cache holds at most {}", src.max_seqs)));
+        }
         if n_live > lay.max_seqs {
-            return Err(Error::CorruptState(format!("{n_live} sequences, the cache holds at most {}", lay.max_seqs)));
+            return Err(Error::StateMismatch(format!(
+                "the state holds {n_live} sequences, this cache at most {} (max_seqs)",
+                lay.max_seqs
+            )));
         }
         let mut seqs = Vec::with_capacity(n_live);
-        let mut counted = vec![vec![0u32; lay.pages_per_layer]; lay.n_layers];
+        let mut counted = vec![vec![0u32; src.pages_per_layer]; lay.n_layers];
         for _ in 0..n_live {
             let slot = r.u32()? as usize;
             let id = r.u32()?;
-            if slot >= lay.max_seqs || seqs.iter().any(|(s, i, _): &(usize, u32, _)| *s == slot || *i == id) {
+            if slot >= src.max_seqs || seqs.iter().any(|(s, i, _): &(usize, u32, _)| *s == slot || *i == id) {
                 return Err(Error::CorruptState(format!(
                     "sequence {id} in slot {slot}: slot or id repeated or out of range"
                 )));
             }
             let mut layers = Vec::with_capacity(lay.n_layers);
             for (l, count) in counted.iter_mut().enumerate() {
-                let rec = read_layer(&mut r, &lay, true, self.window_bytes())?;
+                let rec = read_layer(&mut r, &src, true, self.window_bytes())?;
                 check_seq_len(&lay, id, l, rec.len)?;
                 for &b in &rec.blocks {
-                    if b as usize >= lay.pages_per_layer || pools[l].0[b as usize] == 0 {
+                    if b as usize >= src.pages_per_layer || pools[l].0[b as usize] == 0 {
                         return Err(Error::CorruptState(format!("sequence {id} layer {l}: page {b} not in use")));
                     }
                     count[b as usize] += 1;
@@ -249,26 +257,51 @@ impl Cache {
                 )));
             }
         }
-        // Everything checked: apply.
-        self.seqs.clear();
-        for (refs, data, l) in pools {
-            let pool = &mut self.pools[l];
-            self.seqs.pages[l].set_refs(&refs);
-            let mut at = 0;
-            for (p, &rc) in refs.iter().enumerate() {
-                if rc > 0 {
-                    pool.page_mut(p as u32).copy_from_slice(&data[at..at + lay.page_bytes]);
-                    at += lay.page_bytes;
-                }
+        // Into this cache: the saved slots when they all exist here, else the first ones.
+        if seqs.iter().any(|&(s, _, _)| s >= lay.max_seqs) {
+            for (i, s) in seqs.iter_mut().enumerate() {
+                s.0 = i;
             }
         }
-        for (s, id, layers) in seqs {
+        let mut placed = Vec::with_capacity(lay.n_layers);
+        for (l, (refs, _)) in pools.iter().enumerate() {
+            let tables: Vec<(&[u32], usize)> =
+                seqs.iter().map(|(_, _, layers)| (&layers[l].blocks[..], layers[l].quantized / lay.group)).collect();
+            let p = place(&src, &lay, refs, &tables);
+            if p.pages.len() > lay.pages_per_layer {
+                return Err(Error::StateMismatch(format!(
+                    "layer {l}: the state's sequences need {} pages of {} tokens, this cache has {} (max_tokens {})",
+                    p.pages.len(),
+                    lay.page_tokens,
+                    lay.pages_per_layer,
+                    self.cfg.max_tokens
+                )));
+            }
+            placed.push(p);
+        }
+        // Everything checked: apply.
+        self.seqs.clear();
+        for (l, (p, (refs, data))) in placed.iter().zip(&pools).enumerate() {
+            // The saved pages in use follow one another in page order.
+            let mut at = vec![0usize; refs.len()];
+            let mut n = 0;
+            for (a, &rc) in at.iter_mut().zip(refs) {
+                *a = n;
+                n += (rc > 0) as usize;
+            }
+            let saved = |b: u32| &data[at[b as usize] * src.page_bytes..][..src.page_bytes];
+            self.seqs.pages[l].set_refs(&p.refs);
+            for (dst, groups) in &p.pages {
+                fill_page(&src, saved, groups, &lay, self.pools[l].page_mut(*dst));
+            }
+        }
+        for (i, (s, id, layers)) in seqs.into_iter().enumerate() {
             self.seqs.slots[s].id = Some(id);
             for (l, rec) in layers.into_iter().enumerate() {
                 let ls = &mut self.seqs.slots[s].layers[l];
                 ls.len = rec.len;
                 ls.quantized = rec.quantized;
-                ls.blocks.extend_from_slice(&rec.blocks);
+                ls.blocks.extend_from_slice(&placed[l].blocks[i]);
                 self.window_slice_mut(l, s).copy_from_slice(rec.window);
             }
         }
@@ -321,30 +354,33 @@ impl Cache {
     }
 
     /// Loads a sequence saved by [`Cache::save_seq_state`] (from a cache with the same
-    /// dimensions and quantization settings; capacity may differ) as sequence `seq`, replacing
-    /// it if it exists.
+    /// dimensions and quantization settings; capacity and page size may differ) as sequence
+    /// `seq`, replacing it if it exists.
     pub fn load_seq_state(&mut self, seq: u32, buf: &[u8]) -> Result<()> {
-        let mut r = self.open(buf, KIND_SEQ, false)?;
+        let (mut r, src) = open(&self.cfg, buf, KIND_SEQ)?;
         let lay = self.lay.clone();
         let _saved_id = r.u32()?;
         let mut layers = Vec::with_capacity(lay.n_layers);
         for l in 0..lay.n_layers {
-            let rec = read_layer(&mut r, &lay, false, self.window_bytes())?;
+            let rec = read_layer(&mut r, &src, false, self.window_bytes())?;
             check_seq_len(&lay, seq, l, rec.len)?;
             layers.push(rec);
         }
         let (slot, new) = self.seqs.slot_or_new(seq)?;
+        let pages_of = |rec: &LayerRec| (rec.quantized / lay.group).div_ceil(lay.groups_per_page);
         for (l, rec) in layers.iter().enumerate() {
-            let need = rec.pages.len() / lay.page_bytes;
-            self.seqs.check_pages(l, seq, rec.len, need, (!new).then_some(slot))?;
+            self.seqs.check_pages(l, seq, rec.len, pages_of(rec), (!new).then_some(slot))?;
         }
         // Everything checked: apply.
         self.seq_remove(seq).ok();
         self.seqs.slots[slot].id = Some(seq);
         for (l, rec) in layers.into_iter().enumerate() {
-            for page in rec.pages.chunks_exact(lay.page_bytes) {
+            let saved = |b: u32| &rec.pages[b as usize * src.page_bytes..][..src.page_bytes];
+            let n_groups = rec.quantized / lay.group;
+            for j in 0..pages_of(&rec) {
+                let groups = page_groups(&src, &lay, j, n_groups, |b| b as u32);
                 let p = self.seqs.pages[l].alloc();
-                self.pools[l].page_mut(p).copy_from_slice(page);
+                fill_page(&src, saved, &groups, &lay, self.pools[l].page_mut(p));
                 self.seqs.slots[slot].layers[l].blocks.push(p);
             }
             let ls = &mut self.seqs.slots[slot].layers[l];
@@ -365,57 +401,177 @@ impl Cache {
         let n = self.window_bytes();
         &mut self.windows.bytes_mut()[b..b + n]
     }
+}
 
-    /// Checks a blob's header and checksum; returns a reader over its payload.
-    fn open<'a>(&self, buf: &'a [u8], kind: u32, capacity_too: bool) -> Result<Reader<'a>> {
-        if buf.len() < HEADER + 4 {
-            return Err(Error::CorruptState(format!(
-                "{} bytes, shorter than the {}-byte header",
-                buf.len(),
-                HEADER + 4
-            )));
-        }
-        if &buf[..8] != MAGIC {
-            return Err(Error::CorruptState("not a kivi state (bad magic)".into()));
-        }
-        let mut r = Reader { buf, at: 8 };
-        let version = r.u32()?;
-        if version != STATE_VERSION {
+/// Checks a blob's header and checksum against a cache of configuration `cfg`; returns a reader
+/// over its payload and the layout the blob was written with (`cfg`'s, with the blob's page
+/// size and capacity).
+fn open<'a>(cfg: &CacheConfig, buf: &'a [u8], kind: u32) -> Result<(Reader<'a>, Layout)> {
+    if buf.len() < HEADER + 4 {
+        return Err(Error::CorruptState(format!("{} bytes, shorter than the {}-byte header", buf.len(), HEADER + 4)));
+    }
+    if &buf[..8] != MAGIC {
+        return Err(Error::CorruptState("not a kivi state (bad magic)".into()));
+    }
+    let mut r = Reader { buf, at: 8 };
+    let version = r.u32()?;
+    if version != STATE_VERSION {
+        return Err(Error::StateMismatch(format!(
+            "state format version {version}, this library reads version {STATE_VERSION}"
+        )));
+    }
+    let k = r.u32()?;
+    let mut theirs = [0u32; N_FIELDS];
+    for f in theirs.iter_mut() {
+        *f = r.u32()?;
+    }
+    let payload = r.u64()?;
+    let total = (payload as usize).checked_add(HEADER + 4).filter(|&t| t <= buf.len()).ok_or_else(|| {
+        Error::CorruptState(format!("payload of {payload} bytes does not fit a {}-byte buffer", buf.len()))
+    })?;
+    let stored = u32::from_le_bytes(buf[total - 4..total].try_into().unwrap());
+    let computed = crc32fast::hash(&buf[..total - 4]);
+    if stored != computed {
+        return Err(Error::CorruptState(format!("checksum mismatch: stored {stored:08x}, computed {computed:08x}")));
+    }
+    if k != kind {
+        let name = |k| if k == KIND_CACHE { "a whole-cache state" } else { "a sequence state" };
+        return Err(Error::StateMismatch(format!("{} given where {} was expected", name(k), name(kind))));
+    }
+    // Every field but the last three (page size and capacity) must match.
+    let ours = fields(cfg);
+    for i in 0..N_FIELDS - 3 {
+        if theirs[i] != ours[i] {
             return Err(Error::StateMismatch(format!(
-                "state format version {version}, this library reads version {STATE_VERSION}"
+                "{} is {} in the state and {} in this cache",
+                FIELD_NAMES[i], theirs[i], ours[i]
             )));
         }
-        let k = r.u32()?;
-        let mut theirs = [0u32; N_FIELDS];
-        for f in theirs.iter_mut() {
-            *f = r.u32()?;
-        }
-        let payload = r.u64()?;
-        let total = (payload as usize).checked_add(HEADER + 4).filter(|&t| t <= buf.len()).ok_or_else(|| {
-            Error::CorruptState(format!("payload of {payload} bytes does not fit a {}-byte buffer", buf.len()))
-        })?;
-        let stored = u32::from_le_bytes(buf[total - 4..total].try_into().unwrap());
-        let computed = crc32fast::hash(&buf[..total - 4]);
-        if stored != computed {
-            return Err(Error::CorruptState(format!(
-                "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
-            )));
-        }
-        if k != kind {
-            let name = |k| if k == KIND_CACHE { "a whole-cache state" } else { "a sequence state" };
-            return Err(Error::StateMismatch(format!("{} given where {} was expected", name(k), name(kind))));
-        }
-        let ours = fields(&self.cfg);
-        let n = if capacity_too { N_FIELDS } else { N_FIELDS - 2 };
-        for i in 0..n {
-            if theirs[i] != ours[i] {
-                return Err(Error::StateMismatch(format!(
-                    "{} is {} in the state and {} in this cache",
-                    FIELD_NAMES[i], theirs[i], ours[i]
-                )));
+    }
+    let mut saved = cfg.clone();
+    (saved.page_tokens, saved.max_tokens, saved.max_seqs, saved.max_seq_tokens) =
+        (theirs[N_FIELDS - 3], theirs[N_FIELDS - 2], theirs[N_FIELDS - 1], 0);
+    saved.validate().map_err(|e| Error::CorruptState(format!("the state's page size or capacity: {e}")))?;
+    Ok((Reader { buf: &buf[..total - 4], at: HEADER }, Layout::new(&saved)))
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b.try_into().unwrap())
+}
+
+/// The longest layer of a sequence blob, in tokens (checked as a load checks it): what a cache
+/// needs to hold it.
+pub(crate) fn seq_state_tokens(cfg: &CacheConfig, buf: &[u8]) -> Result<usize> {
+    let (mut r, src) = open(cfg, buf, KIND_SEQ)?;
+    let window = src.n_kv_heads * src.window_head_elems * src.dtype.size();
+    r.u32()?;
+    let mut longest = 0;
+    for _ in 0..src.n_layers {
+        longest = longest.max(read_layer(&mut r, &src, false, window)?.len);
+    }
+    Ok(longest)
+}
+
+/// Where one layer of a whole-cache blob goes in a pool of layout `dst`.
+struct Placement {
+    /// Reference count of each page of `dst`'s pool.
+    refs: Vec<u32>,
+    /// Each page of `dst` in use, and the saved (page, position) of each of its groups.
+    pages: Vec<(u32, Vec<(u32, usize)>)>,
+    /// Each sequence's block table in `dst`'s pages.
+    blocks: Vec<Vec<u32>>,
+}
+
+/// Places the pages of one layer saved with layout `src` (reference counts `refs`; `tables`:
+/// each sequence's block table and quantized groups) into pages of layout `dst`. With the same
+/// page size every saved page is kept whole, under its own number when the pool has it;
+/// otherwise the groups are regrouped, and sequences whose groups of a new page agree up to
+/// where one of them ends share it, as a fork would have shared it. The result may need more
+/// pages than `dst` has: the caller checks.
+fn place(src: &Layout, dst: &Layout, refs: &[u32], tables: &[(&[u32], usize)]) -> Placement {
+    let mut p = Placement { refs: vec![0; dst.pages_per_layer], pages: Vec::new(), blocks: Vec::new() };
+    if src.page_tokens == dst.page_tokens {
+        let used: Vec<u32> = (0..refs.len() as u32).filter(|&b| refs[b as usize] > 0).collect();
+        let keep = used.last().is_none_or(|&b| (b as usize) < dst.pages_per_layer);
+        let mut new = vec![0u32; refs.len()];
+        for (i, &b) in used.iter().enumerate() {
+            new[b as usize] = if keep { b } else { i as u32 };
+            p.pages.push((new[b as usize], (0..src.groups_per_page).map(|g| (b, g)).collect()));
+            if let Some(r) = p.refs.get_mut(new[b as usize] as usize) {
+                *r = refs[b as usize];
             }
         }
-        Ok(Reader { buf: &buf[..total - 4], at: HEADER })
+        p.blocks = tables.iter().map(|(t, _)| t.iter().map(|&b| new[b as usize]).collect()).collect();
+        return p;
+    }
+    // New pages by the saved (page, position) of their first group.
+    let mut by_first: std::collections::HashMap<(u32, usize), Vec<u32>> = Default::default();
+    for &(table, n_groups) in tables {
+        let mut blocks = Vec::new();
+        for j in 0..n_groups.div_ceil(dst.groups_per_page) {
+            let groups = page_groups(src, dst, j, n_groups, |b| table[b]);
+            let same = by_first.entry(groups[0]).or_default();
+            let agree = |k: &u32| {
+                let have = &p.pages[*k as usize].1;
+                have.iter().zip(&groups).all(|(a, b)| a == b)
+            };
+            let k = match same.iter().copied().find(agree) {
+                Some(k) => {
+                    if groups.len() > p.pages[k as usize].1.len() {
+                        p.pages[k as usize].1 = groups;
+                    }
+                    k
+                }
+                None => {
+                    let k = p.pages.len() as u32;
+                    p.pages.push((k, groups));
+                    same.push(k);
+                    k
+                }
+            };
+            if let Some(r) = p.refs.get_mut(k as usize) {
+                *r += 1;
+            }
+            blocks.push(k);
+        }
+        p.blocks.push(blocks);
+    }
+    p
+}
+
+/// The saved (page, position) of each group of page `j` of a sequence of `n_groups` quantized
+/// groups laid out in `dst`'s page size; `table(b)` is the saved page of the sequence's `b`-th
+/// page.
+fn page_groups(
+    src: &Layout,
+    dst: &Layout,
+    j: usize,
+    n_groups: usize,
+    table: impl Fn(usize) -> u32,
+) -> Vec<(u32, usize)> {
+    let first = j * dst.groups_per_page;
+    (first..n_groups.min(first + dst.groups_per_page))
+        .map(|g| (table(g / src.groups_per_page), g % src.groups_per_page))
+        .collect()
+}
+
+/// Writes one page of layout `dst` from the saved groups `groups` ((page, position), `saved`
+/// giving a saved page's bytes): the whole saved page when both layouts have the same page size
+/// (the bytes of unused positions too, so a cache saved and loaded back is the same byte for
+/// byte), else group by group into a zeroed page.
+fn fill_page<'a>(src: &Layout, saved: impl Fn(u32) -> &'a [u8], groups: &[(u32, usize)], dst: &Layout, to: &mut [u8]) {
+    if src.page_tokens == dst.page_tokens {
+        to.copy_from_slice(saved(groups[0].0));
+        return;
+    }
+    to.fill(0);
+    for (pos, &(b, from)) in groups.iter().enumerate() {
+        let page = saved(b);
+        for h in 0..dst.n_kv_heads {
+            for ((s, n), (d, _)) in src.group_parts(from).into_iter().zip(dst.group_parts(pos)) {
+                to[h * dst.head_bytes + d..][..n].copy_from_slice(&page[h * src.head_bytes + s..][..n]);
+            }
+        }
     }
 }
 
@@ -486,4 +642,93 @@ fn read_layer<'a>(r: &mut Reader<'a>, lay: &Layout, with_blocks: bool, window: u
     };
     let window = r.take(window)?;
     Ok(LayerRec { len, quantized, blocks, pages, window })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rows::Rows;
+
+    fn layout(page: u32, max_tokens: u32) -> Layout {
+        let mut c = CacheConfig::new(1, 1, 64);
+        (c.group_size, c.page_tokens, c.max_tokens) = (16, page, max_tokens);
+        Layout::new(&c)
+    }
+
+    /// Pages of the same size keep their numbers where the pool has them and are numbered
+    /// afresh in order where it does not; sharing is kept either way.
+    #[test]
+    fn pages_of_the_same_size_keep_their_numbers_when_they_can() {
+        let src = layout(32, 1024);
+        let mut refs = vec![0u32; src.pages_per_layer];
+        (refs[3], refs[7], refs[9]) = (1, 2, 1);
+        let tables: [(&[u32], usize); 2] = [(&[7, 3], 3), (&[7, 9], 4)];
+        let keep = place(&src, &layout(32, 320), &refs, &tables);
+        assert_eq!(keep.blocks, vec![vec![7, 3], vec![7, 9]]);
+        assert_eq!(&keep.refs[..10], &refs[..10]);
+        let groups: Vec<_> = keep.pages.iter().map(|(p, g)| (*p, g.clone())).collect();
+        assert_eq!(groups, vec![(3, vec![(3, 0), (3, 1)]), (7, vec![(7, 0), (7, 1)]), (9, vec![(9, 0), (9, 1)])]);
+        // A pool of 3 pages (2 groups' worth of tokens, one spare page): numbered afresh.
+        let small = layout(32, 64);
+        assert_eq!(small.pages_per_layer, 3);
+        let fresh = place(&src, &small, &refs, &tables);
+        assert_eq!(fresh.blocks, vec![vec![1, 0], vec![1, 2]]);
+        assert_eq!(fresh.refs, vec![1, 2, 1]);
+        assert_eq!(fresh.pages.iter().map(|(p, g)| (*p, g[0].0)).collect::<Vec<_>>(), vec![(0, 3), (1, 7), (2, 9)]);
+    }
+
+    /// Regrouped pages are shared when the groups of one sequence's page begin the other's.
+    #[test]
+    fn regrouped_pages_are_shared_where_one_begins_the_other() {
+        let src = layout(16, 1024);
+        let dst = layout(48, 1024);
+        let refs = vec![0u32; src.pages_per_layer];
+        // Sequence a: pages 0 1 2 3 4; b: a fork of its first 4 groups, then its own page 5;
+        // c: the first 2 groups of a; d: 0 1 then its own 6.
+        let tables: [(&[u32], usize); 4] =
+            [(&[0, 1, 2, 3, 4], 5), (&[0, 1, 2, 3, 5], 5), (&[0, 1], 2), (&[0, 1, 6], 3)];
+        let p = place(&src, &dst, &refs, &tables);
+        let (a012, a34, b35, d016) = (0u32, 1u32, 2u32, 3u32);
+        assert_eq!(p.blocks, vec![vec![a012, a34], vec![a012, b35], vec![a012], vec![d016]]);
+        assert_eq!(&p.refs[..5], &[3, 1, 1, 1, 0]);
+        let g = |v: &[u32]| v.iter().map(|&b| (b, 0)).collect::<Vec<_>>();
+        let pages: Vec<_> = p.pages.iter().map(|(_, g)| g.clone()).collect();
+        assert_eq!(pages, vec![g(&[0, 1, 2]), g(&[3, 4]), g(&[3, 5]), g(&[0, 1, 6])]);
+        // Sequence c first: its page of two groups grows when a longer one begins with them.
+        let p = place(&src, &dst, &refs, &[(&[0, 1], 2), (&[0, 1, 2, 3, 4], 5)]);
+        assert_eq!(p.blocks, vec![vec![0], vec![0, 1]]);
+        assert_eq!(p.pages[0].1, g(&[0, 1, 2]));
+    }
+
+    /// A blob whose page size or capacity fields are impossible is corrupt even with a valid
+    /// checksum, and a huge capacity is refused before anything that large is allocated.
+    #[test]
+    fn impossible_page_sizes_and_capacities_are_corrupt() {
+        let mut c = CacheConfig::new(2, 2, 64);
+        (c.group_size, c.residual, c.max_tokens, c.max_seqs) = (16, 32, 256, 2);
+        let mut cache = Cache::new(c.clone()).unwrap();
+        let k: Vec<f32> = (0..100 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        for l in 0..2 {
+            cache.append(l, 4, Rows::new(&k, 100).unwrap(), Rows::new(&k, 100).unwrap()).unwrap();
+        }
+        let blob = cache.save_state_vec();
+        let field = |i: usize| 8 + 4 + 4 + 4 * i;
+        for (i, value, says) in [
+            (N_FIELDS - 3, 24, "page_tokens 24 is not 0 or a multiple of the group size 16"),
+            (N_FIELDS - 3, 1 << 20, "page_tokens 1048576"),
+            (N_FIELDS - 2, 0, "max_tokens 0"),
+            (N_FIELDS - 1, 0, "max_seqs 0"),
+            (N_FIELDS - 2, u32::MAX, "truncated"),
+        ] {
+            let mut b = blob.clone();
+            b[field(i)..field(i) + 4].copy_from_slice(&u32::to_le_bytes(value));
+            let n = b.len();
+            let crc = crc32fast::hash(&b[..n - 4]);
+            b[n - 4..].copy_from_slice(&crc.to_le_bytes());
+            for e in [cache.load_state(&b).unwrap_err(), Cache::new(c.clone()).unwrap().load_state(&b).unwrap_err()] {
+                assert!(matches!(&e, Error::CorruptState(m) if m.contains(says)), "{} = {value}: {e}", FIELD_NAMES[i]);
+            }
+        }
+        assert!(cache.save_state_vec() == blob);
+    }
 }

@@ -141,6 +141,145 @@ fn save_and_restore_round_trips() {
     }
 }
 
+/// The same history, in a cache of configuration `c`: sequences that cross page edges, a fork
+/// inside a page that then diverges, a whole fork truncated inside a page, five sequences live
+/// at once, and removals that leave holes in the slots and the pools.
+fn history(c: CacheConfig, seed: u64) -> Cache {
+    let mut rng = Rng::new(seed);
+    let mut cache = Cache::new(c).unwrap();
+    let gen = KvGen::new(&mut rng, 2, 64);
+    fill(&mut cache, &mut rng, &gen, 7, 10);
+    fill(&mut cache, &mut rng, &gen, 5, 150);
+    fill(&mut cache, &mut rng, &gen, 6, 33);
+    cache.seq_copy(5, 8, 120).unwrap();
+    fill(&mut cache, &mut rng, &gen, 8, 40);
+    cache.seq_copy(5, 9, u32::MAX).unwrap();
+    cache.seq_truncate(9, 70).unwrap();
+    cache.seq_remove(6).unwrap();
+    cache.seq_remove(7).unwrap();
+    fill(&mut cache, &mut rng, &gen, 2, 300);
+    cache
+}
+
+fn sorted_ids(cache: &Cache) -> Vec<u32> {
+    let mut ids = cache.seq_ids();
+    ids.sort();
+    ids
+}
+
+fn same_contents(a: &Cache, b: &Cache, what: &str) {
+    assert_eq!(sorted_ids(a), sorted_ids(b), "{what}");
+    for s in a.seq_ids() {
+        for l in 0..a.config().n_layers {
+            assert!(a.dequantized(l, s).unwrap() == b.dequantized(l, s).unwrap(), "{what}: seq {s} layer {l}");
+        }
+    }
+}
+
+/// What a cache holds, without what its capacity decides.
+fn held_stats(cache: &Cache) -> kivi::MemoryStats {
+    kivi::MemoryStats { pages_total: 0, reserved_bytes: 0, table_bytes: 0, ..cache.stats() }
+}
+
+/// A whole-cache blob loads into a cache of another page size and a smaller capacity that holds
+/// it: the same contents, pages shared as in a cache that lived the same history in that page
+/// size, the same attention and flushes afterwards, and back again. Sequence blobs too.
+#[test]
+fn states_load_into_other_page_sizes_and_capacities() {
+    let mut rng = Rng::fresh("states_load_into_other_page_sizes_and_capacities");
+    let seed = rng.next_u64();
+    for (mode, dtype, sinks) in [(KeyMode::PerChannel, DType::F32, 0), (KeyMode::PerToken, DType::F16, 1)] {
+        let at = |page: u32, max_tokens: u32, max_seqs: u32| {
+            let mut c = config();
+            (c.key_mode, c.dtype, c.sinks) = (mode, dtype, sinks);
+            (c.page_tokens, c.max_tokens, c.max_seqs) = (page, max_tokens, max_seqs);
+            c
+        };
+        for src_page in [0u32, 64, 256] {
+            let src = history(at(src_page, 2048, 6), seed);
+            let blob = src.save_state_vec();
+            for page in [0u32, 32, 256] {
+                let what = format!("{mode:?}, pages of {src_page} into pages of {page}");
+                // Four sequence slots where the blob used slot 4: the slots are renumbered.
+                let mut dst = Cache::new(at(page, 1024, 4)).unwrap();
+                let gen = KvGen::new(&mut rng, 2, 64);
+                fill(&mut dst, &mut rng, &gen, 3, 70);
+                fill(&mut dst, &mut rng, &gen, 9, 20);
+                dst.load_state(&blob).unwrap();
+                same_contents(&dst, &src, &what);
+                // Pages as the history left them in that page size: the same with the same page
+                // size; from one group per page (where forks share every common group) at most
+                // as many, fewer where a sequence's last page can share a longer one's. (From
+                // larger pages a group copied on write is no longer known to be shared.)
+                let lived = held_stats(&history(at(page, 2048, 6), seed));
+                let loaded = held_stats(&dst);
+                if src_page == page {
+                    assert_eq!(loaded, lived, "{what}");
+                } else if src_page == 0 {
+                    assert!(loaded.pages_used <= lived.pages_used, "{what}: {loaded:?} against {lived:?}");
+                }
+                let unshared = kivi::MemoryStats { pages_used: 0, code_bytes: 0, scale_bytes: 0, ..loaded };
+                assert_eq!(unshared, kivi::MemoryStats { pages_used: 0, code_bytes: 0, scale_bytes: 0, ..lived });
+
+                // Both caches go on alike: appends through group flushes, attention checked
+                // against the reference.
+                let mut src = history(at(src_page, 2048, 6), seed);
+                let gen = KvGen::new(&mut rng, 2, 64);
+                for (seq, n) in [(9u32, 40usize), (2, 17), (8, 1)] {
+                    let (k, v, q) = (gen.keys(&mut rng, n), gen.values(&mut rng, n), queries(&mut rng, n, 4, 64));
+                    for l in 0..3 {
+                        let a = append_attend_checked(&mut src, l, seq, &k, &v, &q, 4, &Default::default(), 1e-5);
+                        let b = append_attend_checked(&mut dst, l, seq, &k, &v, &q, 4, &Default::default(), 1e-5);
+                        assert!(rel_err(&b, &a.iter().map(|&x| x as f64).collect::<Vec<_>>()) < 1e-5, "{what}");
+                    }
+                }
+                same_contents(&dst, &src, &format!("{what}, after appends"));
+
+                // And back into the page size and capacity it came from.
+                let mut back = Cache::new(at(src_page, 2048, 6)).unwrap();
+                back.load_state(&dst.save_state_vec()).unwrap();
+                same_contents(&back, &src, &format!("{what}, back"));
+
+                // One sequence, over an existing one and into a fresh cache.
+                let one = src.save_seq_state_vec(9).unwrap();
+                dst.load_seq_state(8, &one).unwrap();
+                let mut fresh = Cache::new(at(page, 512, 1)).unwrap();
+                fresh.load_seq_state(0, &one).unwrap();
+                for l in 0..3 {
+                    let want = src.dequantized(l, 9).unwrap();
+                    assert!(dst.dequantized(l, 8).unwrap() == want, "{what}: sequence blob, layer {l}");
+                    assert!(fresh.dequantized(l, 0).unwrap() == want, "{what}: sequence blob, layer {l}");
+                }
+            }
+        }
+    }
+}
+
+/// A blob that does not fit is refused with the numbers that do not fit, and changes nothing.
+#[test]
+fn states_too_large_for_a_cache_are_refused() {
+    let seed = Rng::fresh("states_too_large_for_a_cache_are_refused").next_u64();
+    let mut c = config();
+    c.max_seqs = 6;
+    let blob = history(c.clone(), seed).save_state_vec();
+    for (page, max_tokens, max_seqs, says) in [
+        (0, 2048, 3, "the state holds 4 sequences, this cache at most 3 (max_seqs)"),
+        (0, 320, 4, "need 24 pages of 16 tokens, this cache has 20 (max_tokens 320)"),
+        (64, 64, 4, "need 6 pages of 64 tokens, this cache has 5 (max_tokens 64)"),
+    ] {
+        let mut t = c.clone();
+        (t.page_tokens, t.max_tokens, t.max_seqs) = (page, max_tokens, max_seqs);
+        let mut target = Cache::new(t).unwrap();
+        let mut rng = Rng::new(seed);
+        let gen = KvGen::new(&mut rng, 2, 64);
+        fill(&mut target, &mut rng, &gen, 3, 70);
+        let before = target.save_state_vec();
+        let e = target.load_state(&blob).unwrap_err();
+        assert!(matches!(&e, Error::StateMismatch(m) if m.contains(says)), "{e}");
+        assert!(target.save_state_vec() == before, "a refused blob changed the cache");
+    }
+}
+
 /// Flushes spread KV heads over the cache's threads: any thread count holds exactly the same
 /// bytes, with heads that do not divide evenly, pages of several groups, forks whose shared page
 /// is copied before a flush writes to it, and batched decode steps.

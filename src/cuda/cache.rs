@@ -1062,8 +1062,9 @@ impl CudaCache {
         Ok(crate::state::seq_state_size(&self.lay, &self.seqs, self.seqs.slot_of(seq)?))
     }
 
-    /// Replaces everything with a state blob of a cache of the same configuration
-    /// ([`Cache::load_state`]); a blob that is refused changes nothing. Waits for the whole
+    /// Replaces everything with a state blob of a cache of the same dimensions and settings,
+    /// any capacity and page size its sequences fit ([`Cache::load_state`]); a blob that is
+    /// refused changes nothing. Waits for the whole
     /// device before and after its copies.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
         let mut host = Cache::new(self.cfg.clone())?;
@@ -1081,23 +1082,16 @@ impl CudaCache {
     }
 
     /// Loads a sequence blob ([`Cache::load_seq_state`], from a cache of the same dimensions,
-    /// any capacity) as sequence `seq`, replacing it if it exists.
+    /// any capacity and page size) as sequence `seq`, replacing it if it exists.
     pub fn load_seq_state(&mut self, seq: u32, buf: &[u8]) -> Result<()> {
-        // A host cache just large enough: the blob holds every page of every layer.
-        let per_layer = buf.len().div_ceil(self.lay.n_layers * self.lay.page_bytes) + 1;
-        let all = buf.len().div_ceil(self.lay.page_bytes) + 1;
-        for pages in [per_layer, all] {
-            let mut cfg = self.cfg.clone();
-            cfg.max_seqs = 1;
-            cfg.max_tokens = (pages * self.lay.page_tokens).min(u32::MAX as usize) as u32;
-            let mut host = Cache::new(cfg)?;
-            match host.load_seq_state(seq, buf) {
-                Ok(()) => return self.seq_from_host(&host, seq, seq),
-                Err(Error::CapacityExhausted { .. }) if pages == per_layer && per_layer < all => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        unreachable!("the second size holds every page of the blob")
+        // Through a host cache just large enough for the sequence, in this cache's page size.
+        let tokens = crate::state::seq_state_tokens(&self.cfg, buf)?;
+        let mut cfg = self.cfg.clone();
+        (cfg.max_seqs, cfg.max_seq_tokens) = (1, 0);
+        cfg.max_tokens = tokens.clamp(1, u32::MAX as usize) as u32;
+        let mut host = Cache::new(cfg)?;
+        host.load_seq_state(seq, buf)?;
+        self.seq_from_host(&host, seq, seq)
     }
 
     /// Replaces the device copy with `cache`'s contents. Waits for the device before (work queued

@@ -221,6 +221,25 @@ fn scenario<T: Element + Default>(mk: Backend, cfg: CacheConfig, nqh: usize, opt
         assert!(fh.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
     }
     assert!(fresh.load_state(&blob[..blob.len() - 1]).is_err());
+    // Blobs of a CPU cache with another page size (as CPU engines configure it) load into the
+    // CUDA cache, and the CUDA cache's blobs into it.
+    let other = CacheConfig { page_tokens: if cfg.page_tokens == 0 { 4 * cfg.group_size } else { 0 }, ..cfg.clone() };
+    let mut cpu_other = Cache::new(other).unwrap();
+    cpu_other.load_state(&blob).unwrap();
+    let mut gpu_other = mk(cfg.clone()).unwrap();
+    gpu_other.load_state(&cpu_other.save_state_vec()).unwrap();
+    gpu_other.load_seq_state(9, &cpu_other.save_seq_state_vec(3).unwrap()).unwrap();
+    let gh = gpu_other.to_host(std::ptr::null_mut()).unwrap();
+    for seq in p.cpu.seq_ids() {
+        for layer in 0..cfg.n_layers {
+            let want = p.cpu.dequantized(layer, seq).unwrap();
+            assert!(cpu_other.dequantized(layer, seq).unwrap() == want, "seq {seq} layer {layer}");
+            assert!(gh.dequantized(layer, seq).unwrap() == want, "seq {seq} layer {layer}");
+        }
+    }
+    for layer in 0..cfg.n_layers {
+        assert!(gh.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+    }
     // One sequence out to the host and back in, under another id.
     let one = p.gpu.seq_to_host(0, std::ptr::null_mut()).unwrap();
     assert_eq!(one.seq_ids(), vec![0]);

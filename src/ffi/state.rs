@@ -100,17 +100,19 @@ pub unsafe extern "C" fn kivi_state_save(
 }
 
 /// Replaces the whole cache's contents with a state saved by `kivi_state_save()` from a cache
-/// created with the same parameters (capacity and thread count may differ as far as the core
-/// allows).
+/// with the same dimensions and quantization settings, on either backend. Capacity
+/// (`max_tokens`, `max_seqs`, `max_seq_tokens`), `page_tokens` and `n_threads` may differ when
+/// the saved sequences fit: pages are regrouped into this cache's page size, and forked
+/// sequences keep sharing their common pages.
 ///
 /// - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
 ///
 /// CUDA cache: waits for all work on the device (every stream: the copies to the device are
 /// synchronous, outside the cache's stream), loads, and waits again.
 ///
-/// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, or a sequence
-/// longer than `max_seq_tokens`), `KIVI_ERR_CAPACITY_EXHAUSTED`, ...; on any error the cache is
-/// unchanged.
+/// Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, more sequences
+/// than `max_seqs`, more pages than the pool holds, or a sequence longer than
+/// `max_seq_tokens`; the message names the values); on any error the cache is unchanged.
 /// Thread safety: changes the cache; concurrent calls on the same cache are serialized by kivi.
 ///
 /// # Safety
@@ -182,8 +184,9 @@ pub unsafe extern "C" fn kivi_seq_state_save(
     })
 }
 
-/// Loads a sequence saved by `kivi_seq_state_save()` (from a cache with the same parameters) as
-/// sequence `seq`, replacing what `seq` held or creating it.
+/// Loads a sequence saved by `kivi_seq_state_save()` (from a cache with the same dimensions and
+/// quantization settings, on either backend; capacity and `page_tokens` may differ) as sequence
+/// `seq`, replacing what `seq` held or creating it.
 ///
 /// - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
 ///

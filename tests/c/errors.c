@@ -646,6 +646,42 @@ int main(void) {
         unchanged("state blobs", c, before, n_before);
     }
 
+    /* --- a whole-cache blob into caches of another page size and capacity */
+    {
+        kivi_params q = small_params();
+        kivi_cache *a = NULL, *b = NULL;
+        uint8_t *blob, *b_before;
+        size_t size = 0, n_b = 0;
+        uint32_t s, la = 0, lb = 0;
+        expect("create", kivi_cache_create(&q, &a), KIVI_OK, "");
+        for (s = 0; s < 3; s++) expect("append", append_all(a, s, 30 + s), KIVI_OK, "");
+        blob = save(a, &size);
+        q.page_tokens = 16;
+        expect("create a cache of 16-token pages", kivi_cache_create(&q, &b), KIVI_OK, "");
+        expect("load into other pages", kivi_state_load(b, blob, size), KIVI_OK, "");
+        for (s = 0; s < 3; s++) {
+            expect("seq len", kivi_seq_len(a, s, &la), KIVI_OK, "");
+            expect("seq len", kivi_seq_len(b, s, &lb), KIVI_OK, "");
+            checks++;
+            if (la != 30 + s || lb != la) fail("load into other pages", "sequence lengths differ");
+        }
+        kivi_cache_free(b);
+        q.max_seqs = 2;
+        expect("create a cache of 2 sequences", kivi_cache_create(&q, &b), KIVI_OK, "");
+        expect("append", append_all(b, 1, 5), KIVI_OK, "");
+        b_before = save(b, &n_b);
+        expect("more sequences than max_seqs", kivi_state_load(b, blob, size), KIVI_ERR_STATE_MISMATCH,
+               "kivi_state_load");
+        checks++;
+        if (!strstr(kivi_last_error_message(), "3 sequences, this cache at most 2 (max_seqs)"))
+            fail("more sequences than max_seqs", "the message does not give the numbers");
+        unchanged("a blob too large", b, b_before, n_b);
+        free(b_before);
+        free(blob);
+        kivi_cache_free(b);
+        kivi_cache_free(a);
+    }
+
     /* --- the last error message is per thread */
     {
         pthread_t t;
