@@ -465,6 +465,26 @@ fn scenario<T: Element + Default>(
                 }
                 Err(e) => p.fail(format!("load_state: {e}")),
             }
+            // Through a CPU cache of another page size (CPU engines use 256-token pages) and
+            // back into a CUDA cache: the same contents.
+            let page_tokens = if cfg.page_tokens == 0 { 4 * cfg.group_size } else { 0 };
+            let other = CacheConfig { page_tokens, ..cfg.clone() };
+            let back = Cache::new(other)
+                .and_then(|mut c| c.load_state(&blob).map(|_| c.save_state_vec()))
+                .and_then(|b| new_cache(cfg.clone()).and_then(|mut c| c.load_state(&b).map(|_| c)))
+                .and_then(|c| c.to_host(std::ptr::null_mut()));
+            match back {
+                Ok(h) => {
+                    for seq in p.cpu.seq_ids() {
+                        for layer in 0..cfg.n_layers {
+                            if h.dequantized(layer, seq).ok() != p.cpu.dequantized(layer, seq).ok() {
+                                p.fail(format!("a blob of {page_tokens}-token pages: seq {seq} layer {layer} differs"));
+                            }
+                        }
+                    }
+                }
+                Err(e) => p.fail(format!("a blob of {page_tokens}-token pages: {e}")),
+            }
         }
         Err(e) => p.fail(format!("save_state_vec: {e}")),
     }

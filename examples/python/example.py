@@ -84,6 +84,16 @@ for bits in (2, 4, 8):
     cache.load(blob)
     again = cache.decode(0, [0], k, v, q)
     assert np.array_equal(first, again), "outputs after restore differ"
+    # The sequence, parked and resumed in a cache of another page size and pool (256-token pages,
+    # as CPU engines set them): the next step gives the same outputs, to float rounding.
+    other = Cache(n_layers=LAYERS, n_kv_heads=KV, head_dim=HD, key_bits=bits, value_bits=bits, max_tokens=2048,
+                  max_seqs=4, page_tokens=256, dtype=1)
+    other.load_seq(3, cache.save_seq(0))
+    assert other.seq_len(3) == cache.seq_len(0)
+    k, v, q = token_rows(0, 1)
+    here, there = cache.decode(0, [0], k, v, q), other.decode(0, [3], k, v, q)
+    assert np.abs(here - there).max() <= 1e-5 * np.abs(here).max(), "outputs after moving a sequence differ"
+    other.close()
     cache.close()
 
 # Attention options through the ABI: scale, sliding window, softcap, non-causal. 40 tokens stay in

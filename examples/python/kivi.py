@@ -102,6 +102,9 @@ _SIGNATURES = {
     "kivi_state_size": [C.c_void_p, P(SZ)],
     "kivi_state_save": [C.c_void_p, C.c_char_p, SZ, P(SZ)],
     "kivi_state_load": [C.c_void_p, C.c_char_p, SZ],
+    "kivi_seq_state_size": [C.c_void_p, U32, P(SZ)],
+    "kivi_seq_state_save": [C.c_void_p, U32, C.c_char_p, SZ, P(SZ)],
+    "kivi_seq_state_load": [C.c_void_p, U32, C.c_char_p, SZ],
     "kivi_cache_stats": [C.c_void_p, P(MemoryStats), SZ],
     "kivi_cuda_device_info": [C.c_int32, P(DeviceInfo), SZ],
     "kivi_cache_set_stream": [C.c_void_p, C.c_void_p],
@@ -261,7 +264,20 @@ class Cache:
         return buf.raw[: written.value]
 
     def load(self, blob):
+        """Replaces the whole cache with a blob of save(), from a cache of any capacity and page size it fits."""
         _check(lib.kivi_state_load(self._h, blob, len(blob)))
+
+    def save_seq(self, seq):
+        """One sequence as bytes (kivi_seq_state_save)."""
+        size = SZ()
+        _check(lib.kivi_seq_state_size(self._h, seq, C.byref(size)))
+        buf, written = C.create_string_buffer(size.value), SZ()
+        _check(lib.kivi_seq_state_save(self._h, seq, buf, size.value, C.byref(written)))
+        return buf.raw[: written.value]
+
+    def load_seq(self, seq, blob):
+        """Loads a blob of save_seq() as sequence seq, replacing it if it exists."""
+        _check(lib.kivi_seq_state_load(self._h, seq, blob, len(blob)))
 
     def stats(self):
         s = MemoryStats()

@@ -1064,8 +1064,7 @@ impl CudaCache {
 
     /// Replaces everything with a state blob of a cache of the same dimensions and settings,
     /// any capacity and page size its sequences fit ([`Cache::load_state`]); a blob that is
-    /// refused changes nothing. Waits for the whole
-    /// device before and after its copies.
+    /// refused changes nothing. Waits for the whole device before and after its copies.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
         let mut host = Cache::new(self.cfg.clone())?;
         host.load_state(buf)?;
