@@ -962,20 +962,25 @@ impl CudaCache {
     }
 
     /// Makes `as_id` a copy of sequence `seq` of the CPU cache `host` (e.g. one restored from a
-    /// saved state, of any capacity but the same dimensions), replacing whatever `as_id` held.
-    /// Waits for the whole device before its copies (work queued earlier on any stream may use
-    /// the pages) and after them.
+    /// saved state, of any capacity and page size but the same dimensions and settings),
+    /// replacing whatever `as_id` held. Waits for the whole device before its copies (work
+    /// queued earlier on any stream may use the pages) and after them.
     pub fn seq_from_host(&mut self, host: &Cache, seq: u32, as_id: u32) -> Result<()> {
         let hc = host.config();
         let same = CacheConfig {
             max_tokens: hc.max_tokens,
             max_seqs: hc.max_seqs,
             max_seq_tokens: hc.max_seq_tokens,
+            page_tokens: hc.page_tokens,
             n_threads: hc.n_threads,
             ..self.cfg.clone()
         };
         if *hc != same {
             return Err(Error::StateMismatch(format!("a cache of {hc:?} into a cache of {:?}", self.cfg)));
+        }
+        if hc.effective_page_tokens() != self.cfg.effective_page_tokens() {
+            // Regrouped into this cache's page size on the way.
+            return self.load_seq_state(as_id, &host.save_seq_state_vec(seq)?);
         }
         let hslot = host.seqs.slot_of(seq)?;
         let (slot, new) = self.seqs.slot_or_new(as_id)?;
@@ -1064,7 +1069,9 @@ impl CudaCache {
 
     /// Replaces everything with a state blob of a cache of the same dimensions and settings,
     /// any capacity and page size its sequences fit ([`Cache::load_state`]); a blob that is
-    /// refused changes nothing. Waits for the whole device before and after its copies.
+    /// refused changes nothing. It is read into a host copy of the whole cache first, so it
+    /// takes host memory as large as the cache. Waits for the whole device before and after
+    /// its copies.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
         let mut host = Cache::new(self.cfg.clone())?;
         host.load_state(buf)?;

@@ -229,6 +229,7 @@ fn scenario<T: Element + Default>(mk: Backend, cfg: CacheConfig, nqh: usize, opt
     let mut gpu_other = mk(cfg.clone()).unwrap();
     gpu_other.load_state(&cpu_other.save_state_vec()).unwrap();
     gpu_other.load_seq_state(9, &cpu_other.save_seq_state_vec(3).unwrap()).unwrap();
+    gpu_other.seq_from_host(&cpu_other, 3, 10).unwrap();
     let gh = gpu_other.to_host(std::ptr::null_mut()).unwrap();
     for seq in p.cpu.seq_ids() {
         for layer in 0..cfg.n_layers {
@@ -239,6 +240,7 @@ fn scenario<T: Element + Default>(mk: Backend, cfg: CacheConfig, nqh: usize, opt
     }
     for layer in 0..cfg.n_layers {
         assert!(gh.dequantized(layer, 9).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
+        assert!(gh.dequantized(layer, 10).unwrap() == p.cpu.dequantized(layer, 3).unwrap());
     }
     // One sequence out to the host and back in, under another id.
     let one = p.gpu.seq_to_host(0, std::ptr::null_mut()).unwrap();
