@@ -982,8 +982,8 @@ kivi_status kivi_state_save(const struct kivi_cache *cache,
  * - `cache`: not NULL. `buf`: not NULL, `buf_size` bytes, read during the call only.
  *
  * CUDA cache: waits for all work on the device (every stream: the copies to the device are
- * synchronous, outside the cache's stream), loads, and waits again; like `kivi_state_save()`
- * it takes host memory as large as the cache for the time of the call.
+ * synchronous, outside the cache's stream), loads, and waits again. The blob is staged in host
+ * memory about as large as the pages it holds.
  *
  * Errors: `KIVI_ERR_CORRUPT_STATE`, `KIVI_ERR_STATE_MISMATCH` (other settings, more sequences
  * than `max_seqs`, more pages than the pool holds, or a sequence longer than

@@ -121,14 +121,25 @@ impl SeqTable {
         self.slots.iter().filter(|s| s.id.is_some()).count()
     }
 
-    /// A copy for another cache: the same sequences and counts, the free pages handed out lowest
-    /// first (as [`PageRefs::set_refs`] leaves them when a state is restored).
-    pub fn restored(&self) -> SeqTable {
-        let mut t = self.clone();
-        for (p, src) in t.pages.iter_mut().zip(&self.pages) {
-            p.set_refs(src.all_refs());
+    /// Makes `into`, the table of another cache with the same slots and layers and pools at
+    /// least as long, hold this table's sequences and page counts: its block tables keep the
+    /// room reserved for them, and its free pages are handed out lowest first (as
+    /// [`PageRefs::set_refs`] leaves them when a state is restored).
+    pub fn restore_into(&self, into: &mut SeqTable) {
+        for (to, from) in into.slots.iter_mut().zip(&self.slots) {
+            to.id = from.id;
+            for (t, f) in to.layers.iter_mut().zip(&from.layers) {
+                (t.len, t.quantized) = (f.len, f.quantized);
+                t.blocks.clear();
+                t.blocks.extend_from_slice(&f.blocks);
+            }
         }
-        t
+        for (to, from) in into.pages.iter_mut().zip(&self.pages) {
+            debug_assert!(from.total() <= to.total(), "a pool restored into a shorter one");
+            let mut refs = from.all_refs().to_vec();
+            refs.resize(to.total(), 0);
+            to.set_refs(&refs);
+        }
     }
 
     /// (Layer `l`, `slot`) and the page counts of layer `l`, to append to.

@@ -206,82 +206,11 @@ impl Cache {
     /// `max_seq_tokens`) and page size may differ as long as the saved sequences fit: pages are
     /// regrouped into this cache's page size, and pages that forked sequences share stay shared.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
-        let (mut r, src) = open(&self.cfg, buf, KIND_CACHE)?;
-        let lay = self.lay.clone();
-        // Each layer's page reference counts and the bytes of its pages in use, as saved.
-        let mut pools = Vec::with_capacity(lay.n_layers);
-        for _ in 0..lay.n_layers {
-            let refs: Vec<u32> = r.take(4 * src.pages_per_layer)?.chunks_exact(4).map(le_u32).collect();
-            let used = refs.iter().filter(|&&x| x > 0).count();
-            let data = r.take(used * src.page_bytes)?;
-            pools.push((refs, data));
-        }
-        let n_live = r.u32()? as usize;
-        if n_live > src.max_seqs {
-            return Err(Error::CorruptState(format!("{n_live} sequences, the cache holds at most {}", src.max_seqs)));
-        }
-        if n_live > lay.max_seqs {
-            return Err(Error::StateMismatch(format!(
-                "the state holds {n_live} sequences, this cache at most {} (max_seqs)",
-                lay.max_seqs
-            )));
-        }
-        let mut seqs = Vec::with_capacity(n_live);
-        let mut counted = vec![vec![0u32; src.pages_per_layer]; lay.n_layers];
-        for _ in 0..n_live {
-            let slot = r.u32()? as usize;
-            let id = r.u32()?;
-            if slot >= src.max_seqs || seqs.iter().any(|(s, i, _): &(usize, u32, _)| *s == slot || *i == id) {
-                return Err(Error::CorruptState(format!(
-                    "sequence {id} in slot {slot}: slot or id repeated or out of range"
-                )));
-            }
-            let mut layers = Vec::with_capacity(lay.n_layers);
-            for (l, count) in counted.iter_mut().enumerate() {
-                let rec = read_layer(&mut r, &src, true, self.window_bytes())?;
-                check_seq_len(&lay, id, l, rec.len)?;
-                for &b in &rec.blocks {
-                    if b as usize >= src.pages_per_layer || pools[l].0[b as usize] == 0 {
-                        return Err(Error::CorruptState(format!("sequence {id} layer {l}: page {b} not in use")));
-                    }
-                    count[b as usize] += 1;
-                }
-                layers.push(rec);
-            }
-            seqs.push((slot, id, layers));
-        }
-        for (l, count) in counted.iter().enumerate() {
-            if count != &pools[l].0 {
-                return Err(Error::CorruptState(format!(
-                    "layer {l}: page reference counts do not match the sequences"
-                )));
-            }
-        }
-        // Into this cache: the saved slots when they all exist here, else the first ones.
-        if seqs.iter().any(|&(s, _, _)| s >= lay.max_seqs) {
-            for (i, s) in seqs.iter_mut().enumerate() {
-                s.0 = i;
-            }
-        }
-        let mut placed = Vec::with_capacity(lay.n_layers);
-        for (l, (refs, _)) in pools.iter().enumerate() {
-            let tables: Vec<(&[u32], usize)> =
-                seqs.iter().map(|(_, _, layers)| (&layers[l].blocks[..], layers[l].quantized / lay.group)).collect();
-            let p = place(&src, &lay, refs, &tables);
-            if p.pages.len() > lay.pages_per_layer {
-                return Err(Error::StateMismatch(format!(
-                    "layer {l}: the state's sequences need {} pages of {} tokens, this cache has {} (max_tokens {})",
-                    p.pages.len(),
-                    lay.page_tokens,
-                    lay.pages_per_layer,
-                    self.cfg.max_tokens
-                )));
-            }
-            placed.push(p);
-        }
+        let st = read_cache_state(&self.cfg, &self.lay, buf)?;
         // Everything checked: apply.
+        let (src, lay) = (&st.src, &self.lay);
         self.seqs.clear();
-        for (l, (p, (refs, data))) in placed.iter().zip(&pools).enumerate() {
+        for (l, (p, (refs, data))) in st.placed.iter().zip(&st.pools).enumerate() {
             // The saved pages in use follow one another in page order.
             let mut at = vec![0usize; refs.len()];
             let mut n = 0;
@@ -292,16 +221,16 @@ impl Cache {
             let saved = |b: u32| &data[at[b as usize] * src.page_bytes..][..src.page_bytes];
             self.seqs.pages[l].set_refs(&p.refs);
             for (dst, groups) in &p.pages {
-                fill_page(&src, saved, groups, &lay, self.pools[l].page_mut(*dst));
+                fill_page(src, saved, groups, lay, self.pools[l].page_mut(*dst));
             }
         }
-        for (i, (s, id, layers)) in seqs.into_iter().enumerate() {
+        for (i, (s, id, layers)) in st.seqs.into_iter().enumerate() {
             self.seqs.slots[s].id = Some(id);
             for (l, rec) in layers.into_iter().enumerate() {
                 let ls = &mut self.seqs.slots[s].layers[l];
                 ls.len = rec.len;
                 ls.quantized = rec.quantized;
-                ls.blocks.extend_from_slice(&placed[l].blocks[i]);
+                ls.blocks.extend_from_slice(&st.placed[l].blocks[i]);
                 self.window_slice_mut(l, s).copy_from_slice(rec.window);
             }
         }
@@ -401,6 +330,101 @@ impl Cache {
         let n = self.window_bytes();
         &mut self.windows.bytes_mut()[b..b + n]
     }
+}
+
+/// A whole-cache blob, read, checked and placed into a cache of configuration `cfg` and layout
+/// `lay`: what loading it changes, computed before anything changes.
+struct CacheState<'a> {
+    /// The layout the blob was written with.
+    src: Layout,
+    /// Per layer, the saved page reference counts and the bytes of the saved pages in use.
+    pools: Vec<(Vec<u32>, &'a [u8])>,
+    /// Each saved sequence: its slot in the cache, its id and its layers.
+    seqs: Vec<(usize, u32, Vec<LayerRec<'a>>)>,
+    /// Per layer, where its pages go.
+    placed: Vec<Placement>,
+}
+
+fn read_cache_state<'a>(cfg: &CacheConfig, lay: &Layout, buf: &'a [u8]) -> Result<CacheState<'a>> {
+    let (mut r, src) = open(cfg, buf, KIND_CACHE)?;
+    let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+    let mut pools = Vec::with_capacity(lay.n_layers);
+    for _ in 0..lay.n_layers {
+        let refs: Vec<u32> = r.take(4 * src.pages_per_layer)?.chunks_exact(4).map(le_u32).collect();
+        let used = refs.iter().filter(|&&x| x > 0).count();
+        let data = r.take(used * src.page_bytes)?;
+        pools.push((refs, data));
+    }
+    let n_live = r.u32()? as usize;
+    if n_live > src.max_seqs {
+        return Err(Error::CorruptState(format!("{n_live} sequences, the cache holds at most {}", src.max_seqs)));
+    }
+    if n_live > lay.max_seqs {
+        return Err(Error::StateMismatch(format!(
+            "the state holds {n_live} sequences, this cache at most {} (max_seqs)",
+            lay.max_seqs
+        )));
+    }
+    let mut seqs = Vec::with_capacity(n_live);
+    let mut counted = vec![vec![0u32; src.pages_per_layer]; lay.n_layers];
+    for _ in 0..n_live {
+        let slot = r.u32()? as usize;
+        let id = r.u32()?;
+        if slot >= src.max_seqs || seqs.iter().any(|(s, i, _): &(usize, u32, _)| *s == slot || *i == id) {
+            return Err(Error::CorruptState(format!(
+                "sequence {id} in slot {slot}: slot or id repeated or out of range"
+            )));
+        }
+        let mut layers = Vec::with_capacity(lay.n_layers);
+        for (l, count) in counted.iter_mut().enumerate() {
+            let rec = read_layer(&mut r, &src, true, window_bytes)?;
+            check_seq_len(lay, id, l, rec.len)?;
+            for &b in &rec.blocks {
+                if b as usize >= src.pages_per_layer || pools[l].0[b as usize] == 0 {
+                    return Err(Error::CorruptState(format!("sequence {id} layer {l}: page {b} not in use")));
+                }
+                count[b as usize] += 1;
+            }
+            layers.push(rec);
+        }
+        seqs.push((slot, id, layers));
+    }
+    for (l, count) in counted.iter().enumerate() {
+        if count != &pools[l].0 {
+            return Err(Error::CorruptState(format!("layer {l}: page reference counts do not match the sequences")));
+        }
+    }
+    // Into this cache: the saved slots when they all exist here, else the first ones.
+    if seqs.iter().any(|&(s, _, _)| s >= lay.max_seqs) {
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.0 = i;
+        }
+    }
+    let mut placed = Vec::with_capacity(lay.n_layers);
+    for (l, (refs, _)) in pools.iter().enumerate() {
+        let tables: Vec<(&[u32], usize)> =
+            seqs.iter().map(|(_, _, layers)| (&layers[l].blocks[..], layers[l].quantized / lay.group)).collect();
+        let p = place(&src, lay, refs, &tables);
+        if p.pages.len() > lay.pages_per_layer {
+            return Err(Error::StateMismatch(format!(
+                "layer {l}: the state's sequences need {} pages of {} tokens, this cache has {} (max_tokens {})",
+                p.pages.len(),
+                lay.page_tokens,
+                lay.pages_per_layer,
+                cfg.max_tokens
+            )));
+        }
+        placed.push(p);
+    }
+    Ok(CacheState { src, pools, seqs, placed })
+}
+
+/// How far into each layer's pool of a cache of configuration `cfg` a whole-cache blob reaches
+/// when loaded (the highest page number it uses, plus one): a cache whose pools are that long
+/// holds it under the same page numbers. Fails as loading would.
+pub(crate) fn cache_state_pages(cfg: &CacheConfig, buf: &[u8]) -> Result<usize> {
+    let st = read_cache_state(cfg, &Layout::new(cfg), buf)?;
+    Ok(st.placed.iter().flat_map(|p| p.pages.iter().map(|(b, _)| *b as usize + 1)).max().unwrap_or(0))
 }
 
 /// Checks a blob's header and checksum against a cache of configuration `cfg`; returns a reader
@@ -698,6 +722,32 @@ mod tests {
         let p = place(&src, &dst, &refs, &[(&[0, 1], 2), (&[0, 1, 2, 3, 4], 5)]);
         assert_eq!(p.blocks, vec![vec![0], vec![0, 1]]);
         assert_eq!(p.pages[0].1, g(&[0, 1, 2]));
+    }
+
+    /// A blob reaches as far into a pool as its highest page; a cache of another page size
+    /// needs as many pages as the regrouped sequences take; one it does not fit is refused.
+    #[test]
+    fn a_blob_reaches_as_far_as_its_highest_page() {
+        let mut c = CacheConfig::new(2, 2, 64);
+        (c.group_size, c.residual, c.max_tokens, c.max_seqs) = (16, 32, 4096, 3);
+        let mut cache = Cache::new(c.clone()).unwrap();
+        let k: Vec<f32> = (0..200 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        for (seq, n) in [(1u32, 200usize), (2, 100)] {
+            for l in 0..2 {
+                cache
+                    .append(l, seq, Rows::new(&k[..n * 128], n).unwrap(), Rows::new(&k[..n * 128], n).unwrap())
+                    .unwrap();
+            }
+        }
+        // Sequence 1 takes pages 0..=9 (10 groups of 16), sequence 2 then 10..=13 (4 groups).
+        cache.seq_remove(1).unwrap();
+        let blob = cache.save_state_vec();
+        assert_eq!(cache_state_pages(&c, &blob), Ok(14));
+        c.page_tokens = 64;
+        assert_eq!(cache_state_pages(&c, &blob), Ok(1));
+        c.max_seqs = 1;
+        (c.page_tokens, c.max_tokens) = (0, 48);
+        assert!(matches!(cache_state_pages(&c, &blob), Err(Error::StateMismatch(m)) if m.contains("need 4 pages")));
     }
 
     /// A blob whose page size or capacity fields are impossible is corrupt even with a valid

@@ -1038,7 +1038,7 @@ impl CudaCache {
                 host.pools[l].page_mut(p as u32).copy_from_slice(&buf[p * lay.page_bytes..(p + 1) * lay.page_bytes]);
             }
         }
-        host.seqs = self.seqs.restored();
+        self.seqs.restore_into(&mut host.seqs);
         Ok(host)
     }
 
@@ -1069,11 +1069,14 @@ impl CudaCache {
 
     /// Replaces everything with a state blob of a cache of the same dimensions and settings,
     /// any capacity and page size its sequences fit ([`Cache::load_state`]); a blob that is
-    /// refused changes nothing. It is read into a host copy of the whole cache first, so it
-    /// takes host memory as large as the cache. Waits for the whole device before and after
-    /// its copies.
+    /// refused changes nothing. It is read into a host cache with pools as long as the blob's
+    /// pages reach (not as the whole cache) and copied up from there. Waits for the whole device
+    /// before and after its copies.
     pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
-        let mut host = Cache::new(self.cfg.clone())?;
+        let pages = crate::state::cache_state_pages(&self.cfg, buf)?;
+        let mut cfg = self.cfg.clone();
+        cfg.max_tokens = (pages * self.lay.page_tokens).clamp(1, cfg.max_tokens as usize) as u32;
+        let mut host = Cache::new(cfg)?;
         host.load_state(buf)?;
         self.upload(&host)
     }
@@ -1100,7 +1103,9 @@ impl CudaCache {
         self.seq_from_host(&host, seq, seq)
     }
 
-    /// Replaces the device copy with `cache`'s contents. Waits for the device before (work queued
+    /// Replaces the device copy with `cache`'s contents: a cache of this configuration, or of a
+    /// smaller `max_tokens` (shorter pools, whose pages go to the start of this cache's; the rest
+    /// is left free). Waits for the device before (work queued
     /// on any stream may still use the memory) and after (synchronous copies from pageable
     /// memory may return before the data lands, and later work on a non-blocking stream is not
     /// ordered after them).
@@ -1122,7 +1127,7 @@ impl CudaCache {
         c.htod(c.base + c.off_windows, cache.windows.bytes())?;
         let blocks: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
         c.htod(c.base + c.off_blocks, &blocks)?;
-        c.seqs = cache.seqs.restored();
+        cache.seqs.restore_into(&mut c.seqs);
         c.sync_device()
     }
 
