@@ -202,6 +202,12 @@ impl PagePool {
         self.data.bytes()
     }
 
+    /// The whole pool's bytes, to fill from another copy of the pool.
+    #[inline]
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.data.bytes_mut()
+    }
+
     /// Copies page `src` over page `dst`.
     pub fn copy_page(&mut self, src: u32, dst: u32) {
         let pb = self.page_bytes;

@@ -121,10 +121,10 @@ impl SeqTable {
         self.slots.iter().filter(|s| s.id.is_some()).count()
     }
 
-    /// Makes `into`, the table of another cache with the same slots and layers and pools at
-    /// least as long, hold this table's sequences and page counts: its block tables keep the
-    /// room reserved for them, and its free pages are handed out lowest first (as
-    /// [`PageRefs::set_refs`] leaves them when a state is restored).
+    /// Makes `into`, the table of another cache with the same slots and layers and pools long
+    /// enough for the pages in use, hold this table's sequences and page counts: its block
+    /// tables keep the room reserved for them, and its free pages are handed out lowest first
+    /// (as [`PageRefs::set_refs`] leaves them when a state is restored).
     pub fn restore_into(&self, into: &mut SeqTable) {
         for (to, from) in into.slots.iter_mut().zip(&self.slots) {
             to.id = from.id;
@@ -135,7 +135,8 @@ impl SeqTable {
             }
         }
         for (to, from) in into.pages.iter_mut().zip(&self.pages) {
-            debug_assert!(from.total() <= to.total(), "a pool restored into a shorter one");
+            let kept = from.total().min(to.total());
+            debug_assert!(from.all_refs()[kept..].iter().all(|&r| r == 0), "pages in use past the end of a pool");
             let mut refs = from.all_refs().to_vec();
             refs.resize(to.total(), 0);
             to.set_refs(&refs);

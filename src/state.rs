@@ -124,7 +124,7 @@ pub(crate) fn cache_state_size(lay: &Layout, seqs: &SeqTable) -> usize {
     // Header, CRC, sequence count.
     let mut n = HEADER + 4 + 4;
     for pages in &seqs.pages {
-        n += 4 * pages.total() + pages.used_count() * lay.page_bytes;
+        n += 4 * lay.pages_per_layer + pages.used_count() * lay.page_bytes;
     }
     for slot in seqs.slots.iter().filter(|s| s.id.is_some()) {
         n += 8;
@@ -160,14 +160,25 @@ impl Cache {
     /// Writes the whole cache into `buf` (at least [`Cache::state_size`] bytes); returns the
     /// bytes written.
     pub fn save_state(&self, buf: &mut [u8]) -> Result<usize> {
-        let size = self.state_size();
+        self.save_state_as(&self.cfg, buf)
+    }
+
+    /// [`Cache::save_state`] with the header of a cache of configuration `cfg`: the same
+    /// settings and page size, pools at least as long (the pages past this cache's are written
+    /// as free). A CUDA cache saves through a host copy of only the pages it uses.
+    pub(crate) fn save_state_as(&self, cfg: &CacheConfig, buf: &mut [u8]) -> Result<usize> {
+        let lay = Layout::new(cfg);
+        let size = cache_state_size(&lay, &self.seqs);
         if buf.len() < size {
             return Err(Error::BufferTooSmall { needed: size, given: buf.len() });
         }
-        let mut w = header(&self.cfg, buf, KIND_CACHE, size);
+        let mut w = header(cfg, buf, KIND_CACHE, size);
         for (pool, pages) in self.pools.iter().zip(&self.seqs.pages) {
             for &r in pages.all_refs() {
                 w.u32(r);
+            }
+            for _ in pages.total()..lay.pages_per_layer {
+                w.u32(0);
             }
             for (p, &r) in pages.all_refs().iter().enumerate() {
                 if r > 0 {

@@ -1023,23 +1023,32 @@ impl CudaCache {
     /// memory as the cache takes device memory; [`CudaCache::seq_to_host`] takes one sequence.
     /// Waits for `stream`.
     pub fn to_host(&self, stream: Stream) -> Result<Cache> {
+        self.host_copy(self.lay.pages_per_layer, stream)
+    }
+
+    /// A CPU cache holding what this cache holds, in pools `pages` long (reaching at least the
+    /// last page in use): the first `pages` pages of each pool, the windows and the tables.
+    fn host_copy(&self, pages: usize, stream: Stream) -> Result<Cache> {
         self.bind()?;
         let lay = &self.lay;
-        let mut host = Cache::new(self.cfg.clone())?;
-        let mut pages: Vec<Vec<u8>> = Vec::with_capacity(lay.n_layers);
+        let mut cfg = self.cfg.clone();
+        if pages < lay.pages_per_layer {
+            cfg.max_tokens = (pages * lay.page_tokens).clamp(1, cfg.max_tokens as usize) as u32;
+        }
+        let mut host = Cache::new(cfg)?;
+        let n = pages.min(host.lay.pages_per_layer) * lay.page_bytes;
         for l in 0..lay.n_layers {
-            let mut buf = vec![0u8; lay.pages_per_layer * lay.page_bytes];
-            self.dtoh(&mut buf[..], self.pages_ptr(l), stream)?;
-            pages.push(buf);
+            self.dtoh(&mut host.pools[l].bytes_mut()[..n], self.pages_ptr(l), stream)?;
         }
         self.dtoh(host.windows.bytes_mut(), self.base + self.off_windows, stream)?;
-        for (l, buf) in pages.iter().enumerate() {
-            for p in 0..lay.pages_per_layer {
-                host.pools[l].page_mut(p as u32).copy_from_slice(&buf[p * lay.page_bytes..(p + 1) * lay.page_bytes]);
-            }
-        }
         self.seqs.restore_into(&mut host.seqs);
         Ok(host)
+    }
+
+    /// How far into the pools the pages in use reach: the highest in use, plus one.
+    fn pages_reach(&self) -> usize {
+        let reach = |p: &crate::pool::PageRefs| p.all_refs().iter().rposition(|&r| r > 0).map_or(0, |i| i + 1);
+        self.seqs.pages.iter().map(reach).max().unwrap_or(0)
     }
 
     /// A cache on device `device` holding exactly what the CPU `cache` holds (e.g. one restored
@@ -1051,10 +1060,14 @@ impl CudaCache {
     }
 
     /// The whole cache as a state blob, the CPU cache's format ([`Cache::save_state_vec`]):
-    /// brought to the host first, so it takes host memory as large as the cache. Waits for
+    /// the pages in use (as far as the last one reaches) and the windows are brought to the
+    /// host first, so it takes host memory for those as well as for the blob. Waits for
     /// `stream`.
     pub fn save_state_vec(&self, stream: Stream) -> Result<Vec<u8>> {
-        Ok(self.to_host(stream)?.save_state_vec())
+        let host = self.host_copy(self.pages_reach(), stream)?;
+        let mut v = vec![0; self.state_size()];
+        host.save_state_as(&self.cfg, &mut v)?;
+        Ok(v)
     }
 
     /// Bytes [`CudaCache::save_state_vec`] returns now, found on the host (no device work).

@@ -71,9 +71,9 @@ pub unsafe extern "C" fn kivi_state_size(cache: *const kivi_cache, out_size: *mu
 ///   alignment. Written only on success.
 /// - `out_written`: not NULL; receives the bytes written, on success.
 ///
-/// CUDA cache: copies the cache to host memory on the cache's stream and waits for the stream
-/// (so for everything queued on it before), then writes the blob; it takes host memory as large
-/// as the cache for the time of the call.
+/// CUDA cache: copies the pages in use (as far as the last one reaches) and the windows to host
+/// memory on the cache's stream and waits for the stream (so for everything queued on it
+/// before), then writes the blob; that host copy lasts for the time of the call.
 ///
 /// Errors: `KIVI_ERR_BUFFER_TOO_SMALL` (nothing written).
 /// Thread safety: reads the cache; runs alongside other reading calls.
