@@ -385,7 +385,7 @@ impl Cache {
         let (s, d) = self.seqs.copy_slots(src, dst)?;
         self.seqs.copy(s, d, dst);
         let lay = &self.lay;
-        let n = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+        let n = lay.slot_window_bytes();
         for l in 0..lay.n_layers {
             let sb = lay.window_base(l, s, 0) * lay.dtype.size();
             let db = lay.window_base(l, d, 0) * lay.dtype.size();

@@ -123,8 +123,8 @@ pub struct CacheConfig {
     /// Tokens per page: a multiple of `group_size` up to 65536, or 0 for one group per page. On
     /// a CPU cache 256 decodes about 1.2 to 1.35 times faster from a few thousand tokens on (each
     /// KV head's groups are then contiguous in memory), for one spare page per sequence in each
-    /// layer's pool; CPU engines should set it. CUDA caches are tuned for one group per page. Saved
-    /// states load into caches of any page size (the pages are regrouped).
+    /// layer's pool; CPU engines should set it. CUDA caches are tuned for one group per page.
+    /// Saved states load into caches of any page size (the pages are regrouped).
     pub page_tokens: u32,
     /// Threads one attention or append call may use (the engine's choice; 1 = the calling thread
     /// only). Appends spread the quantization of flushed groups over the KV heads.

@@ -154,6 +154,11 @@ impl Layout {
         self.block_table_bytes() + self.pages_per_layer as u128 * 4 * 2 * self.n_layers as u128
     }
 
+    /// Bytes of the windows of one (layer, slot): every head's, in the cache's dtype.
+    pub fn slot_window_bytes(&self) -> usize {
+        self.n_kv_heads * self.window_head_elems * self.dtype.size()
+    }
+
     /// Elements of every window of every layer and slot.
     pub fn window_elems_total(&self) -> usize {
         self.n_layers * self.max_seqs * self.n_kv_heads * self.window_head_elems

@@ -120,7 +120,7 @@ struct LayerRec<'a> {
 /// Bytes of a whole-cache blob of `seqs`: what [`Cache::state_size`] says, for either backend
 /// (the CUDA cache saves the same blob).
 pub(crate) fn cache_state_size(lay: &Layout, seqs: &SeqTable) -> usize {
-    let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+    let window_bytes = lay.slot_window_bytes();
     // Header, CRC, sequence count.
     let mut n = HEADER + 4 + 4;
     for pages in &seqs.pages {
@@ -138,7 +138,7 @@ pub(crate) fn cache_state_size(lay: &Layout, seqs: &SeqTable) -> usize {
 /// Bytes of a blob of the sequence in slot `s` of `seqs`: what [`Cache::seq_state_size`] says,
 /// for either backend.
 pub(crate) fn seq_state_size(lay: &Layout, seqs: &SeqTable, s: usize) -> usize {
-    let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
+    let window_bytes = lay.slot_window_bytes();
     // Header, CRC, sequence id.
     let mut n = HEADER + 4 + 4;
     for ls in &seqs.slots[s].layers {
@@ -148,10 +148,6 @@ pub(crate) fn seq_state_size(lay: &Layout, seqs: &SeqTable, s: usize) -> usize {
 }
 
 impl Cache {
-    fn window_bytes(&self) -> usize {
-        self.lay.n_kv_heads * self.lay.window_head_elems * self.lay.dtype.size()
-    }
-
     /// Bytes [`Cache::save_state`] writes now.
     pub fn state_size(&self) -> usize {
         cache_state_size(&self.lay, &self.seqs)
@@ -302,7 +298,7 @@ impl Cache {
         let _saved_id = r.u32()?;
         let mut layers = Vec::with_capacity(lay.n_layers);
         for l in 0..lay.n_layers {
-            let rec = read_layer(&mut r, &src, false, self.window_bytes())?;
+            let rec = read_layer(&mut r, &src, false)?;
             check_seq_len(&lay, seq, l, rec.len)?;
             layers.push(rec);
         }
@@ -333,12 +329,12 @@ impl Cache {
 
     fn window_slice(&self, l: usize, slot: usize) -> &[u8] {
         let b = self.lay.window_base(l, slot, 0) * self.lay.dtype.size();
-        &self.windows.bytes()[b..b + self.window_bytes()]
+        &self.windows.bytes()[b..b + self.lay.slot_window_bytes()]
     }
 
     fn window_slice_mut(&mut self, l: usize, slot: usize) -> &mut [u8] {
         let b = self.lay.window_base(l, slot, 0) * self.lay.dtype.size();
-        let n = self.window_bytes();
+        let n = self.lay.slot_window_bytes();
         &mut self.windows.bytes_mut()[b..b + n]
     }
 }
@@ -358,7 +354,6 @@ struct CacheState<'a> {
 
 fn read_cache_state<'a>(cfg: &CacheConfig, lay: &Layout, buf: &'a [u8]) -> Result<CacheState<'a>> {
     let (mut r, src) = open(cfg, buf, KIND_CACHE)?;
-    let window_bytes = lay.n_kv_heads * lay.window_head_elems * lay.dtype.size();
     let mut pools = Vec::with_capacity(lay.n_layers);
     for _ in 0..lay.n_layers {
         let refs: Vec<u32> = r.take(4 * src.pages_per_layer)?.chunks_exact(4).map(le_u32).collect();
@@ -388,7 +383,7 @@ fn read_cache_state<'a>(cfg: &CacheConfig, lay: &Layout, buf: &'a [u8]) -> Resul
         }
         let mut layers = Vec::with_capacity(lay.n_layers);
         for (l, count) in counted.iter_mut().enumerate() {
-            let rec = read_layer(&mut r, &src, true, window_bytes)?;
+            let rec = read_layer(&mut r, &src, true)?;
             check_seq_len(lay, id, l, rec.len)?;
             for &b in &rec.blocks {
                 if b as usize >= src.pages_per_layer || pools[l].0[b as usize] == 0 {
@@ -498,11 +493,10 @@ fn le_u32(b: &[u8]) -> u32 {
 /// needs to hold it.
 pub(crate) fn seq_state_tokens(cfg: &CacheConfig, buf: &[u8]) -> Result<usize> {
     let (mut r, src) = open(cfg, buf, KIND_SEQ)?;
-    let window = src.n_kv_heads * src.window_head_elems * src.dtype.size();
     r.u32()?;
     let mut longest = 0;
     for _ in 0..src.n_layers {
-        longest = longest.max(read_layer(&mut r, &src, false, window)?.len);
+        longest = longest.max(read_layer(&mut r, &src, false)?.len);
     }
     Ok(longest)
 }
@@ -643,7 +637,7 @@ fn finish(w: Writer, size: usize) -> usize {
 }
 
 /// Reads and checks one layer record.
-fn read_layer<'a>(r: &mut Reader<'a>, lay: &Layout, with_blocks: bool, window: usize) -> Result<LayerRec<'a>> {
+fn read_layer<'a>(r: &mut Reader<'a>, lay: &Layout, with_blocks: bool) -> Result<LayerRec<'a>> {
     let len = r.u64()?;
     let quantized = r.u64()?;
     let bad = |m: String| Err(Error::CorruptState(m));
@@ -675,7 +669,7 @@ fn read_layer<'a>(r: &mut Reader<'a>, lay: &Layout, with_blocks: bool, window: u
     } else {
         (Vec::new(), r.take(n_blocks * lay.page_bytes)?)
     };
-    let window = r.take(window)?;
+    let window = r.take(lay.slot_window_bytes())?;
     Ok(LayerRec { len, quantized, blocks, pages, window })
 }
 

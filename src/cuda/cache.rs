@@ -903,7 +903,7 @@ impl CudaCache {
         self.bind()?;
         self.seqs.copy(s, d, dst);
         let lay = &self.lay;
-        let (dsz, wbytes) = (lay.dtype.size() as u64, lay.n_kv_heads * lay.window_head_elems * lay.dtype.size());
+        let (dsz, wbytes) = (lay.dtype.size() as u64, lay.slot_window_bytes());
         for l in 0..lay.n_layers {
             let sw = self.base + self.off_windows + lay.window_base(l, s, 0) as u64 * dsz;
             let dw = self.base + self.off_windows + lay.window_base(l, d, 0) as u64 * dsz;
@@ -939,7 +939,7 @@ impl CudaCache {
         cfg.max_tokens = max_q.max(1) as u32;
         let mut host = Cache::new(cfg)?;
         let dsz = lay.dtype.size();
-        let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
+        let wbytes = lay.slot_window_bytes();
         for l in 0..lay.n_layers {
             let ls = self.seqs.slots[slot].layers[l].clone();
             let mut blocks = Vec::with_capacity(ls.blocks.len());
@@ -995,7 +995,7 @@ impl CudaCache {
         self.sync_device()?;
         self.seqs.release(slot);
         let dsz = lay.dtype.size();
-        let wbytes = lay.n_kv_heads * lay.window_head_elems * dsz;
+        let wbytes = lay.slot_window_bytes();
         for l in 0..lay.n_layers {
             let hls = &host.seqs.slots[hslot].layers[l];
             let mut blocks = Vec::with_capacity(hls.blocks.len());
@@ -1118,10 +1118,9 @@ impl CudaCache {
 
     /// Replaces the device copy with `cache`'s contents: a cache of this configuration, or of a
     /// smaller `max_tokens` (shorter pools, whose pages go to the start of this cache's; the rest
-    /// is left free). Waits for the device before (work queued
-    /// on any stream may still use the memory) and after (synchronous copies from pageable
-    /// memory may return before the data lands, and later work on a non-blocking stream is not
-    /// ordered after them).
+    /// is left free). Waits for the device before (work queued on any stream may still use the
+    /// memory) and after (synchronous copies from pageable memory may return before the data
+    /// lands, and later work on a non-blocking stream is not ordered after them).
     fn upload(&mut self, cache: &Cache) -> Result<()> {
         self.bind()?;
         self.sync_device()?;
