@@ -729,21 +729,26 @@ mod tests {
         assert_eq!(p.pages[0].1, g(&[0, 1, 2]));
     }
 
+    /// A cache of 2 layers, 2 KV heads of 64, G = 16, R = 32, holding sequences of the given
+    /// lengths (appended in order, keys and values alike).
+    fn small_cache(max_tokens: u32, max_seqs: u32, seqs: &[(u32, usize)]) -> (CacheConfig, Cache) {
+        let mut c = CacheConfig::new(2, 2, 64);
+        (c.group_size, c.residual, c.max_tokens, c.max_seqs) = (16, 32, max_tokens, max_seqs);
+        let mut cache = Cache::new(c.clone()).unwrap();
+        for &(seq, n) in seqs {
+            let k: Vec<f32> = (0..n * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            for l in 0..2 {
+                cache.append(l, seq, Rows::new(&k, n).unwrap(), Rows::new(&k, n).unwrap()).unwrap();
+            }
+        }
+        (c, cache)
+    }
+
     /// A blob reaches as far into a pool as its highest page; a cache of another page size
     /// needs as many pages as the regrouped sequences take; one it does not fit is refused.
     #[test]
     fn a_blob_reaches_as_far_as_its_highest_page() {
-        let mut c = CacheConfig::new(2, 2, 64);
-        (c.group_size, c.residual, c.max_tokens, c.max_seqs) = (16, 32, 4096, 3);
-        let mut cache = Cache::new(c.clone()).unwrap();
-        let k: Vec<f32> = (0..200 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-        for (seq, n) in [(1u32, 200usize), (2, 100)] {
-            for l in 0..2 {
-                cache
-                    .append(l, seq, Rows::new(&k[..n * 128], n).unwrap(), Rows::new(&k[..n * 128], n).unwrap())
-                    .unwrap();
-            }
-        }
+        let (mut c, mut cache) = small_cache(4096, 3, &[(1, 200), (2, 100)]);
         // Sequence 1 takes pages 0..=9 (10 groups of 16), sequence 2 then 10..=13 (4 groups).
         cache.seq_remove(1).unwrap();
         let blob = cache.save_state_vec();
@@ -759,13 +764,7 @@ mod tests {
     /// checksum, and a huge capacity is refused before anything that large is allocated.
     #[test]
     fn impossible_page_sizes_and_capacities_are_corrupt() {
-        let mut c = CacheConfig::new(2, 2, 64);
-        (c.group_size, c.residual, c.max_tokens, c.max_seqs) = (16, 32, 256, 2);
-        let mut cache = Cache::new(c.clone()).unwrap();
-        let k: Vec<f32> = (0..100 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-        for l in 0..2 {
-            cache.append(l, 4, Rows::new(&k, 100).unwrap(), Rows::new(&k, 100).unwrap()).unwrap();
-        }
+        let (c, mut cache) = small_cache(256, 2, &[(4, 100)]);
         let blob = cache.save_state_vec();
         let field = |i: usize| 8 + 4 + 4 + 4 * i;
         for (i, value, says) in [
