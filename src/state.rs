@@ -6,7 +6,8 @@
 //! payload before it changes anything: a corrupt or mismatched blob is an error, and the cache
 //! is left as it was. Page size and capacity (the last three header fields) may differ from the
 //! restoring cache's: the blob's pages are read in its own page size (its page count per layer
-//! follows from them as `Layout::new` computes it) and regrouped into the cache's.
+//! follows from them as `Layout::new` computes it, so a change to that rule needs a new
+//! [`STATE_VERSION`]) and regrouped into the cache's.
 //!
 //! Payload of a whole cache: per layer, the reference count of every page and the bytes of each
 //! page in use; then each live sequence (slot, id, and per layer its length, quantized length,
