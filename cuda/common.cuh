@@ -91,7 +91,9 @@ __device__ __forceinline__ const elem_t* head_window(const elem_t* win_layer, u3
 // Offset (elements, inside a head window) of the key (or value) row of a full-precision
 // position that is stored in the window: a sink or a ring token.
 __device__ __forceinline__ u32 window_row(u32 pos, bool value) {
+#if KV_SINKS > 0  // (without sinks the test would compare an unsigned value with zero)
     if (pos < KV_SINKS) return (value ? KV_W_SV : KV_W_SK) + pos * KV_HD;
+#endif
     return (value ? KV_W_RV : KV_W_RK) + ((pos - KV_SINKS) % KV_RING) * KV_HD;
 }
 

@@ -239,6 +239,12 @@ impl Image {
 /// Compiles one family for `arch` (`sm_90` gives a cubin, `compute_90` PTX). Errors carry
 /// NVRTC's log.
 pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
+    compile_with_log(family, spec, arch).map(|(image, _)| image)
+}
+
+/// [`compile`], with NVRTC's log of the successful compilation (its warnings; empty when there
+/// are none).
+pub fn compile_with_log(family: Family, spec: &Spec, arch: &str) -> Result<(Image, String)> {
     nvrtc_lib()?;
     let src = CString::new(family.source()).expect("kernel sources hold no NUL");
     let name = CString::new(family.file()).unwrap();
@@ -246,7 +252,7 @@ pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
     let fail = |what: &str, log: String| {
         Error::BackendUnavailable(format!("NVRTC could not {what} {} for {arch}: {log}", family.file()))
     };
-    use cudarc::nvrtc::{result, sys};
+    use cudarc::nvrtc::result;
     let prog = result::create_program(&src, Some(&name)).map_err(|e| fail("create", format!("{e:?}")))?;
     // SAFETY: prog was just created and is destroyed once below.
     unsafe {
@@ -256,37 +262,47 @@ pub fn compile(family: Family, spec: &Spec, arch: &str) -> Result<Image> {
                 let log = result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
                 Err(fail("compile", format!("{e:?}\n{log}")))
             }
-            Ok(()) if std::env::var_os("KIVI_CUDA_LOG").is_some() && log_and(prog, family, arch) => unreachable!(),
-            Ok(()) if arch.starts_with("sm_") => {
-                let mut size = 0usize;
-                let r = sys::nvrtcGetCUBINSize(prog, &mut size);
-                if r != sys::nvrtcResult::NVRTC_SUCCESS {
-                    Err(fail("produce a cubin of", format!("{r:?}")))
-                } else {
-                    let mut buf = vec![0u8; size];
-                    let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _);
-                    if r != sys::nvrtcResult::NVRTC_SUCCESS {
-                        Err(fail("produce a cubin of", format!("{r:?}")))
-                    } else {
-                        Ok(Image::Cubin(buf))
-                    }
+            Ok(()) => {
+                let log = result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
+                if std::env::var_os("KIVI_CUDA_LOG").is_some() {
+                    eprintln!("NVRTC {} {arch}:\n{log}", family.file());
                 }
+                image(prog, arch).map(|i| (i, log.trim().to_string())).map_err(|(what, e)| fail(what, e))
             }
-            Ok(()) => match result::get_ptx(prog) {
-                Ok(p) => Ok(Image::Ptx(p.iter().map(|&c| c.to_ne_bytes()[0]).collect())),
-                Err(e) => Err(fail("produce PTX of", format!("{e:?}"))),
-            },
         };
         let _ = result::destroy_program(prog);
         out
     }
 }
 
-/// Prints NVRTC's log of a successful compilation; returns false.
-unsafe fn log_and(prog: cudarc::nvrtc::sys::nvrtcProgram, family: Family, arch: &str) -> bool {
-    let log = cudarc::nvrtc::result::get_program_log(prog).map(|l| c_chars(&l)).unwrap_or_default();
-    eprintln!("NVRTC {} {arch}:\n{log}", family.file());
-    false
+/// The cubin (`sm_` architectures) or PTX of a compiled program; on failure what could not be
+/// produced and NVRTC's result.
+///
+/// # Safety
+/// `prog` must be a live program that compiled.
+unsafe fn image(
+    prog: cudarc::nvrtc::sys::nvrtcProgram,
+    arch: &str,
+) -> std::result::Result<Image, (&'static str, String)> {
+    use cudarc::nvrtc::{result, sys};
+    if arch.starts_with("sm_") {
+        let mut size = 0usize;
+        let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(("produce a cubin of", format!("{r:?}")));
+        }
+        let mut buf = vec![0u8; size];
+        let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _);
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(("produce a cubin of", format!("{r:?}")));
+        }
+        Ok(Image::Cubin(buf))
+    } else {
+        match result::get_ptx(prog) {
+            Ok(p) => Ok(Image::Ptx(p.iter().map(|&c| c.to_ne_bytes()[0]).collect())),
+            Err(e) => Err(("produce PTX of", format!("{e:?}"))),
+        }
+    }
 }
 
 /// [`compile`], through an on-disk cache of cubins when `KIVI_CUDA_CACHE_DIR` names a folder
@@ -370,7 +386,8 @@ pub fn test_configs() -> Vec<CacheConfig> {
 }
 
 /// Compiles every family for every configuration of [`test_configs`] (attention at one query
-/// vector per block and at the most) for `arch`; returns how many modules were compiled.
+/// vector per block and at the most) for `arch`; returns how many modules were compiled. A
+/// warning in NVRTC's log is an error, as a failed compilation is.
 pub fn compile_all(arch: &str) -> Result<usize> {
     let mut n = 0;
     for cfg in test_configs() {
@@ -379,10 +396,14 @@ pub fn compile_all(arch: &str) -> Result<usize> {
             let nqs: &[usize] = if family.is_attention() { &[1, max_nq(hd)] } else { &[1] };
             for &nq in nqs {
                 let spec = Spec::for_config(&cfg, nq)?;
-                compile(family, &spec, arch).map_err(|e| match e {
-                    Error::BackendUnavailable(m) => Error::BackendUnavailable(format!("{m}\nconfig: {cfg:?}, nq {nq}")),
+                let context = |m: String| Error::BackendUnavailable(format!("{m}\nconfig: {cfg:?}, nq {nq}"));
+                let (_, log) = compile_with_log(family, &spec, arch).map_err(|e| match e {
+                    Error::BackendUnavailable(m) => context(m),
                     e => e,
                 })?;
+                if log.contains("warning") {
+                    return Err(context(format!("NVRTC warned about {} for {arch}:\n{log}", family.file())));
+                }
                 n += 1;
             }
         }
