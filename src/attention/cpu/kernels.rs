@@ -207,6 +207,27 @@ unsafe fn unpack<S: Simd, const KB: u32>(p: *const u8, shared: bool) -> S::V {
     }
 }
 
+/// The `TT` tiles of `L` key codes at `p` (tiles `tile_bytes` apart), two at a time where
+/// several query vectors share them.
+#[inline(always)]
+unsafe fn unpack_tiles<S: Simd, const KB: u32, const TT: usize>(
+    p: *const u8,
+    tile_bytes: usize,
+    shared: bool,
+) -> [S::V; TT] {
+    debug_assert_eq!(tile_bytes, S::L * KB as usize / 8);
+    let mut v = [S::zero(); TT];
+    if shared && TT == 2 {
+        let [a, b] = S::codes_shared2::<KB>(p);
+        (v[0], v[TT - 1]) = (a, b);
+    } else {
+        for (k, v) in v.iter_mut().enumerate() {
+            *v = unpack::<S, KB>(p.add(k * tile_bytes), shared);
+        }
+    }
+    v
+}
+
 /// `out[h * os + t] = sum_c qs[h * hd + c] * code[c][t]` for the `g` tokens of one per-channel
 /// key group (`code[c]` is a run of `run` bytes); `TT` tiles of `L` tokens at once.
 #[allow(clippy::needless_range_loop)]
@@ -232,11 +253,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
         let step = if two { 2 } else { 1 };
         let mut c = 0;
         while c < hd {
-            let p = base.add(c * run);
-            let mut v = [S::zero(); TT];
-            for (k, v) in v.iter_mut().enumerate() {
-                *v = unpack::<S, KB>(p.add(k * tile_bytes), NH > 1);
-            }
+            let v = unpack_tiles::<S, KB, TT>(base.add(c * run), tile_bytes, NH > 1);
             for h in 0..NH {
                 let q = S::splat(*qs.add(h * hd + c));
                 for k in 0..TT {
@@ -244,10 +261,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
                 }
             }
             if two {
-                let p = base.add((c + 1) * run);
-                for (k, v) in v.iter_mut().enumerate() {
-                    *v = unpack::<S, KB>(p.add(k * tile_bytes), NH > 1);
-                }
+                let v = unpack_tiles::<S, KB, TT>(base.add((c + 1) * run), tile_bytes, NH > 1);
                 for h in 0..NH {
                     let q = S::splat(*qs.add(h * hd + c + 1));
                     for k in 0..TT {
@@ -412,6 +426,11 @@ unsafe fn deq_tiles<S: Simd, const VB: u32, const CT: usize>(
     v: &mut [S::V; CT],
 ) {
     let d0 = S::deq_prep::<VB>(*vs.add(t * ng + cg[0]), *vz.add(t * ng + cg[0]));
+    if one && CT == 2 {
+        let [a, b] = S::codes_deq2::<VB>(base.add(t * vrun), d0);
+        (v[0], v[CT - 1]) = (a, b);
+        return;
+    }
     for (k, v) in v.iter_mut().enumerate() {
         let d = if one || k == 0 { d0 } else { S::deq_prep::<VB>(*vs.add(t * ng + cg[k]), *vz.add(t * ng + cg[k])) };
         *v = S::codes_deq::<VB>(base.add(t * vrun + k * S::L * VB as usize / 8), d);

@@ -49,6 +49,17 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn deq_prep<const B: u32>(s: f32, z: f32) -> Self::D;
     /// `L` codes as [`Simd::codes`] reads them, dequantized: `code * s + z`.
     unsafe fn codes_deq<const B: u32>(p: *const u8, d: Self::D) -> Self::V;
+    /// [`Simd::codes_shared`] of the `2 L` codes at `p`: two vectors from one read where the
+    /// instruction set allows it.
+    #[inline(always)]
+    unsafe fn codes_shared2<const B: u32>(p: *const u8) -> [Self::V; 2] {
+        [Self::codes_shared::<B>(p), Self::codes_shared::<B>(p.add(Self::L * B as usize / 8))]
+    }
+    /// [`Simd::codes_deq`] of the `2 L` codes at `p`, all dequantized by `d`.
+    #[inline(always)]
+    unsafe fn codes_deq2<const B: u32>(p: *const u8, d: Self::D) -> [Self::V; 2] {
+        [Self::codes_deq::<B>(p, d), Self::codes_deq::<B>(p.add(Self::L * B as usize / 8), d)]
+    }
     /// `out[r] = ` the sum of row `r`, for the `L` rows of `L` floats at `rows`.
     #[inline(always)]
     unsafe fn reduce_rows(rows: *const f32, out: *mut f32) {

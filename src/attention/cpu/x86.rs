@@ -28,6 +28,17 @@ unsafe fn crumbs8(p: *const u8) -> __m256i {
     _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14))
 }
 
+/// [`crumbs8`] of the 16 two-bit codes at `p` (one u32): codes 0-7, then 8-15. One broadcast
+/// load where two u16 reads cost a load, a move and a broadcast each.
+#[inline(always)]
+unsafe fn crumbs16(p: *const u8) -> [__m256i; 2] {
+    let x = _mm256_set1_epi32((p as *const i32).read_unaligned());
+    [
+        _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+        _mm256_srlv_epi32(x, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)),
+    ]
+}
+
 impl Simd for Avx512 {
     const L: usize = 16;
     const ACC_REGS: usize = 16;
@@ -299,6 +310,17 @@ impl Simd for Avx2 {
         }
     }
 
+    #[inline(always)]
+    unsafe fn codes_shared2<const B: u32>(p: *const u8) -> [__m256; 2] {
+        match B {
+            2 => {
+                let t = _mm256_setr_ps(0., 1., 2., 3., 0., 1., 2., 3.);
+                crumbs16(p).map(|i| _mm256_permutevar8x32_ps(t, i))
+            }
+            _ => [Self::codes_shared::<B>(p), Self::codes_shared::<B>(p.add(B as usize))],
+        }
+    }
+
     /// For 2 bits, the 4 dequantized values (an 8-lane permute reads 3 index bits); else the
     /// scale and zero.
     type D = [__m256; 2];
@@ -315,6 +337,13 @@ impl Simd for Avx2 {
         match B {
             2 => _mm256_permutevar8x32_ps(d[0], crumbs8(p)),
             _ => _mm256_fmadd_ps(Self::codes::<B>(p), d[0], d[1]),
+        }
+    }
+    #[inline(always)]
+    unsafe fn codes_deq2<const B: u32>(p: *const u8, d: [__m256; 2]) -> [__m256; 2] {
+        match B {
+            2 => crumbs16(p).map(|i| _mm256_permutevar8x32_ps(d[0], i)),
+            _ => [Self::codes_deq::<B>(p, d), Self::codes_deq::<B>(p.add(B as usize), d)],
         }
     }
 }
