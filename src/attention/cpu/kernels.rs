@@ -207,8 +207,8 @@ unsafe fn unpack<S: Simd, const KB: u32>(p: *const u8, shared: bool) -> S::V {
     }
 }
 
-/// The `TT` tiles of `L` key codes at `p` (tiles `tile_bytes` apart), two at a time where
-/// several query vectors share them.
+/// The `TT` tiles of `L` key codes at `p` (tiles `tile_bytes` apart), unpacked as [`unpack`]
+/// does, two at a time.
 #[inline(always)]
 unsafe fn unpack_tiles<S: Simd, const KB: u32, const TT: usize>(
     p: *const u8,
@@ -217,8 +217,8 @@ unsafe fn unpack_tiles<S: Simd, const KB: u32, const TT: usize>(
 ) -> [S::V; TT] {
     debug_assert_eq!(tile_bytes, S::L * KB as usize / 8);
     let mut v = [S::zero(); TT];
-    if shared && TT == 2 {
-        let [a, b] = S::codes_shared2::<KB>(p);
+    if TT == 2 {
+        let [a, b] = if shared { S::codes_shared2::<KB>(p) } else { S::codes2::<KB>(p) };
         (v[0], v[TT - 1]) = (a, b);
     } else {
         for (k, v) in v.iter_mut().enumerate() {

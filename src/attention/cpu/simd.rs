@@ -49,6 +49,12 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn deq_prep<const B: u32>(s: f32, z: f32) -> Self::D;
     /// `L` codes as [`Simd::codes`] reads them, dequantized: `code * s + z`.
     unsafe fn codes_deq<const B: u32>(p: *const u8, d: Self::D) -> Self::V;
+    /// [`Simd::codes`] of the `2 L` codes at `p`: two vectors from one read where the
+    /// instruction set allows it.
+    #[inline(always)]
+    unsafe fn codes2<const B: u32>(p: *const u8) -> [Self::V; 2] {
+        [Self::codes::<B>(p), Self::codes::<B>(p.add(Self::L * B as usize / 8))]
+    }
     /// [`Simd::codes_shared`] of the `2 L` codes at `p`: two vectors from one read where the
     /// instruction set allows it.
     #[inline(always)]

@@ -311,6 +311,14 @@ impl Simd for Avx2 {
     }
 
     #[inline(always)]
+    unsafe fn codes2<const B: u32>(p: *const u8) -> [__m256; 2] {
+        match B {
+            2 => crumbs16(p).map(|i| _mm256_cvtepi32_ps(_mm256_and_si256(i, _mm256_set1_epi32(3)))),
+            _ => [Self::codes::<B>(p), Self::codes::<B>(p.add(B as usize))],
+        }
+    }
+
+    #[inline(always)]
     unsafe fn codes_shared2<const B: u32>(p: *const u8) -> [__m256; 2] {
         match B {
             2 => {
