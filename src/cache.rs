@@ -6,7 +6,7 @@ use crate::config::{CacheConfig, DType, KeyMode};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::pool::{AlignedBuf, PagePool, PageRefs};
-use crate::quant::{quantize_columns, quantize_group, quantize_slice, write_f16, GroupParams};
+use crate::quant::{quantize_columns, quantize_group, quantize_groups, write_f16, GroupParams};
 use crate::rows::{Element, Rows, RowsMut};
 use crate::seq::{GroupPage, LayerSeq, SeqTable, Stream};
 use half::{bf16, f16};
@@ -496,8 +496,6 @@ fn quantize_head_group<W: Element>(lay: &Layout, w: &[W], slots: &[usize], gi: u
     let [_, _, rk, rv] = lay.window_parts();
     let key = |t: usize, c: usize| w[rk + slots[t] + c].to_f32();
     let run = lay.k_run_bytes();
-    // Gathered into f32 first: the fast quantizer wants slices.
-    let mut buf = [0f32; crate::attention::MAX_HEAD_DIM];
     match lay.key_mode {
         KeyMode::PerChannel => {
             // A block of channels at a time: the group's token rows of those channels, widened
@@ -531,15 +529,24 @@ fn quantize_head_group<W: Element>(lay: &Layout, w: &[W], slots: &[usize], gi: u
             }
         }
     }
+    // Values a block of tokens at a time: consecutive rows, so their groups are one run of codes
+    // and one of parameters, which `quantize_groups` fills several groups at a time.
+    const TB: usize = 8;
     let vrun = lay.v_row_bytes();
-    for t in 0..gsz {
-        let row = gi * gsz + t;
-        W::to_f32_slice(&w[rv + slots[t]..rv + slots[t] + hd], &mut buf[..hd]);
-        for cg in 0..ng {
-            let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + 1) * vrun];
-            let p = quantize_slice(&buf[cg * vg..(cg + 1) * vg], lay.value_bits, lay.value_rounding, codes, cg * vg);
-            write_f16(&mut blk[lay.v_scale..], row * ng + cg, p.scale);
-            write_f16(&mut blk[lay.v_zero..], row * ng + cg, p.zero);
+    let mut rows = [0f32; TB * crate::attention::MAX_HEAD_DIM];
+    let mut params = [GroupParams::from_range(0.0, 0.0, 2); TB * crate::attention::MAX_HEAD_DIM];
+    for t0 in (0..gsz).step_by(TB) {
+        let tb = TB.min(gsz - t0);
+        for (t, r) in rows[..tb * hd].chunks_exact_mut(hd).enumerate() {
+            W::to_f32_slice(&w[rv + slots[t0 + t]..rv + slots[t0 + t] + hd], r);
+        }
+        let row = gi * gsz + t0;
+        let codes = &mut blk[lay.v_codes + row * vrun..lay.v_codes + (row + tb) * vrun];
+        let params = &mut params[..tb * ng];
+        quantize_groups(&rows[..tb * hd], vg, lay.value_bits, lay.value_rounding, codes, params);
+        for (i, p) in params.iter().enumerate() {
+            write_f16(&mut blk[lay.v_scale..], row * ng + i, p.scale);
+            write_f16(&mut blk[lay.v_zero..], row * ng + i, p.zero);
         }
     }
 }

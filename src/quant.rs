@@ -244,6 +244,200 @@ mod avx2 {
         }
         e.map(|v| total(v))
     }
+
+    /// Largest group [`group_params`] takes.
+    pub(super) const MAX_GROUP: usize = 256;
+
+    /// The parameters `super::slice_params` chooses for each consecutive group of `n` elements of
+    /// `xs` (`params.len()` a multiple of 8, `n` a multiple of 8 up to [`MAX_GROUP`]), eight groups
+    /// at a time, one per lane. Each lane repeats the scalar operations of its group in their
+    /// order: the running minimum and maximum element by element, every sum in the order of
+    /// `lanes_sums` (element `i` into partial sum `i % 8`, the partial sums added 0 to 7), the
+    /// candidates' parameters with the same roundings to f16 (F16C rounds to nearest even, as
+    /// `half` does), and the same strict comparison to keep the best; so the same bits.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn group_params(xs: &[f32], n: usize, bits: u32, lsq: bool, params: &mut [super::GroupParams]) {
+        assert!(n % 8 == 0 && n <= MAX_GROUP && params.len() % 8 == 0 && xs.len() == params.len() * n);
+        // Element `i` of the eight groups, one group per lane.
+        let mut t = [_mm256_setzero_ps(); MAX_GROUP];
+        for (x8, p8) in xs.chunks_exact(8 * n).zip(params.chunks_exact_mut(8)) {
+            for i0 in (0..n).step_by(8) {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (g, r) in rows.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(x8[g * n + i0..].as_ptr());
+                }
+                t[i0..i0 + 8].copy_from_slice(&transpose8(rows));
+            }
+            let (scale, zero) = params8(&t[..n], bits, lsq);
+            let (mut s, mut z) = ([0u16; 8], [0u16; 8]);
+            _mm_storeu_si128(s.as_mut_ptr().cast(), to_f16(scale));
+            _mm_storeu_si128(z.as_mut_ptr().cast(), to_f16(zero));
+            for (g, p) in p8.iter_mut().enumerate() {
+                *p = super::GroupParams { scale: half::f16::from_bits(s[g]), zero: half::f16::from_bits(z[g]) };
+            }
+        }
+    }
+
+    /// Rows `r[g]` as columns: lane `g` of result `i` is lane `i` of `r[g]`.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let [a, b, c, d, e, f, g, h] = r;
+        let (ab0, ab1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (cd0, cd1) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        let (ef0, ef1) = (_mm256_unpacklo_ps(e, f), _mm256_unpackhi_ps(e, f));
+        let (gh0, gh1) = (_mm256_unpacklo_ps(g, h), _mm256_unpackhi_ps(g, h));
+        // Lanes 0, 1, 2, 3 of a to d, then of e to h, in each 128-bit half (4 to 7 in the upper).
+        let lo4 = [
+            _mm256_shuffle_ps::<0x44>(ab0, cd0),
+            _mm256_shuffle_ps::<0xee>(ab0, cd0),
+            _mm256_shuffle_ps::<0x44>(ab1, cd1),
+            _mm256_shuffle_ps::<0xee>(ab1, cd1),
+        ];
+        let hi4 = [
+            _mm256_shuffle_ps::<0x44>(ef0, gh0),
+            _mm256_shuffle_ps::<0xee>(ef0, gh0),
+            _mm256_shuffle_ps::<0x44>(ef1, gh1),
+            _mm256_shuffle_ps::<0xee>(ef1, gh1),
+        ];
+        let mut out = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            out[i] = _mm256_permute2f128_ps::<0x20>(lo4[i], hi4[i]);
+            out[i + 4] = _mm256_permute2f128_ps::<0x31>(lo4[i], hi4[i]);
+        }
+        out
+    }
+
+    /// Every lane rounded to f16.
+    #[inline(always)]
+    unsafe fn to_f16(v: __m256) -> __m128i {
+        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
+    }
+
+    /// Every lane rounded to f16 and back.
+    #[inline(always)]
+    unsafe fn round_f16(v: __m256) -> __m256 {
+        _mm256_cvtph_ps(to_f16(v))
+    }
+
+    /// Lanes that are neither infinite nor NaN.
+    #[inline(always)]
+    unsafe fn finite(v: __m256) -> __m256 {
+        let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+        _mm256_cmp_ps::<_CMP_LT_OQ>(abs, _mm256_set1_ps(f32::INFINITY))
+    }
+
+    /// `a` where `m` is set, else `b`.
+    #[inline(always)]
+    unsafe fn select(m: __m256, a: __m256, b: __m256) -> __m256 {
+        _mm256_blendv_ps(b, a, m)
+    }
+
+    /// The sum of `y = x - lo` over the group in `t`, then for each span's `iscale` the sums of
+    /// `l`, `l^2` and `l y` (`l = round(min(y iscale, levels))`), in the order of `lanes_sums`.
+    #[inline(always)]
+    unsafe fn code_sums8(
+        t: &[__m256],
+        lo: __m256,
+        iscales: &[__m256; super::NC - 1],
+        levels: __m256,
+    ) -> (__m256, [[__m256; 3]; super::NC - 1]) {
+        let mut sy = _mm256_setzero_ps();
+        for j in 0..8 {
+            let mut a = _mm256_setzero_ps();
+            for x in t.iter().skip(j).step_by(8) {
+                a = _mm256_add_ps(a, _mm256_sub_ps(*x, lo));
+            }
+            sy = _mm256_add_ps(sy, a);
+        }
+        // Loops, not closures: a closure would not be compiled with AVX2.
+        let mut sums = [[_mm256_setzero_ps(); 3]; super::NC - 1];
+        for (s, &is) in sums.iter_mut().zip(iscales) {
+            for j in 0..8 {
+                let mut a = [_mm256_setzero_ps(); 3];
+                for x in t.iter().skip(j).step_by(8) {
+                    let y = _mm256_sub_ps(*x, lo);
+                    let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, is), levels));
+                    a[0] = _mm256_add_ps(a[0], l);
+                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(l, l));
+                    a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(l, y));
+                }
+                for k in 0..3 {
+                    s[k] = _mm256_add_ps(s[k], a[k]);
+                }
+            }
+        }
+        (sy, sums)
+    }
+
+    /// `GroupParams::squared_error` of the grid `(s, z)` (no lane's scale 0) over the group in
+    /// `t`, in the order of `lanes_sums`.
+    #[inline(always)]
+    unsafe fn squared_error8(t: &[__m256], s: __m256, z: __m256, max_code: __m256) -> __m256 {
+        let mut e = _mm256_setzero_ps();
+        for j in 0..8 {
+            let mut a = _mm256_setzero_ps();
+            for x in t.iter().skip(j).step_by(8) {
+                let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(*x, z), s), _mm256_setzero_ps());
+                let c = round_nonneg(_mm256_min_ps(q, max_code));
+                let d = _mm256_sub_ps(*x, _mm256_add_ps(_mm256_mul_ps(c, s), z));
+                a = _mm256_add_ps(a, _mm256_mul_ps(d, d));
+            }
+            e = _mm256_add_ps(e, a);
+        }
+        e
+    }
+
+    /// `slice_params` of the eight groups in `t` (lane `g` of `t[i]`: element `i` of group `g`):
+    /// their scales and zeros, as f32.
+    #[inline(always)]
+    unsafe fn params8(t: &[__m256], bits: u32, lsq: bool) -> (__m256, __m256) {
+        let (mut lo, mut hi) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        for &x in t {
+            // minps and maxps are `x < lo ? x : lo` and `x > hi ? x : hi`, as the scalar loop.
+            lo = _mm256_min_ps(x, lo);
+            hi = _mm256_max_ps(x, hi);
+        }
+        // `GroupParams::from_range`. `f32::max(v, 0.0)` is maxps here: `v` is never -0.0 or NaN.
+        let levels = _mm256_set1_ps(((1u32 << bits) - 1) as f32);
+        let zero = round_f16(lo);
+        let scale = round_f16(_mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(hi, zero), levels), _mm256_setzero_ps()));
+        // `GroupParams::least_squares` where the range is not empty and min/max's scale not 0.
+        let zeros = _mm256_setzero_ps();
+        let active = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(hi, lo), _mm256_cmp_ps::<_CMP_NEQ_UQ>(scale, zeros));
+        if !lsq || _mm256_movemask_ps(active) == 0 {
+            return (scale, zero);
+        }
+        let nf = _mm256_set1_ps(t.len() as f32);
+        let range = _mm256_sub_ps(hi, lo);
+        let mut iscales = [zeros; super::NC - 1];
+        for (is, f) in iscales.iter_mut().zip(super::LSQ_SPANS) {
+            *is = _mm256_div_ps(_mm256_mul_ps(levels, _mm256_set1_ps(f)), range);
+        }
+        let (sy, sums) = code_sums8(t, lo, &iscales, levels);
+        let (mut best_s, mut best_z) = (scale, zero);
+        let mut best_e = squared_error8(t, scale, zero, levels);
+        for [sl, sll, sly] in sums {
+            let det = _mm256_sub_ps(_mm256_mul_ps(nf, sll), _mm256_mul_ps(sl, sl));
+            let s = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(nf, sly), _mm256_mul_ps(sl, sy)), det);
+            let cs = round_f16(s);
+            let off = _mm256_div_ps(_mm256_sub_ps(sy, _mm256_mul_ps(s, sl)), nf);
+            let cz = round_f16(_mm256_add_ps(lo, off));
+            let mut ok = _mm256_and_ps(active, _mm256_cmp_ps::<_CMP_GT_OQ>(det, zeros));
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_GT_OQ>(s, zeros));
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_GT_OQ>(cs, zeros));
+            ok = _mm256_and_ps(ok, _mm256_and_ps(finite(cs), finite(cz)));
+            if _mm256_movemask_ps(ok) == 0 {
+                continue;
+            }
+            // Lanes without a candidate are scored on a dummy grid and their result dropped.
+            let e = squared_error8(t, select(ok, cs, _mm256_set1_ps(1.0)), select(ok, cz, zeros), levels);
+            let better = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LT_OQ>(e, best_e));
+            best_s = select(better, cs, best_s);
+            best_z = select(better, cz, best_z);
+            best_e = select(better, e, best_e);
+        }
+        (best_s, best_z)
+    }
 }
 
 /// Spans [`GroupParams::least_squares`] tries, as divisors of the group's range.
@@ -309,19 +503,73 @@ pub fn quantize_group(n: usize, get: impl Fn(usize) -> f32, bits: u32, run: &mut
 /// as `quantize_group`), faster: no libm call for the rounding, and whole bytes of codes written
 /// at once when the group starts and ends on byte boundaries.
 pub fn quantize_slice(xs: &[f32], bits: u32, rounding: Rounding, run: &mut [u8], first: usize) -> GroupParams {
+    let p = slice_params(xs, bits, rounding);
+    encode_slice(xs, p, bits, run, first);
+    p
+}
+
+/// [`quantize_slice`] of each of the consecutive groups of `group` elements of `xs` (`xs.len() =
+/// params.len() * group`): group `i`'s parameters go to `params[i]` and its codes to `run` at code
+/// positions `i * group..(i + 1) * group`. The same parameters and codes to the bit, found faster:
+/// on AVX2, with `group` a multiple of 8 up to 256, eight groups at a time, one per vector lane,
+/// so that the range, every candidate grid of least-squares rounding and the choice among them
+/// vectorize without horizontal sums or scalar f16 conversions.
+pub fn quantize_groups(
+    xs: &[f32],
+    group: usize,
+    bits: u32,
+    rounding: Rounding,
+    run: &mut [u8],
+    params: &mut [GroupParams],
+) {
+    assert!(group > 0 && xs.len() == params.len() * group, "{} elements in groups of {group}", xs.len());
+    // Groups whose parameters the vector code finds.
+    #[cfg(target_arch = "x86_64")]
+    let done = if group % 8 == 0
+        && group <= avx2::MAX_GROUP
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        let done = params.len() / 8 * 8;
+        let lsq = rounding == Rounding::LeastSquares;
+        // SAFETY: the CPU has AVX2 and F16C; the lengths are as `group_params` needs them.
+        unsafe { avx2::group_params(&xs[..done * group], group, bits, lsq, &mut params[..done]) };
+        done
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (g, p) in xs[done * group..].chunks_exact(group).zip(&mut params[done..]) {
+        *p = slice_params(g, bits, rounding);
+    }
+    for (i, (g, p)) in xs.chunks_exact(group).zip(params.iter()).enumerate() {
+        encode_slice(g, *p, bits, run, i * group);
+    }
+}
+
+/// The parameters [`quantize_slice`] chooses for `xs`.
+#[inline(always)]
+fn slice_params(xs: &[f32], bits: u32, rounding: Rounding) -> GroupParams {
     // Comparisons rather than `f32::min` (whose NaN rule blocks vectorization; data is finite).
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &x in xs {
         lo = if x < lo { x } else { lo };
         hi = if x > hi { x } else { hi };
     }
-    let p = GroupParams::choose(xs, lo, hi, bits, rounding);
+    GroupParams::choose(xs, lo, hi, bits, rounding)
+}
+
+/// Writes the codes of `xs` on the grid `p` into `run` at code positions `first..first +
+/// xs.len()`.
+#[inline(always)]
+fn encode_slice(xs: &[f32], p: GroupParams, bits: u32, run: &mut [u8], first: usize) {
     let per_byte = (8 / bits) as usize;
     if first % per_byte != 0 || xs.len() % per_byte != 0 {
         for (i, &x) in xs.iter().enumerate() {
             set_code(run, first + i, bits, p.encode(x, bits));
         }
-        return p;
+        return;
     }
     let (s, z) = (p.scale.to_f32(), p.zero.to_f32());
     let max_code = ((1u32 << bits) - 1) as f32;
@@ -339,7 +587,6 @@ pub fn quantize_slice(xs: &[f32], bits: u32, rounding: Rounding, run: &mut [u8],
             *b = cs.iter().enumerate().fold(0u32, |v, (j, &c)| v | c << (j as u32 * bits)) as u8;
         }
     }
-    p
 }
 
 /// Columns [`quantize_columns`] handles at once: one AVX-512 register, two AVX2 ones.
@@ -560,6 +807,50 @@ mod tests {
                         assert_eq!(params[j], p, "bits {bits} n {n} cols {cols} column {j}");
                         assert_eq!(codes[j * run..(j + 1) * run], want, "bits {bits} n {n} cols {cols} column {j}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Every group of `quantize_groups` is `quantize_slice` of that group, to the bit, with both
+    /// roundings: counts of groups below, at and past a block of eight, group sizes that are and
+    /// are not multiples of 8, and groups that take each branch of least squares: constant,
+    /// one f32 step wide (a scale f16 rounds to 0 or to a subnormal), halfway points of the
+    /// grid, an outlier, signed zeros, values near the f16 limit and zeros f16 rounds past them.
+    #[test]
+    fn quantize_groups_matches_quantize_slice_per_group() {
+        let mut next = uniform(0x5eed_0f9a_0c12_3456);
+        for bits in [2u32, 4, 8] {
+            for rounding in [Rounding::LeastSquares, Rounding::MinMax] {
+                for (group, n_groups) in
+                    [(32usize, 8usize), (32, 17), (8, 9), (16, 7), (64, 24), (256, 8), (24, 16), (4, 11)]
+                {
+                    let mut xs: Vec<f32> = (0..group * n_groups).map(|_| next() * 8.0 - 3.0).collect();
+                    for (g, x) in xs.chunks_exact_mut(group).enumerate() {
+                        let lv = ((1u32 << bits) - 1) as f32;
+                        match (g + bits as usize) % 9 {
+                            0 => x.iter_mut().for_each(|x| *x = 1.5),
+                            1 => x.iter_mut().enumerate().for_each(|(i, x)| *x = 1.0 + f32::EPSILON * (i % 2) as f32),
+                            2 => x.iter_mut().enumerate().for_each(|(i, x)| *x = ((i as f32 % lv) + 0.5) / lv * 4.0),
+                            3 => x[g % group] *= 40.0,
+                            4 => x.iter_mut().enumerate().for_each(|(i, x)| *x = [0.0, -0.0][i % 2]),
+                            5 => x.iter_mut().for_each(|x| *x = *x * 8000.0 + 30000.0),
+                            6 => x.iter_mut().for_each(|x| *x = *x * 1e-4 - 34.5625),
+                            7 => x.iter_mut().for_each(|x| *x = (*x * 0.3).exp()),
+                            _ => {}
+                        }
+                    }
+                    let mut codes = vec![0xa5u8; xs.len() * bits as usize / 8 + 1];
+                    let mut params = vec![GroupParams::from_range(9.0, 9.0, bits); n_groups];
+                    quantize_groups(&xs, group, bits, rounding, &mut codes, &mut params);
+                    let mut want = vec![0xa5u8; codes.len()];
+                    for (g, x) in xs.chunks_exact(group).enumerate() {
+                        let p = quantize_slice(x, bits, rounding, &mut want, g * group);
+                        let what = format!("bits {bits} {rounding:?} group {group} of {n_groups}: group {g}");
+                        assert_eq!(params[g].scale.to_bits(), p.scale.to_bits(), "{what}");
+                        assert_eq!(params[g].zero.to_bits(), p.zero.to_bits(), "{what}");
+                    }
+                    assert_eq!(codes, want, "bits {bits} {rounding:?} group {group} of {n_groups}");
                 }
             }
         }
