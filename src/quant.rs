@@ -211,11 +211,10 @@ mod avx2 {
             let y = _mm256_sub_ps(_mm256_loadu_ps(ch.as_ptr()), lo);
             sy = _mm256_add_ps(sy, y);
             for (a, &is) in acc.iter_mut().zip(&iscales) {
-                // `min(a, b)` is `a < b ? a : b`, as minps is.
-                let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, is), levels));
-                a[0] = _mm256_add_ps(a[0], l);
-                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(l, l));
-                a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(l, y));
+                let terms = code_terms(y, is, levels);
+                for k in 0..3 {
+                    a[k] = _mm256_add_ps(a[k], terms[k]);
+                }
             }
         }
         (total(sy), acc.map(|a| a.map(|v| total(v))))
@@ -235,14 +234,28 @@ mod avx2 {
         for ch in xs.chunks_exact(8) {
             let x = _mm256_loadu_ps(ch.as_ptr());
             for (e, &(sv, zv)) in e.iter_mut().zip(&g) {
-                // `max(a, b)` is `a > b ? a : b`, as maxps is.
-                let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(x, zv), sv), _mm256_setzero_ps());
-                let c = round_nonneg(_mm256_min_ps(q, mc));
-                let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(c, sv), zv));
-                *e = _mm256_add_ps(*e, _mm256_mul_ps(d, d));
+                *e = _mm256_add_ps(*e, squared_diff(x, sv, zv, mc));
             }
         }
         e.map(|v| total(v))
+    }
+
+    /// The code `l = round(min(y iscale, levels))` of `y = x - lo` (`min(a, b)` is `a < b ? a :
+    /// b`, as minps is), with `l^2` and `l y`: the terms of the sums of least squares.
+    #[inline(always)]
+    unsafe fn code_terms(y: __m256, iscale: __m256, levels: __m256) -> [__m256; 3] {
+        let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, iscale), levels));
+        [l, _mm256_mul_ps(l, l), _mm256_mul_ps(l, y)]
+    }
+
+    /// `(x - decode(encode(x)))^2` on the grid `(s, z)`, `s` not 0, as `squared_error` computes it
+    /// (`max(a, b)` is `a > b ? a : b`, as maxps is).
+    #[inline(always)]
+    unsafe fn squared_diff(x: __m256, s: __m256, z: __m256, max_code: __m256) -> __m256 {
+        let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(x, z), s), _mm256_setzero_ps());
+        let c = round_nonneg(_mm256_min_ps(q, max_code));
+        let d = _mm256_sub_ps(x, _mm256_add_ps(_mm256_mul_ps(c, s), z));
+        _mm256_mul_ps(d, d)
     }
 
     /// Largest group [`group_params`] takes.
@@ -355,11 +368,10 @@ mod avx2 {
             for j in 0..8 {
                 let mut a = [_mm256_setzero_ps(); 3];
                 for x in t.iter().skip(j).step_by(8) {
-                    let y = _mm256_sub_ps(*x, lo);
-                    let l = round_nonneg(_mm256_min_ps(_mm256_mul_ps(y, is), levels));
-                    a[0] = _mm256_add_ps(a[0], l);
-                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(l, l));
-                    a[2] = _mm256_add_ps(a[2], _mm256_mul_ps(l, y));
+                    let terms = code_terms(_mm256_sub_ps(*x, lo), is, levels);
+                    for k in 0..3 {
+                        a[k] = _mm256_add_ps(a[k], terms[k]);
+                    }
                 }
                 for k in 0..3 {
                     s[k] = _mm256_add_ps(s[k], a[k]);
@@ -377,10 +389,7 @@ mod avx2 {
         for j in 0..8 {
             let mut a = _mm256_setzero_ps();
             for x in t.iter().skip(j).step_by(8) {
-                let q = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(*x, z), s), _mm256_setzero_ps());
-                let c = round_nonneg(_mm256_min_ps(q, max_code));
-                let d = _mm256_sub_ps(*x, _mm256_add_ps(_mm256_mul_ps(c, s), z));
-                a = _mm256_add_ps(a, _mm256_mul_ps(d, d));
+                a = _mm256_add_ps(a, squared_diff(*x, s, z, max_code));
             }
             e = _mm256_add_ps(e, a);
         }
