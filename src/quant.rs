@@ -362,7 +362,7 @@ mod avx2 {
             }
             sy = _mm256_add_ps(sy, a);
         }
-        // Loops, not closures: a closure would not be compiled with AVX2.
+        // Loops, not closures: a closure is not compiled with AVX2 unless it is inlined.
         let mut sums = [[_mm256_setzero_ps(); 3]; super::NC - 1];
         for (s, &is) in sums.iter_mut().zip(iscales) {
             for j in 0..8 {

@@ -53,18 +53,18 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// instruction set allows it.
     #[inline(always)]
     unsafe fn codes2<const B: u32>(p: *const u8) -> [Self::V; 2] {
-        [Self::codes::<B>(p), Self::codes::<B>(p.add(Self::L * B as usize / 8))]
+        twice::<Self, B>(p, |p| Self::codes::<B>(p))
     }
     /// [`Simd::codes_shared`] of the `2 L` codes at `p`: two vectors from one read where the
     /// instruction set allows it.
     #[inline(always)]
     unsafe fn codes_shared2<const B: u32>(p: *const u8) -> [Self::V; 2] {
-        [Self::codes_shared::<B>(p), Self::codes_shared::<B>(p.add(Self::L * B as usize / 8))]
+        twice::<Self, B>(p, |p| Self::codes_shared::<B>(p))
     }
     /// [`Simd::codes_deq`] of the `2 L` codes at `p`, all dequantized by `d`.
     #[inline(always)]
     unsafe fn codes_deq2<const B: u32>(p: *const u8, d: Self::D) -> [Self::V; 2] {
-        [Self::codes_deq::<B>(p, d), Self::codes_deq::<B>(p.add(Self::L * B as usize / 8), d)]
+        twice::<Self, B>(p, |p| Self::codes_deq::<B>(p, d))
     }
     /// `out[r] = ` the sum of row `r`, for the `L` rows of `L` floats at `rows`.
     #[inline(always)]
@@ -95,4 +95,12 @@ pub(crate) unsafe fn exp<S: Simd>(x: S::V) -> S::V {
     y = S::fma(y, x2, x);
     y = S::add(y, S::splat(1.0));
     S::mul(y, S::pow2i(fx))
+}
+
+/// `read` of the `L` codes at `p` and of the `L` after them: the two-vector reads
+/// ([`Simd::codes2`] and the like) where an instruction set has no single read for them (the
+/// defaults, and the other widths of the overrides).
+#[inline(always)]
+pub(crate) unsafe fn twice<S: Simd, const B: u32>(p: *const u8, read: impl Fn(*const u8) -> S::V) -> [S::V; 2] {
+    [read(p), read(p.add(S::L * B as usize / 8))]
 }

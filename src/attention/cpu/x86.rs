@@ -1,6 +1,6 @@
 //! x86-64 vectors: AVX-512 (16 lanes) and AVX2 + FMA + F16C (8 lanes).
 
-use super::simd::Simd;
+use super::simd::{twice, Simd};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -314,7 +314,7 @@ impl Simd for Avx2 {
     unsafe fn codes2<const B: u32>(p: *const u8) -> [__m256; 2] {
         match B {
             2 => crumbs16(p).map(|i| _mm256_cvtepi32_ps(_mm256_and_si256(i, _mm256_set1_epi32(3)))),
-            _ => [Self::codes::<B>(p), Self::codes::<B>(p.add(B as usize))],
+            _ => twice::<Self, B>(p, |p| Self::codes::<B>(p)),
         }
     }
 
@@ -325,7 +325,7 @@ impl Simd for Avx2 {
                 let t = _mm256_setr_ps(0., 1., 2., 3., 0., 1., 2., 3.);
                 crumbs16(p).map(|i| _mm256_permutevar8x32_ps(t, i))
             }
-            _ => [Self::codes_shared::<B>(p), Self::codes_shared::<B>(p.add(B as usize))],
+            _ => twice::<Self, B>(p, |p| Self::codes_shared::<B>(p)),
         }
     }
 
@@ -351,7 +351,7 @@ impl Simd for Avx2 {
     unsafe fn codes_deq2<const B: u32>(p: *const u8, d: [__m256; 2]) -> [__m256; 2] {
         match B {
             2 => crumbs16(p).map(|i| _mm256_permutevar8x32_ps(d[0], i)),
-            _ => [Self::codes_deq::<B>(p, d), Self::codes_deq::<B>(p.add(B as usize), d)],
+            _ => twice::<Self, B>(p, |p| Self::codes_deq::<B>(p, d)),
         }
     }
 }
