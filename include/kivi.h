@@ -514,6 +514,42 @@ typedef struct kivi_memory_stats {
 } kivi_memory_stats;
 
 /**
+ * What a cache of some parameters will take, known before it is made. Filled by
+ * `kivi_params_memory()`; `reserved_bytes`, `table_bytes` and `pages_total` are what
+ * `kivi_cache_stats()` then reports.
+ */
+typedef struct kivi_memory_plan {
+    /**
+     * `sizeof(kivi_memory_plan)` as the caller compiled it (kivi sets it).
+     */
+    uint32_t struct_size;
+    /**
+     * The device the cache would live on: `params->device`.
+     */
+    int32_t device;
+    /**
+     * What the cache takes of that device's memory, all at creation: host memory for a CPU
+     * cache (`reserved_bytes + table_bytes`); for a CUDA cache its one device allocation (pages,
+     * windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
+     * attention), its host memory then being `table_bytes`. `kivi_params_fit_tokens()` fits
+     * this to a budget.
+     */
+    uint64_t bytes;
+    /**
+     * Page pools and full-precision window slots, padding included.
+     */
+    uint64_t reserved_bytes;
+    /**
+     * The page tables: block tables and each layer's page reference counts.
+     */
+    uint64_t table_bytes;
+    /**
+     * Pages over all layers.
+     */
+    uint64_t pages_total;
+} kivi_memory_plan;
+
+/**
  * What `kivi_cuda_device_info()` found: a CUDA device and the libraries kivi runs it with.
  */
 typedef struct kivi_device_info {
@@ -1072,6 +1108,59 @@ kivi_status kivi_seq_state_load(struct kivi_cache *cache, uint32_t seq, const ui
 kivi_status kivi_cache_stats(const struct kivi_cache *cache,
                              struct kivi_memory_stats *out,
                              size_t struct_size);
+
+/**
+ * What a cache of these parameters would take, without making it: the memory of its device
+ * (`out->bytes`), its page pools and windows, page tables and pages. Needs no device: for a
+ * CUDA `params->device` it neither loads the driver nor checks that the device exists.
+ *
+ * - `params`: read during the call only; not NULL; `params->struct_size` as for
+ *   `kivi_cache_create()`.
+ * - `out`: caller-owned, not NULL; written only on success (`out->struct_size` set to
+ *   `struct_size`).
+ * - `struct_size`: `sizeof(kivi_memory_plan)`.
+ *
+ * Errors: `KIVI_ERR_INVALID_CONFIG` for a bad field (as `kivi_cache_create()` would give),
+ * `KIVI_ERR_STRUCT_SIZE`, `KIVI_ERR_NULL_POINTER`.
+ *
+ * Thread safety: touches nothing but `*out`.
+ *
+ * # Safety
+ * `params` points to a `kivi_params` of `params->struct_size` bytes; `out` points to
+ * `struct_size` writable bytes.
+ */
+kivi_status kivi_params_memory(const struct kivi_params *params,
+                               struct kivi_memory_plan *out,
+                               size_t struct_size);
+
+/**
+ * The largest `max_tokens` with which a cache of these parameters (every other field as set)
+ * takes at most `budget_bytes` of its device's memory (`kivi_memory_plan.bytes`: host memory
+ * for a CPU cache, device memory for a CUDA cache); the pools then end on a whole page. An
+ * engine sizes its cache to the memory it has this way:
+ *
+ * ```c
+ * kivi_params_fit_tokens(&p, (uint64_t)6 << 30, &p.max_tokens);
+ * ```
+ *
+ * - `params`: read during the call only; not NULL; its `max_tokens` is ignored.
+ * - `out_max_tokens`: not NULL (it may point to `params->max_tokens`); written only on
+ *   success.
+ *
+ * Needs no device. Errors: `KIVI_ERR_INVALID_ARGUMENT` when not even one token fits (the
+ * message gives what one token takes: the windows of `max_seqs` sequences, and on CUDA the
+ * scratch area), `KIVI_ERR_INVALID_CONFIG` for a bad field, `KIVI_ERR_STRUCT_SIZE`,
+ * `KIVI_ERR_NULL_POINTER`.
+ *
+ * Thread safety: touches nothing but `*out_max_tokens`.
+ *
+ * # Safety
+ * `params` points to a `kivi_params` of `params->struct_size` bytes; `out_max_tokens` is
+ * writable.
+ */
+kivi_status kivi_params_fit_tokens(const struct kivi_params *params,
+                                   uint64_t budget_bytes,
+                                   uint32_t *out_max_tokens);
 
 /**
  * The instruction set the CPU attention kernels of this process run on: "avx512", "avx2",

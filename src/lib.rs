@@ -54,4 +54,4 @@ pub use config::{CacheConfig, DType, KeyMode, Rounding};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use rows::{Element, Rows, RowsMut};
-pub use stats::MemoryStats;
+pub use stats::{MemoryPlan, MemoryStats};

@@ -1,6 +1,10 @@
-//! Memory statistics: where the bytes of a cache go, and how that compares with an f16 cache.
+//! Memory statistics: where the bytes of a cache go, and how that compares with an f16 cache;
+//! and what a configuration will take, before a cache is made.
 
 use crate::cache::Cache;
+use crate::config::CacheConfig;
+use crate::cuda::cache::DeviceAlloc;
+use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::seq::SeqTable;
 
@@ -83,5 +87,98 @@ impl Cache {
     /// Where the cache's bytes go right now.
     pub fn stats(&self) -> MemoryStats {
         MemoryStats::count(&self.lay, &self.seqs)
+    }
+}
+
+/// The memory a cache of a configuration takes at creation, known before making it
+/// ([`CacheConfig::memory_plan`]): what its [`MemoryStats`] will report, and the device memory of
+/// a CUDA cache. Nothing grows after creation, so these are all the cache will ever take (beside
+/// a few kilobytes of bookkeeping and, on a CPU, each thread's scratch memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Page pools and full-precision window slots, padding included
+    /// ([`MemoryStats::reserved_bytes`]).
+    pub reserved_bytes: u64,
+    /// The page tables ([`MemoryStats::table_bytes`]).
+    pub table_bytes: u64,
+    /// Pages over all layers ([`MemoryStats::pages_total`]).
+    pub pages_total: u64,
+    /// The one device allocation of a CUDA cache ([`crate::cuda::CudaCache::device_bytes`]):
+    /// pages, windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
+    /// attention. Its host memory is then `table_bytes`.
+    pub cuda_device_bytes: u64,
+}
+
+impl MemoryPlan {
+    fn of(lay: &Layout) -> MemoryPlan {
+        let clamp = |n: u128| u64::try_from(n).unwrap_or(u64::MAX);
+        MemoryPlan {
+            reserved_bytes: clamp(lay.total_bytes()),
+            table_bytes: clamp(lay.table_bytes()),
+            pages_total: clamp(lay.n_layers as u128 * lay.pages_per_layer as u128),
+            cuda_device_bytes: clamp(DeviceAlloc::of(lay).bytes),
+        }
+    }
+
+    /// The host memory of a CPU cache ([`crate::Cache`]): `reserved_bytes + table_bytes`.
+    pub fn cpu_bytes(&self) -> u64 {
+        self.reserved_bytes.saturating_add(self.table_bytes)
+    }
+}
+
+impl CacheConfig {
+    /// What a cache of this configuration will take (on the CPU or on a CUDA device), without
+    /// making it or touching a device. [`Error::InvalidConfig`] for a bad field, as
+    /// [`crate::Cache::new`] would give.
+    pub fn memory_plan(&self) -> Result<MemoryPlan> {
+        self.validate()?;
+        Ok(MemoryPlan::of(&Layout::new(self)))
+    }
+
+    /// The largest `max_tokens` for which a cache of this configuration (every other field as it
+    /// is) takes at most `budget` bytes as `bytes` counts them: [`MemoryPlan::cpu_bytes`] for a
+    /// CPU cache, the plan's `cuda_device_bytes` for a CUDA cache. The pools then end on a whole
+    /// page. An engine sizes its cache to the memory it has this way.
+    ///
+    /// ```
+    /// use kivi::{CacheConfig, MemoryPlan};
+    /// let mut cfg = CacheConfig::new(32, 8, 128);
+    /// cfg.max_seqs = 4;
+    /// cfg.max_tokens = cfg.max_tokens_within(2 << 30, MemoryPlan::cpu_bytes).unwrap();
+    /// assert!(cfg.memory_plan().unwrap().cpu_bytes() <= 2 << 30);
+    /// ```
+    ///
+    /// Errors: [`Error::InvalidConfig`] for a bad field other than `max_tokens`;
+    /// [`Error::InvalidArgument`] when even one token does not fit (the message gives what one
+    /// token takes: mostly the full-precision windows of `max_seqs` sequences).
+    pub fn max_tokens_within(&self, budget: u64, bytes: impl Fn(&MemoryPlan) -> u64) -> Result<u32> {
+        let at = |m: u32| {
+            let c = CacheConfig { max_tokens: m, ..self.clone() };
+            let lay = Layout::new(&c);
+            // Past what the machine can address, nothing fits.
+            (lay.total_bytes() <= isize::MAX as u128).then(|| bytes(&MemoryPlan::of(&lay)))
+        };
+        let least = CacheConfig { max_tokens: 1, ..self.clone() }.memory_plan()?;
+        if bytes(&least) > budget {
+            return Err(Error::InvalidArgument(format!(
+                "a budget of {budget} bytes holds no token: with max_tokens 1 this configuration \
+                 takes {} bytes (full-precision windows for {} sequences in each of {} layers{})",
+                bytes(&least),
+                self.max_seqs,
+                self.n_layers,
+                if bytes(&least) == least.cuda_device_bytes { ", a 32 MiB scratch area" } else { "" }
+            )));
+        }
+        // The bytes grow with max_tokens: the largest that fits, by bisection.
+        let (mut lo, mut hi) = (1u32, u32::MAX);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if at(mid).is_some_and(|b| b <= budget) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        Ok(lo)
     }
 }

@@ -2,7 +2,8 @@
 
 mod common;
 use common::*;
-use kivi::{Cache, CacheConfig, DType, Rows};
+use kivi::cuda::CudaCache;
+use kivi::{Cache, CacheConfig, DType, Error, KeyMode, MemoryPlan, Rows};
 
 #[test]
 fn stats_count_codes_scales_and_windows() {
@@ -59,4 +60,88 @@ fn stats_count_the_page_tables() {
     // A limit past the pool: no table longer than the pool.
     c.max_seq_tokens = 100_000;
     assert_eq!(Cache::new(c).unwrap().stats().table_bytes, unbounded.table_bytes);
+}
+
+/// A random valid configuration: every field that changes the sizes, small enough to create.
+fn random_config(rng: &mut Rng) -> CacheConfig {
+    let hd = [32u32, 64, 80, 128, 256][rng.below(5)];
+    let mut c = CacheConfig::new(1 + rng.below(3) as u32, 1 + rng.below(4) as u32, hd);
+    c.dtype = [DType::F32, DType::F16, DType::BF16][rng.below(3)];
+    c.key_bits = [2, 4, 8][rng.below(3)];
+    c.value_bits = [2, 4, 8][rng.below(3)];
+    c.key_mode = if rng.below(4) == 0 { KeyMode::PerToken } else { KeyMode::PerChannel };
+    c.group_size = [8, 16, 32, 64][rng.below(4)];
+    c.value_group = if hd == 80 { 16 } else { [8, 16, 32][rng.below(3)] };
+    c.residual = c.group_size * rng.below(5) as u32;
+    c.sinks = [0, 1, 4, 7][rng.below(4)];
+    c.max_tokens = 1 + rng.below(6000) as u32;
+    c.max_seqs = 1 + rng.below(6) as u32;
+    c.max_seq_tokens = if rng.below(2) == 0 { 0 } else { 1 + rng.below(3000) as u32 };
+    c.page_tokens = c.group_size * [0, 1, 3, 8][rng.below(4)];
+    c
+}
+
+/// What a configuration's plan says is what its caches take: the CPU cache's statistics and the
+/// CUDA cache's device allocation.
+#[test]
+fn memory_plans_are_what_caches_take() {
+    let mut rng = Rng::fresh("memory_plans_are_what_caches_take");
+    for _ in 0..60 {
+        let c = random_config(&mut rng);
+        let plan = c.memory_plan().unwrap();
+        let st = Cache::new(c.clone()).unwrap().stats();
+        assert_eq!(
+            (plan.reserved_bytes, plan.table_bytes, plan.pages_total),
+            (st.reserved_bytes, st.table_bytes, st.pages_total),
+            "{c:?}"
+        );
+        assert_eq!(plan.cpu_bytes(), st.reserved_bytes + st.table_bytes);
+        let cuda = CudaCache::emulated(c.clone()).unwrap();
+        assert_eq!(plan.cuda_device_bytes, cuda.device_bytes() as u64, "{c:?}");
+        assert_eq!(cuda.stats().reserved_bytes, plan.reserved_bytes);
+    }
+    let mut bad = CacheConfig::new(1, 1, 64);
+    bad.group_size = 12;
+    assert!(matches!(bad.memory_plan(), Err(Error::InvalidConfig(m)) if m.contains("group_size 12")));
+}
+
+/// The fitted `max_tokens` is the largest whose cache stays within the budget, on the CPU and on
+/// a CUDA device; a budget below one token is refused with what one token takes.
+#[test]
+fn max_tokens_within_fills_the_budget() {
+    let mut rng = Rng::fresh("max_tokens_within_fills_the_budget");
+    let cuda = |p: &MemoryPlan| p.cuda_device_bytes;
+    let within = |c: &CacheConfig, m: u32, budget: u64, bytes: &dyn Fn(&MemoryPlan) -> u64| {
+        CacheConfig { max_tokens: m, ..c.clone() }.memory_plan().is_ok_and(|p| bytes(&p) <= budget)
+    };
+    for i in 0..60 {
+        let c = random_config(&mut rng);
+        let bytes: &dyn Fn(&MemoryPlan) -> u64 = if i % 2 == 0 { &MemoryPlan::cpu_bytes } else { &cuda };
+        let least = bytes(&CacheConfig { max_tokens: 1, ..c.clone() }.memory_plan().unwrap());
+        // From one token's worth to tens of thousands of pages more.
+        let budget = least + (rng.uniform() * rng.uniform() * 2e8) as u64;
+        let m = c.max_tokens_within(budget, bytes).unwrap();
+        assert!(within(&c, m, budget, bytes), "{c:?}: {m} tokens exceed {budget} bytes");
+        assert!(!within(&c, m + 1, budget, bytes), "{c:?}: {} tokens also fit in {budget} bytes", m + 1);
+        // A cache made with it holds at least that many tokens in each layer's pool.
+        if i % 2 == 0 && budget < 64 << 20 {
+            let cache = Cache::new(CacheConfig { max_tokens: m, ..c.clone() }).unwrap();
+            let st = cache.stats();
+            assert!(st.reserved_bytes + st.table_bytes <= budget);
+            let page = c.page_tokens.max(c.group_size) as u64;
+            assert!(st.pages_total / c.n_layers as u64 * page >= m as u64);
+        }
+        let e = c.max_tokens_within(least - 1, bytes).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(msg) if msg.contains(&format!("{}", least - 1)) && msg.contains(&format!("{least}"))),
+            "{e}"
+        );
+    }
+    // Every token a u32 can count, when the budget allows it.
+    let mut c = CacheConfig::new(1, 1, 8);
+    c.value_group = 8;
+    assert_eq!(c.max_tokens_within(u64::MAX, MemoryPlan::cpu_bytes).unwrap(), u32::MAX);
+    let mut bad = CacheConfig::new(1, 1, 64);
+    bad.key_bits = 3;
+    assert!(matches!(bad.max_tokens_within(1 << 30, MemoryPlan::cpu_bytes), Err(Error::InvalidConfig(_))));
 }

@@ -270,8 +270,30 @@ fn cuerr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::BackendUnavailable(format!("CUDA: {what} failed: {e:?}"))
 }
 
-const fn align256(n: usize) -> usize {
+const fn align256(n: u128) -> u128 {
     (n + 255) & !255
+}
+
+/// The parts of a CUDA cache's one device allocation, in this order: the page pools of every
+/// layer, the full-precision windows, the block tables and the scratch area of attention, each
+/// 256-byte aligned.
+pub(crate) struct DeviceAlloc {
+    pub off_windows: u128,
+    pub off_blocks: u128,
+    pub off_scratch: u128,
+    /// The whole allocation.
+    pub bytes: u128,
+}
+
+impl DeviceAlloc {
+    pub(crate) fn of(lay: &Layout) -> DeviceAlloc {
+        let pages = lay.n_layers as u128 * lay.pages_per_layer as u128 * lay.page_bytes as u128;
+        let windows = lay.total_bytes() - pages;
+        let off_windows = align256(pages);
+        let off_blocks = off_windows + align256(windows);
+        let off_scratch = off_blocks + align256(lay.block_table_bytes());
+        DeviceAlloc { off_windows, off_blocks, off_scratch, bytes: off_scratch + SCRATCH_BYTES as u128 }
+    }
 }
 
 impl CudaCache {
@@ -287,13 +309,10 @@ impl CudaCache {
 
     fn create(cfg: CacheConfig, backend: Backend) -> Result<CudaCache> {
         let lay = Layout::new(&cfg);
-        let pages = lay.n_layers * lay.pages_per_layer * lay.page_bytes;
-        let windows = lay.window_elems_total() * lay.dtype.size();
-        let blocks = lay.block_table_bytes() as usize;
-        let off_windows = align256(pages);
-        let off_blocks = off_windows + align256(windows);
-        let off_scratch = off_blocks + align256(blocks);
-        let bytes = off_scratch + SCRATCH_BYTES;
+        // Within the validated size (the pools and windows fit in an isize).
+        let DeviceAlloc { off_windows, off_blocks, off_scratch, bytes } = DeviceAlloc::of(&lay);
+        let (off_windows, off_blocks, off_scratch, bytes) =
+            (off_windows as usize, off_blocks as usize, off_scratch as usize, bytes as usize);
         let quant_spec = Spec::new(&lay, 1);
         let (dev, info, base) = match backend {
             Backend::Cuda(dev) => {
@@ -301,7 +320,9 @@ impl CudaCache {
                 // SAFETY: a plain allocation in the bound context, zeroed before use.
                 let base = unsafe { drv::malloc_sync(bytes) }.map_err(|e| match e.0 {
                     dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Error::InvalidConfig(format!(
-                        "the cache needs {bytes} bytes of device memory, more than is free"
+                        "the cache needs {bytes} bytes of device memory, more than is free \
+                         (CacheConfig::max_tokens_within, kivi_params_fit_tokens: the max_tokens \
+                         that fits a budget)"
                     )),
                     _ => cuerr("cuMemAlloc", e),
                 })?;

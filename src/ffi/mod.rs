@@ -215,6 +215,13 @@ impl Versioned for types::kivi_memory_stats {
     }
 }
 
+impl Versioned for types::kivi_memory_plan {
+    const OLDER_SIZES: &'static [usize] = &[];
+    fn defaults() -> Self {
+        Self::default()
+    }
+}
+
 /// The error for a versioned struct of a size this library does not read or write (`lead`
 /// names the struct and the size).
 fn bad_size<T: Versioned>(lead: &str) -> Failure {

@@ -270,6 +270,30 @@ pub struct kivi_memory_stats {
     pub table_bytes: u64,
 }
 
+/// What a cache of some parameters will take, known before it is made. Filled by
+/// `kivi_params_memory()`; `reserved_bytes`, `table_bytes` and `pages_total` are what
+/// `kivi_cache_stats()` then reports.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct kivi_memory_plan {
+    /// `sizeof(kivi_memory_plan)` as the caller compiled it (kivi sets it).
+    pub struct_size: u32,
+    /// The device the cache would live on: `params->device`.
+    pub device: i32,
+    /// What the cache takes of that device's memory, all at creation: host memory for a CPU
+    /// cache (`reserved_bytes + table_bytes`); for a CUDA cache its one device allocation (pages,
+    /// windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
+    /// attention), its host memory then being `table_bytes`. `kivi_params_fit_tokens()` fits
+    /// this to a budget.
+    pub bytes: u64,
+    /// Page pools and full-precision window slots, padding included.
+    pub reserved_bytes: u64,
+    /// The page tables: block tables and each layer's page reference counts.
+    pub table_bytes: u64,
+    /// Pages over all layers.
+    pub pages_total: u64,
+}
+
 /// What `kivi_cuda_device_info()` found: a CUDA device and the libraries kivi runs it with.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -349,6 +349,77 @@ int main(void) {
         }
     }
 
+    /* --- sizing a cache before making it: the plan is what the cache then reports; the fitted
+       max_tokens is the largest whose plan stays within the budget; no device is needed. */
+    {
+        kivi_memory_plan plan, plan2;
+        kivi_memory_stats st;
+        kivi_cache *sized = NULL;
+        uint32_t fit = 0xABABABABu;
+        uint64_t budget;
+        memset(&plan, 0xAB, sizeof plan);
+        p = small_params();
+        expect("memory NULL params", kivi_params_memory(NULL, &plan, sizeof plan), KIVI_ERR_NULL_POINTER,
+               "kivi_params_memory");
+        expect("memory NULL out", kivi_params_memory(&p, NULL, sizeof plan), KIVI_ERR_NULL_POINTER,
+               "kivi_params_memory");
+        expect("memory small struct", kivi_params_memory(&p, &plan, sizeof plan - 8), KIVI_ERR_STRUCT_SIZE,
+               "kivi_params_memory");
+        p.key_bits = 3;
+        expect("memory key_bits 3", kivi_params_memory(&p, &plan, sizeof plan), KIVI_ERR_INVALID_CONFIG,
+               "kivi_params_memory");
+        expect("fit key_bits 3", kivi_params_fit_tokens(&p, 1u << 30, &fit), KIVI_ERR_INVALID_CONFIG,
+               "kivi_params_fit_tokens");
+        p = small_params();
+        expect("fit NULL out", kivi_params_fit_tokens(&p, 1u << 30, NULL), KIVI_ERR_NULL_POINTER,
+               "kivi_params_fit_tokens");
+        expect("fit NULL params", kivi_params_fit_tokens(NULL, 1u << 30, &fit), KIVI_ERR_NULL_POINTER,
+               "kivi_params_fit_tokens");
+        expect("fit 1000 bytes", kivi_params_fit_tokens(&p, 1000, &fit), KIVI_ERR_INVALID_ARGUMENT,
+               "kivi_params_fit_tokens");
+        checks++;
+        if (plan.bytes != 0xABABABABABABABABull || fit != 0xABABABABu) fail("sizing", "written by a failed call");
+
+        expect("memory", kivi_params_memory(&p, &plan, sizeof plan), KIVI_OK, "");
+        checks++;
+        if (plan.struct_size != sizeof plan || plan.device != KIVI_DEVICE_CPU ||
+            plan.bytes != plan.reserved_bytes + plan.table_bytes || plan.pages_total == 0)
+            fail("memory", "implausible plan");
+        expect("create sized", kivi_cache_create(&p, &sized), KIVI_OK, "");
+        expect("stats sized", kivi_cache_stats(sized, &st, sizeof st), KIVI_OK, "");
+        checks++;
+        if (st.reserved_bytes != plan.reserved_bytes || st.table_bytes != plan.table_bytes ||
+            st.pages_total != plan.pages_total)
+            fail("memory", "the plan is not what the cache takes");
+        kivi_cache_free(sized);
+
+        /* max_tokens is ignored (0 is fine); the result fits and one more token does not. */
+        budget = 3 * plan.bytes;
+        p.max_tokens = 0;
+        expect("fit", kivi_params_fit_tokens(&p, budget, &p.max_tokens), KIVI_OK, "");
+        fit = p.max_tokens;
+        expect("memory at the fit", kivi_params_memory(&p, &plan2, sizeof plan2), KIVI_OK, "");
+        checks++;
+        if (fit <= 64 || plan2.bytes > budget) fail("fit", "the fitted cache exceeds the budget");
+        p.max_tokens = fit + 1;
+        expect("memory past the fit", kivi_params_memory(&p, &plan2, sizeof plan2), KIVI_OK, "");
+        checks++;
+        if (plan2.bytes <= budget) fail("fit", "one more token fits too");
+
+        /* A CUDA cache's device memory, found without a device: pages, windows, block tables and
+           the 32 MiB scratch area. */
+        p = small_params();
+        p.device = 0;
+        expect("memory on CUDA", kivi_params_memory(&p, &plan, sizeof plan), KIVI_OK, "");
+        checks++;
+        if (plan.device != 0 || plan.bytes < plan.reserved_bytes + (32u << 20) ||
+            plan.bytes > plan.reserved_bytes + plan.table_bytes + (32u << 20) + 3 * 256)
+            fail("memory on CUDA", "implausible device bytes");
+        expect("fit on CUDA 16 MiB", kivi_params_fit_tokens(&p, 16u << 20, &fit), KIVI_ERR_INVALID_ARGUMENT,
+               "kivi_params_fit_tokens");
+        if (!strstr(kivi_last_error_message(), "32 MiB")) fail("fit on CUDA", "the message does not name the scratch area");
+    }
+
     p = small_params();
     expect("create", kivi_cache_create(&p, &c), KIVI_OK, "");
     expect("append seq 1", append_all(c, 1, 40), KIVI_OK, "");
