@@ -291,6 +291,8 @@ typedef struct {
     int replay, replay_mismatch;
     float replay_tol;   /* 0: replayed outputs must be bit for bit the same; else within this */
     int moved_mismatch; /* outputs after the move to other pages differ by more than replay_tol */
+    uint64_t planned[N_SET]; /* what kivi_params_memory said each cache would take */
+    int plan_mismatch;       /* a cache took other memory than that */
 } Engine;
 
 static kivi_rows rows_of(const float *data, uint32_t n, uint32_t len) {
@@ -516,7 +518,16 @@ int main(int argc, char **argv) {
     for (i = 0; i < n_set; i++) {
         p.key_bits = p.value_bits = BITS[i];
         p.key_mode = KEY_MODE[i];
-        CHECK(kivi_cache_create(&p, &e.cache[i]));
+        {
+            /* What the cache will take, known before it is made (an engine sizes its pool so). */
+            kivi_memory_plan plan;
+            kivi_memory_stats st0;
+            CHECK(kivi_params_memory(&p, &plan, sizeof plan));
+            CHECK(kivi_cache_create(&p, &e.cache[i]));
+            CHECK(kivi_cache_stats(e.cache[i], &st0, sizeof st0));
+            e.planned[i] = plan.bytes;
+            if (st0.reserved_bytes + st0.table_bytes != plan.bytes) e.plan_mismatch = 1;
+        }
         e.out[i] = malloc((size_t)max_rows * qrow * sizeof(float));
         if (!e.out[i]) return 3;
     }
@@ -707,7 +718,9 @@ int main(int argc, char **argv) {
            e.replay_mismatch ? "DIFFER FROM" : "are bit for bit");
     printf("restart: outputs of the caches moved to 256-token pages %s the original caches' (1e-5)\n",
            e.moved_mismatch ? "DIFFER FROM" : "match");
-    failed |= e.replay_mismatch | e.moved_mismatch;
+    printf("memory: each cache took at creation %s kivi_params_memory planned (%.1f MiB for %s)\n",
+           e.plan_mismatch ? "OTHER THAN what" : "what", (double)e.planned[0] / 1048576.0, NAMES[0]);
+    failed |= e.replay_mismatch | e.moved_mismatch | e.plan_mismatch;
     for (i = 1; i < 3; i++) {
         double a = errs[PH_DECODE][i - 1].sum, b = errs[PH_DECODE][i].sum;
         if (quantized > 0 && !(b < a)) { /* with nothing quantized, all are exact */

@@ -6,14 +6,15 @@
 
 A 2-layer model (4 KV heads of 64 channels, 8 query heads) prefills a 320-token prompt in chunks
 of 80 and decodes 16 tokens; every output is compared with numpy attention (float64) over the
-unquantized keys and values. Then a rollback, a save/restore round trip and an error.
+unquantized keys and values. Each pool is sized to 1 MiB before its cache is made. Then a
+rollback, a save/restore round trip and an error.
 """
 
 import sys
 
 import numpy as np
 
-from kivi import Cache, KiviError, cpu_isa, version
+from kivi import Cache, KiviError, cpu_isa, fit_max_tokens, memory_plan, version
 
 LAYERS, KV, QH, HD, PROMPT, CHUNK, STEPS = 2, 4, 8, 64, 320, 80, 16
 rng = np.random.default_rng(7)
@@ -53,8 +54,14 @@ def rel_err(out, ref):
 print(f"kivi {version()} from Python (ctypes), CPU kernels: {cpu_isa()}")
 errors = {}
 for bits in (2, 4, 8):
-    cache = Cache(n_layers=LAYERS, n_kv_heads=KV, head_dim=HD, key_bits=bits, value_bits=bits, max_tokens=1024,
+    fields = dict(n_layers=LAYERS, n_kv_heads=KV, head_dim=HD, key_bits=bits, value_bits=bits,
                   dtype=1)  # recent tokens kept in f16
+    # The largest pool that 1 MiB of memory holds, sized before the cache is made.
+    max_tokens = fit_max_tokens(1 << 20, **fields)
+    plan = memory_plan(max_tokens=max_tokens, **fields)
+    assert plan["bytes"] <= 1 << 20 < memory_plan(max_tokens=max_tokens + 1, **fields)["bytes"]
+    assert max_tokens >= PROMPT + STEPS, max_tokens
+    cache = Cache(max_tokens=max_tokens, **fields)
     K = [np.zeros((0, KV * HD), np.float32) for _ in range(LAYERS)]
     V = [np.zeros((0, KV * HD), np.float32) for _ in range(LAYERS)]
     errs = []
@@ -73,8 +80,9 @@ for bits in (2, 4, 8):
     errs = np.concatenate(errs)
     errors[bits] = errs.mean()
     st = cache.stats()
+    assert st["reserved_bytes"] + st["table_bytes"] == plan["bytes"], (st, plan)
     print(f"KIVI-{bits}: {cache.seq_len(0)} tokens, mean error {errs.mean():.5f}, max {errs.max():.5f}, "
-          f"{st['used_bytes']} bytes vs {st['f16_bytes']} for f16")
+          f"{st['used_bytes']} bytes vs {st['f16_bytes']} for f16 (room for {max_tokens} in 1 MiB)")
 
     # A rollback, then a save/restore round trip that must give back the same outputs.
     cache.seq_truncate(0, cache.seq_len(0) - 4)

@@ -87,6 +87,11 @@ class MemoryStats(C.Structure):
                                         "table_bytes")]
 
 
+class MemoryPlan(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("device", C.c_int32)] + [
+        (name, C.c_uint64) for name in ("bytes", "reserved_bytes", "table_bytes", "pages_total")]
+
+
 P, U32, SZ = C.POINTER, C.c_uint32, C.c_size_t
 _SIGNATURES = {
     "kivi_params_init": [P(Params), SZ],
@@ -106,6 +111,8 @@ _SIGNATURES = {
     "kivi_seq_state_save": [C.c_void_p, U32, C.c_char_p, SZ, P(SZ)],
     "kivi_seq_state_load": [C.c_void_p, U32, C.c_char_p, SZ],
     "kivi_cache_stats": [C.c_void_p, P(MemoryStats), SZ],
+    "kivi_params_memory": [P(Params), P(MemoryPlan), SZ],
+    "kivi_params_fit_tokens": [P(Params), C.c_uint64, P(U32)],
     "kivi_cuda_device_info": [C.c_int32, P(DeviceInfo), SZ],
     "kivi_cache_set_stream": [C.c_void_p, C.c_void_p],
     "kivi_cache_stream": [C.c_void_p, P(C.c_void_p)],
@@ -189,16 +196,36 @@ def _options(scale=0.0, causal=True, sliding_window=0, softcap=0.0):
     return C.byref(o)
 
 
+def _params(fields):
+    p = Params()
+    _check(lib.kivi_params_init(C.byref(p), C.sizeof(p)))
+    for k, v in fields.items():
+        if not hasattr(p, k) or k == "struct_size":
+            raise AttributeError(f"kivi_params has no field {k}")
+        setattr(p, k, v)
+    return p
+
+
+def memory_plan(**fields):
+    """What a Cache(**fields) would take, without making it: a dict of kivi_memory_plan's fields
+    (bytes: the memory of its device, host or CUDA)."""
+    p, m = _params(fields), MemoryPlan()
+    _check(lib.kivi_params_memory(C.byref(p), C.byref(m), C.sizeof(m)))
+    return {name: getattr(m, name) for name, _ in MemoryPlan._fields_ if name != "struct_size"}
+
+
+def fit_max_tokens(budget_bytes, **fields):
+    """The largest max_tokens with which Cache(**fields) takes at most budget_bytes of its device's memory."""
+    p, n = _params(fields), C.c_uint32()
+    _check(lib.kivi_params_fit_tokens(C.byref(p), budget_bytes, C.byref(n)))
+    return n.value
+
+
 class Cache:
     """A kivi cache. Keyword arguments set kivi_params fields (n_layers, n_kv_heads, head_dim, key_bits, ...)."""
 
     def __init__(self, **fields):
-        p = Params()
-        _check(lib.kivi_params_init(C.byref(p), C.sizeof(p)))
-        for k, v in fields.items():
-            if not hasattr(p, k) or k == "struct_size":
-                raise AttributeError(f"kivi_params has no field {k}")
-            setattr(p, k, v)
+        p = _params(fields)
         self.params = p
         self._h = C.c_void_p()
         _check(lib.kivi_cache_create(C.byref(p), C.byref(self._h)))
