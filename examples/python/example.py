@@ -7,7 +7,7 @@
 A 2-layer model (4 KV heads of 64 channels, 8 query heads) prefills a 320-token prompt in chunks
 of 80 and decodes 16 tokens; every output is compared with numpy attention (float64) over the
 unquantized keys and values. Each pool is sized to 1 MiB before its cache is made. Then a
-rollback, a save/restore round trip and an error.
+rollback, a save/restore round trip, the sequence operations and an error.
 """
 
 import sys
@@ -101,6 +101,17 @@ for bits in (2, 4, 8):
     k, v, q = token_rows(0, 1)
     here, there = cache.decode(0, [0], k, v, q), other.decode(0, [3], k, v, q)
     assert np.abs(here - there).max() <= 1e-5 * np.abs(here).max(), "outputs after moving a sequence differ"
+    # The scheduler's view: which sequences there are, per-layer lengths, keeping one, clearing.
+    other.seq_copy(3, 5)
+    k, v, q = token_rows(1, 2)
+    other.append(1, 5, k, v)  # layers fill one after another within a step
+    assert other.seq_ids() == [3, 5] and other.config()["page_tokens"] == 256
+    assert other.seq_layer_len(5, 0) == other.seq_layer_len(3, 0)  # one decode step ahead of layer 1
+    assert other.seq_layer_len(5, 1) == other.seq_layer_len(3, 1) + 2 == other.seq_len(5)
+    other.seq_keep(5)
+    assert other.seq_ids() == [5]
+    other.clear()
+    assert other.seq_ids() == [] and other.stats()["tokens"] == 0
     other.close()
     cache.close()
 

@@ -4,8 +4,8 @@ The library is found through the KIVI_LIB environment variable (a path to libkiv
 repository's target/release or target/debug directory.
 
     from kivi import Cache
-    cache = Cache(n_layers=2, n_kv_heads=2, head_dim=64, max_tokens=4096)
-    out = cache.append_attend(layer, seq, keys, values, queries)   # numpy float32 arrays
+    with Cache(n_layers=2, n_kv_heads=2, head_dim=64, max_tokens=4096) as cache:
+        out = cache.append_attend(layer, seq, keys, values, queries)   # numpy float32 arrays
 
 Rows are 2-D arrays (tokens x elements, elements contiguous): numpy arrays or PyTorch tensors
 for a CPU cache, PyTorch CUDA tensors for a CUDA cache (`Cache(..., device=0)`), whose calls are
@@ -100,8 +100,13 @@ _SIGNATURES = {
     "kivi_append_attend": [C.c_void_p, U32, U32, P(Rows), P(Rows), P(Rows), P(Rows), P(AttnOptions)],
     "kivi_attend": [C.c_void_p, U32, U32, P(Rows), P(Rows), P(AttnOptions)],
     "kivi_decode": [C.c_void_p, U32, P(U32), U32, P(Rows), P(Rows), P(Rows), P(Rows), P(AttnOptions)],
+    "kivi_cache_clear": [C.c_void_p],
+    "kivi_cache_params": [C.c_void_p, P(Params), SZ],
     "kivi_seq_len": [C.c_void_p, U32, P(U32)],
+    "kivi_seq_layer_len": [C.c_void_p, U32, U32, P(U32)],
+    "kivi_seq_ids": [C.c_void_p, P(U32), SZ, P(SZ)],
     "kivi_seq_remove": [C.c_void_p, U32],
+    "kivi_seq_keep": [C.c_void_p, U32],
     "kivi_seq_truncate": [C.c_void_p, U32, U32],
     "kivi_seq_copy": [C.c_void_p, U32, U32, U32],
     "kivi_state_size": [C.c_void_p, P(SZ)],
@@ -238,6 +243,22 @@ class Cache:
     def __del__(self):
         self.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def config(self):
+        """The parameters the cache was created with (kivi_cache_params), as a dict."""
+        p = Params()
+        _check(lib.kivi_cache_params(self._h, C.byref(p), C.sizeof(p)))
+        return {name: getattr(p, name) for name, _ in Params._fields_ if name != "struct_size"}
+
+    def clear(self):
+        """Removes every sequence; the memory stays with the cache."""
+        _check(lib.kivi_cache_clear(self._h))
+
     def _r(self, a):
         return C.byref(_rows(a, self.params.device))
 
@@ -273,6 +294,24 @@ class Cache:
         n = U32()
         _check(lib.kivi_seq_len(self._h, seq, C.byref(n)))
         return n.value
+
+    def seq_layer_len(self, seq, layer):
+        """Tokens sequence seq holds in one layer (layers fill one after another within a step)."""
+        n = U32()
+        _check(lib.kivi_seq_layer_len(self._h, seq, layer, C.byref(n)))
+        return n.value
+
+    def seq_ids(self):
+        """The ids of the sequences the cache holds, in slot order."""
+        n = SZ()
+        _check(lib.kivi_seq_ids(self._h, None, 0, C.byref(n)))
+        ids = (U32 * n.value)()
+        _check(lib.kivi_seq_ids(self._h, ids, n.value, C.byref(n)))
+        return list(ids[: n.value])
+
+    def seq_keep(self, seq):
+        """Removes every sequence but seq."""
+        _check(lib.kivi_seq_keep(self._h, seq))
 
     def seq_truncate(self, seq, n_tokens):
         _check(lib.kivi_seq_truncate(self._h, seq, n_tokens))
