@@ -14,7 +14,7 @@ pub(crate) use cpu::MAX_HEAD_DIM;
 #[doc(hidden)]
 pub use cpu::dense::DenseF16Cache;
 #[doc(hidden)]
-pub use cpu::{active_isa, available_isas, force_isa, Isa};
+pub use cpu::{active_isa, available_isas, force_isa, force_shared_key_permute, Isa};
 
 use crate::error::{Error, Result};
 

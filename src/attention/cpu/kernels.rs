@@ -229,8 +229,9 @@ unsafe fn unpack_tiles<S: Simd, const KB: u32, const TT: usize>(
 }
 
 /// `out[h * os + t] = sum_c qs[h * hd + c] * code[c][t]` for the `g` tokens of one per-channel
-/// key group (`code[c]` is a run of `run` bytes); `TT` tiles of `L` tokens at once.
-#[allow(clippy::needless_range_loop)]
+/// key group (`code[c]` is a run of `run` bytes); `TT` tiles of `L` tokens at once; codes
+/// unpacked by [`Simd::codes_shared`] when `shared`.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
     codes: *const u8,
@@ -240,6 +241,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
     qs: *const f32,
     out: *mut f32,
     os: usize,
+    shared: bool,
 ) {
     let tile_bytes = S::L * KB as usize / 8;
     // 2-bit codes: even and odd channels accumulate apart when registers allow (twice the
@@ -253,7 +255,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
         let step = if two { 2 } else { 1 };
         let mut c = 0;
         while c < hd {
-            let v = unpack_tiles::<S, KB, TT>(base.add(c * run), tile_bytes, NH > 1);
+            let v = unpack_tiles::<S, KB, TT>(base.add(c * run), tile_bytes, shared);
             for h in 0..NH {
                 let q = S::splat(*qs.add(h * hd + c));
                 for k in 0..TT {
@@ -261,7 +263,7 @@ unsafe fn key_scores<S: Simd, const NH: usize, const KB: u32, const TT: usize>(
                 }
             }
             if two {
-                let v = unpack_tiles::<S, KB, TT>(base.add((c + 1) * run), tile_bytes, NH > 1);
+                let v = unpack_tiles::<S, KB, TT>(base.add((c + 1) * run), tile_bytes, shared);
                 for h in 0..NH {
                     let q = S::splat(*qs.add(h * hd + c + 1));
                     for k in 0..TT {
@@ -530,6 +532,8 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
     let scale = a.o.scale;
     let sst = s.sc_stride;
     let step = groups_per_step(g);
+    // Key codes unpacked once for several query vectors, the CPU's cheaper way for that.
+    let shared = nh > 1 && S::shared_codes_pay();
     debug_assert!(step * g <= sst);
     // Where group `gr` of this head lives: its head block and its index in the page.
     let locate = |gr: usize| {
@@ -588,9 +592,9 @@ pub(crate) unsafe fn quant<S: Simd>(a: &QArgs, s: &mut Scratch) {
                 }
                 let qs = s.qs.as_ptr();
                 with_nh!(nh, NH => with_bits!(lay.key_bits, KB => if tt == 2 {
-                    key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst)
+                    key_scores::<S, NH, KB, 2>(codes, run, hd, g, qs, sc, sst, shared)
                 } else {
-                    key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst)
+                    key_scores::<S, NH, KB, 1>(codes, run, hd, g, qs, sc, sst, shared)
                 }));
             }
             // Logits, masked outside the visible range.

@@ -178,6 +178,18 @@ pub fn force_isa(isa: Option<Isa>) -> bool {
     }
 }
 
+/// Forces how the AVX2 kernels unpack 2-bit key codes that several query vectors share: `Some(true)`
+/// through a permute (faster on Intel cores), `Some(false)` masked and converted (faster on
+/// AMD's), `None` as suits the CPU. For tests, which run both on any machine; results are the
+/// same either way. Does nothing off x86-64.
+#[doc(hidden)]
+pub fn force_shared_key_permute(on: Option<bool>) {
+    #[cfg(target_arch = "x86_64")]
+    x86::force_shared_permute(on);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = on;
+}
+
 /// The vector kernels of one instruction set, as `#[target_feature]` entry points.
 pub(crate) trait Backend: Sync {
     const LANES: usize;

@@ -43,6 +43,12 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn codes_shared<const B: u32>(p: *const u8) -> Self::V {
         Self::codes::<B>(p)
     }
+    /// Whether [`Simd::codes_shared`] is the faster unpacking on this CPU (the kernels ask once
+    /// per call; false where it is `codes` anyway).
+    #[inline(always)]
+    fn shared_codes_pay() -> bool {
+        false
+    }
     /// What [`Simd::codes_deq`] needs to dequantize `B`-bit codes with scale `s` and zero `z`
     /// (a lookup table where codes index one, else the two vectors).
     type D: Copy;
