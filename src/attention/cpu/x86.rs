@@ -16,9 +16,9 @@ pub(crate) fn force_shared_permute(on: Option<bool>) {
     SHARED_PERMUTE.store(on.map_or(0, |p| if p { 1 } else { 2 }), Ordering::Relaxed);
 }
 
-/// Whether this is an AMD (or Hygon) core, whose FP shuffles and variable shifts issue on a pipe
-/// that also runs FMAs: a permute per 8 key codes then slows the FMA-bound key loop (measured on
-/// Zen 3: BENCHMARKS.md), where Intel cores run it on a port of its own.
+/// Whether this is an AMD (or Hygon) core, whose FP shuffles share a pipe with the FMAs: a
+/// permute per 8 key codes then slows the FMA-bound key loop (measured on Zen 3: BENCHMARKS.md),
+/// where Intel cores run it on a port of its own.
 fn shuffles_share_fma_pipes() -> bool {
     static AMD: OnceLock<bool> = OnceLock::new();
     *AMD.get_or_init(|| {
@@ -339,8 +339,9 @@ impl Simd for Avx2 {
         }
     }
 
-    /// On Intel cores (measured 1.08 times faster there); not on AMD's, whose shuffle pipe is
-    /// also an FMA pipe (the and and the conversion measured 1.06 times faster on Zen 3).
+    /// On Intel cores (the permute measured 1.08 times faster there); not on AMD's, whose
+    /// shuffle pipe is also an FMA pipe (with the and and the conversion KIVI-2 decode took 0.95
+    /// of the time on a Zen 3, fastest repetitions).
     #[inline(always)]
     fn shared_codes_pay() -> bool {
         match SHARED_PERMUTE.load(Ordering::Relaxed) {
