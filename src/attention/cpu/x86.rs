@@ -341,7 +341,7 @@ impl Simd for Avx2 {
 
     /// On Intel cores (the permute measured 1.08 times faster there); not on AMD's, whose
     /// shuffle pipe is also an FMA pipe (with the and and the conversion KIVI-2 decode took 0.95
-    /// of the time on a Zen 3, fastest repetitions).
+    /// of the time on a Zen 3: BENCHMARKS.md).
     #[inline(always)]
     fn shared_codes_pay() -> bool {
         match SHARED_PERMUTE.load(Ordering::Relaxed) {
