@@ -61,8 +61,11 @@ impl Error {
     pub(crate) fn allocation(what: &str, bytes: u128, total: u128) -> Error {
         Error::InvalidConfig(format!(
             "could not allocate {bytes} bytes for {what} (the cache takes {total} bytes in all): \
-             lower max_tokens or max_seqs, or set max_seq_tokens (CacheConfig::max_tokens_within, \
-             kivi_params_fit_tokens: the max_tokens that fits a budget)"
+             lower max_tokens or max_seqs, or set max_seq_tokens {FIT_HINT}"
         ))
     }
 }
+
+/// Where a message about memory that is not there points: the calls that size a cache to a budget.
+pub(crate) const FIT_HINT: &str =
+    "(CacheConfig::max_tokens_within, kivi_params_fit_tokens: the max_tokens that fits a budget)";

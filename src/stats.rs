@@ -152,12 +152,9 @@ impl CacheConfig {
     /// [`Error::InvalidArgument`] when even one token does not fit (the message gives what one
     /// token takes: mostly the full-precision windows of `max_seqs` sequences).
     pub fn max_tokens_within(&self, budget: u64, bytes: impl Fn(&MemoryPlan) -> u64) -> Result<u32> {
-        let at = |m: u32| {
-            let c = CacheConfig { max_tokens: m, ..self.clone() };
-            let lay = Layout::new(&c);
-            // Past what the machine can address, nothing fits.
-            (lay.total_bytes() <= isize::MAX as u128).then(|| bytes(&MemoryPlan::of(&lay)))
-        };
+        // The other fields are checked with `least` below; past what the machine can address
+        // (the only other refusal), nothing fits.
+        let at = |m: u32| CacheConfig { max_tokens: m, ..self.clone() }.memory_plan().ok().map(|p| bytes(&p));
         let least = CacheConfig { max_tokens: 1, ..self.clone() }.memory_plan()?;
         if bytes(&least) > budget {
             return Err(Error::InvalidArgument(format!(

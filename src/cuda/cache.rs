@@ -320,9 +320,8 @@ impl CudaCache {
                 // SAFETY: a plain allocation in the bound context, zeroed before use.
                 let base = unsafe { drv::malloc_sync(bytes) }.map_err(|e| match e.0 {
                     dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Error::InvalidConfig(format!(
-                        "the cache needs {bytes} bytes of device memory, more than is free \
-                         (CacheConfig::max_tokens_within, kivi_params_fit_tokens: the max_tokens \
-                         that fits a budget)"
+                        "the cache needs {bytes} bytes of device memory, more than is free {}",
+                        crate::error::FIT_HINT
                     )),
                     _ => cuerr("cuMemAlloc", e),
                 })?;
