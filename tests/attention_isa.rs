@@ -305,6 +305,44 @@ fn batched_decode() {
     }
 }
 
+/// Attention for tokens already stored puts each query's causal end inside the window, and
+/// sliding windows put a query's start inside the sinks (each query row a step further), with
+/// quantized groups between sinks and window: queries of the last stored tokens, every
+/// instruction set, against the reference, at the lengths around the first flushes.
+#[test]
+fn stored_queries_with_sinks_and_windows() {
+    let mut rng0 = Rng::fresh("stored_queries_with_sinks_and_windows");
+    let seed = rng0.next_u64();
+    let (nkv, hd, nq) = (2u32, 64u32, 4usize);
+    for_each_isa(|isa| {
+        let mut rng = Rng::new(seed);
+        for (sinks, window) in [(1u32, 0u32), (3, 0), (3, 58), (5, 61)] {
+            let mut cfg = CacheConfig::new(1, nkv, hd);
+            (cfg.sinks, cfg.residual, cfg.group_size, cfg.value_group) = (sinks, 32, 16, 16);
+            cfg.max_tokens = 1024;
+            let mut cache = Cache::new(cfg).unwrap();
+            let gen = KvGen::new(&mut rng, nkv as usize, hd as usize);
+            let opts = AttnOptions { sliding_window: window, ..Default::default() };
+            // Past S + R + G the first group is quantized; the sliding windows still reach the
+            // sinks from the queries of the first lengths.
+            for n in [40usize, 8, 1, 1, 1, 6, 1, 1, 1, 1, 1, 40] {
+                let (k, v) = (gen.keys(&mut rng, n), gen.values(&mut rng, n));
+                cache.append(0, 0, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap()).unwrap();
+                let past = cache.dequantized(0, 0).unwrap();
+                let nrows = 5.min(past.len);
+                let q = queries(&mut rng, nrows, nq, hd as usize);
+                let want = reference::attention(&past, &[], &[], &q, nq, past.len - nrows, &opts).unwrap();
+                let mut out = vec![0f32; q.len()];
+                cache
+                    .attend(0, 0, Rows::new(&q, nrows).unwrap(), RowsMut::new(&mut out, nrows).unwrap(), &opts)
+                    .unwrap();
+                let e = rel_err(&out, &want);
+                assert!(e < 1e-5, "{isa:?}: sinks {sinks}, window {window}, length {}: error {e:e}", past.len);
+            }
+        }
+    });
+}
+
 /// f16 queries and outputs: the same attention, rounded to f16 at the end.
 #[test]
 fn f16_queries_and_outputs() {
