@@ -111,6 +111,9 @@ pub fn plot_png(rs: &[ConfigResult], path: &Path) -> Result<()> {
     c.vline(x0, y0, y1, black);
     c.text(x0, 20, "MEAN KL DIVERGENCE FROM THE EXACT CACHE (LOG) VS BITS PER ELEMENT", 2, black);
     c.text((x0 + x1) / 2 - 8 * 12, h - 40, "BITS PER ELEMENT", 2, black);
+    // Variants of one configuration share its x: each label takes the nearest free line
+    // (16 pixels apart) above or below its point's.
+    let mut placed: Vec<(i64, i64, i64)> = Vec::new();
     for r in pts {
         let (x, y) = (px(r.bits_per_element) as i64, py(r.kld) as i64);
         let col = if r.name.starts_with("ktok") {
@@ -121,9 +124,12 @@ pub fn plot_png(rs: &[ConfigResult], path: &Path) -> Result<()> {
             [30, 80, 200]
         };
         c.disc(x, y, 6, col);
-        // Min/max variants share their configuration's x: their labels go a line higher.
-        let up = if r.name.ends_with("-mm") { 14 } else { 0 };
-        c.text((x + 10) as usize, (y - 7 - up).max(0) as usize, &r.name.to_uppercase(), 2, col);
+        let (lx0, lx1) = (x + 10, x + 10 + 12 * r.name.len() as i64);
+        let free = |ly: i64| placed.iter().all(|&(a, b, py)| lx1 <= a || b <= lx0 || (ly - py).abs() >= 16);
+        let ly = (0..40).map(|i| y - 7 + if i % 2 == 0 { 8 * i } else { -8 * (i + 1) }).find(|&ly| free(ly));
+        let ly = ly.unwrap_or(y - 7);
+        placed.push((lx0, lx1, ly));
+        c.text(lx0 as usize, ly.max(0) as usize, &r.name.to_uppercase(), 2, col);
     }
     let f = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w as u32, h as u32);
