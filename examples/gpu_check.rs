@@ -1179,12 +1179,14 @@ fn bench(args: &[String]) -> bool {
                 let ms = times[times.len() / 2];
                 let ms_min = times[0];
                 // Bytes one step reads: every quantized token's codes, scales and zeros, and the
-                // full-precision window (f16 keys and values), for every kv head of every sequence.
+                // full-precision tokens (sinks and window, f16 keys and values), for every kv head
+                // of every sequence. Past the sinks, groups leave the window once it holds R + G.
                 let mut bytes = 0u64;
+                let (g, r) = (cfg.group_size as u64, cfg.residual as u64);
                 for &s in &seqs {
                     let len = cache.seq_len(s).unwrap() as u64;
-                    let w = (len % cfg.group_size as u64) + cfg.residual as u64;
-                    let qn = len.saturating_sub(w);
+                    let past_sinks = len.saturating_sub(cfg.sinks as u64);
+                    let qn = past_sinks.saturating_sub(r) / g * g;
                     bytes += nkv as u64 * (qn * (codes + params) as u64 + (len - qn) * hd as u64 * 4);
                 }
                 println!(

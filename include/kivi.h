@@ -301,7 +301,8 @@ typedef struct kivi_params {
     uint32_t residual;
     /**
      * The first tokens of every sequence kept at full precision for ever (attention sinks).
-     * Default: 0.
+     * Default: 1 (the first token, BOS in most models, on which attention sinks put much of the
+     * weight); 0 is the paper's method.
      */
     uint32_t sinks;
     /**
@@ -630,8 +631,9 @@ const char *kivi_version(void);
 
 /**
  * Fills `*params` with the defaults (a KIVI-2 cache: 2-bit keys per channel and 2-bit values,
- * G = 32, value groups of 32 channels, R = 128, f32 windows, 1 layer, 1 KV head, head_dim 128,
- * 4096 tokens, 1 sequence, 1 thread, CPU) and sets `params->struct_size` to `struct_size`.
+ * G = 32, value groups of 32 channels, R = 128, one sink token, f32 windows, 1 layer, 1 KV
+ * head, head_dim 128, 4096 tokens, 1 sequence, 1 thread, CPU) and sets `params->struct_size`
+ * to `struct_size`.
  *
  * - `params`: caller-owned, not NULL; written only on success.
  * - `struct_size`: `sizeof(kivi_params)`: this library's (bytes past it are zeroed), or an

@@ -109,6 +109,9 @@ pub struct CacheConfig {
     /// R: the most recent tokens kept at full precision; a multiple of `group_size`, 0 allowed.
     pub residual: u32,
     /// S: the first tokens of every sequence kept at full precision for ever (attention sinks).
+    /// Default 1: the first token (BOS in most models), where attention sinks put much of every
+    /// head's weight, so its quantization error would reach the output almost undamped. 0 is the
+    /// paper's method.
     pub sinks: u32,
     /// Token budget across all sequences: the page pool holds this many quantized tokens per layer.
     pub max_tokens: u32,
@@ -133,7 +136,7 @@ pub struct CacheConfig {
 
 impl CacheConfig {
     /// A KIVI-2 configuration for a model of this shape: 2-bit keys per channel and 2-bit values,
-    /// G = 32, value groups of 32 channels rounded by least squares, R = 128, no sinks, f32
+    /// G = 32, value groups of 32 channels rounded by least squares, R = 128, one sink token, f32
     /// windows, 4096 tokens, one sequence of any length, one group per page.
     pub fn new(n_layers: u32, n_kv_heads: u32, head_dim: u32) -> CacheConfig {
         CacheConfig {
@@ -148,7 +151,7 @@ impl CacheConfig {
             value_group: 32,
             value_rounding: Rounding::LeastSquares,
             residual: 128,
-            sinks: 0,
+            sinks: 1,
             max_tokens: 4096,
             max_seqs: 1,
             max_seq_tokens: 0,

@@ -9,7 +9,8 @@
 //!   with asymmetric min/max rounding and an f16 scale and zero per group.
 //! - The most recent `residual` tokens stay at full precision; keys leave that window one whole
 //!   group at a time (values leave with them).
-//! - Optional attention sinks: the first `sinks` tokens stay at full precision for ever.
+//! - Attention sinks: the first `sinks` tokens (by default one, the first token, on which
+//!   attention puts much of its weight) stay at full precision for ever.
 //!
 //! The data path, one module each: [`config`] (what a cache is), [`quant`] (the formats),
 //! `layout` and `pool` (where bytes live), `seq` (sequences and their pages), [`cache`] (appends

@@ -264,7 +264,7 @@ fn states_too_large_for_a_cache_are_refused() {
     let blob = history(c.clone(), seed).save_state_vec();
     for (page, max_tokens, max_seqs, says) in [
         (0, 2048, 3, "the state holds 4 sequences, this cache at most 3 (max_seqs)"),
-        (0, 320, 4, "need 24 pages of 16 tokens, this cache has 20 (max_tokens 320)"),
+        (0, 320, 4, "need 23 pages of 16 tokens, this cache has 20 (max_tokens 320)"),
         (64, 64, 4, "need 6 pages of 64 tokens, this cache has 5 (max_tokens 64)"),
     ] {
         let mut t = c.clone();

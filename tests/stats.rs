@@ -21,7 +21,8 @@ fn stats_count_codes_scales_and_windows() {
         cache.append(l, 0, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap()).unwrap();
     }
     let st = cache.stats();
-    // R = 128, G = 32: 1000 - 128 = 872 -> 27 groups (864 tokens) quantized, 136 in the window.
+    // One sink, R = 128, G = 32: 999 - 128 = 871 -> 27 groups (864 tokens) quantized, 135 in the
+    // window and the sink: 136 at full precision.
     let q = 864u64;
     assert_eq!(st.tokens, n as u64 * layers as u64);
     assert_eq!(st.quantized_tokens, q * layers as u64);

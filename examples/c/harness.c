@@ -4,8 +4,8 @@
  * A model shaped like Llama-3-8B: 8 KV heads of 128 channels and 32 query heads (GQA 4) per layer;
  * all 32 layers by default (--layers N for fewer).
  * Three caches run side by side on the same data: KIVI-2, KIVI-4 and KIVI-8 (keys per channel in
- * groups of G = 32 tokens, values per token in groups of 32 channels, the last R = 128 tokens in
- * f16). The engine's part, every layer of every step:
+ * groups of G = 32 tokens, values per token in groups of 32 channels, the first token and the last
+ * R = 128 tokens in f16). The engine's part, every layer of every step:
  *
  *   1. prefill: each sequence's prompt in chunks (kivi_append_attend);
  *   2. decode: one token per sequence per step, all sequences in one call (kivi_decode);
@@ -503,10 +503,13 @@ int main(int argc, char **argv) {
            o->layers, o->kv_heads, o->head_dim, o->kv_heads * o->gqa, o->gqa, o->seqs, o->prompt);
     printf("       in chunks of %u, %u decode steps, %u thread(s) per call, seed %llu\n", o->chunk, o->decode,
            o->threads, (unsigned long long)o->seed);
-    printf("cache: keys per channel in groups of 32 tokens, values per token in groups of 32 channels,\n");
-    printf("       last 128 tokens in f16; reference: plain-C float attention over the unquantized f16 data\n");
-
     CHECK(kivi_params_init(&p, sizeof p));
+    printf("cache: keys per channel in groups of %u tokens, values per token in groups of %u channels,\n",
+           p.group_size, p.value_group);
+    printf("       first %u and last %u tokens in f16; reference: plain-C float attention over the\n", p.sinks,
+           p.residual);
+    printf("       unquantized f16 data\n");
+
     p.n_layers = o->layers;
     p.n_kv_heads = o->kv_heads;
     p.head_dim = o->head_dim;

@@ -45,7 +45,7 @@ int main(void) {
     printf("kivi %s (header %s)\n", kivi_version(), KIVI_VERSION_STRING);
     if (!k || !v || !q || !out) return 1;
 
-    /* 1. Describe the model and create the cache: defaults are KIVI-2, G = 32, R = 128. */
+    /* 1. Describe the model and create the cache: defaults are KIVI-2, G = 32, R = 128, 1 sink. */
     CHECK(kivi_params_init(&p, sizeof p));
     p.n_layers = LAYERS;
     p.n_kv_heads = KV_HEADS;

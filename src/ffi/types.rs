@@ -129,7 +129,8 @@ pub struct kivi_params {
     /// R, the most recent tokens kept at full precision: a multiple of G, 0 allowed. Default: 128.
     pub residual: u32,
     /// The first tokens of every sequence kept at full precision for ever (attention sinks).
-    /// Default: 0.
+    /// Default: 1 (the first token, BOS in most models, on which attention sinks put much of the
+    /// weight); 0 is the paper's method.
     pub sinks: u32,
     /// Quantized tokens the cache can hold per layer, over all sequences; all memory is taken at
     /// creation. Default: 4096.

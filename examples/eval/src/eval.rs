@@ -37,6 +37,14 @@ pub struct CacheSpec {
     pub per_token_keys: bool,
     /// Values rounded min/max (the paper's) instead of by least squares (kivi's default).
     pub min_max_values: bool,
+    /// The first tokens of each sequence kept at full precision (attention sinks); the library's
+    /// default unless the name says `-s<n>`.
+    pub sinks: usize,
+}
+
+/// The library's default number of sink tokens (what `kivi<bits>` means).
+pub fn default_sinks() -> usize {
+    kivi::CacheConfig::new(1, 1, 128).sinks as usize
 }
 
 impl CacheSpec {
@@ -49,60 +57,91 @@ impl CacheSpec {
             residual: 0,
             per_token_keys: false,
             min_max_values: false,
+            sinks: 0,
         }
     }
 
     pub fn kivi(bits: u8, residual: usize) -> Self {
         Self {
-            name: if residual == 128 { format!("kivi{bits}") } else { format!("kivi{bits}-r{residual}") },
+            name: String::new(),
             key_bits: bits,
             value_bits: bits,
             group: 32,
             residual,
             per_token_keys: false,
             min_max_values: false,
+            sinks: default_sinks(),
         }
+        .relabeled()
     }
 
     pub fn per_token(bits: u8) -> Self {
         Self {
-            name: format!("ktok{bits}"),
+            name: String::new(),
             key_bits: bits,
             value_bits: bits,
             group: 32,
             residual: 128,
             per_token_keys: true,
             min_max_values: false,
+            sinks: default_sinks(),
         }
+        .relabeled()
     }
 
     pub fn is_exact(&self) -> bool {
         self.key_bits == 0
     }
 
-    /// The default set: exact, KIVI-8/4/2 (G=32, R=128), KIVI-4/2 with the paper's min/max
-    /// values, KIVI-2 with R=0, and per-token-key baselines at 4 and 2 bits.
+    /// The default set: exact, KIVI-8/4/2 (G=32, R=128, the library's defaults), KIVI-4/2
+    /// without the sink token, with the paper's min/max values, and both (the paper's method),
+    /// KIVI-2 with R=0, and per-token-key baselines at 4 and 2 bits.
     pub fn defaults() -> Vec<Self> {
+        let no_sink = |mut c: Self| {
+            c.sinks = 0;
+            c.relabeled()
+        };
         let mm = |mut c: Self| {
-            c.name += "-mm";
             c.min_max_values = true;
-            c
+            c.relabeled()
         };
         vec![
             Self::exact(),
             Self::kivi(8, 128),
             Self::kivi(4, 128),
+            no_sink(Self::kivi(4, 128)),
             mm(Self::kivi(4, 128)),
+            no_sink(mm(Self::kivi(4, 128))),
             Self::kivi(2, 128),
+            no_sink(Self::kivi(2, 128)),
             mm(Self::kivi(2, 128)),
+            no_sink(mm(Self::kivi(2, 128))),
             Self::kivi(2, 0),
             Self::per_token(4),
             Self::per_token(2),
         ]
     }
 
+    /// The spec named as [`CacheSpec::parse`] reads it:
+    /// `kivi<bits>[-r<residual>][-s<sinks>][-mm]` (`ktok` for per-token keys), each part only
+    /// where it differs from the default.
+    fn relabeled(mut self) -> Self {
+        let mut n = format!("{}{}", if self.per_token_keys { "ktok" } else { "kivi" }, self.key_bits);
+        if self.residual != 128 {
+            n += &format!("-r{}", self.residual);
+        }
+        if self.sinks != default_sinks() {
+            n += &format!("-s{}", self.sinks);
+        }
+        if self.min_max_values {
+            n += "-mm";
+        }
+        self.name = n;
+        self
+    }
+
     /// Parses a name as printed by this tool (`exact`, `kivi2`, `kivi2-r0`, `kivi2-mm`, `ktok4`,
-    /// ...).
+    /// `kivi2-s4`, ...): `kivi<bits>[-r<residual>][-s<sinks>][-mm]` or the same with `ktok`.
     pub fn parse(s: &str) -> Result<Self> {
         if s == "exact" {
             return Ok(Self::exact());
@@ -110,6 +149,10 @@ impl CacheSpec {
         let (rest, min_max_values) = match s.strip_suffix("-mm") {
             Some(r) => (r, true),
             None => (s, false),
+        };
+        let (rest, sinks) = match rest.split_once("-s") {
+            Some((b, n)) => (b, n.parse::<usize>().map_err(|_| format!("bad sink count in `{s}`"))?),
+            None => (rest, default_sinks()),
         };
         let (body, residual) = match rest.split_once("-r") {
             Some((b, r)) => (b, r.parse::<usize>().map_err(|_| format!("bad residual in `{s}`"))?),
@@ -128,6 +171,7 @@ impl CacheSpec {
         }
         let mut c = if per_token { Self::per_token(bits) } else { Self::kivi(bits, residual) };
         c.residual = residual;
+        c.sinks = sinks;
         c.min_max_values = min_max_values;
         c.name = s.to_string();
         Ok(c)

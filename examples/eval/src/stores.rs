@@ -50,6 +50,7 @@ pub fn kivi_config(
         c.key_bits = spec.key_bits;
         c.value_bits = spec.value_bits;
         c.residual = spec.residual as u32;
+        c.sinks = spec.sinks as u32;
     }
     c.key_mode = if spec.per_token_keys { KeyMode::PerToken } else { KeyMode::PerChannel };
     c.value_rounding = if spec.min_max_values { Rounding::MinMax } else { Rounding::LeastSquares };

@@ -174,7 +174,14 @@ fn config_names_parse() {
     assert_eq!((c.key_bits, c.residual, c.min_max_values, c.per_token_keys), (4, 128, true, true));
     let c = CacheSpec::parse("kivi4").unwrap();
     assert!(!c.min_max_values && c.residual == 128);
-    for bad in ["kivi3", "kivi2-rx", "kivi2-mm-r0", "kv2", "kivi2-m"] {
+    assert_eq!(c.sinks, kivi::CacheConfig::new(1, 1, 128).sinks as usize, "kivi4 takes the library's sinks");
+    let c = CacheSpec::parse("kivi4-s0").unwrap();
+    assert_eq!((c.sinks, c.residual), (0, 128));
+    let c = CacheSpec::parse("kivi2-r0-s4-mm").unwrap();
+    assert_eq!((c.key_bits, c.residual, c.sinks, c.min_max_values), (2, 0, 4, true));
+    let c = CacheSpec::parse("kivi2-s32").unwrap();
+    assert_eq!((c.residual, c.sinks, c.min_max_values), (128, 32, false));
+    for bad in ["kivi3", "kivi2-rx", "kivi2-mm-r0", "kv2", "kivi2-m", "kivi2-s", "kivi2-s4-r0"] {
         assert!(CacheSpec::parse(bad).is_err(), "{bad}");
     }
     // Every default prints a name that parses back to it.
