@@ -4,7 +4,8 @@
 //! `cargo bench --bench decode` prints a table (medians, and the fastest repetition after `|`),
 //! the cost of appending (the median over blocks of one-token appends), then one JSON line per
 //! (case, format). Each format holds `L` layers and successive calls rotate through them, so the
-//! data of a call is not left in the last-level cache by the previous one (as in a model). Windows are f16, G = 32, R = 128, one sink.
+//! data of a call is not left in the last-level cache by the previous one (as in a model).
+//! Windows are f16, G = 32, R = 128, one sink.
 //!
 //! Options: `--threads N` (default 2), `--quick` (fewer repetitions), `--reps N`,
 //! `--isa scalar|avx2|avx512|neon`, `--only CASE:CTX`, `--formats 2,4,16`, `--page-tokens N`
