@@ -109,9 +109,9 @@ pub struct CacheConfig {
     /// R: the most recent tokens kept at full precision; a multiple of `group_size`, 0 allowed.
     pub residual: u32,
     /// S: the first tokens of every sequence kept at full precision for ever (attention sinks).
-    /// Default 1: the first token (BOS in most models), where attention sinks put much of every
-    /// head's weight, so its quantization error would reach the output almost undamped. 0 is the
-    /// paper's method.
+    /// Default 1: the first token (BOS in most models), on which most heads put much of their
+    /// weight (an attention sink), so its quantization error would reach the output almost
+    /// undamped. 0 is the paper's method.
     pub sinks: u32,
     /// Token budget across all sequences: the page pool holds this many quantized tokens per layer.
     pub max_tokens: u32,

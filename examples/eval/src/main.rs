@@ -24,8 +24,8 @@ options:
                    exact, kivi8, kivi4, kivi4-s0, kivi4-mm, kivi4-s0-mm, kivi2, kivi2-s0,
                    kivi2-mm, kivi2-s0-mm, kivi2-r0, ktok4, ktok2
                    (kivi<bits>[-r<residual>][-s<sinks>][-mm], ktok<bits>[...]: per-token
-                   keys; -s: sink tokens, 1 unless given; -mm: the paper's min/max rounding
-                   of values, not least squares)
+                   keys; -s: sink tokens, kivi's default unless given; -mm: the paper's
+                   min/max rounding of values, not least squares)
   --csv FILE       write the table as CSV
   --plot FILE      draw KLD against bits per element as PNG
   --dtype T        element type of the caches' full-precision tokens: f16
