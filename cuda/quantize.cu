@@ -88,13 +88,13 @@ __device__ __forceinline__ float squared_error(u32 n, X x, float s, float z, u32
 template <class X>
 __device__ __forceinline__ void lsq_params(u32 n, X x, float lo, float hi, u32 levels, u16* sh, u16* zh) {
     if (!(hi > lo) || h2f(*sh) == 0.0f) return;
-    // LSQ_SPANS of src/quant.rs (the simulator's byte-for-byte test catches a mismatch).
-    const float spans[5] = {1.0f, 1.1f, 1.2f, 1.3f, 1.4f};
+    // LSQ_SPANS of src/quant.rs, defined at the top of the source by src/cuda/kernels.rs.
+    const float spans[KV_LSQ_N] = KV_LSQ_SPANS;
     const float fn = (float)n, lv = (float)levels, range = __fsub_rn(hi, lo);
     const float sy = lanes_sum(n, [&](u32 i) { return __fsub_rn(x(i), lo); });
     float best = squared_error(n, x, h2f(*sh), h2f(*zh), levels);
 #pragma unroll 1
-    for (int k = 0; k < 5; k++) {
+    for (int k = 0; k < KV_LSQ_N; k++) {
         const float iscale = __fdiv_rn(__fmul_rn(lv, spans[k]), range);
         // The sums of l, l^2 and l y (y = x - lo, l its code) in one pass, each in lanes_sum's order.
         float al[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};

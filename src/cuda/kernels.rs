@@ -11,6 +11,7 @@ use super::nvrtc_lib;
 use crate::config::{CacheConfig, DType, KeyMode, Rounding};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::quant::LSQ_SPANS;
 
 const PTX: &str = include_str!("../../cuda/ptx.cuh");
 const COMMON: &str = include_str!("../../cuda/common.cuh");
@@ -61,10 +62,19 @@ impl Family {
             Family::Prefill => PREFILL,
         };
         let mut seen = Vec::new();
-        let mut out = String::new();
+        let mut out = constants();
         inline(main, ptx, &mut seen, &mut out);
         out
     }
+}
+
+/// The constants the kernels share with the Rust code, as macros at the top of every source:
+/// `KV_LSQ_SPANS` (an initializer list of floats) and `KV_LSQ_N` from [`LSQ_SPANS`], so that the
+/// GPU's least-squares rounding tries the same grids as the CPU's.
+fn constants() -> String {
+    // `{:?}` prints the shortest text that reads back as the same f32.
+    let spans: Vec<String> = LSQ_SPANS.iter().map(|f| format!("{f:?}f")).collect();
+    format!("#define KV_LSQ_N {}\n#define KV_LSQ_SPANS {{{}}}\n", LSQ_SPANS.len(), spans.join(", "))
 }
 
 fn inline(src: &str, ptx: &'static str, seen: &mut Vec<&'static str>, out: &mut String) {
