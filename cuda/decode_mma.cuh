@@ -1,6 +1,6 @@
 // Attention over quantized groups on tensor cores (sm_80+): mma.sync m16n8k16, f16 operands, f32
 // accumulation. For the common KIVI layouts (per-channel keys of 2 or 4 bits, values of 2 or 4
-// bits, head_dim <= 128, G a multiple of 16). A block takes at most 8 query vectors: decode
+// bits, head_dim <= 128, G of 16, 32 or 64). A block takes at most 8 query vectors: decode
 // steps launch it with one query row per item, chunks of queries (prefill, attend) with 8 / hc
 // rows per item, and GQA groups of more than 8 query heads take several blocks per kv head
 // (hc = 8 heads each).
@@ -58,10 +58,11 @@
 // Query rows padded by 16 words: the rows read at once by a quarter warp fall on different banks.
 #define MMA_QROW (KV_HD + 16)
 #define MMA_BUF (2 * KV_WARPS * MMA_STAGE > MMA_MERGE ? 2 * KV_WARPS * MMA_STAGE : MMA_MERGE)
-// Must match mma_eligible() in src/cuda/cache.rs.
+// Must match mma_layout() in src/cuda/kernels.rs. G is 16, 32 or 64: a lane's NT key codes of a
+// channel then never straddle two 32-bit words of its run (with G = 48 they would).
 #define KV_MMA_OK                                                                                        \
     (!KV_KEY_PER_TOKEN && (KV_KB == 2 || KV_KB == 4) && (KV_VB == 2 || KV_VB == 4) && KV_HD % 16 == 0 && \
-     KV_HD <= 128 && KV_G % 16 == 0 && KV_G <= 64 && KV_VG % 8 == 0 && KV_NQ <= 8 &&                    \
+     KV_HD <= 128 && (KV_G == 16 || KV_G == 32 || KV_G == 64) && KV_VG % 8 == 0 && KV_NQ <= 8 &&        \
      8 * MMA_QROW * 4 + MMA_BUF <= 48000)
 
 #if KV_MMA_OK

@@ -608,6 +608,8 @@ fn cases() -> Vec<Case> {
         case("mma-softcap-g16", 128, 1, 8, (2, 4), 16, 32, 0, PerChannel, BF16, 64, sc),
         case("mma-sinks-noncausal", 64, 2, 4, (4, 2), 16, 32, 3, PerChannel, F32, 64, nc),
         case("mma-g64", 64, 4, 16, (4, 4), 64, 64, 0, PerChannel, F16, 128, d),
+        // G = 48: on the CUDA-core kernel (not a power of two; the tensor-core one needs one).
+        case("g48-hd80", 80, 1, 4, (4, 2), 48, 48, 3, PerChannel, F32, 192, sc),
     ];
     let mut many = case("batch-70", 128, 2, 8, (2, 2), 32, 64, 0, PerChannel, F16, 0, d);
     many.cfg.max_seqs = 70;

@@ -125,8 +125,7 @@ pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
         && matches!(vb, 2 | 4)
         && hd % 16 == 0
         && hd <= 128
-        && g % 16 == 0
-        && g <= 64
+        && matches!(g, 16 | 32 | 64)
         && lay.vgroup % 8 == 0
         && nq <= 8
         && 8 * (hd + 16) * 4 + buf <= 48000
@@ -377,6 +376,13 @@ pub fn test_configs() -> Vec<CacheConfig> {
     c.key_bits = 4;
     c.dtype = DType::F32;
     c.sinks = 3;
+    out.push(c);
+    // G = 48 with 2- and 4-bit codes: not on tensor cores (KV_MMA_OK and mma_layout agree).
+    let mut c = CacheConfig::new(1, 2, 128);
+    c.group_size = 48;
+    c.residual = 96;
+    c.key_bits = 4;
+    c.dtype = DType::F16;
     out.push(c);
     let mut c = CacheConfig::new(1, 4, 8);
     c.group_size = 8;

@@ -332,6 +332,10 @@ fn every_configuration(mk: Backend) {
     calls += scenario::<f16>(mk, cfg(64, 2, (2, 2), 32, 64, 0, PerChannel, F16, 0), 8, sw);
     calls += scenario::<bf16>(mk, cfg(128, 1, (2, 4), 16, 32, 0, PerChannel, BF16, 64), 8, sc);
     calls += scenario::<f32>(mk, cfg(64, 2, (4, 2), 16, 32, 3, PerChannel, F32, 64), 4, nc);
+    // G = 48: a multiple of 16 that is not a power of two (the CUDA-core kernel: a lane's key
+    // codes would straddle words in the tensor-core one).
+    let g48 = CacheConfig { value_group: 40, ..cfg(80, 1, (4, 2), 48, 48, 3, PerChannel, F32, 192) };
+    calls += scenario::<f32>(mk, g48, 4, sc);
     assert!(calls > 500);
 }
 
@@ -439,4 +443,69 @@ fn simulated_kernels_on_ucontext_fibers() {
 fn simulated_batched_decode_of_many_sequences() {
     batched_decode(SIM, 66, if cfg!(debug_assertions) { 3 } else { 34 });
     assert!(sim::launches_of("kv_decode_mma") > 0, "the tensor-core path never ran");
+}
+
+/// The scenario on random configurations: head sizes, GQA ratios, bit widths, group sizes that
+/// are not powers of two, windows, sinks, page sizes, value groups, dtypes, roundings and
+/// options, drawn from a fixed seed so that a failure names its configuration and reproduces.
+/// `KIVI_TEST_CONFIGS=N` draws N of them (more than the default), `KIVI_TEST_SEED=S` others.
+fn random_configurations(mk: Backend, default_n: u64) {
+    let n: u64 = std::env::var("KIVI_TEST_CONFIGS").map_or(default_n, |s| s.parse().expect("KIVI_TEST_CONFIGS=N"));
+    let seed: u64 = std::env::var("KIVI_TEST_SEED").map_or(1, |s| s.parse().expect("KIVI_TEST_SEED=S"));
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let (mut ran, mut calls) = (0, 0);
+    while ran < n {
+        let mut pick = |k: usize| (r.next() % k as u64) as usize;
+        let hd = [8u32, 16, 24, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256][pick(14)];
+        let nkv = 1 + pick(3) as u32;
+        let ratio = [1usize, 2, 3, 4, 5, 6, 8, 12, 16][pick(9)];
+        let bits = [2u8, 4, 8];
+        let (kb, vb) = (bits[pick(3)], bits[pick(3)]);
+        let g = [8u32, 16, 24, 32, 48, 64, 128][pick(7)];
+        let res = match g * pick(5) as u32 {
+            x if x > 256 => g,
+            x => x,
+        };
+        let sinks = pick(6) as u32;
+        let mode = if pick(5) == 0 { KeyMode::PerToken } else { KeyMode::PerChannel };
+        let dt = [DType::F32, DType::F16, DType::BF16][pick(3)];
+        let pt = [0u32, 1, 2, 4][pick(4)] * g;
+        let mut c = cfg(hd, nkv, (kb, vb), g, res, sinks, mode, dt, pt);
+        let divisors: Vec<u32> = (4..=hd).filter(|d| hd % d == 0 && d % 4 == 0).collect();
+        c.value_group = divisors[pick(divisors.len())];
+        if pick(3) == 0 {
+            c.value_rounding = crate::config::Rounding::MinMax;
+        }
+        c.max_tokens = 4096;
+        let mut o = AttnOptions { causal: pick(8) != 0, ..Default::default() };
+        if pick(4) == 0 {
+            o.sliding_window = 1 + pick(200) as u32;
+        }
+        if pick(4) == 0 {
+            o.softcap = 30.0;
+        }
+        if pick(4) == 0 {
+            o.scale = Some(0.05 + pick(10) as f32 * 0.03);
+        }
+        c.validate().expect("the draws make valid configurations");
+        let nqh = nkv as usize * ratio;
+        eprintln!("random configuration {ran}: {nqh} query heads, {o:?}, {c:?}");
+        calls += match dt {
+            DType::F32 => scenario::<f32>(mk, c, nqh, o),
+            DType::F16 => scenario::<f16>(mk, c, nqh, o),
+            DType::BF16 => scenario::<bf16>(mk, c, nqh, o),
+        };
+        ran += 1;
+    }
+    assert!(calls as u64 > 40 * n);
+}
+
+#[test]
+fn emulated_random_configurations() {
+    random_configurations(EMU, if cfg!(debug_assertions) { 2 } else { 24 });
+}
+
+#[test]
+fn simulated_random_configurations() {
+    random_configurations(SIM, if cfg!(debug_assertions) { 1 } else { 16 });
 }
