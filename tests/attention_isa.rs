@@ -123,6 +123,59 @@ fn run(c: &Case, seed: u64) {
     });
 }
 
+/// Random configurations, beyond the lists below: head sizes 8-256, GQA ratios 1-16, every bit
+/// width, group sizes that are not powers of two, windows, sinks, pages, value groups that are
+/// not multiples of a vector, dtypes, threads and options, each with a random run of chunks
+/// (prefills, single tokens, chunks that end on and across group edges). A fresh seed every
+/// run (printed; `KIVI_SEED` replays it), `KIVI_TEST_CONFIGS=N` for more than the default.
+#[test]
+fn random_configurations() {
+    let mut rng = Rng::fresh("random_configurations");
+    let n: usize = std::env::var("KIVI_TEST_CONFIGS").map_or(12, |s| s.parse().expect("KIVI_TEST_CONFIGS=N"));
+    for _ in 0..n {
+        let hd = [8u32, 16, 24, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256][rng.below(14)];
+        let nkv = 1 + rng.below(3) as u32;
+        let ratio = [1usize, 2, 3, 4, 5, 6, 8, 12, 16][rng.below(9)];
+        let mut c = base(hd, nkv, nkv as usize * ratio);
+        (c.kb, c.vb) = ([2, 4, 8][rng.below(3)], [2, 4, 8][rng.below(3)]);
+        c.g = [8, 16, 24, 32, 48, 64, 128][rng.below(7)];
+        c.r = c.g * rng.below(5) as u32;
+        if c.r > 256 {
+            c.r = c.g;
+        }
+        c.sinks = rng.below(6) as u32;
+        c.mode = if rng.below(5) == 0 { KeyMode::PerToken } else { KeyMode::PerChannel };
+        let divisors: Vec<u32> = (1..=hd).filter(|d| hd % d == 0).collect();
+        c.vg = divisors[rng.below(divisors.len())];
+        c.page = [0, 1, 2, 4][rng.below(4)] * c.g;
+        c.dtype = [DType::F32, DType::F16, DType::BF16][rng.below(3)];
+        c.threads = 1 + rng.below(3) as u32;
+        c.opts.causal = rng.below(8) != 0;
+        if rng.below(4) == 0 {
+            c.opts.sliding_window = 1 + rng.below(200) as u32;
+        }
+        if rng.below(4) == 0 {
+            c.opts.softcap = 30.0;
+        }
+        if rng.below(4) == 0 {
+            c.opts.scale = Some(0.05 + rng.below(10) as f32 * 0.03);
+        }
+        let g = c.g as usize;
+        let mut chunks = vec![1 + rng.below(300)];
+        while chunks.iter().sum::<usize>() < 1200 {
+            chunks.push(match rng.below(6) {
+                0 => 1 + rng.below(100),
+                1 => g - 1,
+                2 => g,
+                3 => g + 1,
+                _ => 1,
+            });
+        }
+        c.chunks = chunks;
+        run(&c, rng.next_u64());
+    }
+}
+
 #[test]
 fn head_dims_and_gqa_ratios() {
     let mut rng = Rng::fresh("head_dims_and_gqa_ratios");
