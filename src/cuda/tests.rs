@@ -445,63 +445,168 @@ fn simulated_batched_decode_of_many_sequences() {
     assert!(sim::launches_of("kv_decode_mma") > 0, "the tensor-core path never ran");
 }
 
-/// The scenario on random configurations: head sizes, GQA ratios, bit widths, group sizes that
-/// are not powers of two, windows, sinks, page sizes, value groups, dtypes, roundings and
-/// options. A fresh seed every run (printed; `KIVI_SEED` replays it), `KIVI_TEST_CONFIGS=N` for
-/// more configurations than the default.
-fn random_configurations(mk: Backend, default_n: u64) {
-    let n: u64 = std::env::var("KIVI_TEST_CONFIGS").map_or(default_n, |s| s.parse().expect("KIVI_TEST_CONFIGS=N"));
+/// A seed for the random tests: `KIVI_SEED` when set, else the clock; printed (with a failure).
+fn fresh_seed(what: &str) -> Rng {
     let seed: u64 = std::env::var("KIVI_SEED").map_or_else(
         |_| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
         |s| s.parse().expect("KIVI_SEED=S"),
     );
-    eprintln!("random configurations: KIVI_SEED={seed}");
-    let mut r = Rng(seed);
-    let (mut ran, mut calls) = (0, 0);
-    while ran < n {
-        let mut pick = |k: usize| (r.next() % k as u64) as usize;
-        let hd = [8u32, 16, 24, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256][pick(14)];
-        let nkv = 1 + pick(3) as u32;
-        let ratio = [1usize, 2, 3, 4, 5, 6, 8, 12, 16][pick(9)];
-        let bits = [2u8, 4, 8];
-        let (kb, vb) = (bits[pick(3)], bits[pick(3)]);
-        let g = [8u32, 16, 24, 32, 48, 64, 128][pick(7)];
-        let res = match g * pick(5) as u32 {
-            x if x > 256 => g,
-            x => x,
-        };
-        let sinks = pick(6) as u32;
-        let mode = if pick(5) == 0 { KeyMode::PerToken } else { KeyMode::PerChannel };
-        let dt = [DType::F32, DType::F16, DType::BF16][pick(3)];
-        let pt = [0u32, 1, 2, 4][pick(4)] * g;
-        let mut c = cfg(hd, nkv, (kb, vb), g, res, sinks, mode, dt, pt);
-        let divisors: Vec<u32> = (1..=hd).filter(|d| hd % d == 0).collect();
-        c.value_group = divisors[pick(divisors.len())];
-        if pick(3) == 0 {
-            c.value_rounding = crate::config::Rounding::MinMax;
-        }
-        c.max_tokens = 4096;
-        let mut o = AttnOptions { causal: pick(8) != 0, ..Default::default() };
-        if pick(4) == 0 {
-            o.sliding_window = 1 + pick(200) as u32;
-        }
-        if pick(4) == 0 {
-            o.softcap = 30.0;
-        }
-        if pick(4) == 0 {
-            o.scale = Some(0.05 + pick(10) as f32 * 0.03);
-        }
-        c.validate().expect("the draws make valid configurations");
-        let nqh = nkv as usize * ratio;
-        eprintln!("random configuration {ran}: {nqh} query heads, {o:?}, {c:?}");
-        calls += match dt {
+    eprintln!("{what}: KIVI_SEED={seed}");
+    Rng(seed)
+}
+
+/// How many random configurations a test draws: `KIVI_TEST_CONFIGS`, else `default_n`.
+fn n_configs(default_n: u64) -> u64 {
+    std::env::var("KIVI_TEST_CONFIGS").map_or(default_n, |s| s.parse().expect("KIVI_TEST_CONFIGS=N"))
+}
+
+/// A random valid configuration, query heads and options: head sizes 8-256, GQA ratios 1-16,
+/// every bit width, group sizes that are not powers of two, value groups of any divisor of the
+/// head size, sinks, windows, pages, dtypes, roundings and options.
+fn draw(r: &mut Rng) -> (CacheConfig, usize, AttnOptions) {
+    let mut pick = |k: usize| (r.next() % k as u64) as usize;
+    let hd = [8u32, 16, 24, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256][pick(14)];
+    let nkv = 1 + pick(3) as u32;
+    let ratio = [1usize, 2, 3, 4, 5, 6, 8, 12, 16][pick(9)];
+    let bits = [2u8, 4, 8];
+    let (kb, vb) = (bits[pick(3)], bits[pick(3)]);
+    let g = [8u32, 16, 24, 32, 48, 64, 128][pick(7)];
+    let res = match g * pick(5) as u32 {
+        x if x > 256 => g,
+        x => x,
+    };
+    let sinks = pick(6) as u32;
+    let mode = if pick(5) == 0 { KeyMode::PerToken } else { KeyMode::PerChannel };
+    let dt = [DType::F32, DType::F16, DType::BF16][pick(3)];
+    let pt = [0u32, 1, 2, 4][pick(4)] * g;
+    let mut c = cfg(hd, nkv, (kb, vb), g, res, sinks, mode, dt, pt);
+    let divisors: Vec<u32> = (1..=hd).filter(|d| hd % d == 0).collect();
+    c.value_group = divisors[pick(divisors.len())];
+    if pick(3) == 0 {
+        c.value_rounding = crate::config::Rounding::MinMax;
+    }
+    c.max_tokens = 4096;
+    let mut o = AttnOptions { causal: pick(8) != 0, ..Default::default() };
+    if pick(4) == 0 {
+        o.sliding_window = 1 + pick(200) as u32;
+    }
+    if pick(4) == 0 {
+        o.softcap = 30.0;
+    }
+    if pick(4) == 0 {
+        o.scale = Some(0.05 + pick(10) as f32 * 0.03);
+    }
+    c.validate().expect("the draws make valid configurations");
+    (c, nkv as usize * ratio, o)
+}
+
+/// The scenario on random configurations ([`draw`]). A fresh seed every run (printed; `KIVI_SEED`
+/// replays it), `KIVI_TEST_CONFIGS=N` for more configurations than the default.
+fn random_configurations(mk: Backend, default_n: u64) {
+    let n = n_configs(default_n);
+    let mut r = fresh_seed("random configurations");
+    let mut calls = 0;
+    for i in 0..n {
+        let (c, nqh, o) = draw(&mut r);
+        eprintln!("random configuration {i}: {nqh} query heads, {o:?}, {c:?}");
+        calls += match c.dtype {
             DType::F32 => scenario::<f32>(mk, c, nqh, o),
             DType::F16 => scenario::<f16>(mk, c, nqh, o),
             DType::BF16 => scenario::<bf16>(mk, c, nqh, o),
         };
-        ran += 1;
     }
     assert!(calls as u64 > 40 * n);
+}
+
+/// Random operations on a small pool, the same on both caches: chunks, appends, batched decode
+/// steps of random sets of sequences, attend, truncations, forks, removals, keep and clear,
+/// sequence blobs, with capacity, sequence slots and sequence limits running out. Both return
+/// the same result for every call (errors included), the same outputs, and hold the same
+/// contents, pages and windows every few operations.
+fn random_operations<T: Element + Default>(
+    mk: Backend,
+    c: CacheConfig,
+    nqh: usize,
+    o: AttnOptions,
+    r: &mut Rng,
+    ops: usize,
+) {
+    let mut p = Pair::<T>::new(mk, c.clone(), nqh, o);
+    let g = c.group_size as usize;
+    let layers = c.n_layers;
+    for step in 0..ops {
+        let mut pick = |k: usize| (r.next() % k as u64) as usize;
+        let seq = pick(6) as u32;
+        let n = [1, g - 1, g, g + 1, 1 + pick(3 * g)][pick(5)].max(1);
+        match pick(12) {
+            0..=2 => (0..layers).for_each(|l| p.append_attend(l, seq, n)),
+            3 => (0..layers).for_each(|l| p.append(l, seq, n)),
+            4..=6 => {
+                let mut seqs: Vec<u32> = (0..6).filter(|_| pick(2) == 0).collect();
+                if seqs.is_empty() {
+                    seqs.push(seq);
+                }
+                (0..layers).for_each(|l| p.decode(l, &seqs));
+            }
+            7 => (0..layers).for_each(|l| p.attend(l, seq, 1 + pick(g))),
+            8 => {
+                let len = p.cpu.seq_len(seq).unwrap_or(0) as usize;
+                let cut = pick(len + 3) as u32;
+                assert_eq!(p.cpu.seq_truncate(seq, cut), p.gpu.seq_truncate(seq, cut, std::ptr::null_mut()));
+            }
+            9 => {
+                let (dst, k) = (pick(6) as u32, [u32::MAX, pick(300) as u32][pick(2)]);
+                assert_eq!(p.cpu.seq_copy(seq, dst, k), p.gpu.seq_copy(seq, dst, k, std::ptr::null_mut()));
+            }
+            10 => match pick(8) {
+                0 => assert_eq!(p.cpu.seq_keep(seq), p.gpu.seq_keep(seq)),
+                1 => {
+                    p.cpu.clear();
+                    p.gpu.clear();
+                }
+                2 | 3 => {
+                    if let Ok(blob) = p.cpu.save_seq_state_vec(seq) {
+                        assert!(blob == p.gpu.save_seq_state_vec(seq, std::ptr::null_mut()).unwrap());
+                        let to = pick(6) as u32;
+                        assert_eq!(p.cpu.load_seq_state(to, &blob), p.gpu.load_seq_state(to, &blob));
+                    }
+                }
+                _ => assert_eq!(p.cpu.seq_remove(seq), p.gpu.seq_remove(seq)),
+            },
+            _ => (0..layers).for_each(|l| p.append_attend(l, seq, 1)),
+        }
+        if step % 8 == 7 {
+            p.state(&format!("after operation {step}"));
+        }
+    }
+    p.state("at the end");
+}
+
+fn random_operation_runs(mk: Backend, default_n: u64) {
+    let mut r = fresh_seed("random operations");
+    for i in 0..n_configs(default_n) {
+        let (mut c, nqh, o) = draw(&mut r);
+        // A small pool, few slots and (sometimes) a sequence limit, so that they run out.
+        c.max_tokens = 200 + (r.next() % 1200) as u32;
+        c.max_seqs = 2 + (r.next() % 3) as u32;
+        c.max_seq_tokens = [0, 150, 400][(r.next() % 3) as usize];
+        eprintln!("random operations {i}: {nqh} query heads, {o:?}, {c:?}");
+        match c.dtype {
+            DType::F32 => random_operations::<f32>(mk, c, nqh, o, &mut r, 80),
+            DType::F16 => random_operations::<f16>(mk, c, nqh, o, &mut r, 80),
+            DType::BF16 => random_operations::<bf16>(mk, c, nqh, o, &mut r, 80),
+        }
+    }
+}
+
+#[test]
+fn emulated_random_operations() {
+    random_operation_runs(EMU, if cfg!(debug_assertions) { 1 } else { 12 });
+}
+
+#[test]
+fn simulated_random_operations() {
+    random_operation_runs(SIM, if cfg!(debug_assertions) { 1 } else { 6 });
 }
 
 #[test]
@@ -512,4 +617,49 @@ fn emulated_random_configurations() {
 #[test]
 fn simulated_random_configurations() {
     random_configurations(SIM, if cfg!(debug_assertions) { 1 } else { 16 });
+}
+
+/// Long contexts (many groups per split, several splits) on random configurations: group sizes
+/// that are not powers of two, 8-bit codes and per-token keys (the CUDA-core kernel), sliding
+/// windows that start anywhere, pages of one or two groups.
+fn random_long_contexts(mk: Backend, default_n: u64) {
+    let mut r = fresh_seed("random long contexts");
+    for i in 0..n_configs(default_n) {
+        let mut pick = |k: usize| (r.next() % k as u64) as usize;
+        let hd = [16u32, 32, 48, 64, 80, 128][pick(6)];
+        let nkv = 1 + pick(2) as u32;
+        let ratio = [1usize, 2, 4, 8, 12][pick(5)];
+        let bits = [2u8, 4, 8];
+        let (kb, vb) = (bits[pick(3)], bits[pick(3)]);
+        let g = [8u32, 16, 24, 32, 48, 64, 128][pick(7)];
+        let mode = if pick(4) == 0 { KeyMode::PerToken } else { KeyMode::PerChannel };
+        let mut c =
+            cfg(hd, nkv, (kb, vb), g, g * pick(3) as u32, pick(3) as u32, mode, DType::F16, [0u32, 2][pick(2)] * g);
+        c.n_layers = 1;
+        (c.max_tokens, c.max_seq_tokens) = (8192, 0);
+        let o =
+            AttnOptions { sliding_window: if pick(3) == 0 { 1 + pick(3000) as u32 } else { 0 }, ..Default::default() };
+        let nqh = nkv as usize * ratio;
+        eprintln!("random long context {i}: {nqh} query heads, {o:?}, {c:?}");
+        let mut p = Pair::<f16>::new(mk, c, nqh, o);
+        let len = 1000 + pick(3000);
+        p.append(0, 0, len);
+        p.append(0, 1, len / 3);
+        for _ in 0..3 {
+            p.decode(0, &[0, 1]);
+        }
+        p.append_attend(0, 1, 1 + pick(60));
+        p.attend(0, 0, 1 + pick(20));
+        p.state("after long decode");
+    }
+}
+
+#[test]
+fn emulated_random_long_contexts() {
+    random_long_contexts(EMU, if cfg!(debug_assertions) { 1 } else { 6 });
+}
+
+#[test]
+fn simulated_random_long_contexts() {
+    random_long_contexts(SIM, if cfg!(debug_assertions) { 1 } else { 3 });
 }
