@@ -57,13 +57,22 @@
 #define MMA_MERGE (KV_WARPS * 8 * KV_HD * 4)
 // Query rows padded by 16 words: the rows read at once by a quarter warp fall on different banks.
 #define MMA_QROW (KV_HD + 16)
-#define MMA_BUF (2 * KV_WARPS * MMA_STAGE > MMA_MERGE ? 2 * KV_WARPS * MMA_STAGE : MMA_MERGE)
+// Staging buffers per warp: two (one group in flight while one is computed), unless
+// KV_MMA_STAGES asks for more and they fit in the 48 KB of static shared memory. Three took
+// the same time on an H200: the loop is bound by issuing its instructions, not by waiting for
+// its groups (BENCHMARKS.md).
+#ifndef KV_MMA_STAGES
+#define KV_MMA_STAGES 2
+#endif
+#define MMA_STAGES (8 * MMA_QROW * 4 + KV_MMA_STAGES * KV_WARPS * MMA_STAGE + 256 <= 48000 ? KV_MMA_STAGES : 2)
+#define MMA_BUF_FOR(s) ((s) * KV_WARPS * MMA_STAGE > MMA_MERGE ? (s) * KV_WARPS * MMA_STAGE : MMA_MERGE)
+#define MMA_BUF MMA_BUF_FOR(MMA_STAGES)
 // Must match mma_layout() in src/cuda/kernels.rs. G is 16, 32 or 64: a lane's NT key codes of a
 // channel then never straddle two 32-bit words of its run (with G = 48 they would).
 #define KV_MMA_OK                                                                                        \
     (!KV_KEY_PER_TOKEN && (KV_KB == 2 || KV_KB == 4) && (KV_VB == 2 || KV_VB == 4) && KV_HD % 16 == 0 && \
      KV_HD <= 128 && (KV_G == 16 || KV_G == 32 || KV_G == 64) && KV_VG % 8 == 0 && KV_NQ <= 8 &&        \
-     8 * MMA_QROW * 4 + MMA_BUF <= 48000)
+     8 * MMA_QROW * 4 + MMA_BUF_FOR(2) <= 48000)
 
 #if KV_MMA_OK
 struct MmaShared {
@@ -402,9 +411,10 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 }
 
 // This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
-// staged while the one before is computed (double-buffered cp.async), and the page of the one
-// after that read from the block table meanwhile, so that staging does not wait for it. Some row
-// sees positions lo_min .. hi_max - 1; every row sees lo_max .. hi_min - 1.
+// staged MMA_STAGES - 1 groups ahead of the one computed (cp.async into a ring of MMA_STAGES
+// buffers per warp), and the page of the one after that read from the block table meanwhile, so
+// that staging does not wait for it. Some row sees positions lo_min .. hi_max - 1; every row
+// sees lo_max .. hi_min - 1.
 template <bool SOFTCAP>
 __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
                                            u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
@@ -415,24 +425,32 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     };
     // Staging buffer b of this warp.
 #define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
-    // The next visible group of this warp after u (ge if none) and its page (0 if none).
+    // The next visible group of this warp from u on (ge if none) and its page (0 if none).
     auto next = [&](u32 u) {
         while (u < ge && !visible(u)) u += KV_WARPS;
-        return u;
+        return min(u, ge);
     };
     auto page_of = [&](u32 u) { return u < ge ? blocks[u / KV_GPP] : 0u; };
-    u32 u = next(gb + warp);
     const u32 vpad = lane * 16 / MMA_VBLK * MMA_VPAD;
-    if (u < ge) stage_group(P, page_of(u), kvh, u, MMA_BUF_OF(0), lane, vpad);
-    cp_commit();
-    u32 nu = next(u + KV_WARPS), nu_page = page_of(nu);
-    u32 cur = 0;
-    while (u < ge) {
-        if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(cur ^ 1), lane, vpad);
+    // us[0]: the group computed next; us[1 ..]: the ones staged after it, in buffers cur + 1 ...
+    u32 us[MMA_STAGES - 1];
+#pragma unroll
+    for (int i = 0; i < MMA_STAGES - 1; i++) {
+        us[i] = i == 0 ? next(gb + warp) : next(us[i - 1] < ge ? us[i - 1] + KV_WARPS : ge);
+        if (us[i] < ge) stage_group(P, page_of(us[i]), kvh, us[i], MMA_BUF_OF(i), lane, vpad);
         cp_commit();
-        const u32 nnu = next(nu + KV_WARPS), nnu_page = page_of(nnu);
-        cp_wait<1>();
+    }
+    u32 nu = next(us[MMA_STAGES - 2] < ge ? us[MMA_STAGES - 2] + KV_WARPS : ge), nu_page = page_of(nu);
+    u32 cur = 0;
+    while (us[0] < ge) {
+        // nu goes into the buffer of the group computed last time round.
+        const u32 nb = cur == 0 ? MMA_STAGES - 1 : cur - 1;
+        if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(nb), lane, vpad);
+        cp_commit();
+        const u32 nnu = next(nu < ge ? nu + KV_WARPS : ge), nnu_page = page_of(nnu);
+        cp_wait<MMA_STAGES - 1>();
         __syncwarp();
+        const u32 u = us[0];
         const int first = KV_SINKS + u * KV_G;
 #ifndef KV_COST_PROBE  // (the static cost counts the path of groups inside every row's range)
         if (first < lo_max || first + KV_G > hi_min) {
@@ -443,8 +461,10 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
             mma_group<SOFTCAP, false>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
         }
         __syncwarp();
-        cur ^= 1;
-        u = nu;
+        cur = cur == MMA_STAGES - 1 ? 0 : cur + 1;
+#pragma unroll
+        for (int i = 0; i < MMA_STAGES - 2; i++) us[i] = us[i + 1];
+        us[MMA_STAGES - 2] = nu;
         nu = nnu;
         nu_page = nnu_page;
     }
@@ -455,8 +475,14 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 // body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
 // cores. Both kinds of block share one shared-memory area.
 #define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
-// Three blocks per multiprocessor: the register budget (168) the loop is written for.
-extern "C" __global__ void __launch_bounds__(KV_THREADS, 3) kv_decode_mma(const AttnParams P) {
+// Blocks per multiprocessor the registers are budgeted for: three (168 registers), unless
+// KV_MMA_BLOCKS says otherwise. Four (128 registers, no spills at the benchmark's shapes) took
+// 3-7% longer on an H200 (scripts/gpu-sweep.sh; BENCHMARKS.md). The host asks the driver how
+// many fit (cuOccupancyMaxActiveBlocksPerMultiprocessor) when it splits the context.
+#ifndef KV_MMA_BLOCKS
+#define KV_MMA_BLOCKS 3
+#endif
+extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decode_mma(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) u8 smem[MMA_SMEM];
     if (blockIdx.x == 0) {

@@ -13,7 +13,7 @@
 //! (or order the streams), as an engine does with its compute stream.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{result as drv, sys as dsys};
 
@@ -553,6 +553,21 @@ impl CudaCache {
         Ok(())
     }
 
+    /// How many blocks of the tensor-core kernel for `nq` query vectors run at once on the
+    /// device (the emulated and simulated devices: three per multiprocessor, what the kernel's
+    /// registers are budgeted for).
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    fn mma_slots(&self, nq: usize) -> Result<usize> {
+        let per_sm = match &self.dev {
+            Backend::Cuda(d) => {
+                d.module(Family::Decode, &Spec::new(&self.lay, nq))?.blocks_per_sm("kv_decode_mma", 128)? as usize
+            }
+            #[cfg(any(test, feature = "sim"))]
+            _ => 3,
+        };
+        Ok(per_sm * self.info.multiprocessors as usize)
+    }
+
     /// How attention of `family` for `n_q_heads` query heads runs on this device.
     fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
         let (hd, ratio) = (self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
@@ -658,18 +673,12 @@ impl CudaCache {
                 // One launch: split 0 takes the full-precision tokens on CUDA cores, splits 1..
                 // take `ups` quantized groups each on tensor cores.
                 let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
-                // About one wave: the kernel keeps about three blocks per multiprocessor.
-                let want = (3 * sms).div_ceil(blocks_per_split).clamp(1, max_groups.max(1));
-                let mut ups = max_groups.div_ceil(want).max(1);
-                let mut n = 1 + max_groups.div_ceil(ups);
-                while n > cap {
-                    ups += 1;
-                    n = 1 + max_groups.div_ceil(ups);
-                }
+                let slots = self.mma_slots(nq)?;
+                let (ups, n) = mma_splits(max_groups, blocks_per_split, slots, cap - 1);
                 p.ups = ups as u32;
-                p.n_splits = n as u32;
+                p.n_splits = 1 + n as u32;
                 p.fp_only = 1;
-                self.kernel(Kernel::Mma(nq, &p), (n as u32, (nkv * hchunks) as u32, rows), 128, stream)?;
+                self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;
@@ -1308,6 +1317,39 @@ impl Drop for CudaCache {
             }
         }
     }
+}
+
+/// How the tensor-core kernel splits the quantized groups: `(ups, n)`, `n` splits of `ups`
+/// groups for each of the `blocks_per_split` (item, kv head, head chunk) triples, for
+/// `max_groups` groups (the longest item's), when `slots` blocks fit on the device at once.
+///
+/// Enough blocks for `WAVES` times the slots, so that the last, partial wave is a small part of
+/// the call (the blocks of split 0, the full-precision tokens, finish early and leave their
+/// slots to the others); but at least `MIN_GROUPS` groups per block, so that what a block costs
+/// besides its groups (reading the queries, waiting for its first group, merging its warps)
+/// stays small; and at most `max_splits` (the scratch area's room for partial results). On an
+/// H200 this took 0.88 to 0.99 of the time of the earlier choice, about one wave of blocks
+/// (BENCHMARKS.md has the sweep).
+///
+/// `KIVI_CUDA_SPLITS=N` asks for N splits instead (still at most `max_splits` and
+/// `max_groups`), for measuring this choice.
+pub(crate) fn mma_splits(
+    max_groups: usize,
+    blocks_per_split: usize,
+    slots: usize,
+    max_splits: usize,
+) -> (usize, usize) {
+    const WAVES: usize = 4;
+    const MIN_GROUPS: usize = 16;
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    if max_groups == 0 {
+        return (1, 0);
+    }
+    let forced = *FORCED.get_or_init(|| std::env::var("KIVI_CUDA_SPLITS").ok().and_then(|v| v.parse().ok()));
+    let n = forced.unwrap_or_else(|| (WAVES * slots).div_ceil(blocks_per_split.max(1)).min(max_groups / MIN_GROUPS));
+    let n = n.clamp(1, max_splits.clamp(1, max_groups));
+    let ups = max_groups.div_ceil(n);
+    (ups, max_groups.div_ceil(ups))
 }
 
 /// How one attention call runs: the module it launches (`module`), query vectors per block

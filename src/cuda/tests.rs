@@ -663,3 +663,36 @@ fn emulated_random_long_contexts() {
 fn simulated_random_long_contexts() {
     random_long_contexts(SIM, if cfg!(debug_assertions) { 1 } else { 3 });
 }
+
+/// The tensor-core kernel's split of the context: every group in exactly one split, within the
+/// scratch area's room; blocks for four waves of the device, unless that would leave a block
+/// fewer than 16 groups; and no more splits than that takes.
+#[test]
+fn splits_fill_the_device() {
+    use super::mma_splits;
+    let mut r = fresh_seed("splits_fill_the_device");
+    let mut shapes =
+        vec![(1020, 128, 528, 31), (4092, 512, 528, 30), (124, 8, 528, 2000), (0, 16, 396, 8), (15, 1, 4, 9)];
+    for _ in 0..1000 {
+        let g = (r.next() % 20000) as usize;
+        let bps = 1 + (r.next() % 1024) as usize;
+        let slots = 4 + (r.next() % 1000) as usize;
+        shapes.push((g, bps, slots, 1 + (r.next() % 200) as usize));
+    }
+    for (g, bps, slots, max_splits) in shapes {
+        let (ups, n) = mma_splits(g, bps, slots, max_splits);
+        let at = format!("{g} groups, {bps} blocks per split, {slots} slots, {max_splits} splits at most: {ups} x {n}");
+        if g == 0 {
+            assert_eq!(n, 0, "{at}");
+            continue;
+        }
+        assert!(n >= 1 && n <= max_splits && ups * n >= g && ups * (n - 1) < g, "{at}");
+        assert!(n == 1 || ups >= 16, "{at}: blocks of fewer than 16 groups");
+        // Blocks no larger than those of four waves, unless they are already small or the scratch
+        // area holds no more.
+        let four_waves = g.div_ceil((4 * slots).div_ceil(bps));
+        assert!(ups <= four_waves || ups < 32 || ups == g.div_ceil(max_splits), "{at}: too few splits");
+        // No more splits than that takes: one fewer does not make four waves.
+        assert!(n == 1 || bps * (n - 1) < 4 * slots, "{at}: too many splits");
+    }
+}
