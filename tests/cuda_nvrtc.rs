@@ -84,6 +84,30 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     assert!(decode > 0 && chunks > 0, "no test configuration reaches the tensor-core kernel");
 }
 
+/// The tensor-core decode's measurement variants (`scripts/gpu-sweep.sh`) still compile, without
+/// warnings, and still hold the kernel: 4 blocks per multiprocessor, and 3 staging buffers per
+/// warp (where they do not fit, at KIVI-4, the kernel keeps 2).
+#[test]
+fn the_tensor_core_variants_compile() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile_with_log, tensor_core_decode, Family, Spec};
+    for bits in [2u8, 4] {
+        let mut cfg = kivi::CacheConfig::new(1, 8, 128);
+        cfg.dtype = kivi::DType::F16;
+        (cfg.key_bits, cfg.value_bits) = (bits, bits);
+        assert!(tensor_core_decode(&cfg, 32));
+        for (name, value) in [("KV_MMA_BLOCKS", 4), ("KV_MMA_STAGES", 3)] {
+            let spec = Spec::for_config(&cfg, 4).unwrap().with(name, value);
+            let (image, log) = compile_with_log(Family::Decode, &spec, "sm_90")
+                .unwrap_or_else(|e| panic!("KIVI-{bits}, {name}={value}: {e}"));
+            assert!(!log.contains("warning"), "KIVI-{bits}, {name}={value}: {log}");
+            assert!(image.bytes().windows(13).any(|w| w == b"kv_decode_mma"), "KIVI-{bits}, {name}={value}");
+        }
+    }
+}
+
 #[test]
 fn the_backend_reports_whether_it_is_available() {
     // On a machine without a driver this is an error naming what is missing, never a panic.

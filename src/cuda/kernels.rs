@@ -209,6 +209,13 @@ impl Spec {
         Ok(Spec::new(&Layout::new(cfg), nq))
     }
 
+    /// This spec with one more macro: a variant of a kernel for measuring it, such as
+    /// `KV_MMA_BLOCKS` or `KV_MMA_STAGES` of the tensor-core decode (`cuda/decode_mma.cuh`).
+    pub fn with(mut self, name: &'static str, value: u64) -> Spec {
+        self.defines.push((name, value));
+        self
+    }
+
     /// The macros and their values (the host simulator passes them to the C++ compiler).
     #[cfg(any(test, feature = "sim"))]
     pub(crate) fn defines(&self) -> &[(&'static str, u64)] {
