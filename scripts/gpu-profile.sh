@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Nsight Compute profiles of one decode step of the benchmark's shape on a CUDA machine (ncu
+# must be installed there; it needs no Rust: pass the gpu_check binary built elsewhere as $1):
+#   ncu-sol.txt      the duration and throughput of the attention kernels of a few steps
+#   ncu-full.txt     every section of one kv_decode_mma launch (stall reasons, occupancy, memory)
+#   ncu-sass.csv     the same launch per SASS instruction (warp stall samples by reason, and
+#                    the source counters), to find the instructions the loop waits on
+# Writes into $OUT (default ./gpu-out). BITS, CONTEXT and BATCH choose the shape (2, 32768, 16).
+set -uo pipefail
+BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
+OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
+mkdir -p "$OUT"
+if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
+  for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/targets/x86_64-linux/lib; do
+    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export KIVI_NVRTC_LIB="$d"; break; fi
+  done
+fi
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
+STEP=("$BIN" bench --contexts "${CONTEXT:-32768}" --batches "${BATCH:-16}" --bits "${BITS:-2}" --no-prefill --iters 3)
+# Unmodified clocks: the numbers then match the benchmark's, not a locked base clock.
+timeout 60 "$NCU" --clock-control none -k regex:kv_decode -c 8 --section SpeedOfLight "${STEP[@]}" \
+  > "$OUT/ncu-sol.txt" 2>&1
+echo "sol exit code: $?"
+timeout 150 "$NCU" --clock-control none -k kv_decode_mma -s 2 -c 1 --set full "${STEP[@]}" \
+  > "$OUT/ncu-full.txt" 2>&1
+echo "full exit code: $?"
+timeout 150 "$NCU" --clock-control none -k kv_decode_mma -s 2 -c 1 --set full --page source \
+  --print-source sass --csv "${STEP[@]}" > "$OUT/ncu-sass.csv" 2>&1
+echo "sass exit code: $?"
+grep -E "^  kv_|Duration" "$OUT/ncu-sol.txt" | head -24
+grep -E "Warp Cycles Per Issued|Issued Warp Per Scheduler|Eligible Warps|Achieved Active Warps" "$OUT/ncu-full.txt"
