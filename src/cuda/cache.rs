@@ -13,6 +13,7 @@
 //! (or order the streams), as an engine does with its compute stream.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{result as drv, sys as dsys};
@@ -250,6 +251,8 @@ pub struct CudaCache {
     off_blocks: u64,
     off_scratch: u64,
     quant_spec: Spec,
+    /// [`CudaCache::mma_slots`] for 1 ..= 8 query vectors per block, once known (0 before).
+    mma_slots: [AtomicUsize; 9],
 }
 
 // SAFETY: the device allocation is owned by the cache; host metadata is plain data.
@@ -366,6 +369,7 @@ impl CudaCache {
             off_blocks: off_blocks as u64,
             off_scratch: off_scratch as u64,
             quant_spec,
+            mma_slots: Default::default(),
         })
     }
 
@@ -555,9 +559,13 @@ impl CudaCache {
 
     /// How many blocks of the tensor-core kernel for `nq` query vectors run at once on the
     /// device (the emulated and simulated devices: three per multiprocessor, what the kernel's
-    /// registers are budgeted for).
+    /// registers are budgeted for). Asked once per cache and `nq`, not on every call.
     #[allow(irrefutable_let_patterns)] // a second backend exists in tests
     fn mma_slots(&self, nq: usize) -> Result<usize> {
+        let known = &self.mma_slots[nq.min(8)];
+        if let n @ 1.. = known.load(Ordering::Relaxed) {
+            return Ok(n);
+        }
         let per_sm = match &self.dev {
             Backend::Cuda(d) => {
                 d.module(Family::Decode, &Spec::new(&self.lay, nq))?.blocks_per_sm("kv_decode_mma", 128)? as usize
@@ -565,7 +573,9 @@ impl CudaCache {
             #[cfg(any(test, feature = "sim"))]
             _ => 3,
         };
-        Ok(per_sm * self.info.multiprocessors as usize)
+        let n = per_sm * self.info.multiprocessors as usize;
+        known.store(n, Ordering::Relaxed);
+        Ok(n)
     }
 
     /// How attention of `family` for `n_q_heads` query heads runs on this device.
