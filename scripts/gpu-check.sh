@@ -23,20 +23,7 @@ BASE_S=${BASE_S:-50}
 export KIVI_CUDA_CACHE_DIR=${KIVI_CUDA_CACHE_DIR:-/tmp/kivi-cubins}
 
 # NVRTC: the toolkit's own (it matches the driver), else the nvidia-cuda-nvrtc Python package.
-if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
-  for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export KIVI_NVRTC_LIB="$d"; break; fi
-  done
-fi
-if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
-  d=$(python3 -c 'import nvidia, os
-for p in nvidia.__path__:
-    for s in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib"):
-        d = os.path.join(p, s)
-        if os.path.isdir(d) and any(f.startswith("libnvrtc.so") for f in os.listdir(d)):
-            print(d); raise SystemExit' 2>/dev/null)
-  [ -n "$d" ] && export KIVI_NVRTC_LIB="$d"
-fi
+source scripts/nvrtc-lib.sh
 
 {
   echo "date: $(date -u +%FT%TZ)"

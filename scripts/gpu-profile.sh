@@ -10,11 +10,7 @@ set -uo pipefail
 BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
 OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
 mkdir -p "$OUT"
-if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
-  for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/targets/x86_64-linux/lib; do
-    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export KIVI_NVRTC_LIB="$d"; break; fi
-  done
-fi
+source "$(dirname "$0")/nvrtc-lib.sh"
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 STEP=("$BIN" bench --contexts "${CONTEXT:-32768}" --batches "${BATCH:-16}" --bits "${BITS:-2}" --no-prefill --iters 3)

@@ -10,11 +10,7 @@ BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
 OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
 mkdir -p "$OUT"
 export KIVI_CUDA_CACHE_DIR=${KIVI_CUDA_CACHE_DIR:-/tmp/kivi-cubins}
-if [ -z "${KIVI_NVRTC_LIB:-}" ]; then
-  for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/targets/x86_64-linux/lib; do
-    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export KIVI_NVRTC_LIB="$d"; break; fi
-  done
-fi
+source "$(dirname "$0")/nvrtc-lib.sh"
 CONTEXTS=${CONTEXTS:-32768}
 BATCHES=${BATCHES:-16,64}
 ROUNDS=${ROUNDS:-2}
