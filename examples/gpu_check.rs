@@ -143,7 +143,16 @@ fn to_t<T: Element>(v: &[f32]) -> Vec<T> {
 }
 
 fn rel_err<T: Element>(gpu: &[T], cpu: &[T]) -> f64 {
-    let num = gpu.iter().zip(cpu).map(|(a, b)| (a.to_f32() as f64 - b.to_f32() as f64).abs()).fold(0.0, f64::max);
+    // A NaN counts as an infinite difference (it would drop out of the maximum).
+    let diff = |(a, b): (&T, &T)| {
+        let d = (a.to_f32() as f64 - b.to_f32() as f64).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
+    };
+    let num = gpu.iter().zip(cpu).map(diff).fold(0.0, f64::max);
     let den = cpu.iter().map(|b| (b.to_f32() as f64).abs()).fold(0.0, f64::max);
     if den == 0.0 {
         num

@@ -32,3 +32,24 @@ impl Rng {
             .collect()
     }
 }
+
+/// Largest difference relative to the largest magnitude of `want`; infinite where a value is NaN
+/// (NaN would otherwise drop out of the maximum and pass any tolerance).
+pub fn rel_err<T: Element>(got: &[T], want: &[T]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff = |(a, b): (&T, &T)| {
+        let d = (a.to_f32() as f64 - b.to_f32() as f64).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
+    };
+    let num = got.iter().zip(want).map(diff).fold(0.0, f64::max);
+    let den = want.iter().map(|b| b.to_f32().abs() as f64).fold(0.0, f64::max);
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}

@@ -8,7 +8,7 @@
 use super::*;
 use crate::config::DType;
 use crate::rows::Element;
-use crate::testing::Rng;
+use crate::testing::{rel_err, Rng};
 use half::{bf16, f16};
 use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
@@ -104,17 +104,6 @@ fn stats(h: *const kivi_cache) -> kivi_memory_stats {
     let mut s = kivi_memory_stats::default();
     assert_eq!(unsafe { kivi_cache_stats(h, &mut s, std::mem::size_of_val(&s)) }, KIVI_OK);
     s
-}
-
-/// Largest difference relative to the largest magnitude of `want`.
-fn rel_err<T: Element>(got: &[T], want: &[T]) -> f64 {
-    let num = got.iter().zip(want).map(|(a, b)| (a.to_f32() - b.to_f32()).abs() as f64).fold(0.0, f64::max);
-    let den = want.iter().map(|b| b.to_f32().abs() as f64).fold(0.0, f64::max);
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
 }
 
 /// A CPU handle and a CUDA handle fed the same calls.

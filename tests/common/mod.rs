@@ -88,10 +88,19 @@ pub fn queries(rng: &mut Rng, n: usize, n_q_heads: usize, head_dim: usize) -> Ve
     (0..n * n_q_heads * head_dim).map(|_| rng.normal()).collect()
 }
 
-/// max |a - b| / max |b|.
+/// max |a - b| / max |b|; infinite where a value is NaN (NaN would otherwise drop out of the
+/// maximum and pass any tolerance).
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max);
+    let diff = |(x, y): (&f32, &f64)| {
+        let d = (*x as f64 - y).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
+    };
+    let num = a.iter().zip(b).map(diff).fold(0.0, f64::max);
     let den = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
     if den == 0.0 {
         num
