@@ -9,13 +9,14 @@
 // memory with 16-byte cp.async copies (double-buffered: the next group loads while this one is
 // computed). The query heads of the GQA group are the rows of the A operands:
 //   scores  S[h][t] = sum_c (q[h][c] * ks[c]) * code[c][t] + sum_c q[h][c] * kz[c]
-//   output  O[h][c] = sum_t p[h][t] * f16(code[t][c] * vs[t][cg] + vz[t][cg])
-// A operands that are not exact in f16 (the scaled query, the weights) are split into two f16
-// parts, hi in rows 0..7 and lo in rows 8..15, so the products keep about 22 bits; rows h and
-// h + 8 of every result are added. Key codes are B operands as they are (small integers, exact);
-// values are B operands dequantized to f16 (rounded once, about 2^-12 relative: keys are kept
-// exact because their outlier channels would make that rounding cost about 1e-3 of the output,
-// values cost about 3e-4). The loop is bound by instructions, not bytes, on H100/H200-class
+//   output  O[h][c] = sum_t p[h][t] * f16(code[t][c] * vs[t][cg]) + sum_t p[h][t] * vz[t][cg]
+// (the common layouts, MMA_VLANE: the zero points' sum is one more mma per k-step; other head
+// sizes dequantize f16(code * vs + vz)). A operands that are not exact in f16 (the scaled query,
+// the weights) are split into two f16 parts, hi in rows 0..7 and lo in rows 8..15, so the
+// products keep about 22 bits; rows h and h + 8 of every result are added. Key codes are B
+// operands as they are (small integers, exact); values are B operands scaled in f16 (rounded
+// once, about 2^-12 relative: keys are kept exact because their outlier channels would make that
+// rounding cost about 1e-3 of the output, values cost about 3e-4). The loop is bound by instructions, not bytes, on H100/H200-class
 // GPUs, so each step is chosen for its instruction count (scripts/sass_mix.py measures it):
 // codes become f16 with one LOP3 (mask and exponent) and no shifts, bytes are picked with prmt,
 // the query's hi/lo products and the zero points' bias come from f16x2 arithmetic and one more
@@ -164,6 +165,11 @@ __device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 k
 struct MmaState {
     float m, l;  // row g's running maximum (log2 units); this lane's part of the row's sum
     float acc[MMA_NJ][4];
+#if MMA_VLANE
+    // The value zero points' part of the output, sum_t p[h][t] * vz[t][n] for value group n
+    // (columns n >= KV_NG unused): one more mma per k-step (see the values).
+    float zacc[4];
+#endif
 };
 
 // Bit offset o of a code inside a 16-bit half: read as 1024 + code * 2^KP(o) (exact in f16: the
@@ -182,6 +188,80 @@ struct MmaState {
 #define MMA_LOG2E 1.4426950408889634f
 #define MMA_LN2 0.6931471805599453f
 #define MMA_RESCALE 11.0f
+
+// Bit offset of n-tile jj's value codes in their byte (MMA_VLANE): its accumulators hold
+// 2^MMA_VP(jj) times its channels' sums (mma_values), scaled back once, when the warps merge.
+#define MMA_VP(jj) (((jj) * KV_VB) % 8)
+
+#if MMA_VLANE
+// Multiplies n-tile jj's accumulators by 2^(dir * MMA_VP(jj)) (dir 1 or -1; exact in f32).
+__device__ __forceinline__ void mma_scale_values(MmaState& st, int dir) {
+#pragma unroll
+    for (int jj = 0; jj < MMA_NJ; jj++) {
+        const float f = dir > 0 ? (float)(1u << MMA_VP(jj)) : 1.0f / (float)(1u << MMA_VP(jj));
+#pragma unroll
+        for (int r = 0; r < 4; r++) st.acc[jj][r] *= f;
+    }
+}
+#endif
+
+#if MMA_VLANE
+// The values' mmas of one group (see mma_group). A code at bit p of its byte is read as the f16
+// 1024 + code * 2^p (one LOP3: a mask and the exponent of 1024), and with vs < 64 one fma makes
+// the B operand (1024 + code * 2^p) * vs - 1024 * vs = 2^p * code * vs: the product is exact,
+// 1024 * vs exact in f16, and the result rounded once (at most 3 * 64 * 64 at 2 bits, 15 * 16 *
+// 64 at 4: no overflow). FOLD is that path, for groups whose value scales are all below 64 in
+// magnitude; the others (FOLD false) take code * vs exactly (an exponent 2^(10 - p) in the
+// LOP3, subtracted after), added to the accumulators while they hold true sums, so that no
+// scale the cache can store overflows there.
+template <bool FOLD>
+__device__ __forceinline__ void mma_values(MmaState& st, const float (&pp)[MMA_NT][2], const u8* vcp, const u16* vzp,
+                                           const u32 (&sa)[MMA_KK], const u32 (&sb)[MMA_KK], u32 magic, u32 voff) {
+    // The exact path adds true sums: the accumulators are scaled to them and back (exact in f32).
+    if (!FOLD) mma_scale_values(st, -1);
+#pragma unroll
+    for (int kk = 0; kk < MMA_KK; kk++) {
+        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
+        u32 a0, a1, a2, a3;
+        split_pair(pp[2 * kk][0], pp[2 * kk][1], a0, a1);
+        split_pair(pp[2 * kk + 1][0], pp[2 * kk + 1][1], a2, a3);
+        const u32 za = (u32)vzp[ia0 * KV_NG] | ((u32)vzp[ia1 * KV_NG] << 16);
+        const u32 zb = (u32)vzp[(ia0 + 1) * KV_NG] | ((u32)vzp[(ia1 + 1) * KV_NG] << 16);
+        mma16816(st.zacc, a0, a1, a2, a3, za, zb);
+        // -1024 * vs of the two tokens of b0 (na) and of b1 (nb).
+        const u32 na = FOLD ? mul_h2(magic ^ 0x80008000u, sa[kk]) : 0u;
+        const u32 nb = FOLD ? mul_h2(magic ^ 0x80008000u, sb[kk]) : 0u;
+#pragma unroll
+        for (int w = 0; w < (MMA_VLB + 31) / 32; w++) {
+            const u32 xa0 = ((const u32*)(vcp + ia0 * KV_V_ROW))[w], xa1 = ((const u32*)(vcp + ia1 * KV_V_ROW))[w];
+            const u32 xb0 = ((const u32*)(vcp + (ia0 + 1) * KV_V_ROW))[w];
+            const u32 xb1 = ((const u32*)(vcp + (ia1 + 1) * KV_V_ROW))[w];
+#pragma unroll
+            for (int by = 0; by < (MMA_VLB < 32 ? MMA_VLB : 32) / 8; by++) {
+                const u32 sel = (by + voff) | ((by + voff + 4) << 8);
+                const u32 xa = prmt(xa0, xa1, sel), xb = prmt(xb0, xb1, sel);
+#pragma unroll
+                for (int p = 0; p < 8; p += KV_VB) {
+                    const int jj = (32 * w + 8 * by + p) / KV_VB;
+                    const u32 vm = (KV_LEVELS_V << p) * 0x00010001u;
+                    if (FOLD) {
+                        const u32 b0 = fma_h2((xa & vm) | magic, sa[kk], na);
+                        const u32 b1 = fma_h2((xb & vm) | magic, sb[kk], nb);
+                        mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
+                    } else {
+                        // 2^(10 - p) in both halves: the code's lowest bit at 1.
+                        const u32 e = magic - (((u32)p << 10) * 0x00010001u);
+                        const u32 b0 = mul_h2(sub_h2((xa & vm) | e, e), sa[kk]);
+                        const u32 b1 = mul_h2(sub_h2((xb & vm) | e, e), sb[kk]);
+                        mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+            }
+        }
+    }
+    if (!FOLD) mma_scale_values(st, 1);
+}
+#endif
 
 // EDGE: some query row sees only part of the group (the edge of a sliding window or of the
 // causal range, or a row that sees nothing): scores are masked per position. Groups inside
@@ -303,6 +383,10 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 #pragma unroll
             for (int r = 0; r < 4; r++) st.acc[jj][r] *= corr;
         }
+#if MMA_VLANE
+#pragma unroll
+        for (int r = 0; r < 4; r++) st.zacc[r] *= corr;
+#endif
     }
 #endif
     // A row that has seen no score yet has only -inf scores here: their weights are 0.
@@ -319,51 +403,39 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     st.l += sum;
 
 #if MMA_VLANE
-    // Values: A = the weights (hi/lo), B = the values dequantized to f16 (code * scale + zero,
-    // rounded once), two tokens per register. Lane g reads its channels' bits of a token with one
-    // load; a prmt puts one byte of two tokens side by side, and each code in it is made an
-    // exact f16 by a mask and an exponent that puts its lowest bit at 1 (2^E + code, minus 2^E).
+    // Values: A = the weights (hi/lo), B = the value codes times their scales (2^p * code * vs,
+    // rounded to f16 once: mma_values), two tokens per register; the zero points are a B operand
+    // of their own, one more mma per k-step into zacc (B column n = value group n), added to every
+    // channel of the group at the end. Lane g reads its channels' bits of a token with one load,
+    // and a prmt puts one byte of two tokens side by side.
     const u8* vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
-    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + MMA_NJ * g / KV_VG;  // this lane's value group
-    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + MMA_NJ * g / KV_VG;
-    // 2^(10 - p) in both halves for a code at bit p of its byte: registers (from the shared
-    // 0x64006400), so that (x & mask) | magic stays one LOP3 with the mask as its immediate.
-    u32 vmagic[8 / KV_VB];
-#pragma unroll
-    for (int i = 0; i < 8 / KV_VB; i++) vmagic[i] = magic - (((u32)(i * KV_VB) << 10) * 0x00010001u);
+    const u32 r0 = 2 * MMA_NT * t;  // this lane's first token
+    // Token r0's scale of this lane's value group, and its zero point of value group g (an index
+    // inside the row for every lane: columns past KV_NG are unused). Offsets from here are
+    // constants, so that every load takes its address as an immediate.
+    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + (r0 * KV_NG + MMA_NJ * g / KV_VG);
+    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
     const u32 voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;  // this lane's first byte in the word
-    const u32 r0 = 2 * MMA_NT * t;                      // this lane's first token
+    // Rows (tokens) of b0 in k-step kk: NT*2t + 2kk and NT*(2t+1) + 2kk; of b1: the next ones.
+    // sa, sb: their value scales as f16 pairs, all loaded first to choose the path.
+    u32 sa[MMA_KK], sb[MMA_KK];
+    u32 big = 0u;
 #pragma unroll
     for (int kk = 0; kk < MMA_KK; kk++) {
-        // Rows (tokens) of b0: NT*2t + 2kk and NT*(2t+1) + 2kk; of b1: the next ones.
         const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
-        u32 a0, a1, a2, a3;
-        split_pair(pp[2 * kk][0], pp[2 * kk][1], a0, a1);
-        split_pair(pp[2 * kk + 1][0], pp[2 * kk + 1][1], a2, a3);
-        const u32 sa = (u32)vsp[(r0 + ia0) * KV_NG] | ((u32)vsp[(r0 + ia1) * KV_NG] << 16);
-        const u32 za = (u32)vzp[(r0 + ia0) * KV_NG] | ((u32)vzp[(r0 + ia1) * KV_NG] << 16);
-        const u32 sb = (u32)vsp[(r0 + ia0 + 1) * KV_NG] | ((u32)vsp[(r0 + ia1 + 1) * KV_NG] << 16);
-        const u32 zb = (u32)vzp[(r0 + ia0 + 1) * KV_NG] | ((u32)vzp[(r0 + ia1 + 1) * KV_NG] << 16);
-#pragma unroll
-        for (int w = 0; w < (MMA_VLB + 31) / 32; w++) {
-            const u32 xa0 = ((const u32*)(vcp + ia0 * KV_V_ROW))[w], xa1 = ((const u32*)(vcp + ia1 * KV_V_ROW))[w];
-            const u32 xb0 = ((const u32*)(vcp + (ia0 + 1) * KV_V_ROW))[w];
-            const u32 xb1 = ((const u32*)(vcp + (ia1 + 1) * KV_V_ROW))[w];
-#pragma unroll
-            for (int by = 0; by < (MMA_VLB < 32 ? MMA_VLB : 32) / 8; by++) {
-                const u32 sel = (by + voff) | ((by + voff + 4) << 8);
-                const u32 xa = prmt(xa0, xa1, sel), xb = prmt(xb0, xb1, sel);
-#pragma unroll
-                for (int p = 0; p < 8; p += KV_VB) {
-                    const int jj = (32 * w + 8 * by + p) / KV_VB;
-                    const u32 vm = (KV_LEVELS_V << p) * 0x00010001u;
-                    const u32 b0 = fma_h2(sub_h2((xa & vm) | vmagic[p / KV_VB], vmagic[p / KV_VB]), sa, za);
-                    const u32 b1 = fma_h2(sub_h2((xb & vm) | vmagic[p / KV_VB], vmagic[p / KV_VB]), sb, zb);
-                    mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
-                }
-            }
-        }
+        sa[kk] = (u32)vsp[ia0 * KV_NG] | ((u32)vsp[ia1 * KV_NG] << 16);
+        sb[kk] = (u32)vsp[(ia0 + 1) * KV_NG] | ((u32)vsp[(ia1 + 1) * KV_NG] << 16);
+        // Bit 15 of a half set when |vs| >= 64 (0x5400), infinities and NaN included.
+        big |= ((sa[kk] & 0x7fff7fffu) + 0x2c002c00u) | ((sb[kk] & 0x7fff7fffu) + 0x2c002c00u);
     }
+    if (!__any_sync(0xffffffffu, big & 0x80008000u)) {
+        mma_values<true>(st, pp, vcp, vzp, sa, sb, magic, voff);
+    }
+#ifndef KV_COST_PROBE  // (the static cost counts the path of groups whose value scales are below 64)
+    else {
+        mma_values<false>(st, pp, vcp, vzp, sa, sb, magic, voff);
+    }
+#endif
 #else
     // Values (any layout): A = the weights (hi/lo), B = the values dequantized to f16 (code * scale + zero,
     // rounded once), two tokens per register. Lane g reads channel 8jj+g: the byte holding it is
@@ -540,6 +612,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     st.l = 0.0f;
 #pragma unroll
     for (int jj = 0; jj < MMA_NJ; jj++) st.acc[jj][0] = st.acc[jj][1] = st.acc[jj][2] = st.acc[jj][3] = 0.0f;
+#if MMA_VLANE
+    st.zacc[0] = st.zacc[1] = st.zacc[2] = st.zacc[3] = 0.0f;
+#endif
 
     const u32 n_groups = it.quantized / KV_G;
     const u32 gb = (blockIdx.x - 1) * P.ups;
@@ -556,6 +631,22 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     // Row g's sums over its four lanes; rows g and g + 8 of the accumulators added.
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
+    // The zero points' part of this lane's channels: column 2t + i of n-tile jj is channel
+    // NJ * (2t + i) + jj, in value group NJ * (2t + i) / VG whatever jj, whose sum lane 4g + n / 2
+    // holds in column n % 2 of zacc (rows g and g + 8 added).
+    float zs[2] = {0.0f, 0.0f};
+#if MMA_VLANE
+    {
+        const float z0 = st.zacc[0] + st.zacc[2], z1 = st.zacc[1] + st.zacc[3];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const u32 n = MMA_NJ * (2 * t + i) / KV_VG;
+            const float x0 = __shfl_sync(0xffffffffu, z0, (lane & ~3u) | (n >> 1));
+            const float x1 = __shfl_sync(0xffffffffu, z1, (lane & ~3u) | (n >> 1));
+            zs[i] = n & 1 ? x1 : x0;
+        }
+    }
+#endif
     __syncthreads();  // the staging buffers become the merge area
     float* merge = (float*)sh.buf;  // [KV_WARPS][8][KV_HD]
     if (g < nvec) {
@@ -565,7 +656,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
             for (int i = 0; i < 2; i++) {
                 // The channel of n-tile jj, column 2t + i (see the values' layouts).
                 u32 c = MMA_VLANE ? MMA_NJ * (2 * t + i) + jj : 8 * jj + 2 * t + i;
-                merge[(warp * 8 + g) * KV_HD + c] = st.acc[jj][i] + st.acc[jj][i + 2];
+                // (n-tile jj's accumulators hold 2^MMA_VP(jj) times its sums: mma_values)
+                const float f = MMA_VLANE ? 1.0f / (float)(1u << MMA_VP(jj)) : 1.0f;
+                merge[(warp * 8 + g) * KV_HD + c] = (st.acc[jj][i] + st.acc[jj][i + 2]) * f + zs[i];
             }
         }
         if (t == 0) {

@@ -173,8 +173,9 @@ inline void sync_warp() {
     wait_here();
 }
 
-template <class T>
-inline T shfl_xor(T v, int mask) {
+// v of lane src_of(lane) (this lane's own where that lane does not exist).
+template <class T, class F>
+inline T shfl(T v, F src_of) {
     static_assert(sizeof(T) == 4, "32-bit shuffles only");
     Fiber& f = me();
     unsigned w = f.tid / 32, lane = f.tid % 32, p = f.parity ^= 1;
@@ -182,10 +183,15 @@ inline T shfl_xor(T v, int mask) {
     memcpy(&bits, &v, 4);
     blk->slots[w].word[p][lane] = bits;
     sync_warp();
-    unsigned src = lane ^ (unsigned)mask;
+    unsigned src = src_of(lane) % 32;
     if (w * 32 + src >= blk->n) src = lane;
     memcpy(&v, &blk->slots[w].word[p][src], 4);
     return v;
+}
+
+template <class T>
+inline T shfl_xor(T v, int mask) {
+    return shfl(v, [mask](unsigned lane) { return lane ^ (unsigned)mask; });
 }
 
 // __any_sync over the whole warp.
@@ -326,6 +332,10 @@ inline void __syncwarp(unsigned = 0xffffffffu) { kvsim::sync_warp(); }
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {
     return kvsim::shfl_xor(v, mask);
+}
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) {
+    return kvsim::shfl(v, [src](unsigned) { return (unsigned)src; });
 }
 inline int __any_sync(unsigned, int x) { return kvsim::any_lane(x != 0); }
 template <class T>

@@ -20,6 +20,8 @@ struct Pair<T: Element> {
     opts: AttnOptions,
     tol: f64,
     calls: usize,
+    /// Values are drawn times this (large values: large value scales).
+    vscale: f32,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -48,6 +50,7 @@ impl<T: Element + Default> Pair<T> {
             opts,
             tol: 1e-3 + ulp,
             calls: 0,
+            vscale: 1.0,
             _t: Default::default(),
         }
     }
@@ -56,15 +59,14 @@ impl<T: Element + Default> Pair<T> {
     }
     fn compare(&mut self, what: &str, got: &[T], want: &[T]) {
         self.calls += 1;
-        let num = got.iter().zip(want).map(|(a, b)| (a.to_f32() - b.to_f32()).abs() as f64).fold(0.0, f64::max);
-        let den = want.iter().map(|b| b.to_f32().abs() as f64).fold(0.0, f64::max);
-        let e = if den == 0.0 { num } else { num / den };
+        let e = crate::testing::rel_err(got, want);
         assert!(e <= self.tol, "{what}: relative error {e:e} (config {:?})", self.cpu.config());
     }
     fn data(&mut self, n: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (nkv, hd) = self.dims();
         let k = self.rng.rows(n * nkv * hd, true, hd);
-        let v = self.rng.rows(n * nkv * hd, false, hd);
+        let v: Vec<T> = self.rng.rows(n * nkv * hd, false, hd);
+        let v = v.iter().map(|x| T::from_f32(x.to_f32() * self.vscale)).collect();
         let q = self.rng.rows(n * self.nqh * hd, false, hd);
         (k, v, q)
     }
@@ -428,6 +430,41 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
         p.decode(0, &[0]);
         assert_eq!(sim::launches_of("kv_decode_mma") - before, 8, "{nqh} query heads: decode on tensor cores");
         p.state("after chunks");
+    }
+}
+
+/// Value scales of 64 and more (value ranges past 192 at 2 bits, 960 at 4) take the tensor-core
+/// decode's exact value path (`mma_values` without FOLD, its accumulators scaled in f32); the
+/// warps here take groups of both kinds, some with large and small values mixed, into the same
+/// accumulators, and scales on both sides of 64 (a threshold 10% looser or tighter would give
+/// infinities or be correct but slower).
+#[test]
+fn simulated_large_value_scales() {
+    // The value multiplier that gives scales around 64: ranges of about 4.1 standard deviations
+    // per 32 channels, over 3 or 15 levels.
+    for (bits, around_64) in [(2u8, 48.0), (4, 235.0)] {
+        let mut c = cfg(128, 2, (bits, bits), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        let mut p = Pair::<f16>::new(SIM, c, 8, AttnOptions::default());
+        let before = sim::launches_of("kv_decode_mma");
+        p.append(0, 0, 96);
+        p.vscale = 400.0;
+        p.append(0, 0, 40);
+        // Scales below 64, up to 3 * 64 * 40 in an f16 operand at 2 bits.
+        p.vscale = 20.0;
+        p.append(0, 0, 50);
+        p.vscale = around_64;
+        p.append(0, 0, 64);
+        p.vscale = 1.0;
+        p.append(0, 0, 70);
+        for _ in 0..3 {
+            p.decode(0, &[0]);
+        }
+        p.vscale = 400.0;
+        p.append_attend(0, 0, 9);
+        p.decode(0, &[0]);
+        assert!(sim::launches_of("kv_decode_mma") - before >= 5, "{bits} bits: not on tensor cores");
+        p.state("after large values");
     }
 }
 
