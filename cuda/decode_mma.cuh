@@ -16,13 +16,14 @@
 // products keep about 22 bits; rows h and h + 8 of every result are added. Key codes are B
 // operands as they are (small integers, exact); values are B operands scaled in f16 (rounded
 // once, about 2^-12 relative: keys are kept exact because their outlier channels would make that
-// rounding cost about 1e-3 of the output, values cost about 3e-4). The loop is bound by instructions, not bytes, on H100/H200-class
-// GPUs, so each step is chosen for its instruction count (scripts/sass_mix.py measures it):
-// codes become f16 with one LOP3 (mask and exponent) and no shifts, bytes are picked with prmt,
-// the query's hi/lo products and the zero points' bias come from f16x2 arithmetic and one more
-// mma, scores are in log2 units so that a weight is one ex2, positions are masked only in
-// groups at the edge of some row's range, and the accumulators are rescaled only when a row's
-// maximum grows by more than 2^11.
+// rounding cost about 1e-3 of the output, values cost up to about 7e-4). The loop is bound by
+// instructions, not bytes, on H100/H200-class GPUs, so each step is chosen for its instruction
+// count (scripts/sass_mix.py measures it): codes become f16 with one LOP3 (mask and exponent)
+// and no shifts, bytes are picked with prmt, the query's hi/lo products and the key zero points'
+// bias come from f16x2 arithmetic and one more mma, value codes take their scale in one fma and
+// their zero points one more mma, scores are in log2 units so that a weight is one ex2,
+// positions are masked only in groups at the edge of some row's range, and the accumulators are
+// rescaled only when a row's maximum grows by more than 2^11.
 // Token and channel orders inside the mma tiles are permuted so that each lane reads few,
 // contiguous bits:
 //   QK: n-tile j, column n  <-> token NT * n + j          (NT = G / 8)
