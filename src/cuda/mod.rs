@@ -233,8 +233,7 @@ impl Device {
         // SAFETY: bytes is a complete cubin (or NUL-terminated PTX) that outlives the call.
         let module = unsafe { drv::module::load_data(bytes.as_ptr() as *const _) }
             .map_err(|e| drv_err(&format!("cuModuleLoadData of {}", family.file()), e))?;
-        let m =
-            Arc::new(Module { module, functions: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()) });
+        let m = Arc::new(Module { module, functions: Mutex::new(HashMap::new()) });
         map.insert((family, spec.clone()), m.clone());
         Ok(m)
     }
@@ -245,7 +244,6 @@ impl Device {
 pub(crate) struct Module {
     module: dsys::CUmodule,
     functions: Mutex<HashMap<&'static str, usize>>,
-    occupancy: Mutex<HashMap<(&'static str, u32), u32>>,
 }
 
 // SAFETY: module and function handles may be used from any thread.
@@ -266,19 +264,15 @@ impl Module {
     }
 
     /// How many blocks of `block` threads of `name` fit on one multiprocessor at once (its
-    /// registers and shared memory decide), as the driver reports it; at least 1.
+    /// registers and shared memory decide), as the driver reports it; at least 1. A driver call
+    /// each time: the caller keeps the answer (`CudaCache::mma_slots`, once per cache).
     pub fn blocks_per_sm(&self, name: &'static str, block: u32) -> Result<u32> {
-        if let Some(&n) = self.occupancy.lock().unwrap_or_else(|e| e.into_inner()).get(&(name, block)) {
-            return Ok(n);
-        }
         let func = self.function(name)?;
         // SAFETY: func is a function of this loaded module; the kernels take no dynamic shared
         // memory.
         let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(func, block as i32, 0) }
-            .map_err(|e| drv_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?
-            .max(1) as u32;
-        self.occupancy.lock().unwrap_or_else(|e| e.into_inner()).insert((name, block), n);
-        Ok(n)
+            .map_err(|e| drv_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        Ok(n.max(1) as u32)
     }
 }
 
