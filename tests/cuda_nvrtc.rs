@@ -54,6 +54,23 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     }
 }
 
+/// Every module holds the kernels the host looks up by name when it loads it.
+#[test]
+fn every_module_holds_the_kernels_the_host_launches() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile, test_configs, Family, Spec};
+    let cfg = &test_configs()[0];
+    for family in Family::ALL {
+        let image = compile(family, &Spec::for_config(cfg, 4).unwrap(), "sm_90").unwrap();
+        for name in family.entries() {
+            let found = image.bytes().windows(name.len()).any(|w| w == name.as_bytes());
+            assert!(found, "{} lacks {name}", family.file());
+        }
+    }
+}
+
 /// The tensor-core decode kernel is compiled exactly where the host will launch it.
 #[test]
 fn the_tensor_core_kernel_exists_where_the_host_uses_it() {

@@ -14,12 +14,12 @@
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as drv, sys as dsys};
 
-use super::kernels::{chunk_mma, decode_mma, max_nq, Family, Spec};
-use super::{launch, Device, DeviceInfo};
+use super::kernels::{chunk_mma, decode_mma, max_nq, mma_layout, Family, Spec};
+use super::{blocks_per_sm, launch, Device, DeviceInfo, Module};
 use crate::attention::{AttnOptions, Resolved};
 use crate::cache::Cache;
 use crate::config::CacheConfig;
@@ -250,9 +250,42 @@ pub struct CudaCache {
     off_windows: u64,
     off_blocks: u64,
     off_scratch: u64,
+    /// The append module's spec (the simulator compiles from it).
+    #[cfg(any(test, feature = "sim"))]
     quant_spec: Spec,
+    /// The append kernels (a CUDA device only; looked up at creation).
+    quant_fns: Option<QuantFns>,
+    /// The attention kernels of each (module family, query vectors per block) launched so far
+    /// (a CUDA device only): looked up once, so that a launch costs no hashing of the module's
+    /// spec, no allocation and no driver lookup.
+    attn_fns: Mutex<Vec<(Family, usize, AttnFns)>>,
     /// [`CudaCache::mma_slots`] for 1 ..= 8 query vectors per block, once known (0 before).
     mma_slots: [AtomicUsize; 9],
+}
+
+/// The functions of the append module, as `CUfunction` handles.
+#[derive(Clone, Copy)]
+struct QuantFns {
+    set_blocks: usize,
+    quantize: usize,
+    write: usize,
+    unquant: usize,
+}
+
+impl QuantFns {
+    fn of(m: &Module) -> Result<QuantFns> {
+        let f = |i: usize| m.function(Family::Quantize.entries()[i]).map(|f| f as usize);
+        Ok(QuantFns { set_blocks: f(0)?, quantize: f(1)?, write: f(2)?, unquant: f(3)? })
+    }
+}
+
+/// The functions of one attention module: its blocks, its combine, and the tensor-core decode
+/// where the module has it (0 where not).
+#[derive(Clone, Copy)]
+struct AttnFns {
+    attn: usize,
+    combine: usize,
+    mma: usize,
 }
 
 // SAFETY: the device allocation is owned by the cache; host metadata is plain data.
@@ -267,6 +300,11 @@ impl std::fmt::Debug for CudaCache {
             .field("sequences", &self.seq_ids())
             .finish()
     }
+}
+
+/// The tensor-core decode asked for where the layout has none (a bug of the host's choice).
+fn no_mma(nq: usize) -> Error {
+    Error::BackendUnavailable(format!("CUDA: the decode module for {nq} query vectors has no tensor-core kernel"))
 }
 
 fn cuerr(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -317,9 +355,9 @@ impl CudaCache {
         let (off_windows, off_blocks, off_scratch, bytes) =
             (off_windows as usize, off_blocks as usize, off_scratch as usize, bytes as usize);
         let quant_spec = Spec::new(&lay, 1);
-        let (dev, info, base) = match backend {
+        let (dev, info, base, quant_fns) = match backend {
             Backend::Cuda(dev) => {
-                dev.module(Family::Quantize, &quant_spec)?;
+                let quant_fns = QuantFns::of(&*dev.module(Family::Quantize, &quant_spec)?)?;
                 // SAFETY: a plain allocation in the bound context, zeroed before use.
                 let base = unsafe { drv::malloc_sync(bytes) }.map_err(|e| match e.0 {
                     dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Error::InvalidConfig(format!(
@@ -340,7 +378,7 @@ impl CudaCache {
                     return Err(e);
                 }
                 let info = dev.info.clone();
-                (Backend::Cuda(dev), info, base)
+                (Backend::Cuda(dev), info, base, Some(quant_fns))
             }
             #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) | Backend::Sim(_) => {
@@ -349,9 +387,9 @@ impl CudaCache {
                 let mut mem = vec![0u64; bytes.div_ceil(8) + 32];
                 let base = (mem.as_mut_ptr() as u64 + 255) & !255;
                 if matches!(backend, Backend::Emu(_)) {
-                    (Backend::Emu(mem), emu::info(), base)
+                    (Backend::Emu(mem), emu::info(), base, None)
                 } else {
-                    (Backend::Sim(mem), sim::info(), base)
+                    (Backend::Sim(mem), sim::info(), base, None)
                 }
             }
         };
@@ -368,7 +406,10 @@ impl CudaCache {
             off_windows: off_windows as u64,
             off_blocks: off_blocks as u64,
             off_scratch: off_scratch as u64,
+            #[cfg(any(test, feature = "sim"))]
             quant_spec,
+            quant_fns,
+            attn_fns: Mutex::new(Vec::new()),
             mma_slots: Default::default(),
         })
     }
@@ -547,14 +588,36 @@ impl CudaCache {
     }
 
     /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
-    /// this process has not yet.
-    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    /// this process has not yet, and looks its functions up.
     fn prepare(&self, family: Family, n_q_heads: usize) -> Result<()> {
-        if let Backend::Cuda(d) = &self.dev {
-            let sh = self.shape(family, n_q_heads);
-            d.module(sh.module, &Spec::new(&self.lay, sh.nq))?;
+        let sh = self.shape(family, n_q_heads);
+        self.attn_fns(sh.module, sh.nq).map(|_| ())
+    }
+
+    /// The functions of attention module `family` compiled for `nq` query vectors per block:
+    /// compiled and looked up on first use, then kept by the cache (on a CUDA device; `None` on
+    /// the emulated and simulated ones).
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    fn attn_fns(&self, family: Family, nq: usize) -> Result<Option<AttnFns>> {
+        let Backend::Cuda(d) = &self.dev else {
+            return Ok(None);
+        };
+        let mut known = self.attn_fns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(_, _, f)) = known.iter().find(|&&(fam, n, _)| fam == family && n == nq) {
+            return Ok(Some(f));
         }
-        Ok(())
+        let m = d.module(family, &Spec::new(&self.lay, nq))?;
+        let names = family.entries();
+        // The decode module holds the tensor-core kernel where its layout allows it
+        // (`KV_MMA_OK`).
+        let mma = family == Family::Decode && mma_layout(&self.lay, nq);
+        let f = AttnFns {
+            attn: m.function(names[0])? as usize,
+            combine: m.function(names[1])? as usize,
+            mma: if mma { m.function("kv_decode_mma")? as usize } else { 0 },
+        };
+        known.push((family, nq, f));
+        Ok(Some(f))
     }
 
     /// How many blocks of the tensor-core kernel for `nq` query vectors run at once on the
@@ -566,12 +629,10 @@ impl CudaCache {
         if let n @ 1.. = known.load(Ordering::Relaxed) {
             return Ok(n);
         }
-        let per_sm = match &self.dev {
-            Backend::Cuda(d) => {
-                d.module(Family::Decode, &Spec::new(&self.lay, nq))?.blocks_per_sm("kv_decode_mma", 128)? as usize
-            }
-            #[cfg(any(test, feature = "sim"))]
-            _ => 3,
+        let per_sm = match self.attn_fns(Family::Decode, nq)? {
+            Some(AttnFns { mma: 0, .. }) => return Err(no_mma(nq)),
+            Some(f) => blocks_per_sm(f.mma as dsys::CUfunction, 128)? as usize,
+            None => 3,
         };
         let n = per_sm * self.info.multiprocessors as usize;
         known.store(n, Ordering::Relaxed);
@@ -582,7 +643,10 @@ impl CudaCache {
     fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
         let (hd, ratio) = (self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
         let cap = max_nq(hd);
-        let tensor_cores = self.info.capability.0 >= 8 && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0");
+        // KIVI_CUDA_MMA=0 turns the tensor-core kernel off (read once per process).
+        static OFF: OnceLock<bool> = OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0"));
+        let tensor_cores = self.info.capability.0 >= 8 && !off;
         match family {
             Family::Decode if tensor_cores && decode_mma(&self.lay, ratio) => {
                 // At most 8 query heads per block: larger GQA groups take several blocks.
@@ -1203,8 +1267,8 @@ impl CudaCache {
     /// Queues a kernel on `stream`.
     #[allow(clippy::infallible_destructuring_match)] // a second backend exists in tests
     fn kernel(&self, k: Kernel<'_>, grid: (u32, u32, u32), block: u32, stream: Stream) -> Result<()> {
-        let dev = match &self.dev {
-            Backend::Cuda(d) => d,
+        match &self.dev {
+            Backend::Cuda(_) => {}
             #[cfg(any(test, feature = "sim"))]
             Backend::Emu(_) => {
                 // SAFETY: the emulated device pointers are host pointers into live buffers.
@@ -1219,31 +1283,27 @@ impl CudaCache {
             }
         };
         let st = stream as dsys::CUstream;
-        let quant = |name: &'static str| dev.module(Family::Quantize, &self.quant_spec)?.function(name);
-        let attn = |family: Family, nq: usize, which: usize| {
-            let names = match family {
-                Family::Decode => ["kv_decode_attn", "kv_decode_combine"],
-                _ => ["kv_prefill_attn", "kv_prefill_combine"],
-            };
-            dev.module(family, &Spec::new(&self.lay, nq))?.function(names[which])
+        let q =
+            self.quant_fns.ok_or_else(|| Error::BackendUnavailable("CUDA: the append kernels are missing".into()))?;
+        let attn = |family: Family, nq: usize| {
+            self.attn_fns(family, nq)?.ok_or_else(|| Error::BackendUnavailable("CUDA: no attention kernels".into()))
         };
+        let func = |f: usize| f as dsys::CUfunction;
         // SAFETY: each struct matches its kernel's parameter struct, and every pointer in it is
-        // the cache's own memory or the caller's rows, whose sizes were checked.
+        // the cache's own memory or the caller's rows, whose sizes were checked. Every handle is
+        // a function of a module loaded for this cache's layout (never unloaded).
         unsafe {
             match k {
-                Kernel::SetBlocks(p) => launch(quant("kv_set_blocks")?, grid, block, st, p),
-                Kernel::Quantize(p) => launch(quant("kv_quantize")?, grid, block, st, p),
-                Kernel::Write(p) => launch(quant("kv_window_write")?, grid, block, st, p),
-                Kernel::Unquant(p) => launch(quant("kv_unquantize")?, grid, block, st, p),
-                Kernel::Attn(f, nq, p) => launch(attn(f, nq, 0)?, grid, block, st, p),
-                Kernel::Combine(f, nq, p) => launch(attn(f, nq, 1)?, grid, block, st, p),
-                Kernel::Mma(nq, p) => launch(
-                    dev.module(Family::Decode, &Spec::new(&self.lay, nq))?.function("kv_decode_mma")?,
-                    grid,
-                    block,
-                    st,
-                    p,
-                ),
+                Kernel::SetBlocks(p) => launch(func(q.set_blocks), grid, block, st, p),
+                Kernel::Quantize(p) => launch(func(q.quantize), grid, block, st, p),
+                Kernel::Write(p) => launch(func(q.write), grid, block, st, p),
+                Kernel::Unquant(p) => launch(func(q.unquant), grid, block, st, p),
+                Kernel::Attn(f, nq, p) => launch(func(attn(f, nq)?.attn), grid, block, st, p),
+                Kernel::Combine(f, nq, p) => launch(func(attn(f, nq)?.combine), grid, block, st, p),
+                Kernel::Mma(nq, p) => match attn(Family::Decode, nq)?.mma {
+                    0 => Err(no_mma(nq)),
+                    f => launch(func(f), grid, block, st, p),
+                },
             }
         }
     }

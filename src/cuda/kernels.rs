@@ -43,6 +43,18 @@ impl Family {
         }
     }
 
+    /// The kernels of the module that the host launches, by name (the decode module also has
+    /// `kv_decode_mma` where the layout allows it: [`tensor_core_decode`]). Attention modules:
+    /// the blocks, then the combine. Quantize: the block-table update, the quantization, the
+    /// window write, the copy back to full precision.
+    pub fn entries(self) -> &'static [&'static str] {
+        match self {
+            Family::Quantize => &["kv_set_blocks", "kv_quantize", "kv_window_write", "kv_unquantize"],
+            Family::Decode => &["kv_decode_attn", "kv_decode_combine"],
+            Family::Prefill => &["kv_prefill_attn", "kv_prefill_combine"],
+        }
+    }
+
     /// Whether the family's kernels need `KV_NQ`.
     pub fn is_attention(self) -> bool {
         !matches!(self, Family::Quantize)

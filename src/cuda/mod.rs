@@ -10,7 +10,9 @@
 //! it, such as the `nvidia/cu13/lib` folder of the `nvidia-cuda-nvrtc` Python package).
 //!
 //! Kernels are compiled once per process for each (device, cache layout, family) and kept; with
-//! `KIVI_CUDA_CACHE_DIR` set, the cubins are also kept in that folder for later processes.
+//! `KIVI_CUDA_CACHE_DIR` set, the cubins are also kept in that folder for later processes. Each
+//! cache looks up the functions it launches once and keeps their handles, so that a launch on the
+//! decode path costs no lookup.
 
 pub mod cache;
 pub mod kernels;
@@ -233,17 +235,16 @@ impl Device {
         // SAFETY: bytes is a complete cubin (or NUL-terminated PTX) that outlives the call.
         let module = unsafe { drv::module::load_data(bytes.as_ptr() as *const _) }
             .map_err(|e| drv_err(&format!("cuModuleLoadData of {}", family.file()), e))?;
-        let m = Arc::new(Module { module, functions: Mutex::new(HashMap::new()) });
+        let m = Arc::new(Module { module });
         map.insert((family, spec.clone()), m.clone());
         Ok(m)
     }
 }
 
-/// A loaded module and the functions looked up in it.
+/// A loaded module (never unloaded: its functions stay valid for the life of the process).
 #[derive(Debug)]
 pub(crate) struct Module {
     module: dsys::CUmodule,
-    functions: Mutex<HashMap<&'static str, usize>>,
 }
 
 // SAFETY: module and function handles may be used from any thread.
@@ -251,29 +252,23 @@ unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
 impl Module {
+    /// The function `name` of the module, looked up by the driver each time: callers keep the
+    /// handle (a cache keeps those it launches, `CudaCache::attn_fns`).
     pub fn function(&self, name: &'static str) -> Result<dsys::CUfunction> {
-        let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&p) = f.get(name) {
-            return Ok(p as dsys::CUfunction);
-        }
         let c = CString::new(name).unwrap();
         // SAFETY: the module is loaded and never unloaded.
-        let func = unsafe { drv::module::get_function(self.module, c) }.map_err(|e| drv_err(name, e))?;
-        f.insert(name, func as usize);
-        Ok(func)
+        unsafe { drv::module::get_function(self.module, c) }.map_err(|e| drv_err(name, e))
     }
+}
 
-    /// How many blocks of `block` threads of `name` fit on one multiprocessor at once (its
-    /// registers and shared memory decide), as the driver reports it; at least 1. A driver call
-    /// each time: the caller keeps the answer (`CudaCache::mma_slots`, once per cache).
-    pub fn blocks_per_sm(&self, name: &'static str, block: u32) -> Result<u32> {
-        let func = self.function(name)?;
-        // SAFETY: func is a function of this loaded module; the kernels take no dynamic shared
-        // memory.
-        let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(func, block as i32, 0) }
-            .map_err(|e| drv_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
-        Ok(n.max(1) as u32)
-    }
+/// How many blocks of `block` threads of `func` fit on one multiprocessor at once (its
+/// registers and shared memory decide), as the driver reports it; at least 1. A driver call each
+/// time: the caller keeps the answer (`CudaCache::mma_slots`, once per cache).
+pub(crate) fn blocks_per_sm(func: dsys::CUfunction, block: u32) -> Result<u32> {
+    // SAFETY: func is a function of a loaded module; the kernels take no dynamic shared memory.
+    let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(func, block as i32, 0) }
+        .map_err(|e| drv_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+    Ok(n.max(1) as u32)
 }
 
 /// Launches `func` with one by-value parameter struct `params` on `stream`.
