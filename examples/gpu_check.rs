@@ -641,7 +641,9 @@ fn cases() -> Vec<Case> {
 /// non-blocking stream set with `kivi_cache_set_stream`, fed device pointers, against a CPU
 /// `kivi_cache` fed the same data through the same functions: prefill chunks, appends, batched
 /// decode steps across flushes, attend, a fork and a truncation, the statistics and the state
-/// blob, and a second CUDA cache loaded from the CPU cache's blob.
+/// blob, and a second CUDA cache loaded from the CPU cache's blob. Some decode steps are captured
+/// into a CUDA graph and replayed: a capture fails if a call synchronizes, waits for the host or
+/// uses the legacy stream, so this checks that the calls only queue work on the engine's stream.
 mod c_abi {
     use super::{rel_err, sync, to_t, DevBuf, Rng};
     use cudarc::driver::{result as drv, sys};
@@ -685,6 +687,8 @@ mod c_abi {
         cpu: *mut kivi_cache,
         gpu: *mut kivi_cache,
         stream: sys::CUstream,
+        /// Whether the CUDA calls are captured into a graph (global mode), then launched.
+        capture: bool,
         rng: Rng,
         tol: f64,
         calls: usize,
@@ -719,6 +723,7 @@ mod c_abi {
                 cpu: null_mut(),
                 gpu: null_mut(),
                 stream: null_mut(),
+                capture: false,
                 rng: Rng(0xCAB1),
                 tol: 1e-3 + 1.0 / 1024.0,
                 calls: 0,
@@ -793,12 +798,41 @@ mod c_abi {
             let dev = (rows(ptr(&dk), n, KVROW), rows(ptr(&dv), n, KVROW));
             let dq_rows = rows(ptr(&dq), nq, QROW);
             let do_rows = rows_mut(dout.ptr as *mut c_void, nq, QROW);
-            ok(&format!("{what} (CUDA)"), f(gpu, &dev.0, &dev.1, &dq_rows, &do_rows))?;
+            let call = || f(gpu, &dev.0, &dev.1, &dq_rows, &do_rows);
+            let st = if self.capture { self.captured(what, call)? } else { call() };
+            ok(&format!("{what} (CUDA)"), st)?;
             if nq > 0 {
                 self.compare(what, &dout, &out)
             } else {
                 // SAFETY: our live stream; the rows stay allocated until it is done.
                 unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| format!("{what}: stream: {e:?}"))
+            }
+        }
+
+        /// `call` captured on the stream into a graph (global mode: a call that would
+        /// synchronize, or that any thread makes on the legacy stream, ends the capture with an
+        /// error), then the graph launched on the stream once. Returns the call's status.
+        fn captured(&self, what: &str, call: impl FnOnce() -> kivi_status) -> Result<kivi_status, String> {
+            let err = |step: &str, e: drv::DriverError| format!("{what}: {step}: {e:?}");
+            // SAFETY: our live stream; the graph and its instance are destroyed below.
+            unsafe {
+                let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL;
+                drv::stream::begin_capture(self.stream, mode).map_err(|e| err("cuStreamBeginCapture", e))?;
+                let st = call();
+                let graph = drv::stream::end_capture(self.stream).map_err(|e| err("the capture failed", e))?;
+                let res = (|| {
+                    let exec = drv::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0))
+                        .map_err(|e| err("cuGraphInstantiate", e))?;
+                    let run = drv::graph::launch(exec, self.stream).map_err(|e| err("cuGraphLaunch", e));
+                    let _ = drv::stream::synchronize(self.stream);
+                    let _ = drv::graph::exec_destroy(exec);
+                    run
+                })();
+                let _ = drv::graph::destroy(graph);
+                if st == kivi_status::KIVI_OK {
+                    res?;
+                }
+                Ok(st)
             }
         }
 
@@ -870,6 +904,16 @@ mod c_abi {
                 r.both(&format!("decode after fork (step {step}, layer {layer})"), r.gpu, 3, 3, &f)?;
             }
         }
+        // Steps captured into CUDA graphs, one graph per call: 33 steps take sequence 0 across
+        // a group's flush (its quantization, and a block-table entry where a page is new).
+        r.capture = true;
+        for step in 0..33 {
+            for layer in 0..LAYERS {
+                let f = decode(&[2, 1, 0], layer);
+                r.both(&format!("decode captured in a graph (step {step}, layer {layer})"), r.gpu, 3, 3, &f)?;
+            }
+        }
+        r.capture = false;
         let f = |c: *mut kivi_cache, _: &kivi_rows, _: &kivi_rows, q: &kivi_rows, o: &kivi_rows_mut| {
             // SAFETY: as above.
             unsafe { kivi_attend(c, 1, 0, q, o, null()) }
