@@ -347,6 +347,32 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     }
     const float bias = Cz[0] + Cz[2];
 
+#if MMA_VLANE
+    // The values' pointers and scales (see the values below), read before the softmax.
+    const u8* vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
+    const u32 r0 = 2 * MMA_NT * t;  // this lane's first token
+    // Token r0's scale of this lane's value group, and its zero point of value group g (an index
+    // inside the row for every lane: columns past KV_NG are unused). Offsets from here are
+    // constants, so that every load takes its address as an immediate.
+    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + (r0 * KV_NG + MMA_NJ * g / KV_VG);
+    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
+    const u32 voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;  // this lane's first byte in the word
+    // Rows (tokens) of b0 in k-step kk: NT*2t + 2kk and NT*(2t+1) + 2kk; of b1: the next ones.
+    // sa, sb: their value scales as f16 pairs, all loaded first to choose the path (here, before
+    // the softmax, so that the loads and the vote overlap the scores' mmas).
+    u32 sa[MMA_KK], sb[MMA_KK];
+    u32 big = 0u;
+#pragma unroll
+    for (int kk = 0; kk < MMA_KK; kk++) {
+        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
+        sa[kk] = (u32)vsp[ia0 * KV_NG] | ((u32)vsp[ia1 * KV_NG] << 16);
+        sb[kk] = (u32)vsp[(ia0 + 1) * KV_NG] | ((u32)vsp[(ia1 + 1) * KV_NG] << 16);
+        // Bit 15 of a half set when |vs| >= 64 (0x5400), infinities and NaN included.
+        big |= ((sa[kk] & 0x7fff7fffu) + 0x2c002c00u) | ((sb[kk] & 0x7fff7fffu) + 0x2c002c00u);
+    }
+    const bool fold = !__any_sync(0xffffffffu, big & 0x80008000u);
+#endif
+
     // Online softmax of row g over its 2 * NT scores in this lane and the 3 other lanes of the row.
     float pp[MMA_NT][2];
     float bm = KV_NEG_INF;
@@ -370,12 +396,15 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
             bm = fmaxf(bm, x);
         }
     }
-    bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 1));
-    bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 2));
-    // The four lanes of a row agree on bm and st.m, so on whether the row's maximum moves.
-    const bool grow = bm > st.m + MMA_RESCALE;
+    // Some row's maximum moves when some lane of it sees a score past st.m + MMA_RESCALE (the
+    // four lanes of a row agree on st.m): the vote needs no shuffles, and the row's maximum
+    // itself is gathered only in the rare groups where it moves.
 #ifndef KV_COST_PROBE  // (the static cost counts the path of groups that do not rescale)
-    if (__any_sync(0xffffffffu, grow)) {
+    if (__any_sync(0xffffffffu, bm > st.m + MMA_RESCALE)) {
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 1));
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 2));
+        // The four lanes of a row agree on bm and st.m, so on whether the row's maximum moves.
+        const bool grow = bm > st.m + MMA_RESCALE;
         const float corr = grow ? ex2(st.m - bm) : 1.0f;  // 0 while the row had no score
         if (grow) st.m = bm;
         st.l *= corr;
@@ -409,27 +438,7 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     // of their own, one more mma per k-step into zacc (B column n = value group n), added to every
     // channel of the group at the end. Lane g reads its channels' bits of a token with one load,
     // and a prmt puts one byte of two tokens side by side.
-    const u8* vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
-    const u32 r0 = 2 * MMA_NT * t;  // this lane's first token
-    // Token r0's scale of this lane's value group, and its zero point of value group g (an index
-    // inside the row for every lane: columns past KV_NG are unused). Offsets from here are
-    // constants, so that every load takes its address as an immediate.
-    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + (r0 * KV_NG + MMA_NJ * g / KV_VG);
-    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
-    const u32 voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;  // this lane's first byte in the word
-    // Rows (tokens) of b0 in k-step kk: NT*2t + 2kk and NT*(2t+1) + 2kk; of b1: the next ones.
-    // sa, sb: their value scales as f16 pairs, all loaded first to choose the path.
-    u32 sa[MMA_KK], sb[MMA_KK];
-    u32 big = 0u;
-#pragma unroll
-    for (int kk = 0; kk < MMA_KK; kk++) {
-        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
-        sa[kk] = (u32)vsp[ia0 * KV_NG] | ((u32)vsp[ia1 * KV_NG] << 16);
-        sb[kk] = (u32)vsp[(ia0 + 1) * KV_NG] | ((u32)vsp[(ia1 + 1) * KV_NG] << 16);
-        // Bit 15 of a half set when |vs| >= 64 (0x5400), infinities and NaN included.
-        big |= ((sa[kk] & 0x7fff7fffu) + 0x2c002c00u) | ((sb[kk] & 0x7fff7fffu) + 0x2c002c00u);
-    }
-    if (!__any_sync(0xffffffffu, big & 0x80008000u)) {
+    if (fold) {
         mma_values<true>(st, pp, vcp, vzp, sa, sb, magic, voff);
     }
 #ifndef KV_COST_PROBE  // (the static cost counts the path of groups whose value scales are below 64)
