@@ -10,13 +10,14 @@ estimates the cycles one group costs a multiprocessor, the largest of: issue (4 
 instruction each per cycle), the integer pipes (half rate on sm_80/sm_90), shared memory (128
 bytes per cycle: one wavefront for a warp's 32-bit access, two for 64-bit, four for 128-bit,
 bank conflicts not counted), and the tensor cores (an m16n8k16 f16 mma takes one of the four
-sub-partitions' tensor cores 4 cycles at the full rate of an H100/H200); this assumes the pipes
+sub-partitions' tensor cores 4 cycles at the full rate of an H100/H200, `--hmma-cycles` for
+another rate: Hopper's full rate is wgmma's, and mma.sync may not reach it); this assumes the pipes
 overlap perfectly, so it is a lower bound. It compares that with the cycles the group's bytes take at a
 device's memory bandwidth: while the first is larger, the kernel is bound by instructions, not
 by memory.
 
 Usage: sass_mix.py DIR [--nvdisasm PATH] [--bandwidth-gbs 4800 --sms 132 --clock-ghz 1.98]
-(the defaults are an H200's).
+[--hmma-cycles 4] (the defaults are an H200's).
 """
 import argparse
 import collections
@@ -105,6 +106,8 @@ def main():
     ap.add_argument("--bandwidth-gbs", type=float, default=4800)
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--clock-ghz", type=float, default=1.98)
+    ap.add_argument("--hmma-cycles", type=float, default=HMMA_CYCLES,
+                    help="tensor-core cycles of one sub-partition per HMMA.16816")
     a = ap.parse_args()
     tool = nvdisasm_path(a.nvdisasm)
     for path in sorted(glob.glob(os.path.join(a.dir, "decode-kivi*.cubin"))):
@@ -116,7 +119,7 @@ def main():
         issue = n / 4
         int_pipe = sum(c for o, c in mix.items() if o in INT) * 2 / 4
         shared = sum(wavefronts(o, mods) for o, mods in body)
-        tensor = mix["HMMA"] * HMMA_CYCLES / 4
+        tensor = mix["HMMA"] * a.hmma_cycles / 4
         cycles = max(issue, int_pipe, shared, tensor)
         # One group of 32 tokens of one KV head of 128 channels: codes, f16 scales and zeros.
         group_bytes = 2 * 32 * 128 * bits // 8 + 2 * 2 * 128 + 2 * 2 * 32 * 4
