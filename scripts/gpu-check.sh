@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA backend on a CUDA machine, in one run of at most 7.8 minutes (the timeouts below): the
 # device and its libraries, CUDA against the CPU backend on identical random inputs (with and
-# without the tensor-core decode; the C ABI on a stream; Python with PyTorch tensors), then the
-# decode benchmark with the PyTorch fp16 baseline and the copy bandwidth. Needs no Rust: build
+# without the tensor-core decode; the C ABI on a stream, with decode steps captured into CUDA
+# graphs; Python with PyTorch tensors), then the decode benchmark with the PyTorch fp16
+# baseline and the copy bandwidth. Needs no Rust: build
 # the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
