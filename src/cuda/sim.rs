@@ -167,6 +167,24 @@ fn module(family: Family, spec: &Spec, ucontext: bool) -> Arc<Module> {
 
 thread_local! {
     static UCONTEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Macros added to this thread's attention modules ([`with_defines`]).
+    static DEFINES: std::cell::RefCell<Vec<(&'static str, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `defines` added to the attention modules this thread's launches use: the
+/// variants of the tensor-core decode that `scripts/gpu-sweep.sh` times (`KV_MMA_STAGES`,
+/// `KV_MMA_BLOCKS`), which a GPU gets through `KIVI_NVRTC_OPTS`.
+#[cfg(test)]
+pub(crate) fn with_defines<R>(defines: &[(&'static str, u64)], f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DEFINES.with_borrow_mut(Vec::clear);
+        }
+    }
+    DEFINES.set(defines.to_vec());
+    let _reset = Reset;
+    f()
 }
 
 /// Runs `f` with this thread's launches on modules whose fibers switch with ucontext, the
@@ -189,19 +207,15 @@ pub(crate) fn with_ucontext<R>(f: impl FnOnce() -> R) -> R {
 /// block's threads cannot all progress (a barrier or collective not reached by all).
 pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'_>, grid: (u32, u32, u32), block: u32) {
     let p = |r: *const u8| r as *const c_void;
+    let attn = |nq: usize| DEFINES.with_borrow(|d| d.iter().fold(attn(nq), |s, &(n, v)| s.with(n, v)));
+    let q = Family::Quantize.entries();
     let (family, spec, name, params) = match k {
-        Kernel::SetBlocks(x) => (Family::Quantize, quant.clone(), "kv_set_blocks", p(x as *const _ as _)),
-        Kernel::Quantize(x) => (Family::Quantize, quant.clone(), "kv_quantize", p(x as *const _ as _)),
-        Kernel::Write(x) => (Family::Quantize, quant.clone(), "kv_window_write", p(x as *const _ as _)),
-        Kernel::Unquant(x) => (Family::Quantize, quant.clone(), "kv_unquantize", p(x as *const _ as _)),
-        Kernel::Attn(f, nq, x) => {
-            let name = if f == Family::Decode { "kv_decode_attn" } else { "kv_prefill_attn" };
-            (f, attn(nq), name, p(x as *const _ as _))
-        }
-        Kernel::Combine(f, nq, x) => {
-            let name = if f == Family::Decode { "kv_decode_combine" } else { "kv_prefill_combine" };
-            (f, attn(nq), name, p(x as *const _ as _))
-        }
+        Kernel::SetBlocks(x) => (Family::Quantize, quant.clone(), q[0], p(x as *const _ as _)),
+        Kernel::Quantize(x) => (Family::Quantize, quant.clone(), q[1], p(x as *const _ as _)),
+        Kernel::Write(x) => (Family::Quantize, quant.clone(), q[2], p(x as *const _ as _)),
+        Kernel::Unquant(x) => (Family::Quantize, quant.clone(), q[3], p(x as *const _ as _)),
+        Kernel::Attn(f, nq, x) => (f, attn(nq), f.entries()[0], p(x as *const _ as _)),
+        Kernel::Combine(f, nq, x) => (f, attn(nq), f.entries()[1], p(x as *const _ as _)),
         Kernel::Mma(nq, x) => (Family::Decode, attn(nq), "kv_decode_mma", p(x as *const _ as _)),
     };
     let ucontext = UCONTEXT.get();

@@ -476,6 +476,18 @@ fn simulated_kernels_on_ucontext_fibers() {
     assert!(sim::launches_of("ucontext") > 0, "no launch took the ucontext modules");
 }
 
+/// The tensor-core decode's variants that `scripts/gpu-sweep.sh` times (3 staging buffers per
+/// warp, registers for 4 blocks per multiprocessor) against the CPU cache, over long contexts
+/// (many groups per warp, so that the ring of buffers turns).
+#[test]
+fn simulated_tensor_core_variants() {
+    for (name, value) in [("KV_MMA_STAGES", 3), ("KV_MMA_BLOCKS", 4)] {
+        let before = sim::launches_of("kv_decode_mma");
+        sim::with_defines(&[(name, value)], || long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 2000 }));
+        assert!(sim::launches_of("kv_decode_mma") > before, "{name}={value}: the tensor-core path never ran");
+    }
+}
+
 #[test]
 fn simulated_batched_decode_of_many_sequences() {
     batched_decode(SIM, 66, if cfg!(debug_assertions) { 3 } else { 34 });
