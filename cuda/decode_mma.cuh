@@ -31,6 +31,9 @@
 //       which is where the QK accumulators of n-tiles 2kk and 2kk+1 left the weights;
 //       n-tile jj, column n <-> channel NJ * n + jj (MMA_VLANE: each lane's channels are
 //       adjacent) or 8 * jj + n (other head sizes).
+// Blocks of at most 4 query vectors (decode at GQA ratios up to 4) compute both products
+// transposed instead, codes as A and the queries' parts as the 8 columns of B, with the same
+// tokens and channels in each lane (MMA_T, mma_group_t).
 // The full-precision tokens (sinks, window, the new token) are read from their own storage by
 // split 0 of the same kernel, with the CUDA-core body of attn.cuh; kv_decode_combine merges.
 #pragma once
@@ -69,6 +72,16 @@
 #define MMA_STAGES (8 * MMA_QROW * 4 + KV_MMA_STAGES * KV_WARPS * MMA_STAGE + 256 <= 48000 ? KV_MMA_STAGES : 2)
 #define MMA_BUF_FOR(s) ((s) * KV_WARPS * MMA_STAGE > MMA_MERGE ? (s) * KV_WARPS * MMA_STAGE : MMA_MERGE)
 #define MMA_BUF MMA_BUF_FOR(MMA_STAGES)
+// Transposed products (MMA_T) for blocks of at most 4 query vectors (decode at GQA ratios up to
+// 4) in the common layouts: the key and value codes are the A operands, 16 tokens or channels a
+// tile, and the 8 columns of B are the hi and lo parts of 4 query vectors, so that no mma row is
+// left empty (untransposed, 4 vectors fill 8 of the 16 rows): per group at G = 32, head_dim
+// 128, 42 mmas instead of 82, half the accumulators, and 4 scores a lane instead of 8.
+// KV_MMA_T=0 keeps the untransposed products (scripts/gpu-sweep.sh times both).
+#ifndef KV_MMA_T
+#define KV_MMA_T 1
+#endif
+#define MMA_T (KV_MMA_T && KV_NQ <= 4 && MMA_VLANE)
 // Must match mma_layout() in src/cuda/kernels.rs. G is 16, 32 or 64: a lane's NT key codes of a
 // channel then never straddle two 32-bit words of its run (with G = 48 they would).
 #define KV_MMA_OK                                                                                        \
@@ -79,7 +92,8 @@
 #if KV_MMA_OK
 struct MmaShared {
     // The scaled queries as f16 pairs: qhl[v][c] = hi of channels (c, c+1), qhl[v][c + 1] = lo,
-    // for even c (hi = f16(x), lo = f16(x - hi)).
+    // for even c (hi = f16(x), lo = f16(x - hi)). MMA_T: the columns of mma_group_t's B, in
+    // words c .. c + 3 for c a multiple of 4 (see the kernel).
     u32 qhl[8][MMA_QROW];
     float wm[KV_WARPS][8], wl[KV_WARPS][8];
     int lo[8], hi[8];
@@ -164,11 +178,15 @@ __device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 k
 }
 
 struct MmaState {
-    float m, l;  // row g's running maximum (log2 units); this lane's part of the row's sum
-    float acc[MMA_NJ][4];
+    // Row g's (MMA_T: query vector t's) running maximum (log2 units); this lane's part of its sum.
+    float m, l;
+    // MMA_T: m-tile mj of the transposed output, rows g and g + 8 = channels NJ * g + 2mj and
+    // the next, columns 2t, 2t + 1 = the hi and lo parts of vector t.
+    float acc[MMA_T ? MMA_NJ / 2 : MMA_NJ][4];
 #if MMA_VLANE
     // The value zero points' part of the output, sum_t p[h][t] * vz[t][n] for value group n
-    // (columns n >= KV_NG unused): one more mma per k-step (see the values).
+    // (columns n >= KV_NG unused; MMA_T: rows g < KV_NG, columns of the vectors): one more mma
+    // per k-step (see the values).
     float zacc[4];
 #endif
 };
@@ -190,6 +208,53 @@ struct MmaState {
 #define MMA_LN2 0.6931471805599453f
 #define MMA_RESCALE 11.0f
 
+// Where this lane's key bits lie in every channel's run: tokens NT * g .. NT * g + NT - 1 from bit
+// NT * g * KB, in word kwi at bit ksh; ksel picks them with one prmt when they are one or two
+// whole bytes (bytes kb and kb + 1 of the first word to bytes 0 and 1, of the second to 2 and 3).
+struct KeyLane {
+    u32 kwi, ksh, ksel;
+};
+__device__ __forceinline__ KeyLane key_lane(u32 g) {
+    const u32 bit0 = MMA_NT * g * KV_KB, ksh = bit0 & 31, kb = ksh >> 3;
+    return {bit0 >> 5, ksh,
+            MMA_NT * KV_KB == 8 ? kb | ((kb + 4) << 8) : kb | ((kb + 1) << 4) | ((kb + 4) << 8) | ((kb + 5) << 12)};
+}
+
+// This lane's bits of channels c0 .. c0 + 3, channel pairs side by side: c0's in the low half of
+// lo01, c0 + 1's in its high half (the low 16 bits, then the high 16 in hi01, when they take a
+// whole word), c0 + 2 and c0 + 3 in lo89 (hi89).
+struct KeyBits {
+    u32 lo01, lo89, hi01, hi89;
+};
+__device__ __forceinline__ KeyBits key_bits(const u8* buf, u32 c0, const KeyLane& kl) {
+    const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kl.kwi];
+    const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kl.kwi];
+    const u32 w8 = ((const u32*)(buf + (c0 + 2) * KV_K_RUN))[kl.kwi];
+    const u32 w9 = ((const u32*)(buf + (c0 + 3) * KV_K_RUN))[kl.kwi];
+    KeyBits b = {0u, 0u, 0u, 0u};
+    if (MMA_NT * KV_KB == 8 || MMA_NT * KV_KB == 16) {
+        b.lo01 = prmt(w0, w1, kl.ksel);
+        b.lo89 = prmt(w8, w9, kl.ksel);
+    } else {
+        b.lo01 = prmt(w0 >> kl.ksh, w1 >> kl.ksh, 0x5410);
+        b.lo89 = prmt(w8 >> kl.ksh, w9 >> kl.ksh, 0x5410);
+        if (MMA_NT * KV_KB > 16) {
+            b.hi01 = prmt(w0 >> kl.ksh, w1 >> kl.ksh, 0x7632);
+            b.hi89 = prmt(w8 >> kl.ksh, w9 >> kl.ksh, 0x7632);
+        }
+    }
+    return b;
+}
+
+// The f16 pair of the lane's token j (0 .. NT - 1) of a channel pair, from its lo and hi bits:
+// 1024 + code * 2^KP, or the code itself where KP is 0 (see mma_group).
+__device__ __forceinline__ u32 key_operand(u32 lo, u32 hi, u32 j, u32 magic) {
+    const u32 o = j * KV_KB;  // bit of the token after the shift (below 32)
+    const u32 kmask2 = KV_LEVELS_K | (KV_LEVELS_K << 16);
+    const u32 b = (((o < 16 ? lo : hi) >> MMA_KSH(o)) & (kmask2 << MMA_KP(o))) | magic;
+    return MMA_KP(o) == 0 ? sub_h2(b, magic) : b;
+}
+
 // Bit offset of n-tile jj's value codes in their byte (MMA_VLANE): its accumulators hold
 // 2^MMA_VP(jj) times its channels' sums (mma_values), scaled back once, when the warps merge.
 #define MMA_VP(jj) (((jj) * KV_VB) % 8)
@@ -200,8 +265,92 @@ __device__ __forceinline__ void mma_scale_values(MmaState& st, int dir) {
 #pragma unroll
     for (int jj = 0; jj < MMA_NJ; jj++) {
         const float f = dir > 0 ? (float)(1u << MMA_VP(jj)) : 1.0f / (float)(1u << MMA_VP(jj));
+#if MMA_T
+        // n-tile jj is row half jj % 2 of m-tile jj / 2.
+        st.acc[jj / 2][2 * (jj % 2)] *= f;
+        st.acc[jj / 2][2 * (jj % 2) + 1] *= f;
+#else
 #pragma unroll
         for (int r = 0; r < 4; r++) st.acc[jj][r] *= f;
+#endif
+    }
+}
+#endif
+
+#if MMA_VLANE
+// What lane 4g + t reads of a group's values (MMA_VLANE): vcp, its channels' codes of token r0 =
+// 2 NT t, its first token (voff: its first byte in the word, when it reads 16 bits); vzp, token
+// r0's zero point of value group g (an index inside the row for every lane: columns past KV_NG
+// are unused); sa[kk], sb[kk], the value scales of the tokens of b0 (NT * 2t + 2kk and NT * (2t
+// + 1) + 2kk) and of b1 (the next ones) in k-step kk, as f16 pairs, for this lane's value group;
+// fold: whether every scale of the group is below 64 in magnitude (the path of mma_values).
+// Offsets from vcp, vzp are constants, so that every load takes its address as an immediate.
+struct ValueLane {
+    const u8* vcp;
+    const u16* vzp;
+    u32 voff;
+    u32 sa[MMA_KK], sb[MMA_KK];
+    bool fold;
+};
+__device__ __forceinline__ void value_lane(const u8* buf, u32 g, u32 t, ValueLane& vl) {
+    vl.vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
+    const u32 r0 = 2 * MMA_NT * t;
+    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + (r0 * KV_NG + MMA_NJ * g / KV_VG);
+    vl.vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
+    vl.voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;
+    u32 big = 0u;
+#pragma unroll
+    for (int kk = 0; kk < MMA_KK; kk++) {
+        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
+        vl.sa[kk] = (u32)vsp[ia0 * KV_NG] | ((u32)vsp[ia1 * KV_NG] << 16);
+        vl.sb[kk] = (u32)vsp[(ia0 + 1) * KV_NG] | ((u32)vsp[(ia1 + 1) * KV_NG] << 16);
+        // Bit 15 of a half set when |vs| >= 64 (0x5400), infinities and NaN included.
+        big |= ((vl.sa[kk] & 0x7fff7fffu) + 0x2c002c00u) | ((vl.sb[kk] & 0x7fff7fffu) + 0x2c002c00u);
+    }
+    vl.fold = !__any_sync(0xffffffffu, big & 0x80008000u);
+}
+
+// The B operand (A, transposed) of the codes at bit p of the bytes x of two tokens, with their
+// scales s (and n = -1024 * s when FOLD): see mma_values.
+template <bool FOLD>
+__device__ __forceinline__ u32 value_operand(u32 x, int p, u32 s, u32 n, u32 magic) {
+    const u32 vm = (KV_LEVELS_V << p) * 0x00010001u;
+    if (FOLD) return fma_h2((x & vm) | magic, s, n);
+    // 2^(10 - p) in both halves: the code's lowest bit at 1.
+    const u32 e = magic - (((u32)p << 10) * 0x00010001u);
+    return mul_h2(sub_h2((x & vm) | e, e), s);
+}
+#endif
+
+#if MMA_VLANE
+// The zero points of k-step kk's tokens (za: those of b0, zb: of b1) as f16 pairs, and, when
+// FOLD, -1024 times their scales (na, nb).
+struct ValueStep {
+    u32 za, zb, na, nb;
+};
+template <bool FOLD>
+__device__ __forceinline__ ValueStep value_step(const ValueLane& vl, int kk, u32 magic) {
+    const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
+    return {(u32)vl.vzp[ia0 * KV_NG] | ((u32)vl.vzp[ia1 * KV_NG] << 16),
+            (u32)vl.vzp[(ia0 + 1) * KV_NG] | ((u32)vl.vzp[(ia1 + 1) * KV_NG] << 16),
+            FOLD ? mul_h2(magic ^ 0x80008000u, vl.sa[kk]) : 0u, FOLD ? mul_h2(magic ^ 0x80008000u, vl.sb[kk]) : 0u};
+}
+
+// f(jj0, xa, xb) for each byte of this lane's value codes in k-step kk: xa holds that byte of
+// b0's two tokens (one in each half), xb of b1's; jj0 is the n-tile of the byte's bit 0.
+template <class F>
+__device__ __forceinline__ void value_bytes(const ValueLane& vl, int kk, F&& f) {
+    const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
+#pragma unroll
+    for (int w = 0; w < (MMA_VLB + 31) / 32; w++) {
+        const u32 xa0 = ((const u32*)(vl.vcp + ia0 * KV_V_ROW))[w], xa1 = ((const u32*)(vl.vcp + ia1 * KV_V_ROW))[w];
+        const u32 xb0 = ((const u32*)(vl.vcp + (ia0 + 1) * KV_V_ROW))[w];
+        const u32 xb1 = ((const u32*)(vl.vcp + (ia1 + 1) * KV_V_ROW))[w];
+#pragma unroll
+        for (int by = 0; by < (MMA_VLB < 32 ? MMA_VLB : 32) / 8; by++) {
+            const u32 sel = (by + vl.voff) | ((by + vl.voff + 4) << 8);
+            f((32 * w + 8 * by) / KV_VB, prmt(xa0, xa1, sel), prmt(xb0, xb1, sel));
+        }
     }
 }
 #endif
@@ -216,51 +365,188 @@ __device__ __forceinline__ void mma_scale_values(MmaState& st, int dir) {
 // LOP3, subtracted after), added to the accumulators while they hold true sums, so that no
 // scale the cache can store overflows there.
 template <bool FOLD>
-__device__ __forceinline__ void mma_values(MmaState& st, const float (&pp)[MMA_NT][2], const u8* vcp, const u16* vzp,
-                                           const u32 (&sa)[MMA_KK], const u32 (&sb)[MMA_KK], u32 magic, u32 voff) {
+__device__ __forceinline__ void mma_values(MmaState& st, const float (&pp)[MMA_NT][2], const ValueLane& vl, u32 magic) {
     // The exact path adds true sums: the accumulators are scaled to them and back (exact in f32).
     if (!FOLD) mma_scale_values(st, -1);
 #pragma unroll
     for (int kk = 0; kk < MMA_KK; kk++) {
-        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
         u32 a0, a1, a2, a3;
         split_pair(pp[2 * kk][0], pp[2 * kk][1], a0, a1);
         split_pair(pp[2 * kk + 1][0], pp[2 * kk + 1][1], a2, a3);
-        const u32 za = (u32)vzp[ia0 * KV_NG] | ((u32)vzp[ia1 * KV_NG] << 16);
-        const u32 zb = (u32)vzp[(ia0 + 1) * KV_NG] | ((u32)vzp[(ia1 + 1) * KV_NG] << 16);
-        mma16816(st.zacc, a0, a1, a2, a3, za, zb);
-        // -1024 * vs of the two tokens of b0 (na) and of b1 (nb).
-        const u32 na = FOLD ? mul_h2(magic ^ 0x80008000u, sa[kk]) : 0u;
-        const u32 nb = FOLD ? mul_h2(magic ^ 0x80008000u, sb[kk]) : 0u;
+        const ValueStep vs = value_step<FOLD>(vl, kk, magic);
+        mma16816(st.zacc, a0, a1, a2, a3, vs.za, vs.zb);
+        value_bytes(vl, kk, [&](int jj0, u32 xa, u32 xb) {
 #pragma unroll
-        for (int w = 0; w < (MMA_VLB + 31) / 32; w++) {
-            const u32 xa0 = ((const u32*)(vcp + ia0 * KV_V_ROW))[w], xa1 = ((const u32*)(vcp + ia1 * KV_V_ROW))[w];
-            const u32 xb0 = ((const u32*)(vcp + (ia0 + 1) * KV_V_ROW))[w];
-            const u32 xb1 = ((const u32*)(vcp + (ia1 + 1) * KV_V_ROW))[w];
-#pragma unroll
-            for (int by = 0; by < (MMA_VLB < 32 ? MMA_VLB : 32) / 8; by++) {
-                const u32 sel = (by + voff) | ((by + voff + 4) << 8);
-                const u32 xa = prmt(xa0, xa1, sel), xb = prmt(xb0, xb1, sel);
-#pragma unroll
-                for (int p = 0; p < 8; p += KV_VB) {
-                    const int jj = (32 * w + 8 * by + p) / KV_VB;
-                    const u32 vm = (KV_LEVELS_V << p) * 0x00010001u;
-                    if (FOLD) {
-                        const u32 b0 = fma_h2((xa & vm) | magic, sa[kk], na);
-                        const u32 b1 = fma_h2((xb & vm) | magic, sb[kk], nb);
-                        mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
-                    } else {
-                        // 2^(10 - p) in both halves: the code's lowest bit at 1.
-                        const u32 e = magic - (((u32)p << 10) * 0x00010001u);
-                        const u32 b0 = mul_h2(sub_h2((xa & vm) | e, e), sa[kk]);
-                        const u32 b1 = mul_h2(sub_h2((xb & vm) | e, e), sb[kk]);
-                        mma16816(st.acc[jj], a0, a1, a2, a3, b0, b1);
-                    }
-                }
+            for (int p = 0; p < 8; p += KV_VB) {
+                const u32 b0 = value_operand<FOLD>(xa, p, vl.sa[kk], vs.na, magic);
+                const u32 b1 = value_operand<FOLD>(xb, p, vl.sb[kk], vs.nb, magic);
+                mma16816(st.acc[jj0 + p / KV_VB], a0, a1, a2, a3, b0, b1);
             }
-        }
+        });
     }
     if (!FOLD) mma_scale_values(st, 1);
+}
+#endif
+
+#if MMA_T
+// The values' mmas of one group, transposed (see mma_group_t): A = the value codes times their
+// scales, exactly the B operands of mma_values (n-tile jj even: rows g of m-tile jj / 2, odd:
+// rows g + 8), B = the weights wb[kk] (hi, lo of each vector), A = the zero points (row g:
+// value group g) for zacc. FOLD as in mma_values.
+template <bool FOLD>
+__device__ __forceinline__ void mma_values_t(MmaState& st, const u32 (&wb)[MMA_KK][2], const ValueLane& vl, u32 magic) {
+    if (!FOLD) mma_scale_values(st, -1);
+#pragma unroll
+    for (int kk = 0; kk < MMA_KK; kk++) {
+        const ValueStep vs = value_step<FOLD>(vl, kk, magic);
+        mma16816(st.zacc, vs.za, 0u, vs.zb, 0u, wb[kk][0], wb[kk][1]);
+        value_bytes(vl, kk, [&](int jj0, u32 xa, u32 xb) {
+            // Two n-tiles of the untransposed layout (bit offsets p and p + VB) make one m-tile.
+#pragma unroll
+            for (int p = 0; p < 8; p += 2 * KV_VB) {
+                const u32 a0 = value_operand<FOLD>(xa, p, vl.sa[kk], vs.na, magic);
+                const u32 a1 = value_operand<FOLD>(xa, p + KV_VB, vl.sa[kk], vs.na, magic);
+                const u32 a2 = value_operand<FOLD>(xb, p, vl.sb[kk], vs.nb, magic);
+                const u32 a3 = value_operand<FOLD>(xb, p + KV_VB, vl.sb[kk], vs.nb, magic);
+                mma16816(st.acc[(jj0 + p / KV_VB) / 2], a0, a1, a2, a3, wb[kk][0], wb[kk][1]);
+            }
+        });
+    }
+    if (!FOLD) mma_scale_values(st, 1);
+}
+
+// One group with the transposed products, for at most 4 query vectors: lane 4g + t keeps
+// vector t's scores of its tokens NT * g .. NT * g + NT - 1 (those of mma_group) and its output
+// channels NJ * g .. NJ * g + NJ - 1.
+//   scores  S^T[tok][n] = sum_c code[c][tok] * (q * ks)[n][c]: A = key codes, m-tile mt rows g
+//           and g + 8 = tokens NT * g + 2mt and the next (the lane's bits, as in mma_group), B
+//           column n = the hi (n even) or lo (n odd) part of vector n / 2's q * ks;
+//   output  O^T[c][n] = sum_tok code[tok][c] * vs * p[n][tok]: A = the value operands of
+//           mma_values, B = the weights, moved from the scores' C layout (token rows) to the
+//           B layout (token columns) by one movmatrix per 8 tokens.
+// The bias terms of mma_group (1024 * sum(q * ks) and sum q * kz) come from one mma per k-step
+// whose A rows are B's columns (k < 8) next to the raw query's parts (k >= 8), against B
+// columns of 1024 and of kz; they are gathered from lanes 4n, 4n + 1 (column n) into vector
+// t's lanes by shuffles.
+template <bool SOFTCAP, bool EDGE>
+__device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared& sh, MmaState& st, const u8* buf, u32 u,
+                                            u32 nvec) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u32 p0 = KV_SINKS + u * KV_G;
+    const u32* qrow = sh.qhl[g];
+    const u16* ksp = (const u16*)(buf + MMA_KS_OFF);
+    const u16* kzp = (const u16*)(buf + MMA_KZ_OFF);
+    float S[MMA_KK][4];
+#pragma unroll
+    for (int mt = 0; mt < MMA_KK; mt++) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.0f;
+    float C[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const KeyLane kl = key_lane(g);
+    const u32 magic = sh.magic;
+    // B of the bias mma: column 0 = (1024, 0), column 1 = (0, kz of channels c0, c0 + 1),
+    // column 2 = (0, kz of c0 + 2, c0 + 3); the others unused.
+    const u32 zb0 = g == 0 ? magic : 0u, zkeep = g == 0 ? 0u : 0xffffffffu;
+    const u16* kzq = kzp + (g == 2 ? 2 : 0);
+#pragma unroll
+    for (int k = 0; k < MMA_KS; k++) {
+        const u32 c0 = 16 * k + 4 * t;
+        // Column g's parts: x = qh (n even) or ql (n odd), y = 0 or qh, for channels (c0, c0 + 1)
+        // and (c0 + 2, c0 + 3), in sh.qhl as y01, y89, x01, x89.
+        const Quadu qq = *(const Quadu*)(qrow + c0);
+        const Wordu2 ks = *(const Wordu2*)(ksp + c0);
+        const u32 kz = *(const u32*)(kzq + c0) & zkeep;
+        // hi = f16(qh * ks) and lo = f16(ql * ks + (qh * ks - hi)) as one expression:
+        // fma(x, ks, fms(y, ks, y * ks)); each takes the place of its y, so that (b0, b1, x01,
+        // x89) is the bias mma's A without moves.
+        const u32 b0 = fma_h2(qq.z, ks.x, fms_h2(qq.x, ks.x, mul_h2(qq.x, ks.x)));
+        const u32 b1 = fma_h2(qq.w, ks.y, fms_h2(qq.y, ks.y, mul_h2(qq.y, ks.y)));
+        // Rows g: b0 (k < 8), x01 (k >= 8); rows g + 8: b1, x89.
+        mma16816(C, b0, b1, qq.z, qq.w, zb0, kz);
+        const KeyBits kb = key_bits(buf, c0, kl);
+#pragma unroll
+        for (int mt = 0; mt < MMA_KK; mt++) {
+            const u32 j = 2 * mt;  // rows g: token j of the lane, rows g + 8: token j + 1
+            mma16816(S[mt], key_operand(kb.lo01, kb.hi01, j, magic), key_operand(kb.lo01, kb.hi01, j + 1, magic),
+                     key_operand(kb.lo89, kb.hi89, j, magic), key_operand(kb.lo89, kb.hi89, j + 1, magic), b0, b1);
+        }
+    }
+    // Column g's 1024 * sum(q * ks): C[g][0] + C[g + 8][0] in lane 4g; its sum q * kz: C[g][1]
+    // (lane 4g) + C[g + 8][2] (lane 4g + 1). Vector t's: columns 2t and 2t + 1, gathered in lane
+    // 8t.
+    float cb = C[0] + C[2], cz = t == 0 ? C[1] : t == 1 ? C[2] : 0.0f;
+    cz += __shfl_xor_sync(0xffffffffu, cz, 1);
+    cb += __shfl_xor_sync(0xffffffffu, cb, 4);
+    cz += __shfl_xor_sync(0xffffffffu, cz, 4);
+    cb = __shfl_sync(0xffffffffu, cb, 8 * t);
+    const float bias = __shfl_sync(0xffffffffu, cz, 8 * t);
+
+    // The values' pointers and scales, as in mma_group.
+    ValueLane vl;
+    value_lane(buf, g, t, vl);
+
+    // Vector t's scores of tokens NT * g + j, j = 2mt + i (hi and lo columns added).
+    float pp[MMA_NT];
+    float bm = KV_NEG_INF;
+#pragma unroll
+    for (int mt = 0; mt < MMA_KK; mt++) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int j = 2 * mt + i;
+            const u32 o = j * KV_KB;
+            const float f = 1.0f / (float)(1u << MMA_KP(o));
+            float x = MMA_KP(o) == 0 ? S[mt][2 * i] + S[mt][2 * i + 1] : ((S[mt][2 * i] + S[mt][2 * i + 1]) - cb) * f;
+            x += bias;
+            if (SOFTCAP) {
+                const float cap = P.softcap * MMA_LOG2E;
+                x = cap * tanhf(x / cap);
+            }
+            if (EDGE) {
+                const int pos = (int)(p0 + MMA_NT * g + j);
+                x = (t < nvec && pos >= sh.lo[t] && pos < sh.hi[t]) ? x : KV_NEG_INF;
+            }
+            pp[j] = x;
+            bm = fmaxf(bm, x);
+        }
+    }
+#ifndef KV_COST_PROBE  // (the static cost counts the path of groups that do not rescale)
+    if (__any_sync(0xffffffffu, bm > st.m + MMA_RESCALE)) {
+        // Vector t's maximum over the 8 lanes that hold its scores.
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 4));
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 8));
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 16));
+        const bool grow = bm > st.m + MMA_RESCALE;
+        const float corr = grow ? ex2(st.m - bm) : 1.0f;
+        if (grow) st.m = bm;
+        st.l *= corr;
+#pragma unroll
+        for (int mj = 0; mj < MMA_NJ / 2; mj++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) st.acc[mj][r] *= corr;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; r++) st.zacc[r] *= corr;
+    }
+#endif
+    const float mref = st.m == KV_NEG_INF ? 0.0f : st.m;
+    float sum = 0.0f;
+    // Each weight as its f16 hi and lo parts side by side (C layout: row g = the token, columns
+    // 2t, 2t + 1), then transposed into the B layout of the values (row = column g, tokens).
+    u32 wb[MMA_KK][2];
+#pragma unroll
+    for (int j = 0; j < MMA_NT; j++) {
+        const float x = ex2(pp[j] - mref);
+        sum += x;
+        const float hi = h2f(f2h(x));
+        wb[j / 2][j % 2] = movmatrix_t(f2h2(hi, x - hi));
+    }
+    st.l += sum;
+    if (vl.fold) {
+        mma_values_t<true>(st, wb, vl, magic);
+    }
+#ifndef KV_COST_PROBE
+    else {
+        mma_values_t<false>(st, wb, vl, magic);
+    }
+#endif
 }
 #endif
 
@@ -290,13 +576,7 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     for (int j = 0; j < MMA_NT; j++) S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
     float Cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float Cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    // This lane's tokens NT*g .. NT*g+NT-1 sit in bits bit0.. of every key run.
-    const u32 bit0 = MMA_NT * g * KV_KB, kwi = bit0 >> 5, ksh = bit0 & 31;
-    // When they are one or two whole bytes, a prmt picks them: bytes kb (and kb + 1) of the
-    // first word to bytes 0 (1), of the second to bytes 2 (3).
-    const u32 kb = ksh >> 3;
-    const u32 ksel = MMA_NT * KV_KB == 8 ? kb | ((kb + 4) << 8) : kb | ((kb + 1) << 4) | ((kb + 4) << 8) | ((kb + 5) << 12);
-    const u32 kmask2 = KV_LEVELS_K | (KV_LEVELS_K << 16);
+    const KeyLane kl = key_lane(g);
     // 1024 in both halves, read from shared memory so that it stays a register operand and
     // (a & imm) | magic is one LOP3 (which takes one immediate).
     const u32 magic = sh.magic;
@@ -313,34 +593,10 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
         const u32 a0 = mul_h2(q01.hi, ks01), a2 = mul_h2(q89.hi, ks89);
         const u32 a1 = fma_h2(q01.lo, ks01, fms_h2(q01.hi, ks01, a0));
         const u32 a3 = fma_h2(q89.lo, ks89, fms_h2(q89.hi, ks89, a2));
-        const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kwi];
-        const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kwi];
-        const u32 w8 = ((const u32*)(buf + (c0 + 2) * KV_K_RUN))[kwi];
-        const u32 w9 = ((const u32*)(buf + (c0 + 3) * KV_K_RUN))[kwi];
-        // Channel pairs side by side: this lane's bits of channel c in the low half, of c + 1 in
-        // the high half (the low 16 bits, then the high 16, when they take a whole word).
-        u32 lo01, lo89, hi01 = 0u, hi89 = 0u;
-        if (MMA_NT * KV_KB == 8 || MMA_NT * KV_KB == 16) {
-            lo01 = prmt(w0, w1, ksel);
-            lo89 = prmt(w8, w9, ksel);
-        } else {
-            lo01 = prmt(w0 >> ksh, w1 >> ksh, 0x5410);
-            lo89 = prmt(w8 >> ksh, w9 >> ksh, 0x5410);
-            if (MMA_NT * KV_KB > 16) {
-                hi01 = prmt(w0 >> ksh, w1 >> ksh, 0x7632);
-                hi89 = prmt(w8 >> ksh, w9 >> ksh, 0x7632);
-            }
-        }
+        const KeyBits kb = key_bits(buf, c0, kl);
 #pragma unroll
         for (int j = 0; j < MMA_NT; j++) {
-            const u32 o = j * KV_KB;  // bit of token NT*g+j after the shift (below 32)
-            const u32 x01 = (o < 16 ? lo01 : hi01) >> MMA_KSH(o), x89 = (o < 16 ? lo89 : hi89) >> MMA_KSH(o);
-            u32 b0 = (x01 & (kmask2 << MMA_KP(o))) | magic;
-            u32 b1 = (x89 & (kmask2 << MMA_KP(o))) | magic;
-            if (MMA_KP(o) == 0) {
-                b0 = sub_h2(b0, magic);
-                b1 = sub_h2(b1, magic);
-            }
+            const u32 b0 = key_operand(kb.lo01, kb.hi01, j, magic), b1 = key_operand(kb.lo89, kb.hi89, j, magic);
             mma16816(S[j], a0, a1, a2, a3, b0, b1);
         }
         if (MMA_SCALED_TILES) mma16816(Cb, a0, a1, a2, a3, magic, magic);
@@ -348,29 +604,10 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     const float bias = Cz[0] + Cz[2];
 
 #if MMA_VLANE
-    // The values' pointers and scales (see the values below), read before the softmax.
-    const u8* vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
-    const u32 r0 = 2 * MMA_NT * t;  // this lane's first token
-    // Token r0's scale of this lane's value group, and its zero point of value group g (an index
-    // inside the row for every lane: columns past KV_NG are unused). Offsets from here are
-    // constants, so that every load takes its address as an immediate.
-    const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + (r0 * KV_NG + MMA_NJ * g / KV_VG);
-    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
-    const u32 voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;  // this lane's first byte in the word
-    // Rows (tokens) of b0 in k-step kk: NT*2t + 2kk and NT*(2t+1) + 2kk; of b1: the next ones.
-    // sa, sb: their value scales as f16 pairs, all loaded first to choose the path (here, before
-    // the softmax, so that the loads and the vote overlap the scores' mmas).
-    u32 sa[MMA_KK], sb[MMA_KK];
-    u32 big = 0u;
-#pragma unroll
-    for (int kk = 0; kk < MMA_KK; kk++) {
-        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
-        sa[kk] = (u32)vsp[ia0 * KV_NG] | ((u32)vsp[ia1 * KV_NG] << 16);
-        sb[kk] = (u32)vsp[(ia0 + 1) * KV_NG] | ((u32)vsp[(ia1 + 1) * KV_NG] << 16);
-        // Bit 15 of a half set when |vs| >= 64 (0x5400), infinities and NaN included.
-        big |= ((sa[kk] & 0x7fff7fffu) + 0x2c002c00u) | ((sb[kk] & 0x7fff7fffu) + 0x2c002c00u);
-    }
-    const bool fold = !__any_sync(0xffffffffu, big & 0x80008000u);
+    // The values' pointers and scales (see the values below), read before the softmax, so that
+    // the loads and the vote on the path overlap the scores' mmas.
+    ValueLane vl;
+    value_lane(buf, g, t, vl);
 #endif
 
     // Online softmax of row g over its 2 * NT scores in this lane and the 3 other lanes of the row.
@@ -438,12 +675,12 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
     // of their own, one more mma per k-step into zacc (B column n = value group n), added to every
     // channel of the group at the end. Lane g reads its channels' bits of a token with one load,
     // and a prmt puts one byte of two tokens side by side.
-    if (fold) {
-        mma_values<true>(st, pp, vcp, vzp, sa, sb, magic, voff);
+    if (vl.fold) {
+        mma_values<true>(st, pp, vl, magic);
     }
 #ifndef KV_COST_PROBE  // (the static cost counts the path of groups whose value scales are below 64)
     else {
-        mma_values<false>(st, pp, vcp, vzp, sa, sb, magic, voff);
+        mma_values<false>(st, pp, vl, magic);
     }
 #endif
 #else
@@ -492,6 +729,12 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 #endif
 }
 
+#if MMA_T
+#define MMA_GROUP mma_group_t
+#else
+#define MMA_GROUP mma_group
+#endif
+
 // This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
 // staged MMA_STAGES - 1 groups ahead of the one computed (cp.async into a ring of MMA_STAGES
 // buffers per warp), and the page of the one after that read from the block table meanwhile, so
@@ -536,11 +779,11 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         const int first = KV_SINKS + u * KV_G;
 #ifndef KV_COST_PROBE  // (the static cost counts the path of groups inside every row's range)
         if (first < lo_max || first + KV_G > hi_min) {
-            mma_group<SOFTCAP, true>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
+            MMA_GROUP<SOFTCAP, true>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
         } else
 #endif
         {
-            mma_group<SOFTCAP, false>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
+            MMA_GROUP<SOFTCAP, false>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
         }
         __syncwarp();
         cur = cur == MMA_STAGES - 1 ? 0 : cur + 1;
@@ -587,12 +830,28 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     for (u32 i = tid; i < 4 * KV_HD; i += KV_THREADS) {
         u32 v = i / (KV_HD / 2), c = 2 * (i % (KV_HD / 2));
         float x0 = 0.0f, x1 = 0.0f;
-        if (v < nvec) {
+        if (!MMA_T && v < nvec) {
             const elem_t* q = P.q + (i64)(it.q_row0 + v / nh) * P.q_stride + (i64)(h0 + v % nh) * KV_HD + c;
             x0 = ld_elem(q) * (P.scale * MMA_LOG2E);
             x1 = ld_elem(q + 1) * (P.scale * MMA_LOG2E);
         }
+#if MMA_T
+        // Column n of the transposed scores' B: vector n / 2's hi (n even) or lo part, as x and y
+        // of mma_group_t (x = qh, y = 0 for even n; x = ql, y = qh for odd n).
+        if (v / 2 < nvec) {
+            const elem_t* q = P.q + (i64)(it.q_row0 + v / 2 / nh) * P.q_stride + (i64)(h0 + v / 2 % nh) * KV_HD + c;
+            x0 = ld_elem(q) * (P.scale * MMA_LOG2E);
+            x1 = ld_elem(q + 1) * (P.scale * MMA_LOG2E);
+        }
+        // Channels c, c + 1 in the four words from c & ~3: y01, y89, x01, x89.
+        u32 qh, ql;
+        split_pair(x0, x1, qh, ql);
+        const u32 w = (c & ~3u) + (c & 2u) / 2;
+        sh.qhl[v][w + 2] = v % 2 ? ql : qh;
+        sh.qhl[v][w] = v % 2 ? qh : 0u;
+#else
         split_pair(x0, x1, sh.qhl[v][c], sh.qhl[v][c + 1]);
+#endif
     }
     if (tid == 0) sh.magic = 0x64006400u;
     if (tid < 8) {
@@ -621,7 +880,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     st.m = KV_NEG_INF;
     st.l = 0.0f;
 #pragma unroll
-    for (int jj = 0; jj < MMA_NJ; jj++) st.acc[jj][0] = st.acc[jj][1] = st.acc[jj][2] = st.acc[jj][3] = 0.0f;
+    for (int jj = 0; jj < (MMA_T ? MMA_NJ / 2 : MMA_NJ); jj++) st.acc[jj][0] = st.acc[jj][1] = st.acc[jj][2] = st.acc[jj][3] = 0.0f;
 #if MMA_VLANE
     st.zacc[0] = st.zacc[1] = st.zacc[2] = st.zacc[3] = 0.0f;
 #endif
@@ -638,6 +897,29 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     }
     cp_wait<0>();
 
+#if MMA_T
+    // Vector t's sum over its 8 lanes; its output channels NJ * g .. NJ * g + NJ - 1 here, the hi
+    // and lo columns added, plus the zero points' part of their value group (row NJ * g / VG of
+    // zacc, in lane 4 * (NJ * g / VG) + t).
+    st.l += __shfl_xor_sync(0xffffffffu, st.l, 4);
+    st.l += __shfl_xor_sync(0xffffffffu, st.l, 8);
+    st.l += __shfl_xor_sync(0xffffffffu, st.l, 16);
+    const float zs = __shfl_sync(0xffffffffu, st.zacc[0] + st.zacc[1], 4 * (MMA_NJ * g / KV_VG) + t);
+    __syncthreads();  // the staging buffers become the merge area
+    float* merge = (float*)sh.buf;  // [KV_WARPS][8][KV_HD]
+    if (t < nvec) {
+#pragma unroll
+        for (int jj = 0; jj < MMA_NJ; jj++) {
+            const float f = 1.0f / (float)(1u << MMA_VP(jj));
+            const float x = st.acc[jj / 2][2 * (jj % 2)] + st.acc[jj / 2][2 * (jj % 2) + 1];
+            merge[(warp * 8 + t) * KV_HD + MMA_NJ * g + jj] = x * f + zs;
+        }
+        if (g == 0) {
+            sh.wm[warp][t] = st.m * MMA_LN2;  // natural units, like the other splits
+            sh.wl[warp][t] = st.l;
+        }
+    }
+#else
     // Row g's sums over its four lanes; rows g and g + 8 of the accumulators added.
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
@@ -676,6 +958,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
             sh.wl[warp][g] = st.l;
         }
     }
+#endif
     __syncthreads();
     const u32 split = blockIdx.x;
     for (u32 i = tid; i < nvec * KV_HD; i += KV_THREADS) {

@@ -80,6 +80,14 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// The transpose of an 8x8 matrix of 16-bit values spread over the warp (sm_75+): lane 4g + t
+// holds row g, columns 2t (low half) and 2t + 1, before and after.
+__device__ __forceinline__ u32 movmatrix_t(u32 x) {
+    u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
 // D = A * B + C on tensor cores (sm_80+): m16n8k16, f16 A (row-major) and B (column-major), f32
 // C and D; the fragments are spread over the warp as the PTX ISA lays them out.
 __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {

@@ -120,6 +120,15 @@ inline void cp_commit() {}
 template <int N>
 inline void cp_wait() {}
 
+// movmatrix.sync.aligned.m8n8.trans.b16: lane 4g + t gets elements (2t, g) and (2t + 1, g) of
+// the matrix whose row g, columns 2t, 2t + 1 lane 4g + t held.
+inline u32 movmatrix_t(u32 x) {
+    const u32 lo = kvsim::shfl(x, [](unsigned lane) { return 8 * (lane & 3) + (lane >> 2) / 2; });
+    const u32 hi = kvsim::shfl(x, [](unsigned lane) { return 8 * (lane & 3) + 4 + (lane >> 2) / 2; });
+    const u32 sh = ((kvsim::me().tid % 32) >> 2) & 1 ? 16 : 0;
+    return ((lo >> sh) & 0xffffu) | (((hi >> sh) & 0xffffu) << 16);
+}
+
 inline void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     const u32 a[4] = {a0, a1, a2, a3};
     const u32 b[2] = {b0, b1};

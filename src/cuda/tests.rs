@@ -334,6 +334,10 @@ fn every_configuration(mk: Backend) {
     calls += scenario::<f16>(mk, cfg(64, 2, (2, 2), 32, 64, 0, PerChannel, F16, 0), 8, sw);
     calls += scenario::<bf16>(mk, cfg(128, 1, (2, 4), 16, 32, 0, PerChannel, BF16, 64), 8, sc);
     calls += scenario::<f32>(mk, cfg(64, 2, (4, 2), 16, 32, 3, PerChannel, F32, 64), 4, nc);
+    // The transposed tensor-core decode with 1 and 3 query heads per kv head (columns of the
+    // products left unused).
+    calls += scenario::<f32>(mk, cfg(128, 2, (2, 4), 64, 64, 2, PerChannel, F32, 0), 2, d);
+    calls += scenario::<f16>(mk, cfg(64, 1, (2, 2), 32, 96, 0, PerChannel, F16, 64), 3, sw);
     // G = 48: a multiple of 16 that is not a power of two (the CUDA-core kernel: a lane's key
     // codes would straddle words in the tensor-core one).
     let g48 = CacheConfig { value_group: 40, ..cfg(80, 1, (4, 2), 48, 48, 3, PerChannel, F32, 192) };
@@ -477,11 +481,12 @@ fn simulated_kernels_on_ucontext_fibers() {
 }
 
 /// The tensor-core decode's variants that `scripts/gpu-sweep.sh` times (3 staging buffers per
-/// warp, registers for 4 blocks per multiprocessor) against the CPU cache, over long contexts
-/// (many groups per warp, so that the ring of buffers turns).
+/// warp, registers for 4 blocks per multiprocessor, the untransposed products at 4 query heads
+/// per kv head) against the CPU cache, over long contexts (many groups per warp, so that the
+/// ring of buffers turns).
 #[test]
 fn simulated_tensor_core_variants() {
-    for (name, value) in [("KV_MMA_STAGES", 3), ("KV_MMA_BLOCKS", 4)] {
+    for (name, value) in [("KV_MMA_STAGES", 3), ("KV_MMA_BLOCKS", 4), ("KV_MMA_T", 0)] {
         let before = sim::launches_of("kv_decode_mma");
         sim::with_defines(&[(name, value)], || long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 2000 }));
         assert!(sim::launches_of("kv_decode_mma") > before, "{name}={value}: the tensor-core path never ran");
