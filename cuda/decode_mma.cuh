@@ -59,7 +59,10 @@
 #define MMA_VS_OFF (MMA_VC_OFF + MMA_VC + 4 * MMA_VPAD)
 #define MMA_VZ_OFF (MMA_VS_OFF + 2 * KV_G * KV_NG)
 #define MMA_STAGE (MMA_VZ_OFF + 2 * KV_G * KV_NG)
-#define MMA_MERGE (KV_WARPS * 8 * KV_HD * 4)
+// The merge area: a row of floats per warp and query vector, 4 floats longer than head_dim so
+// that the rows' stores fall on different banks.
+#define MMA_MROW (KV_HD + 4)
+#define MMA_MERGE (KV_WARPS * 8 * MMA_MROW * 4)
 // Query rows padded by 16 words: the rows read at once by a quarter warp fall on different banks.
 #define MMA_QROW (KV_HD + 16)
 // Staging buffers per warp: two (one group in flight while one is computed), unless
@@ -116,6 +119,9 @@ struct __align__(8) Wordu2 {
 };
 struct __align__(16) Quadu {
     u32 x, y, z, w;
+};
+struct __align__(16) Floats4 {
+    float x, y, z, w;
 };
 
 // Queues the copy of N bytes (a multiple of 16) from src to dst, 16 per lane at a time; dst and
@@ -906,13 +912,19 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     st.l += __shfl_xor_sync(0xffffffffu, st.l, 16);
     const float zs = __shfl_sync(0xffffffffu, st.zacc[0] + st.zacc[1], 4 * (MMA_NJ * g / KV_VG) + t);
     __syncthreads();  // the staging buffers become the merge area
-    float* merge = (float*)sh.buf;  // [KV_WARPS][8][KV_HD]
+    float* merge = (float*)sh.buf;  // [KV_WARPS][8][MMA_MROW]
     if (t < nvec) {
+        // 16 bytes at a time: a quarter warp's stores then cover all 32 banks once.
 #pragma unroll
-        for (int jj = 0; jj < MMA_NJ; jj++) {
-            const float f = 1.0f / (float)(1u << MMA_VP(jj));
-            const float x = st.acc[jj / 2][2 * (jj % 2)] + st.acc[jj / 2][2 * (jj % 2) + 1];
-            merge[(warp * 8 + t) * KV_HD + MMA_NJ * g + jj] = x * f + zs;
+        for (int j4 = 0; j4 < MMA_NJ; j4 += 4) {
+            float x[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int jj = j4 + i;
+                const float f = 1.0f / (float)(1u << MMA_VP(jj));
+                x[i] = (st.acc[jj / 2][2 * (jj % 2)] + st.acc[jj / 2][2 * (jj % 2) + 1]) * f + zs;
+            }
+            *(Floats4*)&merge[(warp * 8 + t) * MMA_MROW + MMA_NJ * g + j4] = {x[0], x[1], x[2], x[3]};
         }
         if (g == 0) {
             sh.wm[warp][t] = st.m * MMA_LN2;  // natural units, like the other splits
@@ -940,7 +952,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     }
 #endif
     __syncthreads();  // the staging buffers become the merge area
-    float* merge = (float*)sh.buf;  // [KV_WARPS][8][KV_HD]
+    float* merge = (float*)sh.buf;  // [KV_WARPS][8][MMA_MROW]
     if (g < nvec) {
 #pragma unroll
         for (int jj = 0; jj < MMA_NJ; jj++) {
@@ -950,7 +962,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
                 u32 c = MMA_VLANE ? MMA_NJ * (2 * t + i) + jj : 8 * jj + 2 * t + i;
                 // (n-tile jj's accumulators hold 2^MMA_VP(jj) times its sums: mma_values)
                 const float f = MMA_VLANE ? 1.0f / (float)(1u << MMA_VP(jj)) : 1.0f;
-                merge[(warp * 8 + g) * KV_HD + c] = (st.acc[jj][i] + st.acc[jj][i + 2]) * f + zs[i];
+                merge[(warp * 8 + g) * MMA_MROW + c] = (st.acc[jj][i] + st.acc[jj][i + 2]) * f + zs[i];
             }
         }
         if (t == 0) {
@@ -971,7 +983,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
         for (int w = 0; w < KV_WARPS; w++) {
             float f = exp_diff(sh.wm[w][v], m);
             l += sh.wl[w][v] * f;
-            a += merge[(w * 8 + v) * KV_HD + c] * f;
+            a += merge[(w * 8 + v) * MMA_MROW + c] * f;
         }
         const u32 r = v / nh, head = h0 + v % nh;
         float* dst = P.part + ((((u64)blockIdx.z * P.qt + r) * P.n_q_heads + head) * P.n_splits + split) * (KV_HD + 2);

@@ -131,7 +131,7 @@ pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
     let (nj, vlb) = (hd / 8, hd / 8 * vb);
     let vpad = if matches!(vlb, 16 | 32 | 64) && lay.vgroup % nj == 0 { 4 * 32 } else { 0 };
     let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + vpad + 4 * g * ng;
-    let buf = (2 * 4 * stage).max(4 * 8 * hd * 4);
+    let buf = (2 * 4 * stage).max(4 * 8 * (hd + 4) * 4);
     lay.key_mode == KeyMode::PerChannel
         && matches!(kb, 2 | 4)
         && matches!(vb, 2 | 4)
