@@ -6,6 +6,7 @@
 # Rust: pass the gpu_check binary built elsewhere as $1 (as for scripts/gpu-check.sh).
 # Writes $OUT/sweep.jsonl (default ./gpu-out) and prints a table of the median times.
 #   CONTEXTS=32768,131072 BATCHES=16,64 ROUNDS=2 scripts/gpu-sweep.sh target/release/examples/gpu_check
+# ONLY="default untransposed" runs only the variants named (default: all).
 set -uo pipefail
 BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
 OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
@@ -15,6 +16,7 @@ source "$(dirname "$0")/nvrtc-lib.sh"
 CONTEXTS=${CONTEXTS:-32768}
 BATCHES=${BATCHES:-16,64}
 ROUNDS=${ROUNDS:-2}
+ONLY=${ONLY:-}
 # label, NVRTC options, forced splits (empty: the library's choice)
 VARIANTS=(
   "default||"
@@ -30,6 +32,7 @@ VARIANTS=(
 for r in $(seq "$ROUNDS"); do
   for v in "${VARIANTS[@]}"; do
     IFS='|' read -r label opts splits <<< "$v"
+    [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]] && continue
     KIVI_NVRTC_OPTS="$opts" KIVI_CUDA_SPLITS="$splits" timeout 60 "$BIN" bench --contexts "$CONTEXTS" \
       --batches "$BATCHES" --no-prefill --label "$label" >> "$OUT/sweep.jsonl" 2>> "$OUT/sweep.log"
     echo "round $r $label: exit code $?"
