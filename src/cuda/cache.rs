@@ -13,7 +13,6 @@
 //! (or order the streams), as an engine does with its compute stream.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as drv, sys as dsys};
@@ -259,8 +258,6 @@ pub struct CudaCache {
     /// (a CUDA device only): looked up once, so that a launch costs no hashing of the module's
     /// spec, no allocation and no driver lookup.
     attn_fns: Mutex<Vec<(Family, usize, AttnFns)>>,
-    /// [`CudaCache::mma_slots`] for 1 ..= 8 query vectors per block, once known (0 before).
-    mma_slots: [AtomicUsize; 9],
 }
 
 /// The functions of the append module, as `CUfunction` handles.
@@ -280,12 +277,14 @@ impl QuantFns {
 }
 
 /// The functions of one attention module: its blocks, its combine, and the tensor-core decode
-/// where the module has it (0 where not).
+/// where the module has it (0 where not), with how many of its blocks run at once on the device
+/// (`mma_slots`, 0 without it).
 #[derive(Clone, Copy)]
 struct AttnFns {
     attn: usize,
     combine: usize,
     mma: usize,
+    mma_slots: usize,
 }
 
 // SAFETY: the device allocation is owned by the cache; host metadata is plain data.
@@ -410,7 +409,6 @@ impl CudaCache {
             quant_spec,
             quant_fns,
             attn_fns: Mutex::new(Vec::new()),
-            mma_slots: Default::default(),
         })
     }
 
@@ -610,33 +608,31 @@ impl CudaCache {
         let names = family.entries();
         // The decode module holds the tensor-core kernel where its layout allows it
         // (`KV_MMA_OK`).
-        let mma = family == Family::Decode && mma_layout(&self.lay, nq);
-        let f = AttnFns {
-            attn: m.function(names[0])? as usize,
-            combine: m.function(names[1])? as usize,
-            mma: if mma { m.function("kv_decode_mma")? as usize } else { 0 },
+        let mma = if family == Family::Decode && mma_layout(&self.lay, nq) {
+            m.function("kv_decode_mma")? as usize
+        } else {
+            0
         };
+        let mma_slots = match mma {
+            0 => 0,
+            f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
+        };
+        let f =
+            AttnFns { attn: m.function(names[0])? as usize, combine: m.function(names[1])? as usize, mma, mma_slots };
         known.push((family, nq, f));
         Ok(Some(f))
     }
 
     /// How many blocks of the tensor-core kernel for `nq` query vectors run at once on the
     /// device (the emulated and simulated devices: three per multiprocessor, what the kernel's
-    /// registers are budgeted for). Asked once per cache and `nq`, not on every call.
-    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    /// registers are budgeted for). The driver is asked once per cache and `nq`, when the
+    /// kernel is looked up.
     fn mma_slots(&self, nq: usize) -> Result<usize> {
-        let known = &self.mma_slots[nq.min(8)];
-        if let n @ 1.. = known.load(Ordering::Relaxed) {
-            return Ok(n);
+        match self.attn_fns(Family::Decode, nq)? {
+            Some(AttnFns { mma: 0, .. }) => Err(no_mma(nq)),
+            Some(f) => Ok(f.mma_slots),
+            None => Ok(3 * self.info.multiprocessors as usize),
         }
-        let per_sm = match self.attn_fns(Family::Decode, nq)? {
-            Some(AttnFns { mma: 0, .. }) => return Err(no_mma(nq)),
-            Some(f) => blocks_per_sm(f.mma as dsys::CUfunction, 128)? as usize,
-            None => 3,
-        };
-        let n = per_sm * self.info.multiprocessors as usize;
-        known.store(n, Ordering::Relaxed);
-        Ok(n)
     }
 
     /// How attention of `family` for `n_q_heads` query heads runs on this device.
