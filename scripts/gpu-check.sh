@@ -3,7 +3,8 @@
 # device and its libraries, CUDA against the CPU backend on identical random inputs (with and
 # without the tensor-core decode; the C ABI on a stream, with decode steps captured into CUDA
 # graphs; Python with PyTorch tensors), then the decode benchmark with the PyTorch fp16
-# baseline and the copy bandwidth. Needs no Rust: build
+# baseline and the copy bandwidth, and the untransposed tensor-core loop timed against the
+# default at 32k tokens. Needs no Rust: build
 # the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
@@ -66,9 +67,26 @@ echo "== bench"
 timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
 echo "bench exit code: $?"
 cat "$OUT/bench.jsonl"
-echo "== bench, CUDA-core kernel only, 32k context (for comparison, decode and the 2048-row attend)"
-KIVI_CUDA_MMA=0 timeout 50 "$BIN" bench --contexts 32768 --batches 1,16 --label nomma > "$OUT/bench-nomma.jsonl" 2> "$OUT/bench-nomma.log"
-cat "$OUT/bench-nomma.jsonl"
+echo "== bench, the untransposed tensor-core loop (-DKV_MMA_T=0), 32k context, against the default"
+KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_T=0" timeout 50 "$BIN" bench --contexts 32768 --batches 16,64 --no-prefill \
+  --label untransposed > "$OUT/bench-untransposed.jsonl" 2> "$OUT/bench-untransposed.log"
+cat "$OUT/bench-untransposed.jsonl"
+python3 - "$OUT/bench.jsonl" "$OUT/bench-untransposed.jsonl" <<'PY'
+import json, sys
+def rows(path):
+    out = {}
+    for line in open(path):
+        if line.startswith("{"):
+            r = json.loads(line)
+            if r.get("kind") == "bench" and "ms_median" in r:
+                out[(r["bits"], r["ctx"], r["batch"])] = r["ms_median"]
+    return out
+base, other = rows(sys.argv[1]), rows(sys.argv[2])
+for k in sorted(other):
+    if k in base:
+        print(f"KIVI-{k[0]} ctx {k[1]} batch {k[2]}: default {base[k]:.4f} ms, untransposed {other[k]:.4f} ms "
+              f"({other[k] / base[k]:.2f}x the default's time)")
+PY
 
 echo "== static cost of the decode loop (nvdisasm), next to the measured times"
 timeout 10 "$BIN" cubins "$OUT/cubins" > /dev/null 2>&1 && timeout 10 python3 scripts/sass_mix.py "$OUT/cubins" | tee "$OUT/sass_mix.txt"
