@@ -723,7 +723,7 @@ fn simulated_random_long_contexts() {
 /// fewer than 16 groups; and no more splits than that takes.
 #[test]
 fn splits_fill_the_device() {
-    use super::mma_splits;
+    use super::attention::mma_splits;
     let mut r = fresh_seed("splits_fill_the_device");
     let mut shapes =
         vec![(1020, 128, 528, 31), (4092, 512, 528, 30), (124, 8, 528, 2000), (0, 16, 396, 8), (15, 1, 4, 9)];

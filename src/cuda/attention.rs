@@ -1,0 +1,402 @@
+//! Attention on a CUDA cache: the calls that attend (decode steps, chunks of queries, queries
+//! of stored tokens), which module and kernel each launches, and how the context is split over
+//! blocks and combined.
+
+use std::sync::OnceLock;
+
+use cudarc::driver::sys as dsys;
+
+use super::*;
+use crate::cuda::blocks_per_sm;
+use crate::cuda::kernels::{chunk_mma, decode_mma, max_nq, mma_layout};
+
+/// The functions of one attention module: its blocks, its combine, and the tensor-core decode
+/// where the module has it (0 where not), with how many of its blocks run at once on the device
+/// (`mma_slots`, 0 without it).
+#[derive(Clone, Copy)]
+pub(super) struct AttnFns {
+    pub(super) attn: usize,
+    pub(super) combine: usize,
+    pub(super) mma: usize,
+    pub(super) mma_slots: usize,
+}
+
+/// The tensor-core decode asked for where the layout has none (a bug of the host's choice).
+pub(super) fn no_mma(nq: usize) -> Error {
+    Error::BackendUnavailable(format!("CUDA: the decode module for {nq} query vectors has no tensor-core kernel"))
+}
+
+/// How the tensor-core kernel splits the quantized groups: `(ups, n)`, `n` splits of `ups`
+/// groups for each of the `blocks_per_split` (item, kv head, head chunk) triples, for
+/// `max_groups` groups (the longest item's), when `slots` blocks fit on the device at once.
+///
+/// Enough blocks for `WAVES` times the slots, so that the last, partial wave is a small part of
+/// the call (the blocks of split 0, the full-precision tokens, finish early and leave their
+/// slots to the others); but at least `MIN_GROUPS` groups per block, so that what a block costs
+/// besides its groups (reading the queries, waiting for its first group, merging its warps)
+/// stays small; and at most `max_splits` (the scratch area's room for partial results). On an
+/// H200 this took 0.88 to 0.99 of the time of the earlier choice, about one wave of blocks
+/// (BENCHMARKS.md has the sweep).
+///
+/// `KIVI_CUDA_SPLITS=N` asks for N splits instead (still at most `max_splits` and
+/// `max_groups`), for measuring this choice.
+pub(crate) fn mma_splits(
+    max_groups: usize,
+    blocks_per_split: usize,
+    slots: usize,
+    max_splits: usize,
+) -> (usize, usize) {
+    const WAVES: usize = 4;
+    const MIN_GROUPS: usize = 16;
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    if max_groups == 0 {
+        return (1, 0);
+    }
+    let forced = *FORCED.get_or_init(|| std::env::var("KIVI_CUDA_SPLITS").ok().and_then(|v| v.parse().ok()));
+    let n = forced.unwrap_or_else(|| (WAVES * slots).div_ceil(blocks_per_split.max(1)).min(max_groups / MIN_GROUPS));
+    let n = n.clamp(1, max_splits.clamp(1, max_groups));
+    let ups = max_groups.div_ceil(n);
+    (ups, max_groups.div_ceil(ups))
+}
+
+/// How one attention call runs: the module it launches (`module`), query vectors per block
+/// (`nq`), query heads per block (`hc`), query rows per item (`qt`), and whether the quantized
+/// groups go to the tensor-core kernel (`mma`, in the decode module, for chunks of queries too).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    module: Family,
+    nq: usize,
+    hc: usize,
+    qt: usize,
+    mma: bool,
+}
+
+impl CudaCache {
+    /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
+    /// this process has not yet, and looks its functions up.
+    fn prepare(&self, family: Family, n_q_heads: usize) -> Result<()> {
+        let sh = self.shape(family, n_q_heads);
+        self.attn_fns(sh.module, sh.nq).map(|_| ())
+    }
+
+    /// The functions of attention module `family` compiled for `nq` query vectors per block:
+    /// compiled and looked up on first use, then kept by the cache (on a CUDA device; `None` on
+    /// the emulated and simulated ones).
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    pub(super) fn attn_fns(&self, family: Family, nq: usize) -> Result<Option<AttnFns>> {
+        let Backend::Cuda(d) = &self.dev else {
+            return Ok(None);
+        };
+        let mut known = self.attn_fns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(_, _, f)) = known.iter().find(|&&(fam, n, _)| fam == family && n == nq) {
+            return Ok(Some(f));
+        }
+        let m = d.module(family, &Spec::new(&self.lay, nq))?;
+        let names = family.entries();
+        // The decode module holds the tensor-core kernel where its layout allows it
+        // (`KV_MMA_OK`).
+        let mma = if family == Family::Decode && mma_layout(&self.lay, nq) {
+            m.function("kv_decode_mma")? as usize
+        } else {
+            0
+        };
+        let mma_slots = match mma {
+            0 => 0,
+            f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
+        };
+        let f =
+            AttnFns { attn: m.function(names[0])? as usize, combine: m.function(names[1])? as usize, mma, mma_slots };
+        known.push((family, nq, f));
+        Ok(Some(f))
+    }
+
+    /// How many blocks of the tensor-core kernel for `nq` query vectors run at once on the
+    /// device (the emulated and simulated devices: three per multiprocessor, what the kernel's
+    /// registers are budgeted for). The driver is asked once per cache and `nq`, when the
+    /// kernel is looked up.
+    fn mma_slots(&self, nq: usize) -> Result<usize> {
+        match self.attn_fns(Family::Decode, nq)? {
+            Some(AttnFns { mma: 0, .. }) => Err(no_mma(nq)),
+            Some(f) => Ok(f.mma_slots),
+            None => Ok(3 * self.info.multiprocessors as usize),
+        }
+    }
+
+    /// How attention of `family` for `n_q_heads` query heads runs on this device.
+    fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
+        let (hd, ratio) = (self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
+        let cap = max_nq(hd);
+        // KIVI_CUDA_MMA=0 turns the tensor-core kernel off (read once per process).
+        static OFF: OnceLock<bool> = OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0"));
+        let tensor_cores = self.info.capability.0 >= 8 && !off;
+        match family {
+            Family::Decode if tensor_cores && decode_mma(&self.lay, ratio) => {
+                // At most 8 query heads per block: larger GQA groups take several blocks.
+                let nq = ratio.min(8);
+                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: true }
+            }
+            Family::Decode => {
+                let nq = ratio.min(cap);
+                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: false }
+            }
+            _ if tensor_cores && chunk_mma(&self.lay) => {
+                // Chunks of queries take the tensor-core kernel too: 8 query vectors per block,
+                // the 8 / hc rows of hc query heads of one kv head.
+                let hc = ratio.min(8);
+                Shape { module: Family::Decode, nq: 8, hc, qt: 8 / hc, mma: true }
+            }
+            _ => {
+                let hc = ratio.min(cap);
+                Shape { module: family, nq: cap, hc, qt: cap / hc, mma: false }
+            }
+        }
+    }
+
+    /// Queues attention for `items` (all of layer `l`) and the combine.
+    #[allow(clippy::too_many_arguments)]
+    fn run_attention(
+        &self,
+        l: usize,
+        family: Family,
+        items: &[AttnItem],
+        n_q_heads: usize,
+        keys: Option<&DevRows>,
+        values: Option<&DevRows>,
+        queries: &DevRows,
+        out: &DevRows,
+        o: &Resolved,
+        stream: Stream,
+    ) -> Result<()> {
+        let lay = &self.lay;
+        let (hd, nkv) = (lay.head_dim, lay.n_kv_heads);
+        let ratio = n_q_heads / nkv;
+        let Shape { module, nq, hc, qt, mma } = self.shape(family, n_q_heads);
+        let hchunks = ratio.div_ceil(hc);
+        let per_item = qt * n_q_heads * (hd + 2) * 4;
+        let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
+        if max_items == 0 {
+            return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
+        }
+        let sms = self.info.multiprocessors as usize;
+        for chunk in items.chunks(max_items) {
+            let units = |it: &AttnItem| {
+                let n_groups = it.quantized as usize / lay.group;
+                let len = it.len as usize;
+                let n_sink = len.min(lay.sinks);
+                let ws = (lay.sinks + it.quantized as usize).min(len);
+                let n_fp = n_sink + (len - ws) + it.n_chunk as usize;
+                n_groups + n_fp.div_ceil(32)
+            };
+            let max_units = chunk.iter().map(units).max().unwrap_or(0).max(1);
+            let blocks_per_split = chunk.len() * nkv * hchunks;
+            let want = (8 * sms).div_ceil(blocks_per_split).clamp(1, max_units);
+            let cap = (SCRATCH_BYTES / (per_item * chunk.len())).max(1);
+            let mut ups = max_units.div_ceil(want.min(cap));
+            let mut n_splits = max_units.div_ceil(ups);
+            while n_splits > cap {
+                ups += 1;
+                n_splits = max_units.div_ceil(ups);
+            }
+            let mut p = AttnParams {
+                pages: self.pages_ptr(l),
+                windows: self.windows_ptr(l),
+                blocks: self.blocks_ptr(l),
+                q: queries.ptr,
+                k: keys.map_or(0, |k| k.ptr),
+                v: values.map_or(0, |v| v.ptr),
+                part: self.base + self.off_scratch,
+                out: out.ptr,
+                q_stride: queries.stride as i64,
+                kv_stride: keys.map_or(0, |k| k.stride as i64),
+                out_stride: out.stride as i64,
+                scale: o.scale,
+                softcap: o.softcap,
+                window: o.window.min(u32::MAX as usize) as u32,
+                causal: o.causal as u32,
+                n_q_heads: n_q_heads as u32,
+                ratio: ratio as u32,
+                hc: hc as u32,
+                qt: qt as u32,
+                ups: ups as u32,
+                n_splits: n_splits as u32,
+                n_items: chunk.len() as u32,
+                fp_only: 0,
+                items: [AttnItem::default(); MAX_ITEMS],
+            };
+            p.items[..chunk.len()].copy_from_slice(chunk);
+            let rows = chunk.len() as u32;
+            if mma && cap >= 2 {
+                // One launch: split 0 takes the full-precision tokens on CUDA cores, splits 1..
+                // take `ups` quantized groups each on tensor cores.
+                let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
+                let slots = self.mma_slots(nq)?;
+                let (ups, n) = mma_splits(max_groups, blocks_per_split, slots, cap - 1);
+                p.ups = ups as u32;
+                p.n_splits = 1 + n as u32;
+                p.fp_only = 1;
+                self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
+            } else {
+                let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
+                self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;
+            }
+            self.kernel(
+                Kernel::Combine(module, nq, &p),
+                (n_q_heads as u32, qt as u32, chunk.len() as u32),
+                128,
+                stream,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
+    /// its queries (rows of `n_q_heads * head_dim`), written to `out` (same shape).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_attend(
+        &mut self,
+        layer: u32,
+        seq: u32,
+        keys: DevRows,
+        values: DevRows,
+        queries: DevRows,
+        out: DevRows,
+        opts: &AttnOptions,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = keys.rows;
+        self.check_kv(&keys, &values, n)?;
+        let nqh = self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let slot = self.seqs.check_append(&self.lay, l, seq, n)?;
+        self.bind()?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        let (len, quantized) = (ls.len, ls.quantized);
+        let qt = self.shape(Family::Prefill, nqh).qt;
+        let items: Vec<AttnItem> = (0..n.div_ceil(qt))
+            .map(|i| AttnItem {
+                slot: slot as u32,
+                len: len as u32,
+                quantized: quantized as u32,
+                chunk_row0: 0,
+                n_chunk: n as u32,
+                q_row0: (i * qt) as u32,
+                n_q: qt.min(n - i * qt) as u32,
+                q_pos0: (len + i * qt) as u32,
+            })
+            .collect();
+        self.run_attention(l, Family::Prefill, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
+        let mut plan = Plan::default();
+        self.plan_push(l, slot, n, 0, &mut plan);
+        self.seqs.slots[slot].id = Some(seq);
+        self.run_plan(l, &plan, &keys, &values, stream)
+    }
+
+    /// [`crate::Cache::attend`] on the device: attention for queries of the last
+    /// `queries.rows` tokens already stored in `seq`. Unlike the CPU cache's, concurrent calls
+    /// on one cache must still be ordered on one stream: they share the cache's scratch area.
+    pub fn attend(
+        &self,
+        layer: u32,
+        seq: u32,
+        queries: DevRows,
+        out: DevRows,
+        opts: &AttnOptions,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let slot = self.seqs.slot_of(seq)?;
+        let n = queries.rows;
+        let nqh = self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        let ls = &self.seqs.slots[slot].layers[l];
+        if n > ls.len {
+            return Err(Error::InvalidArgument(format!(
+                "{n} queries for sequence {seq}, which holds {} tokens in layer {layer}",
+                ls.len
+            )));
+        }
+        self.bind()?;
+        let qt = self.shape(Family::Prefill, nqh).qt;
+        let items: Vec<AttnItem> = (0..n.div_ceil(qt))
+            .map(|i| AttnItem {
+                slot: slot as u32,
+                len: ls.len as u32,
+                quantized: ls.quantized as u32,
+                chunk_row0: 0,
+                n_chunk: 0,
+                q_row0: (i * qt) as u32,
+                n_q: qt.min(n - i * qt) as u32,
+                q_pos0: (ls.len - n + i * qt) as u32,
+            })
+            .collect();
+        self.run_attention(l, Family::Prefill, &items, nqh, None, None, &queries, &out, &o, stream)
+    }
+
+    /// [`crate::Cache::decode`] on the device: one token for each of `seqs` (row `i` of every
+    /// argument belongs to `seqs[i]`), attention for its query, then the append. One launch
+    /// covers up to 64 sequences of any lengths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        &mut self,
+        layer: u32,
+        seqs: &[u32],
+        keys: DevRows,
+        values: DevRows,
+        queries: DevRows,
+        out: DevRows,
+        opts: &AttnOptions,
+        stream: Stream,
+    ) -> Result<()> {
+        let l = self.check_layer(layer)?;
+        let n = seqs.len();
+        self.check_kv(&keys, &values, n)?;
+        let nqh = self.check_q(&queries, &out, n)?;
+        let o = opts.resolve(self.lay.head_dim)?;
+        self.seqs.check_decode(&self.lay, l, seqs)?;
+        self.bind()?;
+        // Compile the attention kernels (once per process) before anything changes, so that a
+        // compilation error leaves the cache as it was.
+        self.prepare(Family::Decode, nqh)?;
+        // Each sequence's slot, and whether this call created the sequence.
+        let slots: Vec<(usize, bool)> = seqs
+            .iter()
+            .map(|&seq| {
+                let new = self.seqs.find(seq).is_none();
+                (self.seqs.take_slot(seq), new)
+            })
+            .collect();
+        let items: Vec<AttnItem> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, &(slot, _))| {
+                let ls = &self.seqs.slots[slot].layers[l];
+                AttnItem {
+                    slot: slot as u32,
+                    len: ls.len as u32,
+                    quantized: ls.quantized as u32,
+                    chunk_row0: i as u32,
+                    n_chunk: 1,
+                    q_row0: i as u32,
+                    n_q: 1,
+                    q_pos0: ls.len as u32,
+                }
+            })
+            .collect();
+        if let Err(e) =
+            self.run_attention(l, Family::Decode, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)
+        {
+            // Nothing was appended: sequences this call created are not kept.
+            for &(slot, _) in slots.iter().filter(|(_, new)| *new) {
+                self.seqs.slots[slot].id = None;
+            }
+            return Err(e);
+        }
+        let mut plan = Plan::default();
+        for (i, &(slot, _)) in slots.iter().enumerate() {
+            self.plan_push(l, slot, 1, i, &mut plan);
+        }
+        self.run_plan(l, &plan, &keys, &values, stream)
+    }
+}

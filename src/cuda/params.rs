@@ -1,0 +1,128 @@
+//! The parameters of the CUDA kernels, as the host fills them in: field for field the structs
+//! of `cuda/*.cu` and `cuda/*.cuh` (`#[repr(C)]`, passed by value as the kernel's one argument).
+
+/// Work items (sequences, chunks) one launch takes: `KV_MAX_ITEMS` of `cuda/attn.cuh` and
+/// `cuda/quantize.cu`; more are launched in several calls.
+pub(super) const MAX_ITEMS: usize = 64;
+/// Block-table entries one `kv_set_blocks` launch writes (`KV_MAX_SET`).
+pub(super) const MAX_SET: usize = 480;
+/// The scratch area of attention (the split-K partial results), at the end of the cache's
+/// allocation.
+pub(super) const SCRATCH_BYTES: usize = 32 << 20;
+
+/// One sequence (or chunk of its queries) of an attention launch (`AttnItem`, `cuda/attn.cuh`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct AttnItem {
+    pub(super) slot: u32,
+    pub(super) len: u32,
+    pub(super) quantized: u32,
+    pub(super) chunk_row0: u32,
+    pub(super) n_chunk: u32,
+    pub(super) q_row0: u32,
+    pub(super) n_q: u32,
+    pub(super) q_pos0: u32,
+}
+
+/// An attention launch: decode, prefill, tensor-core decode and combine (`AttnParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct AttnParams {
+    pub(super) pages: u64,
+    pub(super) windows: u64,
+    pub(super) blocks: u64,
+    pub(super) q: u64,
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) part: u64,
+    pub(super) out: u64,
+    pub(super) q_stride: i64,
+    pub(super) kv_stride: i64,
+    pub(super) out_stride: i64,
+    pub(super) scale: f32,
+    pub(super) softcap: f32,
+    pub(super) window: u32,
+    pub(super) causal: u32,
+    pub(super) n_q_heads: u32,
+    pub(super) ratio: u32,
+    pub(super) hc: u32,
+    pub(super) qt: u32,
+    pub(super) ups: u32,
+    pub(super) n_splits: u32,
+    pub(super) n_items: u32,
+    pub(super) fp_only: u32,
+    pub(super) items: [AttnItem; MAX_ITEMS],
+}
+
+/// Block-table entries to write, as (index, page) pairs (`SetBlocksParams`, `cuda/quantize.cu`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SetBlocksParams {
+    pub(super) blocks: u64,
+    pub(super) n: u32,
+    pub(super) pad: u32,
+    pub(super) pairs: [u32; 2 * MAX_SET],
+}
+
+/// Groups of one sequence that leave its window and are quantized (`FlushItem`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct FlushItem {
+    pub(super) slot: u32,
+    pub(super) g0: u32,
+    pub(super) n_groups: u32,
+    pub(super) len_old: u32,
+    pub(super) chunk_row0: u32,
+    pub(super) pad: u32,
+}
+
+/// A quantization launch over the flushed groups of several sequences (`QuantParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct QuantParams {
+    pub(super) pages: u64,
+    pub(super) windows: u64,
+    pub(super) blocks: u64,
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) kv_stride: i64,
+    pub(super) n_items: u32,
+    pub(super) total_groups: u32,
+    pub(super) items: [FlushItem; MAX_ITEMS],
+}
+
+/// Input rows of one sequence written into its full-precision window (`WriteItem`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct WriteItem {
+    pub(super) slot: u32,
+    pub(super) pos0: u32,
+    pub(super) n: u32,
+    pub(super) row0: u32,
+}
+
+/// A window-write launch (`WriteParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct WriteParams {
+    pub(super) windows: u64,
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) kv_stride: i64,
+    pub(super) n_items: u32,
+    pub(super) total: u32,
+    pub(super) items: [WriteItem; MAX_ITEMS],
+}
+
+/// The group a truncation cuts, dequantized back into the window (`UnquantParams`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct UnquantParams {
+    pub(super) windows: u64,
+    pub(super) pages: u64,
+    pub(super) blocks: u64,
+    pub(super) slot: u32,
+    pub(super) g: u32,
+    pub(super) partial: u32,
+    pub(super) pad: u32,
+}
