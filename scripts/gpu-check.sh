@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The CUDA backend on a CUDA machine, in one run of at most 7.8 minutes (the timeouts below): the
-# device and its libraries, CUDA against the CPU backend on identical random inputs (with and
-# without the tensor-core decode; the C ABI on a stream, with decode steps captured into CUDA
-# graphs; Python with PyTorch tensors), then the decode benchmark with the PyTorch fp16
-# baseline and the copy bandwidth, and the untransposed tensor-core loop timed against the
-# default at 32k tokens. Needs no Rust: build
-# the binary and the library first elsewhere,
+# The CUDA backend on a CUDA machine, in one run of at most 7.8 minutes (the timeouts below; 8.8
+# when the check fails): the device and its libraries, CUDA against the CPU backend on identical
+# random inputs (with and without the tensor-core decode; the C ABI on a stream, with decode
+# steps captured into CUDA graphs; Python with PyTorch tensors; where that fails, its
+# tensor-core cases again with the untransposed loop, to tell which loop fails), then the decode
+# benchmark with the PyTorch fp16 baseline and the copy bandwidth (each step synchronised, and
+# steps queued back to back), and the untransposed tensor-core loop timed against the default
+# at 32k tokens. Needs no Rust: build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
@@ -42,6 +43,14 @@ timeout "$CHECK_S" "$BIN" check > "$OUT/check.jsonl" 2> "$OUT/check.log"
 check_rc=$?
 cat "$OUT/check.jsonl"
 echo "check exit code: $check_rc"
+if [ "$check_rc" != 0 ]; then
+  # Which loop fails: the tensor-core cases again with the untransposed products.
+  echo "== check failed: its tensor-core cases again with the untransposed loop (-DKV_MMA_T=0)"
+  KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_T=0" timeout 60 "$BIN" check --mma-only \
+    > "$OUT/check-untransposed.jsonl" 2> "$OUT/check-untransposed.log"
+  echo "check (untransposed) exit code: $?"
+  grep '"ok":false' "$OUT/check-untransposed.jsonl" || true
+fi
 
 echo "== check with the tensor-core decode turned off (the CUDA-core kernel for every group)"
 KIVI_CUDA_MMA=0 timeout 60 "$BIN" check --mma-only > "$OUT/check-nomma.jsonl" 2> "$OUT/check-nomma.log"
@@ -79,13 +88,15 @@ def rows(path):
         if line.startswith("{"):
             r = json.loads(line)
             if r.get("kind") == "bench" and "ms_median" in r:
-                out[(r["bits"], r["ctx"], r["batch"])] = r["ms_median"]
+                out[(r["bits"], r["ctx"], r["batch"])] = (r["ms_median"], r.get("ms_stream", 0.0))
     return out
 base, other = rows(sys.argv[1]), rows(sys.argv[2])
 for k in sorted(other):
     if k in base:
-        print(f"KIVI-{k[0]} ctx {k[1]} batch {k[2]}: default {base[k]:.4f} ms, untransposed {other[k]:.4f} ms "
-              f"({other[k] / base[k]:.2f}x the default's time)")
+        (b, bs), (o, os_) = base[k], other[k]
+        print(f"KIVI-{k[0]} ctx {k[1]} batch {k[2]}: default {b:.4f} ms, untransposed {o:.4f} ms "
+              f"({o / b:.2f}x the default's time); back to back {bs:.4f} and {os_:.4f} ms"
+              + (f" ({os_ / bs:.2f}x)" if bs > 0 else ""))
 PY
 
 echo "== static cost of the decode loop (nvdisasm), next to the measured times"

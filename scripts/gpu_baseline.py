@@ -5,7 +5,8 @@ Reads the JSON lines of `gpu_check bench`, times torch.nn.functional.scaled_dot_
 on the same shapes (one query token per sequence, f16 keys and values of the full context,
 grouped-query attention; the fastest of the flash, cuDNN and memory-efficient backends that takes
 them), measures the device's copy bandwidth, and writes:
-  results.jsonl   each bench line plus baseline_ms, speedup, copy_gbytes_per_s, bw_fraction
+  results.jsonl   each bench line plus baseline_ms, speedup, copy_gbytes_per_s, bw_fraction,
+                  and, for calls queued back to back, baseline_ms_stream and speedup_stream
   benchmarks.md   a table for BENCHMARKS.md
   targets.json    the issue's targets, met or not
 Usage: gpu_baseline.py BENCH_JSONL OUT_DIR [--iters N]
@@ -34,6 +35,22 @@ def timed(fn, iters):
     return statistics.median(times)
 
 
+def streamed(fn, iters):
+    """Milliseconds per fn() over iters runs queued back to back (no wait between them), with
+    CUDA events around all of them: the device's time per call once the host keeps ahead."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a = torch.cuda.Event(enable_timing=True)
+    b = torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
 def copy_bandwidth(iters):
     """Bytes read plus bytes written per second by a device-to-device copy of 4 GiB."""
     n = 1 << 30  # f32 elements: 4 GiB
@@ -47,7 +64,7 @@ def copy_bandwidth(iters):
 
 def sdpa_ms(batch, ctx, hd, nkv, nq, iters):
     """Median ms of SDPA on these shapes with the fastest backend that takes them (flash first),
-    and that backend's name."""
+    that backend's name, and its ms per call back to back (`streamed`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.randn(batch, nq, 1, hd, dtype=torch.float16, device="cuda")
@@ -67,9 +84,14 @@ def sdpa_ms(batch, ctx, hd, nkv, nq, iters):
             best = (ms, backend.name)
     if best is None:  # whatever PyTorch picks by itself
         best = (timed(lambda: f(q, k, v, enable_gqa=True), iters), "default")
+    if best[1] == "default":
+        stream_ms = streamed(lambda: f(q, k, v, enable_gqa=True), iters)
+    else:
+        with sdpa_kernel(getattr(SDPBackend, best[1])):
+            stream_ms = streamed(lambda: f(q, k, v, enable_gqa=True), iters)
     del q, k, v
     torch.cuda.empty_cache()
-    return best
+    return best[0], best[1], stream_ms
 
 
 def main():
@@ -94,9 +116,12 @@ def main():
         key = (r["batch"], r["ctx"], r["head_dim"], r["kv_heads"], r["q_heads"])
         if key not in base:
             base[key] = sdpa_ms(*key, iters)
-        ms, backend = base[key]
+        ms, backend, stream_ms = base[key]
         r["baseline_ms"] = round(ms, 4)
         r["baseline_backend"] = backend
+        if "ms_stream" in r:
+            r["baseline_ms_stream"] = round(stream_ms, 4)
+            r["speedup_stream"] = round(stream_ms / r["ms_stream"], 3)
         r["baseline_gbytes_per_s"] = round(2 * r["batch"] * r["kv_heads"] * r["ctx"] * r["head_dim"] * 2 / ms / 1e6, 1)
         r["speedup"] = round(ms / r["ms_median"], 3)
         r["copy_gbytes_per_s"] = round(copy, 1)
@@ -109,13 +134,19 @@ def main():
     lines = [
         f"GPU: {name}, copy bandwidth {copy:.0f} GB/s (read + write), PyTorch {torch.__version__}.",
         "",
-        "| method | context | batch | kivi ms | fp16 SDPA ms (backend) | speedup | kivi GB/s | of copy bw |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | context | batch | kivi ms | fp16 SDPA ms (backend) | speedup | kivi GB/s | of copy bw "
+        "| back to back: kivi ms | SDPA ms | speedup | kivi host us per call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        streamed_cols = (
+            f" {r['ms_stream']:.3f} | {r['baseline_ms_stream']:.3f} | {r['speedup_stream']:.2f}x | {r['host_us_median']:.0f} |"
+            if "ms_stream" in r
+            else " - | - | - | - |"
+        )
         lines.append(
             f"| KIVI-{r['bits']} | {r['ctx']} | {r['batch']} | {r['ms_median']:.3f} | {r['baseline_ms']:.3f} ({r['baseline_backend']}) | "
-            f"{r['speedup']:.2f}x | {r['gbytes_per_s']:.0f} | {100 * r['bw_fraction']:.0f}% |"
+            f"{r['speedup']:.2f}x | {r['gbytes_per_s']:.0f} | {100 * r['bw_fraction']:.0f}% |" + streamed_cols
         )
     with open(f"{out}/benchmarks.md", "w") as f:
         f.write("\n".join(lines) + "\n")
