@@ -52,7 +52,7 @@ struct AttnParams {
     float scale, softcap;
     u32 window, causal;
     u32 n_q_heads, ratio, hc, qt;     // query heads; per kv head; per block; query rows per block
-    u32 ups, n_splits, n_items, fp_only;  // units per split; fp_only: see attn_block
+    u32 ups, n_splits, n_items, fp_only;  // units per split; fp_only: see attn_block, kv_decode_mma
     AttnItem items[KV_MAX_ITEMS];
 };
 

@@ -92,6 +92,22 @@
      KV_HD <= 128 && (KV_G == 16 || KV_G == 32 || KV_G == 64) && KV_VG % 8 == 0 && KV_NQ <= 8 &&        \
      8 * MMA_QROW * 4 + MMA_BUF_FOR(2) <= 48000)
 
+// Scores are kept in log2 units (the query is scaled by log2(e) once), so every weight is one
+// ex2 of a difference. A row's running maximum moves only when a score passes it by more than
+// MMA_RESCALE: weights then stay below 2^11 (exact in the f16 hi/lo split, far from f32
+// overflow), and the accumulators are rescaled only when some row of the warp moves, not after
+// every group.
+#define MMA_LOG2E 1.4426950408889634f
+#define MMA_LN2 0.6931471805599453f
+#define MMA_RESCALE 11.0f
+
+// x0, x1 as f16 pairs: hi = f16(x), lo = f16(x - hi); the first value in the low half.
+__device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo) {
+    hi = f2h2(x0, x1);
+    float h0 = h2f((u16)(hi & 0xffffu)), h1 = h2f((u16)(hi >> 16));
+    lo = f2h2(x0 - h0, x1 - h1);
+}
+
 #if KV_MMA_OK
 struct MmaShared {
     // The scaled queries as f16 pairs: qhl[v][c] = hi of channels (c, c+1), qhl[v][c + 1] = lo,
@@ -103,13 +119,6 @@ struct MmaShared {
     u32 magic;  // 0x64006400
     __align__(16) u8 buf[MMA_BUF];
 };
-
-// x0, x1 as f16 pairs: hi = f16(x), lo = f16(x - hi); the first value in the low half.
-__device__ __forceinline__ void split_pair(float x0, float x1, u32& hi, u32& lo) {
-    hi = f2h2(x0, x1);
-    float h0 = h2f((u16)(hi & 0xffffu)), h1 = h2f((u16)(hi >> 16));
-    lo = f2h2(x0 - h0, x1 - h1);
-}
 
 struct __align__(8) Pairu {
     u32 hi, lo;
@@ -204,15 +213,6 @@ struct MmaState {
 #define MMA_KP(o) (((o) & 15) - MMA_KSH(o))
 // Whether some n-tile's codes are read scaled (KP > 0): those tiles need the bias correction.
 #define MMA_SCALED_TILES (MMA_NT > 1)
-
-// Scores are kept in log2 units (the query is scaled by log2(e) once), so every weight is one
-// ex2 of a difference. A row's running maximum moves only when a score passes it by more than
-// MMA_RESCALE: weights then stay below 2^11 (exact in the f16 hi/lo split, far from f32
-// overflow), and the accumulators are rescaled only when some row of the warp moves, not after
-// every group.
-#define MMA_LOG2E 1.4426950408889634f
-#define MMA_LN2 0.6931471805599453f
-#define MMA_RESCALE 11.0f
 
 // Where this lane's key bits lie in every channel's run: tokens NT * g .. NT * g + NT - 1 from bit
 // NT * g * KB, in word kwi at bit ksh; ksel picks them with one prmt when they are one or two
@@ -817,7 +817,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) u8 smem[MMA_SMEM];
     if (blockIdx.x == 0) {
-        attn_block_in(P, *(AttnShared*)smem);
+        // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
+        if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
         return;
     }
     MmaShared& sh = *(MmaShared*)smem;

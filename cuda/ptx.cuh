@@ -88,6 +88,28 @@ __device__ __forceinline__ u32 movmatrix_t(u32 x) {
     return r;
 }
 
+// Four 8x8 matrices of 16-bit values from shared memory (ldmatrix, sm_75+): lanes 8i .. 8i + 7
+// give the addresses of matrix i's rows (16 bytes each); lane 4g + t gets row g, columns 2t
+// (low half) and 2t + 1 of matrix i in ri.
+__device__ __forceinline__ void ldsm_x4(const void* row, u32& r0, u32& r1, u32& r2, u32& r3) {
+    const u32 s = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+// Two 8x8 matrices (ldmatrix .x2): lanes 0 .. 15 give the row addresses.
+__device__ __forceinline__ void ldsm_x2(const void* row, u32& r0, u32& r1) {
+    const u32 s = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(s));
+}
+// Four, transposed: lane 4g + t gets rows 2t (low half) and 2t + 1, column g.
+__device__ __forceinline__ void ldsm_x4_t(const void* row, u32& r0, u32& r1, u32& r2, u32& r3) {
+    const u32 s = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+
 // D = A * B + C on tensor cores (sm_80+): m16n8k16, f16 A (row-major) and B (column-major), f32
 // C and D; the fragments are spread over the warp as the PTX ISA lays them out.
 __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {

@@ -77,12 +77,15 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     if !nvrtc_ready() {
         return;
     }
-    use kivi::cuda::kernels::{compile, tensor_core_chunks, tensor_core_decode, test_configs, Family, Spec};
-    let has_mma = |nq: usize, cfg: &kivi::CacheConfig| {
-        let image = compile(Family::Decode, &Spec::for_config(cfg, nq).unwrap(), "sm_90").unwrap();
-        image.bytes().windows(13).any(|w| w == b"kv_decode_mma")
+    use kivi::cuda::kernels::{
+        compile, tensor_core_chunk_tokens, tensor_core_chunks, tensor_core_decode, test_configs, Family, Spec,
     };
-    let (mut decode, mut chunks) = (0, 0);
+    let has = |name: &[u8], nq: usize, cfg: &kivi::CacheConfig| {
+        let image = compile(Family::Decode, &Spec::for_config(cfg, nq).unwrap(), "sm_90").unwrap();
+        image.bytes().windows(name.len()).any(|w| w == name)
+    };
+    let has_mma = |nq: usize, cfg: &kivi::CacheConfig| has(b"kv_decode_mma", nq, cfg);
+    let (mut decode, mut chunks, mut tokens) = (0, 0, 0);
     for cfg in test_configs() {
         for ratio in [1u32, 4, 8, 12] {
             // Decode: the module for min(ratio, 8) query vectors on tensor cores, min(ratio,
@@ -95,10 +98,14 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
             if tensor_core_chunks(&cfg, ratio * cfg.n_kv_heads) {
                 assert!(has_mma(8, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
                 chunks += 1;
+                // Their full-precision tokens: kv_prefill_fp, in the same module.
+                let fp = tensor_core_chunk_tokens(&cfg, ratio * cfg.n_kv_heads);
+                assert_eq!(has(b"kv_prefill_fp", 8, &cfg), fp, "chunk tokens: config {cfg:?}");
+                tokens += fp as usize;
             }
         }
     }
-    assert!(decode > 0 && chunks > 0, "no test configuration reaches the tensor-core kernel");
+    assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
 }
 
 /// The tensor-core decode's measurement variants (`scripts/gpu-sweep.sh`) still compile, without

@@ -129,6 +129,44 @@ inline u32 movmatrix_t(u32 x) {
     return ((lo >> sh) & 0xffffu) | (((hi >> sh) & 0xffffu) << 16);
 }
 
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: each lane's row address goes to the lanes
+// that read that row; lane 4g + t gets, of matrix i (rows given by lanes 8i .. 8i + 7), row g,
+// columns 2t and 2t + 1 (trans: rows 2t and 2t + 1, column g).
+inline u32 ldsm_one(const void* row, unsigned i, bool trans) {
+    const uintptr_t a = (uintptr_t)row;
+    if (a & 15) kvsim::fault("ldmatrix: a row address not 16-byte aligned");
+    const u32 lo = (u32)a, hi = (u32)(a >> 32);
+    const unsigned lane = kvsim::me().tid % 32, g = lane >> 2, t = lane & 3;
+    auto at = [&](unsigned r, unsigned c) {
+        const unsigned src = 8 * i + r;
+        const u32 l = kvsim::shfl(lo, [src](unsigned) { return src; });
+        const u32 h = kvsim::shfl(hi, [src](unsigned) { return src; });
+        u16 x;
+        memcpy(&x, (const void*)((((uintptr_t)h << 32) | l) + 2 * c), 2);
+        return (u32)x;
+    };
+    // Every lane takes part in each shuffle, in the same order.
+    const u32 x0 = trans ? at(2 * t, g) : at(g, 2 * t);
+    const u32 x1 = trans ? at(2 * t + 1, g) : at(g, 2 * t + 1);
+    return x0 | (x1 << 16);
+}
+inline void ldsm_x4(const void* row, u32& r0, u32& r1, u32& r2, u32& r3) {
+    r0 = ldsm_one(row, 0, false);
+    r1 = ldsm_one(row, 1, false);
+    r2 = ldsm_one(row, 2, false);
+    r3 = ldsm_one(row, 3, false);
+}
+inline void ldsm_x2(const void* row, u32& r0, u32& r1) {
+    r0 = ldsm_one(row, 0, false);
+    r1 = ldsm_one(row, 1, false);
+}
+inline void ldsm_x4_t(const void* row, u32& r0, u32& r1, u32& r2, u32& r3) {
+    r0 = ldsm_one(row, 0, true);
+    r1 = ldsm_one(row, 1, true);
+    r2 = ldsm_one(row, 2, true);
+    r3 = ldsm_one(row, 3, true);
+}
+
 inline void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     const u32 a[4] = {a0, a1, a2, a3};
     const u32 b[2] = {b0, b1};

@@ -8,18 +8,27 @@ use cudarc::driver::sys as dsys;
 
 use super::*;
 use crate::cuda::blocks_per_sm;
-use crate::cuda::kernels::{chunk_mma, decode_mma, max_nq, mma_layout};
+use crate::cuda::kernels::{chunk_mma, decode_mma, max_nq, mma_layout, prefill_fp_layout};
 
-/// The functions of one attention module: its blocks, its combine, and the tensor-core decode
-/// where the module has it (0 where not), with how many of its blocks run at once on the device
-/// (`mma_slots`, 0 without it).
+/// The functions of one attention module: its blocks, its combine, and the tensor-core kernels
+/// where the module has them (0 where not): the decode over quantized groups, with how many of
+/// its blocks run at once on the device (`mma_slots`, 0 without it), and the full-precision
+/// tokens of chunks of queries.
 #[derive(Clone, Copy)]
 pub(super) struct AttnFns {
     pub(super) attn: usize,
     pub(super) combine: usize,
     pub(super) mma: usize,
     pub(super) mma_slots: usize,
+    /// `kv_prefill_fp` where the module has it (0 where not).
+    pub(super) prefill_fp: usize,
 }
+
+/// Query vectors of one `kv_prefill_fp` block (`FP_VPB` of cuda/prefill_mma.cuh).
+const FP_VECTORS: usize = 64;
+/// Rows a chunk of queries needs for `kv_prefill_fp`: below, most of its vectors would idle, and
+/// split 0 of `kv_decode_mma` reads the few rows' tokens on CUDA cores.
+const FP_MIN_ROWS: usize = 8;
 
 /// The tensor-core decode asked for where the layout has none (a bug of the host's choice).
 pub(super) fn no_mma(nq: usize) -> Error {
@@ -104,10 +113,46 @@ impl CudaCache {
             0 => 0,
             f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
         };
-        let f =
-            AttnFns { attn: m.function(names[0])? as usize, combine: m.function(names[1])? as usize, mma, mma_slots };
+        let prefill_fp = if family == Family::Decode && mma != 0 && nq == 8 && prefill_fp_layout(&self.lay) {
+            m.function("kv_prefill_fp")? as usize
+        } else {
+            0
+        };
+        let f = AttnFns {
+            attn: m.function(names[0])? as usize,
+            combine: m.function(names[1])? as usize,
+            mma,
+            mma_slots,
+            prefill_fp,
+        };
         known.push((family, nq, f));
         Ok(Some(f))
+    }
+
+    /// Whether the full-precision tokens of a chunk of queries go to `kv_prefill_fp`: the layout
+    /// has it (an f16 cache), the rows allow its loads (queries 4-byte aligned with an even
+    /// stride, the chunk's keys and values 16-byte aligned with a stride of whole 16 bytes),
+    /// and `KIVI_CUDA_PREFILL_FP=0` does not turn it off (read at each call, so that a benchmark
+    /// can time both paths in one process: `gpu_check prompt`).
+    pub(super) fn prefill_fp(
+        &self,
+        nq: usize,
+        queries: &DevRows,
+        keys: Option<&DevRows>,
+        values: Option<&DevRows>,
+    ) -> Result<bool> {
+        let off = std::env::var_os("KIVI_CUDA_PREFILL_FP").is_some_and(|v| v == "0");
+        let rows16 = |r: Option<&DevRows>| r.is_none_or(|r| r.ptr % 16 == 0 && r.stride % 8 == 0);
+        if off
+            || !prefill_fp_layout(&self.lay)
+            || queries.ptr % 4 != 0
+            || queries.stride % 2 != 0
+            || !rows16(keys)
+            || !rows16(values)
+        {
+            return Ok(false);
+        }
+        Ok(self.attn_fns(Family::Decode, nq)?.is_none_or(|f| f.prefill_fp != 0))
     }
 
     /// How many blocks of the tensor-core kernel for `nq` query vectors run at once on the
@@ -234,8 +279,19 @@ impl CudaCache {
                 let (ups, n) = mma_splits(max_groups, blocks_per_split, slots, cap - 1);
                 p.ups = ups as u32;
                 p.n_splits = 1 + n as u32;
-                p.fp_only = 1;
-                self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
+                // Chunks of queries of at least FP_MIN_ROWS rows: their full-precision tokens on
+                // tensor cores too, 64 query vectors per block (kv_prefill_fp writes split 0).
+                let n_rows = (chunk.len() - 1) * qt + chunk[chunk.len() - 1].n_q as usize;
+                let fp =
+                    family == Family::Prefill && n_rows >= FP_MIN_ROWS && self.prefill_fp(nq, queries, keys, values)?;
+                p.fp_only = if fp { 2 } else { 1 };
+                if !fp || n > 0 {
+                    self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
+                }
+                if fp {
+                    let grid = (n_rows.div_ceil(FP_VECTORS / hc) as u32, (nkv * hchunks) as u32, 1);
+                    self.kernel(Kernel::PrefillFp(nq, &p), grid, 128, stream)?;
+                }
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;

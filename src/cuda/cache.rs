@@ -119,6 +119,9 @@ pub(crate) enum Kernel<'a> {
     Combine(Family, usize, &'a AttnParams),
     /// Tensor-core decode over quantized groups (decode_mma.cuh), compiled for `nq`.
     Mma(usize, &'a AttnParams),
+    /// The full-precision tokens of chunks of queries on tensor cores (prefill_mma.cuh), in the
+    /// decode module compiled for `nq`.
+    PrefillFp(usize, &'a AttnParams),
 }
 
 /// What appending to some sequences of one layer does on the device, decided on the host.
@@ -631,6 +634,10 @@ impl CudaCache {
                 Kernel::Attn(f, nq, p) => launch(func(attn(f, nq)?.attn), grid, block, st, p),
                 Kernel::Combine(f, nq, p) => launch(func(attn(f, nq)?.combine), grid, block, st, p),
                 Kernel::Mma(nq, p) => match attn(Family::Decode, nq)?.mma {
+                    0 => Err(no_mma(nq)),
+                    f => launch(func(f), grid, block, st, p),
+                },
+                Kernel::PrefillFp(nq, p) => match attn(Family::Decode, nq)?.prefill_fp {
                     0 => Err(no_mma(nq)),
                     f => launch(func(f), grid, block, st, p),
                 },

@@ -141,7 +141,9 @@ pub(super) unsafe fn run(lay: &Layout, k: Kernel<'_>, grid: (u32, u32, u32)) {
                 }
             }
         }
-        Kernel::Mma(..) => unreachable!("an emulated device reports compute capability 7.5: no tensor-core decode"),
+        Kernel::Mma(..) | Kernel::PrefillFp(..) => {
+            unreachable!("an emulated device reports compute capability 7.5: no tensor-core kernels")
+        }
         Kernel::Combine(_, _, p) => {
             for z in 0..grid.2 {
                 for y in 0..grid.1 {

@@ -17,6 +17,7 @@ const PTX: &str = include_str!("../../cuda/ptx.cuh");
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const ATTN: &str = include_str!("../../cuda/attn.cuh");
 const DECODE_MMA: &str = include_str!("../../cuda/decode_mma.cuh");
+const PREFILL_MMA: &str = include_str!("../../cuda/prefill_mma.cuh");
 const QUANTIZE: &str = include_str!("../../cuda/quantize.cu");
 const DECODE: &str = include_str!("../../cuda/decode.cu");
 const PREFILL: &str = include_str!("../../cuda/prefill.cu");
@@ -102,6 +103,7 @@ fn inline(src: &str, ptx: &'static str, seen: &mut Vec<&'static str>, out: &mut 
                 "common.cuh" => ("common.cuh", COMMON),
                 "attn.cuh" => ("attn.cuh", ATTN),
                 "decode_mma.cuh" => ("decode_mma.cuh", DECODE_MMA),
+                "prefill_mma.cuh" => ("prefill_mma.cuh", PREFILL_MMA),
                 _ => panic!("unknown kernel header {name}"),
             };
             if !seen.contains(&key) {
@@ -175,6 +177,20 @@ pub(crate) fn decode_mma(lay: &Layout, ratio: usize) -> bool {
 /// layouts have head_dim <= 128, so the decode module can be built for 8 vectors).
 pub(crate) fn chunk_mma(lay: &Layout) -> bool {
     mma_layout(lay, 8)
+}
+
+/// Whether `kv_prefill_fp` (cuda/prefill_mma.cuh: the full-precision tokens of chunks of queries
+/// on tensor cores) exists in the module chunks of queries launch ([`chunk_mma`]): the
+/// conditions of `KV_FP_MMA_OK` there, an f16 cache.
+pub(crate) fn prefill_fp_layout(lay: &Layout) -> bool {
+    lay.dtype == DType::F16 && chunk_mma(lay)
+}
+
+/// Whether chunks of queries (`append_attend`, `attend`) of a cache of this configuration, with
+/// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk) on
+/// tensor cores when they have at least 8 rows: [`tensor_core_chunks`] and an f16 cache.
+pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
+    tensor_core_chunks(cfg, n_q_heads) && cfg.dtype == DType::F16
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query

@@ -22,6 +22,8 @@ struct Pair<T: Element> {
     calls: usize,
     /// Values are drawn times this (large values: large value scales).
     vscale: f32,
+    /// Keys are drawn times this (large keys: scores far above the earlier tokens').
+    kscale: f32,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -51,6 +53,7 @@ impl<T: Element + Default> Pair<T> {
             tol: 1e-3 + ulp,
             calls: 0,
             vscale: 1.0,
+            kscale: 1.0,
             _t: Default::default(),
         }
     }
@@ -64,7 +67,8 @@ impl<T: Element + Default> Pair<T> {
     }
     fn data(&mut self, n: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (nkv, hd) = self.dims();
-        let k = self.rng.rows(n * nkv * hd, true, hd);
+        let k: Vec<T> = self.rng.rows(n * nkv * hd, true, hd);
+        let k = k.iter().map(|x| T::from_f32(x.to_f32() * self.kscale)).collect();
         let v: Vec<T> = self.rng.rows(n * nkv * hd, false, hd);
         let v = v.iter().map(|x| T::from_f32(x.to_f32() * self.vscale)).collect();
         let q = self.rng.rows(n * self.nqh * hd, false, hd);
@@ -434,6 +438,82 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
         p.decode(0, &[0]);
         assert_eq!(sim::launches_of("kv_decode_mma") - before, 8, "{nqh} query heads: decode on tensor cores");
         p.state("after chunks");
+    }
+}
+
+/// The full-precision tokens of chunks of at least 8 query rows (f16 caches) take
+/// `kv_prefill_fp`, 64 query vectors per block (64 / heads-per-block rows): prompts with no past,
+/// chunks over a past of quantized groups, sinks and a window ring that has wrapped, queries of
+/// stored tokens only; row counts around the rows per block, more rows than one launch takes
+/// (64 items), GQA ratios 1, 3, 4, 8 and 12 (two blocks of heads per kv head, the second
+/// partial), causal, non-causal, sliding-window and softcapped scores, head_dim 128 and 80. Chunks of fewer rows
+/// stay with split 0 of `kv_decode_mma`.
+#[test]
+fn simulated_chunk_tokens_use_tensor_cores() {
+    for (nqh, opts, sinks, hd) in [
+        // ratio 4: 16 rows per block; the prompt's 4th block sees from position 31, the last of
+        // the first tile
+        (8, AttnOptions { sliding_window: 18, ..Default::default() }, 0, 128),
+        (2, AttnOptions { sliding_window: 70, ..Default::default() }, 2, 128), // ratio 1: 64 rows
+        (6, AttnOptions { softcap: 30.0, ..Default::default() }, 0, 128),      // ratio 3: 21 rows
+        (16, AttnOptions { causal: false, ..Default::default() }, 1, 128),     // ratio 8: 8 rows
+        (24, AttnOptions { sliding_window: 100, ..Default::default() }, 0, 128), // ratio 12: 8 rows
+        // head_dim 80: the last 16 channels of a key tile read on their own
+        (8, AttnOptions::default(), 0, 80),
+    ] {
+        let mut c = cfg(hd, 2, (2, 2), 32, 32, sinks, KeyMode::PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        assert!(crate::cuda::kernels::tensor_core_chunk_tokens(&c, nqh as u32), "{nqh} query heads");
+        let mut p = Pair::<f16>::new(SIM, c, nqh, opts);
+        let fp = || sim::launches_of("kv_prefill_fp");
+        let before = fp();
+        // Launches of a call of n rows: one per 64 items of qt rows, those of 8 rows or more.
+        let qt = 8 / (nqh / 2).min(8);
+        let launches = |n: usize| (0..n.div_ceil(64 * qt)).filter(|i| n - 64 * qt * i >= 8).count();
+        // A prompt: the chunk alone, its rows cut at no block's edge.
+        p.append_attend(0, 0, 53);
+        assert_eq!(fp() - before, launches(53), "{nqh} query heads: a prompt");
+        p.append_attend(0, 0, 8);
+        p.append(0, 0, 150);
+        // Over quantized groups, sinks and the ring; 140 rows: more items than one launch. The
+        // 21 rows' keys are large: their scores pass the earlier tiles' maxima by far (the
+        // accumulators are rescaled).
+        for n in [21, 64, 140] {
+            p.kscale = if n == 21 { 8.0 } else { 1.0 };
+            p.append_attend(0, 0, n);
+        }
+        p.attend(0, 0, 40);
+        let want: usize = [53, 8, 21, 64, 140, 40].into_iter().map(launches).sum();
+        assert_eq!(fp() - before, want, "{nqh} query heads: every chunk of 8 rows or more");
+        // 7 rows: split 0 of kv_decode_mma.
+        p.append_attend(0, 0, 7);
+        assert_eq!(fp() - before, want, "{nqh} query heads: 7 rows");
+        p.state("after chunks");
+    }
+}
+
+/// What `kv_prefill_fp` asks of its rows: queries 4-byte aligned with an even stride, the chunk's
+/// keys and values 16-byte aligned with a stride of whole 16 bytes; other rows, and caches other
+/// than f16, keep the CUDA-core path (whose loads take any alignment).
+#[test]
+fn chunk_tokens_on_tensor_cores_need_aligned_rows() {
+    let c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+    let gpu = CudaCache::simulated(c.clone()).unwrap();
+    let q = |ptr: u64, stride: usize| DevRows::strided(ptr, 8, 8 * 128, stride);
+    let kv = |ptr: u64, stride: usize| DevRows::strided(ptr, 8, 2 * 128, stride);
+    let ok = |qr: DevRows, k: Option<DevRows>| gpu.prefill_fp(8, &qr, k.as_ref(), k.as_ref()).unwrap();
+    assert!(ok(q(1 << 12, 1024), Some(kv(1 << 12, 256))));
+    assert!(ok(q(1 << 12, 1024), None));
+    assert!(ok(q(4100, 1026), Some(kv(4096 + 16, 264))));
+    assert!(!ok(q(4098, 1024), None), "queries 2 bytes off");
+    assert!(!ok(q(1 << 12, 1025), None), "an odd query stride");
+    assert!(!ok(q(1 << 12, 1024), Some(kv(4096 + 8, 256))), "keys 8 bytes off");
+    assert!(!ok(q(1 << 12, 1024), Some(kv(1 << 12, 260))), "a key stride of 520 bytes");
+    for dt in [DType::F32, DType::BF16] {
+        let mut c = c.clone();
+        c.dtype = dt;
+        let gpu = CudaCache::simulated(c).unwrap();
+        assert!(!gpu.prefill_fp(8, &q(1 << 12, 1024), None, None).unwrap(), "{dt:?}");
     }
 }
 
