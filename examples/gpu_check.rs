@@ -7,9 +7,10 @@
 //!                                      # the CPU (kivi's host simulator), host memory as device
 //!                                      # memory; the C ABI case and the longest cases are skipped
 //! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
-//! ```
+//! gpu_check prompt [--tokens 512,2048,8192] [--iters 5]   # attention over whole prompts
 //! gpu_check cubins DIR [--arch sm_90]  # no GPU needed: the decode modules of the benchmark
 //!                                      # shapes compiled with NVRTC, for scripts/sass_mix.py
+//! ```
 //!
 //! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
 //! all three and adds the fp16 baseline (`scripts/gpu_baseline.py`).
@@ -1274,6 +1275,92 @@ fn bench(args: &[String]) -> bool {
     true
 }
 
+/// Attention over a prompt: `append_attend` of a whole prompt into an empty sequence (the
+/// chunk attends to itself, causal, then is stored: its groups past the window quantized), as a
+/// prefill step of one layer runs it, with the chunk's tokens on tensor cores (`kv_prefill_fp`)
+/// and on CUDA cores (`KIVI_CUDA_PREFILL_FP=0`, the path before it), alternating, median of
+/// `--iters` calls each. Same shapes as the decode benchmark (f16, head_dim 128, 32 query heads
+/// over 8 KV heads).
+fn prompt(args: &[String]) -> bool {
+    let lengths = list(args, "--tokens", &[512, 2048, 8192]);
+    let iters = list(args, "--iters", &[5])[0];
+    let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
+    let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
+    let max_len = *lengths.iter().max().unwrap();
+    let mut rng = Rng(7);
+    for bits in [2u8, 4] {
+        let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
+        cfg.dtype = DType::F16;
+        (cfg.key_bits, cfg.value_bits) = (bits, bits);
+        cfg.max_seqs = 1;
+        cfg.max_tokens = max_len as u32;
+        let mut cache = match CudaCache::new(cfg, 0) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("{{\"kind\":\"prompt\",\"bits\":{bits},\"error\":{:?}}}", e.to_string());
+                return false;
+            }
+        };
+        for &n in &lengths {
+            let k: Vec<f16> = to_t(&rng.keys(n, nkv, hd));
+            let v: Vec<f16> = to_t(&rng.normals(n * nkv * hd));
+            let q: Vec<f16> = to_t(&rng.normals(n * nqh * hd));
+            let (dk, dv, dq) = (DevBuf::upload(&k), DevBuf::upload(&v), DevBuf::upload(&q));
+            let dout = DevBuf::zeroed(n * nqh * hd * 2);
+            let call = |cache: &mut CudaCache| {
+                let _ = cache.seq_remove(0);
+                cache
+                    .append_attend(
+                        0,
+                        0,
+                        DevRows::new(dk.ptr, n, nkv * hd),
+                        DevRows::new(dv.ptr, n, nkv * hd),
+                        DevRows::new(dq.ptr, n, nqh * hd),
+                        DevRows::new(dout.ptr, n, nqh * hd),
+                        &AttnOptions::default(),
+                        std::ptr::null_mut(),
+                    )
+                    .expect("append_attend")
+            };
+            // [tensor cores, CUDA cores]: each call timed with CUDA events, the two alternating.
+            let mut times = [Vec::new(), Vec::new()];
+            let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+            let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+            for round in 0..iters + 1 {
+                for (i, flag) in ["1", "0"].into_iter().enumerate() {
+                    std::env::set_var("KIVI_CUDA_PREFILL_FP", flag);
+                    // SAFETY: events created above, recorded on the default stream.
+                    unsafe {
+                        drv::event::record(e0, std::ptr::null_mut()).unwrap();
+                        call(&mut cache);
+                        drv::event::record(e1, std::ptr::null_mut()).unwrap();
+                        drv::event::synchronize(e1).unwrap();
+                        // The first round compiles and warms up.
+                        if round > 0 {
+                            times[i].push(drv::event::elapsed(e0, e1).unwrap() as f64);
+                        }
+                    }
+                }
+            }
+            std::env::remove_var("KIVI_CUDA_PREFILL_FP");
+            // SAFETY: created above.
+            unsafe {
+                let _ = drv::event::destroy(e0);
+                let _ = drv::event::destroy(e1);
+            }
+            let median = |t: &mut Vec<f64>| {
+                t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                t[t.len() / 2]
+            };
+            let (tc, cc) = (median(&mut times[0]), median(&mut times[1]));
+            println!(
+                "{{\"kind\":\"prompt\",\"case\":\"kivi{bits}-gqa4-hs128\",\"bits\":{bits},\"tokens\":{n},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms\":{tc:.4},\"ms_cuda_cores\":{cc:.4}}}"
+            );
+        }
+    }
+    true
+}
+
 /// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
 /// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`. They are
 /// built with `KV_COST_PROBE` defined: the loop then holds only the path most groups take (no
@@ -1322,9 +1409,10 @@ fn main() {
         }
         "check" => info() && check(args.iter().any(|a| a == "--mma-only")),
         "bench" => info() && bench(&args),
+        "prompt" => info() && prompt(&args),
         "cubins" => cubins(&args),
         other => {
-            eprintln!("unknown command {other}: use info, check or bench");
+            eprintln!("unknown command {other}: use info, check, bench, prompt or cubins");
             false
         }
     };

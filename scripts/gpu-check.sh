@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The CUDA backend on a CUDA machine, in one run of at most 7.8 minutes (the timeouts below; 8.8
+# The CUDA backend on a CUDA machine, in one run of at most 8.8 minutes (the timeouts below; 9.8
 # when the check fails): the device and its libraries, CUDA against the CPU backend on identical
 # random inputs (with and without the tensor-core decode; the C ABI on a stream, with decode
 # steps captured into CUDA graphs; Python with PyTorch tensors; where that fails, its
 # tensor-core cases again with the untransposed loop, to tell which loop fails), then the decode
 # benchmark with the PyTorch fp16 baseline and the copy bandwidth (each step synchronised, and
-# steps queued back to back), and the untransposed tensor-core loop timed against the default
-# at 32k tokens. Needs no Rust: build the binary and the library first elsewhere,
+# steps queued back to back), the untransposed tensor-core loop timed against the default
+# at 32k tokens, and attention over whole prompts against causal SDPA. Needs no Rust: build the
+# binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
 # skipped.
 #
 # Writes into $OUT (default ./gpu-out): info.txt, check.jsonl, bench.jsonl, results.jsonl,
-# benchmarks.md, targets.json and the logs. Exits non-zero when the correctness check fails.
+# prompt.jsonl, prompt-results.jsonl, benchmarks.md, targets.json and the logs. Exits non-zero
+# when the correctness check fails.
 set -uo pipefail
 BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
 OUT=$(realpath -m "${OUT:-$PWD/gpu-out}")
@@ -99,11 +101,17 @@ for k in sorted(other):
               + (f" ({os_ / bs:.2f}x)" if bs > 0 else ""))
 PY
 
+echo "== prompts: attention over whole prompts, the chunk's tokens on tensor cores and on CUDA cores"
+timeout 60 "$BIN" prompt > "$OUT/prompt.jsonl" 2> "$OUT/prompt.log"
+echo "prompt exit code: $?"
+cat "$OUT/prompt.jsonl"
+
 echo "== static cost of the decode loop (nvdisasm), next to the measured times"
 timeout 10 "$BIN" cubins "$OUT/cubins" > /dev/null 2>&1 && timeout 10 python3 scripts/sass_mix.py "$OUT/cubins" | tee "$OUT/sass_mix.txt"
 
 echo "== fp16 baseline and copy bandwidth"
-timeout "$BASE_S" python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" > "$OUT/baseline.jsonl" 2> "$OUT/baseline.log"
+timeout "$BASE_S" python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" --prompt "$OUT/prompt.jsonl" \
+  > "$OUT/baseline.jsonl" 2> "$OUT/baseline.log"
 echo "baseline exit code: $?"
 cat "$OUT/baseline.jsonl"
 [ -f "$OUT/benchmarks.md" ] && cat "$OUT/benchmarks.md"

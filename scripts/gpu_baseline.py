@@ -9,7 +9,9 @@ them), measures the device's copy bandwidth, and writes:
                   and, for calls queued back to back, baseline_ms_stream and speedup_stream
   benchmarks.md   a table for BENCHMARKS.md
   targets.json    the issue's targets, met or not
-Usage: gpu_baseline.py BENCH_JSONL OUT_DIR [--iters N]
+With --prompt, also the lines of `gpu_check prompt` against causal SDPA over the same prompts
+(prompt-results.jsonl, and a second table in benchmarks.md).
+Usage: gpu_baseline.py BENCH_JSONL OUT_DIR [--iters N] [--prompt PROMPT_JSONL]
 """
 import json
 import statistics
@@ -94,6 +96,75 @@ def sdpa_ms(batch, ctx, hd, nkv, nq, iters):
     return best[0], best[1], stream_ms
 
 
+def prompt_sdpa_ms(tokens, hd, nkv, nq, iters):
+    """Median ms of causal SDPA over a whole prompt (one sequence, tokens query rows against
+    themselves) with the fastest backend that takes it, and that backend's name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, nq, tokens, hd, dtype=torch.float16, device="cuda")
+    k = torch.randn(1, nkv, tokens, hd, dtype=torch.float16, device="cuda")
+    v = torch.randn(1, nkv, tokens, hd, dtype=torch.float16, device="cuda")
+    f = torch.nn.functional.scaled_dot_product_attention
+    best = None
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                f(q, k, v, is_causal=True, enable_gqa=True)
+                torch.cuda.synchronize()
+                ms = timed(lambda: f(q, k, v, is_causal=True, enable_gqa=True), iters)
+        except Exception:  # this backend does not take these shapes
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, backend.name)
+    if best is None:
+        best = (timed(lambda: f(q, k, v, is_causal=True, enable_gqa=True), iters), "default")
+    del q, k, v
+    torch.cuda.empty_cache()
+    return best
+
+
+def prompts(path, out, iters):
+    """The lines of `gpu_check prompt` with the causal SDPA baseline: prompt.jsonl and a table
+    added to benchmarks.md."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("{"):
+                r = json.loads(line)
+                if r.get("kind") == "prompt" and "ms" in r:
+                    rows.append(r)
+    if not rows:
+        return
+    lines = [
+        "",
+        "Attention over a whole prompt (`append_attend` into an empty sequence, causal, with the append;",
+        "`gpu_check prompt`) against causal fp16 SDPA over the same prompt:",
+        "",
+        "| method | prompt tokens | kivi ms | CUDA-core path ms | fp16 SDPA ms (backend) | against SDPA | against CUDA cores |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {}
+    for r in rows:
+        key = (r["tokens"], r["head_dim"], r["kv_heads"], r["q_heads"])
+        if key not in base:
+            base[key] = prompt_sdpa_ms(*key, iters)
+        ms, backend = base[key]
+        r["baseline_ms"] = round(ms, 4)
+        r["baseline_backend"] = backend
+        r["speedup"] = round(ms / r["ms"], 3)
+        r["speedup_vs_cuda_cores"] = round(r["ms_cuda_cores"] / r["ms"], 3)
+        print(json.dumps(r), flush=True)
+        lines.append(
+            f"| KIVI-{r['bits']} | {r['tokens']} | {r['ms']:.3f} | {r['ms_cuda_cores']:.3f} | {ms:.3f} ({backend}) | "
+            f"{r['speedup']:.2f}x | {r['speedup_vs_cuda_cores']:.1f}x |"
+        )
+    with open(f"{out}/prompt-results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(f"{out}/benchmarks.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     if len(sys.argv) < 3:
         print(__doc__)
@@ -162,6 +233,8 @@ def main():
         json.dump(targets, f, indent=1)
     for t in targets:
         print(json.dumps({"kind": "target", **t}), flush=True)
+    if "--prompt" in sys.argv:
+        prompts(sys.argv[sys.argv.index("--prompt") + 1], out, iters)
     return 0
 
 
