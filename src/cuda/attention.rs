@@ -307,7 +307,11 @@ impl CudaCache {
     }
 
     /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
-    /// its queries (rows of `n_q_heads * head_dim`), written to `out` (same shape).
+    /// its queries (rows of `n_q_heads * head_dim`), written to `out` (same shape). Chunks of 8
+    /// rows or more of an f16 cache attend to their own tokens on tensor cores when the rows
+    /// allow it (keys and values 16-byte aligned with a stride of a multiple of 8 elements,
+    /// queries 4-byte aligned with an even stride); other rows take a slower path, with the
+    /// same results.
     #[allow(clippy::too_many_arguments)]
     pub fn append_attend(
         &mut self,
