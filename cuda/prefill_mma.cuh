@@ -7,10 +7,10 @@
 // partial states; the quantized groups are the other splits (kv_decode_mma with fp_only = 2,
 // whose split 0 then does nothing), and the combine merges them as before.
 //
-// f16 caches: the query (exact, the softmax scale applied to the f32 scores), the keys and the
-// values (exact) are f16 operands as they are; the weights are split into f16 hi and lo parts
-// (about 22 bits), two mmas each, so that the result matches the CUDA-core body's f32
-// arithmetic within the same tolerances.
+// f16 and bf16 caches: the query (exact, the softmax scale applied to the f32 scores), the keys
+// and the values (exact) are operands of the cache's type as they are; the weights are split
+// into hi and lo parts of that type (about 22 bits in f16, 16 in bf16), two mmas each, so that
+// the result matches the CUDA-core body's f32 arithmetic within the same tolerances.
 //   scores  S[v][tok] = sum_c q[v][c] * k[tok][c]: A = the queries (rows: the warp's 16
 //           vectors), B = the keys, read with ldmatrix from the tile's rows;
 //   output  O[v][c] += sum_tok p[v][tok] * v[tok][c]: A = the weights, straight from the
@@ -23,10 +23,21 @@
 #include "decode_mma.cuh"
 
 // In the module that chunks of queries launch (8 query vectors, decode_mma.cuh's layouts), for
-// f16 caches. Must match prefill_fp_layout() in src/cuda/kernels.rs.
-#define KV_FP_MMA_OK (KV_MMA_OK && KV_NQ == 8 && KV_DTYPE == 1)
+// f16 and bf16 caches. Must match prefill_fp_layout() in src/cuda/kernels.rs.
+#define KV_FP_MMA_OK (KV_MMA_OK && KV_NQ == 8 && (KV_DTYPE == 1 || KV_DTYPE == 2))
 
 #if KV_FP_MMA_OK
+// The cache's 16-bit type on tensor cores, and the weights' hi and lo parts in it.
+#if KV_DTYPE == 2
+#define FP_MMA mma16816_bf16
+__device__ __forceinline__ void fp_split(float x0, float x1, u32& hi, u32& lo) {
+    hi = f2bf2(x0, x1);
+    lo = f2bf2(x0 - bf2f((u16)(hi & 0xffffu)), x1 - bf2f((u16)(hi >> 16)));
+}
+#else
+#define FP_MMA mma16816
+#define fp_split split_pair
+#endif
 #define FP_VPB 64  // query vectors per block (16 per warp)
 #define FP_T 32    // tokens per tile
 // A staged row: head_dim halves and 16 bytes of padding, so that the 8 rows an ldmatrix phase
@@ -146,14 +157,14 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
                 for (int k2 = 0; k2 < KV_HD / 32; k2++) {
                     u32 b0, b1, b2, b3;
                     ldsm_x4(&sh.k[b][8 * j + (lane & 7)][32 * k2 + 8 * (lane >> 3)], b0, b1, b2, b3);
-                    mma16816(S[j], qa[2 * k2][0], qa[2 * k2][1], qa[2 * k2][2], qa[2 * k2][3], b0, b1);
-                    mma16816(S[j], qa[2 * k2 + 1][0], qa[2 * k2 + 1][1], qa[2 * k2 + 1][2], qa[2 * k2 + 1][3], b2, b3);
+                    FP_MMA(S[j], qa[2 * k2][0], qa[2 * k2][1], qa[2 * k2][2], qa[2 * k2][3], b0, b1);
+                    FP_MMA(S[j], qa[2 * k2 + 1][0], qa[2 * k2 + 1][1], qa[2 * k2 + 1][2], qa[2 * k2 + 1][3], b2, b3);
                 }
                 if (KV_HD % 32 != 0) {  // the last 16 channels (head_dim 16, 48, 80, 112)
                     constexpr int kk = KV_HD / 16 - 1;
                     u32 b0, b1;
                     ldsm_x2(&sh.k[b][8 * j + (lane & 7)][16 * kk + 8 * ((lane >> 3) & 1)], b0, b1);
-                    mma16816(S[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+                    FP_MMA(S[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
                 }
             }
             const u32 f0 = FP_T * i;
@@ -209,19 +220,19 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
     #pragma unroll
             for (int kk = 0; kk < FP_T / 16; kk++) {
                 u32 ah[4], al[4];
-                split_pair(S[2 * kk][0], S[2 * kk][1], ah[0], al[0]);
-                split_pair(S[2 * kk][2], S[2 * kk][3], ah[1], al[1]);
-                split_pair(S[2 * kk + 1][0], S[2 * kk + 1][1], ah[2], al[2]);
-                split_pair(S[2 * kk + 1][2], S[2 * kk + 1][3], ah[3], al[3]);
+                fp_split(S[2 * kk][0], S[2 * kk][1], ah[0], al[0]);
+                fp_split(S[2 * kk][2], S[2 * kk][3], ah[1], al[1]);
+                fp_split(S[2 * kk + 1][0], S[2 * kk + 1][1], ah[2], al[2]);
+                fp_split(S[2 * kk + 1][2], S[2 * kk + 1][3], ah[3], al[3]);
     #pragma unroll
                 for (int n2 = 0; n2 < KV_HD / 16; n2++) {
                     u32 b0, b1, b2, b3;
                     ldsm_x4_t(&sh.v[b][16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * n2 + 8 * (lane >> 4)], b0, b1, b2,
                               b3);
-                    mma16816(acc[2 * n2], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                    mma16816(acc[2 * n2], al[0], al[1], al[2], al[3], b0, b1);
-                    mma16816(acc[2 * n2 + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
-                    mma16816(acc[2 * n2 + 1], al[0], al[1], al[2], al[3], b2, b3);
+                    FP_MMA(acc[2 * n2], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                    FP_MMA(acc[2 * n2], al[0], al[1], al[2], al[3], b0, b1);
+                    FP_MMA(acc[2 * n2 + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
+                    FP_MMA(acc[2 * n2 + 1], al[0], al[1], al[2], al[3], b2, b3);
                 }
             }
             __syncthreads();  // the buffer is staged again next time round

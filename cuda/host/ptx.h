@@ -172,6 +172,13 @@ inline void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 
     const u32 b[2] = {b0, b1};
     kvsim::mma_m16n8k16(c, a, b);
 }
+inline void mma16816_bf16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    const u32 a[4] = {a0, a1, a2, a3};
+    const u32 b[2] = {b0, b1};
+    kvsim::mma_m16n8k16<true>(c, a, b);
+}
+
+inline u32 f2bf2(float x0, float x1) { return (u32)f2bf(x0) | ((u32)f2bf(x1) << 16); }
 
 namespace kvsim {
 inline float h16(uint32_t bits) { return h2f((u16)bits); }

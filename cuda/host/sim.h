@@ -209,9 +209,19 @@ inline bool any_lane(bool x) {
 // An f16 as f32 (defined with the PTX helpers, ptx.h).
 inline float h16(uint32_t bits);
 
-// mma.sync.m16n8k16.row.col.f32.f16.f16.f32, fragments as in the PTX ISA: lane = 4 * group + t;
-// A row g and g + 8, columns 2t, 2t+1 (registers 0, 1) and 2t+8, 2t+9 (registers 2, 3);
-// B column g, rows 2t, 2t+1 and 2t+8, 2t+9; C row g and g + 8 at columns 2t, 2t+1.
+// A bf16 as f32 (exact).
+inline float bf16f(uint32_t bits) {
+    uint32_t x = (bits & 0xffffu) << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+// mma.sync.m16n8k16.row.col.f32.f16.f16.f32 (BF16: .bf16.bf16), fragments as in the PTX ISA:
+// lane = 4 * group + t; A row g and g + 8, columns 2t, 2t+1 (registers 0, 1) and 2t+8, 2t+9
+// (registers 2, 3); B column g, rows 2t, 2t+1 and 2t+8, 2t+9; C row g and g + 8 at columns
+// 2t, 2t+1.
+template <bool BF16 = false>
 inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     Fiber& f = me();
     unsigned w = f.tid / 32, lane = f.tid % 32, p = f.parity ^= 1;
@@ -221,11 +231,13 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (
     sync_warp();
     auto A = [&](unsigned r, unsigned k) {
         unsigned l = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-        return h16(s.a[p][l][reg] >> (16 * (k % 2)));
+        const uint32_t x = s.a[p][l][reg] >> (16 * (k % 2));
+        return BF16 ? bf16f(x) : h16(x);
     };
     auto B = [&](unsigned k, unsigned n) {
         unsigned l = n * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
-        return h16(s.b[p][l][reg] >> (16 * (k % 2)));
+        const uint32_t x = s.b[p][l][reg] >> (16 * (k % 2));
+        return BF16 ? bf16f(x) : h16(x);
     };
     unsigned g = lane / 4, t = lane % 4;
     for (unsigned i = 0; i < 4; i++) {

@@ -130,7 +130,7 @@ impl CudaCache {
     }
 
     /// Whether the full-precision tokens of a chunk of queries go to `kv_prefill_fp`: the layout
-    /// has it (an f16 cache), the rows allow its loads (queries 4-byte aligned with an even
+    /// has it (an f16 or bf16 cache), the rows allow its loads (queries 4-byte aligned with an even
     /// stride, the chunk's keys and values 16-byte aligned with a stride of whole 16 bytes),
     /// and `KIVI_CUDA_PREFILL_FP=0` does not turn it off (read at each call, so that a benchmark
     /// can time both paths in one process: `gpu_check prompt`).
@@ -308,7 +308,7 @@ impl CudaCache {
 
     /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
     /// its queries (rows of `n_q_heads * head_dim`), written to `out` (same shape). Chunks of 8
-    /// rows or more of an f16 cache attend to their own tokens on tensor cores when the rows
+    /// rows or more of an f16 or bf16 cache attend to their own tokens on tensor cores when the rows
     /// allow it (keys and values 16-byte aligned with a stride of a multiple of 8 elements,
     /// queries 4-byte aligned with an even stride); other rows take a slower path, with the
     /// same results.

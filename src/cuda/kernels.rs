@@ -181,16 +181,17 @@ pub(crate) fn chunk_mma(lay: &Layout) -> bool {
 
 /// Whether `kv_prefill_fp` (cuda/prefill_mma.cuh: the full-precision tokens of chunks of queries
 /// on tensor cores) exists in the module chunks of queries launch ([`chunk_mma`]): the
-/// conditions of `KV_FP_MMA_OK` there, an f16 cache.
+/// conditions of `KV_FP_MMA_OK` there, an f16 or bf16 cache.
 pub(crate) fn prefill_fp_layout(lay: &Layout) -> bool {
-    lay.dtype == DType::F16 && chunk_mma(lay)
+    matches!(lay.dtype, DType::F16 | DType::BF16) && chunk_mma(lay)
 }
 
 /// Whether chunks of queries (`append_attend`, `attend`) of a cache of this configuration, with
 /// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk) on
-/// tensor cores when they have at least 8 rows: [`tensor_core_chunks`] and an f16 cache.
+/// tensor cores when they have at least 8 rows: [`tensor_core_chunks`] and an f16 or bf16
+/// cache.
 pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
-    tensor_core_chunks(cfg, n_q_heads) && cfg.dtype == DType::F16
+    tensor_core_chunks(cfg, n_q_heads) && matches!(cfg.dtype, DType::F16 | DType::BF16)
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query

@@ -235,7 +235,7 @@ pub unsafe extern "C" fn kivi_append(
 /// CUDA cache: every `data` is a device pointer, all in the cache's dtype, keys and values with
 /// one stride; the attention and the append are queued on the cache's stream, the call returns
 /// without waiting, and `out` is written when the stream gets there. Every option works as on
-/// the CPU. Chunks of 8 rows or more of an f16 cache attend to their own tokens on tensor cores
+/// the CPU. Chunks of 8 rows or more of an f16 or bf16 cache attend to their own tokens on tensor cores
 /// when the rows allow it: keys and values 16-byte aligned with a stride of a multiple of 8
 /// elements, queries 4-byte aligned with an even stride (as cudaMalloc'd buffers and views of a
 /// fused QKV buffer at head boundaries are); other rows take a slower path, with the same
