@@ -61,15 +61,17 @@ struct FpShared {
 __device__ __forceinline__ void fp_stage(const AttnParams& P, FpShared& sh, const AttnItem& it, const elem_t* hw,
                                          u32 kvh, u32 n_sink, u32 ws, u32 n_fp, u32 i, u32 b) {
     constexpr u32 PER_ROW = KV_HD / 8;  // 16-byte pieces of a row
-    for (u32 x = threadIdx.x; x < 2 * FP_T * PER_ROW; x += KV_THREADS) {
-        const u32 value = x / (FP_T * PER_ROW), rest = x % (FP_T * PER_ROW);
-        const u32 tok = rest / PER_ROW, c = 8 * (rest % PER_ROW);
+    // Each piece of a token's key row with the same piece of its value row: one position.
+    for (u32 x = threadIdx.x; x < FP_T * PER_ROW; x += KV_THREADS) {
+        const u32 tok = x / PER_ROW, c = 8 * (x % PER_ROW);
         const u32 f = FP_T * i + tok;
-        u16* dst = value ? &sh.v[b][tok][c] : &sh.k[b][tok][c];
         if (f < n_fp) {
-            cp_async16(dst, fp_row(P, it, hw, kvh, fp_pos(it, n_sink, ws, f), value) + c);
+            const u32 pos = fp_pos(it, n_sink, ws, f);
+            cp_async16(&sh.k[b][tok][c], fp_row(P, it, hw, kvh, pos, false) + c);
+            cp_async16(&sh.v[b][tok][c], fp_row(P, it, hw, kvh, pos, true) + c);
         } else {
-            *(FpZero16*)dst = {0u, 0u, 0u, 0u};
+            *(FpZero16*)&sh.k[b][tok][c] = {0u, 0u, 0u, 0u};
+            *(FpZero16*)&sh.v[b][tok][c] = {0u, 0u, 0u, 0u};
         }
     }
 }
