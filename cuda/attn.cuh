@@ -53,8 +53,24 @@ struct AttnParams {
     u32 window, causal;
     u32 n_q_heads, ratio, hc, qt;     // query heads; per kv head; per block; query rows per block
     u32 ups, n_splits, n_items, fp_only;  // units per split; fp_only: see attn_block, kv_decode_mma
+    // Nonzero: the launch is n_rows query rows of one sequence (a chunk of queries), n_items
+    // items of qt rows, item z items[0] moved by z * qt rows (attn_item), so that one launch
+    // takes any number of rows; 0: the items are items[0 .. n_items].
+    u32 n_rows;
     AttnItem items[KV_MAX_ITEMS];
 };
+
+// Item z of a launch (blockIdx.z of every attention kernel).
+__device__ __forceinline__ AttnItem attn_item(const AttnParams& P, u32 z) {
+    AttnItem it = P.items[P.n_rows ? 0 : z];
+    if (P.n_rows) {
+        const u32 r = z * P.qt;
+        it.q_row0 += r;
+        it.q_pos0 += r;
+        it.n_q = min(P.qt, P.n_rows - r);
+    }
+    return it;
+}
 
 struct AttnShared {
     float qf[KV_NQ][KV_HD];  // queries times the softmax scale
@@ -284,7 +300,7 @@ __device__ __forceinline__ void attn_block_in(const AttnParams& P, AttnShared& s
     const u32 split = blockIdx.x;
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
     const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
-    const AttnItem it = P.items[blockIdx.z];
+    const AttnItem it = attn_item(P, blockIdx.z);
     const u32 h0 = kvh * P.ratio + hci * P.hc;
     const u32 nh = min(P.hc, P.ratio - hci * P.hc);
     const u32 nvec = nh * it.n_q;  // query vector v: row v / nh, head h0 + v % nh
@@ -414,7 +430,7 @@ __device__ __forceinline__ void attn_block(const AttnParams& P) {
 
 // Combines the splits of one (item, query row, query head): grid (n_q_heads, qt, items).
 __device__ __forceinline__ void combine_block(const AttnParams& P) {
-    const AttnItem& it = P.items[blockIdx.z];
+    const AttnItem it = attn_item(P, blockIdx.z);
     const u32 r = blockIdx.y, head = blockIdx.x;
     if (r >= it.n_q) return;
     const float* src = P.part + (((u64)blockIdx.z * P.qt + r) * P.n_q_heads + head) * P.n_splits * (KV_HD + 2);

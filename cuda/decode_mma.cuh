@@ -827,7 +827,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     // several blocks, each reading the kv head's groups).
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
     const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
-    const AttnItem it = P.items[blockIdx.z];
+    const AttnItem it = attn_item(P, blockIdx.z);
     const u32 h0 = kvh * P.ratio + hci * P.hc, nh = min(P.hc, P.ratio - hci * P.hc);
     // Query vector v: row v / nh of the item, head h0 + v % nh; at most 8 vectors (decode: one
     // row; chunks of queries: 8 / hc rows per item).

@@ -84,8 +84,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
     const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
     const u32 h0 = kvh * P.ratio + hci * P.hc, nh = min(P.hc, P.ratio - hci * P.hc);
-    const AttnItem it = P.items[0];
-    const u32 n_rows = (P.n_items - 1) * P.qt + P.items[P.n_items - 1].n_q;
+    const AttnItem it = attn_item(P, 0);
+    const u32 n_rows = (P.n_items - 1) * P.qt + attn_item(P, P.n_items - 1).n_q;
     const u32 rpb = FP_VPB / P.hc;  // rows per block, the same for every head chunk
     const u32 row0 = blockIdx.x * rpb, row_end = min(row0 + rpb, n_rows);
     const u32 total = it.len + it.n_chunk;

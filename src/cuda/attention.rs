@@ -68,6 +68,21 @@ pub(crate) fn mma_splits(
     (ups, max_groups.div_ceil(ups))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: at most this many items per launch of one sequence's rows, so that small chunks
+    /// take several launches.
+    pub(super) static ROW_ITEMS: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// What one attention call attends for: sequences, one item each (decode), or `rows` query rows of
+/// one sequence (chunks of queries), `first` describing the first (its `n_q` is not used).
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    Items(&'a [AttnItem]),
+    Rows { first: AttnItem, rows: usize },
+}
+
 /// How one attention call runs: the module it launches (`module`), query vectors per block
 /// (`nq`), query heads per block (`hc`), query rows per item (`qt`), and whether the quantized
 /// groups go to the tensor-core kernel (`mma`, in the decode module, for chunks of queries too).
@@ -198,13 +213,13 @@ impl CudaCache {
         }
     }
 
-    /// Queues attention for `items` (all of layer `l`) and the combine.
+    /// Queues attention for `work` (all of layer `l`) and the combine.
     #[allow(clippy::too_many_arguments)]
     fn run_attention(
         &self,
         l: usize,
         family: Family,
-        items: &[AttnItem],
+        work: Work,
         n_q_heads: usize,
         keys: Option<&DevRows>,
         values: Option<&DevRows>,
@@ -219,12 +234,40 @@ impl CudaCache {
         let Shape { module, nq, hc, qt, mma } = self.shape(family, n_q_heads);
         let hchunks = ratio.div_ceil(hc);
         let per_item = qt * n_q_heads * (hd + 2) * 4;
-        let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
-        if max_items == 0 {
+        if per_item > SCRATCH_BYTES {
             return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
         }
+        // The launches: up to MAX_ITEMS sequences each, or the rows of one sequence in as few
+        // launches as leave room in the scratch area for 4 splits of each item, of equal size.
+        let launches: Vec<(Vec<AttnItem>, usize)> = match work {
+            Work::Items(items) => {
+                let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
+                items.chunks(max_items).map(|c| (c.to_vec(), 0)).collect()
+            }
+            Work::Rows { first, rows } => {
+                let items = rows.div_ceil(qt);
+                let max_items = (SCRATCH_BYTES / (4 * per_item)).clamp(1, u16::MAX as usize);
+                #[cfg(test)]
+                let max_items = max_items.min(ROW_ITEMS.get());
+                let per_launch = qt * items.div_ceil(items.div_ceil(max_items));
+                (0..rows)
+                    .step_by(per_launch)
+                    .map(|r0| {
+                        let it = AttnItem {
+                            q_row0: first.q_row0 + r0 as u32,
+                            q_pos0: first.q_pos0 + r0 as u32,
+                            n_q: qt.min(rows - r0) as u32,
+                            ..first
+                        };
+                        (vec![it], per_launch.min(rows - r0))
+                    })
+                    .collect()
+            }
+        };
         let sms = self.info.multiprocessors as usize;
-        for chunk in items.chunks(max_items) {
+        for (chunk, n_rows) in &launches {
+            // Items of the launch (those of one sequence's rows are alike but for their rows).
+            let n_items = if *n_rows > 0 { n_rows.div_ceil(qt) } else { chunk.len() };
             let units = |it: &AttnItem| {
                 let n_groups = it.quantized as usize / lay.group;
                 let len = it.len as usize;
@@ -234,9 +277,9 @@ impl CudaCache {
                 n_groups + n_fp.div_ceil(32)
             };
             let max_units = chunk.iter().map(units).max().unwrap_or(0).max(1);
-            let blocks_per_split = chunk.len() * nkv * hchunks;
+            let blocks_per_split = n_items * nkv * hchunks;
             let want = (8 * sms).div_ceil(blocks_per_split).clamp(1, max_units);
-            let cap = (SCRATCH_BYTES / (per_item * chunk.len())).max(1);
+            let cap = (SCRATCH_BYTES / (per_item * n_items)).max(1);
             let mut ups = max_units.div_ceil(want.min(cap));
             let mut n_splits = max_units.div_ceil(ups);
             while n_splits > cap {
@@ -265,12 +308,13 @@ impl CudaCache {
                 qt: qt as u32,
                 ups: ups as u32,
                 n_splits: n_splits as u32,
-                n_items: chunk.len() as u32,
+                n_items: n_items as u32,
                 fp_only: 0,
+                n_rows: *n_rows as u32,
                 items: [AttnItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
-            let rows = chunk.len() as u32;
+            let rows = n_items as u32;
             if mma && cap >= 2 {
                 // One launch: split 0 takes the full-precision tokens on CUDA cores, splits 1..
                 // take `ups` quantized groups each on tensor cores.
@@ -281,7 +325,7 @@ impl CudaCache {
                 p.n_splits = 1 + n as u32;
                 // Chunks of queries of at least FP_MIN_ROWS rows: their full-precision tokens on
                 // tensor cores too, 64 query vectors per block (kv_prefill_fp writes split 0).
-                let n_rows = (chunk.len() - 1) * qt + chunk[chunk.len() - 1].n_q as usize;
+                let n_rows = (n_items - 1) * qt + p.item(n_items - 1).n_q as usize;
                 let fp =
                     family == Family::Prefill && n_rows >= FP_MIN_ROWS && self.prefill_fp(nq, queries, keys, values)?;
                 p.fp_only = if fp { 2 } else { 1 };
@@ -296,12 +340,7 @@ impl CudaCache {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;
             }
-            self.kernel(
-                Kernel::Combine(module, nq, &p),
-                (n_q_heads as u32, qt as u32, chunk.len() as u32),
-                128,
-                stream,
-            )?;
+            self.kernel(Kernel::Combine(module, nq, &p), (n_q_heads as u32, qt as u32, n_items as u32), 128, stream)?;
         }
         Ok(())
     }
@@ -333,20 +372,18 @@ impl CudaCache {
         self.bind()?;
         let ls = &self.seqs.slots[slot].layers[l];
         let (len, quantized) = (ls.len, ls.quantized);
-        let qt = self.shape(Family::Prefill, nqh).qt;
-        let items: Vec<AttnItem> = (0..n.div_ceil(qt))
-            .map(|i| AttnItem {
-                slot: slot as u32,
-                len: len as u32,
-                quantized: quantized as u32,
-                chunk_row0: 0,
-                n_chunk: n as u32,
-                q_row0: (i * qt) as u32,
-                n_q: qt.min(n - i * qt) as u32,
-                q_pos0: (len + i * qt) as u32,
-            })
-            .collect();
-        self.run_attention(l, Family::Prefill, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
+        let first = AttnItem {
+            slot: slot as u32,
+            len: len as u32,
+            quantized: quantized as u32,
+            chunk_row0: 0,
+            n_chunk: n as u32,
+            q_row0: 0,
+            n_q: 0,
+            q_pos0: len as u32,
+        };
+        let work = Work::Rows { first, rows: n };
+        self.run_attention(l, Family::Prefill, work, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
         let mut plan = Plan::default();
         self.plan_push(l, slot, n, 0, &mut plan);
         self.seqs.slots[slot].id = Some(seq);
@@ -378,20 +415,28 @@ impl CudaCache {
             )));
         }
         self.bind()?;
-        let qt = self.shape(Family::Prefill, nqh).qt;
-        let items: Vec<AttnItem> = (0..n.div_ceil(qt))
-            .map(|i| AttnItem {
-                slot: slot as u32,
-                len: ls.len as u32,
-                quantized: ls.quantized as u32,
-                chunk_row0: 0,
-                n_chunk: 0,
-                q_row0: (i * qt) as u32,
-                n_q: qt.min(n - i * qt) as u32,
-                q_pos0: (ls.len - n + i * qt) as u32,
-            })
-            .collect();
-        self.run_attention(l, Family::Prefill, &items, nqh, None, None, &queries, &out, &o, stream)
+        let first = AttnItem {
+            slot: slot as u32,
+            len: ls.len as u32,
+            quantized: ls.quantized as u32,
+            chunk_row0: 0,
+            n_chunk: 0,
+            q_row0: 0,
+            n_q: 0,
+            q_pos0: (ls.len - n) as u32,
+        };
+        self.run_attention(
+            l,
+            Family::Prefill,
+            Work::Rows { first, rows: n },
+            nqh,
+            None,
+            None,
+            &queries,
+            &out,
+            &o,
+            stream,
+        )
     }
 
     /// [`crate::Cache::decode`] on the device: one token for each of `seqs` (row `i` of every
@@ -444,9 +489,18 @@ impl CudaCache {
                 }
             })
             .collect();
-        if let Err(e) =
-            self.run_attention(l, Family::Decode, &items, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)
-        {
+        if let Err(e) = self.run_attention(
+            l,
+            Family::Decode,
+            Work::Items(&items),
+            nqh,
+            Some(&keys),
+            Some(&values),
+            &queries,
+            &out,
+            &o,
+            stream,
+        ) {
             // Nothing was appended: sequences this call created are not kept.
             for &(slot, _) in slots.iter().filter(|(_, new)| *new) {
                 self.seqs.slots[slot].id = None;

@@ -590,7 +590,7 @@ unsafe fn attn_block(k: &K, p: &AttnParams, nq: usize, split: usize, y: usize, z
     let (ratio, hc) = (p.ratio as usize, p.hc as usize);
     let hchunks = ratio.div_ceil(hc);
     let (kvh, hci) = (y / hchunks, y % hchunks);
-    let it = p.items[z];
+    let it = p.item(z);
     let h0 = kvh * ratio + hci * hc;
     let nh = hc.min(ratio - hci * hc);
     let nvec = nh * it.n_q as usize;
@@ -684,7 +684,7 @@ unsafe fn attn_block(k: &K, p: &AttnParams, nq: usize, split: usize, y: usize, z
 }
 
 unsafe fn combine_block(k: &K, p: &AttnParams, head: usize, r: usize, z: usize) {
-    let it = p.items[z];
+    let it = p.item(z);
     if r >= it.n_q as usize {
         return;
     }

@@ -51,7 +51,23 @@ pub(crate) struct AttnParams {
     pub(super) n_splits: u32,
     pub(super) n_items: u32,
     pub(super) fp_only: u32,
+    /// Nonzero: the launch is `n_rows` query rows of one sequence, `n_items` items of `qt` rows,
+    /// item `z` being `items[0]` moved by `z * qt` rows ([`AttnParams::item`]); 0: the items
+    /// are `items[..n_items]`.
+    pub(super) n_rows: u32,
     pub(super) items: [AttnItem; MAX_ITEMS],
+}
+
+impl AttnParams {
+    /// Item `z` of the launch (`attn_item` of `cuda/attn.cuh`).
+    pub(super) fn item(&self, z: usize) -> AttnItem {
+        if self.n_rows == 0 {
+            return self.items[z];
+        }
+        let r = z as u32 * self.qt;
+        let it = self.items[0];
+        AttnItem { q_row0: it.q_row0 + r, q_pos0: it.q_pos0 + r, n_q: self.qt.min(self.n_rows - r), ..it }
+    }
 }
 
 /// Block-table entries to write, as (index, page) pairs (`SetBlocksParams`, `cuda/quantize.cu`).

@@ -444,8 +444,8 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
 /// The full-precision tokens of chunks of at least 8 query rows (f16 and bf16 caches) take
 /// `kv_prefill_fp`, 64 query vectors per block (64 / heads-per-block rows): prompts with no past,
 /// chunks over a past of quantized groups, sinks and a window ring that has wrapped, queries of
-/// stored tokens only; row counts around the rows per block, more rows than one launch takes
-/// (64 items), GQA ratios 1, 3, 4, 8 and 12 (two blocks of heads per kv head, the second
+/// stored tokens only; row counts around the rows per block, calls in several launches (7 items
+/// each here), GQA ratios 1, 3, 4, 8 and 12 (two blocks of heads per kv head, the second
 /// partial), causal, non-causal, sliding-window and softcapped scores, head_dim 128 and 80.
 /// Chunks of fewer rows stay with split 0 of `kv_decode_mma`.
 #[test]
@@ -474,16 +474,21 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
     let mut p = Pair::<T>::new(SIM, c, nqh, opts);
     let fp = || sim::launches_of("kv_prefill_fp");
     let before = fp();
-    // Launches of a call of n rows: one per 64 items of qt rows, those of 8 rows or more.
+    // At most 7 items of qt rows per launch, the launches of a call alike in size: a call of n
+    // rows launches kv_prefill_fp in those of its launches with 8 rows or more.
+    attention::ROW_ITEMS.set(7);
     let qt = 8 / (nqh / 2).min(8);
-    let launches = |n: usize| (0..n.div_ceil(64 * qt)).filter(|i| n - 64 * qt * i >= 8).count();
+    let launches = |n: usize| {
+        let items = n.div_ceil(qt);
+        let per = qt * items.div_ceil(items.div_ceil(7));
+        (0..n).step_by(per).filter(|r0| (n - r0).min(per) >= 8).count()
+    };
     // A prompt: the chunk alone, its rows cut at no block's edge.
     p.append_attend(0, 0, 53);
     assert_eq!(fp() - before, launches(53), "{nqh} query heads: a prompt");
     p.append_attend(0, 0, 8);
     p.append(0, 0, 150);
-    // Over quantized groups, sinks and the ring; 140 rows: more items than one launch. The
-    // 21 rows' keys are large: their scores pass the earlier tiles' maxima by far (the
+    // Over quantized groups, sinks and the ring, in several launches. The 21 rows' keys are large: their scores pass the earlier tiles' maxima by far (the
     // accumulators are rescaled).
     for n in [21, 64, 140] {
         p.kscale = if n == 21 { 8.0 } else { 1.0 };
@@ -496,6 +501,7 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
     p.append_attend(0, 0, 7);
     assert_eq!(fp() - before, want, "{nqh} query heads: 7 rows");
     p.state("after chunks");
+    attention::ROW_ITEMS.set(usize::MAX);
 }
 
 /// What `kv_prefill_fp` asks of its rows: queries 4-byte aligned with an even stride, the chunk's
