@@ -3,9 +3,10 @@
 // style. The rows of a chunk (prompt prefill, `append_attend`, `attend`) are many, so a block
 // stages each tile of 32 tokens' keys and values once (16-byte cp.async copies into shared
 // memory, double-buffered) for 16 query vectors in each of its 4 warps, instead of once per
-// 8 / hc rows as the CUDA-core body of split 0 (attn.cuh) reads them. It writes split 0 of the
-// partial states; the quantized groups are the other splits (kv_decode_mma with fp_only = 2,
-// whose split 0 then does nothing), and the combine merges them as before.
+// 8 / hc rows as the CUDA-core body of split 0 (attn.cuh) reads them. kv_prefill_fp writes
+// split 0 of the partial states; the quantized groups are the other splits, kv_prefill_q's (the
+// same loop on tiles dequantized into shared memory, below) or, with KIVI_CUDA_PREFILL_Q=0,
+// kv_decode_mma's (fp_only = 2: its split 0 then does nothing), and the combine merges them.
 //
 // f16 and bf16 caches: the query (exact, the softmax scale applied to the f32 scores), the keys
 // and the values (exact) are operands of the cache's type as they are; the weights are split
@@ -16,8 +17,8 @@
 //   output  O[v][c] += sum_tok p[v][tok] * v[tok][c]: A = the weights, straight from the
 //           scores' accumulators (the C layout of two n-tiles is the A layout of one k-step),
 //           B = the values, read with ldmatrix.trans.
-// Vector v of a block: row v / nh of the block's rows (64 / hc rows: all items of a launch are
-// consecutive rows of one sequence, qt rows each), query head h0 + v % nh.
+// Vector v of a block: row v / nh of the block's rows (64 / hc rows: a launch takes consecutive
+// rows of one sequence, items of qt rows each), query head h0 + v % nh.
 #pragma once
 #include "attn.cuh"
 #include "decode_mma.cuh"
@@ -76,167 +77,229 @@ __device__ __forceinline__ void fp_stage(const AttnParams& P, FpShared& sh, cons
     }
 }
 
-// grid (row blocks, kv heads * head chunks, 1), KV_THREADS threads.
-extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const AttnParams P) {
-#if __CUDA_ARCH__ >= 800
-    __shared__ FpShared sh;
-    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
-    const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
-    const u32 h0 = kvh * P.ratio + hci * P.hc, nh = min(P.hc, P.ratio - hci * P.hc);
-    const AttnItem it = attn_item(P, 0);
-    const u32 n_rows = (P.n_items - 1) * P.qt + attn_item(P, P.n_items - 1).n_q;
-    const u32 rpb = FP_VPB / P.hc;  // rows per block, the same for every head chunk
-    const u32 row0 = blockIdx.x * rpb, row_end = min(row0 + rpb, n_rows);
-    const u32 total = it.len + it.n_chunk;
-    const u32 n_sink = min(it.len, (u32)KV_SINKS);
-    const u32 ws = min((u32)KV_SINKS + it.quantized, it.len);
-    const u32 n_fp = n_sink + (it.len - ws) + it.n_chunk;
-    const elem_t* hw = head_window(P.windows, it.slot, kvh);
-    auto lo_of = [&](u32 r) { return P.window > 0 ? max(0, (int)(it.q_pos0 + r) + 1 - (int)P.window) : 0; };
-    auto hi_of = [&](u32 r) { return P.causal ? min((int)(it.q_pos0 + r) + 1, (int)total) : (int)total; };
-
-    // This lane's rows of the warp's tile: vectors 16 warp + g and 16 warp + g + 8.
+// What a block's rows are and what this lane holds of them: the block's 64 query vectors
+// (64 / hc rows of one sequence), the lane's two rows of its warp's 16 (vectors 16 warp + g and
+// 16 warp + g + 8), their ranges of positions, the queries as A operands, and the online
+// softmax state of those rows.
+struct FpRows {
+    AttnItem it;
+    u32 kvh, h0, nh, row0, row_end;
     u32 row[2], head[2];
     bool ok[2];
     int lo[2], hi[2];
+    // The positions some row of the block sees, and those every row sees (rows are in order of
+    // position): tiles outside the first are skipped, tiles inside the second need no mask.
+    int lo_min, hi_max, lo_max, hi_min;
+    // k-step kk: rows g and g + 8, channels 16kk + 2t, + 1 and 16kk + 2t + 8, + 9.
+    u32 qa[KV_HD / 16][4];
+    float acc[KV_HD / 8][4];
+    float m[2], l[2];
+};
+
+__device__ __forceinline__ void fp_rows(const AttnParams& P, FpRows& R) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
+    R.kvh = blockIdx.y / hchunks;
+    const u32 hci = blockIdx.y % hchunks;
+    R.h0 = R.kvh * P.ratio + hci * P.hc;
+    R.nh = min(P.hc, P.ratio - hci * P.hc);
+    R.it = attn_item(P, 0);
+    const AttnItem& it = R.it;
+    const u32 n_rows = (P.n_items - 1) * P.qt + attn_item(P, P.n_items - 1).n_q;
+    const u32 rpb = FP_VPB / P.hc;  // rows per block, the same for every head chunk
+    R.row0 = blockIdx.x * rpb;
+    R.row_end = min(R.row0 + rpb, n_rows);
+    const u32 total = it.len + it.n_chunk;
+    auto lo_of = [&](u32 r) { return P.window > 0 ? max(0, (int)(it.q_pos0 + r) + 1 - (int)P.window) : 0; };
+    auto hi_of = [&](u32 r) { return P.causal ? min((int)(it.q_pos0 + r) + 1, (int)total) : (int)total; };
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const u32 v = 16 * warp + g + 8 * i;
-        row[i] = row0 + v / nh;
-        head[i] = h0 + v % nh;
-        ok[i] = v < rpb * nh && row[i] < row_end;
-        lo[i] = ok[i] ? lo_of(row[i]) : 0;
-        hi[i] = ok[i] ? max(hi_of(row[i]), lo[i]) : 0;
+        R.row[i] = R.row0 + v / R.nh;
+        R.head[i] = R.h0 + v % R.nh;
+        R.ok[i] = v < rpb * R.nh && R.row[i] < R.row_end;
+        R.lo[i] = R.ok[i] ? lo_of(R.row[i]) : 0;
+        R.hi[i] = R.ok[i] ? max(hi_of(R.row[i]), R.lo[i]) : 0;
     }
-    // The queries as A operands, k-step kk: rows g and g + 8, channels 16kk + 2t, + 1 and
-    // 16kk + 2t + 8, + 9.
-    u32 qa[KV_HD / 16][4];
+    R.lo_min = lo_of(R.row0);
+    R.hi_max = max(hi_of(R.row_end - 1), R.lo_min);
+    R.lo_max = lo_of(R.row_end - 1);
+    R.hi_min = hi_of(R.row0);
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        const elem_t* q = P.q + (i64)(it.q_row0 + (ok[i] ? row[i] : row0)) * P.q_stride + (i64)head[i] * KV_HD + 2 * t;
+        const elem_t* q =
+            P.q + (i64)(it.q_row0 + (R.ok[i] ? R.row[i] : R.row0)) * P.q_stride + (i64)R.head[i] * KV_HD + 2 * t;
 #pragma unroll
         for (int kk = 0; kk < KV_HD / 16; kk++) {
-            qa[kk][i] = ok[i] ? *(const u32*)(q + 16 * kk) : 0u;
-            qa[kk][2 + i] = ok[i] ? *(const u32*)(q + 16 * kk + 8) : 0u;
+            R.qa[kk][i] = R.ok[i] ? *(const u32*)(q + 16 * kk) : 0u;
+            R.qa[kk][2 + i] = R.ok[i] ? *(const u32*)(q + 16 * kk + 8) : 0u;
         }
     }
+#pragma unroll
+    for (int n = 0; n < KV_HD / 8; n++) R.acc[n][0] = R.acc[n][1] = R.acc[n][2] = R.acc[n][3] = 0.0f;
+    R.m[0] = R.m[1] = KV_NEG_INF;
+    R.l[0] = R.l[1] = 0.0f;
+}
 
-    // The positions some row of the block sees, and those every row sees (rows are in order of
-    // position): tiles outside the first are skipped, tiles inside the second need no mask.
-    const int lo_min = lo_of(row0), hi_max = max(hi_of(row_end - 1), lo_min);
-    const int lo_max = lo_of(row_end - 1), hi_min = hi_of(row0);
+// One tile of 32 tokens staged in shared memory (keys k, and their lo parts klo when KLO; values
+// v) for the lane's rows: scores on tensor cores, masked by position where edge (pos_of(f): the
+// position of token f of the tile, INT_MAX past the last), the online softmax, the values.
+// Called with softcap a constant, so that the loop without a softcap has no tanh.
+template <bool KLO, class PosOf>
+__device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bool softcap, const u16 (*k)[FP_ROW],
+                                        const u16 (*klo)[FP_ROW], const u16 (*vt)[FP_ROW], bool edge,
+                                        PosOf pos_of) {
+    const u32 lane = threadIdx.x & 31, t = lane & 3;
+    const float sc = P.scale * MMA_LOG2E;
+    // Scores: n-tile j holds tokens 8j .. 8j + 7 of the tile; lane 4g + t has rows g, g + 8,
+    // tokens 8j + 2t, + 1.
+    float S[FP_T / 8][4];
+#pragma unroll
+    for (int j = 0; j < FP_T / 8; j++) {
+        S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
+#pragma unroll
+        for (int part = 0; part < (KLO ? 2 : 1); part++) {
+            const u16 (*kp)[FP_ROW] = part == 0 ? k : klo;
+#pragma unroll
+            for (int k2 = 0; k2 < KV_HD / 32; k2++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4(&kp[8 * j + (lane & 7)][32 * k2 + 8 * (lane >> 3)], b0, b1, b2, b3);
+                FP_MMA(S[j], R.qa[2 * k2][0], R.qa[2 * k2][1], R.qa[2 * k2][2], R.qa[2 * k2][3], b0, b1);
+                FP_MMA(S[j], R.qa[2 * k2 + 1][0], R.qa[2 * k2 + 1][1], R.qa[2 * k2 + 1][2], R.qa[2 * k2 + 1][3], b2,
+                       b3);
+            }
+            if (KV_HD % 32 != 0) {  // the last 16 channels (head_dim 16, 48, 80, 112)
+                constexpr int kk = KV_HD / 16 - 1;
+                u32 b0, b1;
+                ldsm_x2(&kp[8 * j + (lane & 7)][16 * kk + 8 * ((lane >> 3) & 1)], b0, b1);
+                FP_MMA(S[j], R.qa[kk][0], R.qa[kk][1], R.qa[kk][2], R.qa[kk][3], b0, b1);
+            }
+        }
+    }
+    float bm[2] = {KV_NEG_INF, KV_NEG_INF};
+#pragma unroll
+    for (int j = 0; j < FP_T / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = e >> 1;
+            float x = S[j][e] * sc;
+            if (softcap) {
+                const float cap = P.softcap * MMA_LOG2E;
+                x = cap * tanhf(x / cap);
+            }
+            if (edge) {
+                const int pos = pos_of(8 * j + 2 * t + (e & 1));
+                x = pos >= R.lo[r] && pos < R.hi[r] ? x : KV_NEG_INF;
+            }
+            S[j][e] = x;
+            bm[r] = fmaxf(bm[r], x);
+        }
+    }
+    // A row's maximum moves only by more than MMA_RESCALE (see decode_mma.cuh); the four lanes
+    // of a row then agree on its new maximum.
+    if (__any_sync(0xffffffffu, bm[0] > R.m[0] + MMA_RESCALE || bm[1] > R.m[1] + MMA_RESCALE)) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 1));
+            bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 2));
+            const bool grow = bm[r] > R.m[r] + MMA_RESCALE;
+            const float corr = grow ? ex2(R.m[r] - bm[r]) : 1.0f;
+            if (grow) R.m[r] = bm[r];
+            R.l[r] *= corr;
+#pragma unroll
+            for (int n = 0; n < KV_HD / 8; n++) {
+                R.acc[n][2 * r] *= corr;
+                R.acc[n][2 * r + 1] *= corr;
+            }
+        }
+    }
+    const float mref[2] = {R.m[0] == KV_NEG_INF ? 0.0f : R.m[0], R.m[1] == KV_NEG_INF ? 0.0f : R.m[1]};
+#pragma unroll
+    for (int j = 0; j < FP_T / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            S[j][e] = ex2(S[j][e] - mref[e >> 1]);
+            R.l[e >> 1] += S[j][e];
+        }
+    }
+    // Values: k-step kk is tokens 16kk .. 16kk + 15, n-tiles 2kk and 2kk + 1 of the scores.
+#pragma unroll
+    for (int kk = 0; kk < FP_T / 16; kk++) {
+        u32 ah[4], al[4];
+        fp_split(S[2 * kk][0], S[2 * kk][1], ah[0], al[0]);
+        fp_split(S[2 * kk][2], S[2 * kk][3], ah[1], al[1]);
+        fp_split(S[2 * kk + 1][0], S[2 * kk + 1][1], ah[2], al[2]);
+        fp_split(S[2 * kk + 1][2], S[2 * kk + 1][3], ah[3], al[3]);
+#pragma unroll
+        for (int n2 = 0; n2 < KV_HD / 16; n2++) {
+            u32 b0, b1, b2, b3;
+            ldsm_x4_t(&vt[16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * n2 + 8 * (lane >> 4)], b0, b1, b2, b3);
+            FP_MMA(R.acc[2 * n2], ah[0], ah[1], ah[2], ah[3], b0, b1);
+            FP_MMA(R.acc[2 * n2], al[0], al[1], al[2], al[3], b0, b1);
+            FP_MMA(R.acc[2 * n2 + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
+            FP_MMA(R.acc[2 * n2 + 1], al[0], al[1], al[2], al[3], b2, b3);
+        }
+    }
+}
+
+// Split `split` of each (item, row, head) of the lane's rows: rows g and g + 8 of the warp's
+// vectors, each row's sum over its four lanes.
+__device__ __forceinline__ void fp_write(const AttnParams& P, FpRows& R, u32 split) {
+    const u32 t = threadIdx.x & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        R.l[r] += __shfl_xor_sync(0xffffffffu, R.l[r], 1);
+        R.l[r] += __shfl_xor_sync(0xffffffffu, R.l[r], 2);
+        if (!R.ok[r]) continue;
+        const u32 item = R.row[r] / P.qt, rr = R.row[r] % P.qt;
+        float* dst =
+            P.part + ((((u64)item * P.qt + rr) * P.n_q_heads + R.head[r]) * P.n_splits + split) * (KV_HD + 2);
+        if (t == 0) {
+            dst[0] = R.m[r] == KV_NEG_INF ? KV_NEG_INF : R.m[r] * MMA_LN2;  // natural units
+            dst[1] = R.l[r];
+        }
+#pragma unroll
+        for (int n = 0; n < KV_HD / 8; n++)
+            *(FpFloat2*)&dst[2 + 8 * n + 2 * t] = {R.acc[n][2 * r], R.acc[n][2 * r + 1]};
+    }
+}
+
+// grid (row blocks, kv heads * head chunks, 1), KV_THREADS threads: split 0, the full-precision
+// tokens.
+extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const AttnParams P) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ FpShared sh;
+    FpRows R;
+    fp_rows(P, R);
+    const AttnItem& it = R.it;
+    const u32 n_sink = min(it.len, (u32)KV_SINKS);
+    const u32 ws = min((u32)KV_SINKS + it.quantized, it.len);
+    const u32 n_fp = n_sink + (it.len - ws) + it.n_chunk;
+    const elem_t* hw = head_window(P.windows, it.slot, R.kvh);
     const u32 n_tiles = (n_fp + FP_T - 1) / FP_T;
     auto first_pos = [&](u32 i) { return (int)fp_pos(it, n_sink, ws, FP_T * i); };
     auto last_pos = [&](u32 i) { return (int)fp_pos(it, n_sink, ws, min(FP_T * i + FP_T - 1, n_fp - 1)); };
     u32 tb = 0, te = n_tiles;
-    while (tb < te && last_pos(tb) < lo_min) tb++;
-    while (te > tb && first_pos(te - 1) >= hi_max) te--;
-
-    float acc[KV_HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < KV_HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    float m[2] = {KV_NEG_INF, KV_NEG_INF}, l[2] = {0.0f, 0.0f};
-    const float sc = P.scale * MMA_LOG2E;
+    while (tb < te && last_pos(tb) < R.lo_min) tb++;
+    while (te > tb && first_pos(te - 1) >= R.hi_max) te--;
 
     // The tiles; called with a constant, so that the loop without a softcap has no tanh.
     auto tiles = [&](const bool softcap) {
-        if (tb < te) fp_stage(P, sh, it, hw, kvh, n_sink, ws, n_fp, tb, 0);
+        if (tb < te) fp_stage(P, sh, it, hw, R.kvh, n_sink, ws, n_fp, tb, 0);
         cp_commit();
         for (u32 i = tb; i < te; i++) {
             const u32 b = (i - tb) & 1;
-            if (i + 1 < te) fp_stage(P, sh, it, hw, kvh, n_sink, ws, n_fp, i + 1, b ^ 1);
+            if (i + 1 < te) fp_stage(P, sh, it, hw, R.kvh, n_sink, ws, n_fp, i + 1, b ^ 1);
             cp_commit();
             cp_wait<1>();
             __syncthreads();
-            // Scores: n-tile j holds tokens 8j .. 8j + 7 of the tile; lane 4g + t has rows g, g + 8,
-            // tokens 8j + 2t, + 1.
-            float S[FP_T / 8][4];
-    #pragma unroll
-            for (int j = 0; j < FP_T / 8; j++) {
-                S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
-    #pragma unroll
-                for (int k2 = 0; k2 < KV_HD / 32; k2++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4(&sh.k[b][8 * j + (lane & 7)][32 * k2 + 8 * (lane >> 3)], b0, b1, b2, b3);
-                    FP_MMA(S[j], qa[2 * k2][0], qa[2 * k2][1], qa[2 * k2][2], qa[2 * k2][3], b0, b1);
-                    FP_MMA(S[j], qa[2 * k2 + 1][0], qa[2 * k2 + 1][1], qa[2 * k2 + 1][2], qa[2 * k2 + 1][3], b2, b3);
-                }
-                if (KV_HD % 32 != 0) {  // the last 16 channels (head_dim 16, 48, 80, 112)
-                    constexpr int kk = KV_HD / 16 - 1;
-                    u32 b0, b1;
-                    ldsm_x2(&sh.k[b][8 * j + (lane & 7)][16 * kk + 8 * ((lane >> 3) & 1)], b0, b1);
-                    FP_MMA(S[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
-                }
-            }
             const u32 f0 = FP_T * i;
-            const bool edge = f0 + FP_T > n_fp || first_pos(i) < lo_max || last_pos(i) >= hi_min;
-            float bm[2] = {KV_NEG_INF, KV_NEG_INF};
-    #pragma unroll
-            for (int j = 0; j < FP_T / 8; j++) {
-    #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int r = e >> 1;
-                    float x = S[j][e] * sc;
-                    if (softcap) {
-                        const float cap = P.softcap * MMA_LOG2E;
-                        x = cap * tanhf(x / cap);
-                    }
-                    if (edge) {
-                        const u32 f = f0 + 8 * j + 2 * t + (e & 1);
-                        const int pos = f < n_fp ? (int)fp_pos(it, n_sink, ws, f) : 0x7fffffff;
-                        x = pos >= lo[r] && pos < hi[r] ? x : KV_NEG_INF;
-                    }
-                    S[j][e] = x;
-                    bm[r] = fmaxf(bm[r], x);
-                }
-            }
-            // A row's maximum moves only by more than MMA_RESCALE (see decode_mma.cuh); the four
-            // lanes of a row then agree on its new maximum.
-            if (__any_sync(0xffffffffu, bm[0] > m[0] + MMA_RESCALE || bm[1] > m[1] + MMA_RESCALE)) {
-    #pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 1));
-                    bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 2));
-                    const bool grow = bm[r] > m[r] + MMA_RESCALE;
-                    const float corr = grow ? ex2(m[r] - bm[r]) : 1.0f;
-                    if (grow) m[r] = bm[r];
-                    l[r] *= corr;
-    #pragma unroll
-                    for (int n = 0; n < KV_HD / 8; n++) {
-                        acc[n][2 * r] *= corr;
-                        acc[n][2 * r + 1] *= corr;
-                    }
-                }
-            }
-            const float mref[2] = {m[0] == KV_NEG_INF ? 0.0f : m[0], m[1] == KV_NEG_INF ? 0.0f : m[1]};
-    #pragma unroll
-            for (int j = 0; j < FP_T / 8; j++) {
-    #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    S[j][e] = ex2(S[j][e] - mref[e >> 1]);
-                    l[e >> 1] += S[j][e];
-                }
-            }
-            // Values: k-step kk is tokens 16kk .. 16kk + 15, n-tiles 2kk and 2kk + 1 of the scores.
-    #pragma unroll
-            for (int kk = 0; kk < FP_T / 16; kk++) {
-                u32 ah[4], al[4];
-                fp_split(S[2 * kk][0], S[2 * kk][1], ah[0], al[0]);
-                fp_split(S[2 * kk][2], S[2 * kk][3], ah[1], al[1]);
-                fp_split(S[2 * kk + 1][0], S[2 * kk + 1][1], ah[2], al[2]);
-                fp_split(S[2 * kk + 1][2], S[2 * kk + 1][3], ah[3], al[3]);
-    #pragma unroll
-                for (int n2 = 0; n2 < KV_HD / 16; n2++) {
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4_t(&sh.v[b][16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * n2 + 8 * (lane >> 4)], b0, b1, b2,
-                              b3);
-                    FP_MMA(acc[2 * n2], ah[0], ah[1], ah[2], ah[3], b0, b1);
-                    FP_MMA(acc[2 * n2], al[0], al[1], al[2], al[3], b0, b1);
-                    FP_MMA(acc[2 * n2 + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
-                    FP_MMA(acc[2 * n2 + 1], al[0], al[1], al[2], al[3], b2, b3);
-                }
-            }
+            const bool edge = f0 + FP_T > n_fp || first_pos(i) < R.lo_max || last_pos(i) >= R.hi_min;
+            auto pos_of = [&](u32 x) {
+                const u32 f = f0 + x;
+                return f < n_fp ? (int)fp_pos(it, n_sink, ws, f) : 0x7fffffff;
+            };
+            fp_tile<false>(P, R, softcap, sh.k[b], sh.k[b], sh.v[b], edge, pos_of);
             __syncthreads();  // the buffer is staged again next time round
         }
     };
@@ -246,23 +309,169 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
         tiles(false);
     }
     cp_wait<0>();
+    fp_write(P, R, 0);
+#endif
+}
+// The quantized groups of a chunk of queries, the same way (kv_prefill_q): each tile of 32
+// quantized tokens is dequantized once into shared memory for the block's 64 query vectors,
+// instead of being read by kv_decode_mma once for every 8 of them. The keys become hi and lo
+// parts of the cache's type (code * scale + zero in f32, about 22 bits in f16, 16 in bf16: two
+// mmas per product), the values one part (rounded once, as the tensor-core decode's are). The
+// codes of the next tile are loaded into registers while this one is computed. Split s + 1 of
+// the partial states for blockIdx.z = s, `ups` groups each.
+struct PqShared {
+    __align__(16) u16 k[FP_T][FP_ROW];
+    __align__(16) u16 klo[FP_T][FP_ROW];
+    __align__(16) u16 v[FP_T][FP_ROW];
+};
 
-    // Split 0 of each (item, row, head): rows g and g + 8 of the warp's vectors, the row's sum
-    // over its four lanes.
+// A thread's pieces of a tile: key pieces of two channels and 8 tokens, value pieces of one
+// token and 8 channels.
+#define PQ_KP (KV_HD / 2 * (FP_T / 8))
+#define PQ_VP (FP_T * (KV_HD / 8))
+#define PQ_KN ((PQ_KP + KV_THREADS - 1) / KV_THREADS)
+#define PQ_VN ((PQ_VP + KV_THREADS - 1) / KV_THREADS)
+
+// The bytes of those pieces, loaded a tile ahead: the two channels' codes (8 tokens each, in
+// the low 16 bits at 2 bits), scales and zeros (f16 pairs); a token's codes of 8 channels, its
+// value scale and zero (f16).
+struct PqRaw {
+    u32 kc0[PQ_KN], kc1[PQ_KN], ks[PQ_KN], kz[PQ_KN];
+    u32 vc[PQ_VN];
+    u16 vs[PQ_VN], vz[PQ_VN];
+};
+
+// Tile i: quantized tokens t0 + 32i .. + 31 (of those before t_end); a piece is loaded where
+// its tokens are (octets never straddle a group: G is a multiple of 8).
+__device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u32* bt, u32 kvh, u32 t0, u32 t_end,
+                                        u32 i) {
+    const u32 f0 = t0 + FP_T * i;
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        if (!ok[r]) continue;
-        const u32 item = row[r] / P.qt, rr = row[r] % P.qt;
-        float* dst = P.part + ((((u64)item * P.qt + rr) * P.n_q_heads + head[r]) * P.n_splits) * (KV_HD + 2);
-        if (t == 0) {
-            dst[0] = m[r] == KV_NEG_INF ? KV_NEG_INF : m[r] * MMA_LN2;  // natural units
-            dst[1] = l[r];
+    for (int n = 0; n < PQ_KN; n++) {
+        const u32 x = threadIdx.x + n * KV_THREADS, cp = x % (KV_HD / 2), o = x / (KV_HD / 2);
+        const u32 f = f0 + 8 * o;
+        if (x < PQ_KP && f < t_end) {
+            u32 gi;
+            const u8* blk = group_block(P.pages, bt, f / KV_G, kvh, &gi);
+            const u8* kc = blk + KV_K_CODES + gi * MMA_KC + 2 * cp * KV_K_RUN + (f % KV_G) * KV_KB / 8;
+            if (KV_KB == 2) {
+                raw.kc0[n] = __ldg((const u16*)kc);
+                raw.kc1[n] = __ldg((const u16*)(kc + KV_K_RUN));
+            } else {
+                raw.kc0[n] = __ldg((const u32*)kc);
+                raw.kc1[n] = __ldg((const u32*)(kc + KV_K_RUN));
+            }
+            raw.ks[n] = __ldg((const u32*)(blk + KV_K_SCALE + gi * KV_HD * 2) + cp);
+            raw.kz[n] = __ldg((const u32*)(blk + KV_K_ZERO + gi * KV_HD * 2) + cp);
         }
-#pragma unroll
-        for (int n = 0; n < KV_HD / 8; n++) *(FpFloat2*)&dst[2 + 8 * n + 2 * t] = {acc[n][2 * r], acc[n][2 * r + 1]};
     }
+#pragma unroll
+    for (int n = 0; n < PQ_VN; n++) {
+        const u32 y = threadIdx.x + n * KV_THREADS, tk = y / (KV_HD / 8), co = y % (KV_HD / 8);
+        const u32 f = f0 + tk;
+        if (y < PQ_VP && f < t_end) {
+            u32 gi;
+            const u8* blk = group_block(P.pages, bt, f / KV_G, kvh, &gi);
+            const u32 tg = f % KV_G;
+            const u8* vc = blk + KV_V_CODES + gi * MMA_VC + tg * KV_V_ROW + co * KV_VB;
+            raw.vc[n] = KV_VB == 2 ? (u32)__ldg((const u16*)vc) : __ldg((const u32*)vc);
+            const u32 si = gi * KV_G * KV_NG + tg * KV_NG + 8 * co / KV_VG;
+            raw.vs[n] = __ldg((const u16*)(blk + KV_V_SCALE) + si);
+            raw.vz[n] = __ldg((const u16*)(blk + KV_V_ZERO) + si);
+        }
+    }
+}
+
+// Codes c0 (low half) and c1 (high half) of a u32, as f32.
+__device__ __forceinline__ float pq_code_lo(u32 c) { return code_f(c & 0xffffu); }
+__device__ __forceinline__ float pq_code_hi(u32 c) { return code_f(c >> 16); }
+
+// Dequantizes the loaded tile into shared memory; tokens at or past t_end are zeros.
+__device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw, u32 t0, u32 t_end, u32 i) {
+    const u32 f0 = t0 + FP_T * i;
+#pragma unroll
+    for (int n = 0; n < PQ_KN; n++) {
+        const u32 x = threadIdx.x + n * KV_THREADS, cp = x % (KV_HD / 2), o = x / (KV_HD / 2);
+        if (x >= PQ_KP) continue;
+        const bool valid = f0 + 8 * o < t_end;
+        const float s0 = h2f((u16)(raw.ks[n] & 0xffffu)), s1 = h2f((u16)(raw.ks[n] >> 16));
+        const float z0 = h2f((u16)(raw.kz[n] & 0xffffu)), z1 = h2f((u16)(raw.kz[n] >> 16));
+        // Token j's codes of the two channels in the two halves of one word.
+        const u32 xa = prmt(raw.kc0[n], raw.kc1[n], 0x5410), xb = prmt(raw.kc0[n], raw.kc1[n], 0x7632);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const u32 c = KV_KB == 2 ? (xa >> (2 * j)) & 0x00030003u : ((j < 4 ? xa : xb) >> (4 * (j & 3))) & 0x000f000fu;
+            u32 hi = 0u, lo = 0u;
+            if (valid) fp_split(fmaf(pq_code_lo(c), s0, z0), fmaf(pq_code_hi(c), s1, z1), hi, lo);
+            *(u32*)&sh.k[8 * o + j][2 * cp] = hi;
+            *(u32*)&sh.klo[8 * o + j][2 * cp] = lo;
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < PQ_VN; n++) {
+        const u32 y = threadIdx.x + n * KV_THREADS, tk = y / (KV_HD / 8), co = y % (KV_HD / 8);
+        if (y >= PQ_VP) continue;
+        u32 w[4] = {0u, 0u, 0u, 0u};
+        if (f0 + tk < t_end) {
+            // Channel pair p's codes in the two halves of one word: channel 2p + 1's moved up by
+            // 16 - VB bits, each half then read at bit 2p * VB of its channels.
+            const u32 xa = raw.vc[n] & 0xffffu, xb = raw.vc[n] >> 16;
+            const u32 ya = xa | (xa << (16 - KV_VB)), yb = xb | (xb << (16 - KV_VB));
+#if KV_DTYPE == 1
+            const u32 magic = 0x64006400u, s2 = raw.vs[n] * 0x00010001u, z2 = raw.vz[n] * 0x00010001u;
+#else
+            const float s = h2f(raw.vs[n]), z = h2f(raw.vz[n]);
+#endif
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                const u32 c = KV_VB == 2 ? (ya >> (4 * p)) & 0x00030003u
+                                         : ((p < 2 ? ya : yb) >> (8 * (p & 1))) & 0x000f000fu;
+#if KV_DTYPE == 1
+                w[p] = fma_h2(sub_h2(c | magic, magic), s2, z2);
+#else
+                w[p] = f2bf2(fmaf(pq_code_lo(c), s, z), fmaf(pq_code_hi(c), s, z));
+#endif
+            }
+        }
+        *(FpZero16*)&sh.v[tk][8 * co] = {w[0], w[1], w[2], w[3]};
+    }
+}
+
+// grid (row blocks, kv heads * head chunks, quantized splits), KV_THREADS threads.
+extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_q(const AttnParams P) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ PqShared sh;
+    FpRows R;
+    fp_rows(P, R);
+    const AttnItem& it = R.it;
+    // This split's quantized tokens, at positions KV_SINKS + t0 .. KV_SINKS + t_end - 1.
+    const u32 t0 = blockIdx.z * P.ups * KV_G, t_end = min(t0 + P.ups * KV_G, it.quantized);
+    const u32* bt = P.blocks + (u64)it.slot * KV_SEQ_PAGES;
+    const int p0 = KV_SINKS + (int)t0;
+    const u32 n_tiles = t_end > t0 ? (t_end - t0 + FP_T - 1) / FP_T : 0;
+    const u32 tb = R.lo_min > p0 ? min(n_tiles, (u32)(R.lo_min - p0) / FP_T) : 0;
+    const u32 te = R.hi_max > p0 ? min(n_tiles, (u32)(R.hi_max - p0 + FP_T - 1) / FP_T) : 0;
+    auto tiles = [&](const bool softcap) {
+        PqRaw raw = {};
+        if (tb < te) pq_load(P, raw, bt, R.kvh, t0, t_end, tb);
+        for (u32 i = tb; i < te; i++) {
+            pq_store(sh, raw, t0, t_end, i);
+            __syncthreads();
+            if (i + 1 < te) pq_load(P, raw, bt, R.kvh, t0, t_end, i + 1);
+            const u32 f0 = t0 + FP_T * i;
+            const int first = KV_SINKS + (int)f0, last = KV_SINKS + (int)min(f0 + FP_T, t_end) - 1;
+            const bool edge = f0 + FP_T > t_end || first < R.lo_max || last >= R.hi_min;
+            auto pos_of = [&](u32 x) { return f0 + x < t_end ? first + (int)x : 0x7fffffff; };
+            fp_tile<true>(P, R, softcap, sh.k, sh.klo, sh.v, edge, pos_of);
+            __syncthreads();  // the tile is stored again next time round
+        }
+    };
+    if (P.softcap > 0.0f) {
+        tiles(true);
+    } else {
+        tiles(false);
+    }
+    fp_write(P, R, 1 + blockIdx.z);
 #endif
 }
 #endif

@@ -1149,7 +1149,9 @@ fn bench(args: &[String]) -> bool {
                 (hd * (c.key_bits + c.value_bits) as usize / 8, kp + vp)
             };
             // Chunked-prefill attention: the last 2048 tokens of sequence 0 as queries (causal,
-            // over the whole context), the kernel a prefill chunk runs.
+            // over the whole context), the kernels a prefill chunk runs: the quantized groups on
+            // kv_prefill_q (`ms`) and on kv_decode_mma (`KIVI_CUDA_PREFILL_Q=0`, the path before
+            // it: `ms_decode_mma`), alternating, median of 3 calls each.
             if ctx >= 4096 && !args.iter().any(|a| a == "--no-prefill") {
                 let rows = 2048;
                 let q: Vec<f16> = to_t(&rng.normals(rows * nqh * hd));
@@ -1166,24 +1168,37 @@ fn bench(args: &[String]) -> bool {
                         )
                         .expect("attend")
                 };
-                run(&cache);
                 let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
                 let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
-                // SAFETY: events created above, recorded on the default stream.
-                let ms = unsafe {
-                    drv::event::record(e0, std::ptr::null_mut()).unwrap();
-                    for _ in 0..3 {
-                        run(&cache);
+                let mut times = [Vec::new(), Vec::new()];
+                for round in 0..4 {
+                    for (i, flag) in ["1", "0"].into_iter().enumerate() {
+                        std::env::set_var("KIVI_CUDA_PREFILL_Q", flag);
+                        // SAFETY: events created above, recorded on the default stream.
+                        unsafe {
+                            drv::event::record(e0, std::ptr::null_mut()).unwrap();
+                            run(&cache);
+                            drv::event::record(e1, std::ptr::null_mut()).unwrap();
+                            drv::event::synchronize(e1).unwrap();
+                            // The first round warms up.
+                            if round > 0 {
+                                times[i].push(drv::event::elapsed(e0, e1).unwrap() as f64);
+                            }
+                        }
                     }
-                    drv::event::record(e1, std::ptr::null_mut()).unwrap();
-                    drv::event::synchronize(e1).unwrap();
-                    let ms = drv::event::elapsed(e0, e1).unwrap() as f64 / 3.0;
+                }
+                std::env::remove_var("KIVI_CUDA_PREFILL_Q");
+                // SAFETY: created above.
+                unsafe {
                     let _ = drv::event::destroy(e0);
                     let _ = drv::event::destroy(e1);
-                    ms
-                };
+                }
+                let [ms, ms_mma] = times.map(|mut t| {
+                    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    t[t.len() / 2]
+                });
                 println!(
-                    "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"fill_tokens_per_s\":{:.0}}}",
+                    "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"ms_decode_mma\":{ms_mma:.3},\"fill_tokens_per_s\":{:.0}}}",
                     if label.is_empty() { "" } else { "-" },
                     (max_batch * ctx) as f64 / fill_s
                 );

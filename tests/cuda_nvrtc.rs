@@ -98,9 +98,11 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
             if tensor_core_chunks(&cfg, ratio * cfg.n_kv_heads) {
                 assert!(has_mma(8, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
                 chunks += 1;
-                // Their full-precision tokens: kv_prefill_fp, in the same module.
+                // Their full-precision tokens and their quantized groups: kv_prefill_fp and
+                // kv_prefill_q, in the same module.
                 let fp = tensor_core_chunk_tokens(&cfg, ratio * cfg.n_kv_heads);
                 assert_eq!(has(b"kv_prefill_fp", 8, &cfg), fp, "chunk tokens: config {cfg:?}");
+                assert_eq!(has(b"kv_prefill_q", 8, &cfg), fp, "chunk groups: config {cfg:?}");
                 tokens += fp as usize;
             }
         }

@@ -22,6 +22,10 @@ pub(super) struct AttnFns {
     pub(super) mma_slots: usize,
     /// `kv_prefill_fp` where the module has it (0 where not).
     pub(super) prefill_fp: usize,
+    /// `kv_prefill_q`, in the module with `kv_prefill_fp`, and how many of its blocks run at
+    /// once on the device.
+    pub(super) prefill_q: usize,
+    pub(super) prefill_q_slots: usize,
 }
 
 /// Query vectors of one `kv_prefill_fp` block (`FP_VPB` of cuda/prefill_mma.cuh).
@@ -128,10 +132,14 @@ impl CudaCache {
             0 => 0,
             f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
         };
-        let prefill_fp = if family == Family::Decode && mma != 0 && nq == 8 && prefill_fp_layout(&self.lay) {
-            m.function("kv_prefill_fp")? as usize
-        } else {
-            0
+        let chunk_fns = family == Family::Decode && mma != 0 && nq == 8 && prefill_fp_layout(&self.lay);
+        let (prefill_fp, prefill_q) = match chunk_fns {
+            true => (m.function("kv_prefill_fp")? as usize, m.function("kv_prefill_q")? as usize),
+            false => (0, 0),
+        };
+        let prefill_q_slots = match prefill_q {
+            0 => 0,
+            f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
         };
         let f = AttnFns {
             attn: m.function(names[0])? as usize,
@@ -139,6 +147,8 @@ impl CudaCache {
             mma,
             mma_slots,
             prefill_fp,
+            prefill_q,
+            prefill_q_slots,
         };
         known.push((family, nq, f));
         Ok(Some(f))
@@ -179,6 +189,16 @@ impl CudaCache {
             Some(AttnFns { mma: 0, .. }) => Err(no_mma(nq)),
             Some(f) => Ok(f.mma_slots),
             None => Ok(3 * self.info.multiprocessors as usize),
+        }
+    }
+
+    /// How many blocks of `kv_prefill_q` run at once on the device (the emulated and simulated
+    /// devices: two per multiprocessor, what its registers allow).
+    fn prefill_q_slots(&self, nq: usize) -> Result<usize> {
+        match self.attn_fns(Family::Decode, nq)? {
+            Some(AttnFns { prefill_q: 0, .. }) => Err(no_mma(nq)),
+            Some(f) => Ok(f.prefill_q_slots),
+            None => Ok(2 * self.info.multiprocessors as usize),
         }
     }
 
@@ -316,25 +336,33 @@ impl CudaCache {
             p.items[..chunk.len()].copy_from_slice(chunk);
             let rows = n_items as u32;
             if mma && cap >= 2 {
-                // One launch: split 0 takes the full-precision tokens on CUDA cores, splits 1..
-                // take `ups` quantized groups each on tensor cores.
+                // Split 0 takes the full-precision tokens, splits 1.. take `ups` quantized groups
+                // each on tensor cores. Decode, and chunks of fewer than FP_MIN_ROWS rows: one
+                // kv_decode_mma launch, its split 0 on CUDA cores. Larger chunks: 64 query vectors
+                // per block, kv_prefill_fp for split 0 and kv_prefill_q for the others (or
+                // kv_decode_mma, `KIVI_CUDA_PREFILL_Q=0`).
                 let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
-                let slots = self.mma_slots(nq)?;
-                let (ups, n) = mma_splits(max_groups, blocks_per_split, slots, cap - 1);
-                p.ups = ups as u32;
-                p.n_splits = 1 + n as u32;
-                // Chunks of queries of at least FP_MIN_ROWS rows: their full-precision tokens on
-                // tensor cores too, 64 query vectors per block (kv_prefill_fp writes split 0).
                 let n_rows = (n_items - 1) * qt + p.item(n_items - 1).n_q as usize;
                 let fp =
                     family == Family::Prefill && n_rows >= FP_MIN_ROWS && self.prefill_fp(nq, queries, keys, values)?;
+                let fp_q = fp && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
+                let row_blocks = n_rows.div_ceil(FP_VECTORS / hc);
+                let (ups, n) = match fp_q {
+                    true => mma_splits(max_groups, row_blocks * nkv * hchunks, self.prefill_q_slots(nq)?, cap - 1),
+                    false => mma_splits(max_groups, blocks_per_split, self.mma_slots(nq)?, cap - 1),
+                };
+                p.ups = ups as u32;
+                p.n_splits = 1 + n as u32;
                 p.fp_only = if fp { 2 } else { 1 };
-                if !fp || n > 0 {
-                    self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
-                }
                 if fp {
-                    let grid = (n_rows.div_ceil(FP_VECTORS / hc) as u32, (nkv * hchunks) as u32, 1);
+                    let grid = (row_blocks as u32, (nkv * hchunks) as u32, 1);
                     self.kernel(Kernel::PrefillFp(nq, &p), grid, 128, stream)?;
+                }
+                if fp_q && n > 0 {
+                    let grid = (row_blocks as u32, (nkv * hchunks) as u32, n as u32);
+                    self.kernel(Kernel::PrefillQ(nq, &p), grid, 128, stream)?;
+                } else if !fp || n > 0 {
+                    self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
                 }
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);

@@ -122,6 +122,9 @@ pub(crate) enum Kernel<'a> {
     /// The full-precision tokens of chunks of queries on tensor cores (prefill_mma.cuh), in the
     /// decode module compiled for `nq`.
     PrefillFp(usize, &'a AttnParams),
+    /// The quantized groups of chunks of queries on tensor cores (prefill_mma.cuh), in the same
+    /// module.
+    PrefillQ(usize, &'a AttnParams),
 }
 
 /// What appending to some sequences of one layer does on the device, decided on the host.
@@ -638,6 +641,10 @@ impl CudaCache {
                     f => launch(func(f), grid, block, st, p),
                 },
                 Kernel::PrefillFp(nq, p) => match attn(Family::Decode, nq)?.prefill_fp {
+                    0 => Err(no_mma(nq)),
+                    f => launch(func(f), grid, block, st, p),
+                },
+                Kernel::PrefillQ(nq, p) => match attn(Family::Decode, nq)?.prefill_q {
                     0 => Err(no_mma(nq)),
                     f => launch(func(f), grid, block, st, p),
                 },

@@ -141,7 +141,7 @@ pub(super) unsafe fn run(lay: &Layout, k: Kernel<'_>, grid: (u32, u32, u32)) {
                 }
             }
         }
-        Kernel::Mma(..) | Kernel::PrefillFp(..) => {
+        Kernel::Mma(..) | Kernel::PrefillFp(..) | Kernel::PrefillQ(..) => {
             unreachable!("an emulated device reports compute capability 7.5: no tensor-core kernels")
         }
         Kernel::Combine(_, _, p) => {

@@ -179,17 +179,18 @@ pub(crate) fn chunk_mma(lay: &Layout) -> bool {
     mma_layout(lay, 8)
 }
 
-/// Whether `kv_prefill_fp` (cuda/prefill_mma.cuh: the full-precision tokens of chunks of queries
-/// on tensor cores) exists in the module chunks of queries launch ([`chunk_mma`]): the
-/// conditions of `KV_FP_MMA_OK` there, an f16 or bf16 cache.
+/// Whether `kv_prefill_fp` and `kv_prefill_q` (cuda/prefill_mma.cuh: the full-precision tokens
+/// and the quantized groups of chunks of queries, 64 query vectors per block) exist in the module
+/// chunks of queries launch ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK` there, an f16 or
+/// bf16 cache.
 pub(crate) fn prefill_fp_layout(lay: &Layout) -> bool {
     matches!(lay.dtype, DType::F16 | DType::BF16) && chunk_mma(lay)
 }
 
 /// Whether chunks of queries (`append_attend`, `attend`) of a cache of this configuration, with
 /// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk) on
-/// tensor cores when they have at least 8 rows: [`tensor_core_chunks`] and an f16 or bf16
-/// cache.
+/// tensor cores when they have at least 8 rows, 64 query vectors per block, and their quantized
+/// groups the same way: [`tensor_core_chunks`] and an f16 or bf16 cache.
 pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
     tensor_core_chunks(cfg, n_q_heads) && matches!(cfg.dtype, DType::F16 | DType::BF16)
 }

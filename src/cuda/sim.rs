@@ -80,7 +80,10 @@ fn unit(family: Family) -> String {
     }
     if family == Family::Decode {
         s.push_str("#if KV_MMA_OK\n    {\"kv_decode_mma\", [](const void* p) { kv_decode_mma(*(const AttnParams*)p); }},\n#endif\n");
-        s.push_str("#if KV_FP_MMA_OK\n    {\"kv_prefill_fp\", [](const void* p) { kv_prefill_fp(*(const AttnParams*)p); }},\n#endif\n");
+        s.push_str(
+            "#if KV_FP_MMA_OK\n    {\"kv_prefill_fp\", [](const void* p) { kv_prefill_fp(*(const AttnParams*)p); }},\n",
+        );
+        s.push_str("    {\"kv_prefill_q\", [](const void* p) { kv_prefill_q(*(const AttnParams*)p); }},\n#endif\n");
     }
     s.push_str(
         "};\n}  // namespace\n\
@@ -219,6 +222,7 @@ pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'
         Kernel::Combine(f, nq, x) => (f, attn(nq), f.entries()[1], p(x as *const _ as _)),
         Kernel::Mma(nq, x) => (Family::Decode, attn(nq), "kv_decode_mma", p(x as *const _ as _)),
         Kernel::PrefillFp(nq, x) => (Family::Decode, attn(nq), "kv_prefill_fp", p(x as *const _ as _)),
+        Kernel::PrefillQ(nq, x) => (Family::Decode, attn(nq), "kv_prefill_q", p(x as *const _ as _)),
     };
     let ucontext = UCONTEXT.get();
     let m = module(family, &spec, ucontext);

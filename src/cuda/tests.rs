@@ -427,16 +427,17 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
         c.n_layers = 1;
         assert!(crate::cuda::kernels::tensor_core_chunks(&c, nqh as u32), "{nqh} query heads");
         let mut p = Pair::<f16>::new(SIM, c, nqh, opts);
-        let before = sim::launches_of("kv_decode_mma");
+        // The quantized groups: kv_decode_mma, or kv_prefill_q for chunks of 8 rows or more.
+        let launches = || sim::launches_of("kv_decode_mma") + sim::launches_of("kv_prefill_q");
+        let before = launches();
         p.append(0, 0, 200);
         for n in [1, 2, 3, 9, 31, 33] {
             p.append_attend(0, 0, n);
         }
         p.attend(0, 0, 17);
-        let launched = sim::launches_of("kv_decode_mma") - before;
-        assert_eq!(launched, 7, "{nqh} query heads: every chunk on tensor cores");
+        assert_eq!(launches() - before, 7, "{nqh} query heads: every chunk on tensor cores");
         p.decode(0, &[0]);
-        assert_eq!(sim::launches_of("kv_decode_mma") - before, 8, "{nqh} query heads: decode on tensor cores");
+        assert_eq!(launches() - before, 8, "{nqh} query heads: decode on tensor cores");
         p.state("after chunks");
     }
 }
@@ -504,6 +505,66 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
     attention::ROW_ITEMS.set(usize::MAX);
 }
 
+/// The quantized groups of chunks of at least 8 query rows (f16 and bf16 caches) take
+/// `kv_prefill_q`, 64 query vectors per block, each tile of 32 tokens dequantized once into
+/// shared memory: G of 16, 32 and 64 (tiles of two groups, of one, of half of one), 2- and
+/// 4-bit keys and values in every pairing, several groups per page, head_dim 128, 80 and 64,
+/// sinks, GQA ratios 1, 3, 4 and 12, splits whose first token is not at a tile's edge (G = 16,
+/// an odd number of groups per split), sliding windows that start inside the quantized tokens,
+/// softcapped and non-causal scores, queries of stored tokens (quantized ones among them), several
+/// launches per call.
+#[test]
+fn simulated_chunks_over_quantized_groups_use_tensor_cores() {
+    let f16c = |hd, bits, g, pt, sinks| {
+        let mut c = cfg(hd, 2, bits, g, g.max(32), sinks, KeyMode::PerChannel, DType::F16, pt);
+        c.n_layers = 1;
+        c
+    };
+    let d = AttnOptions::default();
+    for (c, nqh, opts, past) in [
+        (f16c(128, (2, 2), 32, 0, 0), 8, d, 300),
+        // 37 groups of 16: two splits of 19 and 18 groups, the second from token 304
+        (f16c(128, (4, 2), 16, 64, 1), 2, AttnOptions { sliding_window: 400, ..d }, 600),
+        (f16c(80, (2, 4), 64, 0, 0), 6, AttnOptions { softcap: 30.0, ..d }, 300),
+        (f16c(64, (4, 4), 32, 128, 2), 24, AttnOptions { causal: false, ..d }, 200),
+    ] {
+        chunks_over_groups_case::<f16>(c, nqh, opts, past);
+    }
+    let mut c = cfg(128, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::BF16, 0);
+    c.n_layers = 1;
+    chunks_over_groups_case::<bf16>(c, 8, AttnOptions { sliding_window: 150, ..d }, 300);
+}
+
+fn chunks_over_groups_case<T: Element + Default>(c: CacheConfig, nqh: usize, opts: AttnOptions, past: usize) {
+    let what = format!("{nqh} query heads, config {c:?}");
+    assert!(crate::cuda::kernels::tensor_core_chunk_tokens(&c, nqh as u32), "{what}");
+    let mut p = Pair::<T>::new(SIM, c, nqh, opts);
+    let q = || sim::launches_of("kv_prefill_q");
+    let mma = || sim::launches_of("kv_decode_mma");
+    p.append(0, 0, past);
+    let q0 = q();
+    // The keys of some chunks large: their scores pass the quantized tiles' maxima by far.
+    for (n, ks) in [(8, 1.0), (40, 4.0), (70, 1.0)] {
+        p.kscale = ks;
+        p.append_attend(0, 0, n);
+    }
+    p.kscale = 1.0;
+    // Queries of stored tokens, the first rows of them at positions of quantized tokens: their
+    // blocks stop before the last tiles.
+    p.attend(0, 0, 100);
+    assert_eq!(q() - q0, 4, "{what}: every chunk's groups on kv_prefill_q");
+    // 45 rows in launches of 16 (items of 8 / heads-per-block rows): 16, 16 and 13.
+    attention::ROW_ITEMS.set(16 / (8 / (nqh / 2).min(8)));
+    p.append_attend(0, 0, 45);
+    attention::ROW_ITEMS.set(usize::MAX);
+    assert_eq!(q() - q0, 7, "{what}: three launches");
+    // Fewer than 8 rows: kv_decode_mma.
+    let mma0 = mma();
+    p.append_attend(0, 0, 7);
+    assert_eq!(mma() - mma0, 1, "{what}: 7 rows");
+    p.state("after chunks");
+}
+
 /// What `kv_prefill_fp` asks of its rows: queries 4-byte aligned with an even stride, the chunk's
 /// keys and values 16-byte aligned with a stride of whole 16 bytes; other rows, and f32 caches,
 /// keep the CUDA-core path (whose loads take any alignment).
@@ -542,7 +603,9 @@ fn simulated_large_value_scales() {
         let mut c = cfg(128, 2, (bits, bits), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
         c.n_layers = 1;
         let mut p = Pair::<f16>::new(SIM, c, 8, AttnOptions::default());
-        let before = sim::launches_of("kv_decode_mma");
+        // Decode steps on kv_decode_mma, the chunk of 9 rows on kv_prefill_q.
+        let launches = || sim::launches_of("kv_decode_mma") + sim::launches_of("kv_prefill_q");
+        let before = launches();
         p.append(0, 0, 96);
         p.vscale = 400.0;
         p.append(0, 0, 40);
@@ -559,7 +622,7 @@ fn simulated_large_value_scales() {
         p.vscale = 400.0;
         p.append_attend(0, 0, 9);
         p.decode(0, &[0]);
-        assert!(sim::launches_of("kv_decode_mma") - before >= 5, "{bits} bits: not on tensor cores");
+        assert_eq!(launches() - before, 5, "{bits} bits: not on tensor cores");
         p.state("after large values");
     }
 }
