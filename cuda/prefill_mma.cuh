@@ -341,19 +341,27 @@ struct PqRaw {
     u16 vs[PQ_VN], vz[PQ_VN];
 };
 
-// Tile i: quantized tokens t0 + 32i .. + 31 (of those before t_end); a piece is loaded where
-// its tokens are (octets never straddle a group: G is a multiple of 8).
+// Tile i: quantized tokens t0 + 32i .. + 31 (of those before t_end). Pieces past t_end are
+// loaded as zeros (codes, scales and zeros: their keys and values dequantize to 0).
 __device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u32* bt, u32 kvh, u32 t0, u32 t_end,
                                         u32 i) {
     const u32 f0 = t0 + FP_T * i;
+    // The tile's tokens lie in one group (G of 32 or 64) or two (G = 16: the second from token
+    // 16 of the tile, when the tile reaches it).
+    u32 gi0, gi1 = 0;
+    const u8* blk0 = group_block(P.pages, bt, f0 / KV_G, kvh, &gi0);
+    const u8* blk1 = KV_G < FP_T && f0 + KV_G < t_end ? group_block(P.pages, bt, f0 / KV_G + 1, kvh, &gi1) : blk0;
+    const u32 tg0 = f0 % KV_G;
 #pragma unroll
     for (int n = 0; n < PQ_KN; n++) {
         const u32 x = threadIdx.x + n * KV_THREADS, cp = x % (KV_HD / 2), o = x / (KV_HD / 2);
-        const u32 f = f0 + 8 * o;
-        if (x < PQ_KP && f < t_end) {
-            u32 gi;
-            const u8* blk = group_block(P.pages, bt, f / KV_G, kvh, &gi);
-            const u8* kc = blk + KV_K_CODES + gi * MMA_KC + 2 * cp * KV_K_RUN + (f % KV_G) * KV_KB / 8;
+        raw.kc0[n] = raw.kc1[n] = raw.ks[n] = raw.kz[n] = 0u;
+        if (x < PQ_KP && f0 + 8 * o < t_end) {
+            // Octets never straddle a group (G is a multiple of 8).
+            const bool second = KV_G < FP_T && 8 * o >= KV_G;
+            const u8* blk = second ? blk1 : blk0;
+            const u32 gi = second ? gi1 : gi0, tg = (tg0 + 8 * o) % KV_G;
+            const u8* kc = blk + KV_K_CODES + gi * MMA_KC + 2 * cp * KV_K_RUN + tg * KV_KB / 8;
             if (KV_KB == 2) {
                 raw.kc0[n] = __ldg((const u16*)kc);
                 raw.kc1[n] = __ldg((const u16*)(kc + KV_K_RUN));
@@ -368,11 +376,12 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u
 #pragma unroll
     for (int n = 0; n < PQ_VN; n++) {
         const u32 y = threadIdx.x + n * KV_THREADS, tk = y / (KV_HD / 8), co = y % (KV_HD / 8);
-        const u32 f = f0 + tk;
-        if (y < PQ_VP && f < t_end) {
-            u32 gi;
-            const u8* blk = group_block(P.pages, bt, f / KV_G, kvh, &gi);
-            const u32 tg = f % KV_G;
+        raw.vc[n] = 0u;
+        raw.vs[n] = raw.vz[n] = 0;
+        if (y < PQ_VP && f0 + tk < t_end) {
+            const bool second = KV_G < FP_T && tk >= KV_G;
+            const u8* blk = second ? blk1 : blk0;
+            const u32 gi = second ? gi1 : gi0, tg = (tg0 + tk) % KV_G;
             const u8* vc = blk + KV_V_CODES + gi * MMA_VC + tg * KV_V_ROW + co * KV_VB;
             raw.vc[n] = KV_VB == 2 ? (u32)__ldg((const u16*)vc) : __ldg((const u32*)vc);
             const u32 si = gi * KV_G * KV_NG + tg * KV_NG + 8 * co / KV_VG;
@@ -386,14 +395,12 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u
 __device__ __forceinline__ float pq_code_lo(u32 c) { return code_f(c & 0xffffu); }
 __device__ __forceinline__ float pq_code_hi(u32 c) { return code_f(c >> 16); }
 
-// Dequantizes the loaded tile into shared memory; tokens at or past t_end are zeros.
-__device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw, u32 t0, u32 t_end, u32 i) {
-    const u32 f0 = t0 + FP_T * i;
+// Dequantizes the loaded tile into shared memory (tokens past t_end: zeros, from zeros).
+__device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
 #pragma unroll
     for (int n = 0; n < PQ_KN; n++) {
         const u32 x = threadIdx.x + n * KV_THREADS, cp = x % (KV_HD / 2), o = x / (KV_HD / 2);
         if (x >= PQ_KP) continue;
-        const bool valid = f0 + 8 * o < t_end;
         const float s0 = h2f((u16)(raw.ks[n] & 0xffffu)), s1 = h2f((u16)(raw.ks[n] >> 16));
         const float z0 = h2f((u16)(raw.kz[n] & 0xffffu)), z1 = h2f((u16)(raw.kz[n] >> 16));
         // Token j's codes of the two channels in the two halves of one word.
@@ -401,8 +408,8 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw, u32 t0,
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const u32 c = KV_KB == 2 ? (xa >> (2 * j)) & 0x00030003u : ((j < 4 ? xa : xb) >> (4 * (j & 3))) & 0x000f000fu;
-            u32 hi = 0u, lo = 0u;
-            if (valid) fp_split(fmaf(pq_code_lo(c), s0, z0), fmaf(pq_code_hi(c), s1, z1), hi, lo);
+            u32 hi, lo;
+            fp_split(fmaf(pq_code_lo(c), s0, z0), fmaf(pq_code_hi(c), s1, z1), hi, lo);
             *(u32*)&sh.k[8 * o + j][2 * cp] = hi;
             *(u32*)&sh.klo[8 * o + j][2 * cp] = lo;
         }
@@ -411,8 +418,8 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw, u32 t0,
     for (int n = 0; n < PQ_VN; n++) {
         const u32 y = threadIdx.x + n * KV_THREADS, tk = y / (KV_HD / 8), co = y % (KV_HD / 8);
         if (y >= PQ_VP) continue;
-        u32 w[4] = {0u, 0u, 0u, 0u};
-        if (f0 + tk < t_end) {
+        u32 w[4];
+        {
             // Channel pair p's codes in the two halves of one word: channel 2p + 1's moved up by
             // 16 - VB bits, each half then read at bit 2p * VB of its channels.
             const u32 xa = raw.vc[n] & 0xffffu, xb = raw.vc[n] >> 16;
@@ -452,10 +459,10 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_q(const Attn
     const u32 tb = R.lo_min > p0 ? min(n_tiles, (u32)(R.lo_min - p0) / FP_T) : 0;
     const u32 te = R.hi_max > p0 ? min(n_tiles, (u32)(R.hi_max - p0 + FP_T - 1) / FP_T) : 0;
     auto tiles = [&](const bool softcap) {
-        PqRaw raw = {};
+        PqRaw raw;
         if (tb < te) pq_load(P, raw, bt, R.kvh, t0, t_end, tb);
         for (u32 i = tb; i < te; i++) {
-            pq_store(sh, raw, t0, t_end, i);
+            pq_store(sh, raw);
             __syncthreads();
             if (i + 1 < te) pq_load(P, raw, bt, R.kvh, t0, t_end, i + 1);
             const u32 f0 = t0 + FP_T * i;
