@@ -187,17 +187,23 @@ __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bo
                 const float cap = P.softcap * MMA_LOG2E;
                 x = cap * tanhf(x / cap);
             }
+#ifndef KV_COST_PROBE  // (the static cost counts the path of tiles inside every row's range)
             if (edge) {
                 const int pos = pos_of(8 * j + 2 * t + (e & 1));
                 x = pos >= R.lo[r] && pos < R.hi[r] ? x : KV_NEG_INF;
             }
+#endif
             S[j][e] = x;
             bm[r] = fmaxf(bm[r], x);
         }
     }
     // A row's maximum moves only by more than MMA_RESCALE (see decode_mma.cuh); the four lanes
     // of a row then agree on its new maximum.
+#ifndef KV_COST_PROBE  // (the static cost counts the path of tiles that do not rescale)
     if (__any_sync(0xffffffffu, bm[0] > R.m[0] + MMA_RESCALE || bm[1] > R.m[1] + MMA_RESCALE)) {
+#else
+    if (false) {
+#endif
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 1));

@@ -1377,9 +1377,11 @@ fn prompt(args: &[String]) -> bool {
 }
 
 /// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
-/// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`. They are
-/// built with `KV_COST_PROBE` defined: the loop then holds only the path most groups take (no
-/// position masking, no accumulator rescale), which is what `scripts/sass_mix.py` counts.
+/// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`, and of the
+/// module chunks of queries launch (8 query vectors: `kv_prefill_fp`, `kv_prefill_q`):
+/// `chunk-kivi{2,4}.cubin`. They are built with `KV_COST_PROBE` defined: the loops then hold only
+/// the path most groups and tiles take (no position masking, no accumulator rescale), which is
+/// what `scripts/sass_mix.py` counts.
 fn cubins(args: &[String]) -> bool {
     let Some(dir) = args.get(2) else {
         eprintln!("usage: gpu_check cubins DIR [--arch sm_90]");
@@ -1394,19 +1396,21 @@ fn cubins(args: &[String]) -> bool {
         cfg.dtype = DType::F16;
         cfg.key_bits = bits;
         cfg.value_bits = bits;
-        let spec = kivi::cuda::kernels::Spec::for_config(&cfg, 4).expect("a valid configuration");
-        match kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, &spec, arch) {
-            Ok(img) => {
-                let path = format!("{dir}/decode-kivi{bits}.cubin");
-                if let Err(e) = std::fs::write(&path, img.bytes()) {
-                    eprintln!("{path}: {e}");
+        for (name, nq) in [("decode", 4), ("chunk", 8)] {
+            let spec = kivi::cuda::kernels::Spec::for_config(&cfg, nq).expect("a valid configuration");
+            match kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, &spec, arch) {
+                Ok(img) => {
+                    let path = format!("{dir}/{name}-kivi{bits}.cubin");
+                    if let Err(e) = std::fs::write(&path, img.bytes()) {
+                        eprintln!("{path}: {e}");
+                        return false;
+                    }
+                    println!("{{\"kind\":\"cubin\",\"bits\":{bits},\"arch\":{arch:?},\"path\":{path:?}}}");
+                }
+                Err(e) => {
+                    eprintln!("{e}");
                     return false;
                 }
-                println!("{{\"kind\":\"cubin\",\"bits\":{bits},\"arch\":{arch:?},\"path\":{path:?}}}");
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                return false;
             }
         }
     }

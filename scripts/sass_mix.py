@@ -16,6 +16,10 @@ overlap perfectly, so it is a lower bound. It compares that with the cycles the 
 device's memory bandwidth: while the first is larger, the kernel is bound by instructions, not
 by memory.
 
+For the `chunk-kivi*.cubin` of the same folder (the module chunks of queries launch) it counts
+what 32 quantized tokens cost for 64 query vectors in kv_decode_mma (8 blocks of 8 vectors)
+and in kv_prefill_q (one block of 64).
+
 Usage: sass_mix.py DIR [--nvdisasm PATH] [--bandwidth-gbs 4800 --sms 132 --clock-ghz 1.98]
 [--hmma-cycles 4] (the defaults are an H200's).
 """
@@ -131,6 +135,18 @@ def main():
               f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "
               f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
         print(f"  {top}")
+    # Chunks of queries (the module for 8 query vectors, `chunk-kivi*.cubin`): the quantized
+    # groups of 64 query vectors cost 8 kv_decode_mma blocks one group each (one warp), or one
+    # kv_prefill_q block one tile of 32 tokens (4 warps of 16 vectors).
+    for path in sorted(glob.glob(os.path.join(a.dir, "chunk-kivi*.cubin"))):
+        bits = int(re.search(r"kivi(\d+)", path).group(1))
+        sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+        counts = []
+        for kernel, times in (("kv_decode_mma", 8), ("kv_prefill_q", 4)):
+            mix = collections.Counter(o for o, _ in loop_of(sass, kernel))
+            n = sum(c for o, c in mix.items() if o not in FREE)
+            counts.append(f"{kernel} {times} x {n} = {times * n} ({times * mix['HMMA']} HMMA)")
+        print(f"chunks, KIVI-{bits}: 32 quantized tokens for 64 query vectors: " + "; ".join(counts))
 
 
 if __name__ == "__main__":
