@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA backend on a CUDA machine, in one run of at most 8.8 minutes (the timeouts below; 9.8
+# The CUDA backend on a CUDA machine, in one run of at most 8.8 minutes (the timeouts below; 9.6
 # when the check fails): the device and its libraries, CUDA against the CPU backend on identical
 # random inputs (with and without the tensor-core decode; the C ABI on a stream, with decode
 # steps captured into CUDA graphs; Python with PyTorch tensors; where that fails, its
-# tensor-core cases again with the untransposed loop, to tell which loop fails), then the decode
+# tensor-core cases again with the untransposed loop, and again without the chunk kernels
+# kv_prefill_fp and kv_prefill_q, to tell which kernel fails), then the decode
 # benchmark with the PyTorch fp16 baseline and the copy bandwidth (each step synchronised, and
 # steps queued back to back), the untransposed tensor-core loop timed against the default
 # at 32k tokens, and attention over whole prompts against causal SDPA. Needs no Rust: build the
@@ -52,6 +53,13 @@ if [ "$check_rc" != 0 ]; then
     > "$OUT/check-untransposed.jsonl" 2> "$OUT/check-untransposed.log"
   echo "check (untransposed) exit code: $?"
   grep '"ok":false' "$OUT/check-untransposed.jsonl" || true
+  # Which chunk kernel fails: the same with chunks of queries on kv_decode_mma and the CUDA-core
+  # body, as before kv_prefill_fp and kv_prefill_q (no recompilation: read at each call).
+  echo "== check failed: its tensor-core cases again without kv_prefill_fp and kv_prefill_q"
+  KIVI_CUDA_PREFILL_FP=0 KIVI_CUDA_PREFILL_Q=0 timeout 40 "$BIN" check --mma-only \
+    > "$OUT/check-nochunk.jsonl" 2> "$OUT/check-nochunk.log"
+  echo "check (no chunk kernels) exit code: $?"
+  grep '"ok":false' "$OUT/check-nochunk.jsonl" || true
 fi
 
 echo "== check with the tensor-core decode turned off (the CUDA-core kernel for every group)"
@@ -79,8 +87,10 @@ timeout "$BENCH_S" "$BIN" bench ${BENCH_ARGS:-} > "$OUT/bench.jsonl" 2> "$OUT/be
 echo "bench exit code: $?"
 cat "$OUT/bench.jsonl"
 echo "== bench, the untransposed tensor-core loop (-DKV_MMA_T=0), 32k context, against the default"
-KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_T=0" timeout 50 "$BIN" bench --contexts 32768 --batches 16,64 --no-prefill \
-  --label untransposed > "$OUT/bench-untransposed.jsonl" 2> "$OUT/bench-untransposed.log"
+# (Skipped when the check failed: its reruns above take the time.)
+[ "$check_rc" = 0 ] && KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_T=0" timeout 50 "$BIN" bench --contexts 32768 \
+  --batches 16,64 --no-prefill --label untransposed > "$OUT/bench-untransposed.jsonl" 2> "$OUT/bench-untransposed.log"
+touch "$OUT/bench-untransposed.jsonl"
 cat "$OUT/bench-untransposed.jsonl"
 python3 - "$OUT/bench.jsonl" "$OUT/bench-untransposed.jsonl" <<'PY'
 import json, sys
