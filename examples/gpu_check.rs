@@ -1168,35 +1168,7 @@ fn bench(args: &[String]) -> bool {
                         )
                         .expect("attend")
                 };
-                let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
-                let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
-                let mut times = [Vec::new(), Vec::new()];
-                for round in 0..4 {
-                    for (i, flag) in ["1", "0"].into_iter().enumerate() {
-                        std::env::set_var("KIVI_CUDA_PREFILL_Q", flag);
-                        // SAFETY: events created above, recorded on the default stream.
-                        unsafe {
-                            drv::event::record(e0, std::ptr::null_mut()).unwrap();
-                            run(&cache);
-                            drv::event::record(e1, std::ptr::null_mut()).unwrap();
-                            drv::event::synchronize(e1).unwrap();
-                            // The first round warms up.
-                            if round > 0 {
-                                times[i].push(drv::event::elapsed(e0, e1).unwrap() as f64);
-                            }
-                        }
-                    }
-                }
-                std::env::remove_var("KIVI_CUDA_PREFILL_Q");
-                // SAFETY: created above.
-                unsafe {
-                    let _ = drv::event::destroy(e0);
-                    let _ = drv::event::destroy(e1);
-                }
-                let [ms, ms_mma] = times.map(|mut t| {
-                    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    t[t.len() / 2]
-                });
+                let [ms, ms_mma] = alternate("KIVI_CUDA_PREFILL_Q", 3, || run(&cache));
                 println!(
                     "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"ms_decode_mma\":{ms_mma:.3},\"fill_tokens_per_s\":{:.0}}}",
                     if label.is_empty() { "" } else { "-" },
@@ -1337,43 +1309,48 @@ fn prompt(args: &[String]) -> bool {
                     )
                     .expect("append_attend")
             };
-            // [tensor cores, CUDA cores]: each call timed with CUDA events, the two alternating.
-            let mut times = [Vec::new(), Vec::new()];
-            let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
-            let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
-            for round in 0..iters + 1 {
-                for (i, flag) in ["1", "0"].into_iter().enumerate() {
-                    std::env::set_var("KIVI_CUDA_PREFILL_FP", flag);
-                    // SAFETY: events created above, recorded on the default stream.
-                    unsafe {
-                        drv::event::record(e0, std::ptr::null_mut()).unwrap();
-                        call(&mut cache);
-                        drv::event::record(e1, std::ptr::null_mut()).unwrap();
-                        drv::event::synchronize(e1).unwrap();
-                        // The first round compiles and warms up.
-                        if round > 0 {
-                            times[i].push(drv::event::elapsed(e0, e1).unwrap() as f64);
-                        }
-                    }
-                }
-            }
-            std::env::remove_var("KIVI_CUDA_PREFILL_FP");
-            // SAFETY: created above.
-            unsafe {
-                let _ = drv::event::destroy(e0);
-                let _ = drv::event::destroy(e1);
-            }
-            let median = |t: &mut Vec<f64>| {
-                t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                t[t.len() / 2]
-            };
-            let (tc, cc) = (median(&mut times[0]), median(&mut times[1]));
+            // Tensor cores, CUDA cores.
+            let [tc, cc] = alternate("KIVI_CUDA_PREFILL_FP", iters, || call(&mut cache));
             println!(
                 "{{\"kind\":\"prompt\",\"case\":\"kivi{bits}-gqa4-hs128\",\"bits\":{bits},\"tokens\":{n},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms\":{tc:.4},\"ms_cuda_cores\":{cc:.4}}}"
             );
         }
     }
     true
+}
+
+/// Times `call` with the environment variable `var` at "1" and at "0" (a switch the library reads
+/// at each call), alternating, each call alone between CUDA events on the default stream, for
+/// `rounds` rounds after one that compiles and warms up: the median of each, in ms.
+fn alternate(var: &str, rounds: usize, mut call: impl FnMut()) -> [f64; 2] {
+    let mut times = [Vec::new(), Vec::new()];
+    let e0 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+    let e1 = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap();
+    for round in 0..rounds + 1 {
+        for (i, flag) in ["1", "0"].into_iter().enumerate() {
+            std::env::set_var(var, flag);
+            // SAFETY: events created above, recorded on the default stream.
+            unsafe {
+                drv::event::record(e0, std::ptr::null_mut()).unwrap();
+                call();
+                drv::event::record(e1, std::ptr::null_mut()).unwrap();
+                drv::event::synchronize(e1).unwrap();
+                if round > 0 {
+                    times[i].push(drv::event::elapsed(e0, e1).unwrap() as f64);
+                }
+            }
+        }
+    }
+    std::env::remove_var(var);
+    // SAFETY: created above.
+    unsafe {
+        let _ = drv::event::destroy(e0);
+        let _ = drv::event::destroy(e1);
+    }
+    times.map(|mut t| {
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        t[t.len() / 2]
+    })
 }
 
 /// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
