@@ -368,7 +368,11 @@ pub fn compile_cached(family: Family, spec: &Spec, arch: &str) -> Result<Image> 
     let image = compile(family, spec, arch)?;
     if let Image::Cubin(bytes) = &image {
         let _ = std::fs::create_dir_all(&dir);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // A file of this call's own (threads of one process may compile the same module for
+        // two devices at once), renamed into place whole.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         if std::fs::write(&tmp, bytes).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }

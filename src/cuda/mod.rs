@@ -186,8 +186,12 @@ pub fn device_info(ordinal: u32) -> Result<DeviceInfo> {
 pub(crate) struct Device {
     pub info: DeviceInfo,
     pub ctx: dsys::CUcontext,
-    modules: Mutex<HashMap<(Family, Spec), Arc<Module>>>,
+    /// The modules compiled for this device, each in a slot of its own, so that compiling one
+    /// (seconds) holds up only the callers that want the same module.
+    modules: Mutex<HashMap<(Family, Spec), ModuleSlot>>,
 }
+
+type ModuleSlot = Arc<Mutex<Option<Arc<Module>>>>;
 
 // SAFETY: a CUcontext handle may be used from any thread; the module map is behind a mutex.
 unsafe impl Send for Device {}
@@ -221,10 +225,16 @@ impl Device {
         Ok(())
     }
 
-    /// The module of `family` for `spec`, compiled for this device on first use.
+    /// The module of `family` for `spec`, compiled for this device on first use. Threads that
+    /// want other modules meanwhile are not held up; a failed compilation is tried again by the
+    /// next caller.
     pub fn module(&self, family: Family, spec: &Spec) -> Result<Arc<Module>> {
-        let mut map = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = map.get(&(family, spec.clone())) {
+        let slot = {
+            let mut map = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry((family, spec.clone())).or_default().clone()
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = &*slot {
             return Ok(m.clone());
         }
         self.bind()?;
@@ -236,7 +246,7 @@ impl Device {
         let module = unsafe { drv::module::load_data(bytes.as_ptr() as *const _) }
             .map_err(|e| drv_err(&format!("cuModuleLoadData of {}", family.file()), e))?;
         let m = Arc::new(Module { module });
-        map.insert((family, spec.clone()), m.clone());
+        *slot = Some(m.clone());
         Ok(m)
     }
 }
