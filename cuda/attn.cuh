@@ -52,7 +52,8 @@ struct AttnParams {
     float scale, softcap;
     u32 window, causal;
     u32 n_q_heads, ratio, hc, qt;     // query heads; per kv head; per block; query rows per block
-    u32 ups, n_splits, n_items, fp_only;  // units per split; fp_only: see attn_block, kv_decode_mma
+    // fp_only: see attn_block, kv_decode_mma (2: kv_prefill_fp takes split 0) and fp_write (3).
+    u32 ups, n_splits, n_items, fp_only;  // units per split
     // Nonzero: the launch is n_rows query rows of one sequence (a chunk of queries), n_items
     // items of qt rows, item z items[0] moved by z * qt rows (attn_item), so that one launch
     // takes any number of rows; 0: the items are items[0 .. n_items].

@@ -4,7 +4,7 @@
 // stages each tile of 32 tokens' keys and values once (16-byte cp.async copies into shared
 // memory, double-buffered) for 16 query vectors in each of its 4 warps, instead of once per
 // 8 / hc rows as the CUDA-core body of split 0 (attn.cuh) reads them. kv_prefill_fp writes
-// split 0 of the partial states; the quantized groups are the other splits, kv_prefill_q's (the
+// split 0 of the partial states (or the output, when it is the only split); the quantized groups are the other splits, kv_prefill_q's (the
 // same loop on tiles dequantized into shared memory, below) or, with KIVI_CUDA_PREFILL_Q=0,
 // kv_decode_mma's (fp_only = 2: its split 0 then does nothing), and the combine merges them.
 //
@@ -250,6 +250,8 @@ __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bo
 
 // Split `split` of each (item, row, head) of the lane's rows: rows g and g + 8 of the warp's
 // vectors, each row's sum over its four lanes.
+// With fp_only 3 (split 0 is the only split: no quantized groups, and the output rows allow it)
+// the finished output instead, as the combine would write it.
 __device__ __forceinline__ void fp_write(const AttnParams& P, FpRows& R, u32 split) {
     const u32 t = threadIdx.x & 3;
 #pragma unroll
@@ -257,6 +259,16 @@ __device__ __forceinline__ void fp_write(const AttnParams& P, FpRows& R, u32 spl
         R.l[r] += __shfl_xor_sync(0xffffffffu, R.l[r], 1);
         R.l[r] += __shfl_xor_sync(0xffffffffu, R.l[r], 2);
         if (!R.ok[r]) continue;
+        if (P.fp_only == 3) {
+            const float inv = R.l[r] > 0.0f ? 1.0f / R.l[r] : 0.0f;
+            elem_t* o = P.out + (i64)(R.it.q_row0 + R.row[r]) * P.out_stride + (i64)R.head[r] * KV_HD + 2 * t;
+#pragma unroll
+            for (int n = 0; n < KV_HD / 8; n++) {
+                const float x0 = R.acc[n][2 * r] * inv, x1 = R.acc[n][2 * r + 1] * inv;
+                *(u32*)(o + 8 * n) = KV_DTYPE == 2 ? f2bf2(x0, x1) : f2h2(x0, x1);
+            }
+            continue;
+        }
         const u32 item = R.row[r] / P.qt, rr = R.row[r] % P.qt;
         float* dst =
             P.part + ((((u64)item * P.qt + rr) * P.n_q_heads + R.head[r]) * P.n_splits + split) * (KV_HD + 2);

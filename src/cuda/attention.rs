@@ -353,10 +353,22 @@ impl CudaCache {
                 };
                 p.ups = ups as u32;
                 p.n_splits = 1 + n as u32;
-                p.fp_only = if fp { 2 } else { 1 };
+                // Without quantized groups kv_prefill_fp writes the output itself (pairs of
+                // elements: 4-byte aligned rows), and no combine is needed.
+                let direct = fp && n == 0 && out.ptr % 4 == 0 && out.stride % 2 == 0;
+                p.fp_only = if direct {
+                    3
+                } else if fp {
+                    2
+                } else {
+                    1
+                };
                 if fp {
                     let grid = (row_blocks as u32, (nkv * hchunks) as u32, 1);
                     self.kernel(Kernel::PrefillFp(nq, &p), grid, 128, stream)?;
+                }
+                if direct {
+                    continue;
                 }
                 if fp_q && n > 0 {
                     let grid = (row_blocks as u32, (nkv * hchunks) as u32, n as u32);

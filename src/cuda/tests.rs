@@ -479,14 +479,20 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
     // rows launches kv_prefill_fp in those of its launches with 8 rows or more.
     attention::ROW_ITEMS.set(7);
     let qt = 8 / (nqh / 2).min(8);
-    let launches = |n: usize| {
+    let sizes = |n: usize| {
         let items = n.div_ceil(qt);
         let per = qt * items.div_ceil(items.div_ceil(7));
-        (0..n).step_by(per).filter(|r0| (n - r0).min(per) >= 8).count()
+        (0..n).step_by(per).map(move |r0| (n - r0).min(per))
     };
-    // A prompt: the chunk alone, its rows cut at no block's edge.
+    let launches = |n: usize| sizes(n).filter(|&rows| rows >= 8).count();
+    // A prompt: the chunk alone, its rows cut at no block's edge. kv_prefill_fp writes its output
+    // (nothing to combine).
+    let combines = || sim::launches_of("kv_decode_combine");
+    let c0 = combines();
     p.append_attend(0, 0, 53);
     assert_eq!(fp() - before, launches(53), "{nqh} query heads: a prompt");
+    let small = sizes(53).count() - launches(53);
+    assert_eq!(combines() - c0, small, "{nqh} query heads: a prompt's combines (launches of < 8 rows)");
     p.append_attend(0, 0, 8);
     p.append(0, 0, 150);
     // Over quantized groups, sinks and the ring, in several launches. The 21 rows' keys are large: their scores pass the earlier tiles' maxima by far (the
@@ -588,6 +594,41 @@ fn chunk_tokens_on_tensor_cores_need_aligned_rows() {
         let gpu = CudaCache::simulated(c).unwrap();
         assert_eq!(gpu.prefill_fp(8, &q(1 << 12, 1024), None, None).unwrap(), ok, "{dt:?}");
     }
+}
+
+/// A prompt with nothing quantized yet: `kv_prefill_fp` writes the output itself where the output
+/// rows are 4-byte aligned with an even stride, and through the combine where not (an output at
+/// an odd element of a fused buffer), with the same results.
+#[test]
+fn prompt_outputs_at_any_alignment() {
+    let c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+    let (n, nqh, hd) = (40, 8, 128);
+    let mut rng = Rng(11);
+    let k: Vec<f16> = rng.rows(n * 2 * hd, true, hd);
+    let v: Vec<f16> = rng.rows(n * 2 * hd, false, hd);
+    let q: Vec<f16> = rng.rows(n * nqh * hd, false, hd);
+    let mut outs = Vec::new();
+    for shift in [0usize, 1] {
+        let mut gpu = CudaCache::simulated(c.clone()).unwrap();
+        let mut out = vec![f16::ZERO; n * nqh * hd + 1];
+        let combines = sim::launches_of("kv_decode_combine");
+        gpu.append_attend(
+            0,
+            0,
+            DevRows::new(ptr(&k), n, 2 * hd),
+            DevRows::new(ptr(&v), n, 2 * hd),
+            DevRows::new(ptr(&q), n, nqh * hd),
+            DevRows::new(out.as_mut_ptr() as u64 + 2 * shift as u64, n, nqh * hd),
+            &AttnOptions::default(),
+            std::ptr::null_mut(),
+        )
+        .unwrap();
+        assert_eq!(sim::launches_of("kv_decode_combine") - combines, shift, "output {shift} elements in");
+        outs.push(out[shift..shift + n * nqh * hd].to_vec());
+    }
+    let e = crate::testing::rel_err(&outs[1], &outs[0]);
+    assert!(e <= 1e-6, "direct and combined outputs differ: {e:e}");
+    assert!(outs[0].iter().any(|x| x.to_f32() != 0.0));
 }
 
 /// Value scales of 64 and more (value ranges past 192 at 2 bits, 960 at 4) take the tensor-core
