@@ -74,8 +74,8 @@ pub(crate) fn mma_splits(
 
 #[cfg(test)]
 thread_local! {
-    /// Tests: at most this many items per launch of one sequence's rows, so that small chunks
-    /// take several launches.
+    /// Tests: at most this many items per launch of one sequence's rows (where the scratch area
+    /// bounds them), so that small chunks take several launches.
     pub(super) static ROW_ITEMS: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
@@ -257,8 +257,16 @@ impl CudaCache {
         if per_item > SCRATCH_BYTES {
             return Err(Error::InvalidArgument(format!("{n_q_heads} query heads of {hd} exceed the scratch area")));
         }
+        // Whether kv_prefill_fp takes the full-precision tokens of `rows` rows of a chunk, and
+        // whether the output rows allow it to write them itself (pairs of elements) when there
+        // is nothing quantized: it then needs no scratch.
+        let fp_rows = |rows: usize| -> Result<bool> {
+            Ok(mma && family == Family::Prefill && rows >= FP_MIN_ROWS && self.prefill_fp(nq, queries, keys, values)?)
+        };
+        let out_pairs = out.ptr % 4 == 0 && out.stride % 2 == 0;
         // The launches: up to MAX_ITEMS sequences each, or the rows of one sequence in as few
-        // launches as leave room in the scratch area for 4 splits of each item, of equal size.
+        // launches as leave room in the scratch area for 4 splits of each item, of equal size
+        // (one launch when kv_prefill_fp writes the output and needs none).
         let launches: Vec<(Vec<AttnItem>, usize)> = match work {
             Work::Items(items) => {
                 let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
@@ -266,9 +274,14 @@ impl CudaCache {
             }
             Work::Rows { first, rows } => {
                 let items = rows.div_ceil(qt);
-                let max_items = (SCRATCH_BYTES / (4 * per_item)).clamp(1, u16::MAX as usize);
-                #[cfg(test)]
-                let max_items = max_items.min(ROW_ITEMS.get());
+                let direct = first.quantized == 0 && out_pairs && fp_rows(rows)?;
+                let max_items = match direct {
+                    true => items.max(1),
+                    #[cfg(test)]
+                    false => ROW_ITEMS.get().min((SCRATCH_BYTES / (4 * per_item)).clamp(1, u16::MAX as usize)),
+                    #[cfg(not(test))]
+                    false => (SCRATCH_BYTES / (4 * per_item)).clamp(1, u16::MAX as usize),
+                };
                 let per_launch = qt * items.div_ceil(items.div_ceil(max_items));
                 (0..rows)
                     .step_by(per_launch)
@@ -335,16 +348,20 @@ impl CudaCache {
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
             let rows = n_items as u32;
-            if mma && cap >= 2 {
+            let n_rows = (n_items - 1) * qt + p.item(n_items - 1).n_q as usize;
+            let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
+            let fp = fp_rows(n_rows)?;
+            // Nothing quantized: kv_prefill_fp's split 0 is the only split, and it writes the
+            // output itself (pairs of elements) with no scratch and no combine.
+            let direct = fp && max_groups == 0 && out_pairs;
+            // (Only such launches were sized past the scratch area.)
+            debug_assert!(direct || per_item * n_items <= SCRATCH_BYTES, "{n_items} items overflow the scratch area");
+            if mma && (cap >= 2 || direct) {
                 // Split 0 takes the full-precision tokens, splits 1.. take `ups` quantized groups
                 // each on tensor cores. Decode, and chunks of fewer than FP_MIN_ROWS rows: one
                 // kv_decode_mma launch, its split 0 on CUDA cores. Larger chunks: 64 query vectors
                 // per block, kv_prefill_fp for split 0 and kv_prefill_q for the others (or
                 // kv_decode_mma, `KIVI_CUDA_PREFILL_Q=0`).
-                let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
-                let n_rows = (n_items - 1) * qt + p.item(n_items - 1).n_q as usize;
-                let fp =
-                    family == Family::Prefill && n_rows >= FP_MIN_ROWS && self.prefill_fp(nq, queries, keys, values)?;
                 let fp_q = fp && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
                 let row_blocks = n_rows.div_ceil(FP_VECTORS / hc);
                 let (ups, n) = match fp_q {
@@ -353,9 +370,6 @@ impl CudaCache {
                 };
                 p.ups = ups as u32;
                 p.n_splits = 1 + n as u32;
-                // Without quantized groups kv_prefill_fp writes the output itself (pairs of
-                // elements: 4-byte aligned rows), and no combine is needed.
-                let direct = fp && n == 0 && out.ptr % 4 == 0 && out.stride % 2 == 0;
                 p.fp_only = if direct {
                     3
                 } else if fp {
