@@ -401,10 +401,12 @@ impl CudaCache {
 
     /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
     /// its queries (rows of `n_q_heads * head_dim`), written to `out` (same shape). Chunks of 8
-    /// rows or more of an f16 or bf16 cache attend to their own tokens on tensor cores when the rows
-    /// allow it (keys and values 16-byte aligned with a stride of a multiple of 8 elements,
-    /// queries 4-byte aligned with an even stride); other rows take a slower path, with the
-    /// same results.
+    /// rows or more of an f16 or bf16 cache attend to their own tokens and to the quantized past
+    /// on tensor cores, 64 query vectors per block, when the rows allow it (keys and values
+    /// 16-byte aligned with a stride of a multiple of 8 elements, queries 4-byte aligned with an
+    /// even stride); other rows take a slower path, with the same results. The attention of a
+    /// prompt with nothing quantized before it is one kernel launch when `out` is also 4-byte
+    /// aligned with an even stride.
     #[allow(clippy::too_many_arguments)]
     pub fn append_attend(
         &mut self,

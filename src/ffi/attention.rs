@@ -235,11 +235,13 @@ pub unsafe extern "C" fn kivi_append(
 /// CUDA cache: every `data` is a device pointer, all in the cache's dtype, keys and values with
 /// one stride; the attention and the append are queued on the cache's stream, the call returns
 /// without waiting, and `out` is written when the stream gets there. Every option works as on
-/// the CPU. Chunks of 8 rows or more of an f16 or bf16 cache attend to their own tokens on tensor cores
-/// when the rows allow it: keys and values 16-byte aligned with a stride of a multiple of 8
-/// elements, queries 4-byte aligned with an even stride (as cudaMalloc'd buffers and views of a
-/// fused QKV buffer at head boundaries are); other rows take a slower path, with the same
-/// results.
+/// the CPU. Chunks of 8 rows or more of an f16 or bf16 cache attend to their own tokens and to
+/// the quantized past on tensor cores, 64 query vectors per block, when the rows allow it: keys
+/// and values 16-byte aligned with a stride of a multiple of 8 elements, queries 4-byte aligned
+/// with an even stride (as cudaMalloc'd buffers and views of a fused QKV buffer at head
+/// boundaries are); other rows take a slower path, with the same results. The attention of a
+/// prompt with nothing quantized before it is one kernel launch when `out` is also 4-byte
+/// aligned with an even stride.
 ///
 /// Errors: as `kivi_append()`, plus `KIVI_ERR_INVALID_ARGUMENT` for bad options. On any error
 /// the cache and `out` are unchanged.
