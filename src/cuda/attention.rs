@@ -298,9 +298,9 @@ impl CudaCache {
             }
         };
         let sms = self.info.multiprocessors as usize;
-        for (chunk, n_rows) in &launches {
+        for (chunk, launch_rows) in &launches {
             // Items of the launch (those of one sequence's rows are alike but for their rows).
-            let n_items = if *n_rows > 0 { n_rows.div_ceil(qt) } else { chunk.len() };
+            let n_items = if *launch_rows > 0 { launch_rows.div_ceil(qt) } else { chunk.len() };
             let units = |it: &AttnItem| {
                 let n_groups = it.quantized as usize / lay.group;
                 let len = it.len as usize;
@@ -343,11 +343,12 @@ impl CudaCache {
                 n_splits: n_splits as u32,
                 n_items: n_items as u32,
                 fp_only: 0,
-                n_rows: *n_rows as u32,
+                n_rows: *launch_rows as u32,
                 items: [AttnItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
             let rows = n_items as u32;
+            // Query rows of the launch (decode: its sequences).
             let n_rows = (n_items - 1) * qt + p.item(n_items - 1).n_q as usize;
             let max_groups = chunk.iter().map(|it| it.quantized as usize / lay.group).max().unwrap_or(0);
             let fp = fp_rows(n_rows)?;
