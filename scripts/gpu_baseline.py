@@ -10,7 +10,9 @@ them), measures the device's copy bandwidth, and writes:
   benchmarks.md   a table for BENCHMARKS.md
   targets.json    the issue's targets, met or not
 With --prompt, also the lines of `gpu_check prompt` against causal SDPA over the same prompts
-(prompt-results.jsonl, and a second table in benchmarks.md).
+(prompt-results.jsonl, and a second table in benchmarks.md); and the chunked-prefill lines of
+`gpu_check bench` against causal SDPA over the same rows and context (chunk-results.jsonl, and a
+table in benchmarks.md).
 Usage: gpu_baseline.py BENCH_JSONL OUT_DIR [--iters N] [--prompt PROMPT_JSONL]
 """
 import json
@@ -96,31 +98,92 @@ def sdpa_ms(batch, ctx, hd, nkv, nq, iters):
     return best[0], best[1], stream_ms
 
 
-def prompt_sdpa_ms(tokens, hd, nkv, nq, iters):
-    """Median ms of causal SDPA over a whole prompt (one sequence, tokens query rows against
-    themselves) with the fastest backend that takes it, and that backend's name."""
+def causal_sdpa_ms(rows, ctx, hd, nkv, nq, iters):
+    """Median ms of causal SDPA for the last `rows` positions of one sequence of `ctx` tokens as
+    queries (a whole prompt when rows == ctx, a chunk over its past otherwise) with the fastest
+    backend that takes it, and that backend's name."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(1, nq, tokens, hd, dtype=torch.float16, device="cuda")
-    k = torch.randn(1, nkv, tokens, hd, dtype=torch.float16, device="cuda")
-    v = torch.randn(1, nkv, tokens, hd, dtype=torch.float16, device="cuda")
+    q = torch.randn(1, nq, rows, hd, dtype=torch.float16, device="cuda")
+    k = torch.randn(1, nkv, ctx, hd, dtype=torch.float16, device="cuda")
+    v = torch.randn(1, nkv, ctx, hd, dtype=torch.float16, device="cuda")
     f = torch.nn.functional.scaled_dot_product_attention
+    if rows == ctx:
+        kw = {"is_causal": True}
+    else:
+        # Row i sees positions up to ctx - rows + i (is_causal would align the rows to the start).
+        from torch.nn.attention.bias import causal_lower_right
+
+        kw = {"attn_mask": causal_lower_right(rows, ctx)}
     best = None
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel(backend):
-                f(q, k, v, is_causal=True, enable_gqa=True)
+                f(q, k, v, enable_gqa=True, **kw)
                 torch.cuda.synchronize()
-                ms = timed(lambda: f(q, k, v, is_causal=True, enable_gqa=True), iters)
+                ms = timed(lambda: f(q, k, v, enable_gqa=True, **kw), iters)
         except Exception:  # this backend does not take these shapes
             continue
         if best is None or ms < best[0]:
             best = (ms, backend.name)
     if best is None:
-        best = (timed(lambda: f(q, k, v, is_causal=True, enable_gqa=True), iters), "default")
+        if rows != ctx:  # the default backend with a dense mask
+            pos = torch.arange(ctx, device="cuda")
+            kw = {"attn_mask": pos[None, :] <= (ctx - rows + torch.arange(rows, device="cuda"))[:, None]}
+        best = (timed(lambda: f(q, k, v, enable_gqa=True, **kw), iters), "default")
     del q, k, v
     torch.cuda.empty_cache()
     return best
+
+
+def chunks(bench, out, iters):
+    """The chunked-prefill lines of `gpu_check bench` (2048 query rows over the whole context,
+    causal) with the causal SDPA baseline over the same rows and context: chunk-results.jsonl and
+    a table added to benchmarks.md."""
+    rows, shapes = [], {}
+    with open(bench) as f:
+        for line in f:
+            if line.startswith("{"):
+                r = json.loads(line)
+                if r.get("kind") == "prefill" and "ms" in r:
+                    rows.append(r)
+                elif r.get("kind") == "bench" and "head_dim" in r:
+                    shapes[r["ctx"]] = (r["head_dim"], r["kv_heads"], r["q_heads"])
+    rows = [r for r in rows if r["ctx"] in shapes]
+    if not rows:
+        return
+    lines = [
+        "",
+        "A chunk of queries over a stored past (`attend` of the last 2048 tokens of the benchmark's",
+        "first sequence, causal, over the whole context; the quantized groups on `kv_prefill_q`, and",
+        "on `kv_decode_mma` with `KIVI_CUDA_PREFILL_Q=0`) against causal fp16 SDPA on the same rows:",
+        "",
+        "| method | context | query rows | kivi ms | through kv_decode_mma ms | fp16 SDPA ms (backend) | against SDPA | against kv_decode_mma |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {}
+    for r in rows:
+        key = (r["query_rows"], r["ctx"], *shapes[r["ctx"]])
+        if key not in base:
+            base[key] = causal_sdpa_ms(*key, iters)
+        ms, backend = base[key]
+        r["baseline_ms"] = round(ms, 4)
+        r["baseline_backend"] = backend
+        r["speedup"] = round(ms / r["ms"], 3)
+        mma = r.get("ms_decode_mma")
+        r["speedup_vs_decode_mma"] = round(mma / r["ms"], 3) if mma else None
+        print(json.dumps(r), flush=True)
+        lines.append(
+            f"| KIVI-{r['bits']} | {r['ctx']} | {r['query_rows']} | {r['ms']:.3f} | "
+            + (f"{mma:.3f}" if mma else "-")
+            + f" | {ms:.3f} ({backend}) | {r['speedup']:.2f}x | "
+            + (f"{r['speedup_vs_decode_mma']:.2f}x |" if mma else "- |")
+        )
+    with open(f"{out}/chunk-results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(f"{out}/benchmarks.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def prompts(path, out, iters):
@@ -145,9 +208,9 @@ def prompts(path, out, iters):
     ]
     base = {}
     for r in rows:
-        key = (r["tokens"], r["head_dim"], r["kv_heads"], r["q_heads"])
+        key = (r["tokens"], r["tokens"], r["head_dim"], r["kv_heads"], r["q_heads"])
         if key not in base:
-            base[key] = prompt_sdpa_ms(*key, iters)
+            base[key] = causal_sdpa_ms(*key, iters)
         ms, backend = base[key]
         r["baseline_ms"] = round(ms, 4)
         r["baseline_backend"] = backend
@@ -235,6 +298,10 @@ def main():
         print(json.dumps({"kind": "target", **t}), flush=True)
     if "--prompt" in sys.argv:
         prompts(sys.argv[sys.argv.index("--prompt") + 1], out, iters)
+    try:
+        chunks(bench, out, iters)
+    except Exception as e:  # the tables above are written; say what failed
+        print(json.dumps({"kind": "chunks", "error": repr(e)}), flush=True)
     return 0
 
 
