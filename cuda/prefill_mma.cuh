@@ -141,24 +141,65 @@ __device__ __forceinline__ void fp_rows(const AttnParams& P, FpRows& R) {
     R.l[0] = R.l[1] = 0.0f;
 }
 
-// One tile of 32 tokens staged in shared memory (keys k, and their lo parts klo when KLO; values
-// v) for the lane's rows: scores on tensor cores, masked by position where edge (pos_of(f): the
-// position of token f of the tile, INT_MAX past the last), the online softmax, the values.
+// One tile of 32 tokens staged in shared memory (keys k; values vt) for the lane's rows: scores
+// on tensor cores, masked by position where edge (pos_of(f): the position of token f of the tile,
+// INT_MAX past the last), the online softmax, the values. The keys, by KEYS:
+//   0  exact in the cache's type (kv_prefill_fp);
+//   1  hi parts in k, lo parts in klo (kv_prefill_q);
+//   2  codes as exact f16 in k, the tile's per-channel scales and zeros in ksz (KV_HD each;
+//      kv_prefill_q on f16 caches, one group per tile): the scale folded into the query, split
+//      into exact f16 hi and lo products, and the zeros' term sum_c q[c] * z[c] from one more mma
+//      per k-step, as the decode kernel does.
 // Called with softcap a constant, so that the loop without a softcap has no tanh.
-template <bool KLO, class PosOf>
+template <int KEYS, class PosOf>
 __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bool softcap, const u16 (*k)[FP_ROW],
-                                        const u16 (*klo)[FP_ROW], const u16 (*vt)[FP_ROW], bool edge,
-                                        PosOf pos_of) {
+                                        const u16 (*klo)[FP_ROW], const u16* ksz, const u16 (*vt)[FP_ROW],
+                                        bool edge, PosOf pos_of) {
     const u32 lane = threadIdx.x & 31, t = lane & 3;
     const float sc = P.scale * MMA_LOG2E;
     // Scores: n-tile j holds tokens 8j .. 8j + 7 of the tile; lane 4g + t has rows g, g + 8,
     // tokens 8j + 2t, + 1.
     float S[FP_T / 8][4];
+#if KV_DTYPE == 1
+    if (KEYS == 2) {
+#pragma unroll
+        for (int j = 0; j < FP_T / 8; j++) S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
+        float bz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < KV_HD / 16; kk++) {
+            // This lane's channels of the k-step: 16kk + 2t, + 1 (a0, a1) and + 8, + 9 (a2, a3).
+            const u32 sa = *(const u32*)&ksz[16 * kk + 2 * t], sb = *(const u32*)&ksz[16 * kk + 2 * t + 8];
+            const u32 za = *(const u32*)&ksz[KV_HD + 16 * kk + 2 * t];
+            const u32 zb = *(const u32*)&ksz[KV_HD + 16 * kk + 2 * t + 8];
+            const u32 s4[4] = {sa, sa, sb, sb};
+            u32 ah[4], al[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                ah[i] = mul_h2(R.qa[kk][i], s4[i]);
+                al[i] = fms_h2(R.qa[kk][i], s4[i], ah[i]);  // exact: q * s has 22 bits
+            }
+            FP_MMA(bz, R.qa[kk][0], R.qa[kk][1], R.qa[kk][2], R.qa[kk][3], za, zb);
+#pragma unroll
+            for (int jp = 0; jp < FP_T / 16; jp++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4(&k[16 * jp + 8 * (lane >> 4) + (lane & 7)][16 * kk + 8 * ((lane >> 3) & 1)], b0, b1, b2, b3);
+                FP_MMA(S[2 * jp], ah[0], ah[1], ah[2], ah[3], b0, b1);
+                FP_MMA(S[2 * jp], al[0], al[1], al[2], al[3], b0, b1);
+                FP_MMA(S[2 * jp + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
+                FP_MMA(S[2 * jp + 1], al[0], al[1], al[2], al[3], b2, b3);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < FP_T / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) S[j][e] += bz[e];
+    } else
+#endif
 #pragma unroll
     for (int j = 0; j < FP_T / 8; j++) {
         S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
 #pragma unroll
-        for (int part = 0; part < (KLO ? 2 : 1); part++) {
+        for (int part = 0; part < (KEYS == 1 ? 2 : 1); part++) {
             const u16 (*kp)[FP_ROW] = part == 0 ? k : klo;
 #pragma unroll
             for (int k2 = 0; k2 < KV_HD / 32; k2++) {
@@ -317,7 +358,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
                 const u32 f = f0 + x;
                 return f < n_fp ? (int)fp_pos(it, n_sink, ws, f) : 0x7fffffff;
             };
-            fp_tile<false>(P, R, softcap, sh.k[b], sh.k[b], sh.v[b], edge, pos_of);
+            fp_tile<0>(P, R, softcap, sh.k[b], sh.k[b], nullptr, sh.v[b], edge, pos_of);
             __syncthreads();  // the buffer is staged again next time round
         }
     };
@@ -334,13 +375,23 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
 // quantized tokens is dequantized once into shared memory for the block's 64 query vectors,
 // instead of being read by kv_decode_mma once for every 8 of them. The keys become hi and lo
 // parts of the cache's type (code * scale + zero in f32, about 22 bits in f16, 16 in bf16: two
-// mmas per product), the values one part (rounded once, as the tensor-core decode's are). The
-// codes of the next tile are loaded into registers while this one is computed. Split s + 1 of
-// the partial states for blockIdx.z = s, `ups` groups each.
+// mmas per product), or, for f16 caches with one group a tile, stay codes with the scales folded
+// into the query (PQ_FOLD, below); the values one part (rounded once, as the tensor-core
+// decode's are). The codes of the next tile are loaded into registers while this one is
+// computed. Split s + 1 of the partial states for blockIdx.z = s, `ups` groups each.
+// f16 caches whose tiles lie in one group: the key codes staged as they are, their scales folded
+// into the query (fp_tile's KEYS 2). -DKV_PQ_FOLD=0 keeps the keys' hi and lo parts there too,
+// for comparison.
+#ifndef KV_PQ_FOLD
+#define KV_PQ_FOLD 1
+#endif
+#define PQ_FOLD (KV_PQ_FOLD && KV_DTYPE == 1 && KV_G >= FP_T)
+
 struct PqShared {
     __align__(16) u16 k[FP_T][FP_ROW];
-    __align__(16) u16 klo[FP_T][FP_ROW];
+    __align__(16) u16 klo[PQ_FOLD ? 1 : FP_T][FP_ROW];
     __align__(16) u16 v[FP_T][FP_ROW];
+    __align__(16) u16 ksz[PQ_FOLD ? 2 * KV_HD : 8];  // PQ_FOLD: the tile's key scales, then its zeros
 };
 
 // A thread's pieces of a tile: key pieces of two channels and 8 tokens, value pieces of one
@@ -419,18 +470,32 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
     for (int n = 0; n < PQ_KN; n++) {
         const u32 x = threadIdx.x + n * KV_THREADS, cp = x % (KV_HD / 2), o = x / (KV_HD / 2);
         if (x >= PQ_KP) continue;
+#if !PQ_FOLD
         const float s0 = h2f((u16)(raw.ks[n] & 0xffffu)), s1 = h2f((u16)(raw.ks[n] >> 16));
         const float z0 = h2f((u16)(raw.kz[n] & 0xffffu)), z1 = h2f((u16)(raw.kz[n] >> 16));
+#endif
         // Token j's codes of the two channels in the two halves of one word.
         const u32 xa = prmt(raw.kc0[n], raw.kc1[n], 0x5410), xb = prmt(raw.kc0[n], raw.kc1[n], 0x7632);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const u32 c = KV_KB == 2 ? (xa >> (2 * j)) & 0x00030003u : ((j < 4 ? xa : xb) >> (4 * (j & 3))) & 0x000f000fu;
+#if PQ_FOLD
+            // The codes as exact f16 (1024 + code, less 1024).
+            *(u32*)&sh.k[8 * o + j][2 * cp] = sub_h2(c | 0x64006400u, 0x64006400u);
+#else
             u32 hi, lo;
             fp_split(fmaf(pq_code_lo(c), s0, z0), fmaf(pq_code_hi(c), s1, z1), hi, lo);
             *(u32*)&sh.k[8 * o + j][2 * cp] = hi;
             *(u32*)&sh.klo[8 * o + j][2 * cp] = lo;
+#endif
         }
+#if PQ_FOLD
+        // The first octet's pieces hold the tile's (its group's) scales and zeros.
+        if (o == 0) {
+            *(u32*)&sh.ksz[2 * cp] = raw.ks[n];
+            *(u32*)&sh.ksz[KV_HD + 2 * cp] = raw.kz[n];
+        }
+#endif
     }
 #pragma unroll
     for (int n = 0; n < PQ_VN; n++) {
@@ -463,7 +528,7 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
 }
 
 // grid (row blocks, kv heads * head chunks, quantized splits), KV_THREADS threads.
-extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_q(const AttnParams P) {
+extern "C" __global__ void __launch_bounds__(KV_THREADS, 2) kv_prefill_q(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
     __shared__ PqShared sh;
     FpRows R;
@@ -487,7 +552,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_q(const Attn
             const int first = KV_SINKS + (int)f0, last = KV_SINKS + (int)min(f0 + FP_T, t_end) - 1;
             const bool edge = f0 + FP_T > t_end || first < R.lo_max || last >= R.hi_min;
             auto pos_of = [&](u32 x) { return f0 + x < t_end ? first + (int)x : 0x7fffffff; };
-            fp_tile<true>(P, R, softcap, sh.k, sh.klo, sh.v, edge, pos_of);
+            fp_tile<PQ_FOLD ? 2 : 1>(P, R, softcap, sh.k, sh.klo, sh.ksz, sh.v, edge, pos_of);
             __syncthreads();  // the tile is stored again next time round
         }
     };
