@@ -98,6 +98,19 @@ def sdpa_ms(batch, ctx, hd, nkv, nq, iters):
     return best[0], best[1], stream_ms
 
 
+def records(path, kind, field):
+    """The JSON lines of `path` of this kind that have this field."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                r = json.loads(line)
+                if r.get("kind") == kind and field in r:
+                    out.append(r)
+    return out
+
+
 def causal_sdpa_ms(rows, ctx, hd, nkv, nq, iters):
     """Median ms of causal SDPA for the last `rows` positions of one sequence of `ctx` tokens as
     queries (a whole prompt when rows == ctx, a chunk over its past otherwise) with the fastest
@@ -140,16 +153,8 @@ def chunks(bench, out, iters):
     """The chunked-prefill lines of `gpu_check bench` (2048 query rows over the whole context,
     causal) with the causal SDPA baseline over the same rows and context: chunk-results.jsonl and
     a table added to benchmarks.md."""
-    rows, shapes = [], {}
-    with open(bench) as f:
-        for line in f:
-            if line.startswith("{"):
-                r = json.loads(line)
-                if r.get("kind") == "prefill" and "ms" in r:
-                    rows.append(r)
-                elif r.get("kind") == "bench" and "head_dim" in r:
-                    shapes[r["ctx"]] = (r["head_dim"], r["kv_heads"], r["q_heads"])
-    rows = [r for r in rows if r["ctx"] in shapes]
+    shapes = {r["ctx"]: (r["head_dim"], r["kv_heads"], r["q_heads"]) for r in records(bench, "bench", "head_dim")}
+    rows = [r for r in records(bench, "prefill", "ms") if r["ctx"] in shapes]
     if not rows:
         return
     lines = [
@@ -189,13 +194,7 @@ def chunks(bench, out, iters):
 def prompts(path, out, iters):
     """The lines of `gpu_check prompt` with the causal SDPA baseline: prompt.jsonl and a table
     added to benchmarks.md."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.startswith("{"):
-                r = json.loads(line)
-                if r.get("kind") == "prompt" and "ms" in r:
-                    rows.append(r)
+    rows = records(path, "prompt", "ms")
     if not rows:
         return
     lines = [
@@ -234,14 +233,7 @@ def main():
         return 2
     bench, out = sys.argv[1], sys.argv[2]
     iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 20
-    rows = []
-    with open(bench) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("{"):
-                r = json.loads(line)
-                if r.get("kind") == "bench" and "ms_median" in r:
-                    rows.append(r)
+    rows = records(bench, "bench", "ms_median")
     name = torch.cuda.get_device_name()
     copy = copy_bandwidth(iters)
     print(json.dumps({"kind": "copy", "device": name, "copy_gbytes_per_s": round(copy, 1)}), flush=True)
