@@ -111,14 +111,32 @@ inline u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
-// Copies happen at once; the groups and waits have nothing left to wait for.
+// cp.async as the PTX ISA allows it to behave at its latest: the destination holds garbage from
+// the copy's issue (0xff bytes) until a cp.async.wait_group lets the copy's group complete, and
+// only then the source's bytes. A copy into a buffer still being read, or a wait that leaves
+// needed groups in flight, changes the results.
 inline void cp_async16(void* smem, const void* gmem) {
     if ((((uintptr_t)smem) | ((uintptr_t)gmem)) & 15) kvsim::fault("cp.async of 16 bytes from or to an address not 16-byte aligned");
-    memcpy(smem, gmem, 16);
+    kvsim::Fiber& f = kvsim::me();
+    memset(smem, 0xff, 16);
+    f.copies.push_back({smem, gmem, f.commits});
 }
-inline void cp_commit() {}
+inline void cp_commit() { kvsim::me().commits++; }
+// cp.async.wait_group N: every committed group but the N most recent completes.
 template <int N>
-inline void cp_wait() {}
+inline void cp_wait() {
+    kvsim::Fiber& f = kvsim::me();
+    const unsigned done = f.commits > (unsigned)N ? f.commits - (unsigned)N : 0u;
+    size_t keep = 0;
+    for (size_t i = 0; i < f.copies.size(); i++) {
+        if (f.copies[i].group < done) {
+            memcpy(f.copies[i].dst, f.copies[i].src, 16);
+        } else {
+            f.copies[keep++] = f.copies[i];
+        }
+    }
+    f.copies.resize(keep);
+}
 
 // movmatrix.sync.aligned.m8n8.trans.b16: lane 4g + t gets elements (2t, g) and (2t + 1, g) of
 // the matrix whose row g, columns 2t, 2t + 1 lane 4g + t held.

@@ -97,11 +97,21 @@ inline void make_context(Context& c, char* base, size_t size, void (*entry)(), C
 }
 #endif
 
+// An asynchronous copy (cp.async) queued by a thread and not yet waited for: it belongs to the
+// thread's commit group `group` (the number of commits before it).
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    unsigned group;
+};
+
 struct Fiber {
     Context ctx;
     unsigned tid;
     State state;
     unsigned parity;  // alternates per warp collective, so that one barrier per collective suffices
+    std::vector<PendingCopy> copies;  // cp.async copies not yet waited for
+    unsigned commits;                 // cp.async groups committed
 };
 
 // Data that lanes of a warp exchange in collectives; two copies, chosen by the parity.
@@ -291,6 +301,8 @@ inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsi
                     f.tid = i;
                     f.state = RUNNABLE;
                     f.parity = 0;
+                    f.copies.clear();
+                    f.commits = 0;
                     make_context(f.ctx, stacks.data() + stack * i, stack, fiber_main, b.sched);
                 }
                 // Odd blocks run their threads in reverse order, so that a missing barrier shows
