@@ -7,7 +7,9 @@
 //
 // One block per (split, kv head, item); each warp takes whole groups, staged into shared
 // memory with 16-byte cp.async copies (double-buffered: the next group loads while this one is
-// computed). The query heads of the GQA group are the rows of the A operands:
+// computed; with the transposed products the loop runs in two stages, the scores of one group
+// beside the values of the one before: MMA_PIPE). The query heads of the GQA group are the rows
+// of the A operands:
 //   scores  S[h][t] = sum_c (q[h][c] * ks[c]) * code[c][t] + sum_c q[h][c] * kz[c]
 //   output  O[h][c] = sum_t p[h][t] * f16(code[t][c] * vs[t][cg]) + sum_t p[h][t] * vz[t][cg]
 // (the common layouts, MMA_VLANE: the zero points' sum is one more mma per k-step; other head
@@ -163,9 +165,15 @@ __device__ __forceinline__ void stage_values(u8* dst, const u8* src, u32 lane) {
      MMA_VC_OFF % 512 == 0 && MMA_VC % 512 == 0 && 512 % MMA_VBLK == 0)
 #define MMA_FLAT_BYTES (KV_V_ZERO + 2 * KV_G * KV_NG)
 
-// Queues the copies of group u's codes, scales and zeros, in page `page`, into a warp's staging
-// buffer. vpad: this lane's padding inside a 512-byte step of value codes,
+// Parts of a group to stage: its keys (codes, scales, zeros: the bytes before MMA_VC_OFF of a
+// staging buffer), its values (the bytes from MMA_VC_OFF on), or both.
+#define MMA_KEYS 1u
+#define MMA_VALUES 2u
+
+// Queues the copies of group u's codes, scales and zeros (PARTS of them), in page `page`, into a
+// warp's staging buffer. vpad: this lane's padding inside a 512-byte step of value codes,
 // (lane * 16 / MMA_VBLK) * MMA_VPAD.
+template <u32 PARTS = MMA_KEYS | MMA_VALUES>
 __device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 kvh, u32 u, u8* buf, u32 lane, u32 vpad) {
     const u32 gi = u % KV_GPP;
     const u8* blk = P.pages + (u64)page * KV_PAGE_BYTES + (u64)kvh * KV_HEAD_BYTES + lane * 16;
@@ -173,6 +181,8 @@ __device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 k
 #if MMA_FLAT
 #pragma unroll
     for (u32 off = 0; off < MMA_FLAT_BYTES; off += 512) {
+        // (MMA_VC_OFF is a multiple of 512: no step holds both keys and values.)
+        if (!(PARTS & (off < MMA_VC_OFF ? MMA_KEYS : MMA_VALUES))) continue;
         // Padding before this step: whole value blocks before it, then this lane's share.
         const bool vc = off >= MMA_VC_OFF && off < MMA_VC_OFF + MMA_VC;
         const u32 pad = off < MMA_VC_OFF ? 0
@@ -182,12 +192,16 @@ __device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 k
     }
     (void)gi;
 #else
-    stage_part<MMA_KC>(d, blk + KV_K_CODES + gi * MMA_KC, lane);
-    stage_part<2 * KV_HD>(d + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
-    stage_part<2 * KV_HD>(d + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
-    stage_values<MMA_VC>(d + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
-    stage_part<2 * KV_G * KV_NG>(d + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
-    stage_part<2 * KV_G * KV_NG>(d + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
+    if (PARTS & MMA_KEYS) {
+        stage_part<MMA_KC>(d, blk + KV_K_CODES + gi * MMA_KC, lane);
+        stage_part<2 * KV_HD>(d + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
+        stage_part<2 * KV_HD>(d + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
+    }
+    if (PARTS & MMA_VALUES) {
+        stage_values<MMA_VC>(d + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
+        stage_part<2 * KV_G * KV_NG>(d + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
+        stage_part<2 * KV_G * KV_NG>(d + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
+    }
     (void)vpad;
 #endif
 }
@@ -434,18 +448,21 @@ __device__ __forceinline__ void mma_values_t(MmaState& st, const u32 (&wb)[MMA_K
 // whose A rows are B's columns (k < 8) next to the raw query's parts (k >= 8), against B
 // columns of 1024 and of kz; they are gathered from lanes 4n, 4n + 1 (column n) into vector
 // t's lanes by shuffles.
-template <bool SOFTCAP, bool EDGE>
-__device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared& sh, MmaState& st, const u8* buf, u32 u,
-                                            u32 nvec) {
+// The three parts, apart so that the pipelined loop (MMA_PIPE) can put the scores of one group
+// beside the values of the one before: mma_scores_t (reads the group's keys), mma_weights_t
+// (the softmax; no shared memory), mma_values_t (reads its values).
+struct ScoresT {
+    float S[MMA_KK][4];  // m-tile mt: rows g, g + 8 = the lane's tokens 2mt, 2mt + 1
+    float C[4];          // the bias mma's accumulators
+};
+__device__ __forceinline__ void mma_scores_t(const MmaShared& sh, const u8* buf, ScoresT& sc) {
     const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const u32 p0 = KV_SINKS + u * KV_G;
     const u32* qrow = sh.qhl[g];
     const u16* ksp = (const u16*)(buf + MMA_KS_OFF);
     const u16* kzp = (const u16*)(buf + MMA_KZ_OFF);
-    float S[MMA_KK][4];
 #pragma unroll
-    for (int mt = 0; mt < MMA_KK; mt++) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.0f;
-    float C[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int mt = 0; mt < MMA_KK; mt++) sc.S[mt][0] = sc.S[mt][1] = sc.S[mt][2] = sc.S[mt][3] = 0.0f;
+    sc.C[0] = sc.C[1] = sc.C[2] = sc.C[3] = 0.0f;
     const KeyLane kl = key_lane(g);
     const u32 magic = sh.magic;
     // B of the bias mma: column 0 = (1024, 0), column 1 = (0, kz of channels c0, c0 + 1),
@@ -466,28 +483,34 @@ __device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared
         const u32 b0 = fma_h2(qq.z, ks.x, fms_h2(qq.x, ks.x, mul_h2(qq.x, ks.x)));
         const u32 b1 = fma_h2(qq.w, ks.y, fms_h2(qq.y, ks.y, mul_h2(qq.y, ks.y)));
         // Rows g: b0 (k < 8), x01 (k >= 8); rows g + 8: b1, x89.
-        mma16816(C, b0, b1, qq.z, qq.w, zb0, kz);
+        mma16816(sc.C, b0, b1, qq.z, qq.w, zb0, kz);
         const KeyBits kb = key_bits(buf, c0, kl);
 #pragma unroll
         for (int mt = 0; mt < MMA_KK; mt++) {
             const u32 j = 2 * mt;  // rows g: token j of the lane, rows g + 8: token j + 1
-            mma16816(S[mt], key_operand(kb.lo01, kb.hi01, j, magic), key_operand(kb.lo01, kb.hi01, j + 1, magic),
+            mma16816(sc.S[mt], key_operand(kb.lo01, kb.hi01, j, magic), key_operand(kb.lo01, kb.hi01, j + 1, magic),
                      key_operand(kb.lo89, kb.hi89, j, magic), key_operand(kb.lo89, kb.hi89, j + 1, magic), b0, b1);
         }
     }
+}
+
+// The softmax of group u's scores: the weights as the values' B operands (wb), the running
+// maximum moved and the accumulators rescaled where some vector's maximum grows, the weights'
+// sum added to st.l.
+template <bool SOFTCAP, bool EDGE>
+__device__ __forceinline__ void mma_weights_t(const AttnParams& P, const MmaShared& sh, MmaState& st, const ScoresT& sc,
+                                              u32 u, u32 nvec, u32 (&wb)[MMA_KK][2]) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u32 p0 = KV_SINKS + u * KV_G;
     // Column g's 1024 * sum(q * ks): C[g][0] + C[g + 8][0] in lane 4g; its sum q * kz: C[g][1]
     // (lane 4g) + C[g + 8][2] (lane 4g + 1). Vector t's: columns 2t and 2t + 1, gathered in lane
     // 8t.
-    float cb = C[0] + C[2], cz = t == 0 ? C[1] : t == 1 ? C[2] : 0.0f;
+    float cb = sc.C[0] + sc.C[2], cz = t == 0 ? sc.C[1] : t == 1 ? sc.C[2] : 0.0f;
     cz += __shfl_xor_sync(0xffffffffu, cz, 1);
     cb += __shfl_xor_sync(0xffffffffu, cb, 4);
     cz += __shfl_xor_sync(0xffffffffu, cz, 4);
     cb = __shfl_sync(0xffffffffu, cb, 8 * t);
     const float bias = __shfl_sync(0xffffffffu, cz, 8 * t);
-
-    // The values' pointers and scales, as in mma_group.
-    ValueLane vl;
-    value_lane(buf, g, t, vl);
 
     // Vector t's scores of tokens NT * g + j, j = 2mt + i (hi and lo columns added).
     float pp[MMA_NT];
@@ -499,7 +522,8 @@ __device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared
             const int j = 2 * mt + i;
             const u32 o = j * KV_KB;
             const float f = 1.0f / (float)(1u << MMA_KP(o));
-            float x = MMA_KP(o) == 0 ? S[mt][2 * i] + S[mt][2 * i + 1] : ((S[mt][2 * i] + S[mt][2 * i + 1]) - cb) * f;
+            float x = MMA_KP(o) == 0 ? sc.S[mt][2 * i] + sc.S[mt][2 * i + 1]
+                                     : ((sc.S[mt][2 * i] + sc.S[mt][2 * i + 1]) - cb) * f;
             x += bias;
             if (SOFTCAP) {
                 const float cap = P.softcap * MMA_LOG2E;
@@ -536,7 +560,6 @@ __device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared
     float sum = 0.0f;
     // Each weight as its f16 hi and lo parts side by side (C layout: row g = the token, columns
     // 2t, 2t + 1), then transposed into the B layout of the values (row = column g, tokens).
-    u32 wb[MMA_KK][2];
 #pragma unroll
     for (int j = 0; j < MMA_NT; j++) {
         const float x = ex2(pp[j] - mref);
@@ -545,12 +568,25 @@ __device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared
         wb[j / 2][j % 2] = movmatrix_t(f2h2(hi, x - hi));
     }
     st.l += sum;
+}
+
+template <bool SOFTCAP, bool EDGE>
+__device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared& sh, MmaState& st, const u8* buf, u32 u,
+                                            u32 nvec) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    ScoresT sc;
+    mma_scores_t(sh, buf, sc);
+    // The values' pointers and scales, as in mma_group.
+    ValueLane vl;
+    value_lane(buf, g, t, vl);
+    u32 wb[MMA_KK][2];
+    mma_weights_t<SOFTCAP, EDGE>(P, sh, st, sc, u, nvec, wb);
     if (vl.fold) {
-        mma_values_t<true>(st, wb, vl, magic);
+        mma_values_t<true>(st, wb, vl, sh.magic);
     }
 #ifndef KV_COST_PROBE
     else {
-        mma_values_t<false>(st, wb, vl, magic);
+        mma_values_t<false>(st, wb, vl, sh.magic);
     }
 #endif
 }
@@ -741,6 +777,128 @@ __device__ __forceinline__ void mma_group(const AttnParams& P, const MmaShared& 
 #define MMA_GROUP mma_group
 #endif
 
+// A warp's walk over its groups gb + warp, gb + warp + 4, ... below ge, skipping those no query
+// row sees (some row sees positions lo_min .. hi_max - 1).
+struct GroupWalk {
+    const u32* blocks;
+    u32 ge;
+    int lo_min, hi_max;
+    // Whether some row sees group u.
+    __device__ __forceinline__ bool seen(u32 u) const {
+        const int first = KV_SINKS + u * KV_G;
+        return first + KV_G - 1 >= lo_min && first < hi_max;
+    }
+    // The first group from u on that some row sees (ge if none).
+    __device__ __forceinline__ u32 next(u32 u) const {
+        while (u < ge && !seen(u)) u += KV_WARPS;
+        return min(u, ge);
+    }
+    // The one after u (ge if none, or if u is ge).
+    __device__ __forceinline__ u32 after(u32 u) const { return next(u < ge ? u + KV_WARPS : ge); }
+    // Its page (0 for ge).
+    __device__ __forceinline__ u32 page(u32 u) const { return u < ge ? blocks[u / KV_GPP] : 0u; }
+};
+
+// Whether group u lies at the edge of some row's range (every row sees lo_max .. hi_min - 1):
+// its scores are then masked per position.
+__device__ __forceinline__ bool mma_edge(u32 u, int lo_max, int hi_min) {
+    const int first = KV_SINKS + u * KV_G;
+    return first < lo_max || first + KV_G > hi_min;
+}
+
+// The loop of the transposed products in two stages (KV_MMA_PIPE, the default): each iteration
+// computes the weights of one group and then, in one run of straight-line code, the scores of
+// the next group beside the values of this one, so that the two products' chains of dependent
+// mmas and their dequantization interleave (the loop waits between instructions more than it
+// issues them: BENCHMARKS.md). A group's keys and values are staged apart into the warp's two
+// buffers: the keys of the group after next go where this group's keys were as soon as its
+// scores are done (an iteration earlier), its values where the last group's values were, so that
+// two buffers still give every copy an iteration to land. KV_MMA_PIPE=0 keeps one group per
+// iteration (mma_groups below).
+#ifndef KV_MMA_PIPE
+#define KV_MMA_PIPE 1
+#endif
+#define MMA_PIPE (KV_MMA_PIPE && MMA_T && MMA_STAGES == 2)
+
+#if MMA_PIPE
+template <bool SOFTCAP>
+__device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
+                                           u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const GroupWalk w = {blocks, ge, lo_min, hi_max};
+    const u32 vpad = lane * 16 / MMA_VBLK * MMA_VPAD;
+    // u0: the group whose weights and values come next, in buffer cur; u1: the one whose scores
+    // come with them, in buffer oth; u2 (in cur) and u3 (in oth) after them. Commit groups, most
+    // recent last: at the top of each iteration ..., K(u1) V(u0), V(u1), K(u2).
+    u8* cur = sh.buf + warp * MMA_STAGE;
+    u8* oth = sh.buf + (KV_WARPS + warp) * MMA_STAGE;
+    u32 u0 = w.next(gb + warp), u1 = w.after(u0), u2 = w.after(u1), u3 = w.after(u2);
+    const u32 p1 = w.page(u1);
+    u32 p2 = w.page(u2);
+    if (u0 < ge) stage_group(P, w.page(u0), kvh, u0, cur, lane, vpad);
+    cp_commit();
+    if (u1 < ge) stage_group<MMA_KEYS>(P, p1, kvh, u1, oth, lane, vpad);
+    cp_commit();
+    cp_wait<1>();
+    __syncwarp();
+    ScoresT sc;
+    mma_scores_t(sh, cur, sc);
+    __syncwarp();  // u0's keys are read: u2's may take their place
+    if (u1 < ge) stage_group<MMA_VALUES>(P, p1, kvh, u1, oth, lane, vpad);
+    cp_commit();
+    if (u2 < ge) stage_group<MMA_KEYS>(P, p2, kvh, u2, cur, lane, vpad);
+    cp_commit();
+    u32 p3 = w.page(u3);
+    while (u0 < ge) {
+        cp_wait<2>();  // u1's keys and u0's values have landed
+        __syncwarp();
+        ValueLane vl;
+        value_lane(cur, g, t, vl);
+        u32 wb[MMA_KK][2];
+#ifndef KV_COST_PROBE  // (the static cost counts the path of groups inside every row's range)
+        if (mma_edge(u0, lo_max, hi_min)) {
+            mma_weights_t<SOFTCAP, true>(P, sh, st, sc, u0, nvec, wb);
+        } else
+#endif
+        {
+            mma_weights_t<SOFTCAP, false>(P, sh, st, sc, u0, nvec, wb);
+        }
+        // u1's scores beside u0's values, one block of code for each path of the values.
+#ifdef KV_COST_PROBE  // (and the path of groups followed by another, with value scales below 64)
+        mma_scores_t(sh, oth, sc);
+        mma_values_t<true>(st, wb, vl, sh.magic);
+#else
+        if (u1 < ge) {
+            if (vl.fold) {
+                mma_scores_t(sh, oth, sc);
+                mma_values_t<true>(st, wb, vl, sh.magic);
+            } else {
+                mma_scores_t(sh, oth, sc);
+                mma_values_t<false>(st, wb, vl, sh.magic);
+            }
+        } else if (vl.fold) {
+            mma_values_t<true>(st, wb, vl, sh.magic);
+        } else {
+            mma_values_t<false>(st, wb, vl, sh.magic);
+        }
+#endif
+        __syncwarp();  // u0's values and u1's keys are read
+        if (u2 < ge) stage_group<MMA_VALUES>(P, p2, kvh, u2, cur, lane, vpad);
+        cp_commit();
+        if (u3 < ge) stage_group<MMA_KEYS>(P, p3, kvh, u3, oth, lane, vpad);
+        cp_commit();
+        u0 = u1;
+        u1 = u2;
+        u2 = u3;
+        u3 = w.after(u3);
+        p2 = p3;
+        p3 = w.page(u3);
+        u8* const b = cur;
+        cur = oth;
+        oth = b;
+    }
+}
+#else
 // This warp's groups gb + warp, gb + warp + 4, ... below ge that some query row sees, each
 // staged MMA_STAGES - 1 groups ahead of the one computed (cp.async into a ring of MMA_STAGES
 // buffers per warp), and the page of the one after that read from the block table meanwhile, so
@@ -750,41 +908,31 @@ template <bool SOFTCAP>
 __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
                                            u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    auto visible = [&](u32 u) {
-        int first = KV_SINKS + u * KV_G;
-        return !(first + KV_G - 1 < lo_min || first >= hi_max);
-    };
+    const GroupWalk w = {blocks, ge, lo_min, hi_max};
     // Staging buffer b of this warp.
 #define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
-    // The next visible group of this warp from u on (ge if none) and its page (0 if none).
-    auto next = [&](u32 u) {
-        while (u < ge && !visible(u)) u += KV_WARPS;
-        return min(u, ge);
-    };
-    auto page_of = [&](u32 u) { return u < ge ? blocks[u / KV_GPP] : 0u; };
     const u32 vpad = lane * 16 / MMA_VBLK * MMA_VPAD;
     // us[0]: the group computed next; us[1 ..]: the ones staged after it, in buffers cur + 1 ...
     u32 us[MMA_STAGES - 1];
 #pragma unroll
     for (int i = 0; i < MMA_STAGES - 1; i++) {
-        us[i] = i == 0 ? next(gb + warp) : next(us[i - 1] < ge ? us[i - 1] + KV_WARPS : ge);
-        if (us[i] < ge) stage_group(P, page_of(us[i]), kvh, us[i], MMA_BUF_OF(i), lane, vpad);
+        us[i] = i == 0 ? w.next(gb + warp) : w.after(us[i - 1]);
+        if (us[i] < ge) stage_group(P, w.page(us[i]), kvh, us[i], MMA_BUF_OF(i), lane, vpad);
         cp_commit();
     }
-    u32 nu = next(us[MMA_STAGES - 2] < ge ? us[MMA_STAGES - 2] + KV_WARPS : ge), nu_page = page_of(nu);
+    u32 nu = w.after(us[MMA_STAGES - 2]), nu_page = w.page(nu);
     u32 cur = 0;
     while (us[0] < ge) {
         // nu goes into the buffer of the group computed last time round.
         const u32 nb = cur == 0 ? MMA_STAGES - 1 : cur - 1;
         if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(nb), lane, vpad);
         cp_commit();
-        const u32 nnu = next(nu < ge ? nu + KV_WARPS : ge), nnu_page = page_of(nnu);
+        const u32 nnu = w.after(nu), nnu_page = w.page(nnu);
         cp_wait<MMA_STAGES - 1>();
         __syncwarp();
         const u32 u = us[0];
-        const int first = KV_SINKS + u * KV_G;
 #ifndef KV_COST_PROBE  // (the static cost counts the path of groups inside every row's range)
-        if (first < lo_max || first + KV_G > hi_min) {
+        if (mma_edge(u, lo_max, hi_min)) {
             MMA_GROUP<SOFTCAP, true>(P, sh, st, MMA_BUF_OF(cur), u, nvec);
         } else
 #endif
@@ -801,6 +949,7 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     }
 #undef MMA_BUF_OF
 }
+#endif
 
 // grid (splits, kv heads * head chunks, items). Split 0 is the full-precision tokens on CUDA cores (the
 // body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor

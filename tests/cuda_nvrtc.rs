@@ -110,9 +110,10 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
 }
 
-/// The tensor-core decode's measurement variants (`scripts/gpu-sweep.sh`) still compile, without
-/// warnings, and still hold the kernel: 4 blocks per multiprocessor, and 3 staging buffers per
-/// warp (where they do not fit, at KIVI-4, the kernel keeps 2).
+/// The tensor-core decode's measurement variants (`scripts/gpu-sweep.sh`, `gpu_check variants`)
+/// still compile, without warnings, and still hold the kernel: 4 blocks per multiprocessor, 3
+/// staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps 2), and the
+/// transposed loop one group per iteration.
 #[test]
 fn the_tensor_core_variants_compile() {
     if !nvrtc_ready() {
@@ -124,7 +125,7 @@ fn the_tensor_core_variants_compile() {
         cfg.dtype = kivi::DType::F16;
         (cfg.key_bits, cfg.value_bits) = (bits, bits);
         assert!(tensor_core_decode(&cfg, 32));
-        for (name, value) in [("KV_MMA_BLOCKS", 4), ("KV_MMA_STAGES", 3)] {
+        for (name, value) in [("KV_MMA_BLOCKS", 4), ("KV_MMA_STAGES", 3), ("KV_MMA_PIPE", 0)] {
             let spec = Spec::for_config(&cfg, 4).unwrap().with(name, value);
             let (image, log) = compile_with_log(Family::Decode, &spec, "sm_90")
                 .unwrap_or_else(|e| panic!("KIVI-{bits}, {name}={value}: {e}"));
