@@ -7,6 +7,9 @@
 //!                                      # the CPU (kivi's host simulator), host memory as device
 //!                                      # memory; the C ABI case and the longest cases are skipped
 //! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
+//! gpu_check variants [--variant NAME=NVRTC_OPTS]... [--contexts 32768] [--batches 16,64] [--bits 2,4] [--prefill]
+//!                                      # kernel variants against the default, steps alternating
+//!                                      # (--sim: the same on the host simulator, a dry run)
 //! gpu_check prompt [--tokens 512,2048,8192] [--iters 5]   # attention over whole prompts
 //! gpu_check cubins DIR [--arch sm_90]  # no GPU needed: the decode modules of the benchmark
 //!                                      # shapes compiled with NVRTC, for scripts/sass_mix.py
@@ -1095,52 +1098,15 @@ fn bench(args: &[String]) -> bool {
     // Contexts outermost: the longest (slowest to fill) come last.
     for &ctx in &contexts {
         for &bits in &bits_list {
-            let t0 = Instant::now();
-            let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
-            cfg.dtype = DType::F16;
-            cfg.key_bits = bits as u8;
-            cfg.value_bits = bits as u8;
-            cfg.max_seqs = max_batch as u32;
             let extra = (2 * iters + 8) * batches.len() + 256;
-            cfg.max_tokens = (max_batch * (ctx + extra)) as u32;
-            // Each sequence's own limit, as a serving engine sets it: block tables of one
-            // sequence's pages rather than the pool's.
-            cfg.max_seq_tokens = (ctx + extra) as u32;
-            let mut cache = match CudaCache::new(cfg.clone(), 0) {
+            let mut rng = Rng(42 + bits as u64);
+            let (mut cache, cfg, fill_s) = match bench_cache(bits, ctx, max_batch, extra, &mut rng) {
                 Ok(c) => c,
                 Err(e) => {
-                    println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{:?}}}", e.to_string());
+                    println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}");
                     continue;
                 }
             };
-            // Fill every sequence with its own copy of the data (no shared pages, so no reads
-            // served from L2 that another sequence brought in).
-            let mut rng = Rng(42 + bits as u64);
-            let chunk = 4096.min(ctx);
-            let k: Vec<f16> = to_t(&rng.keys(chunk, nkv, hd));
-            let v: Vec<f16> = to_t(&rng.normals(chunk * nkv * hd));
-            let (dk, dv) = (DevBuf::upload(&k), DevBuf::upload(&v));
-            for seq in 0..max_batch as u32 {
-                let mut done = 0;
-                while done < ctx {
-                    let n = chunk.min(ctx - done);
-                    cache
-                        .append(
-                            0,
-                            seq,
-                            DevRows::new(dk.ptr, n, nkv * hd),
-                            DevRows::new(dv.ptr, n, nkv * hd),
-                            std::ptr::null_mut(),
-                        )
-                        .expect("fill");
-                    done += n;
-                }
-            }
-            if let Err(e) = sync() {
-                println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}");
-                return false;
-            }
-            let fill_s = t0.elapsed().as_secs_f64();
             let (codes, params) = {
                 let c = &cfg;
                 let hd = c.head_dim as usize;
@@ -1153,21 +1119,9 @@ fn bench(args: &[String]) -> bool {
             // kv_prefill_q (`ms`) and on kv_decode_mma (`KIVI_CUDA_PREFILL_Q=0`, the path before
             // it: `ms_decode_mma`), alternating, median of 3 calls each.
             if ctx >= 4096 && !args.iter().any(|a| a == "--no-prefill") {
-                let rows = 2048;
-                let q: Vec<f16> = to_t(&rng.normals(rows * nqh * hd));
-                let (dq, dout) = (DevBuf::upload(&q), DevBuf::zeroed(rows * nqh * hd * 2));
-                let run = |cache: &CudaCache| {
-                    cache
-                        .attend(
-                            0,
-                            0,
-                            DevRows::new(dq.ptr, rows, nqh * hd),
-                            DevRows::new(dout.ptr, rows, nqh * hd),
-                            &AttnOptions::default(),
-                            std::ptr::null_mut(),
-                        )
-                        .expect("attend")
-                };
+                let chunk = ChunkAttend::new(2048, &mut rng);
+                let rows = chunk.rows;
+                let run = |cache: &CudaCache| chunk.run(cache);
                 let [ms, ms_mma] = alternate("KIVI_CUDA_PREFILL_Q", 3, || run(&cache));
                 println!(
                     "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"ms_decode_mma\":{ms_mma:.3},\"fill_tokens_per_s\":{:.0}}}",
@@ -1176,27 +1130,9 @@ fn bench(args: &[String]) -> bool {
                 );
             }
             for &b in &batches {
-                let seqs: Vec<u32> = (0..b as u32).collect();
-                let q: Vec<f16> = to_t(&rng.normals(b * nqh * hd));
-                let kn: Vec<f16> = to_t(&rng.keys(b, nkv, hd));
-                let vn: Vec<f16> = to_t(&rng.normals(b * nkv * hd));
-                let (dq, dkn, dvn) = (DevBuf::upload(&q), DevBuf::upload(&kn), DevBuf::upload(&vn));
-                let dout = DevBuf::zeroed(b * nqh * hd * 2);
-                let opts = AttnOptions::default();
-                let step = |cache: &mut CudaCache| {
-                    cache
-                        .decode(
-                            0,
-                            &seqs,
-                            DevRows::new(dkn.ptr, b, nkv * hd),
-                            DevRows::new(dvn.ptr, b, nkv * hd),
-                            DevRows::new(dq.ptr, b, nqh * hd),
-                            DevRows::new(dout.ptr, b, nqh * hd),
-                            &opts,
-                            std::ptr::null_mut(),
-                        )
-                        .expect("decode")
-                };
+                let decode = DecodeStep::new(b, &mut rng);
+                let seqs = &decode.seqs;
+                let step = |cache: &mut CudaCache| decode.run(cache);
                 for _ in 0..3 {
                     step(&mut cache);
                 }
@@ -1244,7 +1180,7 @@ fn bench(args: &[String]) -> bool {
                 // of every sequence. Past the sinks, groups leave the window once it holds R + G.
                 let mut bytes = 0u64;
                 let (g, r) = (cfg.group_size as u64, cfg.residual as u64);
-                for &s in &seqs {
+                for &s in seqs {
                     let len = cache.seq_len(s).unwrap() as u64;
                     let past_sinks = len.saturating_sub(cfg.sinks as u64);
                     let qn = past_sinks.saturating_sub(r) / g * g;
@@ -1260,6 +1196,256 @@ fn bench(args: &[String]) -> bool {
         }
     }
     true
+}
+
+/// The benchmark's cache (f16, head_dim 128, 8 KV heads, KIVI-`bits`, G = 32) with `max_batch`
+/// sequences of `ctx` tokens each, and room for `extra` more per sequence: each sequence its own
+/// copy of the data (no shared pages, so no reads served from L2 that another sequence brought
+/// in). Also its configuration and the seconds the fill took.
+fn bench_cache(
+    bits: usize,
+    ctx: usize,
+    max_batch: usize,
+    extra: usize,
+    rng: &mut Rng,
+) -> Result<(CudaCache, CacheConfig, f64), String> {
+    let (hd, nkv) = (128usize, 8usize);
+    let t0 = Instant::now();
+    let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
+    cfg.dtype = DType::F16;
+    cfg.key_bits = bits as u8;
+    cfg.value_bits = bits as u8;
+    cfg.max_seqs = max_batch as u32;
+    cfg.max_tokens = (max_batch * (ctx + extra)) as u32;
+    // Each sequence's own limit, as a serving engine sets it: block tables of one sequence's
+    // pages rather than the pool's.
+    cfg.max_seq_tokens = (ctx + extra) as u32;
+    let mut cache = new_cache(cfg.clone()).map_err(|e| e.to_string())?;
+    let chunk = 4096.min(ctx);
+    let k: Vec<f16> = to_t(&rng.keys(chunk, nkv, hd));
+    let v: Vec<f16> = to_t(&rng.normals(chunk * nkv * hd));
+    let (dk, dv) = (DevBuf::upload(&k), DevBuf::upload(&v));
+    for seq in 0..max_batch as u32 {
+        let mut done = 0;
+        while done < ctx {
+            let n = chunk.min(ctx - done);
+            let (k, v) = (DevRows::new(dk.ptr, n, nkv * hd), DevRows::new(dv.ptr, n, nkv * hd));
+            cache.append(0, seq, k, v, std::ptr::null_mut()).map_err(|e| e.to_string())?;
+            done += n;
+        }
+    }
+    sync()?;
+    Ok((cache, cfg, t0.elapsed().as_secs_f64()))
+}
+
+/// One decode step of the benchmark's sequences 0 .. b: each appends a new token and attends
+/// with 32 query heads; its inputs and output stay on the device between steps.
+struct DecodeStep {
+    seqs: Vec<u32>,
+    q: DevBuf,
+    k: DevBuf,
+    v: DevBuf,
+    out: DevBuf,
+}
+
+impl DecodeStep {
+    fn new(b: usize, rng: &mut Rng) -> DecodeStep {
+        let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
+        let q: Vec<f16> = to_t(&rng.normals(b * nqh * hd));
+        let k: Vec<f16> = to_t(&rng.keys(b, nkv, hd));
+        let v: Vec<f16> = to_t(&rng.normals(b * nkv * hd));
+        DecodeStep {
+            seqs: (0..b as u32).collect(),
+            q: DevBuf::upload(&q),
+            k: DevBuf::upload(&k),
+            v: DevBuf::upload(&v),
+            out: DevBuf::zeroed(b * nqh * hd * 2),
+        }
+    }
+
+    fn run(&self, cache: &mut CudaCache) {
+        let (b, hd, nkv, nqh) = (self.seqs.len(), 128usize, 8usize, 32usize);
+        cache
+            .decode(
+                0,
+                &self.seqs,
+                DevRows::new(self.k.ptr, b, nkv * hd),
+                DevRows::new(self.v.ptr, b, nkv * hd),
+                DevRows::new(self.q.ptr, b, nqh * hd),
+                DevRows::new(self.out.ptr, b, nqh * hd),
+                &AttnOptions::default(),
+                std::ptr::null_mut(),
+            )
+            .expect("decode")
+    }
+}
+
+/// The benchmark's chunked-prefill attention: `rows` query rows (2048 in the benchmark)
+/// attending, causal, to the whole of sequence 0 (its last `rows` tokens' positions), the
+/// kernels a prefill chunk runs.
+struct ChunkAttend {
+    rows: usize,
+    q: DevBuf,
+    out: DevBuf,
+}
+
+impl ChunkAttend {
+    fn new(rows: usize, rng: &mut Rng) -> ChunkAttend {
+        let (hd, nqh) = (128usize, 32usize);
+        let q: Vec<f16> = to_t(&rng.normals(rows * nqh * hd));
+        ChunkAttend { rows, q: DevBuf::upload(&q), out: DevBuf::zeroed(rows * nqh * hd * 2) }
+    }
+
+    fn run(&self, cache: &CudaCache) {
+        let (rows, w) = (self.rows, 32 * 128);
+        let (q, out) = (DevRows::new(self.q.ptr, rows, w), DevRows::new(self.out.ptr, rows, w));
+        cache.attend(0, 0, q, out, &AttnOptions::default(), std::ptr::null_mut()).expect("attend")
+    }
+}
+
+/// Variants of the kernels against the library as built, side by side in one process: each
+/// `--variant NAME=OPTS` (NVRTC options, such as `pipe0=-DKV_MMA_PIPE=0`, added to
+/// `KIVI_NVRTC_OPTS`) gets its own cache of the benchmark's shape, whose modules are compiled
+/// with them; decode steps then alternate between the caches, `--rounds` rounds (after one
+/// discarded) of `--iters` synchronised steps and as many back to back. One JSON line per
+/// variant and shape: the median synchronised step, the median back-to-back step, and their
+/// ratios to the default's. With `--prefill`, also the benchmark's chunked-prefill attention
+/// (2048 rows over the whole context), one call per variant and round.
+fn variants(args: &[String]) -> bool {
+    let contexts = list(args, "--contexts", &[32768]);
+    let batches = list(args, "--batches", &[16, 64]);
+    let bits_list = list(args, "--bits", &[2, 4]);
+    let iters = list(args, "--iters", &[10])[0];
+    let rounds = list(args, "--rounds", &[5])[0];
+    let base = std::env::var("KIVI_NVRTC_OPTS").ok();
+    let mut named = vec![("default".to_string(), String::new())];
+    for (i, a) in args.iter().enumerate() {
+        if a == "--variant" {
+            match args.get(i + 1).and_then(|v| v.split_once('=')) {
+                Some((n, o)) => named.push((n.to_string(), o.to_string())),
+                None => {
+                    eprintln!("--variant NAME=OPTS");
+                    return false;
+                }
+            }
+        }
+    }
+    let max_batch = *batches.iter().max().unwrap();
+    let extra = (rounds + 1) * 2 * iters * named.len() * batches.len() + 64;
+    let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
+    let events = |_| match sim() {
+        true => std::ptr::null_mut(),
+        false => drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).unwrap(),
+    };
+    let [e0, e1] = [0, 1].map(events);
+    // Milliseconds of `n` steps on the default stream, one event pair around them (on the
+    // simulator, which runs them at once: the host's clock).
+    let time = |n: usize, f: &mut dyn FnMut()| -> f64 {
+        if sim() {
+            let t = Instant::now();
+            (0..n).for_each(|_| f());
+            return t.elapsed().as_secs_f64() * 1e3;
+        }
+        // SAFETY: events created above, recorded on the default stream.
+        unsafe {
+            drv::event::record(e0, std::ptr::null_mut()).unwrap();
+            for _ in 0..n {
+                f();
+            }
+            drv::event::record(e1, std::ptr::null_mut()).unwrap();
+            drv::event::synchronize(e1).unwrap();
+            drv::event::elapsed(e0, e1).unwrap() as f64
+        }
+    };
+    let median = |mut t: Vec<f64>| {
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        t[t.len() / 2]
+    };
+    let mut ok = true;
+    for &ctx in &contexts {
+        for &bits in &bits_list {
+            let mut caches = Vec::new();
+            for (name, opts) in &named {
+                std::env::set_var("KIVI_NVRTC_OPTS", format!("{} {opts}", base.as_deref().unwrap_or("")));
+                let mut rng = Rng(42 + bits as u64);
+                match bench_cache(bits, ctx, max_batch, extra, &mut rng) {
+                    Ok((mut cache, _, _)) => {
+                        // The first step compiles the attention modules with the variant's options.
+                        DecodeStep::new(1, &mut rng).run(&mut cache);
+                        caches.push(cache);
+                    }
+                    Err(e) => {
+                        println!(
+                            "{{\"kind\":\"variant\",\"name\":{name:?},\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}"
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            match &base {
+                Some(b) => std::env::set_var("KIVI_NVRTC_OPTS", b),
+                None => std::env::remove_var("KIVI_NVRTC_OPTS"),
+            }
+            if caches.len() != named.len() {
+                continue;
+            }
+            if args.iter().any(|a| a == "--prefill") {
+                let chunk = ChunkAttend::new(2048.min(ctx), &mut Rng(11));
+                let mut times = vec![Vec::new(); named.len()];
+                for round in 0..rounds + 1 {
+                    for (i, cache) in caches.iter().enumerate() {
+                        let t = time(1, &mut || chunk.run(cache));
+                        if round > 0 {
+                            times[i].push(t);
+                        }
+                    }
+                }
+                let ms: Vec<f64> = times.into_iter().map(median).collect();
+                for (i, (name, opts)) in named.iter().enumerate() {
+                    println!(
+                        "{{\"kind\":\"variant-prefill\",\"name\":{name:?},\"opts\":{opts:?},\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{},\"device\":{device:?},\"ms\":{:.3},\"vs_default\":{:.3}}}",
+                        chunk.rows,
+                        ms[i],
+                        ms[i] / ms[0]
+                    );
+                }
+            }
+            for &b in &batches {
+                let step = DecodeStep::new(b, &mut Rng(7 + b as u64));
+                let mut synced = vec![Vec::new(); named.len()];
+                let mut queued = vec![Vec::new(); named.len()];
+                for round in 0..rounds + 1 {
+                    for (i, cache) in caches.iter_mut().enumerate() {
+                        let s: Vec<f64> = (0..iters).map(|_| time(1, &mut || step.run(cache))).collect();
+                        let q = time(iters, &mut || step.run(cache)) / iters as f64;
+                        if round > 0 {
+                            synced[i].extend(s);
+                            queued[i].push(q);
+                        }
+                    }
+                }
+                let ms: Vec<f64> = synced.into_iter().map(median).collect();
+                let ms_stream: Vec<f64> = queued.into_iter().map(median).collect();
+                for (i, (name, opts)) in named.iter().enumerate() {
+                    println!(
+                        "{{\"kind\":\"variant\",\"name\":{name:?},\"opts\":{opts:?},\"bits\":{bits},\"ctx\":{ctx},\"batch\":{b},\"device\":{device:?},\"ms_median\":{:.4},\"ms_stream\":{:.4},\"vs_default\":{:.3},\"stream_vs_default\":{:.3}}}",
+                        ms[i],
+                        ms_stream[i],
+                        ms[i] / ms[0],
+                        ms_stream[i] / ms_stream[0]
+                    );
+                }
+            }
+        }
+    }
+    if !sim() {
+        // SAFETY: created above.
+        unsafe {
+            let _ = drv::event::destroy(e0);
+            let _ = drv::event::destroy(e1);
+        }
+    }
+    ok
 }
 
 /// Attention over a prompt: `append_attend` of a whole prompt into an empty sequence (the
@@ -1406,9 +1592,14 @@ fn main() {
         "check" => info() && check(args.iter().any(|a| a == "--mma-only")),
         "bench" => info() && bench(&args),
         "prompt" => info() && prompt(&args),
+        "variants" if args.iter().any(|a| a == "--sim") => {
+            SIM.store(true, Ordering::Relaxed);
+            variants(&args)
+        }
+        "variants" => info() && variants(&args),
         "cubins" => cubins(&args),
         other => {
-            eprintln!("unknown command {other}: use info, check, bench, prompt or cubins");
+            eprintln!("unknown command {other}: use info, check, bench, variants, prompt or cubins");
             false
         }
     };
@@ -1423,5 +1614,19 @@ mod tests {
     fn the_check_passes_on_the_host_simulator() {
         super::SIM.store(true, super::Ordering::Relaxed);
         assert!(super::check(false), "see the JSON lines above");
+    }
+
+    /// The variants' comparison on the host simulator, which compiles each variant's macros
+    /// into its own modules: every variant's cache is made, filled and timed (decode and the
+    /// chunked-prefill case), and the variants' options do not outlive the command.
+    #[test]
+    fn the_variants_run_on_the_host_simulator() {
+        super::SIM.store(true, super::Ordering::Relaxed);
+        let before = std::env::var_os("KIVI_NVRTC_OPTS");
+        let args = "gpu_check variants --sim --contexts 256 --batches 1,3 --bits 2 --iters 1 --rounds 1 --prefill";
+        let mut args: Vec<String> = args.split(' ').map(String::from).collect();
+        args.extend(["--variant".to_string(), "pipe0=-DKV_MMA_PIPE=0".to_string()]);
+        assert!(super::variants(&args), "see the JSON lines above");
+        assert_eq!(std::env::var_os("KIVI_NVRTC_OPTS"), before);
     }
 }

@@ -196,10 +196,13 @@ pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query
-/// vectors per block).
+/// vectors per block), and the extra NVRTC options of `KIVI_NVRTC_OPTS` as they were when the
+/// spec was made: a module compiled with other options is another module, so that caches made
+/// under different options (variants of a kernel measured side by side) each keep their own.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Spec {
     defines: Vec<(&'static str, u64)>,
+    extra: Vec<String>,
 }
 
 impl Spec {
@@ -230,7 +233,11 @@ impl Spec {
             d("KV_WIN_HEAD", lay.window_head_elems),
             d("KV_NQ", nq),
         ];
-        Spec { defines }
+        // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
+        // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.
+        let extra = std::env::var("KIVI_NVRTC_OPTS")
+            .map_or_else(|_| Vec::new(), |x| x.split_whitespace().map(str::to_string).collect());
+        Spec { defines, extra }
     }
 
     /// The spec of a validated configuration.
@@ -252,16 +259,19 @@ impl Spec {
         &self.defines
     }
 
+    /// The macros among the extra options (`-DNAME=VALUE`), which the host simulator passes on
+    /// too, so that a variant runs there as it would on a GPU.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn extra_defines(&self) -> impl Iterator<Item = &str> {
+        self.extra.iter().map(String::as_str).filter(|o| o.starts_with("-D"))
+    }
+
     fn options(&self, arch: &str) -> Vec<String> {
         let mut o = vec![format!("--gpu-architecture={arch}"), "--std=c++14".to_string()];
         for (n, v) in &self.defines {
             o.push(format!("-D{n}={v}u"));
         }
-        // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
-        // log is then printed to stderr when KIVI_CUDA_LOG is set).
-        if let Ok(extra) = std::env::var("KIVI_NVRTC_OPTS") {
-            o.extend(extra.split_whitespace().map(str::to_string));
-        }
+        o.extend(self.extra.iter().cloned());
         o
     }
 }

@@ -119,6 +119,7 @@ fn compile(family: Family, spec: &Spec, ucontext: bool) -> Module {
     for (n, v) in spec.defines() {
         args.push(format!("-D{n}={v}u"));
     }
+    args.extend(spec.extra_defines().map(String::from));
     if ucontext {
         args.push("-DKVSIM_UCONTEXT=1".to_string());
     }
