@@ -527,8 +527,13 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
     }
 }
 
-// grid (row blocks, kv heads * head chunks, quantized splits), KV_THREADS threads.
-extern "C" __global__ void __launch_bounds__(KV_THREADS, 2) kv_prefill_q(const AttnParams P) {
+// grid (row blocks, kv heads * head chunks, quantized splits), KV_THREADS threads. Registers
+// for 2 blocks per multiprocessor (225 at f16, no spills); left to itself ptxas chose 168 and
+// spilled. KV_PQ_BLOCKS=3 asks for 3 (spills) for measuring one against the other.
+#ifndef KV_PQ_BLOCKS
+#define KV_PQ_BLOCKS 2
+#endif
+extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_PQ_BLOCKS) kv_prefill_q(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
     __shared__ PqShared sh;
     FpRows R;

@@ -110,10 +110,11 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
 }
 
-/// The tensor-core decode's measurement variants (`scripts/gpu-sweep.sh`, `gpu_check variants`)
-/// still compile, without warnings, and still hold the kernel: 4 blocks per multiprocessor, 3
-/// staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps 2), and the
-/// transposed loop one group per iteration.
+/// The tensor-core kernels' measurement variants (`scripts/gpu-sweep.sh`, `gpu_check variants`)
+/// still compile, without warnings, and still hold their kernel: the decode's 4 blocks per
+/// multiprocessor, 3 staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps
+/// 2), the transposed loop one group per iteration, and kv_prefill_q (in the module of chunks of
+/// queries) without the folded f16 keys or with registers for 3 blocks per multiprocessor.
 #[test]
 fn the_tensor_core_variants_compile() {
     if !nvrtc_ready() {
@@ -125,12 +126,20 @@ fn the_tensor_core_variants_compile() {
         cfg.dtype = kivi::DType::F16;
         (cfg.key_bits, cfg.value_bits) = (bits, bits);
         assert!(tensor_core_decode(&cfg, 32));
-        for (name, value) in [("KV_MMA_BLOCKS", 4), ("KV_MMA_STAGES", 3), ("KV_MMA_PIPE", 0)] {
-            let spec = Spec::for_config(&cfg, 4).unwrap().with(name, value);
+        let variants = [
+            ("KV_MMA_BLOCKS", 4, 4, "kv_decode_mma"),
+            ("KV_MMA_STAGES", 3, 4, "kv_decode_mma"),
+            ("KV_MMA_PIPE", 0, 4, "kv_decode_mma"),
+            ("KV_PQ_FOLD", 0, 8, "kv_prefill_q"),
+            ("KV_PQ_BLOCKS", 3, 8, "kv_prefill_q"),
+        ];
+        for (name, value, nq, kernel) in variants {
+            let spec = Spec::for_config(&cfg, nq).unwrap().with(name, value);
             let (image, log) = compile_with_log(Family::Decode, &spec, "sm_90")
                 .unwrap_or_else(|e| panic!("KIVI-{bits}, {name}={value}: {e}"));
             assert!(!log.contains("warning"), "KIVI-{bits}, {name}={value}: {log}");
-            assert!(image.bytes().windows(13).any(|w| w == b"kv_decode_mma"), "KIVI-{bits}, {name}={value}");
+            let found = image.bytes().windows(kernel.len()).any(|w| w == kernel.as_bytes());
+            assert!(found, "KIVI-{bits}, {name}={value}: no {kernel}");
         }
     }
 }
