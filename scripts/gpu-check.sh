@@ -2,17 +2,17 @@
 # The CUDA backend on a CUDA machine, in one run of at most 8 minutes (TOTAL_S, 470 seconds:
 # every step runs under a timeout that leaves the steps after it their share): the device and
 # its libraries, CUDA against the CPU backend on identical random inputs (with and without the
-# tensor-core decode; the C ABI on a stream, with decode steps captured into CUDA graphs;
-# Python with PyTorch tensors; where that fails, its tensor-core cases again with the
-# untransposed loop, and again without the chunk kernels kv_prefill_fp and kv_prefill_q, to
-# tell which kernel fails), then the decode benchmark with the PyTorch fp16 baseline and the
-# copy bandwidth (each step synchronised, and steps queued back to back), variants of the
-# tensor-core kernels against the defaults side by side at 32k tokens, batch 16 (gpu_check
-# variants: the transposed loop one group per iteration, the untransposed loop, kv_prefill_q
-# without the folded f16 keys, and with registers for 3 blocks per multiprocessor; the last two
-# leave decode as it is, a measure of the noise), and attention over whole prompts against
-# causal SDPA. Needs no Rust: build
-# the binary and the library first elsewhere,
+# tensor-core decode; the C ABI on a stream, with decode steps captured into CUDA graphs; Python
+# with PyTorch tensors; where that fails, its tensor-core cases again with the transposed loop
+# one group per iteration, with the untransposed loop, and without the chunk kernels
+# kv_prefill_fp and kv_prefill_q, to tell which kernel fails), then the decode benchmark with
+# the PyTorch fp16 baseline and the copy bandwidth (each step synchronised, and steps queued
+# back to back), variants of the tensor-core kernels against the defaults side by side at 32k
+# tokens, batch 16 (gpu_check variants: the transposed loop one group per iteration, the
+# untransposed loop, kv_prefill_q without the folded f16 keys, and with registers for 3 blocks
+# per multiprocessor; the last two leave decode as it is, a measure of the noise), and attention
+# over whole prompts against causal SDPA. Needs no Rust: build the binary and the library first
+# elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
@@ -67,7 +67,13 @@ check_rc=$?
 cat "$OUT/check.jsonl"
 echo "check exit code: $check_rc"
 if [ "$check_rc" != 0 ]; then
-  # Which loop fails: the tensor-core cases again with the untransposed products.
+  # Which loop fails: the tensor-core cases again with the transposed loop one group per
+  # iteration, then with the untransposed products.
+  echo "== check failed: its tensor-core cases again with one group per iteration (-DKV_MMA_PIPE=0)"
+  KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_PIPE=0" within 45 220 "$BIN" check --mma-only \
+    > "$OUT/check-pipe0.jsonl" 2> "$OUT/check-pipe0.log"
+  echo "check (one group per iteration) exit code: $?"
+  grep '"ok":false' "$OUT/check-pipe0.jsonl" || true
   echo "== check failed: its tensor-core cases again with the untransposed loop (-DKV_MMA_T=0)"
   KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_T=0" within 50 220 "$BIN" check --mma-only \
     > "$OUT/check-untransposed.jsonl" 2> "$OUT/check-untransposed.log"
