@@ -48,6 +48,9 @@ struct AttnParams {
     const elem_t* v;
     float* part;  // partial states [item][qt][n_q_heads][n_splits][KV_HD + 2]
     elem_t* out;
+    // Not null: the launch combines its splits itself (kv_decode_mma, combine_last): one counter
+    // per (item, blockIdx.y), zero between launches.
+    u32* counts;
     i64 q_stride, kv_stride, out_stride;  // elements between consecutive rows
     float scale, softcap;
     u32 window, causal;
@@ -429,21 +432,51 @@ __device__ __forceinline__ void attn_block(const AttnParams& P) {
     attn_block_in(P, sh);
 }
 
+// Merges the n_splits partial states of item z's query row r, head `head` into its output row,
+// channels split over the block's threads. CG: the states were written by other blocks of the
+// running kernel (read through L2).
+template <bool CG>
+__device__ __forceinline__ void combine_vector(const AttnParams& P, const AttnItem& it, u32 z, u32 r, u32 head) {
+    const float* src = P.part + (((u64)z * P.qt + r) * P.n_q_heads + head) * P.n_splits * (KV_HD + 2);
+    auto ld = [](const float* p) { return CG ? ld_cg(p) : *p; };
+    float m = KV_NEG_INF;
+    for (u32 s = 0; s < P.n_splits; s++) m = fmaxf(m, ld(src + s * (KV_HD + 2)));
+    float l = 0.0f;
+    for (u32 s = 0; s < P.n_splits; s++) l += ld(src + s * (KV_HD + 2) + 1) * exp_diff(ld(src + s * (KV_HD + 2)), m);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    elem_t* o = P.out + (i64)(it.q_row0 + r) * P.out_stride + (i64)head * KV_HD;
+    for (u32 c = threadIdx.x; c < KV_HD; c += blockDim.x) {
+        float a = 0.0f;
+        for (u32 s = 0; s < P.n_splits; s++) a += ld(src + s * (KV_HD + 2) + 2 + c) * exp_diff(ld(src + s * (KV_HD + 2)), m);
+        o[c] = to_elem(a * inv);
+    }
+}
+
 // Combines the splits of one (item, query row, query head): grid (n_q_heads, qt, items).
 __device__ __forceinline__ void combine_block(const AttnParams& P) {
     const AttnItem it = attn_item(P, blockIdx.z);
     const u32 r = blockIdx.y, head = blockIdx.x;
     if (r >= it.n_q) return;
-    const float* src = P.part + (((u64)blockIdx.z * P.qt + r) * P.n_q_heads + head) * P.n_splits * (KV_HD + 2);
-    float m = KV_NEG_INF;
-    for (u32 s = 0; s < P.n_splits; s++) m = fmaxf(m, src[s * (KV_HD + 2)]);
-    float l = 0.0f;
-    for (u32 s = 0; s < P.n_splits; s++) l += src[s * (KV_HD + 2) + 1] * exp_diff(src[s * (KV_HD + 2)], m);
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    elem_t* o = P.out + (i64)(it.q_row0 + r) * P.out_stride + (i64)head * KV_HD;
-    for (u32 c = threadIdx.x; c < KV_HD; c += blockDim.x) {
-        float a = 0.0f;
-        for (u32 s = 0; s < P.n_splits; s++) a += src[s * (KV_HD + 2) + 2 + c] * exp_diff(src[s * (KV_HD + 2)], m);
-        o[c] = to_elem(a * inv);
+    combine_vector<false>(P, it, blockIdx.z, r, head);
+}
+
+// The end of every block of a launch that combines its own splits (P.counts set; grid (splits,
+// kv heads * head chunks, items), query heads h0 .. h0 + nh - 1 of item z): once the block's
+// partial state is written, it counts itself in for its (item, blockIdx.y); the last of the
+// n_splits blocks to do so merges them into the output rows, and sets the counter back to zero
+// for the next launch (which the stream orders after this one). Saves the combine's launch.
+__device__ __forceinline__ void combine_last(const AttnParams& P, u32 h0, u32 nh) {
+    __shared__ u32 last;
+    fence_gpu();  // every thread's partial state before the count
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* count = P.counts + (u64)blockIdx.z * gridDim.y + blockIdx.y;
+        last = atom_add_u32(count, 1u) == P.n_splits - 1;
+        if (last) *count = 0u;
     }
+    __syncthreads();
+    if (!last) return;
+    fence_gpu();  // the other blocks' states after their counts
+    const AttnItem it = attn_item(P, blockIdx.z);
+    for (u32 v = 0; v < nh * it.n_q; v++) combine_vector<true>(P, it, blockIdx.z, v / nh, h0 + v % nh);
 }

@@ -965,19 +965,20 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decode_mma(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) u8 smem[MMA_SMEM];
-    if (blockIdx.x == 0) {
-        // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
-        if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
-        return;
-    }
-    MmaShared& sh = *(MmaShared*)smem;
-    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     // blockIdx.y: kv head and chunk of its query heads (more than 8 heads per kv head take
     // several blocks, each reading the kv head's groups).
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
     const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
-    const AttnItem it = attn_item(P, blockIdx.z);
     const u32 h0 = kvh * P.ratio + hci * P.hc, nh = min(P.hc, P.ratio - hci * P.hc);
+    if (blockIdx.x == 0) {
+        // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
+        if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
+        if (P.counts) combine_last(P, h0, nh);
+        return;
+    }
+    MmaShared& sh = *(MmaShared*)smem;
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const AttnItem it = attn_item(P, blockIdx.z);
     // Query vector v: row v / nh of the item, head h0 + v % nh; at most 8 vectors (decode: one
     // row; chunks of queries: 8 / hc rows per item).
     const u32 nvec = nh * it.n_q;
@@ -1143,6 +1144,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
         }
         dst[2 + c] = a;
     }
+    if (P.counts) combine_last(P, h0, nh);
 #endif
 }
 #endif

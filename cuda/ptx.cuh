@@ -86,6 +86,23 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// A device-wide fence (membar.gl): this thread's writes before it are seen by every thread of
+// the device before its writes after it.
+__device__ __forceinline__ void fence_gpu() { asm volatile("membar.gl;" ::: "memory"); }
+// Adds x to *p atomically; returns the value before.
+__device__ __forceinline__ u32 atom_add_u32(u32* p, u32 x) {
+    u32 old;
+    asm volatile("atom.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(x) : "memory");
+    return old;
+}
+// A load that bypasses this multiprocessor's L1 (ld.global.cg): data other blocks wrote during
+// this kernel, seen through L2.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float x;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(x) : "l"(p) : "memory");
+    return x;
+}
+
 // The transpose of an 8x8 matrix of 16-bit values spread over the warp (sm_75+): lane 4g + t
 // holds row g, columns 2t (low half) and 2t + 1, before and after.
 __device__ __forceinline__ u32 movmatrix_t(u32 x) {

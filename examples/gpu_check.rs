@@ -1305,8 +1305,9 @@ impl ChunkAttend {
 
 /// Variants of the kernels against the library as built, side by side in one process: each
 /// `--variant NAME=OPTS` (NVRTC options, such as `pipe0=-DKV_MMA_PIPE=0`, added to
-/// `KIVI_NVRTC_OPTS`) gets its own cache of the benchmark's shape, whose modules are compiled
-/// with them; decode steps then alternate between the caches, `--rounds` rounds (after one
+/// `KIVI_NVRTC_OPTS`, and settings of the library read when a cache is made, such as
+/// `KIVI_CUDA_FUSED_COMBINE=0`) gets its own cache of the benchmark's shape, whose modules are
+/// compiled with them; decode steps then alternate between the caches, `--rounds` rounds (after one
 /// discarded) of `--iters` synchronised steps and as many back to back. One JSON line per
 /// variant and shape: the median synchronised step, the median back-to-back step, and their
 /// ratios to the default's. With `--prefill`, also the benchmark's chunked-prefill attention
@@ -1366,7 +1367,14 @@ fn variants(args: &[String]) -> bool {
         for &bits in &bits_list {
             let mut caches = Vec::new();
             for (name, opts) in &named {
-                std::env::set_var("KIVI_NVRTC_OPTS", format!("{} {opts}", base.as_deref().unwrap_or("")));
+                // KIVI_X=V settings of the library (read when a cache is made), the rest NVRTC's.
+                let (env, nvrtc): (Vec<&str>, Vec<&str>) =
+                    opts.split_whitespace().partition(|o| o.starts_with("KIVI_") && o.contains('='));
+                let mut set =
+                    vec![("KIVI_NVRTC_OPTS", format!("{} {}", base.as_deref().unwrap_or(""), nvrtc.join(" ")))];
+                set.extend(env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k, v.to_string())));
+                let before: Vec<_> = set.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
+                set.iter().for_each(|(k, v)| std::env::set_var(k, v));
                 let mut rng = Rng(42 + bits as u64);
                 match bench_cache(bits, ctx, max_batch, extra, &mut rng) {
                     Ok((mut cache, _, _)) => {
@@ -1381,10 +1389,12 @@ fn variants(args: &[String]) -> bool {
                         ok = false;
                     }
                 }
-            }
-            match &base {
-                Some(b) => std::env::set_var("KIVI_NVRTC_OPTS", b),
-                None => std::env::remove_var("KIVI_NVRTC_OPTS"),
+                for (k, v) in before.into_iter().rev() {
+                    match v {
+                        Some(v) => std::env::set_var(k, v),
+                        None => std::env::remove_var(k),
+                    }
+                }
             }
             if caches.len() != named.len() {
                 continue;
@@ -1618,7 +1628,7 @@ mod tests {
 
     /// The variants' comparison on the host simulator, which compiles each variant's macros
     /// into its own modules: every variant's cache is made, filled and timed (decode and the
-    /// chunked-prefill case), and the variants' options do not outlive the command.
+    /// chunked-prefill case), and the variants' options and settings do not outlive the command.
     #[test]
     fn the_variants_run_on_the_host_simulator() {
         super::SIM.store(true, super::Ordering::Relaxed);
@@ -1626,7 +1636,9 @@ mod tests {
         let args = "gpu_check variants --sim --contexts 256 --batches 1,3 --bits 2 --iters 1 --rounds 1 --prefill";
         let mut args: Vec<String> = args.split(' ').map(String::from).collect();
         args.extend(["--variant".to_string(), "pipe0=-DKV_MMA_PIPE=0".to_string()]);
+        args.extend(["--variant".to_string(), "unfused=KIVI_CUDA_FUSED_COMBINE=0".to_string()]);
         assert!(super::variants(&args), "see the JSON lines above");
         assert_eq!(std::env::var_os("KIVI_NVRTC_OPTS"), before);
+        assert_eq!(std::env::var_os("KIVI_CUDA_FUSED_COMBINE"), None);
     }
 }

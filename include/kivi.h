@@ -532,7 +532,7 @@ typedef struct kivi_memory_plan {
      * What the cache takes of that device's memory, all at creation: host memory for a CPU
      * cache (`reserved_bytes + table_bytes`); for a CUDA cache its one device allocation (pages,
      * windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
-     * attention), its host memory then being `table_bytes`. `kivi_params_fit_tokens()` fits
+     * attention with 64 KiB of counters), its host memory then being `table_bytes`. `kivi_params_fit_tokens()` fits
      * this to a budget.
      */
     uint64_t bytes;
@@ -1106,7 +1106,8 @@ kivi_status kivi_seq_state_load(struct kivi_cache *cache, uint32_t seq, const ui
  *
  * CUDA cache: the same accounting (bytes of device memory), found on the host: no device work,
  * no waiting. `reserved_bytes` counts pages and windows as on the CPU; the device allocation is
- * larger by the block tables (part of `table_bytes`) and a 32 MiB scratch area for attention.
+ * larger by the block tables (part of `table_bytes`) and a 32 MiB scratch area for attention
+ * (with 64 KiB of counters).
  *
  * Thread safety: reads the cache; runs alongside other reading calls.
  *

@@ -8,11 +8,11 @@
 # kv_prefill_fp and kv_prefill_q, to tell which kernel fails), then the decode benchmark with
 # the PyTorch fp16 baseline and the copy bandwidth (each step synchronised, and steps queued
 # back to back), variants of the tensor-core kernels against the defaults side by side at 32k
-# tokens, batch 16 (gpu_check variants: the transposed loop one group per iteration, the
-# untransposed loop, kv_prefill_q without the folded f16 keys, and with registers for 3 blocks
-# per multiprocessor; the last two leave decode as it is, a measure of the noise), and attention
-# over whole prompts against causal SDPA. Needs no Rust: build the binary and the library first
-# elsewhere,
+# tokens, batches 1 and 16 (gpu_check variants: the transposed loop one group per iteration,
+# the untransposed loop, kv_prefill_q without the folded f16 keys, and with registers for 3
+# blocks per multiprocessor, which leave decode as it is, a measure of the noise; the combine
+# as a kernel of its own), and attention over whole prompts against causal SDPA. Needs no Rust:
+# build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
@@ -114,9 +114,10 @@ echo "bench exit code: $?"
 cat "$OUT/bench.jsonl"
 echo "== variants of the tensor-core kernels against the defaults, alternating, 32k context"
 # (Skipped when the check failed: its reruns above take the time.)
-[ "$check_rc" = 0 ] && within 75 100 "$BIN" variants --contexts 32768 --batches 16 --prefill \
+[ "$check_rc" = 0 ] && within 75 100 "$BIN" variants --contexts 32768 --batches 1,16 --prefill \
   --variant pipe0=-DKV_MMA_PIPE=0 --variant untransposed=-DKV_MMA_T=0 --variant pqfold0=-DKV_PQ_FOLD=0 \
-  --variant pq3=-DKV_PQ_BLOCKS=3 > "$OUT/variants.jsonl" 2> "$OUT/variants.log"
+  --variant pq3=-DKV_PQ_BLOCKS=3 --variant unfused=KIVI_CUDA_FUSED_COMBINE=0 \
+  > "$OUT/variants.jsonl" 2> "$OUT/variants.log"
 touch "$OUT/variants.jsonl"
 python3 - "$OUT/variants.jsonl" <<'PY'
 import json, sys

@@ -105,7 +105,7 @@ pub struct MemoryPlan {
     pub pages_total: u64,
     /// The one device allocation of a CUDA cache ([`crate::cuda::CudaCache::device_bytes`]):
     /// pages, windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
-    /// attention. Its host memory is then `table_bytes`.
+    /// attention (and 64 KiB of its counters). Its host memory is then `table_bytes`.
     pub cuda_device_bytes: u64,
 }
 
@@ -163,7 +163,7 @@ impl CacheConfig {
                 bytes(&least),
                 self.max_seqs,
                 self.n_layers,
-                if bytes(&least) == least.cuda_device_bytes { ", a 32 MiB scratch area" } else { "" }
+                if bytes(&least) == least.cuda_device_bytes { ", a 32 MiB scratch area and its counters" } else { "" }
             )));
         }
         // The bytes grow with max_tokens: the largest that fits, by bisection.

@@ -111,6 +111,15 @@ inline u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
+// The simulator runs one block at a time: fences have nothing to order, atomics nothing to race.
+inline void fence_gpu() {}
+inline u32 atom_add_u32(u32* p, u32 x) {
+    const u32 old = *p;
+    *p = old + x;
+    return old;
+}
+inline float ld_cg(const float* p) { return *p; }
+
 // cp.async as the PTX ISA allows it to behave at its latest: the destination holds garbage from
 // the copy's issue (0xff bytes) until a cp.async.wait_group lets the copy's group complete, and
 // only then the source's bytes. A copy into a buffer still being read, or a wait that leaves

@@ -328,6 +328,7 @@ impl CudaCache {
                 v: values.map_or(0, |v| v.ptr),
                 part: self.base + self.off_scratch,
                 out: out.ptr,
+                counts: 0,
                 q_stride: queries.stride as i64,
                 kv_stride: keys.map_or(0, |k| k.stride as i64),
                 out_stride: out.stride as i64,
@@ -389,7 +390,16 @@ impl CudaCache {
                     let grid = (row_blocks as u32, (nkv * hchunks) as u32, n as u32);
                     self.kernel(Kernel::PrefillQ(nq, &p), grid, 128, stream)?;
                 } else if !fp || n > 0 {
+                    // Every split in this one launch (decode, short chunks): its last block per
+                    // (item, kv head chunk) combines them, where there are counters for them.
+                    let counters = n_items * nkv * hchunks;
+                    if !fp && self.fused_combine && counters <= COUNTS_BYTES / 4 {
+                        p.counts = self.base + self.off_counts;
+                    }
                     self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
+                    if p.counts != 0 {
+                        continue;
+                    }
                 }
             } else {
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);

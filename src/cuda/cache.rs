@@ -150,6 +150,9 @@ pub struct CudaCache {
     off_windows: u64,
     off_blocks: u64,
     off_scratch: u64,
+    off_counts: u64,
+    /// Whether `kv_decode_mma` launches combine their own splits (`AttnParams.counts`).
+    pub(super) fused_combine: bool,
     /// The append module's spec (the simulator compiles from it).
     #[cfg(any(test, feature = "sim"))]
     quant_spec: Spec,
@@ -200,12 +203,13 @@ const fn align256(n: u128) -> u128 {
 }
 
 /// The parts of a CUDA cache's one device allocation, in this order: the page pools of every
-/// layer, the full-precision windows, the block tables and the scratch area of attention, each
-/// 256-byte aligned.
+/// layer, the full-precision windows, the block tables, the scratch area of attention and its
+/// counters, each 256-byte aligned.
 pub(crate) struct DeviceAlloc {
     pub off_windows: u128,
     pub off_blocks: u128,
     pub off_scratch: u128,
+    pub off_counts: u128,
     /// The whole allocation.
     pub bytes: u128,
 }
@@ -217,7 +221,8 @@ impl DeviceAlloc {
         let off_windows = align256(pages);
         let off_blocks = off_windows + align256(windows);
         let off_scratch = off_blocks + align256(lay.block_table_bytes());
-        DeviceAlloc { off_windows, off_blocks, off_scratch, bytes: off_scratch + SCRATCH_BYTES as u128 }
+        let off_counts = off_scratch + SCRATCH_BYTES as u128;
+        DeviceAlloc { off_windows, off_blocks, off_scratch, off_counts, bytes: off_counts + COUNTS_BYTES as u128 }
     }
 }
 
@@ -235,9 +240,9 @@ impl CudaCache {
     fn create(cfg: CacheConfig, backend: Backend) -> Result<CudaCache> {
         let lay = Layout::new(&cfg);
         // Within the validated size (the pools and windows fit in an isize).
-        let DeviceAlloc { off_windows, off_blocks, off_scratch, bytes } = DeviceAlloc::of(&lay);
-        let (off_windows, off_blocks, off_scratch, bytes) =
-            (off_windows as usize, off_blocks as usize, off_scratch as usize, bytes as usize);
+        let DeviceAlloc { off_windows, off_blocks, off_scratch, off_counts, bytes } = DeviceAlloc::of(&lay);
+        let (off_windows, off_blocks, off_scratch, off_counts, bytes) =
+            (off_windows as usize, off_blocks as usize, off_scratch as usize, off_counts as usize, bytes as usize);
         let quant_spec = Spec::new(&lay, 1);
         let (dev, info, base, quant_fns) = match backend {
             Backend::Cuda(dev) => {
@@ -290,6 +295,10 @@ impl CudaCache {
             off_windows: off_windows as u64,
             off_blocks: off_blocks as u64,
             off_scratch: off_scratch as u64,
+            off_counts: off_counts as u64,
+            // KIVI_CUDA_FUSED_COMBINE=0: decode launches the combine as a kernel of its own
+            // (read when the cache is made, for measuring one against the other).
+            fused_combine: std::env::var_os("KIVI_CUDA_FUSED_COMBINE").is_none_or(|v| v != "0"),
             #[cfg(any(test, feature = "sim"))]
             quant_spec,
             quant_fns,

@@ -6,9 +6,13 @@
 pub(super) const MAX_ITEMS: usize = 64;
 /// Block-table entries one `kv_set_blocks` launch writes (`KV_MAX_SET`).
 pub(super) const MAX_SET: usize = 480;
-/// The scratch area of attention (the split-K partial results), at the end of the cache's
+/// The scratch area of attention (the split-K partial results), near the end of the cache's
 /// allocation.
 pub(super) const SCRATCH_BYTES: usize = 32 << 20;
+/// The counters of launches that combine their own splits (`AttnParams.counts`), at the end of
+/// the cache's allocation: one per (item, kv head and chunk of its query heads), zero between
+/// launches.
+pub(super) const COUNTS_BYTES: usize = 64 << 10;
 
 /// One sequence (or chunk of its queries) of an attention launch (`AttnItem`, `cuda/attn.cuh`).
 #[repr(C)]
@@ -36,6 +40,9 @@ pub(crate) struct AttnParams {
     pub(super) v: u64,
     pub(super) part: u64,
     pub(super) out: u64,
+    /// Not 0: `kv_decode_mma` combines its splits itself (`combine_last`, `cuda/attn.cuh`) with
+    /// these counters, and no combine is launched.
+    pub(super) counts: u64,
     pub(super) q_stride: i64,
     pub(super) kv_stride: i64,
     pub(super) out_stride: i64,

@@ -694,6 +694,37 @@ fn simulated_tensor_core_variants() {
     }
 }
 
+/// Decode on tensor cores combines its splits in its own launch: the last block of each (item,
+/// kv head and chunk of its query heads) merges them, and sets its counter back for the next
+/// step; no kv_decode_combine is launched. Sequences of different lengths (different split
+/// counts in one launch), steps one after another (the counters must be zero again), GQA ratios
+/// 4 (the transposed loop) and 12 (two blocks per kv head), and the same with the combine as a
+/// kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`).
+#[test]
+fn simulated_decode_combines_its_own_splits() {
+    for nqh in [8, 24] {
+        for fused in [true, false] {
+            let mut c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+            c.n_layers = 1;
+            c.max_seqs = 3;
+            let mut p = Pair::<f16>::new(SIM, c, nqh, AttnOptions::default());
+            p.gpu.fused_combine = fused;
+            for (seq, n) in [(0, 1900), (1, 700), (2, 170)] {
+                p.append(0, seq, n);
+            }
+            let (combines, mma) = (sim::launches_of("kv_decode_combine"), sim::launches_of("kv_decode_mma"));
+            for _ in 0..3 {
+                p.decode(0, &[0, 1, 2]);
+            }
+            p.decode(0, &[2, 0]);
+            assert_eq!(sim::launches_of("kv_decode_mma") - mma, 4, "{nqh} query heads: not on tensor cores");
+            let launched = sim::launches_of("kv_decode_combine") - combines;
+            assert_eq!(launched, if fused { 0 } else { 4 }, "{nqh} query heads, fused {fused}: combines launched");
+            p.state("after decode");
+        }
+    }
+}
+
 #[test]
 fn simulated_batched_decode_of_many_sequences() {
     batched_decode(SIM, 66, if cfg!(debug_assertions) { 3 } else { 34 });

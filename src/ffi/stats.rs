@@ -16,7 +16,8 @@ use crate::stats::MemoryPlan;
 ///
 /// CUDA cache: the same accounting (bytes of device memory), found on the host: no device work,
 /// no waiting. `reserved_bytes` counts pages and windows as on the CPU; the device allocation is
-/// larger by the block tables (part of `table_bytes`) and a 32 MiB scratch area for attention.
+/// larger by the block tables (part of `table_bytes`) and a 32 MiB scratch area for attention
+/// (with 64 KiB of counters).
 ///
 /// Thread safety: reads the cache; runs alongside other reading calls.
 ///
