@@ -337,8 +337,9 @@ pub unsafe extern "C" fn kivi_attend(
 /// - `opts`: NULL for defaults.
 ///
 /// CUDA cache: `seqs` is host memory (read during the call only); the rows are device pointers,
-/// as for `kivi_append_attend()`. One call queues one attention launch per 64 sequences, then
-/// the appends, on the cache's stream, and returns without waiting.
+/// as for `kivi_append_attend()`. One call queues one attention kernel per 64 sequences (on
+/// tensor cores it merges its own splits; otherwise a combine kernel follows), then the
+/// appends, on the cache's stream, and returns without waiting.
 ///
 /// Errors: as `kivi_append_attend()`; `KIVI_ERR_INVALID_ARGUMENT` for a repeated id. Capacity
 /// is checked for the whole batch first: on any error no sequence has changed.
