@@ -470,6 +470,7 @@ __device__ __forceinline__ void combine_last(const AttnParams& P, u32 h0, u32 nh
     fence_gpu();  // every thread's partial state before the count
     __syncthreads();
     if (threadIdx.x == 0) {
+        fence_gpu();  // (and, cumulatively, what the barrier showed this thread)
         u32* count = P.counts + (u64)blockIdx.z * gridDim.y + blockIdx.y;
         last = atom_add_u32(count, 1u) == P.n_splits - 1;
         if (last) *count = 0u;
