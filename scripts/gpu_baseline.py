@@ -149,6 +149,19 @@ def causal_sdpa_ms(rows, ctx, hd, nkv, nq, iters):
     return best
 
 
+def with_causal_baseline(r, key, base, iters):
+    """Adds causal SDPA over shape `key` (rows, ctx, hd, nkv, nq; timed once per shape, kept in
+    `base`) to record r: baseline_ms, baseline_backend and speedup over r["ms"]. Returns the
+    baseline's (ms, backend)."""
+    if key not in base:
+        base[key] = causal_sdpa_ms(*key, iters)
+    ms, backend = base[key]
+    r["baseline_ms"] = round(ms, 4)
+    r["baseline_backend"] = backend
+    r["speedup"] = round(ms / r["ms"], 3)
+    return ms, backend
+
+
 def chunks(bench, out, iters):
     """The chunked-prefill lines of `gpu_check bench` (2048 query rows over the whole context,
     causal) with the causal SDPA baseline over the same rows and context: chunk-results.jsonl and
@@ -168,13 +181,7 @@ def chunks(bench, out, iters):
     ]
     base = {}
     for r in rows:
-        key = (r["query_rows"], r["ctx"], *shapes[r["ctx"]])
-        if key not in base:
-            base[key] = causal_sdpa_ms(*key, iters)
-        ms, backend = base[key]
-        r["baseline_ms"] = round(ms, 4)
-        r["baseline_backend"] = backend
-        r["speedup"] = round(ms / r["ms"], 3)
+        ms, backend = with_causal_baseline(r, (r["query_rows"], r["ctx"], *shapes[r["ctx"]]), base, iters)
         mma = r.get("ms_decode_mma")
         r["speedup_vs_decode_mma"] = round(mma / r["ms"], 3) if mma else None
         print(json.dumps(r), flush=True)
@@ -208,12 +215,7 @@ def prompts(path, out, iters):
     base = {}
     for r in rows:
         key = (r["tokens"], r["tokens"], r["head_dim"], r["kv_heads"], r["q_heads"])
-        if key not in base:
-            base[key] = causal_sdpa_ms(*key, iters)
-        ms, backend = base[key]
-        r["baseline_ms"] = round(ms, 4)
-        r["baseline_backend"] = backend
-        r["speedup"] = round(ms / r["ms"], 3)
+        ms, backend = with_causal_baseline(r, key, base, iters)
         r["speedup_vs_cuda_cores"] = round(r["ms_cuda_cores"] / r["ms"], 3)
         print(json.dumps(r), flush=True)
         lines.append(
