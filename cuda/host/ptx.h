@@ -111,14 +111,22 @@ inline u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
-// The simulator runs one block at a time: fences have nothing to order, atomics nothing to race.
+// The simulator runs one block at a time: fences have nothing to order, atomics nothing to race;
+// what loads through L2 read is checked when the launch ends instead (ld_cg).
 inline void fence_gpu() {}
 inline u32 atom_add_u32(u32* p, u32 x) {
     const u32 old = *p;
     *p = old + x;
     return old;
 }
-inline float ld_cg(const float* p) { return *p; }
+// A load through L2: recorded, so that the launch fails if a later block changes what it read.
+inline float ld_cg(const float* p) {
+    const float x = *p;
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    kvsim::blk->cg_reads.push_back({p, bits, kvsim::blk->block_idx});
+    return x;
+}
 
 // cp.async as the PTX ISA allows it to behave at its latest: the destination holds garbage from
 // the copy's issue (0xff bytes) until a cp.async.wait_group lets the copy's group complete, and

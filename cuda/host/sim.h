@@ -131,6 +131,15 @@ struct Block {
     void (*body)(const void*);
     const void* params;
     const char* error;
+    // Loads through L2 (ld_cg) of the launch so far: the address, the bits read and the block.
+    // Each must still hold those bits when the launch ends: a block that reads what a later
+    // block writes was not ordered after that write (the fused combine's counting protocol).
+    struct CgRead {
+        const void* p;
+        uint32_t bits;
+        Dim3 block;
+    };
+    std::vector<CgRead> cg_reads;
 };
 
 inline thread_local Block* blk = nullptr;
@@ -339,6 +348,17 @@ inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsi
                     }
                 }
             }
+    for (const Block::CgRead& r : b.cg_reads) {
+        uint32_t now;
+        memcpy(&now, r.p, 4);
+        if (rc == 0 && now != r.bits) {
+            snprintf(err, err_len,
+                     "block (%u, %u, %u) read %p through L2 before a later block of the launch changed it: "
+                     "its read was not ordered after that write",
+                     r.block.x, r.block.y, r.block.z, r.p);
+            rc = -1;
+        }
+    }
     blk = saved;
     return rc;
 }
