@@ -144,6 +144,60 @@ fn the_tensor_core_variants_compile() {
     }
 }
 
+/// At the benchmark's shape (f16, head_dim 128, 8 KV heads, GQA 4: decode takes the module for
+/// 4 query vectors, chunks of queries the one for 8), KIVI-2 and KIVI-4, no kernel that sm_80 and
+/// sm_90 launch spills registers to local memory at the launch bounds it is compiled for (the
+/// tensor-core decode has 168 registers for 3 blocks per multiprocessor and uses about 155), as
+/// ptxas reports each. The CUDA-core attention kernel (`kv_decode_attn`) is left out: this shape
+/// launches it only with `KIVI_CUDA_MMA=0`, and at 8 query vectors on sm_80 it spills 8 bytes.
+#[test]
+fn no_kernel_spills_registers() {
+    if !nvrtc_ready() {
+        return;
+    }
+    use kivi::cuda::kernels::{compile_with_log, Family, Spec};
+    for arch in ["sm_80", "sm_90"] {
+        for bits in [2u8, 4] {
+            let mut cfg = kivi::CacheConfig::new(1, 8, 128);
+            cfg.dtype = kivi::DType::F16;
+            (cfg.key_bits, cfg.value_bits) = (bits, bits);
+            for (family, nq) in [(Family::Decode, 4), (Family::Decode, 8), (Family::Quantize, 4)] {
+                let spec = Spec::for_config(&cfg, nq).unwrap().with_option("--ptxas-options=-v");
+                let (_, log) = compile_with_log(family, &spec, arch).unwrap();
+                // "Function properties for NAME", then "N bytes stack frame, N bytes spill
+                // stores, N bytes spill loads".
+                let mut kernel = None;
+                let mut seen = Vec::new();
+                for line in log.lines() {
+                    if let Some(name) = line.split("Function properties for ").nth(1) {
+                        kernel = Some(name.trim().to_string());
+                    } else if line.contains("spill stores") {
+                        let name = kernel.take().unwrap_or_else(|| panic!("{arch}: no kernel before {line:?}\n{log}"));
+                        let ctx = format!("{arch}, KIVI-{bits}, {} for {nq} query vectors, {name}", family.file());
+                        let spills = !line.contains(" 0 bytes spill stores, 0 bytes spill loads");
+                        assert!(name == "kv_decode_attn" || !spills, "{ctx}: {}", line.trim());
+                        seen.push(name);
+                    }
+                }
+                // Every kernel reported: the family's, and the tensor-core ones of its module.
+                let mut wanted = family.entries().to_vec();
+                if family == Family::Decode {
+                    wanted.push("kv_decode_mma");
+                    if nq == 8 {
+                        wanted.extend(["kv_prefill_fp", "kv_prefill_q"]);
+                    }
+                }
+                for name in wanted {
+                    assert!(
+                        seen.iter().any(|s| s == name),
+                        "{arch}, KIVI-{bits}, nq {nq}: no report of {name}:\n{log}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn the_backend_reports_whether_it_is_available() {
     // On a machine without a driver this is an error naming what is missing, never a panic.

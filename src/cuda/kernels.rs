@@ -253,6 +253,13 @@ impl Spec {
         self
     }
 
+    /// This spec with one more NVRTC option, e.g. `--ptxas-options=-v` for the registers and
+    /// spills of each kernel in the log of [`compile_with_log`].
+    pub fn with_option(mut self, option: &str) -> Spec {
+        self.extra.push(option.to_string());
+        self
+    }
+
     /// The macros and their values (the host simulator passes them to the C++ compiler).
     #[cfg(any(test, feature = "sim"))]
     pub(crate) fn defines(&self) -> &[(&'static str, u64)] {
