@@ -4,14 +4,15 @@
 # its libraries, CUDA against the CPU backend on identical random inputs (with and without the
 # tensor-core decode; the C ABI on a stream, with decode steps captured into CUDA graphs; Python
 # with PyTorch tensors; where that fails, its tensor-core cases again with the transposed loop
-# one group per iteration, with the untransposed loop, and without the chunk kernels
-# kv_prefill_fp and kv_prefill_q, to tell which kernel fails), then the decode benchmark with
-# the PyTorch fp16 baseline and the copy bandwidth (each step synchronised, and steps queued
-# back to back), variants of the tensor-core kernels against the defaults side by side at 32k
-# tokens, batches 1 and 16 (gpu_check variants: the transposed loop one group per iteration,
-# the untransposed loop, kv_prefill_q without the folded f16 keys, and with registers for 3
-# blocks per multiprocessor, which leave decode as it is, a measure of the noise; the combine
-# as a kernel of its own), and attention over whole prompts against causal SDPA. Needs no Rust:
+# one group per iteration, with the combine as a kernel of its own, with the untransposed loop,
+# and without the chunk kernels kv_prefill_fp and kv_prefill_q, to tell which kernel fails),
+# then the decode benchmark with the PyTorch fp16 baseline and the copy bandwidth (each step
+# synchronised, and steps queued back to back), variants of the tensor-core kernels against
+# the defaults side by side at 32k tokens, batches 1 and 16 (gpu_check variants: the transposed
+# loop one group per iteration, the untransposed loop, kv_prefill_q without the folded f16 keys,
+# and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
+# the noise; the combine as a kernel of its own), and attention over whole prompts against
+# causal SDPA. Needs no Rust:
 # build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
@@ -68,12 +69,19 @@ cat "$OUT/check.jsonl"
 echo "check exit code: $check_rc"
 if [ "$check_rc" != 0 ]; then
   # Which loop fails: the tensor-core cases again with the transposed loop one group per
-  # iteration, then with the untransposed products.
+  # iteration, then (after the combine) with the untransposed products.
   echo "== check failed: its tensor-core cases again with one group per iteration (-DKV_MMA_PIPE=0)"
   KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_PIPE=0" within 45 220 "$BIN" check --mma-only \
     > "$OUT/check-pipe0.jsonl" 2> "$OUT/check-pipe0.log"
   echo "check (one group per iteration) exit code: $?"
   grep '"ok":false' "$OUT/check-pipe0.jsonl" || true
+  # Whether the decode launch's own merge of its splits fails (its fences and counters: what
+  # only a GPU checks): the same with the combine kernel (read when a cache is made).
+  echo "== check failed: its tensor-core cases again with the combine as a kernel of its own"
+  KIVI_CUDA_FUSED_COMBINE=0 within 35 220 "$BIN" check --mma-only \
+    > "$OUT/check-unfused.jsonl" 2> "$OUT/check-unfused.log"
+  echo "check (combine kernel) exit code: $?"
+  grep '"ok":false' "$OUT/check-unfused.jsonl" || true
   echo "== check failed: its tensor-core cases again with the untransposed loop (-DKV_MMA_T=0)"
   KIVI_NVRTC_OPTS="${KIVI_NVRTC_OPTS:-} -DKV_MMA_T=0" within 50 220 "$BIN" check --mma-only \
     > "$OUT/check-untransposed.jsonl" 2> "$OUT/check-untransposed.log"
