@@ -126,6 +126,17 @@ pub unsafe extern "C" fn kivi_cuda_device_info(
 ///   after their copies; `kivi_cache_create` waits for the device; `kivi_cache_free` waits for
 ///   the device (`cuMemFree` does), so a cache may be freed with work still queued.
 ///
+/// CUDA graphs: the queued calls neither synchronise nor wait for the host, so their work can be
+/// captured from the stream into a graph. Make one call of each kind outside a capture first:
+/// the first call that needs a kernel compiles and loads it. A captured call is its work as it
+/// was planned when queued (the sequences' lengths and pages, the groups leaving the window, the
+/// split of the context), and the cache's host state moves on as if it had run: launch the
+/// graph once, where the call's work would have run, and never again. Capture each step anew, or
+/// capture it and update an
+/// instantiated graph with it (`cudaGraphExecUpdate`), which succeeds while a step launches the
+/// same kernels as the one before (a step that quantizes a group or takes or copies a page
+/// launches more).
+///
 /// The cache's work must reach the device in the order of the calls. Changing the stream with
 /// work still queued on the old one is the caller's to order (e.g. an event recorded on the old
 /// stream that the new one waits for); so is calling on one cache from several threads with
