@@ -41,8 +41,8 @@ struct AttnItem {
 
 struct AttnParams {
     const u8* pages;        // this layer's page pool
-    const elem_t* windows;  // this layer's windows
-    const u32* blocks;      // this layer's block tables, [max_seqs][KV_SEQ_PAGES]
+    elem_t* windows;     // this layer's windows (written only where write_new is set)
+    const u32* blocks;   // this layer's block tables, [max_seqs][KV_SEQ_PAGES]
     const elem_t* q;
     const elem_t* k;
     const elem_t* v;
@@ -61,6 +61,9 @@ struct AttnParams {
     // items of qt rows, item z items[0] moved by z * qt rows (attn_item), so that one launch
     // takes any number of rows; 0: the items are items[0 .. n_items].
     u32 n_rows;
+    // Nonzero: a decode launch of kv_decode_mma that also appends each item's new token to its
+    // window (write_new_token), so that no kv_window_write is launched.
+    u32 write_new;
     AttnItem items[KV_MAX_ITEMS];
 };
 
@@ -458,6 +461,24 @@ __device__ __forceinline__ void combine_block(const AttnParams& P) {
     const u32 r = blockIdx.y, head = blockIdx.x;
     if (r >= it.n_q) return;
     combine_vector<false>(P, it, blockIdx.z, r, head);
+}
+
+// A decode step's append, done by the attention launch (P.write_new; kv_decode_mma's split 0,
+// the first block of kv head kvh): item z's new token, rows chunk_row0 of k and v, goes into its
+// window at position len, a sink or the ring slot of the token a ring's length before it. That
+// token is quantized (a window holds at most a ring's length less one before an append), so
+// nothing in the launch reads the slot, and the quantization of groups that leave the window,
+// queued after the launch, reads other slots.
+__device__ __forceinline__ void write_new_token(const AttnParams& P, u32 kvh) {
+    const AttnItem it = attn_item(P, blockIdx.z);
+    elem_t* hw = P.windows + ((u64)it.slot * KV_NKV + kvh) * KV_WIN_HEAD;
+    const i64 src = (i64)it.chunk_row0 * P.kv_stride + (i64)kvh * KV_HD;
+    elem_t* kd = hw + window_row(it.len, false);
+    elem_t* vd = hw + window_row(it.len, true);
+    for (u32 c = threadIdx.x; c < KV_HD; c += blockDim.x) {
+        kd[c] = P.k[src + c];
+        vd[c] = P.v[src + c];
+    }
 }
 
 // The end of every block of a launch that combines its own splits (P.counts set; grid (splits,

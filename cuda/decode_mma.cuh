@@ -973,6 +973,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     if (blockIdx.x == 0) {
         // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
         if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
+        if (P.write_new && hci == 0) write_new_token(P, kvh);
         if (P.counts) combine_last(P, h0, nh);
         return;
     }

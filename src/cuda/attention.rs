@@ -79,11 +79,13 @@ thread_local! {
     pub(super) static ROW_ITEMS: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
-/// What one attention call attends for: sequences, one item each (decode), or `rows` query rows of
-/// one sequence (chunks of queries), `first` describing the first (its `n_q` is not used).
+/// What one attention call attends for: sequences of a decode step, one item each (whose new
+/// tokens, rows `chunk_row0` of the keys and values, the tensor-core launch also appends to their
+/// windows), or `rows` query rows of one sequence (chunks of queries), `first` describing the
+/// first (its `n_q` is not used).
 #[derive(Clone, Copy)]
 enum Work<'a> {
-    Items(&'a [AttnItem]),
+    Decode(&'a [AttnItem]),
     Rows { first: AttnItem, rows: usize },
 }
 
@@ -233,7 +235,9 @@ impl CudaCache {
         }
     }
 
-    /// Queues attention for `work` (all of layer `l`) and the combine.
+    /// Queues attention for `work` (all of layer `l`) and the combine. Returns whether the
+    /// launches also appended a decode step's new tokens to their windows (`write_new`: every
+    /// launch of a decode step on the tensor-core kernel), which the caller then does not queue.
     #[allow(clippy::too_many_arguments)]
     fn run_attention(
         &self,
@@ -247,7 +251,7 @@ impl CudaCache {
         out: &DevRows,
         o: &Resolved,
         stream: Stream,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let lay = &self.lay;
         let (hd, nkv) = (lay.head_dim, lay.n_kv_heads);
         let ratio = n_q_heads / nkv;
@@ -268,7 +272,7 @@ impl CudaCache {
         // launches as leave room in the scratch area for 4 splits of each item, of equal size
         // (one launch when kv_prefill_fp writes the output and needs none).
         let launches: Vec<(Vec<AttnItem>, usize)> = match work {
-            Work::Items(items) => {
+            Work::Decode(items) => {
                 let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
                 items.chunks(max_items).map(|c| (c.to_vec(), 0)).collect()
             }
@@ -298,6 +302,9 @@ impl CudaCache {
             }
         };
         let sms = self.info.multiprocessors as usize;
+        let decode = matches!(work, Work::Decode(_));
+        // Whether every launch so far appended its decode items' new tokens.
+        let mut appended = decode;
         for (chunk, launch_rows) in &launches {
             // Items of the launch (those of one sequence's rows are alike but for their rows).
             let n_items = if *launch_rows > 0 { launch_rows.div_ceil(qt) } else { chunk.len() };
@@ -345,6 +352,7 @@ impl CudaCache {
                 n_items: n_items as u32,
                 fp_only: 0,
                 n_rows: *launch_rows as u32,
+                write_new: 0,
                 items: [AttnItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
@@ -396,18 +404,23 @@ impl CudaCache {
                     if !fp && self.fused_combine && counters <= COUNTS_BYTES / 4 {
                         p.counts = self.base + self.off_counts;
                     }
+                    // A decode step's append in the same launch (no kv_window_write).
+                    p.write_new = decode as u32;
                     self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
                     if p.counts != 0 {
                         continue;
                     }
+                } else {
+                    appended = false;
                 }
             } else {
+                appended = false;
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;
             }
             self.kernel(Kernel::Combine(module, nq, &p), (n_q_heads as u32, qt as u32, n_items as u32), 128, stream)?;
         }
-        Ok(())
+        Ok(appended)
     }
 
     /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
@@ -503,7 +516,8 @@ impl CudaCache {
             &out,
             &o,
             stream,
-        )
+        )?;
+        Ok(())
     }
 
     /// [`crate::Cache::decode`] on the device: one token for each of `seqs` (row `i` of every
@@ -556,10 +570,10 @@ impl CudaCache {
                 }
             })
             .collect();
-        if let Err(e) = self.run_attention(
+        let appended = match self.run_attention(
             l,
             Family::Decode,
-            Work::Items(&items),
+            Work::Decode(&items),
             nqh,
             Some(&keys),
             Some(&values),
@@ -568,15 +582,24 @@ impl CudaCache {
             &o,
             stream,
         ) {
-            // Nothing was appended: sequences this call created are not kept.
-            for &(slot, _) in slots.iter().filter(|(_, new)| *new) {
-                self.seqs.slots[slot].id = None;
+            Ok(appended) => appended,
+            Err(e) => {
+                // Nothing was appended: sequences this call created are not kept.
+                for &(slot, _) in slots.iter().filter(|(_, new)| *new) {
+                    self.seqs.slots[slot].id = None;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let mut plan = Plan::default();
         for (i, &(slot, _)) in slots.iter().enumerate() {
             self.plan_push(l, slot, 1, i, &mut plan);
+        }
+        if appended {
+            // The attention launch wrote each new token where these writes would (one token
+            // each: position len, a sink or a free ring slot).
+            debug_assert!(plan.writes.iter().all(|w| w.n == 1));
+            plan.writes.clear();
         }
         self.run_plan(l, &plan, &keys, &values, stream)
     }

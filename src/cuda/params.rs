@@ -62,6 +62,10 @@ pub(crate) struct AttnParams {
     /// item `z` being `items[0]` moved by `z * qt` rows ([`AttnParams::item`]); 0: the items
     /// are `items[..n_items]`.
     pub(super) n_rows: u32,
+    /// Nonzero: a `kv_decode_mma` decode launch also appends each item's new token (its row
+    /// `chunk_row0` of `k` and `v`) to its window at position `len` (`write_new_token`), and no
+    /// `kv_window_write` is launched for them.
+    pub(super) write_new: u32,
     pub(super) items: [AttnItem; MAX_ITEMS],
 }
 

@@ -694,32 +694,43 @@ fn simulated_tensor_core_variants() {
     }
 }
 
-/// Decode on tensor cores combines its splits in its own launch: the last block of each (item,
-/// kv head and chunk of its query heads) merges them, and sets its counter back for the next
-/// step; no kv_decode_combine is launched. Sequences of different lengths (different split
-/// counts in one launch), steps one after another (the counters must be zero again), GQA ratios
-/// 4 (the transposed loop) and 12 (two blocks per kv head), and the same with the combine as a
-/// kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`).
+/// Decode on tensor cores is one launch per step: the last block of each (item, kv head and
+/// chunk of its query heads) merges the splits, and sets its counter back for the next step, so
+/// no kv_decode_combine is launched; and the launch appends the new tokens to the windows, so no
+/// kv_window_write is launched. Sequences of different lengths (different split counts in one
+/// launch), one that a decode step creates (its first token a sink), one whose keys leave the
+/// window in a step (its quantization launched after the attention), steps one after another
+/// (the counters must be zero again), GQA ratios 4 (the transposed loop) and 12 (two blocks per
+/// kv head), and the same with the combine as a kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`).
 #[test]
 fn simulated_decode_combines_its_own_splits() {
     for nqh in [8, 24] {
         for fused in [true, false] {
-            let mut c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+            let mut c = cfg(128, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::F16, 0);
             c.n_layers = 1;
-            c.max_seqs = 3;
+            c.max_seqs = 4;
             let mut p = Pair::<f16>::new(SIM, c, nqh, AttnOptions::default());
             p.gpu.fused_combine = fused;
-            for (seq, n) in [(0, 1900), (1, 700), (2, 170)] {
+            // Windows of 43, 62 (two steps from leaving: 64 = R + G) and 41 tokens.
+            for (seq, n) in [(0, 1900), (1, 703), (2, 170)] {
                 p.append(0, seq, n);
             }
-            let (combines, mma) = (sim::launches_of("kv_decode_combine"), sim::launches_of("kv_decode_mma"));
+            let launches = |name| sim::launches_of(name);
+            let (combines, mma, writes, quants) = (
+                launches("kv_decode_combine"),
+                launches("kv_decode_mma"),
+                launches("kv_window_write"),
+                launches("kv_quantize"),
+            );
             for _ in 0..3 {
                 p.decode(0, &[0, 1, 2]);
             }
-            p.decode(0, &[2, 0]);
-            assert_eq!(sim::launches_of("kv_decode_mma") - mma, 4, "{nqh} query heads: not on tensor cores");
-            let launched = sim::launches_of("kv_decode_combine") - combines;
+            p.decode(0, &[2, 3, 0]);
+            assert_eq!(launches("kv_decode_mma") - mma, 4, "{nqh} query heads: not on tensor cores");
+            let launched = launches("kv_decode_combine") - combines;
             assert_eq!(launched, if fused { 0 } else { 4 }, "{nqh} query heads, fused {fused}: combines launched");
+            assert_eq!(launches("kv_window_write") - writes, 0, "{nqh} query heads: window writes launched");
+            assert_eq!(launches("kv_quantize") - quants, 1, "{nqh} query heads: sequence 1's group");
             p.state("after decode");
         }
     }
