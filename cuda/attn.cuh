@@ -40,7 +40,7 @@ struct AttnItem {
 };
 
 struct AttnParams {
-    const u8* pages;        // this layer's page pool
+    const u8* pages;     // this layer's page pool
     elem_t* windows;     // this layer's windows (written only where write_new is set)
     const u32* blocks;   // this layer's block tables, [max_seqs][KV_SEQ_PAGES]
     const elem_t* q;
