@@ -532,8 +532,8 @@ typedef struct kivi_memory_plan {
      * What the cache takes of that device's memory, all at creation: host memory for a CPU
      * cache (`reserved_bytes + table_bytes`); for a CUDA cache its one device allocation (pages,
      * windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
-     * attention with 64 KiB of counters), its host memory then being `table_bytes`. `kivi_params_fit_tokens()` fits
-     * this to a budget.
+     * attention with 64 KiB of counters), its host memory then being `table_bytes`.
+     * `kivi_params_fit_tokens()` fits this to a budget.
      */
     uint64_t bytes;
     /**
@@ -1249,10 +1249,9 @@ kivi_status kivi_cuda_device_info(int32_t device, struct kivi_device_info *out, 
  * was planned when queued (the sequences' lengths and pages, the groups leaving the window, the
  * split of the context), and the cache's host state moves on as if it had run: launch the
  * graph once, where the call's work would have run, and never again. Capture each step anew, or
- * capture it and update an
- * instantiated graph with it (`cudaGraphExecUpdate`), which succeeds while a step launches the
- * same kernels as the one before (a step that quantizes a group or takes or copies a page
- * launches more).
+ * capture it and update an instantiated graph with it (`cudaGraphExecUpdate`), which succeeds
+ * while a step launches the same kernels as the one before (a step that quantizes a group or
+ * takes or copies a page launches more).
  *
  * The cache's work must reach the device in the order of the calls. Changing the stream with
  * work still queued on the old one is the caller's to order (e.g. an event recorded on the old

@@ -12,8 +12,7 @@
 # loop one group per iteration, the untransposed loop, kv_prefill_q without the folded f16 keys,
 # and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
 # the noise; the combine as a kernel of its own), and attention over whole prompts against
-# causal SDPA. Needs no Rust:
-# build the binary and the library first elsewhere,
+# causal SDPA. Needs no Rust: build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is

@@ -42,6 +42,14 @@ fn nvrtc_ready() -> bool {
     }
 }
 
+/// The benchmark's cache (one layer): f16, 8 KV heads of 128, keys and values of `bits` bits.
+fn bench_config(bits: u8) -> kivi::CacheConfig {
+    let mut cfg = kivi::CacheConfig::new(1, 8, 128);
+    cfg.dtype = kivi::DType::F16;
+    (cfg.key_bits, cfg.value_bits) = (bits, bits);
+    cfg
+}
+
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
     if !nvrtc_ready() {
@@ -122,9 +130,7 @@ fn the_tensor_core_variants_compile() {
     }
     use kivi::cuda::kernels::{compile_with_log, tensor_core_decode, Family, Spec};
     for bits in [2u8, 4] {
-        let mut cfg = kivi::CacheConfig::new(1, 8, 128);
-        cfg.dtype = kivi::DType::F16;
-        (cfg.key_bits, cfg.value_bits) = (bits, bits);
+        let cfg = bench_config(bits);
         assert!(tensor_core_decode(&cfg, 32));
         let variants = [
             ("KV_MMA_BLOCKS", 4, 4, "kv_decode_mma"),
@@ -158,9 +164,7 @@ fn no_kernel_spills_registers() {
     use kivi::cuda::kernels::{compile_with_log, Family, Spec};
     for arch in ["sm_80", "sm_90"] {
         for bits in [2u8, 4] {
-            let mut cfg = kivi::CacheConfig::new(1, 8, 128);
-            cfg.dtype = kivi::DType::F16;
-            (cfg.key_bits, cfg.value_bits) = (bits, bits);
+            let cfg = bench_config(bits);
             for (family, nq) in [(Family::Decode, 4), (Family::Decode, 8), (Family::Quantize, 4)] {
                 let spec = Spec::for_config(&cfg, nq).unwrap().with_option("--ptxas-options=-v");
                 let (_, log) = compile_with_log(family, &spec, arch).unwrap();

@@ -284,8 +284,8 @@ pub struct kivi_memory_plan {
     /// What the cache takes of that device's memory, all at creation: host memory for a CPU
     /// cache (`reserved_bytes + table_bytes`); for a CUDA cache its one device allocation (pages,
     /// windows and block tables, each 256-byte aligned, and a 32 MiB scratch area for
-    /// attention with 64 KiB of counters), its host memory then being `table_bytes`. `kivi_params_fit_tokens()` fits
-    /// this to a budget.
+    /// attention with 64 KiB of counters), its host memory then being `table_bytes`.
+    /// `kivi_params_fit_tokens()` fits this to a budget.
     pub bytes: u64,
     /// Page pools and full-precision window slots, padding included.
     pub reserved_bytes: u64,
