@@ -37,12 +37,20 @@ struct AttnItem {
     u32 q_row0;      // first query and output row of the item
     u32 n_q;         // query rows of the item (at most qt)
     u32 q_pos0;      // position of the first query row
+    // A decode step on tensor cores (write_new): 0, or 1 when the new token pushes group
+    // quantized / G out of the window and the launch quantizes it into page flush_page
+    // (flush_group), 2 when that group also starts the page, whose block-table entry the launch
+    // then writes.
+    u32 flush;
+    u32 flush_page;
 };
 
 struct AttnParams {
-    const u8* pages;     // this layer's page pool
-    elem_t* windows;     // this layer's windows (written only where write_new is set)
-    const u32* blocks;   // this layer's block tables, [max_seqs][KV_SEQ_PAGES]
+    // This layer's page pool, windows and block tables ([max_seqs][KV_SEQ_PAGES]), written only
+    // where write_new is set.
+    u8* pages;
+    elem_t* windows;
+    u32* blocks;
     const elem_t* q;
     const elem_t* k;
     const elem_t* v;
@@ -62,7 +70,8 @@ struct AttnParams {
     // takes any number of rows; 0: the items are items[0 .. n_items].
     u32 n_rows;
     // Nonzero: a decode launch of kv_decode_mma that also appends each item's new token to its
-    // window (write_new_token), so that no kv_window_write is launched.
+    // window (write_new_token) and quantizes the group it pushes out (AttnItem.flush), so that
+    // no kv_window_write, kv_quantize or kv_set_blocks is launched for them.
     u32 write_new;
     AttnItem items[KV_MAX_ITEMS];
 };
@@ -467,8 +476,9 @@ __device__ __forceinline__ void combine_block(const AttnParams& P) {
 // the first block of kv head kvh): item z's new token, rows chunk_row0 of k and v, goes into its
 // window at position len, a sink or the ring slot of the token a ring's length before it. That
 // token is quantized (a window holds at most a ring's length less one before an append), so
-// nothing in the launch reads the slot, and the quantization of groups that leave the window,
-// queued after the launch, reads other slots.
+// nothing in the launch reads the slot, and the quantization of the group that leaves the
+// window (flush_group, in the same block, or kv_quantize, queued after the launch) reads other
+// slots.
 __device__ __forceinline__ void write_new_token(const AttnParams& P, u32 kvh) {
     const AttnItem it = attn_item(P, blockIdx.z);
     elem_t* hw = P.windows + ((u64)it.slot * KV_NKV + kvh) * KV_WIN_HEAD;

@@ -40,6 +40,7 @@
 // split 0 of the same kernel, with the CUDA-core body of attn.cuh; kv_decode_combine merges.
 #pragma once
 #include "attn.cuh"
+#include "quant.cuh"
 
 #define MMA_NT (KV_G / 8)
 #define MMA_KS (KV_HD / 16)
@@ -951,6 +952,23 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 }
 #endif
 
+// A decode step's group that its new token pushes out of the window (AttnItem.flush), quantized
+// into its page in the same launch by split 0's block of each kv head (head chunk 0), after its
+// attention and the new token's write. Its tokens are in the ring (the new token too when the
+// residual is 0: it then comes from its input row), which nothing in the launch writes but the
+// new token's slot, another one; and no block of the launch reads what it writes: attention
+// reads the groups before it, and the block-table entries of their pages (kv head 0's block
+// writes the entry of a page the group starts).
+__device__ __forceinline__ void flush_group(const AttnParams& P, u32 kvh) {
+    const AttnItem it = attn_item(P, blockIdx.z);
+    if (!it.flush) return;
+    const u32 g = it.quantized / KV_G;
+    if (it.flush == 2 && kvh == 0 && threadIdx.x == 0) P.blocks[(u64)it.slot * KV_SEQ_PAGES + g / KV_GPP] = it.flush_page;
+    u8* blk = P.pages + (u64)it.flush_page * KV_PAGE_BYTES + (u64)kvh * KV_HEAD_BYTES;
+    const TokenSource src = {head_window(P.windows, it.slot, kvh), P.k, P.v, P.kv_stride, kvh, it.len, it.chunk_row0};
+    quantize_group(src, blk, g % KV_GPP, KV_SINKS + g * KV_G);
+}
+
 // grid (splits, kv heads * head chunks, items). Split 0 is the full-precision tokens on CUDA cores (the
 // body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
 // cores. Both kinds of block share one shared-memory area.
@@ -973,7 +991,10 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     if (blockIdx.x == 0) {
         // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
         if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
-        if (P.write_new && hci == 0) write_new_token(P, kvh);
+        if (P.write_new && hci == 0) {
+            write_new_token(P, kvh);
+            flush_group(P, kvh);
+        }
         if (P.counts) combine_last(P, h0, nh);
         return;
     }

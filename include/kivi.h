@@ -844,11 +844,12 @@ kivi_status kivi_attend(const struct kivi_cache *cache,
  *
  * CUDA cache: `seqs` is host memory (read during the call only); the rows are device pointers,
  * as for `kivi_append_attend()`. On tensor cores (sm_80 and later, the common layouts) a call
- * queues one kernel per 64 sequences, which attends, merges its splits and writes the new
- * tokens into the windows; a step where a sequence's keys leave the window queues their
- * quantization after it (and block-table entries when they start a page). Otherwise a combine
- * kernel and the window writes follow the attention kernel. All on the cache's stream; the call
- * returns without waiting.
+ * queues one kernel per 64 sequences, which attends, merges its splits, writes the new tokens
+ * into the windows and quantizes the keys and values that leave a window into their page (a
+ * new page's block-table entry too). Only a step whose leaving group goes into a page that a
+ * fork (`kivi_seq_cp()`) still shares queues more: the page's copy and the quantization, after
+ * the attention kernel. Otherwise a combine kernel, the quantization and the window writes
+ * follow the attention kernel. All on the cache's stream; the call returns without waiting.
  *
  * Errors: as `kivi_append_attend()`; `KIVI_ERR_INVALID_ARGUMENT` for a repeated id. Capacity
  * is checked for the whole batch first: on any error no sequence has changed.
@@ -1250,8 +1251,9 @@ kivi_status kivi_cuda_device_info(int32_t device, struct kivi_device_info *out, 
  * split of the context), and the cache's host state moves on as if it had run: launch the
  * graph once, where the call's work would have run, and never again. Capture each step anew, or
  * capture it and update an instantiated graph with it (`cudaGraphExecUpdate`), which succeeds
- * while a step launches the same kernels as the one before (a step that quantizes a group or
- * takes or copies a page launches more).
+ * while a step launches the same kernels as the one before: a `kivi_decode()` step on tensor
+ * cores is one kernel per 64 sequences, whether or not groups leave the windows, unless a
+ * group goes into a page a fork shares (`kivi_decode()` says).
  *
  * The cache's work must reach the device in the order of the calls. Changing the stream with
  * work still queued on the old one is the caller's to order (e.g. an event recorded on the old

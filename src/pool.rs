@@ -143,6 +143,12 @@ impl PageRefs {
         p
     }
 
+    /// The page the `k`-th [`PageRefs::alloc`] from now returns (`k` = 0: the next one) when no
+    /// page is released before it, or `None` when fewer pages are free.
+    pub fn nth_free(&self, k: usize) -> Option<u32> {
+        self.free.len().checked_sub(k + 1).map(|i| self.free[i])
+    }
+
     pub fn incref(&mut self, p: u32) {
         self.refs[p as usize] += 1;
     }

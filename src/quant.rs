@@ -10,7 +10,7 @@
 //! dequantization uses: `x' = code * scale + zero`. A constant group has scale 0 and dequantizes
 //! to its value (rounded to f16) exactly, with no division by zero.
 //!
-//! The CUDA backend's quantizer (`cuda/quantize.cu`) computes the same numbers to the bit: every
+//! The CUDA backend's quantizer (`cuda/quant.cuh`) computes the same numbers to the bit: every
 //! sum below is taken in the order written here, in f32, without fused multiply-adds.
 
 use half::f16;

@@ -190,6 +190,39 @@ impl SeqTable {
         after - ls.blocks.len() + cow as usize
     }
 
+    /// Where appending one token to each of `slots` in layer `l`, in this order, puts the groups
+    /// it pushes out of their windows, found before anything changes: for each slot
+    /// `Some((page, new))` when a group leaves its window (`new`: the group starts `page`, which
+    /// enters the block table), `None` when none does. The appends that follow
+    /// ([`LayerSeq::group_page`], in the same order) take exactly these pages. `None` for the
+    /// whole step when some group first needs a copy-on-write copy of a shared page, or when the
+    /// free pages run out (the caller has checked that they do not).
+    pub fn decode_flushes(&self, lay: &Layout, l: usize, slots: &[usize]) -> Option<Vec<Option<(u32, bool)>>> {
+        let refs = &self.pages[l];
+        let mut allocs = 0;
+        slots
+            .iter()
+            .map(|&slot| {
+                let ls = &self.slots[slot].layers[l];
+                let g = ls.quantized / lay.group;
+                match ls.flushes(lay, 1) {
+                    0 => Some(None),
+                    1 if g % lay.groups_per_page == 0 => {
+                        let page = refs.nth_free(allocs)?;
+                        allocs += 1;
+                        Some(Some((page, true)))
+                    }
+                    1 => {
+                        let page = ls.blocks[g / lay.groups_per_page];
+                        (refs.refs(page) == 1).then_some(Some((page, false)))
+                    }
+                    // (A window holds fewer than residual + group tokens before an append.)
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// Fails when layer `l` has fewer than `pages` free pages, counting those that releasing
     /// slot `replacing` would free; `token` is where `seq` stands.
     pub fn check_pages(&self, l: usize, seq: u32, token: usize, pages: usize, replacing: Option<usize>) -> Result<()> {

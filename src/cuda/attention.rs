@@ -461,6 +461,8 @@ impl CudaCache {
             q_row0: 0,
             n_q: 0,
             q_pos0: len as u32,
+            flush: 0,
+            flush_page: 0,
         };
         let work = Work::Rows { first, rows: n };
         self.run_attention(l, Family::Prefill, work, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
@@ -504,6 +506,8 @@ impl CudaCache {
             q_row0: 0,
             n_q: 0,
             q_pos0: (ls.len - n) as u32,
+            flush: 0,
+            flush_page: 0,
         };
         self.run_attention(
             l,
@@ -522,7 +526,8 @@ impl CudaCache {
 
     /// [`crate::Cache::decode`] on the device: one token for each of `seqs` (row `i` of every
     /// argument belongs to `seqs[i]`), attention for its query, then the append. One launch
-    /// covers up to 64 sequences of any lengths.
+    /// covers up to 64 sequences of any lengths; on tensor cores it also appends their tokens
+    /// and quantizes the groups that leave the windows (unless a fork shares a group's page).
     #[allow(clippy::too_many_arguments)]
     pub fn decode(
         &mut self,
@@ -553,11 +558,17 @@ impl CudaCache {
                 (self.seqs.take_slot(seq), new)
             })
             .collect();
+        // The groups the new tokens push out of the windows and their pages, for the attention
+        // launch to quantize; none when a group's page is shared with a fork, whose copy the
+        // appends below then queue, with the quantization, after the launch.
+        let slot_ids: Vec<usize> = slots.iter().map(|&(slot, _)| slot).collect();
+        let flushes = self.seqs.decode_flushes(&self.lay, l, &slot_ids);
         let items: Vec<AttnItem> = slots
             .iter()
             .enumerate()
             .map(|(i, &(slot, _))| {
                 let ls = &self.seqs.slots[slot].layers[l];
+                let flush = flushes.as_ref().and_then(|f| f[i]);
                 AttnItem {
                     slot: slot as u32,
                     len: ls.len as u32,
@@ -567,6 +578,8 @@ impl CudaCache {
                     q_row0: i as u32,
                     n_q: 1,
                     q_pos0: ls.len as u32,
+                    flush: flush.map_or(0, |(_, new)| 1 + new as u32),
+                    flush_page: flush.map_or(0, |(page, _)| page),
                 }
             })
             .collect();
@@ -600,6 +613,29 @@ impl CudaCache {
             // each: position len, a sink or a free ring slot).
             debug_assert!(plan.writes.iter().all(|w| w.n == 1));
             plan.writes.clear();
+            if flushes.is_some() {
+                // It also quantized the groups leaving the windows, into the pages these appends
+                // took, and wrote the block-table entries of the new ones.
+                if cfg!(any(test, debug_assertions)) {
+                    let set: Vec<(u32, u32)> = items
+                        .iter()
+                        .filter(|it| it.flush == 2)
+                        .map(|it| {
+                            let g = it.quantized as usize / self.lay.group;
+                            (
+                                (self.blocks_index(l, it.slot as usize) + g / self.lay.groups_per_page) as u32,
+                                it.flush_page,
+                            )
+                        })
+                        .collect();
+                    assert_eq!(plan.set_blocks, set, "the pages decode_flushes foresaw");
+                    assert!(plan.cow.is_empty());
+                    let flushed: Vec<u32> = items.iter().filter(|it| it.flush != 0).map(|it| it.slot).collect();
+                    assert_eq!(plan.flushes.iter().map(|f| f.slot).collect::<Vec<_>>(), flushed);
+                }
+                plan.set_blocks.clear();
+                plan.flushes.clear();
+            }
         }
         self.run_plan(l, &plan, &keys, &values, stream)
     }

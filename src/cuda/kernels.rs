@@ -18,6 +18,7 @@ const COMMON: &str = include_str!("../../cuda/common.cuh");
 const ATTN: &str = include_str!("../../cuda/attn.cuh");
 const DECODE_MMA: &str = include_str!("../../cuda/decode_mma.cuh");
 const PREFILL_MMA: &str = include_str!("../../cuda/prefill_mma.cuh");
+const QUANT: &str = include_str!("../../cuda/quant.cuh");
 const QUANTIZE: &str = include_str!("../../cuda/quantize.cu");
 const DECODE: &str = include_str!("../../cuda/decode.cu");
 const PREFILL: &str = include_str!("../../cuda/prefill.cu");
@@ -104,6 +105,7 @@ fn inline(src: &str, ptx: &'static str, seen: &mut Vec<&'static str>, out: &mut 
                 "attn.cuh" => ("attn.cuh", ATTN),
                 "decode_mma.cuh" => ("decode_mma.cuh", DECODE_MMA),
                 "prefill_mma.cuh" => ("prefill_mma.cuh", PREFILL_MMA),
+                "quant.cuh" => ("quant.cuh", QUANT),
                 _ => panic!("unknown kernel header {name}"),
             };
             if !seen.contains(&key) {

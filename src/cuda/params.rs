@@ -26,6 +26,12 @@ pub(crate) struct AttnItem {
     pub(super) q_row0: u32,
     pub(super) n_q: u32,
     pub(super) q_pos0: u32,
+    /// A decode step on tensor cores (`write_new`): 0, or 1 when the new token pushes group
+    /// `quantized / G` out of the window and the launch quantizes it into page `flush_page`
+    /// (`flush_group`, `cuda/decode_mma.cuh`), 2 when that group also starts the page, whose
+    /// block-table entry the launch then writes.
+    pub(super) flush: u32,
+    pub(super) flush_page: u32,
 }
 
 /// An attention launch: decode, prefill, tensor-core decode and combine (`AttnParams`).
@@ -63,8 +69,9 @@ pub(crate) struct AttnParams {
     /// are `items[..n_items]`.
     pub(super) n_rows: u32,
     /// Nonzero: a `kv_decode_mma` decode launch also appends each item's new token (its row
-    /// `chunk_row0` of `k` and `v`) to its window at position `len` (`write_new_token`), and no
-    /// `kv_window_write` is launched for them.
+    /// `chunk_row0` of `k` and `v`) to its window at position `len` (`write_new_token`) and
+    /// quantizes the group it pushes out of the window (`AttnItem::flush`), and no
+    /// `kv_window_write`, `kv_quantize` or `kv_set_blocks` is launched for them.
     pub(super) write_new: u32,
     pub(super) items: [AttnItem; MAX_ITEMS],
 }

@@ -696,12 +696,13 @@ fn simulated_tensor_core_variants() {
 
 /// Decode on tensor cores is one launch per step: the last block of each (item, kv head and
 /// chunk of its query heads) merges the splits, and sets its counter back for the next step, so
-/// no kv_decode_combine is launched; and the launch appends the new tokens to the windows, so no
-/// kv_window_write is launched. Sequences of different lengths (different split counts in one
-/// launch), one that a decode step creates (its first token a sink), one whose keys leave the
-/// window in a step (its quantization launched after the attention), steps one after another
-/// (the counters must be zero again), GQA ratios 4 (the transposed loop) and 12 (two blocks per
-/// kv head), and the same with the combine as a kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`).
+/// no kv_decode_combine is launched; and the launch appends the new tokens to the windows and
+/// quantizes the groups that leave them, so no kv_window_write, kv_quantize or kv_set_blocks is
+/// launched. Sequences of different lengths (different split counts in one launch), one that a
+/// decode step creates (its first token a sink), one whose keys leave the window in a step (into
+/// a new page), steps one after another (the counters must be zero again), GQA ratios 4 (the
+/// transposed loop) and 12 (two blocks per kv head: only the first quantizes), and the same with
+/// the combine as a kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`).
 #[test]
 fn simulated_decode_combines_its_own_splits() {
     for nqh in [8, 24] {
@@ -716,11 +717,12 @@ fn simulated_decode_combines_its_own_splits() {
                 p.append(0, seq, n);
             }
             let launches = |name| sim::launches_of(name);
-            let (combines, mma, writes, quants) = (
+            let (combines, mma, writes, quants, sets) = (
                 launches("kv_decode_combine"),
                 launches("kv_decode_mma"),
                 launches("kv_window_write"),
                 launches("kv_quantize"),
+                launches("kv_set_blocks"),
             );
             for _ in 0..3 {
                 p.decode(0, &[0, 1, 2]);
@@ -730,10 +732,56 @@ fn simulated_decode_combines_its_own_splits() {
             let launched = launches("kv_decode_combine") - combines;
             assert_eq!(launched, if fused { 0 } else { 4 }, "{nqh} query heads, fused {fused}: combines launched");
             assert_eq!(launches("kv_window_write") - writes, 0, "{nqh} query heads: window writes launched");
-            assert_eq!(launches("kv_quantize") - quants, 1, "{nqh} query heads: sequence 1's group");
+            // Sequence 1's group leaves the window in the attention launch, into a new page.
+            assert_eq!(launches("kv_quantize") - quants, 0, "{nqh} query heads: quantization launched");
+            assert_eq!(launches("kv_set_blocks") - sets, 0, "{nqh} query heads: block tables set apart");
             p.state("after decode");
         }
     }
+}
+
+/// A decode step on tensor cores quantizes the groups its tokens push out of the windows in its
+/// own launch: into a page that already holds a group (two groups per page here) and into a new
+/// page, whose block-table entry it writes; no kv_quantize or kv_set_blocks is launched. A group
+/// whose page a fork shares needs a copy of the page first: that step queues the copy and the
+/// quantization after the attention launch instead. Pages and windows match the CPU cache's
+/// byte for byte after each part.
+#[test]
+fn simulated_decode_quantizes_its_own_groups() {
+    // G = 16, R = 16 (a ring of 32), 1 sink, two groups per page.
+    let mut c = cfg(64, 2, (2, 4), 16, 16, 1, KeyMode::PerChannel, DType::F16, 32);
+    c.n_layers = 1;
+    c.max_seqs = 4;
+    let mut p = Pair::<f16>::new(SIM, c, 4, AttnOptions::default());
+    let launches = |name| sim::launches_of(name);
+    let counts = || (launches("kv_decode_mma"), launches("kv_quantize"), launches("kv_set_blocks"));
+    // Sequence 0: 3 groups (pages A: 0, 1; B: 2) and 20 tokens in its window, 12 steps from
+    // leaving; sequence 1: 1 group (page C) and 23 tokens, 9 steps from leaving.
+    p.append(0, 0, 69);
+    p.append(0, 1, 40);
+    p.state("after prefill");
+    let (mma, quants, sets) = counts();
+    // Sequence 1's group 1 joins page C at step 9, sequence 0's group 3 page B at step 12.
+    for _ in 0..12 {
+        p.decode(0, &[0, 1]);
+    }
+    p.state("after groups into pages that hold one");
+    assert_eq!(counts(), (mma + 12, quants, sets), "(mma, kv_quantize, kv_set_blocks) launches");
+    // Sequence 1's group 2 starts a page at step 25, sequence 0's group 4 at step 28.
+    for _ in 0..16 {
+        p.decode(0, &[1, 0]);
+    }
+    p.state("after groups that start pages");
+    assert_eq!(counts(), (mma + 28, quants, sets), "(mma, kv_quantize, kv_set_blocks) launches");
+    // A fork shares sequence 0's last page, which holds group 4: its group 5, 16 steps on, needs
+    // a private copy in both sequences.
+    assert_eq!(p.cpu.seq_copy(0, 2, u32::MAX), p.gpu.seq_copy(0, 2, u32::MAX, std::ptr::null_mut()));
+    for _ in 0..16 {
+        p.decode(0, &[0, 2, 1]);
+    }
+    p.state("after copy-on-write");
+    let (m, q, _) = counts();
+    assert_eq!((m, q), (mma + 44, quants + 1), "(mma, kv_quantize) launches");
 }
 
 #[test]

@@ -338,11 +338,12 @@ pub unsafe extern "C" fn kivi_attend(
 ///
 /// CUDA cache: `seqs` is host memory (read during the call only); the rows are device pointers,
 /// as for `kivi_append_attend()`. On tensor cores (sm_80 and later, the common layouts) a call
-/// queues one kernel per 64 sequences, which attends, merges its splits and writes the new
-/// tokens into the windows; a step where a sequence's keys leave the window queues their
-/// quantization after it (and block-table entries when they start a page). Otherwise a combine
-/// kernel and the window writes follow the attention kernel. All on the cache's stream; the call
-/// returns without waiting.
+/// queues one kernel per 64 sequences, which attends, merges its splits, writes the new tokens
+/// into the windows and quantizes the keys and values that leave a window into their page (a
+/// new page's block-table entry too). Only a step whose leaving group goes into a page that a
+/// fork (`kivi_seq_cp()`) still shares queues more: the page's copy and the quantization, after
+/// the attention kernel. Otherwise a combine kernel, the quantization and the window writes
+/// follow the attention kernel. All on the cache's stream; the call returns without waiting.
 ///
 /// Errors: as `kivi_append_attend()`; `KIVI_ERR_INVALID_ARGUMENT` for a repeated id. Capacity
 /// is checked for the whole batch first: on any error no sequence has changed.

@@ -133,8 +133,9 @@ pub unsafe extern "C" fn kivi_cuda_device_info(
 /// split of the context), and the cache's host state moves on as if it had run: launch the
 /// graph once, where the call's work would have run, and never again. Capture each step anew, or
 /// capture it and update an instantiated graph with it (`cudaGraphExecUpdate`), which succeeds
-/// while a step launches the same kernels as the one before (a step that quantizes a group or
-/// takes or copies a page launches more).
+/// while a step launches the same kernels as the one before: a `kivi_decode()` step on tensor
+/// cores is one kernel per 64 sequences, whether or not groups leave the windows, unless a
+/// group goes into a page a fork shares (`kivi_decode()` says).
 ///
 /// The cache's work must reach the device in the order of the calls. Changing the stream with
 /// work still queued on the old one is the caller's to order (e.g. an event recorded on the old
