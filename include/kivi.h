@@ -847,7 +847,7 @@ kivi_status kivi_attend(const struct kivi_cache *cache,
  * queues one kernel per 64 sequences, which attends, merges its splits, writes the new tokens
  * into the windows and quantizes the keys and values that leave a window into their page (a
  * new page's block-table entry too). Only a step whose leaving group goes into a page that a
- * fork (`kivi_seq_cp()`) still shares queues more: the page's copy and the quantization, after
+ * fork (`kivi_seq_copy()`) still shares queues more: the page's copy and the quantization, after
  * the attention kernel. Otherwise a combine kernel, the quantization and the window writes
  * follow the attention kernel. All on the cache's stream; the call returns without waiting.
  *
