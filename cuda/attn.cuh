@@ -37,7 +37,7 @@ struct AttnItem {
     u32 q_row0;      // first query and output row of the item
     u32 n_q;         // query rows of the item (at most qt)
     u32 q_pos0;      // position of the first query row
-    // A decode step on tensor cores (write_new): 0, or 1 when the new token pushes group
+    // A launch that appends (write_new): 0, or 1 when the new tokens push group
     // quantized / G out of the window and the launch quantizes it into page flush_page
     // (flush_group), 2 when that group also starts the page, whose block-table entry the launch
     // then writes.
@@ -69,9 +69,10 @@ struct AttnParams {
     // items of qt rows, item z items[0] moved by z * qt rows (attn_item), so that one launch
     // takes any number of rows; 0: the items are items[0 .. n_items].
     u32 n_rows;
-    // Nonzero: a decode launch of kv_decode_mma that also appends each item's new token to its
-    // window (write_new_token) and quantizes the group it pushes out (AttnItem.flush), so that
-    // no kv_window_write, kv_quantize or kv_set_blocks is launched for them.
+    // Nonzero: a launch of kv_decode_mma (a decode step, or a chunk of rows that fits in the
+    // ring) that also appends each item's new tokens to its window (write_new_tokens) and
+    // quantizes the group they push out (AttnItem.flush), so that no kv_window_write, kv_quantize
+    // or kv_set_blocks is launched for them.
     u32 write_new;
     AttnItem items[KV_MAX_ITEMS];
 };
@@ -472,22 +473,22 @@ __device__ __forceinline__ void combine_block(const AttnParams& P) {
     combine_vector<false>(P, it, blockIdx.z, r, head);
 }
 
-// A decode step's append, done by the attention launch (P.write_new; kv_decode_mma's split 0,
-// the first block of kv head kvh): item z's new token, rows chunk_row0 of k and v, goes into its
-// window at position len, a sink or the ring slot of the token a ring's length before it. That
-// token is quantized (a window holds at most a ring's length less one before an append), so
-// nothing in the launch reads the slot, and the quantization of the group that leaves the
-// window (flush_group, in the same block, or kv_quantize, queued after the launch) reads other
-// slots.
-__device__ __forceinline__ void write_new_token(const AttnParams& P, u32 kvh) {
+// A decode step's append, or a short chunk's, done by the attention launch (P.write_new;
+// kv_decode_mma's split 0, the first block of kv head kvh, of the chunk's first rows): item z's
+// n_chunk new tokens, rows chunk_row0.. of k and v, go into its window at positions len.., sinks
+// or the ring slots of the tokens a ring's length before them. Those tokens are quantized (the
+// host sets write_new only then: one token always fits, as a window holds at most a ring's
+// length less one before an append), so nothing in the launch reads the slots, and the
+// quantization of the group that leaves the window (flush_group, in the same block, or
+// kv_quantize, queued after the launch) reads other slots.
+__device__ __forceinline__ void write_new_tokens(const AttnParams& P, u32 kvh) {
     const AttnItem it = attn_item(P, blockIdx.z);
     elem_t* hw = P.windows + ((u64)it.slot * KV_NKV + kvh) * KV_WIN_HEAD;
-    const i64 src = (i64)it.chunk_row0 * P.kv_stride + (i64)kvh * KV_HD;
-    elem_t* kd = hw + window_row(it.len, false);
-    elem_t* vd = hw + window_row(it.len, true);
-    for (u32 c = threadIdx.x; c < KV_HD; c += blockDim.x) {
-        kd[c] = P.k[src + c];
-        vd[c] = P.v[src + c];
+    for (u32 i = threadIdx.x; i < it.n_chunk * KV_HD; i += blockDim.x) {
+        const u32 r = i / KV_HD, c = i % KV_HD;
+        const i64 src = (i64)(it.chunk_row0 + r) * P.kv_stride + (i64)kvh * KV_HD + c;
+        hw[window_row(it.len + r, false) + c] = P.k[src];
+        hw[window_row(it.len + r, true) + c] = P.v[src];
     }
 }
 

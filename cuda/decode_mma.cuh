@@ -952,13 +952,13 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
 }
 #endif
 
-// A decode step's group that its new token pushes out of the window (AttnItem.flush), quantized
-// into its page in the same launch by split 0's block of each kv head (head chunk 0), after its
-// attention and the new token's write. Its tokens are in the ring (the new token too when the
-// residual is 0: it then comes from its input row), which nothing in the launch writes but the
-// new token's slot, another one; and no block of the launch reads what it writes: attention
-// reads the groups before it, and the block-table entries of their pages (kv head 0's block
-// writes the entry of a page the group starts).
+// The group that a decode step's new token (or a short chunk's) pushes out of the window
+// (AttnItem.flush), quantized into its page in the same launch by the block that wrote the new
+// tokens, after its attention. Its tokens are in the ring or among the new ones (read from their
+// input rows), and nothing in the launch writes the ring slots it reads (write_new_tokens writes
+// other slots); no block of the launch reads what it writes: attention reads the groups before
+// it, and the block-table entries of their pages (kv head 0's block writes the entry of a page
+// the group starts).
 __device__ __forceinline__ void flush_group(const AttnParams& P, u32 kvh) {
     const AttnItem it = attn_item(P, blockIdx.z);
     if (!it.flush) return;
@@ -991,8 +991,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     if (blockIdx.x == 0) {
         // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
         if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
-        if (P.write_new && hci == 0) {
-            write_new_token(P, kvh);
+        // (A chunk's rows are several items of one sequence: the first appends.)
+        if (P.write_new && hci == 0 && (P.n_rows == 0 || blockIdx.z == 0)) {
+            write_new_tokens(P, kvh);
             flush_group(P, kvh);
         }
         if (P.counts) combine_last(P, h0, nh);

@@ -42,6 +42,13 @@ impl LayerSeq {
         }
     }
 
+    /// Whether appending `n` tokens puts each into a sink or into a ring slot whose token is
+    /// quantized (or that holds none yet), so that no token still in the window is overwritten:
+    /// always for one token (a window holds fewer than a ring's length before an append).
+    pub fn fits_ring(&self, lay: &Layout, n: usize) -> bool {
+        self.len + n <= lay.ring + lay.sinks + self.quantized
+    }
+
     /// The page quantized group `g` (the next one) goes into, taken from `pages` where needed: a
     /// new page when the group starts one, a private copy when its page is shared, else its page.
     pub fn group_page(&mut self, lay: &Layout, pages: &mut PageRefs, g: usize) -> GroupPage {
@@ -190,14 +197,21 @@ impl SeqTable {
         after - ls.blocks.len() + cow as usize
     }
 
-    /// Where appending one token to each of `slots` in layer `l`, in this order, puts the groups
-    /// it pushes out of their windows, found before anything changes: for each slot
+    /// Where appending `n` tokens to each of `slots` in layer `l`, in this order, puts the group
+    /// each pushes out of its window, found before anything changes: for each slot
     /// `Some((page, new))` when a group leaves its window (`new`: the group starts `page`, which
     /// enters the block table), `None` when none does. The appends that follow
     /// ([`LayerSeq::group_page`], in the same order) take exactly these pages. `None` for the
-    /// whole step when some group first needs a copy-on-write copy of a shared page, or when the
-    /// free pages run out (the caller has checked that they do not).
-    pub fn decode_flushes(&self, lay: &Layout, l: usize, slots: &[usize]) -> Option<Vec<Option<(u32, bool)>>> {
+    /// whole call when some group first needs a copy-on-write copy of a shared page, when some
+    /// slot flushes more than one group, or when the free pages run out (the caller has checked
+    /// that they do not).
+    pub fn append_flushes(
+        &self,
+        lay: &Layout,
+        l: usize,
+        slots: &[usize],
+        n: usize,
+    ) -> Option<Vec<Option<(u32, bool)>>> {
         let refs = &self.pages[l];
         let mut allocs = 0;
         slots
@@ -205,7 +219,7 @@ impl SeqTable {
             .map(|&slot| {
                 let ls = &self.slots[slot].layers[l];
                 let g = ls.quantized / lay.group;
-                match ls.flushes(lay, 1) {
+                match ls.flushes(lay, n) {
                     0 => Some(None),
                     1 if g % lay.groups_per_page == 0 => {
                         let page = refs.nth_free(allocs)?;
@@ -216,7 +230,6 @@ impl SeqTable {
                         let page = ls.blocks[g / lay.groups_per_page];
                         (refs.refs(page) == 1).then_some(Some((page, false)))
                     }
-                    // (A window holds fewer than residual + group tokens before an append.)
                     _ => None,
                 }
             })

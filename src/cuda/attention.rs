@@ -82,11 +82,13 @@ thread_local! {
 /// What one attention call attends for: sequences of a decode step, one item each (whose new
 /// tokens, rows `chunk_row0` of the keys and values, the tensor-core launch also appends to their
 /// windows), or `rows` query rows of one sequence (chunks of queries), `first` describing the
-/// first (its `n_q` is not used).
+/// first (its `n_q` is not used); `append`: the chunk's tokens may be appended by the launch as
+/// a decode step's are, where it is one tensor-core launch (they fit in the window's ring
+/// without overwriting a token it holds: [`crate::seq::LayerSeq::fits_ring`]).
 #[derive(Clone, Copy)]
 enum Work<'a> {
     Decode(&'a [AttnItem]),
-    Rows { first: AttnItem, rows: usize },
+    Rows { first: AttnItem, rows: usize, append: bool },
 }
 
 /// How one attention call runs: the module it launches (`module`), query vectors per block
@@ -236,8 +238,9 @@ impl CudaCache {
     }
 
     /// Queues attention for `work` (all of layer `l`) and the combine. Returns whether the
-    /// launches also appended a decode step's new tokens to their windows (`write_new`: every
-    /// launch of a decode step on the tensor-core kernel), which the caller then does not queue.
+    /// launches also appended the new tokens (`write_new`: a decode step's, or a chunk's that may
+    /// be, on the tensor-core kernel that takes every split), which the caller then does not
+    /// queue: their window writes, and the quantization of the items' `flush` groups.
     #[allow(clippy::too_many_arguments)]
     fn run_attention(
         &self,
@@ -276,7 +279,7 @@ impl CudaCache {
                 let max_items = (SCRATCH_BYTES / per_item).min(MAX_ITEMS);
                 items.chunks(max_items).map(|c| (c.to_vec(), 0)).collect()
             }
-            Work::Rows { first, rows } => {
+            Work::Rows { first, rows, .. } => {
                 let items = rows.div_ceil(qt);
                 let direct = first.quantized == 0 && out_pairs && fp_rows(rows)?;
                 let max_items = match direct {
@@ -302,9 +305,12 @@ impl CudaCache {
             }
         };
         let sms = self.info.multiprocessors as usize;
-        let decode = matches!(work, Work::Decode(_));
-        // Whether every launch so far appended its decode items' new tokens.
-        let mut appended = decode;
+        // Whether the launches may append the new tokens, and how many did.
+        let append = match work {
+            Work::Decode(_) => true,
+            Work::Rows { append, .. } => append && launches.len() == 1,
+        };
+        let mut appending = 0;
         for (chunk, launch_rows) in &launches {
             // Items of the launch (those of one sequence's rows are alike but for their rows).
             let n_items = if *launch_rows > 0 { launch_rows.div_ceil(qt) } else { chunk.len() };
@@ -404,23 +410,21 @@ impl CudaCache {
                     if !fp && self.fused_combine && counters <= COUNTS_BYTES / 4 {
                         p.counts = self.base + self.off_counts;
                     }
-                    // A decode step's append in the same launch (no kv_window_write).
-                    p.write_new = decode as u32;
+                    // The append in the same launch (no kv_window_write, no kv_quantize).
+                    p.write_new = append as u32;
+                    appending += append as usize;
                     self.kernel(Kernel::Mma(nq, &p), (p.n_splits, (nkv * hchunks) as u32, rows), 128, stream)?;
                     if p.counts != 0 {
                         continue;
                     }
-                } else {
-                    appended = false;
                 }
             } else {
-                appended = false;
                 let grid = (n_splits as u32, (nkv * hchunks) as u32, rows);
                 self.kernel(Kernel::Attn(module, nq, &p), grid, 128, stream)?;
             }
             self.kernel(Kernel::Combine(module, nq, &p), (n_q_heads as u32, qt as u32, n_items as u32), 128, stream)?;
         }
-        Ok(appended)
+        Ok(append && appending == launches.len())
     }
 
     /// [`crate::Cache::append_attend`] on the device: appends a chunk and computes attention for
@@ -430,7 +434,9 @@ impl CudaCache {
     /// 16-byte aligned with a stride of a multiple of 8 elements, queries 4-byte aligned with an
     /// even stride); other rows take a slower path, with the same results. The attention of a
     /// prompt with nothing quantized before it is one kernel launch when `out` is also 4-byte
-    /// aligned with an even stride.
+    /// aligned with an even stride. A chunk of fewer than 8 rows on tensor cores whose tokens
+    /// fit in the ring (none overwrites a token still in the window) is one launch, appending
+    /// included, as a decode step is.
     #[allow(clippy::too_many_arguments)]
     pub fn append_attend(
         &mut self,
@@ -452,6 +458,11 @@ impl CudaCache {
         self.bind()?;
         let ls = &self.seqs.slots[slot].layers[l];
         let (len, quantized) = (ls.len, ls.quantized);
+        // A short chunk that fits in the ring is appended by its attention launch, as a decode
+        // step is (the group it pushes out of the window too, unless its page is shared).
+        let append = ls.fits_ring(&self.lay, n);
+        let flushes = if append { self.seqs.append_flushes(&self.lay, l, &[slot], n) } else { None };
+        let flush = flushes.as_ref().and_then(|f| f[0]);
         let first = AttnItem {
             slot: slot as u32,
             len: len as u32,
@@ -461,14 +472,18 @@ impl CudaCache {
             q_row0: 0,
             n_q: 0,
             q_pos0: len as u32,
-            flush: 0,
-            flush_page: 0,
+            flush: flush.map_or(0, |(_, new)| 1 + new as u32),
+            flush_page: flush.map_or(0, |(page, _)| page),
         };
-        let work = Work::Rows { first, rows: n };
-        self.run_attention(l, Family::Prefill, work, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
+        let work = Work::Rows { first, rows: n, append };
+        let appended =
+            self.run_attention(l, Family::Prefill, work, nqh, Some(&keys), Some(&values), &queries, &out, &o, stream)?;
         let mut plan = Plan::default();
         self.plan_push(l, slot, n, 0, &mut plan);
         self.seqs.slots[slot].id = Some(seq);
+        if appended {
+            self.drop_appended(l, &mut plan, &[first], flushes.is_some());
+        }
         self.run_plan(l, &plan, &keys, &values, stream)
     }
 
@@ -512,7 +527,7 @@ impl CudaCache {
         self.run_attention(
             l,
             Family::Prefill,
-            Work::Rows { first, rows: n },
+            Work::Rows { first, rows: n, append: false },
             nqh,
             None,
             None,
@@ -562,7 +577,7 @@ impl CudaCache {
         // launch to quantize; none when a group's page is shared with a fork, whose copy the
         // appends below then queue, with the quantization, after the launch.
         let slot_ids: Vec<usize> = slots.iter().map(|&(slot, _)| slot).collect();
-        let flushes = self.seqs.decode_flushes(&self.lay, l, &slot_ids);
+        let flushes = self.seqs.append_flushes(&self.lay, l, &slot_ids, 1);
         let items: Vec<AttnItem> = slots
             .iter()
             .enumerate()
@@ -609,34 +624,38 @@ impl CudaCache {
             self.plan_push(l, slot, 1, i, &mut plan);
         }
         if appended {
-            // The attention launch wrote each new token where these writes would (one token
-            // each: position len, a sink or a free ring slot).
-            debug_assert!(plan.writes.iter().all(|w| w.n == 1));
-            plan.writes.clear();
-            if flushes.is_some() {
-                // It also quantized the groups leaving the windows, into the pages these appends
-                // took, and wrote the block-table entries of the new ones.
-                if cfg!(any(test, debug_assertions)) {
-                    let set: Vec<(u32, u32)> = items
-                        .iter()
-                        .filter(|it| it.flush == 2)
-                        .map(|it| {
-                            let g = it.quantized as usize / self.lay.group;
-                            (
-                                (self.blocks_index(l, it.slot as usize) + g / self.lay.groups_per_page) as u32,
-                                it.flush_page,
-                            )
-                        })
-                        .collect();
-                    assert_eq!(plan.set_blocks, set, "the pages decode_flushes foresaw");
-                    assert!(plan.cow.is_empty());
-                    let flushed: Vec<u32> = items.iter().filter(|it| it.flush != 0).map(|it| it.slot).collect();
-                    assert_eq!(plan.flushes.iter().map(|f| f.slot).collect::<Vec<_>>(), flushed);
-                }
-                plan.set_blocks.clear();
-                plan.flushes.clear();
-            }
+            self.drop_appended(l, &mut plan, &items, flushes.is_some());
         }
         self.run_plan(l, &plan, &keys, &values, stream)
+    }
+
+    /// After attention launches that appended their items' new tokens (`run_attention`
+    /// returned true), takes out of `plan`, the appends' work, what they did: the window writes
+    /// (to the positions `len..` of each item, sinks or ring slots whose tokens are quantized)
+    /// and, where `flushed` (the items carried the groups that leave the windows, or that none
+    /// does), the quantization of those groups and the block-table entries of the pages they
+    /// start.
+    fn drop_appended(&self, l: usize, plan: &mut Plan, items: &[AttnItem], flushed: bool) {
+        plan.writes.clear();
+        if !flushed {
+            return;
+        }
+        // (Test builds check that the appends took the pages the launches were given.)
+        if cfg!(any(test, debug_assertions)) {
+            let set: Vec<(u32, u32)> = items
+                .iter()
+                .filter(|it| it.flush == 2)
+                .map(|it| {
+                    let g = it.quantized as usize / self.lay.group;
+                    ((self.blocks_index(l, it.slot as usize) + g / self.lay.groups_per_page) as u32, it.flush_page)
+                })
+                .collect();
+            assert_eq!(plan.set_blocks, set, "the pages append_flushes foresaw");
+            assert!(plan.cow.is_empty());
+            let flushed: Vec<u32> = items.iter().filter(|it| it.flush != 0).map(|it| it.slot).collect();
+            assert_eq!(plan.flushes.iter().map(|f| f.slot).collect::<Vec<_>>(), flushed);
+        }
+        plan.set_blocks.clear();
+        plan.flushes.clear();
     }
 }

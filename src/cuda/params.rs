@@ -26,7 +26,7 @@ pub(crate) struct AttnItem {
     pub(super) q_row0: u32,
     pub(super) n_q: u32,
     pub(super) q_pos0: u32,
-    /// A decode step on tensor cores (`write_new`): 0, or 1 when the new token pushes group
+    /// A launch that appends (`write_new`): 0, or 1 when the new tokens push group
     /// `quantized / G` out of the window and the launch quantizes it into page `flush_page`
     /// (`flush_group`, `cuda/decode_mma.cuh`), 2 when that group also starts the page, whose
     /// block-table entry the launch then writes.
@@ -68,10 +68,11 @@ pub(crate) struct AttnParams {
     /// item `z` being `items[0]` moved by `z * qt` rows ([`AttnParams::item`]); 0: the items
     /// are `items[..n_items]`.
     pub(super) n_rows: u32,
-    /// Nonzero: a `kv_decode_mma` decode launch also appends each item's new token (its row
-    /// `chunk_row0` of `k` and `v`) to its window at position `len` (`write_new_token`) and
-    /// quantizes the group it pushes out of the window (`AttnItem::flush`), and no
-    /// `kv_window_write`, `kv_quantize` or `kv_set_blocks` is launched for them.
+    /// Nonzero: a `kv_decode_mma` launch (a decode step, or a chunk of rows that fits in the
+    /// ring) also appends each item's new tokens (its rows `chunk_row0..` of `k` and `v`) to its
+    /// window at positions `len..` (`write_new_tokens`) and quantizes the group they push out of
+    /// the window (`AttnItem::flush`), and no `kv_window_write`, `kv_quantize` or
+    /// `kv_set_blocks` is launched for them.
     pub(super) write_new: u32,
     pub(super) items: [AttnItem; MAX_ITEMS],
 }

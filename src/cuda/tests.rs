@@ -744,10 +744,13 @@ fn simulated_decode_combines_its_own_splits() {
 /// own launch: into a page that already holds a group (two groups per page here) and into a new
 /// page, whose block-table entry it writes; no kv_quantize or kv_set_blocks is launched. A group
 /// whose page a fork shares needs a copy of the page first: that step queues the copy and the
-/// quantization after the attention launch instead. Pages and windows match the CPU cache's
-/// byte for byte after each part.
+/// quantization after the attention launch instead. A short chunk of queries (one launch of the
+/// tensor-core kernel, two items of rows here) appends its tokens and quantizes the group it
+/// pushes out in the same way when the tokens fit in the ring; a chunk that would overwrite a
+/// token still in the window is appended after the launch. Pages and windows match the CPU
+/// cache's byte for byte after each part.
 #[test]
-fn simulated_decode_quantizes_its_own_groups() {
+fn simulated_appends_in_the_attention_launch() {
     // G = 16, R = 16 (a ring of 32), 1 sink, two groups per page.
     let mut c = cfg(64, 2, (2, 4), 16, 16, 1, KeyMode::PerChannel, DType::F16, 32);
     c.n_layers = 1;
@@ -782,6 +785,44 @@ fn simulated_decode_quantizes_its_own_groups() {
     p.state("after copy-on-write");
     let (m, q, _) = counts();
     assert_eq!((m, q), (mma + 44, quants + 1), "(mma, kv_quantize) launches");
+    // Sequence 3: 16 tokens in its window, then chunks of 5 rows: 3 fit (31 tokens), the 4th
+    // would overwrite the oldest (its group 0 leaves, into a new page, after the launch).
+    p.append(0, 3, 17);
+    let (mma, quants, sets) = counts();
+    let writes = launches("kv_window_write");
+    for n in [5, 5, 5] {
+        p.append_attend(0, 3, n);
+    }
+    assert_eq!((counts(), launches("kv_window_write")), ((mma + 3, quants, sets), writes), "chunks that fit");
+    p.append_attend(0, 3, 5);
+    assert_eq!(
+        (counts(), launches("kv_window_write")),
+        ((mma + 4, quants + 1, sets + 1), writes + 1),
+        "one that does not"
+    );
+    p.state("after chunks");
+    // 20 tokens left; 25, 30, then 32: group 1 into group 0's page. 16 left; 21, 26, 31, 32:
+    // group 2 into a new page. All in the attention launches.
+    for n in [5, 5, 2, 5, 5, 5, 1] {
+        p.append_attend(0, 3, n);
+    }
+    assert_eq!(
+        (counts(), launches("kv_window_write")),
+        ((mma + 11, quants + 1, sets + 1), writes + 1),
+        "chunks that fit"
+    );
+    p.state("after chunks that fill the ring");
+    // 16 left; 21, 26, 31, then 2 more would overwrite the oldest by one: appended after the
+    // launch (group 3 into group 2's page).
+    for n in [5, 5, 5, 2] {
+        p.append_attend(0, 3, n);
+    }
+    assert_eq!(
+        (counts(), launches("kv_window_write")),
+        ((mma + 15, quants + 2, sets + 1), writes + 2),
+        "one token over"
+    );
+    p.state("after a chunk one token over");
 }
 
 #[test]

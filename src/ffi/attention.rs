@@ -241,7 +241,11 @@ pub unsafe extern "C" fn kivi_append(
 /// with an even stride (as cudaMalloc'd buffers and views of a fused QKV buffer at head
 /// boundaries are); other rows take a slower path, with the same results. The attention of a
 /// prompt with nothing quantized before it is one kernel launch when `out` is also 4-byte
-/// aligned with an even stride.
+/// aligned with an even stride. A chunk of fewer than 8 rows (draft tokens to verify, say) on
+/// tensor cores is one kernel launch, appending included, as a `kivi_decode()` step, when its
+/// tokens fit in the full-precision window's ring beside the tokens it holds (at most
+/// `residual + group_size` tokens there after the append); a chunk that does not fit queues its
+/// append after the attention.
 ///
 /// Errors: as `kivi_append()`, plus `KIVI_ERR_INVALID_ARGUMENT` for bad options. On any error
 /// the cache and `out` are unchanged.
