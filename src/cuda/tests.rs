@@ -785,44 +785,28 @@ fn simulated_appends_in_the_attention_launch() {
     p.state("after copy-on-write");
     let (m, q, _) = counts();
     assert_eq!((m, q), (mma + 44, quants + 1), "(mma, kv_quantize) launches");
-    // Sequence 3: 16 tokens in its window, then chunks of 5 rows: 3 fit (31 tokens), the 4th
-    // would overwrite the oldest (its group 0 leaves, into a new page, after the launch).
+    // Sequence 3: chunks of rows appended to it; then the (mma, kv_quantize, kv_set_blocks,
+    // kv_window_write) launches since it was made, and its pages and windows.
     p.append(0, 3, 17);
-    let (mma, quants, sets) = counts();
-    let writes = launches("kv_window_write");
-    for n in [5, 5, 5] {
-        p.append_attend(0, 3, n);
-    }
-    assert_eq!((counts(), launches("kv_window_write")), ((mma + 3, quants, sets), writes), "chunks that fit");
-    p.append_attend(0, 3, 5);
-    assert_eq!(
-        (counts(), launches("kv_window_write")),
-        ((mma + 4, quants + 1, sets + 1), writes + 1),
-        "one that does not"
-    );
-    p.state("after chunks");
+    let base = (counts(), launches("kv_window_write"));
+    let chunks = |p: &mut Pair<f16>, ns: &[usize], want: (usize, usize, usize, usize), what: &str| {
+        for &n in ns {
+            p.append_attend(0, 3, n);
+        }
+        let (((m, q, s), w), (m1, q1, s1)) = (base, counts());
+        assert_eq!((m1 - m, q1 - q, s1 - s, launches("kv_window_write") - w), want, "{what}");
+        p.state(what);
+    };
+    // 16 tokens in its window: 3 chunks of 5 fit (31 tokens), a 4th would overwrite the oldest
+    // (its group 0 leaves, into a new page, after the launch).
+    chunks(&mut p, &[5, 5, 5], (3, 0, 0, 0), "chunks that fit");
+    chunks(&mut p, &[5], (4, 1, 1, 1), "a chunk that does not");
     // 20 tokens left; 25, 30, then 32: group 1 into group 0's page. 16 left; 21, 26, 31, 32:
     // group 2 into a new page. All in the attention launches.
-    for n in [5, 5, 2, 5, 5, 5, 1] {
-        p.append_attend(0, 3, n);
-    }
-    assert_eq!(
-        (counts(), launches("kv_window_write")),
-        ((mma + 11, quants + 1, sets + 1), writes + 1),
-        "chunks that fit"
-    );
-    p.state("after chunks that fill the ring");
+    chunks(&mut p, &[5, 5, 2, 5, 5, 5, 1], (11, 1, 1, 1), "chunks that fill the ring");
     // 16 left; 21, 26, 31, then 2 more would overwrite the oldest by one: appended after the
     // launch (group 3 into group 2's page).
-    for n in [5, 5, 5, 2] {
-        p.append_attend(0, 3, n);
-    }
-    assert_eq!(
-        (counts(), launches("kv_window_write")),
-        ((mma + 15, quants + 2, sets + 1), writes + 2),
-        "one token over"
-    );
-    p.state("after a chunk one token over");
+    chunks(&mut p, &[5, 5, 5, 2], (15, 2, 1, 2), "a chunk one token over");
 }
 
 #[test]
