@@ -483,7 +483,7 @@ __device__ __forceinline__ void combine_block(const AttnParams& P) {
 // kv_quantize, queued after the launch) reads other slots.
 __device__ __forceinline__ void write_new_tokens(const AttnParams& P, u32 kvh) {
     const AttnItem it = attn_item(P, blockIdx.z);
-    elem_t* hw = P.windows + ((u64)it.slot * KV_NKV + kvh) * KV_WIN_HEAD;
+    elem_t* hw = head_window(P.windows, it.slot, kvh);
     for (u32 i = threadIdx.x; i < it.n_chunk * KV_HD; i += blockDim.x) {
         const u32 r = i / KV_HD, c = i % KV_HD;
         const i64 src = (i64)(it.chunk_row0 + r) * P.kv_stride + (i64)kvh * KV_HD + c;

@@ -83,8 +83,11 @@ __device__ __forceinline__ const u8* group_block(const u8* pages, const u32* blo
     return pages + (u64)page * KV_PAGE_BYTES + (u64)h * KV_HEAD_BYTES;
 }
 
-// The window of (slot, head) inside one layer's windows.
+// The window of (slot, head) inside one layer's windows (to read, or to write).
 __device__ __forceinline__ const elem_t* head_window(const elem_t* win_layer, u32 slot, u32 h) {
+    return win_layer + ((u64)slot * KV_NKV + h) * KV_WIN_HEAD;
+}
+__device__ __forceinline__ elem_t* head_window(elem_t* win_layer, u32 slot, u32 h) {
     return win_layer + ((u64)slot * KV_NKV + h) * KV_WIN_HEAD;
 }
 

@@ -964,9 +964,8 @@ __device__ __forceinline__ void flush_group(const AttnParams& P, u32 kvh) {
     if (!it.flush) return;
     const u32 g = it.quantized / KV_G;
     if (it.flush == 2 && kvh == 0 && threadIdx.x == 0) P.blocks[(u64)it.slot * KV_SEQ_PAGES + g / KV_GPP] = it.flush_page;
-    u8* blk = P.pages + (u64)it.flush_page * KV_PAGE_BYTES + (u64)kvh * KV_HEAD_BYTES;
     const TokenSource src = {head_window(P.windows, it.slot, kvh), P.k, P.v, P.kv_stride, kvh, it.len, it.chunk_row0};
-    quantize_group(src, blk, g % KV_GPP, KV_SINKS + g * KV_G);
+    quantize_group(src, P.pages, it.flush_page, g);
 }
 
 // grid (splits, kv heads * head chunks, items). Split 0 is the full-precision tokens on CUDA cores (the

@@ -155,10 +155,13 @@ __device__ void quantize_rows(const TokenSource& src, u32 p0, u8* codes, u8* sca
     }
 }
 
-// Quantizes the group of tokens p0 .. p0 + G - 1 (p0 = KV_SINKS + g * G) of one kv head into its
-// place gi (g % KV_GPP) of head block `blk`: keys per channel (or per token), then values per
-// token. Called by every thread of a block (any size), with the same arguments.
-__device__ __forceinline__ void quantize_group(const TokenSource& src, u8* blk, u32 gi, u32 p0) {
+// Quantizes quantized group g of a sequence (tokens p0 .. p0 + G - 1, p0 = KV_SINKS + g * G), kv
+// head src.h, into its place in page `page` of the layer's pool `pages`: keys per channel (or
+// per token), then values per token. Called by every thread of a block (any size), with the same
+// arguments.
+__device__ __forceinline__ void quantize_group(const TokenSource& src, u8* pages, u32 page, u32 g) {
+    u8* blk = pages + (u64)page * KV_PAGE_BYTES + (u64)src.h * KV_HEAD_BYTES;
+    const u32 gi = g % KV_GPP, p0 = KV_SINKS + g * KV_G;
 #if KV_KEY_PER_TOKEN
     quantize_rows<KV_KB>(src, p0, blk + KV_K_CODES, blk + KV_K_SCALE, blk + KV_K_ZERO, gi, false);
 #else

@@ -18,9 +18,8 @@ extern "C" __global__ void kv_set_blocks(const SetBlocksParams P) {
     for (u32 i = threadIdx.x; i < P.n; i += blockDim.x) P.blocks[P.pairs[2 * i]] = P.pairs[2 * i + 1];
 }
 
-// Groups g0 .. g0 + n_groups of one sequence leave the window. Token p of a group comes from the
-// ring when p < len_old (it was stored before this append) and from input row
-// chunk_row0 + (p - len_old) otherwise.
+// Groups g0 .. g0 + n_groups of one sequence leave the window; their tokens come from the ring
+// or the input rows as TokenSource (quant.cuh) reads them, given len_old and chunk_row0.
 struct FlushItem {
     u32 slot, g0, n_groups, len_old, chunk_row0, pad;
 };
@@ -43,10 +42,8 @@ extern "C" __global__ void kv_quantize(const QuantParams P) {
     if (n >= P.n_items) return;
     const FlushItem it = P.items[n];
     const u32 g = it.g0 + x, h = blockIdx.y;
-    const u32 page = P.blocks[(u64)it.slot * KV_SEQ_PAGES + g / KV_GPP];
-    u8* blk = P.pages + (u64)page * KV_PAGE_BYTES + (u64)h * KV_HEAD_BYTES;
     const TokenSource src = {head_window(P.windows, it.slot, h), P.k, P.v, P.kv_stride, h, it.len_old, it.chunk_row0};
-    quantize_group(src, blk, g % KV_GPP, KV_SINKS + g * KV_G);
+    quantize_group(src, P.pages, P.blocks[(u64)it.slot * KV_SEQ_PAGES + g / KV_GPP], g);
 }
 
 // Input rows row0 .. row0 + n go to positions pos0 .. pos0 + n of a sequence's window.
@@ -70,7 +67,7 @@ extern "C" __global__ void kv_window_write(const WriteParams P) {
     if (n >= P.n_items) return;
     const WriteItem it = P.items[n];
     const u32 h = blockIdx.y, pos = it.pos0 + x;
-    elem_t* hw = P.windows + ((u64)it.slot * KV_NKV + h) * KV_WIN_HEAD;
+    elem_t* hw = head_window(P.windows, it.slot, h);
     const i64 src = (i64)(it.row0 + x) * P.kv_stride + (i64)h * KV_HD;
     elem_t* kd = hw + window_row(pos, false);
     elem_t* vd = hw + window_row(pos, true);
@@ -100,7 +97,7 @@ extern "C" __global__ void kv_unquantize(const UnquantParams P) {
     const u32 h = blockIdx.x;
     u32 gi;
     const u8* blk = group_block(P.pages, P.blocks + (u64)P.slot * KV_SEQ_PAGES, P.g, h, &gi);
-    elem_t* hw = P.windows + ((u64)P.slot * KV_NKV + h) * KV_WIN_HEAD;
+    elem_t* hw = head_window(P.windows, P.slot, h);
     for (u32 i = threadIdx.x; i < P.partial * KV_HD; i += blockDim.x) {
         u32 t = i / KV_HD, c = i % KV_HD;
         u32 ring = ((P.g * KV_G + t) % KV_RING) * KV_HD;
