@@ -74,6 +74,11 @@ struct AttnParams {
     // quantizes the group they push out (AttnItem.flush), so that no kv_window_write, kv_quantize
     // or kv_set_blocks is launched for them.
     u32 write_new;
+    // kv_decode_mma (fp_only 1): its splits 0 .. fp_splits - 1 take the full-precision tokens,
+    // fp_ups units (32 tokens) each, or all of them in split 0 when fp_ups is 0; the splits
+    // after them take the quantized groups. (Launches of one wave split them, so that split 0
+    // does not outlast the others.)
+    u32 fp_splits, fp_ups;
     AttnItem items[KV_MAX_ITEMS];
 };
 
@@ -381,9 +386,9 @@ __device__ __forceinline__ void attn_block_in(const AttnParams& P, AttnShared& s
     const u32 n_fp = n_sink + (it.len - ws) + it.n_chunk;
     const u32 n_units = n_groups + (n_fp + 31) / 32;
     // fp_only: the quantized groups are the tensor-core blocks' (decode_mma.cuh); this block
-    // (split 0 of kv_decode_mma) does the full-precision tokens.
-    const u32 u_begin = P.fp_only ? n_groups : split * P.ups;
-    const u32 u_end = P.fp_only ? n_units : min(n_units, u_begin + P.ups);
+    // (split 0 of kv_decode_mma, or one of its first fp_splits) does full-precision tokens.
+    const u32 u_begin = P.fp_only ? n_groups + split * P.fp_ups : split * P.ups;
+    const u32 u_end = !P.fp_only ? min(n_units, u_begin + P.ups) : P.fp_ups ? min(n_units, u_begin + P.fp_ups) : n_units;
     const u32* blocks = P.blocks + (u64)it.slot * KV_SEQ_PAGES;
     const elem_t* hw = head_window(P.windows, it.slot, kvh);
     const int lo_min = sh.lo_min, hi_max = sh.hi_max;
@@ -445,32 +450,118 @@ __device__ __forceinline__ void attn_block(const AttnParams& P) {
     attn_block_in(P, sh);
 }
 
-// Merges the n_splits partial states of item z's query row r, head `head` into its output row,
-// channels split over the block's threads. CG: the states were written by other blocks of the
-// running kernel (read through L2).
+// Merges the n_splits partial states of nvec vectors of item z (vector v: query row r0 + v / nh,
+// head h0 + v % nh) into their output rows. CG: the states were written by other blocks of the
+// running kernel (read through L2). ws: `floats` floats of shared memory, at least 2 * KV_NQ + nvec.
+// Every load of a pass is independent of the others, so that a block waits for about three
+// round trips to L2 whatever the splits and vectors: one warp per vector finds its maximum and
+// sum in one pass (pairs merged online, then across the warp); the vectors' weights of a tile
+// of splits go to shared memory; the threads, over (vector, channel), then sum the tile's
+// states, all vectors' loads of a split issued together.
+// (KV_COMBINE_TILE: at most that many splits a tile, for tests of the tiles.)
+#ifndef KV_COMBINE_TILE
+#define KV_COMBINE_TILE 0
+#endif
 template <bool CG>
-__device__ __forceinline__ void combine_vector(const AttnParams& P, const AttnItem& it, u32 z, u32 r, u32 head) {
-    const float* src = P.part + (((u64)z * P.qt + r) * P.n_q_heads + head) * P.n_splits * (KV_HD + 2);
+__device__ __forceinline__ void combine_vectors(const AttnParams& P, const AttnItem& it, u32 z, u32 r0, u32 h0, u32 nh,
+                                                u32 nvec, float* ws, u32 floats) {
     auto ld = [](const float* p) { return CG ? ld_cg(p) : *p; };
-    float m = KV_NEG_INF;
-    for (u32 s = 0; s < P.n_splits; s++) m = fmaxf(m, ld(src + s * (KV_HD + 2)));
-    float l = 0.0f;
-    for (u32 s = 0; s < P.n_splits; s++) l += ld(src + s * (KV_HD + 2) + 1) * exp_diff(ld(src + s * (KV_HD + 2)), m);
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    elem_t* o = P.out + (i64)(it.q_row0 + r) * P.out_stride + (i64)head * KV_HD;
-    for (u32 c = threadIdx.x; c < KV_HD; c += blockDim.x) {
-        float a = 0.0f;
-        for (u32 s = 0; s < P.n_splits; s++) a += ld(src + s * (KV_HD + 2) + 2 + c) * exp_diff(ld(src + s * (KV_HD + 2)), m);
-        o[c] = to_elem(a * inv);
+    constexpr u32 ROW = KV_HD + 2, PER = (KV_NQ * KV_HD + KV_THREADS - 1) / KV_THREADS;
+    constexpr u32 UNR = PER >= 32 ? 1 : 32 / PER;
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n = P.n_splits;
+    float* wm = ws;            // [KV_NQ] each vector's maximum
+    float* wl = ws + KV_NQ;    // [KV_NQ] and the inverse of its sum
+    float* w = ws + 2 * KV_NQ;  // [nvec][tile] the weights of a tile's splits
+    const u32 tile = KV_COMBINE_TILE ? min((u32)KV_COMBINE_TILE, (floats - 2 * KV_NQ) / nvec) : (floats - 2 * KV_NQ) / nvec;
+    auto states = [&](u32 v) {
+        return P.part + (((u64)z * P.qt + r0 + v / nh) * P.n_q_heads + h0 + v % nh) * n * ROW;
+    };
+    for (u32 v = warp; v < nvec; v += KV_WARPS) {
+        const float* src = states(v);
+        float m = KV_NEG_INF, l = 0.0f;
+        for (u32 s = lane; s < n; s += 32) {
+            const float ms = ld(src + s * ROW), ls = ld(src + s * ROW + 1), mm = fmaxf(m, ms);
+            l = l * exp_diff(m, mm) + ls * exp_diff(ms, mm);
+            m = mm;
+        }
+#pragma unroll
+        for (u32 o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+            const float mm = fmaxf(m, m2);
+            l = l * exp_diff(m, mm) + l2 * exp_diff(m2, mm);
+            m = mm;
+        }
+        if (lane == 0) {
+            wm[v] = m;
+            wl[v] = l > 0.0f ? 1.0f / l : 0.0f;
+        }
+    }
+    // This thread's outputs: (vector, channel) pairs tid + k * KV_THREADS for k < kn (the same
+    // kn for every thread when KV_THREADS divides nvec * KV_HD, as it does at head_dim 128);
+    // any others point at vector 0's states and are not stored.
+    const u32 kn = (nvec * KV_HD + KV_THREADS - 1) / KV_THREADS;
+    const float* base[PER];
+    u32 wrow[PER];
+    float acc[PER];
+#pragma unroll
+    for (u32 k = 0; k < PER; k++) {
+        const u32 i = tid + k * KV_THREADS, v = i < nvec * KV_HD ? i / KV_HD : 0;
+        base[k] = states(v) + 2 + i % KV_HD;
+        wrow[k] = v * tile;
+        acc[k] = 0.0f;
+    }
+    for (u32 s0 = 0; s0 < n; s0 += tile) {
+        const u32 ns = min(tile, n - s0);
+        __syncthreads();  // the maxima and sums written; the last tile's weights read
+        // The weights, four loads in flight per thread before any store.
+        for (u32 i0 = tid; i0 < nvec * ns; i0 += 4 * KV_THREADS) {
+            float m[4];
+#pragma unroll
+            for (u32 j = 0; j < 4; j++) {
+                const u32 i = min(i0 + j * KV_THREADS, nvec * ns - 1);
+                m[j] = ld(states(i / ns) + (s0 + i % ns) * ROW);
+            }
+#pragma unroll
+            for (u32 j = 0; j < 4; j++) {
+                const u32 i = i0 + j * KV_THREADS, v = i / ns;
+                if (i < nvec * ns) w[v * tile + i % ns] = exp_diff(m[j], wm[v]) * wl[v];
+            }
+        }
+        __syncthreads();
+        // The states, UNR splits of every output at a time (about 32 loads in flight; past the
+        // tile's end nothing is loaded and the last weight is read in vain).
+        for (u32 s = 0; s < ns; s += UNR) {
+            float x[UNR][PER];
+#pragma unroll
+            for (u32 j = 0; j < UNR; j++) {
+#pragma unroll
+                for (u32 k = 0; k < PER; k++) {
+                    x[j][k] = k < kn && s + j < ns ? ld(base[k] + (u64)(s0 + s + j) * ROW) : 0.0f;
+                }
+            }
+#pragma unroll
+            for (u32 j = 0; j < UNR; j++) {
+#pragma unroll
+                for (u32 k = 0; k < PER; k++) acc[k] += x[j][k] * w[wrow[k] + min(s + j, ns - 1)];
+            }
+        }
+    }
+#pragma unroll
+    for (u32 k = 0; k < PER; k++) {
+        const u32 i = tid + k * KV_THREADS, v = i / KV_HD, c = i % KV_HD;
+        if (i < nvec * KV_HD) {
+            P.out[(i64)(it.q_row0 + r0 + v / nh) * P.out_stride + (i64)(h0 + v % nh) * KV_HD + c] = to_elem(acc[k]);
+        }
     }
 }
 
 // Combines the splits of one (item, query row, query head): grid (n_q_heads, qt, items).
 __device__ __forceinline__ void combine_block(const AttnParams& P) {
+    __shared__ float ws[2 * KV_NQ + 256];
     const AttnItem it = attn_item(P, blockIdx.z);
     const u32 r = blockIdx.y, head = blockIdx.x;
     if (r >= it.n_q) return;
-    combine_vector<false>(P, it, blockIdx.z, r, head);
+    combine_vectors<false>(P, it, blockIdx.z, r, head, 1, 1, ws, 2 * KV_NQ + 256);
 }
 
 // A decode step's append, or a short chunk's, done by the attention launch (P.write_new;
@@ -497,7 +588,7 @@ __device__ __forceinline__ void write_new_tokens(const AttnParams& P, u32 kvh) {
 // partial state is written, it counts itself in for its (item, blockIdx.y); the last of the
 // n_splits blocks to do so merges them into the output rows, and sets the counter back to zero
 // for the next launch (which the stream orders after this one). Saves the combine's launch.
-__device__ __forceinline__ void combine_last(const AttnParams& P, u32 h0, u32 nh) {
+__device__ __forceinline__ void combine_last(const AttnParams& P, u32 h0, u32 nh, float* ws, u32 floats) {
     __shared__ u32 last;
     fence_gpu();  // every thread's partial state before the count
     __syncthreads();
@@ -511,5 +602,5 @@ __device__ __forceinline__ void combine_last(const AttnParams& P, u32 h0, u32 nh
     if (!last) return;
     fence_gpu();  // the other blocks' states after their counts
     const AttnItem it = attn_item(P, blockIdx.z);
-    for (u32 v = 0; v < nh * it.n_q; v++) combine_vector<true>(P, it, blockIdx.z, v / nh, h0 + v % nh);
+    combine_vectors<true>(P, it, blockIdx.z, 0, h0, nh, nh * it.n_q, ws, floats);
 }

@@ -968,9 +968,10 @@ __device__ __forceinline__ void flush_group(const AttnParams& P, u32 kvh) {
     quantize_group(src, P.pages, it.flush_page, g);
 }
 
-// grid (splits, kv heads * head chunks, items). Split 0 is the full-precision tokens on CUDA cores (the
-// body of kv_decode_attn with fp_only set); splits 1.. take `ups` quantized groups each on tensor
-// cores. Both kinds of block share one shared-memory area.
+// grid (splits, kv heads * head chunks, items). Splits 0 .. fp_splits - 1 are the full-precision
+// tokens on CUDA cores (the body of kv_decode_attn with fp_only set; one split, or fp_ups units
+// each in launches of one wave); the splits after them take `ups` quantized groups each on
+// tensor cores. Both kinds of block share one shared-memory area.
 #define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
 // Blocks per multiprocessor the registers are budgeted for: three (168 registers), unless
 // KV_MMA_BLOCKS says otherwise. Four (128 registers, no spills at the benchmark's shapes) took
@@ -987,15 +988,15 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;
     const u32 kvh = blockIdx.y / hchunks, hci = blockIdx.y % hchunks;
     const u32 h0 = kvh * P.ratio + hci * P.hc, nh = min(P.hc, P.ratio - hci * P.hc);
-    if (blockIdx.x == 0) {
+    if (blockIdx.x < P.fp_splits) {
         // fp_only 2: kv_prefill_fp (prefill_mma.cuh) does the full-precision tokens.
         if (P.fp_only != 2) attn_block_in(P, *(AttnShared*)smem);
         // (A chunk's rows are several items of one sequence: the first appends.)
-        if (P.write_new && hci == 0 && (P.n_rows == 0 || blockIdx.z == 0)) {
+        if (P.write_new && blockIdx.x == 0 && hci == 0 && (P.n_rows == 0 || blockIdx.z == 0)) {
             write_new_tokens(P, kvh);
             flush_group(P, kvh);
         }
-        if (P.counts) combine_last(P, h0, nh);
+        if (P.counts) combine_last(P, h0, nh, (float*)smem, MMA_SMEM / 4);
         return;
     }
     MmaShared& sh = *(MmaShared*)smem;
@@ -1065,7 +1066,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
 #endif
 
     const u32 n_groups = it.quantized / KV_G;
-    const u32 gb = (blockIdx.x - 1) * P.ups;
+    const u32 gb = (blockIdx.x - P.fp_splits) * P.ups;
     const u32 ge = min(n_groups, gb + P.ups);
     const u32* blocks = P.blocks + (u64)it.slot * KV_SEQ_PAGES;
     // The softcap's tanh stays out of the loop that does not need it.
@@ -1166,7 +1167,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decod
         }
         dst[2 + c] = a;
     }
-    if (P.counts) combine_last(P, h0, nh);
+    if (P.counts) combine_last(P, h0, nh, (float*)smem, MMA_SMEM / 4);
 #endif
 }
 #endif

@@ -11,7 +11,8 @@
 # the defaults side by side at 32k tokens, batches 1 and 16 (gpu_check variants: the transposed
 # loop one group per iteration, the untransposed loop, kv_prefill_q without the folded f16 keys,
 # and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
-# the noise; the combine as a kernel of its own), and attention over whole prompts against
+# the noise; the combine as a kernel of its own; small launches split as large ones, the
+# earlier choice, which batch 1 shows), and attention over whole prompts against
 # causal SDPA. Needs no Rust: build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
@@ -123,7 +124,7 @@ echo "== variants of the tensor-core kernels against the defaults, alternating, 
 # (Skipped when the check failed: its reruns above take the time.)
 [ "$check_rc" = 0 ] && within 75 100 "$BIN" variants --contexts 32768 --batches 1,16 --prefill \
   --variant pipe0=-DKV_MMA_PIPE=0 --variant untransposed=-DKV_MMA_T=0 --variant pqfold0=-DKV_PQ_FOLD=0 \
-  --variant pq3=-DKV_PQ_BLOCKS=3 --variant unfused=KIVI_CUDA_FUSED_COMBINE=0 \
+  --variant pq3=-DKV_PQ_BLOCKS=3 --variant unfused=KIVI_CUDA_FUSED_COMBINE=0 --variant wave4=KIVI_CUDA_ONE_WAVE=0 \
   > "$OUT/variants.jsonl" 2> "$OUT/variants.log"
 touch "$OUT/variants.jsonl"
 python3 - "$OUT/variants.jsonl" <<'PY'

@@ -39,37 +39,85 @@ pub(super) fn no_mma(nq: usize) -> Error {
     Error::BackendUnavailable(format!("CUDA: the decode module for {nq} query vectors has no tensor-core kernel"))
 }
 
-/// How the tensor-core kernel splits the quantized groups: `(ups, n)`, `n` splits of `ups`
-/// groups for each of the `blocks_per_split` (item, kv head, head chunk) triples, for
-/// `max_groups` groups (the longest item's), when `slots` blocks fit on the device at once.
+/// How a tensor-core launch splits its work ([`mma_splits`]): `fp` splits of the full-precision
+/// tokens, `fp_ups` units of 32 each (0 when `fp` is 1: all in split 0), then `n` splits of `ups`
+/// quantized groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MmaSplit {
+    pub fp: usize,
+    pub fp_ups: usize,
+    pub ups: usize,
+    pub n: usize,
+}
+
+/// Full-precision units (32 tokens) per split where they take several: one per warp.
+const FP_SPLIT_UNITS: usize = 4;
+
+/// How the tensor-core kernel splits its work, for `max_groups` quantized groups and `fp_units`
+/// units of full-precision tokens (the longest item's of each) and `blocks_per_split` (item, kv
+/// head, head chunk) triples, when `slots` blocks fit on the device at once and the scratch area
+/// holds `max_splits + 1` splits.
 ///
-/// Enough blocks for `WAVES` times the slots, so that the last, partial wave is a small part of
-/// the call (the blocks of split 0, the full-precision tokens, finish early and leave their
-/// slots to the others); but at least `MIN_GROUPS` groups per block, so that what a block costs
-/// besides its groups (reading the queries, waiting for its first group, merging its warps)
-/// stays small; and at most `max_splits` (the scratch area's room for partial results). On an
-/// H200 this took 0.88 to 0.99 of the time of the earlier choice, about one wave of blocks
-/// (BENCHMARKS.md has the sweep).
+/// The full-precision tokens take split 0, and the quantized groups enough splits for `WAVES`
+/// times the slots, so that the last, partial wave is a small part of the call (the blocks of
+/// split 0 finish early and leave their slots to the others); but at least `MIN_GROUPS` groups
+/// per block, so that what a block costs besides its groups (reading the queries, waiting for
+/// its first group, merging its warps) stays small; and at most `max_splits`. On an H200 this
+/// took 0.88 to 0.99 of the time of the earlier choice, about one wave of blocks (BENCHMARKS.md
+/// has the sweep, at batches 16 and 64).
 ///
-/// `KIVI_CUDA_SPLITS=N` asks for N splits instead (still at most `max_splits` and
-/// `max_groups`), for measuring this choice.
+/// Where that makes fewer than two waves (a decode step of one sequence, or of a few short
+/// ones), a call lasts as long as its longest blocks, twice that when a second wave is left over,
+/// and a block's own costs are paid by all blocks at once. Such a launch gives its
+/// full-precision tokens one unit per warp (`fp` splits of 4 units: at R = 128 a decode step's
+/// window, sinks and new token are 5 or 6 units, so 2 splits, where one warp of split 0 did two
+/// units), and its quantized groups the smallest blocks that one wave holds beside them, of at
+/// least `ONE_WAVE_GROUPS` groups (two per warp; the last block takes what is left). At 32768
+/// tokens, 8 kv heads and 396 slots (an H100 or H200 at 3 blocks per multiprocessor), 47 splits
+/// of 22 groups instead of 60 of 17 in a wave and a quarter; at 4096 tokens, 16 splits of 8
+/// groups instead of 7 of 18.
+///
+/// `KIVI_CUDA_SPLITS=N` asks for N quantized splits instead (still at most `max_splits` and
+/// `max_groups`, the full-precision tokens in split 0), for measuring this choice; `one_wave`
+/// false (`KIVI_CUDA_ONE_WAVE=0`, read when a cache is made) splits small launches as large
+/// ones.
 pub(crate) fn mma_splits(
     max_groups: usize,
+    fp_units: usize,
     blocks_per_split: usize,
     slots: usize,
     max_splits: usize,
-) -> (usize, usize) {
+    one_wave: bool,
+) -> MmaSplit {
     const WAVES: usize = 4;
     const MIN_GROUPS: usize = 16;
+    const ONE_WAVE_GROUPS: usize = 8;
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
-    if max_groups == 0 {
-        return (1, 0);
-    }
     let forced = *FORCED.get_or_init(|| std::env::var("KIVI_CUDA_SPLITS").ok().and_then(|v| v.parse().ok()));
-    let n = forced.unwrap_or_else(|| (WAVES * slots).div_ceil(blocks_per_split.max(1)).min(max_groups / MIN_GROUPS));
-    let n = n.clamp(1, max_splits.clamp(1, max_groups));
+    let bps = blocks_per_split.max(1);
+    let four = (WAVES * slots).div_ceil(bps).min(max_groups / MIN_GROUPS).max(1);
+    let small = forced.is_none() && one_wave && (four + 1) * bps < 2 * slots;
+    let quantized = (max_groups > 0) as usize;
+    // Full-precision splits: those of one unit per warp that fit in the wave and the scratch
+    // area beside one quantized split.
+    let room = (slots / bps).min(max_splits + 1).saturating_sub(quantized).max(1);
+    let fp = if small { fp_units.div_ceil(FP_SPLIT_UNITS).clamp(1, room) } else { 1 };
+    // (Where the wave holds fewer, their units shared evenly.)
+    let fp_ups = if fp > 1 { fp_units.div_ceil(fp) } else { 0 };
+    if max_groups == 0 {
+        return MmaSplit { fp, fp_ups, ups: 1, n: 0 };
+    }
+    let n = match forced {
+        Some(n) => n,
+        None if small => {
+            let wave = (slots / bps).saturating_sub(fp).max(1);
+            max_groups.div_ceil(max_groups.div_ceil(wave).max(ONE_WAVE_GROUPS))
+        }
+        None => four,
+    };
+    let n = n.clamp(1, (max_splits + 1 - fp).clamp(1, max_groups));
     let ups = max_groups.div_ceil(n);
-    (ups, max_groups.div_ceil(ups))
+    MmaSplit { fp, fp_ups, ups, n: max_groups.div_ceil(ups) }
 }
 
 #[cfg(test)]
@@ -77,6 +125,8 @@ thread_local! {
     /// Tests: at most this many items per launch of one sequence's rows (where the scratch area
     /// bounds them), so that small chunks take several launches.
     pub(super) static ROW_ITEMS: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    /// Tests: the most full-precision splits a launch of this thread has had.
+    pub(super) static FP_SPLITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// What one attention call attends for: sequences of a decode step, one item each (whose new
@@ -314,14 +364,14 @@ impl CudaCache {
         for (chunk, launch_rows) in &launches {
             // Items of the launch (those of one sequence's rows are alike but for their rows).
             let n_items = if *launch_rows > 0 { launch_rows.div_ceil(qt) } else { chunk.len() };
-            let units = |it: &AttnItem| {
-                let n_groups = it.quantized as usize / lay.group;
+            // An item's units of full-precision tokens (sinks, window, new tokens; 32 each).
+            let fp_units = |it: &AttnItem| {
                 let len = it.len as usize;
                 let n_sink = len.min(lay.sinks);
                 let ws = (lay.sinks + it.quantized as usize).min(len);
-                let n_fp = n_sink + (len - ws) + it.n_chunk as usize;
-                n_groups + n_fp.div_ceil(32)
+                (n_sink + (len - ws) + it.n_chunk as usize).div_ceil(32)
             };
+            let units = |it: &AttnItem| it.quantized as usize / lay.group + fp_units(it);
             let max_units = chunk.iter().map(units).max().unwrap_or(0).max(1);
             let blocks_per_split = n_items * nkv * hchunks;
             let want = (8 * sms).div_ceil(blocks_per_split).clamp(1, max_units);
@@ -359,6 +409,8 @@ impl CudaCache {
                 fp_only: 0,
                 n_rows: *launch_rows as u32,
                 write_new: 0,
+                fp_splits: 1,
+                fp_ups: 0,
                 items: [AttnItem::default(); MAX_ITEMS],
             };
             p.items[..chunk.len()].copy_from_slice(chunk);
@@ -373,19 +425,32 @@ impl CudaCache {
             // (Only such launches were sized past the scratch area.)
             debug_assert!(direct || per_item * n_items <= SCRATCH_BYTES, "{n_items} items overflow the scratch area");
             if mma && (cap >= 2 || direct) {
-                // Split 0 takes the full-precision tokens, splits 1.. take `ups` quantized groups
-                // each on tensor cores. Decode, and chunks of fewer than FP_MIN_ROWS rows: one
+                // Split 0 (or the first few, in launches of one wave) takes the full-precision
+                // tokens, the splits after it `ups` quantized groups each on tensor cores. Decode, and chunks of fewer than FP_MIN_ROWS rows: one
                 // kv_decode_mma launch, its split 0 on CUDA cores. Larger chunks: 64 query vectors
                 // per block, kv_prefill_fp for split 0 and kv_prefill_q for the others (or
                 // kv_decode_mma, `KIVI_CUDA_PREFILL_Q=0`).
                 let fp_q = fp && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
                 let row_blocks = n_rows.div_ceil(FP_VECTORS / hc);
-                let (ups, n) = match fp_q {
-                    true => mma_splits(max_groups, row_blocks * nkv * hchunks, self.prefill_q_slots(nq)?, cap - 1),
-                    false => mma_splits(max_groups, blocks_per_split, self.mma_slots(nq)?, cap - 1),
+                // (Where kv_prefill_fp takes the full-precision tokens, they are one split.)
+                let split = match fp_q {
+                    true => {
+                        let slots = self.prefill_q_slots(nq)?;
+                        mma_splits(max_groups, 0, row_blocks * nkv * hchunks, slots, cap - 1, self.one_wave)
+                    }
+                    false => {
+                        let fp_units = if fp { 0 } else { chunk.iter().map(fp_units).max().unwrap_or(0) };
+                        mma_splits(max_groups, fp_units, blocks_per_split, self.mma_slots(nq)?, cap - 1, self.one_wave)
+                    }
                 };
-                p.ups = ups as u32;
-                p.n_splits = 1 + n as u32;
+                let n = split.n;
+                debug_assert!(split.fp == 1 || (!fp && !fp_q));
+                p.ups = split.ups as u32;
+                p.n_splits = (split.fp + n) as u32;
+                p.fp_splits = split.fp as u32;
+                p.fp_ups = split.fp_ups as u32;
+                #[cfg(test)]
+                FP_SPLITS.set(FP_SPLITS.get().max(split.fp));
                 p.fp_only = if direct {
                     3
                 } else if fp {

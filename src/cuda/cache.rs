@@ -153,6 +153,8 @@ pub struct CudaCache {
     off_counts: u64,
     /// Whether `kv_decode_mma` launches combine their own splits (`AttnParams.counts`).
     pub(super) fused_combine: bool,
+    /// Whether tensor-core launches of under two waves take one wave of splits (`mma_splits`).
+    pub(super) one_wave: bool,
     /// The append module's spec (the simulator compiles from it).
     #[cfg(any(test, feature = "sim"))]
     quant_spec: Spec,
@@ -299,6 +301,8 @@ impl CudaCache {
             // KIVI_CUDA_FUSED_COMBINE=0: decode launches the combine as a kernel of its own
             // (read when the cache is made, for measuring one against the other).
             fused_combine: std::env::var_os("KIVI_CUDA_FUSED_COMBINE").is_none_or(|v| v != "0"),
+            // KIVI_CUDA_ONE_WAVE=0: small launches split as large ones do (the same).
+            one_wave: std::env::var_os("KIVI_CUDA_ONE_WAVE").is_none_or(|v| v != "0"),
             #[cfg(any(test, feature = "sim"))]
             quant_spec,
             quant_fns,

@@ -622,7 +622,10 @@ unsafe fn attn_block(k: &K, p: &AttnParams, nq: usize, split: usize, y: usize, z
     let n_fp = n_sink + (len - ws) + it.n_chunk as usize;
     let n_units = n_groups + n_fp.div_ceil(32);
     let (u_begin, u_end) = if p.fp_only != 0 {
-        (n_groups, n_units)
+        match p.fp_ups as usize {
+            0 => (n_groups, n_units),
+            f => (n_groups + split * f, n_units.min(n_groups + split * f + f)),
+        }
     } else {
         (split * p.ups as usize, n_units.min(split * p.ups as usize + p.ups as usize))
     };

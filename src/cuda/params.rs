@@ -74,6 +74,11 @@ pub(crate) struct AttnParams {
     /// the window (`AttnItem::flush`), and no `kv_window_write`, `kv_quantize` or
     /// `kv_set_blocks` is launched for them.
     pub(super) write_new: u32,
+    /// `kv_decode_mma` with `fp_only` 1: its splits `0..fp_splits` take the full-precision
+    /// tokens, `fp_ups` units of 32 each (all in split 0 when `fp_ups` is 0); its quantized
+    /// splits come after them.
+    pub(super) fp_splits: u32,
+    pub(super) fp_ups: u32,
     pub(super) items: [AttnItem; MAX_ITEMS],
 }
 

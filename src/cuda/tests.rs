@@ -687,7 +687,9 @@ fn simulated_kernels_on_ucontext_fibers() {
 /// CPU cache, over long contexts (many groups per warp, so that the ring of buffers turns).
 #[test]
 fn simulated_tensor_core_variants() {
-    for (name, value) in [("KV_MMA_STAGES", 3), ("KV_MMA_BLOCKS", 4), ("KV_MMA_T", 0), ("KV_MMA_PIPE", 0)] {
+    for (name, value) in
+        [("KV_MMA_STAGES", 3), ("KV_MMA_BLOCKS", 4), ("KV_MMA_T", 0), ("KV_MMA_PIPE", 0), ("KV_COMBINE_TILE", 2)]
+    {
         let before = sim::launches_of("kv_decode_mma");
         sim::with_defines(&[(name, value)], || long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 2000 }));
         assert!(sim::launches_of("kv_decode_mma") > before, "{name}={value}: the tensor-core path never ran");
@@ -702,41 +704,75 @@ fn simulated_tensor_core_variants() {
 /// decode step creates (its first token a sink), one whose keys leave the window in a step (into
 /// a new page), steps one after another (the counters must be zero again), GQA ratios 4 (the
 /// transposed loop) and 12 (two blocks per kv head: only the first quantizes), and the same with
-/// the combine as a kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`).
+/// the combine as a kernel of its own (`KIVI_CUDA_FUSED_COMBINE=0`); both also with the
+/// splits merged one at a time (`KV_COMBINE_TILE`: two tiles here).
 #[test]
 fn simulated_decode_combines_its_own_splits() {
-    for nqh in [8, 24] {
+    for (nqh, tile) in [(8, 0), (24, 0), (8, 1), (24, 1)] {
         for fused in [true, false] {
-            let mut c = cfg(128, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::F16, 0);
-            c.n_layers = 1;
-            c.max_seqs = 4;
-            let mut p = Pair::<f16>::new(SIM, c, nqh, AttnOptions::default());
-            p.gpu.fused_combine = fused;
-            // Windows of 43, 62 (two steps from leaving: 64 = R + G) and 41 tokens.
-            for (seq, n) in [(0, 1900), (1, 703), (2, 170)] {
-                p.append(0, seq, n);
-            }
-            let launches = |name| sim::launches_of(name);
-            let (combines, mma, writes, quants, sets) = (
-                launches("kv_decode_combine"),
-                launches("kv_decode_mma"),
-                launches("kv_window_write"),
-                launches("kv_quantize"),
-                launches("kv_set_blocks"),
-            );
-            for _ in 0..3 {
-                p.decode(0, &[0, 1, 2]);
-            }
-            p.decode(0, &[2, 3, 0]);
-            assert_eq!(launches("kv_decode_mma") - mma, 4, "{nqh} query heads: not on tensor cores");
-            let launched = launches("kv_decode_combine") - combines;
-            assert_eq!(launched, if fused { 0 } else { 4 }, "{nqh} query heads, fused {fused}: combines launched");
-            assert_eq!(launches("kv_window_write") - writes, 0, "{nqh} query heads: window writes launched");
-            // Sequence 1's group leaves the window in the attention launch, into a new page.
-            assert_eq!(launches("kv_quantize") - quants, 0, "{nqh} query heads: quantization launched");
-            assert_eq!(launches("kv_set_blocks") - sets, 0, "{nqh} query heads: block tables set apart");
-            p.state("after decode");
+            sim::with_defines(&[("KV_COMBINE_TILE", tile)], || decode_combines_its_own_splits(nqh, fused));
         }
+    }
+}
+
+fn decode_combines_its_own_splits(nqh: usize, fused: bool) {
+    let mut c = cfg(128, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::F16, 0);
+    c.n_layers = 1;
+    c.max_seqs = 4;
+    let mut p = Pair::<f16>::new(SIM, c, nqh, AttnOptions::default());
+    p.gpu.fused_combine = fused;
+    // Windows of 43, 62 (two steps from leaving: 64 = R + G) and 41 tokens.
+    for (seq, n) in [(0, 1900), (1, 703), (2, 170)] {
+        p.append(0, seq, n);
+    }
+    let launches = |name| sim::launches_of(name);
+    let (combines, mma, writes, quants, sets) = (
+        launches("kv_decode_combine"),
+        launches("kv_decode_mma"),
+        launches("kv_window_write"),
+        launches("kv_quantize"),
+        launches("kv_set_blocks"),
+    );
+    for _ in 0..3 {
+        p.decode(0, &[0, 1, 2]);
+    }
+    p.decode(0, &[2, 3, 0]);
+    assert_eq!(launches("kv_decode_mma") - mma, 4, "{nqh} query heads: not on tensor cores");
+    let launched = launches("kv_decode_combine") - combines;
+    assert_eq!(launched, if fused { 0 } else { 4 }, "{nqh} query heads, fused {fused}: combines launched");
+    assert_eq!(launches("kv_window_write") - writes, 0, "{nqh} query heads: window writes launched");
+    // Sequence 1's group leaves the window in the attention launch, into a new page.
+    assert_eq!(launches("kv_quantize") - quants, 0, "{nqh} query heads: quantization launched");
+    assert_eq!(launches("kv_set_blocks") - sets, 0, "{nqh} query heads: block tables set apart");
+    p.state("after decode");
+}
+
+/// A decode step of one sequence is a launch of under one wave, whose window (R = 128 and 256:
+/// 5 to 10 units of 32 full-precision tokens) takes 2 or 3 splits of one unit per warp: the
+/// same results as the CPU cache, through steps whose keys leave the window (the first split
+/// appends and quantizes, the others read the window beside it), with the splits merged in the
+/// launch and by the combine kernel, and a short chunk of queries in one launch.
+#[test]
+fn simulated_full_precision_tokens_in_several_splits() {
+    for (r, fused) in [(128, true), (256, true), (128, false)] {
+        let mut c = cfg(128, 2, (2, 2), 32, r, 1, KeyMode::PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        c.max_seqs = 2;
+        let mut p = Pair::<f16>::new(SIM, c, 8, AttnOptions::default());
+        p.gpu.fused_combine = fused;
+        // Windows of r + 29 tokens: three steps from a group leaving.
+        p.append(0, 0, 700 + r as usize);
+        attention::FP_SPLITS.set(0);
+        let mma = sim::launches_of("kv_decode_mma");
+        for _ in 0..5 {
+            p.decode(0, &[0]);
+        }
+        p.append_attend(0, 0, 3);
+        p.decode(0, &[0]);
+        assert_eq!(sim::launches_of("kv_decode_mma") - mma, 7, "R = {r}: not on tensor cores");
+        let want = (1 + r as usize + 31).div_ceil(32).div_ceil(4);
+        assert_eq!(attention::FP_SPLITS.get(), want, "R = {r}: full-precision splits");
+        p.state("after decode");
     }
 }
 
@@ -1035,34 +1071,99 @@ fn simulated_random_long_contexts() {
 }
 
 /// The tensor-core kernel's split of the context: every group in exactly one split, within the
-/// scratch area's room; blocks for four waves of the device, unless that would leave a block
-/// fewer than 16 groups; and no more splits than that takes.
+/// scratch area's room; the full-precision tokens in split 0 and blocks of quantized groups for
+/// four waves of the device, unless that would leave a block fewer than 16 groups, and no more
+/// splits than that takes; where that is under two waves, one unit of full-precision tokens per
+/// warp (splits of 4 units) and as many quantized splits as one wave holds beside them, of at
+/// least 8 groups.
 #[test]
 fn splits_fill_the_device() {
-    use super::attention::mma_splits;
+    use super::attention::{mma_splits, MmaSplit};
     let mut r = fresh_seed("splits_fill_the_device");
-    let mut shapes =
-        vec![(1020, 128, 528, 31), (4092, 512, 528, 30), (124, 8, 528, 2000), (0, 16, 396, 8), (15, 1, 4, 9)];
-    for _ in 0..1000 {
+    let mut shapes = vec![
+        (1020, 6, 128, 528, 31),
+        (4092, 5, 512, 528, 30),
+        (124, 6, 8, 528, 2000),
+        (0, 5, 16, 396, 8),
+        (15, 1, 1, 4, 9),
+        // Decode of one sequence, 8 kv heads, 396 slots: 4096, 32768 and 131072 tokens, and
+        // a sequence with nothing quantized yet.
+        (124, 6, 8, 396, 2000),
+        (1020, 6, 8, 396, 2000),
+        (4092, 5, 8, 396, 2000),
+        (0, 5, 8, 396, 2000),
+        // Full-precision splits bounded by the wave and by the scratch area.
+        (20, 11, 60, 150, 500),
+        (20, 11, 1, 500, 2),
+    ];
+    for _ in 0..2000 {
         let g = (r.next() % 20000) as usize;
         let bps = 1 + (r.next() % 1024) as usize;
         let slots = 4 + (r.next() % 1000) as usize;
-        shapes.push((g, bps, slots, 1 + (r.next() % 200) as usize));
+        shapes.push((g, (r.next() % 8) as usize, bps, slots, 1 + (r.next() % 200) as usize));
     }
-    for (g, bps, slots, max_splits) in shapes {
-        let (ups, n) = mma_splits(g, bps, slots, max_splits);
-        let at = format!("{g} groups, {bps} blocks per split, {slots} slots, {max_splits} splits at most: {ups} x {n}");
-        if g == 0 {
-            assert_eq!(n, 0, "{at}");
+    // Decode steps of a few sequences: few blocks per split, often under two waves.
+    for _ in 0..1000 {
+        let g = (r.next() % 3000) as usize;
+        let bps = 1 + (r.next() % 64) as usize;
+        let slots = 100 + (r.next() % 900) as usize;
+        shapes.push((g, (r.next() % 12) as usize, bps, slots, 1 + (r.next() % 500) as usize));
+    }
+    let (mut one_wave, mut fp_split) = (0, 0);
+    for (g, units, bps, slots, max_splits) in shapes {
+        let s = mma_splits(g, units, bps, slots, max_splits, true);
+        let s4 = mma_splits(g, units, bps, slots, max_splits, false);
+        let at = format!("{g} groups, {units} units, {bps} blocks per split, {slots} slots, {max_splits} + 1 splits at most: {s:?} ({s4:?})");
+        for MmaSplit { fp, fp_ups, ups, n } in [s, s4] {
+            assert!(fp >= 1 && fp + n <= max_splits + 1, "{at}: beyond the scratch area");
+            // Every unit in a split, and none empty.
+            let every = fp_ups * fp >= units && fp_ups * (fp - 1) < units;
+            assert!(if fp > 1 { every } else { fp_ups == 0 }, "{at}: units per full-precision split");
+            if g == 0 {
+                assert_eq!(n, 0, "{at}");
+            } else {
+                assert!(n >= 1 && ups * n >= g && ups * (n - 1) < g, "{at}");
+            }
+        }
+        let MmaSplit { fp, ups, n, .. } = s;
+        let MmaSplit { fp: fp4, ups: ups4, n: n4, .. } = s4;
+        assert_eq!(fp4, 1, "{at}: full-precision splits without one_wave");
+        // Without one_wave: at least 16 groups a block, no larger blocks than four waves take
+        // (unless they are already small or the scratch area holds no more), and no more splits
+        // than that takes (one fewer does not make four waves).
+        if g > 0 {
+            assert!(n4 == 1 || ups4 >= 16, "{at}: blocks of fewer than 16 groups");
+            let four_waves = g.div_ceil((4 * slots).div_ceil(bps));
+            assert!(ups4 <= four_waves || ups4 < 32 || ups4 == g.div_ceil(max_splits), "{at}: too few splits");
+            assert!(n4 == 1 || bps * (n4 - 1) < 4 * slots, "{at}: too many splits");
+        }
+        // (The four-wave split before the scratch area's bound: under two waves?)
+        let four = (4 * slots).div_ceil(bps).min(g / 16).max(1);
+        if (four + 1) * bps >= 2 * slots {
+            assert_eq!(s, s4, "{at}: one_wave changed a launch of two waves or more");
             continue;
         }
-        assert!(n >= 1 && n <= max_splits && ups * n >= g && ups * (n - 1) < g, "{at}");
-        assert!(n == 1 || ups >= 16, "{at}: blocks of fewer than 16 groups");
-        // Blocks no larger than those of four waves, unless they are already small or the scratch
-        // area holds no more.
-        let four_waves = g.div_ceil((4 * slots).div_ceil(bps));
-        assert!(ups <= four_waves || ups < 32 || ups == g.div_ceil(max_splits), "{at}: too few splits");
-        // No more splits than that takes: one fewer does not make four waves.
-        assert!(n == 1 || bps * (n - 1) < 4 * slots, "{at}: too many splits");
+        // Under two waves: one unit per warp where the wave and the scratch area hold those
+        // splits beside one quantized split; one wave of quantized blocks of at least 8 groups
+        // (but the last), the smallest that fit beside them (one group fewer a block would take
+        // blocks under 8 groups or more than a wave, unless the scratch area holds no more).
+        one_wave += 1;
+        fp_split += (fp > 1) as usize;
+        let q = (g > 0) as usize;
+        assert!(fp == 1 || 4 * (fp - 1) < units, "{at}: more full-precision splits than units need");
+        assert!(
+            4 * fp >= units || (fp + 1 + q) * bps > slots || fp + q > max_splits,
+            "{at}: fewer full-precision splits than the wave holds"
+        );
+        assert!(fp == 1 || (fp + q) * bps <= slots, "{at}: full-precision splits beyond one wave");
+        if g == 0 {
+            continue;
+        }
+        assert!(n == 1 || ((n + fp) * bps <= slots && n <= g.div_ceil(8)), "{at}: not one wave of 8 groups or more");
+        assert!(
+            ups <= 8 || g.div_ceil(ups - 1) + fp > max_splits + 1 || (g.div_ceil(ups - 1) + fp) * bps > slots,
+            "{at}: larger blocks than one wave needs"
+        );
     }
+    assert!(one_wave > 200 && fp_split > 100, "{one_wave} shapes under two waves, {fp_split} with fp splits");
 }
