@@ -388,7 +388,9 @@ __device__ __forceinline__ void attn_block_in(const AttnParams& P, AttnShared& s
     // fp_only: the quantized groups are the tensor-core blocks' (decode_mma.cuh); this block
     // (split 0 of kv_decode_mma, or one of its first fp_splits) does full-precision tokens.
     const u32 u_begin = P.fp_only ? n_groups + split * P.fp_ups : split * P.ups;
-    const u32 u_end = !P.fp_only ? min(n_units, u_begin + P.ups) : P.fp_ups ? min(n_units, u_begin + P.fp_ups) : n_units;
+    const u32 u_end = !P.fp_only ? min(n_units, u_begin + P.ups)
+                      : P.fp_ups ? min(n_units, u_begin + P.fp_ups)
+                                 : n_units;
     const u32* blocks = P.blocks + (u64)it.slot * KV_SEQ_PAGES;
     const elem_t* hw = head_window(P.windows, it.slot, kvh);
     const int lo_min = sh.lo_min, hi_max = sh.hi_max;
@@ -472,7 +474,7 @@ __device__ __forceinline__ void combine_vectors(const AttnParams& P, const AttnI
     float* wm = ws;            // [KV_NQ] each vector's maximum
     float* wl = ws + KV_NQ;    // [KV_NQ] and the inverse of its sum
     float* w = ws + 2 * KV_NQ;  // [nvec][tile] the weights of a tile's splits
-    const u32 tile = KV_COMBINE_TILE ? min((u32)KV_COMBINE_TILE, (floats - 2 * KV_NQ) / nvec) : (floats - 2 * KV_NQ) / nvec;
+    const u32 room = (floats - 2 * KV_NQ) / nvec, tile = KV_COMBINE_TILE ? min((u32)KV_COMBINE_TILE, room) : room;
     auto states = [&](u32 v) {
         return P.part + (((u64)z * P.qt + r0 + v / nh) * P.n_q_heads + h0 + v % nh) * n * ROW;
     };

@@ -426,9 +426,10 @@ impl CudaCache {
             debug_assert!(direct || per_item * n_items <= SCRATCH_BYTES, "{n_items} items overflow the scratch area");
             if mma && (cap >= 2 || direct) {
                 // Split 0 (or the first few, in launches of one wave) takes the full-precision
-                // tokens, the splits after it `ups` quantized groups each on tensor cores. Decode, and chunks of fewer than FP_MIN_ROWS rows: one
-                // kv_decode_mma launch, its split 0 on CUDA cores. Larger chunks: 64 query vectors
-                // per block, kv_prefill_fp for split 0 and kv_prefill_q for the others (or
+                // tokens, the splits after it `ups` quantized groups each on tensor cores.
+                // Decode, and chunks of fewer than FP_MIN_ROWS rows: one kv_decode_mma launch,
+                // its full-precision splits on CUDA cores. Larger chunks: 64 query vectors per
+                // block, kv_prefill_fp for split 0 and kv_prefill_q for the others (or
                 // kv_decode_mma, `KIVI_CUDA_PREFILL_Q=0`).
                 let fp_q = fp && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
                 let row_blocks = n_rows.div_ceil(FP_VECTORS / hc);

@@ -749,9 +749,11 @@ fn decode_combines_its_own_splits(nqh: usize, fused: bool) {
 
 /// A decode step of one sequence is a launch of under one wave, whose window (R = 128 and 256:
 /// 5 to 10 units of 32 full-precision tokens) takes 2 or 3 splits of one unit per warp: the
-/// same results as the CPU cache, through steps whose keys leave the window (the first split
+/// same results as the CPU cache, through a step whose keys leave the window (the first split
 /// appends and quantizes, the others read the window beside it), with the splits merged in the
-/// launch and by the combine kernel, and a short chunk of queries in one launch.
+/// launch and by the combine kernel, and a short chunk of queries in one launch (two row items;
+/// at R = 256 the wave holds fewer splits than one unit per warp takes, and they share the
+/// units evenly).
 #[test]
 fn simulated_full_precision_tokens_in_several_splits() {
     for (r, fused) in [(128, true), (256, true), (128, false)] {
@@ -760,7 +762,7 @@ fn simulated_full_precision_tokens_in_several_splits() {
         c.max_seqs = 2;
         let mut p = Pair::<f16>::new(SIM, c, 8, AttnOptions::default());
         p.gpu.fused_combine = fused;
-        // Windows of r + 29 tokens: three steps from a group leaving.
+        // Windows of r + 27 tokens: a group leaves them at the fifth step.
         p.append(0, 0, 700 + r as usize);
         attention::FP_SPLITS.set(0);
         let mma = sim::launches_of("kv_decode_mma");
