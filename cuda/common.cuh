@@ -36,6 +36,11 @@ typedef long long i64;
 #define KV_V_ROW (KV_HD * KV_VB / 8)
 #define KV_WARPS 4
 #define KV_THREADS (KV_WARPS * 32)
+// A block's dynamic shared memory, `bytes` of it (what the launch passes), as the array `name`
+// (the host simulator, cuda/host/sim.h, defines it as an array of that size).
+#ifndef KV_DYNAMIC_SHARED
+#define KV_DYNAMIC_SHARED(name, bytes) extern __shared__ __align__(16) u8 name[]
+#endif
 // Window parts inside one head's window: sink keys, sink values, ring keys, ring values.
 #define KV_W_SK 0
 #define KV_W_SV (KV_SINKS * KV_HD)

@@ -49,11 +49,11 @@
 #define MMA_KC (KV_HD * KV_G * KV_KB / 8)
 #define MMA_VC (KV_G * KV_HD * KV_VB / 8)
 // Value columns per lane (the common layouts): lane g's B operands are channels NJ*g .. NJ*g +
-// NJ - 1 of a token, MMA_VLB contiguous bits read with one 32- or 64-bit load, all in one value
-// group. The lanes of one t read tokens 2NT*t .. 2NT*t + 2NT - 1 (MMA_VBLK bytes of codes),
+// NJ - 1 of a token, MMA_VLB contiguous bits read with one 16-, 32-, 64- or 128-bit load, all in
+// one value group. The lanes of one t read tokens 2NT*t .. 2NT*t + 2NT - 1 (MMA_VBLK bytes of codes),
 // staged MMA_VPAD bytes apart so that the four t fall on different banks.
 #define MMA_VLB (MMA_NJ * KV_VB)
-#define MMA_VLANE ((MMA_VLB == 16 || MMA_VLB == 32 || MMA_VLB == 64) && KV_VG % MMA_NJ == 0)
+#define MMA_VLANE ((MMA_VLB == 16 || MMA_VLB == 32 || MMA_VLB == 64 || MMA_VLB == 128) && KV_VG % MMA_NJ == 0)
 #define MMA_VBLK (KV_G / 4 * KV_V_ROW)
 #define MMA_VPAD (MMA_VLANE ? 32 : 0)
 #define MMA_KS_OFF MMA_KC
@@ -69,13 +69,14 @@
 // Query rows padded by 16 words: the rows read at once by a quarter warp fall on different banks.
 #define MMA_QROW (KV_HD + 16)
 // Staging buffers per warp: two (one group in flight while one is computed), unless
-// KV_MMA_STAGES asks for more and they fit in the 48 KB of static shared memory. Three took
+// KV_MMA_STAGES asks for more and they fit in the 48 KB of static shared memory (with dynamic
+// shared memory, KV_MMA_DYN, always two: the host sized it so). Three took
 // the same time on an H200: the loop is bound by issuing its instructions, not by waiting for
 // its groups (BENCHMARKS.md).
 #ifndef KV_MMA_STAGES
 #define KV_MMA_STAGES 2
 #endif
-#define MMA_STAGES (8 * MMA_QROW * 4 + KV_MMA_STAGES * KV_WARPS * MMA_STAGE + 256 <= 48000 ? KV_MMA_STAGES : 2)
+#define MMA_STAGES (!KV_MMA_DYN && 8 * MMA_QROW * 4 + KV_MMA_STAGES * KV_WARPS * MMA_STAGE + 256 <= 48000 ? KV_MMA_STAGES : 2)
 #define MMA_BUF_FOR(s) ((s) * KV_WARPS * MMA_STAGE > MMA_MERGE ? (s) * KV_WARPS * MMA_STAGE : MMA_MERGE)
 #define MMA_BUF MMA_BUF_FOR(MMA_STAGES)
 // Transposed products (MMA_T) for blocks of at most 4 query vectors (decode at GQA ratios up to
@@ -83,17 +84,25 @@
 // tile, and the 8 columns of B are the hi and lo parts of 4 query vectors, so that no mma row is
 // left empty (untransposed, 4 vectors fill 8 of the 16 rows): per group at G = 32, head_dim
 // 128, 42 mmas instead of 82, half the accumulators, and 4 scores a lane instead of 8.
-// KV_MMA_T=0 keeps the untransposed products (scripts/gpu-sweep.sh times both).
+// KV_MMA_T=0 keeps the untransposed products (scripts/gpu-sweep.sh times both) up to head_dim
+// 128; larger heads have only the transposed ones (the untransposed accumulators would not fit
+// in registers).
 #ifndef KV_MMA_T
 #define KV_MMA_T 1
 #endif
-#define MMA_T (KV_MMA_T && KV_NQ <= 4 && MMA_VLANE)
+#define MMA_T ((KV_MMA_T || KV_HD > 128) && KV_NQ <= 4 && MMA_VLANE)
 // Must match mma_layout() in src/cuda/kernels.rs. G is 16, 32 or 64: a lane's NT key codes of a
-// channel then never straddle two 32-bit words of its run (with G = 48 they would).
+// channel then never straddle two 32-bit words of its run (with G = 48 they would). Up to head_dim
+// 128 the shared memory is static (at most 48 KB); above, up to 256 (the transposed products
+// only), it is dynamic where it does not fit: KV_MMA_DYN, the bytes the host launches with.
+#ifndef KV_MMA_DYN
+#define KV_MMA_DYN 0
+#endif
 #define KV_MMA_OK                                                                                        \
     (!KV_KEY_PER_TOKEN && (KV_KB == 2 || KV_KB == 4) && (KV_VB == 2 || KV_VB == 4) && KV_HD % 16 == 0 && \
-     KV_HD <= 128 && (KV_G == 16 || KV_G == 32 || KV_G == 64) && KV_VG % 8 == 0 && KV_NQ <= 8 &&        \
-     8 * MMA_QROW * 4 + MMA_BUF_FOR(2) <= 48000)
+     (KV_HD <= 128 || (KV_HD <= 256 && KV_NQ <= 4 && MMA_VLANE)) &&                                     \
+     (KV_G == 16 || KV_G == 32 || KV_G == 64) && KV_VG % 8 == 0 && KV_NQ <= 8 &&                         \
+     (8 * MMA_QROW * 4 + MMA_BUF_FOR(2) <= 48000 || (KV_HD > 128 && KV_MMA_DYN)))
 
 // Scores are kept in log2 units (the query is scaled by log2(e) once), so every weight is one
 // ex2 of a difference. A row's running maximum moves only when a score passes it by more than
@@ -971,8 +980,14 @@ __device__ __forceinline__ void flush_group(const AttnParams& P, u32 kvh) {
 // grid (splits, kv heads * head chunks, items). Splits 0 .. fp_splits - 1 are the full-precision
 // tokens on CUDA cores (the body of kv_decode_attn with fp_only set; one split, or fp_ups units
 // each in launches of one wave); the splits after them take `ups` quantized groups each on
-// tensor cores. Both kinds of block share one shared-memory area.
+// tensor cores. Both kinds of block share one shared-memory area: static, or dynamic where it
+// passes 48 KB (KV_MMA_DYN bytes, all of MmaShared, which the host computes: mma_smem in
+// src/cuda/kernels.rs).
 #define MMA_SMEM (sizeof(AttnShared) > sizeof(MmaShared) ? sizeof(AttnShared) : sizeof(MmaShared))
+#if KV_MMA_DYN
+static_assert(sizeof(MmaShared) == KV_MMA_DYN && sizeof(AttnShared) <= KV_MMA_DYN,
+              "the host's size of kv_decode_mma's dynamic shared memory (mma_smem) is not the kernel's");
+#endif
 // Blocks per multiprocessor the registers are budgeted for: three (168 registers), unless
 // KV_MMA_BLOCKS says otherwise. Four (128 registers, no spills at the benchmark's shapes) took
 // 3-7% longer on an H200 (scripts/gpu-sweep.sh; BENCHMARKS.md). The host asks the driver how
@@ -982,7 +997,11 @@ __device__ __forceinline__ void flush_group(const AttnParams& P, u32 kvh) {
 #endif
 extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_MMA_BLOCKS) kv_decode_mma(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
+#if KV_MMA_DYN
+    KV_DYNAMIC_SHARED(smem, KV_MMA_DYN);
+#else
     __shared__ __align__(16) u8 smem[MMA_SMEM];
+#endif
     // blockIdx.y: kv head and chunk of its query heads (more than 8 heads per kv head take
     // several blocks, each reading the kv head's groups).
     const u32 hchunks = (P.ratio + P.hc - 1) / P.hc;

@@ -7,12 +7,14 @@
 //!                                      # the CPU (kivi's host simulator), host memory as device
 //!                                      # memory; the C ABI case and the longest cases are skipped
 //! gpu_check bench [--contexts 4096,32768,131072] [--batches 1,16,64] [--bits 2,4] [--iters 20] [--label L]
+//!                  [--head-dim 128] [--kv-heads 8] [--q-heads 32] [--no-prefill]
 //! gpu_check variants [--variant NAME=NVRTC_OPTS]... [--contexts 32768] [--batches 16,64] [--bits 2,4] [--prefill]
 //!                                      # kernel variants against the default, steps alternating
 //!                                      # (--sim: the same on the host simulator, a dry run)
 //! gpu_check prompt [--tokens 512,2048,8192] [--iters 5]   # attention over whole prompts
 //! gpu_check cubins DIR [--arch sm_90]  # no GPU needed: the decode modules of the benchmark
-//!                                      # shapes compiled with NVRTC, for scripts/sass_mix.py
+//!                                      # shapes (and of head_dim 256) compiled with NVRTC, for
+//!                                      # scripts/sass_mix.py
 //! ```
 //!
 //! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
@@ -621,6 +623,10 @@ fn cases() -> Vec<Case> {
         case("mma-softcap-g16", 128, 1, 8, (2, 4), 16, 32, 0, PerChannel, BF16, 64, sc),
         case("mma-sinks-noncausal", 64, 2, 4, (4, 2), 16, 32, 3, PerChannel, F32, 64, nc),
         case("mma-g64", 64, 4, 16, (4, 4), 64, 64, 0, PerChannel, F16, 128, d),
+        // head_dim 256 (Gemma): tensor cores with dynamic shared memory, softcapped; 4 bits at
+        // GQA 8 (two blocks per kv head) with a sliding window.
+        case("mma-hd256-softcap", 256, 1, 4, (2, 2), 32, 128, 1, PerChannel, BF16, 0, sc),
+        case("mma-hd256-kivi4-gqa8", 256, 2, 16, (4, 4), 32, 64, 0, PerChannel, F16, 0, sw),
         // G = 48: on the CUDA-core kernel (not a power of two; the tensor-core one needs one).
         case("g48-hd80", 80, 1, 4, (4, 2), 48, 48, 3, PerChannel, F32, 192, sc),
     ];
@@ -1083,16 +1089,45 @@ fn list(args: &[String], name: &str, default: &[usize]) -> Vec<usize> {
     }
 }
 
+/// The benchmark's heads: head_dim, KV heads and query heads (`--head-dim`, `--kv-heads`,
+/// `--q-heads`; by default 128, 8 and 32, Llama-3-8B's and Mistral-7B's).
+#[derive(Clone, Copy)]
+struct Heads {
+    hd: usize,
+    nkv: usize,
+    nqh: usize,
+}
+
+impl Heads {
+    const DEFAULT: Heads = Heads { hd: 128, nkv: 8, nqh: 32 };
+
+    fn from_args(args: &[String]) -> Heads {
+        let d = Heads::DEFAULT;
+        let one = |name: &str, default: usize| list(args, name, &[default])[0];
+        let h = Heads { hd: one("--head-dim", d.hd), nkv: one("--kv-heads", d.nkv), nqh: one("--q-heads", d.nqh) };
+        assert!(h.nkv > 0 && h.nqh % h.nkv == 0, "--q-heads must be a multiple of --kv-heads");
+        h
+    }
+
+    /// The shape's part of a case name: `gqa4-hs128` by default.
+    fn name(&self) -> String {
+        format!("gqa{}-hs{}", self.nqh / self.nkv, self.hd)
+    }
+}
+
 /// Decode steps of batches of sequences at each context length: the time of one
-/// `CudaCache::decode` (attention for 32 query heads over 8 kv heads of head_dim 128, and the
-/// append of the new tokens), measured with CUDA events.
+/// `CudaCache::decode` (attention for 32 query heads over 8 kv heads of head_dim 128, or the
+/// heads `--head-dim`, `--kv-heads` and `--q-heads` say, and the append of the new tokens),
+/// measured with CUDA events.
 fn bench(args: &[String]) -> bool {
     let contexts = list(args, "--contexts", &[4096, 32768, 131072]);
     let batches = list(args, "--batches", &[1, 16, 64]);
     let bits_list = list(args, "--bits", &[2, 4]);
     let iters = list(args, "--iters", &[20])[0];
     let label = args.iter().position(|a| a == "--label").map_or("", |i| args[i + 1].as_str());
-    let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
+    let heads = Heads::from_args(args);
+    let (hd, nkv, nqh) = (heads.hd, heads.nkv, heads.nqh);
+    let shape = heads.name();
     let max_batch = *batches.iter().max().unwrap();
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
     // Contexts outermost: the longest (slowest to fill) come last.
@@ -1100,7 +1135,7 @@ fn bench(args: &[String]) -> bool {
         for &bits in &bits_list {
             let extra = (2 * iters + 8) * batches.len() + 256;
             let mut rng = Rng(42 + bits as u64);
-            let (mut cache, cfg, fill_s) = match bench_cache(bits, ctx, max_batch, extra, &mut rng) {
+            let (mut cache, cfg, fill_s) = match bench_cache(bits, ctx, max_batch, extra, heads, &mut rng) {
                 Ok(c) => c,
                 Err(e) => {
                     println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}");
@@ -1119,18 +1154,18 @@ fn bench(args: &[String]) -> bool {
             // kv_prefill_q (`ms`) and on kv_decode_mma (`KIVI_CUDA_PREFILL_Q=0`, the path before
             // it: `ms_decode_mma`), alternating, median of 3 calls each.
             if ctx >= 4096 && !args.iter().any(|a| a == "--no-prefill") {
-                let chunk = ChunkAttend::new(2048, &mut rng);
+                let chunk = ChunkAttend::new(2048, heads, &mut rng);
                 let rows = chunk.rows;
                 let run = |cache: &CudaCache| chunk.run(cache);
                 let [ms, ms_mma] = alternate("KIVI_CUDA_PREFILL_Q", 3, || run(&cache));
                 println!(
-                    "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"ms_decode_mma\":{ms_mma:.3},\"fill_tokens_per_s\":{:.0}}}",
+                    "{{\"kind\":\"prefill\",\"case\":\"kivi{bits}-{shape}{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"query_rows\":{rows},\"device\":{device:?},\"ms\":{ms:.3},\"ms_decode_mma\":{ms_mma:.3},\"fill_tokens_per_s\":{:.0}}}",
                     if label.is_empty() { "" } else { "-" },
                     (max_batch * ctx) as f64 / fill_s
                 );
             }
             for &b in &batches {
-                let decode = DecodeStep::new(b, &mut rng);
+                let decode = DecodeStep::new(b, heads, &mut rng);
                 let seqs = &decode.seqs;
                 let step = |cache: &mut CudaCache| decode.run(cache);
                 for _ in 0..3 {
@@ -1187,7 +1222,7 @@ fn bench(args: &[String]) -> bool {
                     bytes += nkv as u64 * (qn * (codes + params) as u64 + (len - qn) * hd as u64 * 4);
                 }
                 println!(
-                    "{{\"kind\":\"bench\",\"case\":\"kivi{bits}-gqa4-hs128{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"batch\":{b},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms_median\":{ms:.4},\"ms_min\":{ms_min:.4},\"ms_stream\":{ms_stream:.4},\"host_us_median\":{:.1},\"bytes_per_step\":{bytes},\"gbytes_per_s\":{:.1},\"fill_seconds\":{fill_s:.2}}}",
+                    "{{\"kind\":\"bench\",\"case\":\"kivi{bits}-{shape}{}{label}\",\"bits\":{bits},\"ctx\":{ctx},\"batch\":{b},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms_median\":{ms:.4},\"ms_min\":{ms_min:.4},\"ms_stream\":{ms_stream:.4},\"host_us_median\":{:.1},\"bytes_per_step\":{bytes},\"gbytes_per_s\":{:.1},\"fill_seconds\":{fill_s:.2}}}",
                     if label.is_empty() { "" } else { "-" },
                     host_us[host_us.len() / 2],
                     bytes as f64 / ms / 1e6
@@ -1198,18 +1233,19 @@ fn bench(args: &[String]) -> bool {
     true
 }
 
-/// The benchmark's cache (f16, head_dim 128, 8 KV heads, KIVI-`bits`, G = 32) with `max_batch`
-/// sequences of `ctx` tokens each, and room for `extra` more per sequence: each sequence its own
-/// copy of the data (no shared pages, so no reads served from L2 that another sequence brought
-/// in). Also its configuration and the seconds the fill took.
+/// The benchmark's cache (f16, KIVI-`bits`, G = 32, the KV heads of `heads`: 8 of head_dim 128
+/// by default) with `max_batch` sequences of `ctx` tokens each, and room for `extra` more per
+/// sequence: each sequence its own copy of the data (no shared pages, so no reads served from L2
+/// that another sequence brought in). Also its configuration and the seconds the fill took.
 fn bench_cache(
     bits: usize,
     ctx: usize,
     max_batch: usize,
     extra: usize,
+    heads: Heads,
     rng: &mut Rng,
 ) -> Result<(CudaCache, CacheConfig, f64), String> {
-    let (hd, nkv) = (128usize, 8usize);
+    let (hd, nkv) = (heads.hd, heads.nkv);
     let t0 = Instant::now();
     let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
     cfg.dtype = DType::F16;
@@ -1239,9 +1275,11 @@ fn bench_cache(
 }
 
 /// One decode step of the benchmark's sequences 0 .. b: each appends a new token and attends
-/// with 32 query heads; its inputs and output stay on the device between steps.
+/// with the query heads of `heads` (32 by default); its inputs and output stay on the device
+/// between steps.
 struct DecodeStep {
     seqs: Vec<u32>,
+    heads: Heads,
     q: DevBuf,
     k: DevBuf,
     v: DevBuf,
@@ -1249,13 +1287,14 @@ struct DecodeStep {
 }
 
 impl DecodeStep {
-    fn new(b: usize, rng: &mut Rng) -> DecodeStep {
-        let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
+    fn new(b: usize, heads: Heads, rng: &mut Rng) -> DecodeStep {
+        let (hd, nkv, nqh) = (heads.hd, heads.nkv, heads.nqh);
         let q: Vec<f16> = to_t(&rng.normals(b * nqh * hd));
         let k: Vec<f16> = to_t(&rng.keys(b, nkv, hd));
         let v: Vec<f16> = to_t(&rng.normals(b * nkv * hd));
         DecodeStep {
             seqs: (0..b as u32).collect(),
+            heads,
             q: DevBuf::upload(&q),
             k: DevBuf::upload(&k),
             v: DevBuf::upload(&v),
@@ -1264,7 +1303,7 @@ impl DecodeStep {
     }
 
     fn run(&self, cache: &mut CudaCache) {
-        let (b, hd, nkv, nqh) = (self.seqs.len(), 128usize, 8usize, 32usize);
+        let (b, Heads { hd, nkv, nqh }) = (self.seqs.len(), self.heads);
         cache
             .decode(
                 0,
@@ -1285,19 +1324,20 @@ impl DecodeStep {
 /// kernels a prefill chunk runs.
 struct ChunkAttend {
     rows: usize,
+    width: usize,
     q: DevBuf,
     out: DevBuf,
 }
 
 impl ChunkAttend {
-    fn new(rows: usize, rng: &mut Rng) -> ChunkAttend {
-        let (hd, nqh) = (128usize, 32usize);
-        let q: Vec<f16> = to_t(&rng.normals(rows * nqh * hd));
-        ChunkAttend { rows, q: DevBuf::upload(&q), out: DevBuf::zeroed(rows * nqh * hd * 2) }
+    fn new(rows: usize, heads: Heads, rng: &mut Rng) -> ChunkAttend {
+        let width = heads.nqh * heads.hd;
+        let q: Vec<f16> = to_t(&rng.normals(rows * width));
+        ChunkAttend { rows, width, q: DevBuf::upload(&q), out: DevBuf::zeroed(rows * width * 2) }
     }
 
     fn run(&self, cache: &CudaCache) {
-        let (rows, w) = (self.rows, 32 * 128);
+        let (rows, w) = (self.rows, self.width);
         let (q, out) = (DevRows::new(self.q.ptr, rows, w), DevRows::new(self.out.ptr, rows, w));
         cache.attend(0, 0, q, out, &AttnOptions::default(), std::ptr::null_mut()).expect("attend")
     }
@@ -1376,10 +1416,10 @@ fn variants(args: &[String]) -> bool {
                 let before: Vec<_> = set.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
                 set.iter().for_each(|(k, v)| std::env::set_var(k, v));
                 let mut rng = Rng(42 + bits as u64);
-                match bench_cache(bits, ctx, max_batch, extra, &mut rng) {
+                match bench_cache(bits, ctx, max_batch, extra, Heads::DEFAULT, &mut rng) {
                     Ok((mut cache, _, _)) => {
                         // The first step compiles the attention modules with the variant's options.
-                        DecodeStep::new(1, &mut rng).run(&mut cache);
+                        DecodeStep::new(1, Heads::DEFAULT, &mut rng).run(&mut cache);
                         caches.push(cache);
                     }
                     Err(e) => {
@@ -1400,7 +1440,7 @@ fn variants(args: &[String]) -> bool {
                 continue;
             }
             if args.iter().any(|a| a == "--prefill") {
-                let chunk = ChunkAttend::new(2048.min(ctx), &mut Rng(11));
+                let chunk = ChunkAttend::new(2048.min(ctx), Heads::DEFAULT, &mut Rng(11));
                 let mut times = vec![Vec::new(); named.len()];
                 for round in 0..rounds + 1 {
                     for (i, cache) in caches.iter().enumerate() {
@@ -1421,7 +1461,7 @@ fn variants(args: &[String]) -> bool {
                 }
             }
             for &b in &batches {
-                let step = DecodeStep::new(b, &mut Rng(7 + b as u64));
+                let step = DecodeStep::new(b, Heads::DEFAULT, &mut Rng(7 + b as u64));
                 let mut synced = vec![Vec::new(); named.len()];
                 let mut queued = vec![Vec::new(); named.len()];
                 for round in 0..rounds + 1 {
@@ -1552,7 +1592,8 @@ fn alternate(var: &str, rounds: usize, mut call: impl FnMut()) -> [f64; 2] {
 /// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
 /// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`, and of the
 /// module chunks of queries launch (8 query vectors: `kv_prefill_fp`, `kv_prefill_q`):
-/// `chunk-kivi{2,4}.cubin`. They are built with `KV_COST_PROBE` defined: the loops then hold only
+/// `chunk-kivi{2,4}.cubin`; and the decode module of head_dim 256 at 2 query heads per KV head
+/// (the head_dim-256 benchmark's): `decode-hs256-kivi{2,4}.cubin`. They are built with `KV_COST_PROBE` defined: the loops then hold only
 /// the path most groups and tiles take (no position masking, no accumulator rescale), which is
 /// what `scripts/sass_mix.py` counts.
 fn cubins(args: &[String]) -> bool {
@@ -1564,12 +1605,15 @@ fn cubins(args: &[String]) -> bool {
     std::env::set_var("KIVI_NVRTC_OPTS", format!("{extra} -DKV_COST_PROBE=1"));
     let arch = args.iter().position(|a| a == "--arch").map_or("sm_90", |i| args[i + 1].as_str());
     let _ = std::fs::create_dir_all(dir);
-    for bits in [2u8, 4] {
-        let mut cfg = CacheConfig::new(1, 8, 128);
+    for (bits, hd) in [(2u8, 128), (4, 128), (2, 256), (4, 256)] {
+        let mut cfg = CacheConfig::new(1, 8, hd);
         cfg.dtype = DType::F16;
         cfg.key_bits = bits;
         cfg.value_bits = bits;
-        for (name, nq) in [("decode", 4), ("chunk", 8)] {
+        // head_dim 256: the decode module of the head_dim-256 benchmark (2 query heads per kv
+        // head), whose shared memory is dynamic.
+        let modules: &[(&str, usize)] = if hd == 128 { &[("decode", 4), ("chunk", 8)] } else { &[("decode-hs256", 2)] };
+        for &(name, nq) in modules {
             let spec = kivi::cuda::kernels::Spec::for_config(&cfg, nq).expect("a valid configuration");
             match kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, &spec, arch) {
                 Ok(img) => {

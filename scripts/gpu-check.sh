@@ -12,8 +12,8 @@
 # loop one group per iteration, the untransposed loop, kv_prefill_q without the folded f16 keys,
 # and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
 # the noise; the combine as a kernel of its own; small launches split as large ones, the
-# earlier choice, which batch 1 shows), and attention over whole prompts against
-# causal SDPA. Needs no Rust: build the binary and the library first elsewhere,
+# earlier choice, which batch 1 shows), attention over whole prompts against causal SDPA, and
+# decode at head_dim 256 (Gemma's heads) against SDPA on the same heads. Needs no Rust: build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
@@ -148,6 +148,13 @@ echo "== prompts: attention over whole prompts, the chunk's tokens on tensor cor
 within 40 55 "$BIN" prompt > "$OUT/prompt.jsonl" 2> "$OUT/prompt.log"
 echo "prompt exit code: $?"
 cat "$OUT/prompt.jsonl"
+
+echo "== bench at head_dim 256 (Gemma-2-9B, Gemma-3-12B: 16 query heads over 8 KV heads), 32k tokens"
+# (Appended to bench.jsonl: the baseline below times SDPA on the same heads.)
+within 30 50 "$BIN" bench --contexts 32768 --batches 1,16 --head-dim 256 --kv-heads 8 --q-heads 16 --no-prefill \
+  >> "$OUT/bench.jsonl" 2> "$OUT/bench-hd256.log"
+echo "bench (head_dim 256) exit code: $?"
+grep '"head_dim":256' "$OUT/bench.jsonl" || true
 
 echo "== static cost of the decode loop (nvdisasm), next to the measured times"
 within 15 50 "$BIN" cubins "$OUT/cubins" > /dev/null 2>&1 && within 10 50 python3 scripts/sass_mix.py "$OUT/cubins" | tee "$OUT/sass_mix.txt"

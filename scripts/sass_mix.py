@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The static cost of the tensor-core decode kernel, without a GPU.
 
-Disassembles the cubins that `gpu_check cubins DIR` writes (nvdisasm: from the CUDA toolkit or
+Disassembles the cubins that `gpu_check cubins DIR` writes (`decode-kivi*.cubin` at the
+benchmark's head_dim 128, `decode-hs256-kivi*.cubin` at 256; nvdisasm: from the CUDA toolkit or
 the PyPI package nvidia-cuda-nvdisasm), finds the loop of kv_decode_mma that handles one
 quantized group per warp per iteration (the loop holding the HMMA instructions), and counts its
 instructions by kind. `gpu_check cubins` builds the kernel with KV_COST_PROBE, so the loop holds
@@ -114,8 +115,11 @@ def main():
                     help="tensor-core cycles of one sub-partition per HMMA.16816")
     a = ap.parse_args()
     tool = nvdisasm_path(a.nvdisasm)
-    for path in sorted(glob.glob(os.path.join(a.dir, "decode-kivi*.cubin"))):
+    # decode-kiviB.cubin: the benchmark's heads (head_dim 128); decode-hsH-kiviB.cubin: head_dim H.
+    for path in sorted(glob.glob(os.path.join(a.dir, "decode-*kivi*.cubin"))):
         bits = int(re.search(r"kivi(\d+)", path).group(1))
+        hs = re.search(r"-hs(\d+)-", os.path.basename(path))
+        hd = int(hs.group(1)) if hs else 128
         sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
         body = loop_of(sass, "kv_decode_mma")
         mix = collections.Counter(o for o, _ in body)
@@ -125,11 +129,13 @@ def main():
         shared = sum(wavefronts(o, mods) for o, mods in body)
         tensor = mix["HMMA"] * a.hmma_cycles / 4
         cycles = max(issue, int_pipe, shared, tensor)
-        # One group of 32 tokens of one KV head of 128 channels: codes, f16 scales and zeros.
-        group_bytes = 2 * 32 * 128 * bits // 8 + 2 * 2 * 128 + 2 * 2 * 32 * 4
+        # One group of 32 tokens of one KV head of hd channels: codes, f16 scales and zeros (value
+        # groups of 32 channels).
+        group_bytes = 2 * 32 * hd * bits // 8 + 2 * 2 * hd + 2 * 2 * 32 * (hd // 32)
         mem_cycles = group_bytes / (a.bandwidth_gbs * 1e9 / a.sms / (a.clock_ghz * 1e9))
         top = ", ".join(f"{o} {c}" for o, c in mix.most_common(12))
-        print(f"KIVI-{bits}: {n} instructions per group per warp ({mix['HMMA']} HMMA); at least {cycles:.0f} "
+        label = f"KIVI-{bits}" + ("" if hd == 128 else f", head_dim {hd}")
+        print(f"{label}: {n} instructions per group per warp ({mix['HMMA']} HMMA); at least {cycles:.0f} "
               f"cycles per group per multiprocessor (issue {issue:.0f}, integer pipe {int_pipe:.0f}, shared "
               f"memory {shared:.0f}, tensor cores {tensor:.0f}) against {mem_cycles:.0f} for its "
               f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "

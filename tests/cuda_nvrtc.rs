@@ -50,6 +50,15 @@ fn bench_config(bits: u8) -> kivi::CacheConfig {
     cfg
 }
 
+/// A cache of Gemma's heads (one layer): f16, 1 KV head of 256 (Gemma-3-270M and 1B: 4 query
+/// heads), keys and values of `bits` bits.
+fn gemma_config(bits: u8) -> kivi::CacheConfig {
+    let mut cfg = kivi::CacheConfig::new(1, 1, 256);
+    cfg.dtype = kivi::DType::F16;
+    (cfg.key_bits, cfg.value_bits) = (bits, bits);
+    cfg
+}
+
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
     if !nvrtc_ready() {
@@ -96,10 +105,12 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     let (mut decode, mut chunks, mut tokens) = (0, 0, 0);
     for cfg in test_configs() {
         for ratio in [1u32, 4, 8, 12] {
-            // Decode: the module for min(ratio, 8) query vectors on tensor cores, min(ratio,
-            // max_nq) otherwise.
+            // Decode: the module for min(ratio, 8) query vectors on tensor cores (4 above
+            // head_dim 128), min(ratio, max_nq) otherwise.
             let uses = tensor_core_decode(&cfg, ratio * cfg.n_kv_heads);
-            let nq = ratio.min(if uses { 8 } else { kivi::cuda::kernels::max_nq(cfg.head_dim as usize) as u32 });
+            let hd = cfg.head_dim as usize;
+            let cap = if uses { kivi::cuda::kernels::mma_max_nq(hd) } else { kivi::cuda::kernels::max_nq(hd) };
+            let nq = ratio.min(cap as u32);
             assert_eq!(has_mma(nq as usize, &cfg), uses, "decode: config {cfg:?}, {ratio} query heads per kv head");
             decode += uses as usize;
             // Chunks of queries: the decode module for 8 query vectors.
@@ -116,6 +127,16 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
         }
     }
     assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
+    // head_dim 256 (Gemma) decodes on tensor cores at 2 and 4 bits, f16 and bf16, whatever the
+    // GQA ratio (4 query heads per block), but its chunks of queries do not.
+    for (bits, dtype) in [(2, kivi::DType::F16), (4, kivi::DType::BF16)] {
+        let mut cfg = gemma_config(bits);
+        cfg.dtype = dtype;
+        for ratio in [1, 2, 4, 8, 16] {
+            assert!(tensor_core_decode(&cfg, ratio), "KIVI-{bits}, {dtype:?}, {ratio} query heads");
+            assert!(!tensor_core_chunks(&cfg, ratio));
+        }
+    }
 }
 
 /// The tensor-core kernels' measurement variants (`scripts/gpu-sweep.sh`, `gpu_check variants`)
@@ -151,11 +172,13 @@ fn the_tensor_core_variants_compile() {
 }
 
 /// At the benchmark's shape (f16, head_dim 128, 8 KV heads, GQA 4: decode takes the module for
-/// 4 query vectors, chunks of queries the one for 8), KIVI-2 and KIVI-4, no kernel that sm_80 and
-/// sm_90 launch spills registers to local memory at the launch bounds it is compiled for (the
-/// tensor-core decode has 168 registers for 3 blocks per multiprocessor and uses about 155), as
-/// ptxas reports each. The CUDA-core attention kernel (`kv_decode_attn`) is left out: this shape
-/// launches it only with `KIVI_CUDA_MMA=0`, and at 8 query vectors on sm_80 it spills 8 bytes.
+/// 4 query vectors, chunks of queries the one for 8), and at Gemma's (head_dim 256, GQA 4: decode
+/// takes the module for 4), KIVI-2 and KIVI-4, no kernel that sm_80 and sm_90 launch spills
+/// registers to local memory at the launch bounds it is compiled for (the tensor-core decode has
+/// 168 registers for 3 blocks per multiprocessor and uses about 155 at head_dim 128, all 168 at
+/// 256), as ptxas reports each. The CUDA-core attention kernel (`kv_decode_attn`) is left out:
+/// these shapes launch it only with `KIVI_CUDA_MMA=0`, and at 8 query vectors on sm_80 it spills
+/// 8 bytes.
 #[test]
 fn no_kernel_spills_registers() {
     if !nvrtc_ready() {
@@ -163,9 +186,12 @@ fn no_kernel_spills_registers() {
     }
     use kivi::cuda::kernels::{compile_with_log, Family, Spec};
     for arch in ["sm_80", "sm_90"] {
-        for bits in [2u8, 4] {
-            let cfg = bench_config(bits);
-            for (family, nq) in [(Family::Decode, 4), (Family::Decode, 8), (Family::Quantize, 4)] {
+        let shapes = [(Family::Decode, 4), (Family::Decode, 8), (Family::Quantize, 4)];
+        let cases =
+            [2u8, 4].into_iter().flat_map(|b| [(bench_config(b), &shapes[..]), (gemma_config(b), &shapes[..1])]);
+        for (cfg, shapes) in cases {
+            let bits = cfg.key_bits;
+            for &(family, nq) in shapes {
                 let spec = Spec::for_config(&cfg, nq).unwrap().with_option("--ptxas-options=-v");
                 let (_, log) = compile_with_log(family, &spec, arch).unwrap();
                 // "Function properties for NAME", then "N bytes stack frame, N bytes spill
@@ -177,7 +203,11 @@ fn no_kernel_spills_registers() {
                         kernel = Some(name.trim().to_string());
                     } else if line.contains("spill stores") {
                         let name = kernel.take().unwrap_or_else(|| panic!("{arch}: no kernel before {line:?}\n{log}"));
-                        let ctx = format!("{arch}, KIVI-{bits}, {} for {nq} query vectors, {name}", family.file());
+                        let hd = cfg.head_dim;
+                        let ctx = format!(
+                            "{arch}, KIVI-{bits}, head_dim {hd}, {} for {nq} query vectors, {name}",
+                            family.file()
+                        );
                         let spills = !line.contains(" 0 bytes spill stores, 0 bytes spill loads");
                         assert!(name == "kv_decode_attn" || !spills, "{ctx}: {}", line.trim());
                         seen.push(name);

@@ -32,6 +32,8 @@
 // One object per block: blocks of one launch run one after another on the calling thread, and
 // the fibers of a block share it; thread_local keeps launches on different threads apart.
 #define __shared__ static thread_local
+// Dynamic shared memory: an object of the size the launch passes, like the static ones.
+#define KV_DYNAMIC_SHARED(name, bytes) __shared__ __align__(16) u8 name[bytes]
 #define __CUDA_ARCH__ 900
 
 namespace kvsim {

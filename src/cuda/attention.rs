@@ -7,8 +7,10 @@ use std::sync::OnceLock;
 use cudarc::driver::sys as dsys;
 
 use super::*;
-use crate::cuda::blocks_per_sm;
-use crate::cuda::kernels::{chunk_mma, decode_mma, max_nq, mma_layout, prefill_fp_layout};
+use crate::cuda::kernels::{
+    chunk_mma, decode_mma, max_nq, mma_dynamic_smem, mma_layout, mma_max_nq, prefill_fp_layout,
+};
+use crate::cuda::{allow_dynamic_smem, blocks_per_sm};
 
 /// The functions of one attention module: its blocks, its combine, and the tensor-core kernels
 /// where the module has them (0 where not): the decode over quantized groups, with how many of
@@ -19,6 +21,8 @@ pub(super) struct AttnFns {
     pub(super) attn: usize,
     pub(super) combine: usize,
     pub(super) mma: usize,
+    /// The dynamic shared memory its launches pass (0: its shared memory is static).
+    pub(super) mma_smem: u32,
     pub(super) mma_slots: usize,
     /// `kv_prefill_fp` where the module has it (0 where not).
     pub(super) prefill_fp: usize,
@@ -182,9 +186,18 @@ impl CudaCache {
         } else {
             0
         };
+        // Above 48 KB of shared memory (head_dim 256) the kernel's is dynamic, which a
+        // function must be allowed once before its launches ask for it.
+        let mma_smem = if mma == 0 { 0 } else { mma_dynamic_smem(&self.lay, nq) as u32 };
+        if mma_smem > 0 {
+            allow_dynamic_smem(mma as dsys::CUfunction, mma_smem)?;
+        }
         let mma_slots = match mma {
             0 => 0,
-            f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
+            f => {
+                let per_sm = blocks_per_sm(f as dsys::CUfunction, 128, mma_smem)?;
+                per_sm as usize * self.info.multiprocessors as usize
+            }
         };
         let chunk_fns = family == Family::Decode && mma != 0 && nq == 8 && prefill_fp_layout(&self.lay);
         let (prefill_fp, prefill_q) = match chunk_fns {
@@ -193,12 +206,13 @@ impl CudaCache {
         };
         let prefill_q_slots = match prefill_q {
             0 => 0,
-            f => blocks_per_sm(f as dsys::CUfunction, 128)? as usize * self.info.multiprocessors as usize,
+            f => blocks_per_sm(f as dsys::CUfunction, 128, 0)? as usize * self.info.multiprocessors as usize,
         };
         let f = AttnFns {
             attn: m.function(names[0])? as usize,
             combine: m.function(names[1])? as usize,
             mma,
+            mma_smem,
             mma_slots,
             prefill_fp,
             prefill_q,
@@ -266,8 +280,9 @@ impl CudaCache {
         let tensor_cores = self.info.capability.0 >= 8 && !off;
         match family {
             Family::Decode if tensor_cores && decode_mma(&self.lay, ratio) => {
-                // At most 8 query heads per block: larger GQA groups take several blocks.
-                let nq = ratio.min(8);
+                // At most 8 query heads per block (4 above head_dim 128): larger GQA groups take
+                // several blocks.
+                let nq = ratio.min(mma_max_nq(hd));
                 Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: true }
             }
             Family::Decode => {

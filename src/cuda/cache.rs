@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result as drv, sys as dsys};
 
 use super::kernels::{Family, Spec};
-use super::{launch, Device, DeviceInfo, Module};
+use super::{launch, launch_smem, Device, DeviceInfo, Module};
 use crate::attention::{AttnOptions, Resolved};
 use crate::cache::Cache;
 use crate::config::CacheConfig;
@@ -649,9 +649,9 @@ impl CudaCache {
                 Kernel::Unquant(p) => launch(func(q.unquant), grid, block, st, p),
                 Kernel::Attn(f, nq, p) => launch(func(attn(f, nq)?.attn), grid, block, st, p),
                 Kernel::Combine(f, nq, p) => launch(func(attn(f, nq)?.combine), grid, block, st, p),
-                Kernel::Mma(nq, p) => match attn(Family::Decode, nq)?.mma {
-                    0 => Err(no_mma(nq)),
-                    f => launch(func(f), grid, block, st, p),
+                Kernel::Mma(nq, p) => match attn(Family::Decode, nq)? {
+                    AttnFns { mma: 0, .. } => Err(no_mma(nq)),
+                    f => launch_smem(func(f.mma), grid, block, f.mma_smem, st, p),
                 },
                 Kernel::PrefillFp(nq, p) => match attn(Family::Decode, nq)?.prefill_fp {
                     0 => Err(no_mma(nq)),

@@ -125,26 +125,74 @@ pub fn max_nq(head_dim: usize) -> usize {
     (1024 / head_dim).clamp(1, 16)
 }
 
+/// Shared memory a block may take without asking the driver for more: static shared memory
+/// stops at 48 KB (a little under, as the kernels count it).
+const MMA_STATIC_SMEM: usize = 48000;
+/// The most shared memory `kv_decode_mma` asks for as dynamic shared memory (head_dim 256): 99
+/// KB, what every device of compute capability 8.0 and newer lets a block opt in to (sm_86 and
+/// sm_89 allow no more; sm_80 allows 163 KB, sm_90 227 KB).
+const MMA_DYNAMIC_SMEM_MAX: usize = 99 * 1024;
+
+/// Query vectors per `kv_decode_mma` block at most for this head_dim: 8 up to head_dim 128; 4
+/// above (the transposed products only: their accumulators, 2 * head_dim / 8 floats per lane,
+/// are what 3 blocks per multiprocessor leave registers for).
+pub fn mma_max_nq(head_dim: usize) -> usize {
+    if head_dim <= 128 {
+        8
+    } else {
+        4
+    }
+}
+
+/// The bytes of `kv_decode_mma`'s shared memory for this layout: the queries (8 rows of
+/// head_dim + 16 words) and the buffer (two staging buffers per warp, or the warps' merge area
+/// where that is larger), then all of `MmaShared` (cuda/decode_mma.cuh): with the warps' maxima
+/// and sums, the rows' ranges and a constant, 336 bytes more (the padding before the 16-byte
+/// aligned buffer included).
+fn mma_smem(lay: &Layout) -> (usize, usize) {
+    let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
+    let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
+    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + if mma_vlane(lay) { 4 * 32 } else { 0 } + 4 * g * ng;
+    let buf = (2 * 4 * stage).max(4 * 8 * (hd + 4) * 4);
+    let rows_and_buf = 8 * (hd + 16) * 4 + buf;
+    (rows_and_buf, rows_and_buf + 336)
+}
+
+/// Whether every lane's value channels take 16, 32, 64 or 128 contiguous bits of one value group
+/// (`MMA_VLANE`): value codes are then staged with 32 bytes of padding after each quarter of a
+/// group's tokens, and blocks of at most 4 query vectors take the transposed products.
+fn mma_vlane(lay: &Layout) -> bool {
+    let nj = lay.head_dim / 8;
+    matches!(nj * lay.value_bits as usize, 16 | 32 | 64 | 128) && lay.vgroup % nj == 0
+}
+
 /// Whether `kv_decode_mma` (tensor cores) exists for this layout and `nq` query heads per kv
 /// head: the conditions of `KV_MMA_OK` in cuda/decode_mma.cuh.
 pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
-    let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
+    let (hd, g) = (lay.head_dim, lay.group);
     let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
-    // Value codes are staged with 32 bytes of padding after each quarter when every lane's
-    // channels take 16, 32 or 64 contiguous bits of one value group (MMA_VLANE).
-    let (nj, vlb) = (hd / 8, hd / 8 * vb);
-    let vpad = if matches!(vlb, 16 | 32 | 64) && lay.vgroup % nj == 0 { 4 * 32 } else { 0 };
-    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + vpad + 4 * g * ng;
-    let buf = (2 * 4 * stage).max(4 * 8 * (hd + 4) * 4);
     lay.key_mode == KeyMode::PerChannel
         && matches!(kb, 2 | 4)
         && matches!(vb, 2 | 4)
         && hd % 16 == 0
-        && hd <= 128
+        && (hd <= 128 || (hd <= 256 && nq <= 4 && mma_vlane(lay)))
         && matches!(g, 16 | 32 | 64)
         && lay.vgroup % 8 == 0
         && nq <= 8
-        && 8 * (hd + 16) * 4 + buf <= 48000
+        && match mma_smem(lay) {
+            (rows_and_buf, _) if rows_and_buf <= MMA_STATIC_SMEM => true,
+            (_, all) => hd > 128 && all <= MMA_DYNAMIC_SMEM_MAX,
+        }
+}
+
+/// The dynamic shared memory `kv_decode_mma` blocks for `nq` query vectors take (`KV_MMA_DYN`):
+/// 0 where its shared memory fits in the 48 KB of static shared memory (head_dim up to 128),
+/// all of it where not (head_dim 256).
+pub(crate) fn mma_dynamic_smem(lay: &Layout, nq: usize) -> usize {
+    match mma_smem(lay) {
+        (rows_and_buf, all) if rows_and_buf > MMA_STATIC_SMEM && mma_layout(lay, nq) => all,
+        _ => 0,
+    }
 }
 
 /// Whether decode steps of a cache of this configuration, with `n_q_heads` query heads, run
@@ -170,13 +218,14 @@ fn gqa_ratio(cfg: &CacheConfig, n_q_heads: u32) -> Option<usize> {
 }
 
 /// The tensor-core kernel for decode: one query row, up to 8 query heads of a kv head per block
-/// (the decode module compiled for `ratio.min(8)` query vectors).
+/// (4 above head_dim 128: the decode module compiled for `ratio.min(mma_max_nq(head_dim))` query
+/// vectors).
 pub(crate) fn decode_mma(lay: &Layout, ratio: usize) -> bool {
-    mma_layout(lay, ratio.min(8))
+    mma_layout(lay, ratio.min(mma_max_nq(lay.head_dim)))
 }
 
-/// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block (its
-/// layouts have head_dim <= 128, so the decode module can be built for 8 vectors).
+/// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block (so
+/// head_dim <= 128).
 pub(crate) fn chunk_mma(lay: &Layout) -> bool {
     mma_layout(lay, 8)
 }
@@ -234,6 +283,7 @@ impl Spec {
             d("KV_PAGE_BYTES", lay.page_bytes),
             d("KV_WIN_HEAD", lay.window_head_elems),
             d("KV_NQ", nq),
+            d("KV_MMA_DYN", mma_dynamic_smem(lay, nq)),
         ];
         // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
         // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.
@@ -406,7 +456,7 @@ fn c_chars(v: &[std::ffi::c_char]) -> String {
 
 /// Configurations that exercise every branch of the kernels: KIVI-2 and KIVI-4 at head_dim 128,
 /// 8-bit, per-token keys, f32 and bf16 windows, sinks, multi-group pages, odd head_dims whose
-/// lanes straddle value groups, big groups and tiny ones.
+/// lanes straddle value groups, head_dim 256 on tensor cores, big groups and tiny ones.
 pub fn test_configs() -> Vec<CacheConfig> {
     let mut out = Vec::new();
     let mut base = CacheConfig::new(2, 8, 128);
@@ -449,6 +499,16 @@ pub fn test_configs() -> Vec<CacheConfig> {
     c.value_group = 2;
     c.residual = 0;
     c.key_mode = KeyMode::PerToken;
+    out.push(c);
+    // head_dim 256 (Gemma): the tensor-core decode with dynamic shared memory, 2 and 4 bits,
+    // a bf16 cache with value groups of 64 channels.
+    let mut c = CacheConfig::new(1, 1, 256);
+    c.dtype = DType::F16;
+    out.push(c.clone());
+    c.key_bits = 4;
+    c.value_bits = 4;
+    c.value_group = 64;
+    c.dtype = DType::BF16;
     out.push(c);
     let mut c = CacheConfig::new(1, 1, 1024);
     c.group_size = 256;

@@ -271,14 +271,25 @@ impl Module {
     }
 }
 
-/// How many blocks of `block` threads of `func` fit on one multiprocessor at once (its
-/// registers and shared memory decide), as the driver reports it; at least 1. A driver call each
-/// time: the caller keeps the answer (`CudaCache::mma_slots`, once per cache).
-pub(crate) fn blocks_per_sm(func: dsys::CUfunction, block: u32) -> Result<u32> {
-    // SAFETY: func is a function of a loaded module; the kernels take no dynamic shared memory.
-    let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(func, block as i32, 0) }
+/// How many blocks of `block` threads of `func`, each with `smem` bytes of dynamic shared memory,
+/// fit on one multiprocessor at once (its registers and shared memory decide), as the driver
+/// reports it; at least 1. A driver call each time: the caller keeps the answer
+/// (`CudaCache::mma_slots`, once per cache).
+pub(crate) fn blocks_per_sm(func: dsys::CUfunction, block: u32, smem: u32) -> Result<u32> {
+    // SAFETY: func is a function of a loaded module.
+    let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(func, block as i32, smem as usize) }
         .map_err(|e| drv_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
     Ok(n.max(1) as u32)
+}
+
+/// Lets `func`'s launches take `bytes` of dynamic shared memory, more than the 48 KB a launch
+/// may take without asking (once per function; every device of compute capability 8.0 and newer
+/// allows the 99 KB `kv_decode_mma` asks for at most).
+pub(crate) fn allow_dynamic_smem(func: dsys::CUfunction, bytes: u32) -> Result<()> {
+    let attr = dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    // SAFETY: func is a function of a loaded module (never unloaded).
+    unsafe { drv::function::set_function_attribute(func, attr, bytes as i32) }
+        .map_err(|e| drv_err(&format!("cuFuncSetAttribute (dynamic shared memory of {bytes} bytes)"), e))
 }
 
 /// Launches `func` with one by-value parameter struct `params` on `stream`.
@@ -293,9 +304,24 @@ pub(crate) unsafe fn launch<P>(
     stream: dsys::CUstream,
     params: &P,
 ) -> Result<()> {
+    launch_smem(func, grid, block, 0, stream, params)
+}
+
+/// [`launch`] with `smem` bytes of dynamic shared memory per block.
+///
+/// # Safety
+/// As [`launch`]; above 48 KB, `func` must have been allowed that much ([`allow_dynamic_smem`]).
+pub(crate) unsafe fn launch_smem<P>(
+    func: dsys::CUfunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    stream: dsys::CUstream,
+    params: &P,
+) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
     let mut args = [params as *const P as *mut std::ffi::c_void];
-    drv::launch_kernel(func, grid, (block, 1, 1), 0, stream, &mut args).map_err(|e| drv_err("cuLaunchKernel", e))
+    drv::launch_kernel(func, grid, (block, 1, 1), smem, stream, &mut args).map_err(|e| drv_err("cuLaunchKernel", e))
 }

@@ -410,6 +410,51 @@ fn simulated_long_contexts_use_many_splits() {
     long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 3000 });
 }
 
+/// head_dim 256 (Gemma) decodes on tensor cores, its shared memory dynamic (`KV_MMA_DYN`): the
+/// transposed products with 32 value channels per lane (64 bits of codes at 2 bits, 128 at 4),
+/// GQA ratios 2, 4 and 8 (two blocks per kv head), softcap and sliding windows, sinks, f16,
+/// bf16 and f32 windows, through the whole scenario (forks, truncation, state blobs), then a
+/// context of many splits. Chunks of queries keep the CUDA-core kernel, and so do layouts whose
+/// shared memory would pass 99 KB (4 bits at G = 64).
+#[test]
+fn simulated_head_dim_256_decodes_on_tensor_cores() {
+    use crate::cuda::kernels::{tensor_core_chunks, tensor_core_decode};
+    use KeyMode::PerChannel;
+    let d = AttnOptions::default();
+    let sc = AttnOptions { softcap: 50.0, scale: Some(0.0625), ..d };
+    let sw = AttnOptions { sliding_window: 40, ..d };
+    let cases = [
+        (cfg(256, 2, (2, 2), 32, 64, 1, PerChannel, DType::F16, 0), 8, sc),
+        // value groups of 64 channels: two lanes' channels in each
+        (CacheConfig { value_group: 64, ..cfg(256, 1, (4, 4), 32, 32, 0, PerChannel, DType::BF16, 64) }, 8, sw),
+        (cfg(256, 2, (2, 4), 16, 32, 2, PerChannel, DType::F32, 0), 2, d),
+        (cfg(256, 1, (2, 2), 64, 64, 0, PerChannel, DType::F16, 0), 2, sw),
+    ];
+    for (c, nqh, opts) in cases {
+        let what = format!("{} query heads, {c:?}", nqh);
+        assert!(tensor_core_decode(&c, nqh as u32) && !tensor_core_chunks(&c, nqh as u32), "{what}");
+        let before = sim::launches_of("kv_decode_mma");
+        match c.dtype {
+            DType::BF16 => scenario::<bf16>(SIM, c.clone(), nqh, opts),
+            DType::F16 => scenario::<f16>(SIM, c.clone(), nqh, opts),
+            DType::F32 => scenario::<f32>(SIM, c.clone(), nqh, opts),
+        };
+        assert!(sim::launches_of("kv_decode_mma") > before, "{what}: no decode on tensor cores");
+    }
+    let big = cfg(256, 1, (4, 4), 64, 64, 0, PerChannel, DType::F16, 0);
+    assert!(!tensor_core_decode(&big, 4));
+    // Many splits, several groups per warp.
+    let mut c = cfg(256, 1, (2, 2), 32, 64, 0, PerChannel, DType::F16, 0);
+    c.n_layers = 1;
+    (c.max_tokens, c.max_seq_tokens) = (4096, 0);
+    let mut p = Pair::<f16>::new(SIM, c, 4, d);
+    p.append(0, 0, if cfg!(debug_assertions) { 700 } else { 2500 });
+    for _ in 0..3 {
+        p.decode(0, &[0]);
+    }
+    p.state("after long decode");
+}
+
 /// Chunks of queries (append_attend, attend) over a quantized past take the tensor-core kernel,
 /// 8 / ratio query rows per block (GQA groups of more than 8 heads: several blocks per kv head),
 /// and so does decode: every ratio, chunk sizes around the rows per block and the group size,
