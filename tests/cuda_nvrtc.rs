@@ -113,28 +113,30 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
             let nq = ratio.min(cap as u32);
             assert_eq!(has_mma(nq as usize, &cfg), uses, "decode: config {cfg:?}, {ratio} query heads per kv head");
             decode += uses as usize;
-            // Chunks of queries: the decode module for 8 query vectors.
+            // Chunks of queries: the decode module for 8 query vectors (4 above head_dim 128).
             if tensor_core_chunks(&cfg, ratio * cfg.n_kv_heads) {
-                assert!(has_mma(8, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
+                let nq = kivi::cuda::kernels::mma_max_nq(hd);
+                assert!(has_mma(nq, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
                 chunks += 1;
                 // Their full-precision tokens and their quantized groups: kv_prefill_fp and
                 // kv_prefill_q, in the same module.
                 let fp = tensor_core_chunk_tokens(&cfg, ratio * cfg.n_kv_heads);
-                assert_eq!(has(b"kv_prefill_fp", 8, &cfg), fp, "chunk tokens: config {cfg:?}");
-                assert_eq!(has(b"kv_prefill_q", 8, &cfg), fp, "chunk groups: config {cfg:?}");
+                assert_eq!(has(b"kv_prefill_fp", nq, &cfg), fp, "chunk tokens: config {cfg:?}");
+                assert_eq!(has(b"kv_prefill_q", nq, &cfg), fp, "chunk groups: config {cfg:?}");
                 tokens += fp as usize;
             }
         }
     }
     assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
     // head_dim 256 (Gemma) decodes on tensor cores at 2 and 4 bits, f16 and bf16, whatever the
-    // GQA ratio (4 query heads per block), but its chunks of queries do not.
+    // GQA ratio (4 query heads per block), and so do its chunks of queries, but for their
+    // full-precision tokens (no kv_prefill_fp at this head_dim).
     for (bits, dtype) in [(2, kivi::DType::F16), (4, kivi::DType::BF16)] {
         let mut cfg = gemma_config(bits);
         cfg.dtype = dtype;
         for ratio in [1, 2, 4, 8, 16] {
             assert!(tensor_core_decode(&cfg, ratio), "KIVI-{bits}, {dtype:?}, {ratio} query heads");
-            assert!(!tensor_core_chunks(&cfg, ratio));
+            assert!(tensor_core_chunks(&cfg, ratio) && !tensor_core_chunk_tokens(&cfg, ratio));
         }
     }
 }

@@ -290,10 +290,11 @@ impl CudaCache {
                 Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: false }
             }
             _ if tensor_cores && chunk_mma(&self.lay) => {
-                // Chunks of queries take the tensor-core kernel too: 8 query vectors per block,
-                // the 8 / hc rows of hc query heads of one kv head.
-                let hc = ratio.min(8);
-                Shape { module: Family::Decode, nq: 8, hc, qt: 8 / hc, mma: true }
+                // Chunks of queries take the tensor-core kernel too: 8 query vectors per block
+                // (4 above head_dim 128), the nq / hc rows of hc query heads of one kv head.
+                let nq = mma_max_nq(hd);
+                let hc = ratio.min(nq);
+                Shape { module: Family::Decode, nq, hc, qt: nq / hc, mma: true }
             }
             _ => {
                 let hc = ratio.min(cap);
@@ -460,7 +461,7 @@ impl CudaCache {
                     }
                 };
                 let n = split.n;
-                debug_assert!(split.fp == 1 || (!fp && !fp_q));
+                debug_assert!(split.fp == 1 || !fp);
                 p.ups = split.ups as u32;
                 p.n_splits = (split.fp + n) as u32;
                 p.fp_splits = split.fp as u32;

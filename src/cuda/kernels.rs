@@ -205,7 +205,7 @@ pub fn tensor_core_decode(cfg: &CacheConfig, n_q_heads: u32) -> bool {
 /// Whether attention for chunks of queries (`append_attend`, `attend`) of a cache of this
 /// configuration, with `n_q_heads` query heads, runs its quantized groups on tensor cores (same
 /// devices as [`tensor_core_decode`]): 8 query vectors per block, the rows of up to 8 query
-/// heads (8 / heads rows).
+/// heads (8 / heads rows); 4 above head_dim 128 ([`mma_max_nq`]).
 pub fn tensor_core_chunks(cfg: &CacheConfig, n_q_heads: u32) -> bool {
     gqa_ratio(cfg, n_q_heads).is_some() && chunk_mma(&Layout::new(cfg))
 }
@@ -224,26 +224,26 @@ pub(crate) fn decode_mma(lay: &Layout, ratio: usize) -> bool {
     mma_layout(lay, ratio.min(mma_max_nq(lay.head_dim)))
 }
 
-/// The tensor-core kernel for chunks of queries, compiled for 8 query vectors per block (so
-/// head_dim <= 128).
+/// The tensor-core kernel for chunks of queries, compiled for `mma_max_nq(head_dim)` query
+/// vectors per block: 8 up to head_dim 128, 4 above.
 pub(crate) fn chunk_mma(lay: &Layout) -> bool {
-    mma_layout(lay, 8)
+    mma_layout(lay, mma_max_nq(lay.head_dim))
 }
 
 /// Whether `kv_prefill_fp` and `kv_prefill_q` (cuda/prefill_mma.cuh: the full-precision tokens
 /// and the quantized groups of chunks of queries, 64 query vectors per block) exist in the module
-/// chunks of queries launch ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK` there, an f16 or
-/// bf16 cache.
+/// chunks of queries launch ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK` there, the module
+/// for 8 query vectors (head_dim <= 128) of an f16 or bf16 cache.
 pub(crate) fn prefill_fp_layout(lay: &Layout) -> bool {
-    matches!(lay.dtype, DType::F16 | DType::BF16) && chunk_mma(lay)
+    matches!(lay.dtype, DType::F16 | DType::BF16) && mma_max_nq(lay.head_dim) == 8 && chunk_mma(lay)
 }
 
 /// Whether chunks of queries (`append_attend`, `attend`) of a cache of this configuration, with
 /// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk) on
 /// tensor cores when they have at least 8 rows, 64 query vectors per block, and their quantized
-/// groups the same way: [`tensor_core_chunks`] and an f16 or bf16 cache.
+/// groups the same way: [`tensor_core_chunks`], head_dim <= 128 and an f16 or bf16 cache.
 pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
-    tensor_core_chunks(cfg, n_q_heads) && matches!(cfg.dtype, DType::F16 | DType::BF16)
+    gqa_ratio(cfg, n_q_heads).is_some() && prefill_fp_layout(&Layout::new(cfg))
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query

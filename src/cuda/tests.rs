@@ -414,11 +414,12 @@ fn simulated_long_contexts_use_many_splits() {
 /// transposed products with 32 value channels per lane (64 bits of codes at 2 bits, 128 at 4),
 /// GQA ratios 2, 4 and 8 (two blocks per kv head), softcap and sliding windows, sinks, f16,
 /// bf16 and f32 windows, through the whole scenario (forks, truncation, state blobs), then a
-/// context of many splits. Chunks of queries keep the CUDA-core kernel, and so do layouts whose
-/// shared memory would pass 99 KB (4 bits at G = 64).
+/// context of many splits. Chunks of queries take it too (4 query vectors per block; their
+/// full-precision tokens on its CUDA-core split: no `kv_prefill_fp` at this head_dim), and
+/// layouts whose shared memory would pass 99 KB (4 bits at G = 64) keep the CUDA-core kernel.
 #[test]
 fn simulated_head_dim_256_decodes_on_tensor_cores() {
-    use crate::cuda::kernels::{tensor_core_chunks, tensor_core_decode};
+    use crate::cuda::kernels::{tensor_core_chunk_tokens, tensor_core_chunks, tensor_core_decode};
     use KeyMode::PerChannel;
     let d = AttnOptions::default();
     let sc = AttnOptions { softcap: 50.0, scale: Some(0.0625), ..d };
@@ -432,7 +433,8 @@ fn simulated_head_dim_256_decodes_on_tensor_cores() {
     ];
     for (c, nqh, opts) in cases {
         let what = format!("{} query heads, {c:?}", nqh);
-        assert!(tensor_core_decode(&c, nqh as u32) && !tensor_core_chunks(&c, nqh as u32), "{what}");
+        let n = nqh as u32;
+        assert!(tensor_core_decode(&c, n) && tensor_core_chunks(&c, n) && !tensor_core_chunk_tokens(&c, n), "{what}");
         let before = sim::launches_of("kv_decode_mma");
         match c.dtype {
             DType::BF16 => scenario::<bf16>(SIM, c.clone(), nqh, opts),
@@ -442,7 +444,7 @@ fn simulated_head_dim_256_decodes_on_tensor_cores() {
         assert!(sim::launches_of("kv_decode_mma") > before, "{what}: no decode on tensor cores");
     }
     let big = cfg(256, 1, (4, 4), 64, 64, 0, PerChannel, DType::F16, 0);
-    assert!(!tensor_core_decode(&big, 4));
+    assert!(!tensor_core_decode(&big, 4) && !tensor_core_chunks(&big, 4));
     // Many splits, several groups per warp.
     let mut c = cfg(256, 1, (2, 2), 32, 64, 0, PerChannel, DType::F16, 0);
     c.n_layers = 1;
@@ -461,16 +463,21 @@ fn simulated_head_dim_256_decodes_on_tensor_cores() {
 /// causal and sliding-window masks that cut through groups.
 #[test]
 fn simulated_chunks_of_queries_use_tensor_cores() {
-    for (nqh, opts) in [
-        (8, AttnOptions::default()),                                   // ratio 4: 2 rows per block
-        (2, AttnOptions { sliding_window: 70, ..Default::default() }), // ratio 1: 8 rows
-        (16, AttnOptions { causal: false, ..Default::default() }),     // ratio 8: 1 row
-        (6, AttnOptions { softcap: 30.0, ..Default::default() }),      // ratio 3: 2 rows, 6 vectors
-        (24, AttnOptions::default()),                                  // ratio 12: 2 blocks per kv head
+    for (hd, nqh, opts) in [
+        (128, 8, AttnOptions::default()), // ratio 4: 2 rows per block
+        (128, 2, AttnOptions { sliding_window: 70, ..Default::default() }), // ratio 1: 8 rows
+        (128, 16, AttnOptions { causal: false, ..Default::default() }), // ratio 8: 1 row
+        (128, 6, AttnOptions { softcap: 30.0, ..Default::default() }), // ratio 3: 2 rows, 6 vectors
+        (128, 24, AttnOptions::default()), // ratio 12: 2 blocks per kv head
+        // head_dim 256: 4 query vectors per block
+        (256, 2, AttnOptions { sliding_window: 70, ..Default::default() }), // ratio 1: 4 rows
+        (256, 4, AttnOptions::default()),                                   // ratio 2: 2 rows
+        (256, 6, AttnOptions { softcap: 30.0, ..Default::default() }),      // ratio 3: 1 row, 3 vectors
+        (256, 16, AttnOptions { causal: false, ..Default::default() }),     // ratio 8: 2 blocks per kv head
     ] {
-        let mut c = cfg(128, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
+        let mut c = cfg(hd, 2, (2, 2), 32, 32, 0, KeyMode::PerChannel, DType::F16, 0);
         c.n_layers = 1;
-        assert!(crate::cuda::kernels::tensor_core_chunks(&c, nqh as u32), "{nqh} query heads");
+        assert!(crate::cuda::kernels::tensor_core_chunks(&c, nqh as u32), "head_dim {hd}, {nqh} query heads");
         let mut p = Pair::<f16>::new(SIM, c, nqh, opts);
         // The quantized groups: kv_decode_mma, or kv_prefill_q for chunks of 8 rows or more.
         let launches = || sim::launches_of("kv_decode_mma") + sim::launches_of("kv_prefill_q");
@@ -480,9 +487,9 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
             p.append_attend(0, 0, n);
         }
         p.attend(0, 0, 17);
-        assert_eq!(launches() - before, 7, "{nqh} query heads: every chunk on tensor cores");
+        assert_eq!(launches() - before, 7, "head_dim {hd}, {nqh} query heads: every chunk on tensor cores");
         p.decode(0, &[0]);
-        assert_eq!(launches() - before, 8, "{nqh} query heads: decode on tensor cores");
+        assert_eq!(launches() - before, 8, "head_dim {hd}, {nqh} query heads: decode on tensor cores");
         p.state("after chunks");
     }
 }
