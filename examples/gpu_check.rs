@@ -12,6 +12,9 @@
 //!                                      # kernel variants against the default, steps alternating
 //!                                      # (--sim: the same on the host simulator, a dry run)
 //! gpu_check prompt [--tokens 512,2048,8192] [--iters 5]   # attention over whole prompts
+//! gpu_check precompile [--arch sm_90]  # the modules of the check and the benchmark, compiled on
+//!                                      # every core into $KIVI_CUDA_CACHE_DIR (no GPU needed
+//!                                      # with --arch)
 //! gpu_check cubins DIR [--arch sm_90]  # no GPU needed: the decode modules of the benchmark
 //!                                      # shapes (and of head_dim 256) compiled with NVRTC, for
 //!                                      # scripts/sass_mix.py
@@ -665,7 +668,7 @@ mod c_abi {
     const LAYERS: u32 = 2;
     const KV: usize = 2;
     const HD: usize = 128;
-    const QH: usize = 8;
+    pub const QH: usize = 8;
     const KVROW: usize = KV * HD;
     const QROW: usize = QH * HD;
 
@@ -950,6 +953,14 @@ mod c_abi {
         res
     }
 
+    /// The configuration the check's caches get from their `kivi_params` (for `precompile`).
+    pub fn config() -> kivi::CacheConfig {
+        let mut c = kivi::CacheConfig::new(LAYERS, KV as u32, HD as u32);
+        c.dtype = kivi::DType::F16;
+        (c.max_tokens, c.max_seqs) = (2048, 4);
+        c
+    }
+
     /// Runs the check; prints one JSON line like the other cases and returns whether it passed.
     pub fn check() -> bool {
         let t0 = std::time::Instant::now();
@@ -957,12 +968,10 @@ mod c_abi {
         let mut p: kivi_params = unsafe { std::mem::zeroed() };
         // SAFETY: p is a kivi_params.
         let mut res = ok("kivi_params_init", unsafe { kivi_params_init(&mut p, std::mem::size_of::<kivi_params>()) });
-        p.n_layers = LAYERS;
-        p.n_kv_heads = KV as u32;
-        p.head_dim = HD as u32;
+        let c = config();
+        (p.n_layers, p.n_kv_heads, p.head_dim) = (c.n_layers, c.n_kv_heads, c.head_dim);
         p.dtype = kivi_dtype::KIVI_DTYPE_F16 as i32;
-        p.max_tokens = 2048;
-        p.max_seqs = 4;
+        (p.max_tokens, p.max_seqs) = (c.max_tokens, c.max_seqs);
         // SAFETY: plain integers and a char array.
         let mut info: kivi_device_info = unsafe { std::mem::zeroed() };
         res = res.and_then(|_| {
@@ -1129,13 +1138,16 @@ fn bench(args: &[String]) -> bool {
     let (hd, nkv, nqh) = (heads.hd, heads.nkv, heads.nqh);
     let shape = heads.name();
     let max_batch = *batches.iter().max().unwrap();
+    let extra = bench_extra(iters, batches.len());
+    // Every context's cache with the block tables of the longest: the same modules for all.
+    let seq_tokens = contexts.iter().max().unwrap() + extra;
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
     // Contexts outermost: the longest (slowest to fill) come last.
     for &ctx in &contexts {
         for &bits in &bits_list {
-            let extra = (2 * iters + 8) * batches.len() + 256;
             let mut rng = Rng(42 + bits as u64);
-            let (mut cache, cfg, fill_s) = match bench_cache(bits, ctx, max_batch, extra, heads, &mut rng) {
+            let cfg = bench_config(bits, ctx, max_batch, extra, seq_tokens, heads);
+            let (mut cache, fill_s) = match bench_cache(cfg.clone(), ctx, &mut rng) {
                 Ok(c) => c,
                 Err(e) => {
                     println!("{{\"kind\":\"bench\",\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}");
@@ -1233,21 +1245,24 @@ fn bench(args: &[String]) -> bool {
     true
 }
 
-/// The benchmark's cache (f16, KIVI-`bits`, G = 32, the KV heads of `heads`: 8 of head_dim 128
-/// by default) with `max_batch` sequences of `ctx` tokens each, and room for `extra` more per
-/// sequence: each sequence its own copy of the data (no shared pages, so no reads served from L2
-/// that another sequence brought in). Also its configuration and the seconds the fill took.
-fn bench_cache(
+/// Tokens the benchmark's sequences have room for past their context: the steps of a run.
+fn bench_extra(iters: usize, n_batches: usize) -> usize {
+    (2 * iters + 8) * n_batches + 256
+}
+
+/// The benchmark's configuration (f16, KIVI-`bits`, G = 32, the KV heads of `heads`: 8 of
+/// head_dim 128 by default) for `max_batch` sequences of `ctx` tokens each with room for `extra`
+/// more, and block tables for `seq_tokens` tokens per sequence (at least `ctx + extra`: the
+/// caches of one run's contexts then share their modules).
+fn bench_config(
     bits: usize,
     ctx: usize,
     max_batch: usize,
     extra: usize,
+    seq_tokens: usize,
     heads: Heads,
-    rng: &mut Rng,
-) -> Result<(CudaCache, CacheConfig, f64), String> {
-    let (hd, nkv) = (heads.hd, heads.nkv);
-    let t0 = Instant::now();
-    let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
+) -> CacheConfig {
+    let mut cfg = CacheConfig::new(1, heads.nkv as u32, heads.hd as u32);
     cfg.dtype = DType::F16;
     cfg.key_bits = bits as u8;
     cfg.value_bits = bits as u8;
@@ -1255,7 +1270,17 @@ fn bench_cache(
     cfg.max_tokens = (max_batch * (ctx + extra)) as u32;
     // Each sequence's own limit, as a serving engine sets it: block tables of one sequence's
     // pages rather than the pool's.
-    cfg.max_seq_tokens = (ctx + extra) as u32;
+    cfg.max_seq_tokens = seq_tokens.max(ctx + extra) as u32;
+    cfg
+}
+
+/// The benchmark's cache of configuration `cfg` (`bench_config`), its sequences filled to `ctx`
+/// tokens: each sequence its own copy of the data (no shared pages, so no reads served from L2
+/// that another sequence brought in). Also the seconds the fill took.
+fn bench_cache(cfg: CacheConfig, ctx: usize, rng: &mut Rng) -> Result<(CudaCache, f64), String> {
+    let (hd, nkv) = (cfg.head_dim as usize, cfg.n_kv_heads as usize);
+    let max_batch = cfg.max_seqs as usize;
+    let t0 = Instant::now();
     let mut cache = new_cache(cfg.clone()).map_err(|e| e.to_string())?;
     let chunk = 4096.min(ctx);
     let k: Vec<f16> = to_t(&rng.keys(chunk, nkv, hd));
@@ -1271,7 +1296,7 @@ fn bench_cache(
         }
     }
     sync()?;
-    Ok((cache, cfg, t0.elapsed().as_secs_f64()))
+    Ok((cache, t0.elapsed().as_secs_f64()))
 }
 
 /// One decode step of the benchmark's sequences 0 .. b: each appends a new token and attends
@@ -1373,6 +1398,7 @@ fn variants(args: &[String]) -> bool {
     }
     let max_batch = *batches.iter().max().unwrap();
     let extra = (rounds + 1) * 2 * iters * named.len() * batches.len() + 64;
+    let seq_tokens = contexts.iter().max().unwrap() + extra;
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
     let events = |_| match sim() {
         true => std::ptr::null_mut(),
@@ -1416,8 +1442,9 @@ fn variants(args: &[String]) -> bool {
                 let before: Vec<_> = set.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
                 set.iter().for_each(|(k, v)| std::env::set_var(k, v));
                 let mut rng = Rng(42 + bits as u64);
-                match bench_cache(bits, ctx, max_batch, extra, Heads::DEFAULT, &mut rng) {
-                    Ok((mut cache, _, _)) => {
+                let cfg = bench_config(bits, ctx, max_batch, extra, seq_tokens, Heads::DEFAULT);
+                match bench_cache(cfg, ctx, &mut rng) {
+                    Ok((mut cache, _)) => {
                         // The first step compiles the attention modules with the variant's options.
                         DecodeStep::new(1, Heads::DEFAULT, &mut rng).run(&mut cache);
                         caches.push(cache);
@@ -1634,6 +1661,78 @@ fn cubins(args: &[String]) -> bool {
     true
 }
 
+/// Compiles, on every core, the modules that the check's cases (with the tensor-core kernels
+/// and without) and the benchmark's default runs load (`kivi::cuda::module_specs`), for the
+/// device's architecture (or `--arch`), into `KIVI_CUDA_CACHE_DIR`, which must be set: the
+/// processes after it then load them from there. A module takes NVRTC a few seconds on one core
+/// and the check needs dozens, which would otherwise be compiled one after another inside its
+/// time (`scripts/gpu-check.sh` runs this first). Needs no GPU with `--arch`.
+fn precompile(args: &[String]) -> bool {
+    if std::env::var_os("KIVI_CUDA_CACHE_DIR").is_none() {
+        eprintln!("precompile: set KIVI_CUDA_CACHE_DIR to the folder the later runs read");
+        return false;
+    }
+    let arch = match args.iter().position(|a| a == "--arch") {
+        Some(i) => args[i + 1].clone(),
+        None => match kivi::cuda::available() {
+            Ok(i) => format!("sm_{}{}", i.capability.0, i.capability.1),
+            Err(e) => {
+                eprintln!("precompile: no device ({e}); pass --arch");
+                return false;
+            }
+        },
+    };
+    let t0 = Instant::now();
+    let mut shapes: Vec<(CacheConfig, usize)> = cases().into_iter().map(|c| (c.cfg, c.nqh)).collect();
+    shapes.push((c_abi::config(), c_abi::QH));
+    // `gpu_check bench` with its defaults, and at head_dim 256 as scripts/gpu-check.sh runs it
+    // (the modules do not depend on the context: one context each).
+    let hd256 = Heads { hd: 256, nkv: 8, nqh: 16 };
+    for (heads, ctx, batches, max_batch) in [(Heads::DEFAULT, 131072, 3, 64), (hd256, 32768, 2, 16)] {
+        let extra = bench_extra(20, batches);
+        for bits in [2, 4] {
+            shapes.push((bench_config(bits, ctx, max_batch, extra, ctx + extra, heads), heads.nqh));
+        }
+    }
+    let mut specs = Vec::new();
+    for (cfg, nqh) in &shapes {
+        for tensor_cores in [true, false] {
+            match kivi::cuda::module_specs(cfg, *nqh as u32, tensor_cores) {
+                Ok(list) => specs.extend(list.into_iter().filter(|s| !specs.contains(s)).collect::<Vec<_>>()),
+                Err(e) => {
+                    eprintln!("precompile: {cfg:?}: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((family, spec)) = specs.get(i) else { break };
+                if let Err(e) = kivi::cuda::kernels::compile_cached(*family, spec, &arch) {
+                    failed.lock().unwrap().push(format!("{}: {e}", family.file()));
+                }
+            });
+        }
+    });
+    let failed = failed.into_inner().unwrap();
+    for f in &failed {
+        eprintln!("{f}");
+    }
+    println!(
+        "{{\"kind\":\"precompile\",\"arch\":{arch:?},\"modules\":{},\"threads\":{threads},\"failed\":{},\"seconds\":{:.1}}}",
+        specs.len(),
+        failed.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    failed.is_empty()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let cmd = args.get(1).map(String::as_str).unwrap_or("check");
@@ -1652,8 +1751,9 @@ fn main() {
         }
         "variants" => info() && variants(&args),
         "cubins" => cubins(&args),
+        "precompile" => precompile(&args),
         other => {
-            eprintln!("unknown command {other}: use info, check, bench, variants, prompt or cubins");
+            eprintln!("unknown command {other}: use info, check, bench, variants, prompt, cubins or precompile");
             false
         }
     };

@@ -157,6 +157,62 @@ struct Shape {
     mma: bool,
 }
 
+/// How attention of `family` for `n_q_heads` query heads runs for a cache of layout `lay`, on a
+/// device with tensor cores for it or not.
+fn shape_for(lay: &Layout, family: Family, n_q_heads: usize, tensor_cores: bool) -> Shape {
+    let (hd, ratio) = (lay.head_dim, n_q_heads / lay.n_kv_heads);
+    let cap = max_nq(hd);
+    match family {
+        Family::Decode if tensor_cores && decode_mma(lay, ratio) => {
+            // At most 8 query heads per block (4 above head_dim 128): larger GQA groups take
+            // several blocks.
+            let nq = ratio.min(mma_max_nq(hd));
+            Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: true }
+        }
+        Family::Decode => {
+            let nq = ratio.min(cap);
+            Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: false }
+        }
+        _ if tensor_cores && chunk_mma(lay) => {
+            // Chunks of queries take the tensor-core kernel too: 8 query vectors per block (4
+            // above head_dim 128), the nq / hc rows of hc query heads of one kv head.
+            let nq = mma_max_nq(hd);
+            let hc = ratio.min(nq);
+            Shape { module: Family::Decode, nq, hc, qt: nq / hc, mma: true }
+        }
+        _ => {
+            let hc = ratio.min(cap);
+            Shape { module: family, nq: cap, hc, qt: cap / hc, mma: false }
+        }
+    }
+}
+
+/// The modules (family and spec) a CUDA cache of configuration `cfg` loads for attention with
+/// `n_q_heads` query heads: its append kernels, and the attention modules of decode steps and of
+/// chunks of queries, on a device with tensor cores (compute capability 8.0 or newer) or
+/// without, or with them turned off (`KIVI_CUDA_MMA=0`). Compiling these ahead into
+/// `KIVI_CUDA_CACHE_DIR` ([`crate::cuda::kernels::compile_cached`]) spares a later process the
+/// compilations (`gpu_check precompile` does, on every core).
+pub fn module_specs(cfg: &CacheConfig, n_q_heads: u32, tensor_cores: bool) -> Result<Vec<(Family, Spec)>> {
+    cfg.validate()?;
+    let lay = Layout::new(cfg);
+    if n_q_heads == 0 || n_q_heads as usize % lay.n_kv_heads != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{n_q_heads} query heads are not a multiple of {} kv heads",
+            lay.n_kv_heads
+        )));
+    }
+    let mut out = vec![(Family::Quantize, Spec::new(&lay, 1))];
+    for family in [Family::Decode, Family::Prefill] {
+        let sh = shape_for(&lay, family, n_q_heads as usize, tensor_cores);
+        let spec = (sh.module, Spec::new(&lay, sh.nq));
+        if !out.contains(&spec) {
+            out.push(spec);
+        }
+    }
+    Ok(out)
+}
+
 impl CudaCache {
     /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
     /// this process has not yet, and looks its functions up.
@@ -272,35 +328,10 @@ impl CudaCache {
 
     /// How attention of `family` for `n_q_heads` query heads runs on this device.
     fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
-        let (hd, ratio) = (self.lay.head_dim, n_q_heads / self.lay.n_kv_heads);
-        let cap = max_nq(hd);
         // KIVI_CUDA_MMA=0 turns the tensor-core kernel off (read once per process).
         static OFF: OnceLock<bool> = OnceLock::new();
         let off = *OFF.get_or_init(|| std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0"));
-        let tensor_cores = self.info.capability.0 >= 8 && !off;
-        match family {
-            Family::Decode if tensor_cores && decode_mma(&self.lay, ratio) => {
-                // At most 8 query heads per block (4 above head_dim 128): larger GQA groups take
-                // several blocks.
-                let nq = ratio.min(mma_max_nq(hd));
-                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: true }
-            }
-            Family::Decode => {
-                let nq = ratio.min(cap);
-                Shape { module: Family::Decode, nq, hc: nq, qt: 1, mma: false }
-            }
-            _ if tensor_cores && chunk_mma(&self.lay) => {
-                // Chunks of queries take the tensor-core kernel too: 8 query vectors per block
-                // (4 above head_dim 128), the nq / hc rows of hc query heads of one kv head.
-                let nq = mma_max_nq(hd);
-                let hc = ratio.min(nq);
-                Shape { module: Family::Decode, nq, hc, qt: nq / hc, mma: true }
-            }
-            _ => {
-                let hc = ratio.min(cap);
-                Shape { module: family, nq: cap, hc, qt: cap / hc, mma: false }
-            }
-        }
+        shape_for(&self.lay, family, n_q_heads, self.info.capability.0 >= 8 && !off)
     }
 
     /// Queues attention for `work` (all of layer `l`) and the combine. Returns whether the

@@ -43,6 +43,7 @@ mod state;
 #[path = "tests.rs"]
 mod tests;
 
+pub use attention::module_specs;
 use attention::{no_mma, AttnFns};
 pub(crate) use params::*;
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result as drv, sys as dsys};
 
 use crate::error::{Error, Result};
-pub use cache::{CudaCache, DevRows, Stream};
+pub use cache::{module_specs, CudaCache, DevRows, Stream};
 use kernels::{Family, Spec};
 
 /// What [`available`] found: the device and the libraries.

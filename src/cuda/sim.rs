@@ -49,6 +49,19 @@ thread_local! {
     static LAUNCHES: std::cell::RefCell<Vec<(&'static str, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// The modules this thread's launches used, in order of first use (macros added by
+    /// [`with_defines`] left out of the list).
+    #[cfg(test)]
+    static MODULES: std::cell::RefCell<Vec<(Family, Spec)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The modules this thread's launches used since the last call.
+#[cfg(test)]
+pub(crate) fn take_modules() -> Vec<(Family, Spec)> {
+    MODULES.take()
+}
+
 #[cfg(test)]
 pub(crate) fn launches_of(name: &str) -> usize {
     LAUNCHES.with_borrow(|l| l.iter().find(|(n, _)| *n == name).map_or(0, |&(_, c)| c))
@@ -225,6 +238,14 @@ pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'
         Kernel::PrefillFp(nq, x) => (Family::Decode, attn(nq), "kv_prefill_fp", p(x as *const _ as _)),
         Kernel::PrefillQ(nq, x) => (Family::Decode, attn(nq), "kv_prefill_q", p(x as *const _ as _)),
     };
+    #[cfg(test)]
+    if DEFINES.with_borrow(|d| d.is_empty()) {
+        MODULES.with_borrow_mut(|m| {
+            if !m.iter().any(|(f, s)| *f == family && *s == spec) {
+                m.push((family, spec.clone()));
+            }
+        });
+    }
     let ucontext = UCONTEXT.get();
     let m = module(family, &spec, ucontext);
     let cname = CString::new(name).unwrap();

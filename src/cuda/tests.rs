@@ -457,6 +457,32 @@ fn simulated_head_dim_256_decodes_on_tensor_cores() {
     p.state("after long decode");
 }
 
+/// `module_specs` names exactly the modules a cache loads (what `gpu_check precompile` compiles
+/// ahead of the GPU check): appends, decode steps, short and long chunks and `attend`, on tensor
+/// cores at head_dim 64, 128 and 256 and GQA 1 to 12, and on CUDA cores (8-bit codes).
+#[test]
+fn module_specs_name_the_modules_a_cache_loads() {
+    use KeyMode::PerChannel;
+    for (hd, nqh, bits) in [(128, 16, (2, 2)), (128, 4, (4, 4)), (256, 4, (2, 2)), (64, 24, (2, 4)), (128, 8, (8, 8))] {
+        let mut c = cfg(hd, 2, bits, 32, 32, 1, PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        sim::take_modules();
+        let mut p = Pair::<f16>::new(SIM, c.clone(), nqh, AttnOptions::default());
+        p.append(0, 0, 100);
+        p.append_attend(0, 0, 2);
+        p.append_attend(0, 0, 20);
+        p.decode(0, &[0]);
+        p.attend(0, 0, 3);
+        let mut used = sim::take_modules();
+        let mut named = module_specs(&c, nqh as u32, true).unwrap();
+        let key = |m: &(Family, Spec)| format!("{m:?}");
+        used.sort_by_key(key);
+        named.sort_by_key(key);
+        assert_eq!(used, named, "head_dim {hd}, {nqh} query heads, {bits:?} bits");
+    }
+    assert!(module_specs(&cfg(128, 2, (2, 2), 32, 32, 1, PerChannel, DType::F16, 0), 3, true).is_err());
+}
+
 /// Chunks of queries (append_attend, attend) over a quantized past take the tensor-core kernel,
 /// 8 / ratio query rows per block (GQA groups of more than 8 heads: several blocks per kv head),
 /// and so does decode: every ratio, chunk sizes around the rows per block and the group size,
