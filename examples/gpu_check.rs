@@ -745,6 +745,10 @@ mod c_abi {
             };
             r.cpu = create(p, -1)?;
             r.gpu = create(p, 0)?;
+            // The attention kernels compiled and loaded before the first call, as an engine
+            // would when it loads a model.
+            // SAFETY: live handle.
+            ok("kivi_cache_prepare", unsafe { kivi_cache_prepare(r.gpu, QH as u32) })?;
             // The cache made device 0's primary context current on this thread: the stream is
             // created there, as an engine's runtime-API stream would be.
             r.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)

@@ -527,6 +527,9 @@ int main(int argc, char **argv) {
             kivi_memory_stats st0;
             CHECK(kivi_params_memory(&p, &plan, sizeof plan));
             CHECK(kivi_cache_create(&p, &e.cache[i]));
+            /* The attention kernels ready before the first call (a CUDA cache compiles them here;
+               a CPU cache checks the number of query heads). */
+            CHECK(kivi_cache_prepare(e.cache[i], o->kv_heads * o->gqa));
             CHECK(kivi_cache_stats(e.cache[i], &st0, sizeof st0));
             e.planned[i] = plan.bytes;
             if (st0.reserved_bytes + st0.table_bytes != plan.bytes) e.plan_mismatch = 1;

@@ -46,6 +46,7 @@ gpu = kivi.Cache(device=0, **fields)
 cpu = kivi.Cache(**fields)
 stream = torch.cuda.Stream(device=dev)
 gpu.set_stream(stream)
+gpu.prepare(QH)  # the attention kernels compiled now, not in the first call
 
 
 def keys(n):

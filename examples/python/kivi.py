@@ -121,6 +121,7 @@ _SIGNATURES = {
     "kivi_cuda_device_info": [C.c_int32, P(DeviceInfo), SZ],
     "kivi_cache_set_stream": [C.c_void_p, C.c_void_p],
     "kivi_cache_stream": [C.c_void_p, P(C.c_void_p)],
+    "kivi_cache_prepare": [C.c_void_p, C.c_uint32],
 }
 for _name, _args in _SIGNATURES.items():
     getattr(lib, _name).argtypes = _args
@@ -268,6 +269,11 @@ class Cache:
         handle = getattr(stream, "cuda_stream", stream) or 0
         _check(lib.kivi_cache_set_stream(self._h, C.c_void_p(handle)))
         self._stream = stream
+
+    def prepare(self, n_q_heads):
+        """Compiles the attention kernels for `n_q_heads` query heads now (a CUDA cache; a CPU
+        cache checks the number only), rather than in the first call that needs them."""
+        _check(lib.kivi_cache_prepare(self._h, n_q_heads))
 
     def append(self, layer, seq, keys, values):
         _check(lib.kivi_append(self._h, layer, seq, self._r(keys), self._r(values)))

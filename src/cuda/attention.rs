@@ -214,6 +214,48 @@ pub fn module_specs(cfg: &CacheConfig, n_q_heads: u32, tensor_cores: bool) -> Re
 }
 
 impl CudaCache {
+    /// Compiles and loads now the attention kernels that this cache's calls with `n_q_heads`
+    /// query heads use (decode steps, chunks of queries), which the first call needing one would
+    /// otherwise do: NVRTC takes seconds per module, so an engine calls this when it loads a
+    /// model, and before it captures calls into a CUDA graph. The modules compile side by side;
+    /// nothing is compiled that this process (or `KIVI_CUDA_CACHE_DIR`) already has. The cache is
+    /// unchanged.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for `n_q_heads` 0 or not a multiple of the kv heads;
+    /// [`Error::BackendUnavailable`] where a module cannot be compiled or loaded.
+    #[allow(irrefutable_let_patterns)] // a second backend exists in tests
+    pub fn prepare_attention(&self, n_q_heads: u32) -> Result<()> {
+        let nkv = self.lay.n_kv_heads;
+        if n_q_heads == 0 || n_q_heads as usize % nkv != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "n_q_heads {n_q_heads} is not a positive multiple of the cache's {nkv} kv heads"
+            )));
+        }
+        let nqh = n_q_heads as usize;
+        let families = [Family::Decode, Family::Prefill];
+        if let Backend::Cuda(d) = &self.dev {
+            let mut specs: Vec<(Family, Spec)> = Vec::new();
+            for f in families {
+                let sh = self.shape(f, nqh);
+                let spec = (sh.module, Spec::new(&self.lay, sh.nq));
+                if !specs.contains(&spec) {
+                    specs.push(spec);
+                }
+            }
+            std::thread::scope(|s| {
+                let jobs: Vec<_> =
+                    specs.iter().map(|(f, spec)| s.spawn(move || d.module(*f, spec).map(|_| ()))).collect();
+                jobs.into_iter().try_for_each(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(Error::BackendUnavailable("CUDA: a kernel compilation panicked".into()))
+                    })
+                })
+            })?;
+        }
+        // The modules' functions looked up, and the occupancy asked, as the first call would.
+        families.into_iter().try_for_each(|f| self.prepare(f, nqh))
+    }
+
     /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
     /// this process has not yet, and looks its functions up.
     fn prepare(&self, family: Family, n_q_heads: usize) -> Result<()> {

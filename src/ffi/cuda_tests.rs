@@ -516,6 +516,36 @@ fn cuda_handle_errors_leave_it_unchanged() {
     p.same("after the errors");
 }
 
+/// `kivi_cache_prepare` on both backends: a valid number of query heads is accepted (the
+/// emulated device has nothing to compile), a bad one named in the error, and the cache is
+/// unchanged: its blob and its later calls are the CPU cache's.
+#[test]
+fn prepare_checks_the_query_heads() {
+    let par = params(DType::F32);
+    let (cpu, gpu) = (cpu_handle(&par), cuda_handle(&par));
+    let k = vec![0.5f32; 3 * KVROW];
+    unsafe {
+        for h in [cpu, gpu] {
+            assert_eq!(kivi_append(h, 0, 1, &rows(&k, 3, KVROW), &rows(&k, 3, KVROW)), KIVI_OK, "{}", last_error());
+            let before = blob(h);
+            for bad in [0, KV as u32 + 1] {
+                fails(
+                    kivi_cache_prepare(h, bad),
+                    KIVI_ERR_INVALID_ARGUMENT,
+                    "kivi_cache_prepare",
+                    &format!("n_q_heads {bad} "),
+                );
+            }
+            assert_eq!(kivi_cache_prepare(h, QH as u32), KIVI_OK, "{}", last_error());
+            assert!(blob(h) == before, "prepare changed the cache");
+        }
+        fails(kivi_cache_prepare(null_mut(), QH as u32), KIVI_ERR_NULL_POINTER, "kivi_cache_prepare", "cache");
+        assert!(blob(cpu) == blob(gpu));
+        kivi_cache_free(cpu);
+        kivi_cache_free(gpu);
+    }
+}
+
 #[test]
 fn streams() {
     let par = params(DType::F32);

@@ -117,7 +117,8 @@ pub unsafe extern "C" fn kivi_cuda_device_info(
 ///   work: order the engine's own work on the same stream (or with events). A failure found by
 ///   the device (a bad pointer) shows in a later call that waits, or in the engine's own
 ///   synchronisation. The first call that needs a kernel compiles it with NVRTC (once per
-///   process and cache layout; `KIVI_CUDA_CACHE_DIR` keeps them for later processes).
+///   process and cache layout; `KIVI_CUDA_CACHE_DIR` keeps them for later processes), unless
+///   `kivi_cache_prepare()` did.
 /// - Host only, no device work, no waiting: lengths, ids, `kivi_seq_remove`, `kivi_seq_keep`,
 ///   `kivi_cache_clear`, `kivi_cache_params`, `kivi_cache_stats`, `kivi_state_size`,
 ///   `kivi_seq_state_size`, this function and `kivi_cache_stream`.
@@ -127,8 +128,8 @@ pub unsafe extern "C" fn kivi_cuda_device_info(
 ///   the device (`cuMemFree` does), so a cache may be freed with work still queued.
 ///
 /// CUDA graphs: the queued calls neither synchronise nor wait for the host, so their work can be
-/// captured from the stream into a graph. Make one call of each kind outside a capture first:
-/// the first call that needs a kernel compiles and loads it. A captured call is its work as it
+/// captured from the stream into a graph. Call `kivi_cache_prepare()` first (or make one call of
+/// each kind outside a capture): the first call that needs a kernel compiles and loads it. A captured call is its work as it
 /// was planned when queued (the sequences' lengths and pages, the groups leaving the window, the
 /// split of the context), and the cache's host state moves on as if it had run: launch the
 /// graph once, where the call's work would have run, and never again. Capture each step anew, or
@@ -171,6 +172,51 @@ pub unsafe extern "C" fn kivi_cache_set_stream(cache: *mut kivi_cache, stream: *
                 g.check_stream(stream as usize)?;
                 g.stream = stream as usize;
             }
+        }
+        Ok(())
+    })
+}
+
+/// Compiles and loads now the kernels that `cache`'s attention calls with `n_q_heads` query
+/// heads use, which the first call that needs one would otherwise do. On a CUDA cache these are
+/// its attention modules (decode steps and chunks of queries; the append kernels are loaded by
+/// `kivi_cache_create()`), compiled with NVRTC side by side, a few seconds each, once per
+/// process and cache layout (`KIVI_CUDA_CACHE_DIR` keeps them for later processes). Call it when
+/// the model loads, so that the first step does not wait for the compiler, and before capturing
+/// calls into a CUDA graph, which may then begin with the first call of each kind. A CPU cache
+/// has nothing to prepare: it checks `n_q_heads` only.
+///
+/// - `cache`: not NULL.
+/// - `n_q_heads`: the query heads the attention calls pass, a positive multiple of the cache's
+///   `n_kv_heads`.
+///
+/// Errors: `KIVI_ERR_INVALID_ARGUMENT` for `n_q_heads`; `KIVI_ERR_BACKEND_UNAVAILABLE` where a
+/// kernel cannot be compiled or loaded; `KIVI_ERR_NULL_POINTER`. The cache is unchanged either
+/// way (a call made later compiles what this one could not).
+///
+/// Thread safety: reads the cache; runs alongside other reading calls (the kernels are
+/// compiled once, whichever call gets there first).
+///
+/// ```c
+/// kivi_cache_prepare(cache, 32);  // Llama-3-8B: 32 query heads over 8 KV heads
+/// ```
+///
+/// # Safety
+/// `cache` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn kivi_cache_prepare(cache: *const kivi_cache, n_q_heads: u32) -> kivi_status {
+    ffi_fn!("kivi_cache_prepare", {
+        match &*read_cache(cache)? {
+            Backend::Cpu(c) => {
+                let nkv = c.config().n_kv_heads;
+                if n_q_heads == 0 || n_q_heads % nkv != 0 {
+                    return Err(Failure::new(
+                        KIVI_ERR_INVALID_ARGUMENT,
+                        format!("n_q_heads {n_q_heads} is not a positive multiple of the cache's {nkv} kv heads"),
+                    ));
+                }
+            }
+            Backend::Cuda(g) => g.cache.prepare_attention(n_q_heads)?,
         }
         Ok(())
     })

@@ -466,6 +466,13 @@ int main(void) {
            "kivi_cache_stats");
     expect("seq_ids NULL out_n", kivi_seq_ids(c, NULL, 0, NULL), KIVI_ERR_NULL_POINTER, "kivi_seq_ids");
 
+    /* --- prepare: a CPU cache has no kernels to compile, and checks the query heads */
+    expect("prepare a CPU cache", kivi_cache_prepare(c, QH), KIVI_OK, "");
+    expect("prepare 0 query heads", kivi_cache_prepare(c, 0), KIVI_ERR_INVALID_ARGUMENT, "kivi_cache_prepare");
+    expect("prepare query heads not a multiple of KV heads", kivi_cache_prepare(c, KV + 1),
+           KIVI_ERR_INVALID_ARGUMENT, "kivi_cache_prepare");
+    expect("prepare NULL cache", kivi_cache_prepare(NULL, QH), KIVI_ERR_NULL_POINTER, "kivi_cache_prepare");
+
     /* --- streams: a CPU cache has none */
     {
         void *stream = &p;
