@@ -50,8 +50,8 @@
 #define MMA_VC (KV_G * KV_HD * KV_VB / 8)
 // Value columns per lane (the common layouts): lane g's B operands are channels NJ*g .. NJ*g +
 // NJ - 1 of a token, MMA_VLB contiguous bits read with one 16-, 32-, 64- or 128-bit load, all in
-// one value group. The lanes of one t read tokens 2NT*t .. 2NT*t + 2NT - 1 (MMA_VBLK bytes of codes),
-// staged MMA_VPAD bytes apart so that the four t fall on different banks.
+// one value group. The lanes of one t read tokens 2NT*t .. 2NT*t + 2NT - 1 (MMA_VBLK bytes of
+// codes), staged MMA_VPAD bytes apart so that the four t fall on different banks.
 #define MMA_VLB (MMA_NJ * KV_VB)
 #define MMA_VLANE ((MMA_VLB == 16 || MMA_VLB == 32 || MMA_VLB == 64 || MMA_VLB == 128) && KV_VG % MMA_NJ == 0)
 #define MMA_VBLK (KV_G / 4 * KV_V_ROW)
@@ -70,9 +70,9 @@
 #define MMA_QROW (KV_HD + 16)
 // Staging buffers per warp: two (one group in flight while one is computed), unless
 // KV_MMA_STAGES asks for more and they fit in the 48 KB of static shared memory (with dynamic
-// shared memory, KV_MMA_DYN, always two: the host sized it so). Three took
-// the same time on an H200: the loop is bound by issuing its instructions, not by waiting for
-// its groups (BENCHMARKS.md).
+// shared memory, KV_MMA_DYN, always two: the host sized it so). Three took the same time on an
+// H200: the loop is bound by issuing its instructions, not by waiting for its groups
+// (BENCHMARKS.md).
 #ifndef KV_MMA_STAGES
 #define KV_MMA_STAGES 2
 #endif

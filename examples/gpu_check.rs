@@ -1624,9 +1624,9 @@ fn alternate(var: &str, rounds: usize, mut call: impl FnMut()) -> [f64; 2] {
 /// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`, and of the
 /// module chunks of queries launch (8 query vectors: `kv_prefill_fp`, `kv_prefill_q`):
 /// `chunk-kivi{2,4}.cubin`; and the decode module of head_dim 256 at 2 query heads per KV head
-/// (the head_dim-256 benchmark's): `decode-hs256-kivi{2,4}.cubin`. They are built with `KV_COST_PROBE` defined: the loops then hold only
-/// the path most groups and tiles take (no position masking, no accumulator rescale), which is
-/// what `scripts/sass_mix.py` counts.
+/// (the head_dim-256 benchmark's): `decode-hs256-kivi{2,4}.cubin`. They are built with
+/// `KV_COST_PROBE` defined: the loops then hold only the path most groups and tiles take (no
+/// position masking, no accumulator rescale), which is what `scripts/sass_mix.py` counts.
 fn cubins(args: &[String]) -> bool {
     let Some(dir) = args.get(2) else {
         eprintln!("usage: gpu_check cubins DIR [--arch sm_90]");

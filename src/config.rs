@@ -169,6 +169,18 @@ impl CacheConfig {
         }
     }
 
+    /// Checks that attention calls with `n_q_heads` query heads fit this cache: a positive
+    /// multiple of its kv heads (`Error::InvalidArgument` naming the number otherwise).
+    pub fn check_q_heads(&self, n_q_heads: u32) -> Result<()> {
+        if n_q_heads == 0 || n_q_heads % self.n_kv_heads != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "n_q_heads {n_q_heads} is not a positive multiple of the cache's {} kv heads",
+                self.n_kv_heads
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks every field; the error names the first bad value.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));

@@ -187,6 +187,20 @@ fn shape_for(lay: &Layout, family: Family, n_q_heads: usize, tensor_cores: bool)
     }
 }
 
+/// The attention modules (family and spec) of decode steps and of chunks of queries with
+/// `n_q_heads` query heads, for a cache of layout `lay` (one when both take the same).
+fn attention_specs(lay: &Layout, n_q_heads: usize, tensor_cores: bool) -> Vec<(Family, Spec)> {
+    let mut out: Vec<(Family, Spec)> = Vec::new();
+    for family in [Family::Decode, Family::Prefill] {
+        let sh = shape_for(lay, family, n_q_heads, tensor_cores);
+        let spec = (sh.module, Spec::new(lay, sh.nq));
+        if !out.contains(&spec) {
+            out.push(spec);
+        }
+    }
+    out
+}
+
 /// The modules (family and spec) a CUDA cache of configuration `cfg` loads for attention with
 /// `n_q_heads` query heads: its append kernels, and the attention modules of decode steps and of
 /// chunks of queries, on a device with tensor cores (compute capability 8.0 or newer) or
@@ -195,21 +209,10 @@ fn shape_for(lay: &Layout, family: Family, n_q_heads: usize, tensor_cores: bool)
 /// compilations (`gpu_check precompile` does, on every core).
 pub fn module_specs(cfg: &CacheConfig, n_q_heads: u32, tensor_cores: bool) -> Result<Vec<(Family, Spec)>> {
     cfg.validate()?;
+    cfg.check_q_heads(n_q_heads)?;
     let lay = Layout::new(cfg);
-    if n_q_heads == 0 || n_q_heads as usize % lay.n_kv_heads != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{n_q_heads} query heads are not a multiple of {} kv heads",
-            lay.n_kv_heads
-        )));
-    }
     let mut out = vec![(Family::Quantize, Spec::new(&lay, 1))];
-    for family in [Family::Decode, Family::Prefill] {
-        let sh = shape_for(&lay, family, n_q_heads as usize, tensor_cores);
-        let spec = (sh.module, Spec::new(&lay, sh.nq));
-        if !out.contains(&spec) {
-            out.push(spec);
-        }
-    }
+    out.extend(attention_specs(&lay, n_q_heads as usize, tensor_cores));
     Ok(out)
 }
 
@@ -225,23 +228,10 @@ impl CudaCache {
     /// [`Error::BackendUnavailable`] where a module cannot be compiled or loaded.
     #[allow(irrefutable_let_patterns)] // a second backend exists in tests
     pub fn prepare_attention(&self, n_q_heads: u32) -> Result<()> {
-        let nkv = self.lay.n_kv_heads;
-        if n_q_heads == 0 || n_q_heads as usize % nkv != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "n_q_heads {n_q_heads} is not a positive multiple of the cache's {nkv} kv heads"
-            )));
-        }
+        self.cfg.check_q_heads(n_q_heads)?;
         let nqh = n_q_heads as usize;
-        let families = [Family::Decode, Family::Prefill];
         if let Backend::Cuda(d) = &self.dev {
-            let mut specs: Vec<(Family, Spec)> = Vec::new();
-            for f in families {
-                let sh = self.shape(f, nqh);
-                let spec = (sh.module, Spec::new(&self.lay, sh.nq));
-                if !specs.contains(&spec) {
-                    specs.push(spec);
-                }
-            }
+            let specs = attention_specs(&self.lay, nqh, self.tensor_cores());
             std::thread::scope(|s| {
                 let jobs: Vec<_> =
                     specs.iter().map(|(f, spec)| s.spawn(move || d.module(*f, spec).map(|_| ()))).collect();
@@ -253,7 +243,7 @@ impl CudaCache {
             })?;
         }
         // The modules' functions looked up, and the occupancy asked, as the first call would.
-        families.into_iter().try_for_each(|f| self.prepare(f, nqh))
+        [Family::Decode, Family::Prefill].into_iter().try_for_each(|f| self.prepare(f, nqh))
     }
 
     /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
@@ -368,12 +358,17 @@ impl CudaCache {
         }
     }
 
-    /// How attention of `family` for `n_q_heads` query heads runs on this device.
-    fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
-        // KIVI_CUDA_MMA=0 turns the tensor-core kernel off (read once per process).
+    /// Whether this device runs the tensor-core kernels (compute capability 8.0 or newer), unless
+    /// `KIVI_CUDA_MMA=0` turns them off (read once per process).
+    fn tensor_cores(&self) -> bool {
         static OFF: OnceLock<bool> = OnceLock::new();
         let off = *OFF.get_or_init(|| std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0"));
-        shape_for(&self.lay, family, n_q_heads, self.info.capability.0 >= 8 && !off)
+        self.info.capability.0 >= 8 && !off
+    }
+
+    /// How attention of `family` for `n_q_heads` query heads runs on this device.
+    fn shape(&self, family: Family, n_q_heads: usize) -> Shape {
+        shape_for(&self.lay, family, n_q_heads, self.tensor_cores())
     }
 
     /// Queues attention for `work` (all of layer `l`) and the combine. Returns whether the

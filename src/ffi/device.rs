@@ -207,15 +207,7 @@ pub unsafe extern "C" fn kivi_cache_set_stream(cache: *mut kivi_cache, stream: *
 pub unsafe extern "C" fn kivi_cache_prepare(cache: *const kivi_cache, n_q_heads: u32) -> kivi_status {
     ffi_fn!("kivi_cache_prepare", {
         match &*read_cache(cache)? {
-            Backend::Cpu(c) => {
-                let nkv = c.config().n_kv_heads;
-                if n_q_heads == 0 || n_q_heads % nkv != 0 {
-                    return Err(Failure::new(
-                        KIVI_ERR_INVALID_ARGUMENT,
-                        format!("n_q_heads {n_q_heads} is not a positive multiple of the cache's {nkv} kv heads"),
-                    ));
-                }
-            }
+            Backend::Cpu(c) => c.config().check_q_heads(n_q_heads)?,
             Backend::Cuda(g) => g.cache.prepare_attention(n_q_heads)?,
         }
         Ok(())
