@@ -1,12 +1,14 @@
 // Chunks of queries on tensor cores: the full-precision tokens of one sequence (its sinks, its
-// window ring and the chunk being appended) against 64 query vectors per block, flash-attention
-// style. The rows of a chunk (prompt prefill, `append_attend`, `attend`) are many, so a block
-// stages each tile of 32 tokens' keys and values once (16-byte cp.async copies into shared
-// memory, double-buffered) for 16 query vectors in each of its 4 warps, instead of once per
-// 8 / hc rows as the CUDA-core body of split 0 (attn.cuh) reads them. kv_prefill_fp writes
-// split 0 of the partial states (or the output, when it is the only split); the quantized groups are the other splits, kv_prefill_q's (the
-// same loop on tiles dequantized into shared memory, below) or, with KIVI_CUDA_PREFILL_Q=0,
-// kv_decode_mma's (fp_only = 2: its split 0 then does nothing), and the combine merges them.
+// window ring and the chunk being appended) against 64 query vectors per block (32 at head_dim
+// 256), flash-attention style. The rows of a chunk (prompt prefill, `append_attend`, `attend`)
+// are many, so a block stages each tile of 32 tokens' keys and values once (16-byte cp.async
+// copies into shared memory, double-buffered) for 16 query vectors in each of its 4 warps (in
+// each pair of them at head_dim 256, FP_CS), instead of once per 8 / hc rows as the CUDA-core
+// body of split 0 (attn.cuh) reads them. kv_prefill_fp writes split 0 of the partial states
+// (or the output, when it is the only split); the quantized groups are the other splits,
+// kv_prefill_q's (the same loop on tiles dequantized into shared memory, below; up to head_dim
+// 128) or, above head_dim 128 or with KIVI_CUDA_PREFILL_Q=0, kv_decode_mma's (fp_only = 2: its
+// split 0 then does nothing), and the combine merges them.
 //
 // f16 and bf16 caches: the query (exact, the softmax scale applied to the f32 scores), the keys
 // and the values (exact) are operands of the cache's type as they are; the weights are split
@@ -23,9 +25,13 @@
 #include "attn.cuh"
 #include "decode_mma.cuh"
 
-// In the module that chunks of queries launch (8 query vectors, decode_mma.cuh's layouts), for
-// f16 and bf16 caches. Must match prefill_fp_layout() in src/cuda/kernels.rs.
-#define KV_FP_MMA_OK (KV_MMA_OK && KV_NQ == 8 && (KV_DTYPE == 1 || KV_DTYPE == 2))
+// In the module that chunks of queries launch (decode_mma.cuh's layouts for 8 query vectors, 4
+// above head_dim 128), for f16 and bf16 caches. Must match prefill_fp_layout() in
+// src/cuda/kernels.rs.
+#define KV_FP_MMA_OK (KV_MMA_OK && KV_NQ == (KV_HD <= 128 ? 8 : 4) && (KV_DTYPE == 1 || KV_DTYPE == 2))
+// kv_prefill_q, up to head_dim 128 (above, a chunk's quantized groups take kv_decode_mma). Must
+// match prefill_q_layout() there.
+#define KV_PQ_MMA_OK (KV_FP_MMA_OK && KV_HD <= 128)
 
 #if KV_FP_MMA_OK
 // The cache's 16-bit type on tensor cores, and the weights' hi and lo parts in it.
@@ -39,8 +45,14 @@ __device__ __forceinline__ void fp_split(float x0, float x1, u32& hi, u32& lo) {
 #define FP_MMA mma16816
 #define fp_split split_pair
 #endif
-#define FP_VPB 64  // query vectors per block (16 per warp)
-#define FP_T 32    // tokens per tile
+// Warps that share 16 query vectors, each taking FP_OC of their output channels: one up to
+// head_dim 128; two above (head_dim 256), where a lane's accumulators of every channel would be
+// 128 registers. The warps of a pair compute the same scores (the same instructions on the same
+// operands, so the same weights and softmax state), each then its half of the values.
+#define FP_CS (KV_HD > 128 ? 2 : 1)
+#define FP_OC (KV_HD / FP_CS)
+#define FP_VPB (64 / FP_CS)  // query vectors per block (16 per warp, or per pair of warps)
+#define FP_T 32              // tokens per tile
 // A staged row: head_dim halves and 16 bytes of padding, so that the 8 rows an ldmatrix phase
 // reads start 4 banks apart and cover the 32 banks once.
 #define FP_ROW (KV_HD + 8)
@@ -77,10 +89,10 @@ __device__ __forceinline__ void fp_stage(const AttnParams& P, FpShared& sh, cons
     }
 }
 
-// What a block's rows are and what this lane holds of them: the block's 64 query vectors
-// (64 / hc rows of one sequence), the lane's two rows of its warp's 16 (vectors 16 warp + g and
-// 16 warp + g + 8), their ranges of positions, the queries as A operands, and the online
-// softmax state of those rows.
+// What a block's rows are and what this lane holds of them: the block's FP_VPB query vectors
+// (FP_VPB / hc rows of one sequence), the lane's two rows of its warp's 16 (vectors 16 w + g and
+// 16 w + g + 8, w = warp / FP_CS), their ranges of positions, the queries as A operands, the
+// online softmax state of those rows, and the warp's FP_OC output channels of them (from c0).
 struct FpRows {
     AttnItem it;
     u32 kvh, h0, nh, row0, row_end;
@@ -92,7 +104,8 @@ struct FpRows {
     int lo_min, hi_max, lo_max, hi_min;
     // k-step kk: rows g and g + 8, channels 16kk + 2t, + 1 and 16kk + 2t + 8, + 9.
     u32 qa[KV_HD / 16][4];
-    float acc[KV_HD / 8][4];
+    u32 c0;
+    float acc[FP_OC / 8][4];
     float m[2], l[2];
 };
 
@@ -114,7 +127,7 @@ __device__ __forceinline__ void fp_rows(const AttnParams& P, FpRows& R) {
     auto hi_of = [&](u32 r) { return P.causal ? min((int)(it.q_pos0 + r) + 1, (int)total) : (int)total; };
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        const u32 v = 16 * warp + g + 8 * i;
+        const u32 v = 16 * (warp / FP_CS) + g + 8 * i;
         R.row[i] = R.row0 + v / R.nh;
         R.head[i] = R.h0 + v % R.nh;
         R.ok[i] = v < rpb * R.nh && R.row[i] < R.row_end;
@@ -135,8 +148,9 @@ __device__ __forceinline__ void fp_rows(const AttnParams& P, FpRows& R) {
             R.qa[kk][2 + i] = R.ok[i] ? *(const u32*)(q + 16 * kk + 8) : 0u;
         }
     }
+    R.c0 = FP_OC * (warp % FP_CS);
 #pragma unroll
-    for (int n = 0; n < KV_HD / 8; n++) R.acc[n][0] = R.acc[n][1] = R.acc[n][2] = R.acc[n][3] = 0.0f;
+    for (int n = 0; n < FP_OC / 8; n++) R.acc[n][0] = R.acc[n][1] = R.acc[n][2] = R.acc[n][3] = 0.0f;
     R.m[0] = R.m[1] = KV_NEG_INF;
     R.l[0] = R.l[1] = 0.0f;
 }
@@ -254,7 +268,7 @@ __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bo
             if (grow) R.m[r] = bm[r];
             R.l[r] *= corr;
 #pragma unroll
-            for (int n = 0; n < KV_HD / 8; n++) {
+            for (int n = 0; n < FP_OC / 8; n++) {
                 R.acc[n][2 * r] *= corr;
                 R.acc[n][2 * r + 1] *= corr;
             }
@@ -269,7 +283,8 @@ __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bo
             R.l[e >> 1] += S[j][e];
         }
     }
-    // Values: k-step kk is tokens 16kk .. 16kk + 15, n-tiles 2kk and 2kk + 1 of the scores.
+    // Values: k-step kk is tokens 16kk .. 16kk + 15, n-tiles 2kk and 2kk + 1 of the scores; the
+    // warp's channels c0 .. c0 + FP_OC - 1.
 #pragma unroll
     for (int kk = 0; kk < FP_T / 16; kk++) {
         u32 ah[4], al[4];
@@ -278,9 +293,10 @@ __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bo
         fp_split(S[2 * kk + 1][0], S[2 * kk + 1][1], ah[2], al[2]);
         fp_split(S[2 * kk + 1][2], S[2 * kk + 1][3], ah[3], al[3]);
 #pragma unroll
-        for (int n2 = 0; n2 < KV_HD / 16; n2++) {
+        for (int n2 = 0; n2 < FP_OC / 16; n2++) {
             u32 b0, b1, b2, b3;
-            ldsm_x4_t(&vt[16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)][16 * n2 + 8 * (lane >> 4)], b0, b1, b2, b3);
+            ldsm_x4_t(&vt[16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)][R.c0 + 16 * n2 + 8 * (lane >> 4)], b0, b1, b2,
+                      b3);
             FP_MMA(R.acc[2 * n2], ah[0], ah[1], ah[2], ah[3], b0, b1);
             FP_MMA(R.acc[2 * n2], al[0], al[1], al[2], al[3], b0, b1);
             FP_MMA(R.acc[2 * n2 + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
@@ -290,7 +306,8 @@ __device__ __forceinline__ void fp_tile(const AttnParams& P, FpRows& R, const bo
 }
 
 // Split `split` of each (item, row, head) of the lane's rows: rows g and g + 8 of the warp's
-// vectors, each row's sum over its four lanes.
+// vectors, each row's sum over its four lanes, the warp's channels (the maximum and sum from the
+// first warp of a pair).
 // With fp_only 3 (split 0 is the only split: no quantized groups, and the output rows allow it)
 // the finished output instead, as the combine would write it.
 __device__ __forceinline__ void fp_write(const AttnParams& P, FpRows& R, u32 split) {
@@ -302,9 +319,10 @@ __device__ __forceinline__ void fp_write(const AttnParams& P, FpRows& R, u32 spl
         if (!R.ok[r]) continue;
         if (P.fp_only == 3) {
             const float inv = R.l[r] > 0.0f ? 1.0f / R.l[r] : 0.0f;
-            elem_t* o = P.out + (i64)(R.it.q_row0 + R.row[r]) * P.out_stride + (i64)R.head[r] * KV_HD + 2 * t;
+            elem_t* o =
+                P.out + (i64)(R.it.q_row0 + R.row[r]) * P.out_stride + (i64)R.head[r] * KV_HD + R.c0 + 2 * t;
 #pragma unroll
-            for (int n = 0; n < KV_HD / 8; n++) {
+            for (int n = 0; n < FP_OC / 8; n++) {
                 const float x0 = R.acc[n][2 * r] * inv, x1 = R.acc[n][2 * r + 1] * inv;
                 *(u32*)(o + 8 * n) = KV_DTYPE == 2 ? f2bf2(x0, x1) : f2h2(x0, x1);
             }
@@ -313,21 +331,39 @@ __device__ __forceinline__ void fp_write(const AttnParams& P, FpRows& R, u32 spl
         const u32 item = R.row[r] / P.qt, rr = R.row[r] % P.qt;
         float* dst =
             P.part + ((((u64)item * P.qt + rr) * P.n_q_heads + R.head[r]) * P.n_splits + split) * (KV_HD + 2);
-        if (t == 0) {
+        if (t == 0 && R.c0 == 0) {
             dst[0] = R.m[r] == KV_NEG_INF ? KV_NEG_INF : R.m[r] * MMA_LN2;  // natural units
             dst[1] = R.l[r];
         }
 #pragma unroll
-        for (int n = 0; n < KV_HD / 8; n++)
-            *(FpFloat2*)&dst[2 + 8 * n + 2 * t] = {R.acc[n][2 * r], R.acc[n][2 * r + 1]};
+        for (int n = 0; n < FP_OC / 8; n++)
+            *(FpFloat2*)&dst[2 + R.c0 + 8 * n + 2 * t] = {R.acc[n][2 * r], R.acc[n][2 * r + 1]};
     }
 }
+
+// Its shared memory passes 48 KB above head_dim 128 (67584 bytes at 256), and is then dynamic:
+// KV_FP_DYN bytes, which the host computes (prefill_fp_dynamic_smem in src/cuda/kernels.rs) and
+// launches with.
+#ifndef KV_FP_DYN
+#define KV_FP_DYN 0
+#endif
+#if KV_FP_DYN
+static_assert(sizeof(FpShared) == KV_FP_DYN,
+              "the host's size of kv_prefill_fp's dynamic shared memory (prefill_fp_dynamic_smem) is not the kernel's");
+#else
+static_assert(sizeof(FpShared) <= 48 * 1024, "kv_prefill_fp's shared memory passes 48 KB: the host must pass KV_FP_DYN");
+#endif
 
 // grid (row blocks, kv heads * head chunks, 1), KV_THREADS threads: split 0, the full-precision
 // tokens.
 extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
+#if KV_FP_DYN
+    KV_DYNAMIC_SHARED(fp_smem, KV_FP_DYN);
+    FpShared& sh = *reinterpret_cast<FpShared*>(fp_smem);
+#else
     __shared__ FpShared sh;
+#endif
     FpRows R;
     fp_rows(P, R);
     const AttnItem& it = R.it;
@@ -371,6 +407,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
     fp_write(P, R, 0);
 #endif
 }
+#if KV_PQ_MMA_OK
 // The quantized groups of a chunk of queries, the same way (kv_prefill_q): each tile of 32
 // quantized tokens is dequantized once into shared memory for the block's 64 query vectors,
 // instead of being read by kv_decode_mma once for every 8 of them. The keys become hi and lo
@@ -569,4 +606,5 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_PQ_BLOCKS) kv_prefil
     fp_write(P, R, 1 + blockIdx.z);
 #endif
 }
+#endif  // KV_PQ_MMA_OK
 #endif

@@ -11,7 +11,8 @@
 //! gpu_check variants [--variant NAME=NVRTC_OPTS]... [--contexts 32768] [--batches 16,64] [--bits 2,4] [--prefill]
 //!                                      # kernel variants against the default, steps alternating
 //!                                      # (--sim: the same on the host simulator, a dry run)
-//! gpu_check prompt [--tokens 512,2048,8192] [--iters 5]   # attention over whole prompts
+//! gpu_check prompt [--tokens 512,2048,8192] [--iters 5] [--head-dim 128] [--kv-heads 8] [--q-heads 32]
+//!                                      # attention over whole prompts
 //! gpu_check precompile [--arch sm_90]  # the modules of the check and the benchmark, compiled on
 //!                                      # every core into $KIVI_CUDA_CACHE_DIR (no GPU needed
 //!                                      # with --arch)
@@ -1533,22 +1534,18 @@ fn variants(args: &[String]) -> bool {
 /// chunk attends to itself, causal, then is stored: its groups past the window quantized), as a
 /// prefill step of one layer runs it, with the chunk's tokens on tensor cores (`kv_prefill_fp`)
 /// and on CUDA cores (`KIVI_CUDA_PREFILL_FP=0`, the path before it), alternating, median of
-/// `--iters` calls each. Same shapes as the decode benchmark (f16, head_dim 128, 32 query heads
-/// over 8 KV heads).
+/// `--iters` calls each. Same heads as the decode benchmark (f16, head_dim 128, 32 query heads
+/// over 8 KV heads, or `--head-dim`, `--kv-heads`, `--q-heads`).
 fn prompt(args: &[String]) -> bool {
     let lengths = list(args, "--tokens", &[512, 2048, 8192]);
     let iters = list(args, "--iters", &[5])[0];
-    let (hd, nkv, nqh) = (128usize, 8usize, 32usize);
+    let heads = Heads::from_args(args);
+    let Heads { hd, nkv, nqh } = heads;
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
     let max_len = *lengths.iter().max().unwrap();
     let mut rng = Rng(7);
     for bits in [2u8, 4] {
-        let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
-        cfg.dtype = DType::F16;
-        (cfg.key_bits, cfg.value_bits) = (bits, bits);
-        cfg.max_seqs = 1;
-        cfg.max_tokens = max_len as u32;
-        let mut cache = match CudaCache::new(cfg, 0) {
+        let mut cache = match CudaCache::new(prompt_config(bits, max_len, heads), 0) {
             Ok(c) => c,
             Err(e) => {
                 println!("{{\"kind\":\"prompt\",\"bits\":{bits},\"error\":{:?}}}", e.to_string());
@@ -1579,11 +1576,22 @@ fn prompt(args: &[String]) -> bool {
             // Tensor cores, CUDA cores.
             let [tc, cc] = alternate("KIVI_CUDA_PREFILL_FP", iters, || call(&mut cache));
             println!(
-                "{{\"kind\":\"prompt\",\"case\":\"kivi{bits}-gqa4-hs128\",\"bits\":{bits},\"tokens\":{n},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms\":{tc:.4},\"ms_cuda_cores\":{cc:.4}}}"
+                "{{\"kind\":\"prompt\",\"case\":\"kivi{bits}-{}\",\"bits\":{bits},\"tokens\":{n},\"head_dim\":{hd},\"kv_heads\":{nkv},\"q_heads\":{nqh},\"device\":{device:?},\"ms\":{tc:.4},\"ms_cuda_cores\":{cc:.4}}}",
+                heads.name()
             );
         }
     }
     true
+}
+
+/// The cache of `gpu_check prompt`: one layer, f16, one sequence of up to `max_len` tokens.
+fn prompt_config(bits: u8, max_len: usize, heads: Heads) -> CacheConfig {
+    let mut cfg = CacheConfig::new(1, heads.nkv as u32, heads.hd as u32);
+    cfg.dtype = DType::F16;
+    (cfg.key_bits, cfg.value_bits) = (bits, bits);
+    cfg.max_seqs = 1;
+    cfg.max_tokens = max_len as u32;
+    cfg
 }
 
 /// Times `call` with the environment variable `var` at "1" and at "0" (a switch the library reads
@@ -1623,8 +1631,9 @@ fn alternate(var: &str, rounds: usize, mut call: impl FnMut()) -> [f64; 2] {
 /// Writes the cubins of the decode family for the benchmark's shapes (KIVI-2 and KIVI-4, f16,
 /// head_dim 128, 8 KV heads, 4 query heads per KV head): `decode-kivi{2,4}.cubin`, and of the
 /// module chunks of queries launch (8 query vectors: `kv_prefill_fp`, `kv_prefill_q`):
-/// `chunk-kivi{2,4}.cubin`; and the decode module of head_dim 256 at 2 query heads per KV head
-/// (the head_dim-256 benchmark's): `decode-hs256-kivi{2,4}.cubin`. They are built with
+/// `chunk-kivi{2,4}.cubin`; and at head_dim 256 the decode module at 2 query heads per KV head
+/// (the head_dim-256 benchmark's): `decode-hs256-kivi{2,4}.cubin`, and the module of chunks of
+/// queries (4 query vectors: `kv_prefill_fp`): `chunk-hs256-kivi{2,4}.cubin`. They are built with
 /// `KV_COST_PROBE` defined: the loops then hold only the path most groups and tiles take (no
 /// position masking, no accumulator rescale), which is what `scripts/sass_mix.py` counts.
 fn cubins(args: &[String]) -> bool {
@@ -1642,8 +1651,9 @@ fn cubins(args: &[String]) -> bool {
         cfg.key_bits = bits;
         cfg.value_bits = bits;
         // head_dim 256: the decode module of the head_dim-256 benchmark (2 query heads per kv
-        // head), whose shared memory is dynamic.
-        let modules: &[(&str, usize)] = if hd == 128 { &[("decode", 4), ("chunk", 8)] } else { &[("decode-hs256", 2)] };
+        // head), whose shared memory is dynamic, and the module of its chunks of queries.
+        let modules: &[(&str, usize)] =
+            if hd == 128 { &[("decode", 4), ("chunk", 8)] } else { &[("decode-hs256", 2), ("chunk-hs256", 4)] };
         for &(name, nq) in modules {
             let spec = kivi::cuda::kernels::Spec::for_config(&cfg, nq).expect("a valid configuration");
             match kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, &spec, arch) {
@@ -1696,6 +1706,8 @@ fn precompile(args: &[String]) -> bool {
         let extra = bench_extra(20, batches);
         for bits in [2, 4] {
             shapes.push((bench_config(bits, ctx, max_batch, extra, ctx + extra, heads), heads.nqh));
+            // `gpu_check prompt`, as scripts/gpu-check.sh runs it (prompts of up to 8192 tokens).
+            shapes.push((prompt_config(bits as u8, 8192, heads), heads.nqh));
         }
     }
     let mut specs = Vec::new();

@@ -14,7 +14,7 @@
 # and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
 # the noise; the combine as a kernel of its own; small launches split as large ones, the
 # earlier choice, which batch 1 shows), attention over whole prompts against causal SDPA, and
-# decode at head_dim 256 (Gemma's heads) against SDPA on the same heads. Needs no Rust: build the binary and the library first elsewhere,
+# decode and prompts at head_dim 256 (Gemma's heads) against SDPA on the same heads. Needs no Rust: build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
@@ -164,6 +164,14 @@ within 45 50 "$BIN" bench --contexts 32768 --batches 1,16 --head-dim 256 --kv-he
   >> "$OUT/bench.jsonl" 2> "$OUT/bench-hd256.log"
 echo "bench (head_dim 256) exit code: $?"
 grep '"head_dim":256' "$OUT/bench.jsonl" || true
+
+echo "== prompts at head_dim 256"
+# Prompts with the same heads: kv_prefill_fp with two warps for each 16 query vectors (appended
+# to prompt.jsonl: the baseline times causal SDPA on the same heads).
+within 30 50 "$BIN" prompt --tokens 2048,8192 --iters 3 --head-dim 256 --kv-heads 8 --q-heads 16 \
+  >> "$OUT/prompt.jsonl" 2> "$OUT/prompt-hd256.log"
+echo "prompt (head_dim 256) exit code: $?"
+grep '"head_dim":256' "$OUT/prompt.jsonl" || true
 
 echo "== static cost of the decode loop (nvdisasm), next to the measured times"
 within 15 50 "$BIN" cubins "$OUT/cubins" > /dev/null 2>&1 && within 10 50 python3 scripts/sass_mix.py "$OUT/cubins" | tee "$OUT/sass_mix.txt"

@@ -210,7 +210,7 @@ def prompts(path, out, iters):
         "Attention over a whole prompt (`append_attend` into an empty sequence, causal, with the append;",
         "`gpu_check prompt`) against causal fp16 SDPA over the same prompt:",
         "",
-        "| method | prompt tokens | kivi ms | CUDA-core path ms | fp16 SDPA ms (backend) | against SDPA | against CUDA cores |",
+        "| case (bits, GQA ratio, head_dim) | prompt tokens | kivi ms | CUDA-core path ms | fp16 SDPA ms (backend) | against SDPA | against CUDA cores |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     base = {}
@@ -220,7 +220,7 @@ def prompts(path, out, iters):
         r["speedup_vs_cuda_cores"] = round(r["ms_cuda_cores"] / r["ms"], 3)
         print(json.dumps(r), flush=True)
         lines.append(
-            f"| KIVI-{r['bits']} | {r['tokens']} | {r['ms']:.3f} | {r['ms_cuda_cores']:.3f} | {ms:.3f} ({backend}) | "
+            f"| {r['case']} | {r['tokens']} | {r['ms']:.3f} | {r['ms_cuda_cores']:.3f} | {ms:.3f} ({backend}) | "
             f"{r['speedup']:.2f}x | {r['speedup_vs_cuda_cores']:.1f}x |"
         )
     with open(f"{out}/prompt-results.jsonl", "w") as f:

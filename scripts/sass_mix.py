@@ -19,7 +19,9 @@ by memory.
 
 For the `chunk-kivi*.cubin` of the same folder (the module chunks of queries launch) it counts
 what 32 quantized tokens cost for 64 query vectors in kv_decode_mma (8 blocks of 8 vectors)
-and in kv_prefill_q (one block of 64).
+and in kv_prefill_q (one block of 64); and for those and `chunk-hs256-kivi*.cubin` (head_dim
+256) what one tile of 32 full-precision tokens costs kv_prefill_fp's block (4 warps: 64 query
+vectors, or 32 at head_dim 256, where two warps share 16 vectors), per query vector and token.
 
 Usage: sass_mix.py DIR [--nvdisasm PATH] [--bandwidth-gbs 4800 --sms 132 --clock-ghz 1.98]
 [--hmma-cycles 4] (the defaults are an H200's).
@@ -144,9 +146,21 @@ def main():
     # Chunks of queries (the module for 8 query vectors, `chunk-kivi*.cubin`): the quantized
     # groups of 64 query vectors cost 8 kv_decode_mma blocks one group each (one warp), or one
     # kv_prefill_q block one tile of 32 tokens (4 warps of 16 vectors).
-    for path in sorted(glob.glob(os.path.join(a.dir, "chunk-kivi*.cubin"))):
+    for path in sorted(glob.glob(os.path.join(a.dir, "chunk-*kivi*.cubin"))):
         bits = int(re.search(r"kivi(\d+)", path).group(1))
+        hs = re.search(r"-hs(\d+)-", os.path.basename(path))
+        hd = int(hs.group(1)) if hs else 128
         sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+        # A prompt's tokens: one tile of 32 per warp (each warp's 16 query vectors; at head_dim
+        # 256 two warps share them, half of the output channels each).
+        mix = collections.Counter(o for o, _ in loop_of(sass, "kv_prefill_fp"))
+        n = sum(c for o, c in mix.items() if o not in FREE)
+        vectors = 64 if hd <= 128 else 32
+        print(f"prompts, KIVI-{bits}, head_dim {hd}: a tile of 32 tokens for {vectors} query vectors: 4 x {n} "
+              f"instructions ({4 * mix['HMMA']} HMMA), {4 * n / (vectors * 32):.2f} per query vector and token "
+              f"({4 * mix['HMMA'] / (vectors * 32):.3f} HMMA)")
+        if hd > 128:
+            continue  # (no kv_prefill_q)
         counts = []
         for kernel, times in (("kv_decode_mma", 8), ("kv_prefill_q", 4)):
             mix = collections.Counter(o for o, _ in loop_of(sass, kernel))

@@ -118,26 +118,27 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
                 let nq = kivi::cuda::kernels::mma_max_nq(hd);
                 assert!(has_mma(nq, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
                 chunks += 1;
-                // Their full-precision tokens and their quantized groups: kv_prefill_fp and
-                // kv_prefill_q, in the same module.
+                // Their full-precision tokens and (up to head_dim 128) their quantized groups:
+                // kv_prefill_fp and kv_prefill_q, in the same module.
                 let fp = tensor_core_chunk_tokens(&cfg, ratio * cfg.n_kv_heads);
                 assert_eq!(has(b"kv_prefill_fp", nq, &cfg), fp, "chunk tokens: config {cfg:?}");
-                assert_eq!(has(b"kv_prefill_q", nq, &cfg), fp, "chunk groups: config {cfg:?}");
+                assert_eq!(has(b"kv_prefill_q", nq, &cfg), fp && hd <= 128, "chunk groups: config {cfg:?}");
                 tokens += fp as usize;
             }
         }
     }
     assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
     // head_dim 256 (Gemma) decodes on tensor cores at 2 and 4 bits, f16 and bf16, whatever the
-    // GQA ratio (4 query heads per block), and so do its chunks of queries, but for their
-    // full-precision tokens (no kv_prefill_fp at this head_dim).
+    // GQA ratio (4 query heads per block), and so do its chunks of queries, their full-precision
+    // tokens included (kv_prefill_fp, whose shared memory is dynamic there).
     for (bits, dtype) in [(2, kivi::DType::F16), (4, kivi::DType::BF16)] {
         let mut cfg = gemma_config(bits);
         cfg.dtype = dtype;
         for ratio in [1, 2, 4, 8, 16] {
             assert!(tensor_core_decode(&cfg, ratio), "KIVI-{bits}, {dtype:?}, {ratio} query heads");
-            assert!(tensor_core_chunks(&cfg, ratio) && !tensor_core_chunk_tokens(&cfg, ratio));
+            assert!(tensor_core_chunks(&cfg, ratio) && tensor_core_chunk_tokens(&cfg, ratio));
         }
+        assert!(has(b"kv_prefill_fp", 4, &cfg) && !has(b"kv_prefill_q", 4, &cfg), "KIVI-{bits}, {dtype:?}");
     }
 }
 
@@ -175,7 +176,7 @@ fn the_tensor_core_variants_compile() {
 
 /// At the benchmark's shape (f16, head_dim 128, 8 KV heads, GQA 4: decode takes the module for
 /// 4 query vectors, chunks of queries the one for 8), and at Gemma's (head_dim 256, GQA 4: decode
-/// takes the module for 4), KIVI-2 and KIVI-4, no kernel that sm_80 and sm_90 launch spills
+/// and chunks of queries take the module for 4), KIVI-2 and KIVI-4, no kernel that sm_80 and sm_90 launch spills
 /// registers to local memory at the launch bounds it is compiled for (the tensor-core decode has
 /// 168 registers for 3 blocks per multiprocessor and uses about 155 at head_dim 128, all 168 at
 /// 256), as ptxas reports each. The CUDA-core attention kernel (`kv_decode_attn`) is left out:
@@ -219,8 +220,11 @@ fn no_kernel_spills_registers() {
                 let mut wanted = family.entries().to_vec();
                 if family == Family::Decode {
                     wanted.push("kv_decode_mma");
+                    if nq == kivi::cuda::kernels::mma_max_nq(cfg.head_dim as usize) {
+                        wanted.push("kv_prefill_fp");
+                    }
                     if nq == 8 {
-                        wanted.extend(["kv_prefill_fp", "kv_prefill_q"]);
+                        wanted.push("kv_prefill_q");
                     }
                 }
                 for name in wanted {

@@ -8,7 +8,8 @@ use cudarc::driver::sys as dsys;
 
 use super::*;
 use crate::cuda::kernels::{
-    chunk_mma, decode_mma, max_nq, mma_dynamic_smem, mma_layout, mma_max_nq, prefill_fp_layout,
+    chunk_mma, decode_mma, fp_vectors, max_nq, mma_dynamic_smem, mma_layout, mma_max_nq, prefill_fp_dynamic_smem,
+    prefill_fp_layout, prefill_q_layout,
 };
 use crate::cuda::{allow_dynamic_smem, blocks_per_sm};
 
@@ -24,16 +25,16 @@ pub(super) struct AttnFns {
     /// The dynamic shared memory its launches pass (0: its shared memory is static).
     pub(super) mma_smem: u32,
     pub(super) mma_slots: usize,
-    /// `kv_prefill_fp` where the module has it (0 where not).
+    /// `kv_prefill_fp` where the module has it (0 where not), and the dynamic shared memory its
+    /// launches pass (0: static).
     pub(super) prefill_fp: usize,
-    /// `kv_prefill_q`, in the module with `kv_prefill_fp`, and how many of its blocks run at
-    /// once on the device.
+    pub(super) prefill_fp_smem: u32,
+    /// `kv_prefill_q`, in the module with `kv_prefill_fp` up to head_dim 128 (0 where not), and
+    /// how many of its blocks run at once on the device.
     pub(super) prefill_q: usize,
     pub(super) prefill_q_slots: usize,
 }
 
-/// Query vectors of one `kv_prefill_fp` block (`FP_VPB` of cuda/prefill_mma.cuh).
-const FP_VECTORS: usize = 64;
 /// Rows a chunk of queries needs for `kv_prefill_fp`: below, most of its vectors would idle, and
 /// split 0 of `kv_decode_mma` reads the few rows' tokens on CUDA cores.
 const FP_MIN_ROWS: usize = 8;
@@ -287,10 +288,20 @@ impl CudaCache {
                 per_sm as usize * self.info.multiprocessors as usize
             }
         };
-        let chunk_fns = family == Family::Decode && mma != 0 && nq == 8 && prefill_fp_layout(&self.lay);
-        let (prefill_fp, prefill_q) = match chunk_fns {
-            true => (m.function("kv_prefill_fp")? as usize, m.function("kv_prefill_q")? as usize),
-            false => (0, 0),
+        // The module chunks of queries launch (`chunk_mma`) holds kv_prefill_fp and, up to
+        // head_dim 128, kv_prefill_q (`KV_FP_MMA_OK`, `KV_PQ_MMA_OK`).
+        let chunk_fns = family == Family::Decode && mma != 0 && nq == mma_max_nq(self.lay.head_dim);
+        let prefill_fp = match chunk_fns && prefill_fp_layout(&self.lay) {
+            true => m.function("kv_prefill_fp")? as usize,
+            false => 0,
+        };
+        let prefill_fp_smem = if prefill_fp == 0 { 0 } else { prefill_fp_dynamic_smem(&self.lay) as u32 };
+        if prefill_fp_smem > 0 {
+            allow_dynamic_smem(prefill_fp as dsys::CUfunction, prefill_fp_smem)?;
+        }
+        let prefill_q = match chunk_fns && prefill_q_layout(&self.lay) {
+            true => m.function("kv_prefill_q")? as usize,
+            false => 0,
         };
         let prefill_q_slots = match prefill_q {
             0 => 0,
@@ -303,6 +314,7 @@ impl CudaCache {
             mma_smem,
             mma_slots,
             prefill_fp,
+            prefill_fp_smem,
             prefill_q,
             prefill_q_slots,
         };
@@ -513,10 +525,11 @@ impl CudaCache {
                 // tokens, the splits after it `ups` quantized groups each on tensor cores.
                 // Decode, and chunks of fewer than FP_MIN_ROWS rows: one kv_decode_mma launch,
                 // its full-precision splits on CUDA cores. Larger chunks: 64 query vectors per
-                // block, kv_prefill_fp for split 0 and kv_prefill_q for the others (or
-                // kv_decode_mma, `KIVI_CUDA_PREFILL_Q=0`).
-                let fp_q = fp && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
-                let row_blocks = n_rows.div_ceil(FP_VECTORS / hc);
+                // block (32 above head_dim 128), kv_prefill_fp for split 0 and kv_prefill_q for
+                // the others (or kv_decode_mma: above head_dim 128, or `KIVI_CUDA_PREFILL_Q=0`).
+                let fp_q =
+                    fp && prefill_q_layout(lay) && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
+                let row_blocks = n_rows.div_ceil(fp_vectors(hd) / hc);
                 // (Where kv_prefill_fp takes the full-precision tokens, they are one split.)
                 let split = match fp_q {
                     true => {

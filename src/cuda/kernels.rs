@@ -230,18 +230,48 @@ pub(crate) fn chunk_mma(lay: &Layout) -> bool {
     mma_layout(lay, mma_max_nq(lay.head_dim))
 }
 
-/// Whether `kv_prefill_fp` and `kv_prefill_q` (cuda/prefill_mma.cuh: the full-precision tokens
-/// and the quantized groups of chunks of queries, 64 query vectors per block) exist in the module
-/// chunks of queries launch ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK` there, the module
-/// for 8 query vectors (head_dim <= 128) of an f16 or bf16 cache.
+/// Whether `kv_prefill_fp` (cuda/prefill_mma.cuh: the full-precision tokens of chunks of
+/// queries, [`fp_vectors`] query vectors per block) exists in the module chunks of queries launch
+/// ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK` there, an f16 or bf16 cache.
 pub(crate) fn prefill_fp_layout(lay: &Layout) -> bool {
-    matches!(lay.dtype, DType::F16 | DType::BF16) && mma_max_nq(lay.head_dim) == 8 && chunk_mma(lay)
+    matches!(lay.dtype, DType::F16 | DType::BF16) && chunk_mma(lay)
+}
+
+/// Whether `kv_prefill_q` (the quantized groups of the same chunks, the same blocks) exists there
+/// too (`KV_PQ_MMA_OK`): up to head_dim 128. Above, a chunk's quantized groups take
+/// `kv_decode_mma`.
+pub(crate) fn prefill_q_layout(lay: &Layout) -> bool {
+    prefill_fp_layout(lay) && lay.head_dim <= 128
+}
+
+/// Query vectors of one `kv_prefill_fp` or `kv_prefill_q` block (`FP_VPB`): 64, 16 per warp; 32
+/// above head_dim 128, where two warps take the same 16 vectors, half of the output channels
+/// each (`FP_CS`).
+pub(crate) fn fp_vectors(head_dim: usize) -> usize {
+    if head_dim <= 128 {
+        64
+    } else {
+        32
+    }
+}
+
+/// The dynamic shared memory `kv_prefill_fp` blocks take (`KV_FP_DYN`): its two staging buffers
+/// of 32 tokens' keys and values, rows of head_dim + 8 halves (`FpShared`), where they pass the
+/// 48 KB of static shared memory (head_dim 256: 67584 bytes); 0 where they do not, or where the
+/// layout has no `kv_prefill_fp`.
+pub(crate) fn prefill_fp_dynamic_smem(lay: &Layout) -> usize {
+    let bytes = 2 * 2 * 32 * (lay.head_dim + 8) * 2;
+    match bytes > MMA_STATIC_SMEM && prefill_fp_layout(lay) {
+        true => bytes,
+        false => 0,
+    }
 }
 
 /// Whether chunks of queries (`append_attend`, `attend`) of a cache of this configuration, with
-/// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk) on
-/// tensor cores when they have at least 8 rows, 64 query vectors per block, and their quantized
-/// groups the same way: [`tensor_core_chunks`], head_dim <= 128 and an f16 or bf16 cache.
+/// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk: all
+/// of a prompt) on tensor cores when they have at least 8 rows, 64 query vectors per block (32
+/// above head_dim 128), and, up to head_dim 128, their quantized groups the same way:
+/// [`tensor_core_chunks`] of an f16 or bf16 cache.
 pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
     gqa_ratio(cfg, n_q_heads).is_some() && prefill_fp_layout(&Layout::new(cfg))
 }
@@ -284,6 +314,7 @@ impl Spec {
             d("KV_WIN_HEAD", lay.window_head_elems),
             d("KV_NQ", nq),
             d("KV_MMA_DYN", mma_dynamic_smem(lay, nq)),
+            d("KV_FP_DYN", prefill_fp_dynamic_smem(lay)),
         ];
         // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
         // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.

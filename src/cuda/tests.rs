@@ -415,8 +415,9 @@ fn simulated_long_contexts_use_many_splits() {
 /// GQA ratios 2, 4 and 8 (two blocks per kv head), softcap and sliding windows, sinks, f16,
 /// bf16 and f32 windows, through the whole scenario (forks, truncation, state blobs), then a
 /// context of many splits. Chunks of queries take it too (4 query vectors per block; their
-/// full-precision tokens on its CUDA-core split: no `kv_prefill_fp` at this head_dim), and
-/// layouts whose shared memory would pass 99 KB (4 bits at G = 64) keep the CUDA-core kernel.
+/// full-precision tokens on `kv_prefill_fp` in f16 and bf16 caches, on its CUDA-core split in
+/// f32 ones), and layouts whose shared memory would pass 99 KB (4 bits at G = 64) keep the
+/// CUDA-core kernel.
 #[test]
 fn simulated_head_dim_256_decodes_on_tensor_cores() {
     use crate::cuda::kernels::{tensor_core_chunk_tokens, tensor_core_chunks, tensor_core_decode};
@@ -434,7 +435,8 @@ fn simulated_head_dim_256_decodes_on_tensor_cores() {
     for (c, nqh, opts) in cases {
         let what = format!("{} query heads, {c:?}", nqh);
         let n = nqh as u32;
-        assert!(tensor_core_decode(&c, n) && tensor_core_chunks(&c, n) && !tensor_core_chunk_tokens(&c, n), "{what}");
+        assert!(tensor_core_decode(&c, n) && tensor_core_chunks(&c, n), "{what}");
+        assert_eq!(tensor_core_chunk_tokens(&c, n), c.dtype != DType::F32, "{what}");
         let before = sim::launches_of("kv_decode_mma");
         match c.dtype {
             DType::BF16 => scenario::<bf16>(SIM, c.clone(), nqh, opts),
@@ -525,8 +527,10 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
 /// chunks over a past of quantized groups, sinks and a window ring that has wrapped, queries of
 /// stored tokens only; row counts around the rows per block, calls in several launches (7 items
 /// each here), GQA ratios 1, 3, 4, 8 and 12 (two blocks of heads per kv head, the second
-/// partial), causal, non-causal, sliding-window and softcapped scores, head_dim 128 and 80.
-/// Chunks of fewer rows stay with split 0 of `kv_decode_mma`.
+/// partial), causal, non-causal, sliding-window and softcapped scores, head_dim 128 and 80, and
+/// head_dim 256 (32 query vectors per block, two warps for each 16, half of the output channels
+/// each; dynamic shared memory; the quantized groups on `kv_decode_mma`). Chunks of fewer rows
+/// stay with split 0 of `kv_decode_mma`.
 #[test]
 fn simulated_chunk_tokens_use_tensor_cores() {
     for (nqh, opts, sinks, hd) in [
@@ -539,11 +543,17 @@ fn simulated_chunk_tokens_use_tensor_cores() {
         (24, AttnOptions { sliding_window: 100, ..Default::default() }, 0, 128), // ratio 12: 8 rows
         // head_dim 80: the last 16 channels of a key tile read on their own
         (8, AttnOptions::default(), 0, 80),
+        // head_dim 256: ratio 2, 16 rows per block; ratio 3, 10 rows (30 vectors of 32); ratio
+        // 8, two blocks of 4 heads per kv head, 8 rows
+        (4, AttnOptions { sliding_window: 40, ..Default::default() }, 1, 256),
+        (6, AttnOptions { softcap: 30.0, ..Default::default() }, 0, 256),
+        (16, AttnOptions { causal: false, ..Default::default() }, 0, 256),
     ] {
         chunk_tokens_case::<f16>(nqh, opts, sinks, hd);
     }
     // bf16: bf16 operands, the weights' hi and lo parts in bf16.
     chunk_tokens_case::<bf16>(8, AttnOptions::default(), 1, 128);
+    chunk_tokens_case::<bf16>(4, AttnOptions::default(), 0, 256);
 }
 
 fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks: u32, hd: u32) {
@@ -556,7 +566,8 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
     // At most 7 items of qt rows per launch, the launches of a call alike in size: a call of n
     // rows launches kv_prefill_fp in those of its launches with 8 rows or more.
     attention::ROW_ITEMS.set(7);
-    let qt = 8 / (nqh / 2).min(8);
+    let nq = crate::cuda::kernels::mma_max_nq(hd as usize);
+    let qt = nq / (nqh / 2).min(nq);
     let launches = |n: usize| {
         let items = n.div_ceil(qt);
         let per = qt * items.div_ceil(items.div_ceil(7));
