@@ -6,9 +6,9 @@
 // each pair of them at head_dim 256, FP_CS), instead of once per 8 / hc rows as the CUDA-core
 // body of split 0 (attn.cuh) reads them. kv_prefill_fp writes split 0 of the partial states
 // (or the output, when it is the only split); the quantized groups are the other splits,
-// kv_prefill_q's (the same loop on tiles dequantized into shared memory, below; up to head_dim
-// 128) or, above head_dim 128 or with KIVI_CUDA_PREFILL_Q=0, kv_decode_mma's (fp_only = 2: its
-// split 0 then does nothing), and the combine merges them.
+// kv_prefill_q's (the same loop on tiles dequantized into shared memory, below) or, with
+// KIVI_CUDA_PREFILL_Q=0, kv_decode_mma's (fp_only = 2: its split 0 then does nothing), and the
+// combine merges them.
 //
 // f16 and bf16 caches: the query (exact, the softmax scale applied to the f32 scores), the keys
 // and the values (exact) are operands of the cache's type as they are; the weights are split
@@ -29,9 +29,6 @@
 // above head_dim 128), for f16 and bf16 caches. Must match prefill_fp_layout() in
 // src/cuda/kernels.rs.
 #define KV_FP_MMA_OK (KV_MMA_OK && KV_NQ == (KV_HD <= 128 ? 8 : 4) && (KV_DTYPE == 1 || KV_DTYPE == 2))
-// kv_prefill_q, up to head_dim 128 (above, a chunk's quantized groups take kv_decode_mma). Must
-// match prefill_q_layout() there.
-#define KV_PQ_MMA_OK (KV_FP_MMA_OK && KV_HD <= 128)
 
 #if KV_FP_MMA_OK
 // The cache's 16-bit type on tensor cores, and the weights' hi and lo parts in it.
@@ -407,10 +404,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
     fp_write(P, R, 0);
 #endif
 }
-#if KV_PQ_MMA_OK
 // The quantized groups of a chunk of queries, the same way (kv_prefill_q): each tile of 32
-// quantized tokens is dequantized once into shared memory for the block's 64 query vectors,
-// instead of being read by kv_decode_mma once for every 8 of them. The keys become hi and lo
+// quantized tokens is dequantized once into shared memory for the block's FP_VPB query vectors,
+// instead of being read by kv_decode_mma once for every 8 of them (4 at head_dim 256). The keys become hi and lo
 // parts of the cache's type (code * scale + zero in f32, about 22 bits in f16, 16 in bf16: two
 // mmas per product), or, for f16 caches with one group a tile, stay codes with the scales folded
 // into the query (PQ_FOLD, below); the values one part (rounded once, as the tensor-core
@@ -444,7 +440,7 @@ struct PqShared {
 struct PqRaw {
     u32 kc0[PQ_KN], kc1[PQ_KN], ks[PQ_KN], kz[PQ_KN];
     u32 vc[PQ_VN];
-    u16 vs[PQ_VN], vz[PQ_VN];
+    u32 vsz[PQ_VN];  // scale | zero << 16
 };
 
 // Tile i: quantized tokens t0 + 32i .. + 31 (of those before t_end). Pieces past t_end are
@@ -483,7 +479,7 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u
     for (int n = 0; n < PQ_VN; n++) {
         const u32 y = threadIdx.x + n * KV_THREADS, tk = y / (KV_HD / 8), co = y % (KV_HD / 8);
         raw.vc[n] = 0u;
-        raw.vs[n] = raw.vz[n] = 0;
+        raw.vsz[n] = 0u;
         if (y < PQ_VP && f0 + tk < t_end) {
             const bool second = KV_G < FP_T && tk >= KV_G;
             const u8* blk = second ? blk1 : blk0;
@@ -491,8 +487,8 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u
             const u8* vc = blk + KV_V_CODES + gi * MMA_VC + tg * KV_V_ROW + co * KV_VB;
             raw.vc[n] = KV_VB == 2 ? (u32)__ldg((const u16*)vc) : __ldg((const u32*)vc);
             const u32 si = gi * KV_G * KV_NG + tg * KV_NG + 8 * co / KV_VG;
-            raw.vs[n] = __ldg((const u16*)(blk + KV_V_SCALE) + si);
-            raw.vz[n] = __ldg((const u16*)(blk + KV_V_ZERO) + si);
+            raw.vsz[n] = (u32)__ldg((const u16*)(blk + KV_V_SCALE) + si) |
+                         (u32)__ldg((const u16*)(blk + KV_V_ZERO) + si) << 16;
         }
     }
 }
@@ -545,9 +541,9 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
             const u32 xa = raw.vc[n] & 0xffffu, xb = raw.vc[n] >> 16;
             const u32 ya = xa | (xa << (16 - KV_VB)), yb = xb | (xb << (16 - KV_VB));
 #if KV_DTYPE == 1
-            const u32 magic = 0x64006400u, s2 = raw.vs[n] * 0x00010001u, z2 = raw.vz[n] * 0x00010001u;
+            const u32 magic = 0x64006400u, s2 = prmt(raw.vsz[n], 0u, 0x1010), z2 = prmt(raw.vsz[n], 0u, 0x3232);
 #else
-            const float s = h2f(raw.vs[n]), z = h2f(raw.vz[n]);
+            const float s = h2f((u16)(raw.vsz[n] & 0xffffu)), z = h2f((u16)(raw.vsz[n] >> 16));
 #endif
 #pragma unroll
             for (int p = 0; p < 4; p++) {
@@ -565,14 +561,32 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
 }
 
 // grid (row blocks, kv heads * head chunks, quantized splits), KV_THREADS threads. Registers
-// for 2 blocks per multiprocessor (225 at f16, no spills); left to itself ptxas chose 168 and
-// spilled. KV_PQ_BLOCKS=3 asks for 3 (spills) for measuring one against the other.
+// for 2 blocks per multiprocessor (215 at f16 and head_dim 128, 255 at 256, no spills); left to
+// itself ptxas chose 168 and spilled. KV_PQ_BLOCKS=3 asks for 3 (spills) for measuring one
+// against the other.
 #ifndef KV_PQ_BLOCKS
 #define KV_PQ_BLOCKS 2
 #endif
+// Its shared memory passes 48 KB at head_dim 256 without PQ_FOLD (50704 bytes: bf16 caches), and
+// is then dynamic: KV_PQ_DYN bytes, which the host computes (prefill_q_dynamic_smem in
+// src/cuda/kernels.rs) and launches with.
+#ifndef KV_PQ_DYN
+#define KV_PQ_DYN 0
+#endif
+#if KV_PQ_DYN
+static_assert(sizeof(PqShared) == KV_PQ_DYN,
+              "the host's size of kv_prefill_q's dynamic shared memory (prefill_q_dynamic_smem) is not the kernel's");
+#else
+static_assert(sizeof(PqShared) <= 48 * 1024, "kv_prefill_q's shared memory passes 48 KB: the host must pass KV_PQ_DYN");
+#endif
 extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_PQ_BLOCKS) kv_prefill_q(const AttnParams P) {
 #if __CUDA_ARCH__ >= 800
+#if KV_PQ_DYN
+    KV_DYNAMIC_SHARED(pq_smem, KV_PQ_DYN);
+    PqShared& sh = *reinterpret_cast<PqShared*>(pq_smem);
+#else
     __shared__ PqShared sh;
+#endif
     FpRows R;
     fp_rows(P, R);
     const AttnItem& it = R.it;
@@ -606,5 +620,4 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_PQ_BLOCKS) kv_prefil
     fp_write(P, R, 1 + blockIdx.z);
 #endif
 }
-#endif  // KV_PQ_MMA_OK
 #endif

@@ -19,9 +19,10 @@ by memory.
 
 For the `chunk-kivi*.cubin` of the same folder (the module chunks of queries launch) it counts
 what 32 quantized tokens cost for 64 query vectors in kv_decode_mma (8 blocks of 8 vectors)
-and in kv_prefill_q (one block of 64); and for those and `chunk-hs256-kivi*.cubin` (head_dim
-256) what one tile of 32 full-precision tokens costs kv_prefill_fp's block (4 warps: 64 query
-vectors, or 32 at head_dim 256, where two warps share 16 vectors), per query vector and token.
+and in kv_prefill_q (one block of 64), and what one tile of 32 full-precision tokens costs
+kv_prefill_fp's block, per query vector and token; the same for `chunk-hs256-kivi*.cubin`
+(head_dim 256: 32 query vectors per block, two warps sharing each 16; kv_decode_mma's blocks
+take 4).
 
 Usage: sass_mix.py DIR [--nvdisasm PATH] [--bandwidth-gbs 4800 --sms 132 --clock-ghz 1.98]
 [--hmma-cycles 4] (the defaults are an H200's).
@@ -143,9 +144,10 @@ def main():
               f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "
               f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
         print(f"  {top}")
-    # Chunks of queries (the module for 8 query vectors, `chunk-kivi*.cubin`): the quantized
-    # groups of 64 query vectors cost 8 kv_decode_mma blocks one group each (one warp), or one
-    # kv_prefill_q block one tile of 32 tokens (4 warps of 16 vectors).
+    # Chunks of queries (the module for 8 query vectors, `chunk-kivi*.cubin`, or for 4 at head_dim
+    # 256, `chunk-hs256-kivi*.cubin`): the quantized groups of 64 query vectors (32 at 256) cost
+    # 8 kv_decode_mma blocks one group each (one warp), or one kv_prefill_q block one tile of 32
+    # tokens (4 warps).
     for path in sorted(glob.glob(os.path.join(a.dir, "chunk-*kivi*.cubin"))):
         bits = int(re.search(r"kivi(\d+)", path).group(1))
         hs = re.search(r"-hs(\d+)-", os.path.basename(path))
@@ -159,14 +161,15 @@ def main():
         print(f"prompts, KIVI-{bits}, head_dim {hd}: a tile of 32 tokens for {vectors} query vectors: 4 x {n} "
               f"instructions ({4 * mix['HMMA']} HMMA), {4 * n / (vectors * 32):.2f} per query vector and token "
               f"({4 * mix['HMMA'] / (vectors * 32):.3f} HMMA)")
-        if hd > 128:
-            continue  # (no kv_prefill_q)
+        # A chunk's quantized groups: kv_decode_mma takes 8 query vectors per block (4 at head_dim
+        # 256), so `vectors` of them take 8 of its blocks, one group each (one warp).
         counts = []
         for kernel, times in (("kv_decode_mma", 8), ("kv_prefill_q", 4)):
             mix = collections.Counter(o for o, _ in loop_of(sass, kernel))
             n = sum(c for o, c in mix.items() if o not in FREE)
             counts.append(f"{kernel} {times} x {n} = {times * n} ({times * mix['HMMA']} HMMA)")
-        print(f"chunks, KIVI-{bits}: 32 quantized tokens for 64 query vectors: " + "; ".join(counts))
+        print(f"chunks, KIVI-{bits}, head_dim {hd}: 32 quantized tokens for {vectors} query vectors: "
+              + "; ".join(counts))
 
 
 if __name__ == "__main__":

@@ -118,11 +118,11 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
                 let nq = kivi::cuda::kernels::mma_max_nq(hd);
                 assert!(has_mma(nq, &cfg), "chunks: config {cfg:?}, {ratio} query heads per kv head");
                 chunks += 1;
-                // Their full-precision tokens and (up to head_dim 128) their quantized groups:
-                // kv_prefill_fp and kv_prefill_q, in the same module.
+                // Their full-precision tokens and their quantized groups: kv_prefill_fp and
+                // kv_prefill_q, in the same module.
                 let fp = tensor_core_chunk_tokens(&cfg, ratio * cfg.n_kv_heads);
                 assert_eq!(has(b"kv_prefill_fp", nq, &cfg), fp, "chunk tokens: config {cfg:?}");
-                assert_eq!(has(b"kv_prefill_q", nq, &cfg), fp && hd <= 128, "chunk groups: config {cfg:?}");
+                assert_eq!(has(b"kv_prefill_q", nq, &cfg), fp, "chunk groups: config {cfg:?}");
                 tokens += fp as usize;
             }
         }
@@ -130,7 +130,8 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
     assert!(decode > 0 && chunks > 0 && tokens > 0, "no test configuration reaches the tensor-core kernels");
     // head_dim 256 (Gemma) decodes on tensor cores at 2 and 4 bits, f16 and bf16, whatever the
     // GQA ratio (4 query heads per block), and so do its chunks of queries, their full-precision
-    // tokens included (kv_prefill_fp, whose shared memory is dynamic there).
+    // tokens and quantized groups included (kv_prefill_fp and kv_prefill_q, 32 query vectors per
+    // block, their shared memory dynamic where it passes 48 KB).
     for (bits, dtype) in [(2, kivi::DType::F16), (4, kivi::DType::BF16)] {
         let mut cfg = gemma_config(bits);
         cfg.dtype = dtype;
@@ -138,7 +139,7 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
             assert!(tensor_core_decode(&cfg, ratio), "KIVI-{bits}, {dtype:?}, {ratio} query heads");
             assert!(tensor_core_chunks(&cfg, ratio) && tensor_core_chunk_tokens(&cfg, ratio));
         }
-        assert!(has(b"kv_prefill_fp", 4, &cfg) && !has(b"kv_prefill_q", 4, &cfg), "KIVI-{bits}, {dtype:?}");
+        assert!(has(b"kv_prefill_fp", 4, &cfg) && has(b"kv_prefill_q", 4, &cfg), "KIVI-{bits}, {dtype:?}");
     }
 }
 
@@ -146,7 +147,8 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
 /// still compile, without warnings, and still hold their kernel: the decode's 4 blocks per
 /// multiprocessor, 3 staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps
 /// 2), the transposed loop one group per iteration, and kv_prefill_q (in the module of chunks of
-/// queries) without the folded f16 keys or with registers for 3 blocks per multiprocessor.
+/// queries) without the folded f16 keys (also at head_dim 256) or with registers for 3 blocks per
+/// multiprocessor.
 #[test]
 fn the_tensor_core_variants_compile() {
     if !nvrtc_ready() {
@@ -172,11 +174,20 @@ fn the_tensor_core_variants_compile() {
             assert!(found, "KIVI-{bits}, {name}={value}: no {kernel}");
         }
     }
+    // At head_dim 256 kv_prefill_q without the folded keys takes dynamic shared memory (the
+    // kernel checks the host's size when it compiles), through the spec or the extra options.
+    let spec = Spec::for_config(&gemma_config(2), 4).unwrap();
+    for spec in [spec.clone().with("KV_PQ_FOLD", 0), spec.with_option("-DKV_PQ_FOLD=0")] {
+        let (image, log) = compile_with_log(Family::Decode, &spec, "sm_90").unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        assert!(!log.contains("warning"), "{log}");
+        assert!(image.bytes().windows(12).any(|w| w == b"kv_prefill_q"));
+    }
 }
 
 /// At the benchmark's shape (f16, head_dim 128, 8 KV heads, GQA 4: decode takes the module for
 /// 4 query vectors, chunks of queries the one for 8), and at Gemma's (head_dim 256, GQA 4: decode
-/// and chunks of queries take the module for 4), KIVI-2 and KIVI-4, no kernel that sm_80 and sm_90 launch spills
+/// and chunks of queries take the module for 4; f16, and bf16 at KIVI-2, whose `kv_prefill_q`
+/// differs), KIVI-2 and KIVI-4, no kernel that sm_80 and sm_90 launch spills
 /// registers to local memory at the launch bounds it is compiled for (the tensor-core decode has
 /// 168 registers for 3 blocks per multiprocessor and uses about 155 at head_dim 128, all 168 at
 /// 256), as ptxas reports each. The CUDA-core attention kernel (`kv_decode_attn`) is left out:
@@ -190,8 +201,12 @@ fn no_kernel_spills_registers() {
     use kivi::cuda::kernels::{compile_with_log, Family, Spec};
     for arch in ["sm_80", "sm_90"] {
         let shapes = [(Family::Decode, 4), (Family::Decode, 8), (Family::Quantize, 4)];
-        let cases =
-            [2u8, 4].into_iter().flat_map(|b| [(bench_config(b), &shapes[..]), (gemma_config(b), &shapes[..1])]);
+        let mut gemma_bf16 = gemma_config(2);
+        gemma_bf16.dtype = kivi::DType::BF16;
+        let cases = [2u8, 4]
+            .into_iter()
+            .flat_map(|b| [(bench_config(b), &shapes[..]), (gemma_config(b), &shapes[..1])])
+            .chain([(gemma_bf16, &shapes[..1])]);
         for (cfg, shapes) in cases {
             let bits = cfg.key_bits;
             for &(family, nq) in shapes {
@@ -221,10 +236,7 @@ fn no_kernel_spills_registers() {
                 if family == Family::Decode {
                     wanted.push("kv_decode_mma");
                     if nq == kivi::cuda::kernels::mma_max_nq(cfg.head_dim as usize) {
-                        wanted.push("kv_prefill_fp");
-                    }
-                    if nq == 8 {
-                        wanted.push("kv_prefill_q");
+                        wanted.extend(["kv_prefill_fp", "kv_prefill_q"]);
                     }
                 }
                 for name in wanted {

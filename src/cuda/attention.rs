@@ -7,10 +7,7 @@ use std::sync::OnceLock;
 use cudarc::driver::sys as dsys;
 
 use super::*;
-use crate::cuda::kernels::{
-    chunk_mma, decode_mma, fp_vectors, max_nq, mma_dynamic_smem, mma_layout, mma_max_nq, prefill_fp_dynamic_smem,
-    prefill_fp_layout, prefill_q_layout,
-};
+use crate::cuda::kernels::{chunk_mma, decode_mma, fp_vectors, max_nq, mma_layout, mma_max_nq, prefill_fp_layout};
 use crate::cuda::{allow_dynamic_smem, blocks_per_sm};
 
 /// The functions of one attention module: its blocks, its combine, and the tensor-core kernels
@@ -29,9 +26,10 @@ pub(super) struct AttnFns {
     /// launches pass (0: static).
     pub(super) prefill_fp: usize,
     pub(super) prefill_fp_smem: u32,
-    /// `kv_prefill_q`, in the module with `kv_prefill_fp` up to head_dim 128 (0 where not), and
-    /// how many of its blocks run at once on the device.
+    /// `kv_prefill_q`, in the module with `kv_prefill_fp` (0 where not), the dynamic shared
+    /// memory its launches pass, and how many of its blocks run at once on the device.
     pub(super) prefill_q: usize,
+    pub(super) prefill_q_smem: u32,
     pub(super) prefill_q_slots: usize,
 }
 
@@ -266,7 +264,11 @@ impl CudaCache {
         if let Some(&(_, _, f)) = known.iter().find(|&&(fam, n, _)| fam == family && n == nq) {
             return Ok(Some(f));
         }
-        let m = d.module(family, &Spec::new(&self.lay, nq))?;
+        let spec = Spec::new(&self.lay, nq);
+        let m = d.module(family, &spec)?;
+        // The dynamic shared memory of each tensor-core kernel, as the module was compiled for
+        // (0: static).
+        let dyn_smem = |name: &str| spec.define(name).unwrap_or(0) as u32;
         let names = family.entries();
         // The decode module holds the tensor-core kernel where its layout allows it
         // (`KV_MMA_OK`).
@@ -277,7 +279,7 @@ impl CudaCache {
         };
         // Above 48 KB of shared memory (head_dim 256) the kernel's is dynamic, which a
         // function must be allowed once before its launches ask for it.
-        let mma_smem = if mma == 0 { 0 } else { mma_dynamic_smem(&self.lay, nq) as u32 };
+        let mma_smem = if mma == 0 { 0 } else { dyn_smem("KV_MMA_DYN") };
         if mma_smem > 0 {
             allow_dynamic_smem(mma as dsys::CUfunction, mma_smem)?;
         }
@@ -288,24 +290,30 @@ impl CudaCache {
                 per_sm as usize * self.info.multiprocessors as usize
             }
         };
-        // The module chunks of queries launch (`chunk_mma`) holds kv_prefill_fp and, up to
-        // head_dim 128, kv_prefill_q (`KV_FP_MMA_OK`, `KV_PQ_MMA_OK`).
+        // The module chunks of queries launch (`chunk_mma`) holds kv_prefill_fp and kv_prefill_q
+        // (`KV_FP_MMA_OK`).
         let chunk_fns = family == Family::Decode && mma != 0 && nq == mma_max_nq(self.lay.head_dim);
         let prefill_fp = match chunk_fns && prefill_fp_layout(&self.lay) {
             true => m.function("kv_prefill_fp")? as usize,
             false => 0,
         };
-        let prefill_fp_smem = if prefill_fp == 0 { 0 } else { prefill_fp_dynamic_smem(&self.lay) as u32 };
+        let prefill_fp_smem = if prefill_fp == 0 { 0 } else { dyn_smem("KV_FP_DYN") };
         if prefill_fp_smem > 0 {
             allow_dynamic_smem(prefill_fp as dsys::CUfunction, prefill_fp_smem)?;
         }
-        let prefill_q = match chunk_fns && prefill_q_layout(&self.lay) {
+        let prefill_q = match chunk_fns && prefill_fp_layout(&self.lay) {
             true => m.function("kv_prefill_q")? as usize,
             false => 0,
         };
+        let prefill_q_smem = if prefill_q == 0 { 0 } else { dyn_smem("KV_PQ_DYN") };
+        if prefill_q_smem > 0 {
+            allow_dynamic_smem(prefill_q as dsys::CUfunction, prefill_q_smem)?;
+        }
         let prefill_q_slots = match prefill_q {
             0 => 0,
-            f => blocks_per_sm(f as dsys::CUfunction, 128, 0)? as usize * self.info.multiprocessors as usize,
+            f => {
+                blocks_per_sm(f as dsys::CUfunction, 128, prefill_q_smem)? as usize * self.info.multiprocessors as usize
+            }
         };
         let f = AttnFns {
             attn: m.function(names[0])? as usize,
@@ -316,6 +324,7 @@ impl CudaCache {
             prefill_fp,
             prefill_fp_smem,
             prefill_q,
+            prefill_q_smem,
             prefill_q_slots,
         };
         known.push((family, nq, f));
@@ -526,9 +535,8 @@ impl CudaCache {
                 // Decode, and chunks of fewer than FP_MIN_ROWS rows: one kv_decode_mma launch,
                 // its full-precision splits on CUDA cores. Larger chunks: 64 query vectors per
                 // block (32 above head_dim 128), kv_prefill_fp for split 0 and kv_prefill_q for
-                // the others (or kv_decode_mma: above head_dim 128, or `KIVI_CUDA_PREFILL_Q=0`).
-                let fp_q =
-                    fp && prefill_q_layout(lay) && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
+                // the others (or kv_decode_mma, `KIVI_CUDA_PREFILL_Q=0`).
+                let fp_q = fp && std::env::var_os("KIVI_CUDA_PREFILL_Q").is_none_or(|v| v != "0");
                 let row_blocks = n_rows.div_ceil(fp_vectors(hd) / hc);
                 // (Where kv_prefill_fp takes the full-precision tokens, they are one split.)
                 let split = match fp_q {

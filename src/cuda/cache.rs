@@ -658,9 +658,9 @@ impl CudaCache {
                     AttnFns { prefill_fp: 0, .. } => Err(no_mma(nq)),
                     f => launch_smem(func(f.prefill_fp), grid, block, f.prefill_fp_smem, st, p),
                 },
-                Kernel::PrefillQ(nq, p) => match attn(Family::Decode, nq)?.prefill_q {
-                    0 => Err(no_mma(nq)),
-                    f => launch(func(f), grid, block, st, p),
+                Kernel::PrefillQ(nq, p) => match attn(Family::Decode, nq)? {
+                    AttnFns { prefill_q: 0, .. } => Err(no_mma(nq)),
+                    f => launch_smem(func(f.prefill_q), grid, block, f.prefill_q_smem, st, p),
                 },
             }
         }

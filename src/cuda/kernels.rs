@@ -188,7 +188,7 @@ pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
 /// The dynamic shared memory `kv_decode_mma` blocks for `nq` query vectors take (`KV_MMA_DYN`):
 /// 0 where its shared memory fits in the 48 KB of static shared memory (head_dim up to 128),
 /// all of it where not (head_dim 256).
-pub(crate) fn mma_dynamic_smem(lay: &Layout, nq: usize) -> usize {
+fn mma_dynamic_smem(lay: &Layout, nq: usize) -> usize {
     match mma_smem(lay) {
         (rows_and_buf, all) if rows_and_buf > MMA_STATIC_SMEM && mma_layout(lay, nq) => all,
         _ => 0,
@@ -230,18 +230,12 @@ pub(crate) fn chunk_mma(lay: &Layout) -> bool {
     mma_layout(lay, mma_max_nq(lay.head_dim))
 }
 
-/// Whether `kv_prefill_fp` (cuda/prefill_mma.cuh: the full-precision tokens of chunks of
-/// queries, [`fp_vectors`] query vectors per block) exists in the module chunks of queries launch
-/// ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK` there, an f16 or bf16 cache.
+/// Whether `kv_prefill_fp` and `kv_prefill_q` (cuda/prefill_mma.cuh: the full-precision tokens
+/// and the quantized groups of chunks of queries, [`fp_vectors`] query vectors per block) exist
+/// in the module chunks of queries launch ([`chunk_mma`]): the conditions of `KV_FP_MMA_OK`
+/// there, an f16 or bf16 cache.
 pub(crate) fn prefill_fp_layout(lay: &Layout) -> bool {
     matches!(lay.dtype, DType::F16 | DType::BF16) && chunk_mma(lay)
-}
-
-/// Whether `kv_prefill_q` (the quantized groups of the same chunks, the same blocks) exists there
-/// too (`KV_PQ_MMA_OK`): up to head_dim 128. Above, a chunk's quantized groups take
-/// `kv_decode_mma`.
-pub(crate) fn prefill_q_layout(lay: &Layout) -> bool {
-    prefill_fp_layout(lay) && lay.head_dim <= 128
 }
 
 /// Query vectors of one `kv_prefill_fp` or `kv_prefill_q` block (`FP_VPB`): 64, 16 per warp; 32
@@ -259,8 +253,24 @@ pub(crate) fn fp_vectors(head_dim: usize) -> usize {
 /// of 32 tokens' keys and values, rows of head_dim + 8 halves (`FpShared`), where they pass the
 /// 48 KB of static shared memory (head_dim 256: 67584 bytes); 0 where they do not, or where the
 /// layout has no `kv_prefill_fp`.
-pub(crate) fn prefill_fp_dynamic_smem(lay: &Layout) -> usize {
+fn prefill_fp_dynamic_smem(lay: &Layout) -> usize {
     let bytes = 2 * 2 * 32 * (lay.head_dim + 8) * 2;
+    match bytes > MMA_STATIC_SMEM && prefill_fp_layout(lay) {
+        true => bytes,
+        false => 0,
+    }
+}
+
+/// The dynamic shared memory `kv_prefill_q` blocks take (`KV_PQ_DYN`): a tile of 32 tokens' keys,
+/// the keys' lo parts (one row where the keys of an f16 cache are staged as codes with the
+/// scales folded into the query, `PQ_FOLD`: G >= 32 and not `-DKV_PQ_FOLD=0`) and values, rows
+/// of head_dim + 8 halves, and the tile's key scales and zeros (`PqShared`), where that passes
+/// the 48 KB of static shared memory (head_dim 256 without `PQ_FOLD`: 50704 bytes); 0 where it
+/// does not, or where the layout has no `kv_prefill_q`.
+fn prefill_q_dynamic_smem(lay: &Layout, fold_off: bool) -> usize {
+    let (hd, row) = (lay.head_dim, (lay.head_dim + 8) * 2);
+    let fold = !fold_off && lay.dtype == DType::F16 && lay.group >= 32;
+    let bytes = 2 * 32 * row + if fold { row + 2 * hd * 2 } else { 32 * row + 8 * 2 };
     match bytes > MMA_STATIC_SMEM && prefill_fp_layout(lay) {
         true => bytes,
         false => 0,
@@ -270,8 +280,8 @@ pub(crate) fn prefill_fp_dynamic_smem(lay: &Layout) -> usize {
 /// Whether chunks of queries (`append_attend`, `attend`) of a cache of this configuration, with
 /// `n_q_heads` query heads, also take their full-precision tokens (sinks, window, the chunk: all
 /// of a prompt) on tensor cores when they have at least 8 rows, 64 query vectors per block (32
-/// above head_dim 128), and, up to head_dim 128, their quantized groups the same way:
-/// [`tensor_core_chunks`] of an f16 or bf16 cache.
+/// above head_dim 128), and their quantized groups the same way: [`tensor_core_chunks`] of an
+/// f16 or bf16 cache.
 pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
     gqa_ratio(cfg, n_q_heads).is_some() && prefill_fp_layout(&Layout::new(cfg))
 }
@@ -284,12 +294,14 @@ pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
 pub struct Spec {
     defines: Vec<(&'static str, u64)>,
     extra: Vec<String>,
+    /// `KV_PQ_DYN` without the folded keys, for `KV_PQ_FOLD` 0 ([`Spec::with`], [`Spec::with_option`]).
+    pq_unfolded: u64,
 }
 
 impl Spec {
     pub(crate) fn new(lay: &Layout, nq: usize) -> Spec {
         let d = |n: &'static str, v: usize| (n, v as u64);
-        let defines = vec![
+        let mut defines = vec![
             d("KV_DTYPE", lay.dtype as usize),
             d("KV_HD", lay.head_dim),
             d("KV_NKV", lay.n_kv_heads),
@@ -318,9 +330,17 @@ impl Spec {
         ];
         // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
         // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.
-        let extra = std::env::var("KIVI_NVRTC_OPTS")
+        let extra: Vec<String> = std::env::var("KIVI_NVRTC_OPTS")
             .map_or_else(|_| Vec::new(), |x| x.split_whitespace().map(str::to_string).collect());
-        Spec { defines, extra }
+        defines.push(d("KV_PQ_DYN", prefill_q_dynamic_smem(lay, false)));
+        let pq_unfolded = prefill_q_dynamic_smem(lay, true) as u64;
+        extra.into_iter().fold(Spec { defines, extra: Vec::new(), pq_unfolded }, |s, o| s.with_option(&o))
+    }
+
+    /// The value of macro `name`, e.g. the dynamic shared memory a kernel of the module takes
+    /// (`KV_MMA_DYN`, `KV_FP_DYN`, `KV_PQ_DYN`), which its launches pass.
+    pub(crate) fn define(&self, name: &str) -> Option<u64> {
+        self.defines.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
     }
 
     /// The spec of a validated configuration.
@@ -332,13 +352,28 @@ impl Spec {
     /// This spec with one more macro: a variant of a kernel for measuring it, such as
     /// `KV_MMA_BLOCKS` or `KV_MMA_STAGES` of the tensor-core decode (`cuda/decode_mma.cuh`).
     pub fn with(mut self, name: &'static str, value: u64) -> Spec {
-        self.defines.push((name, value));
+        if name == "KV_PQ_FOLD" && value == 0 {
+            // kv_prefill_q's shared memory without the folded keys.
+            self.set("KV_PQ_DYN", self.pq_unfolded);
+        }
+        self.set(name, value);
         self
+    }
+
+    /// Sets macro `name` to `value`, in place where the spec has it.
+    fn set(&mut self, name: &'static str, value: u64) {
+        match self.defines.iter_mut().find(|(n, _)| *n == name) {
+            Some(d) => d.1 = value,
+            None => self.defines.push((name, value)),
+        }
     }
 
     /// This spec with one more NVRTC option, e.g. `--ptxas-options=-v` for the registers and
     /// spills of each kernel in the log of [`compile_with_log`].
     pub fn with_option(mut self, option: &str) -> Spec {
+        if option == "-DKV_PQ_FOLD=0" {
+            self.set("KV_PQ_DYN", self.pq_unfolded);
+        }
         self.extra.push(option.to_string());
         self
     }

@@ -94,7 +94,7 @@ fn unit(family: Family) -> String {
     if family == Family::Decode {
         s.push_str("#if KV_MMA_OK\n    {\"kv_decode_mma\", [](const void* p) { kv_decode_mma(*(const AttnParams*)p); }},\n#endif\n");
         s.push_str(
-            "#if KV_FP_MMA_OK\n    {\"kv_prefill_fp\", [](const void* p) { kv_prefill_fp(*(const AttnParams*)p); }},\n#endif\n#if KV_PQ_MMA_OK\n",
+            "#if KV_FP_MMA_OK\n    {\"kv_prefill_fp\", [](const void* p) { kv_prefill_fp(*(const AttnParams*)p); }},\n",
         );
         s.push_str("    {\"kv_prefill_q\", [](const void* p) { kv_prefill_q(*(const AttnParams*)p); }},\n#endif\n");
     }

@@ -529,8 +529,7 @@ fn simulated_chunks_of_queries_use_tensor_cores() {
 /// each here), GQA ratios 1, 3, 4, 8 and 12 (two blocks of heads per kv head, the second
 /// partial), causal, non-causal, sliding-window and softcapped scores, head_dim 128 and 80, and
 /// head_dim 256 (32 query vectors per block, two warps for each 16, half of the output channels
-/// each; dynamic shared memory; the quantized groups on `kv_decode_mma`). Chunks of fewer rows
-/// stay with split 0 of `kv_decode_mma`.
+/// each; dynamic shared memory). Chunks of fewer rows stay with split 0 of `kv_decode_mma`.
 #[test]
 fn simulated_chunk_tokens_use_tensor_cores() {
     for (nqh, opts, sinks, hd) in [
@@ -603,8 +602,8 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
 /// The quantized groups of chunks of at least 8 query rows (f16 and bf16 caches) take
 /// `kv_prefill_q`, 64 query vectors per block, each tile of 32 tokens dequantized once into
 /// shared memory: G of 16, 32 and 64 (tiles of two groups, of one, of half of one), 2- and
-/// 4-bit keys and values in every pairing, several groups per page, head_dim 128, 80 and 64,
-/// sinks, GQA ratios 1, 3, 4 and 12, splits whose first token is not at a tile's edge (G = 16,
+/// 4-bit keys and values in every pairing, several groups per page, head_dim 128, 80 and 64, and
+/// 256 (32 query vectors per block; bf16's shared memory dynamic), sinks, GQA ratios 1, 3, 4 and 12, splits whose first token is not at a tile's edge (G = 16,
 /// an odd number of groups per split), sliding windows that start inside the quantized tokens,
 /// softcapped and non-causal scores, queries of stored tokens (quantized ones among them), several
 /// launches per call.
@@ -622,17 +621,23 @@ fn simulated_chunks_over_quantized_groups_use_tensor_cores() {
         (f16c(128, (4, 2), 16, 64, 1), 2, AttnOptions { sliding_window: 400, ..d }, 600),
         (f16c(80, (2, 4), 64, 0, 0), 6, AttnOptions { softcap: 30.0, ..d }, 300),
         (f16c(64, (4, 4), 32, 128, 2), 24, AttnOptions { causal: false, ..d }, 200),
+        // head_dim 256: ratio 2 (16 rows per block), ratio 3 at G = 16 (10 rows of 3 heads)
+        (f16c(256, (2, 2), 32, 0, 1), 4, AttnOptions { sliding_window: 250, ..d }, 300),
+        (f16c(256, (4, 2), 16, 0, 0), 6, AttnOptions { softcap: 30.0, ..d }, 200),
     ] {
         chunks_over_groups_case::<f16>(c, nqh, opts, past);
     }
-    let mut c = cfg(128, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::BF16, 0);
-    c.n_layers = 1;
-    chunks_over_groups_case::<bf16>(c, 8, AttnOptions { sliding_window: 150, ..d }, 300);
+    for (hd, bits, nqh) in [(128, (2, 2), 8), (256, (4, 4), 16)] {
+        let mut c = cfg(hd, 2, bits, 32, 32, 1, KeyMode::PerChannel, DType::BF16, 0);
+        c.n_layers = 1;
+        chunks_over_groups_case::<bf16>(c, nqh, AttnOptions { sliding_window: 150, ..d }, 300);
+    }
 }
 
 fn chunks_over_groups_case<T: Element + Default>(c: CacheConfig, nqh: usize, opts: AttnOptions, past: usize) {
     let what = format!("{nqh} query heads, config {c:?}");
     assert!(crate::cuda::kernels::tensor_core_chunk_tokens(&c, nqh as u32), "{what}");
+    let nq = crate::cuda::kernels::mma_max_nq(c.head_dim as usize);
     let mut p = Pair::<T>::new(SIM, c, nqh, opts);
     let q = || sim::launches_of("kv_prefill_q");
     let mma = || sim::launches_of("kv_decode_mma");
@@ -648,8 +653,8 @@ fn chunks_over_groups_case<T: Element + Default>(c: CacheConfig, nqh: usize, opt
     // blocks stop before the last tiles.
     p.attend(0, 0, 100);
     assert_eq!(q() - q0, 4, "{what}: every chunk's groups on kv_prefill_q");
-    // 45 rows in launches of 16 (items of 8 / heads-per-block rows): 16, 16 and 13.
-    attention::ROW_ITEMS.set(16 / (8 / (nqh / 2).min(8)));
+    // 45 rows in launches of 16 (items of nq / heads-per-block rows): 16, 16 and 13.
+    attention::ROW_ITEMS.set(16 / (nq / (nqh / 2).min(nq)));
     p.append_attend(0, 0, 45);
     attention::ROW_ITEMS.set(usize::MAX);
     assert_eq!(q() - q0, 7, "{what}: three launches");
