@@ -266,55 +266,38 @@ impl CudaCache {
         }
         let spec = Spec::new(&self.lay, nq);
         let m = d.module(family, &spec)?;
-        // The dynamic shared memory of each tensor-core kernel, as the module was compiled for
-        // (0: static).
-        let dyn_smem = |name: &str| spec.define(name).unwrap_or(0) as u32;
         let names = family.entries();
+        // A tensor-core kernel of the module where it has it (0 where not), with the dynamic
+        // shared memory the module was compiled for (macro `smem`; 0: static). Above 48 KB
+        // (head_dim 256) a function must be allowed that much once before its launches ask for
+        // it.
+        let tensor_core_fn = |present: bool, name: &'static str, smem: &str| -> Result<(usize, u32)> {
+            if !present {
+                return Ok((0, 0));
+            }
+            let f = m.function(name)?;
+            let bytes = spec.define(smem).unwrap_or(0) as u32;
+            if bytes > 0 {
+                allow_dynamic_smem(f, bytes)?;
+            }
+            Ok((f as usize, bytes))
+        };
+        // How many blocks of function `f` run at once on the device (0 without it).
+        let slots = |f: usize, smem: u32| -> Result<usize> {
+            match f {
+                0 => Ok(0),
+                f => Ok(blocks_per_sm(f as dsys::CUfunction, 128, smem)? as usize * self.info.multiprocessors as usize),
+            }
+        };
         // The decode module holds the tensor-core kernel where its layout allows it
-        // (`KV_MMA_OK`).
-        let mma = if family == Family::Decode && mma_layout(&self.lay, nq) {
-            m.function("kv_decode_mma")? as usize
-        } else {
-            0
-        };
-        // Above 48 KB of shared memory (head_dim 256) the kernel's is dynamic, which a
-        // function must be allowed once before its launches ask for it.
-        let mma_smem = if mma == 0 { 0 } else { dyn_smem("KV_MMA_DYN") };
-        if mma_smem > 0 {
-            allow_dynamic_smem(mma as dsys::CUfunction, mma_smem)?;
-        }
-        let mma_slots = match mma {
-            0 => 0,
-            f => {
-                let per_sm = blocks_per_sm(f as dsys::CUfunction, 128, mma_smem)?;
-                per_sm as usize * self.info.multiprocessors as usize
-            }
-        };
-        // The module chunks of queries launch (`chunk_mma`) holds kv_prefill_fp and kv_prefill_q
-        // (`KV_FP_MMA_OK`).
-        let chunk_fns = family == Family::Decode && mma != 0 && nq == mma_max_nq(self.lay.head_dim);
-        let prefill_fp = match chunk_fns && prefill_fp_layout(&self.lay) {
-            true => m.function("kv_prefill_fp")? as usize,
-            false => 0,
-        };
-        let prefill_fp_smem = if prefill_fp == 0 { 0 } else { dyn_smem("KV_FP_DYN") };
-        if prefill_fp_smem > 0 {
-            allow_dynamic_smem(prefill_fp as dsys::CUfunction, prefill_fp_smem)?;
-        }
-        let prefill_q = match chunk_fns && prefill_fp_layout(&self.lay) {
-            true => m.function("kv_prefill_q")? as usize,
-            false => 0,
-        };
-        let prefill_q_smem = if prefill_q == 0 { 0 } else { dyn_smem("KV_PQ_DYN") };
-        if prefill_q_smem > 0 {
-            allow_dynamic_smem(prefill_q as dsys::CUfunction, prefill_q_smem)?;
-        }
-        let prefill_q_slots = match prefill_q {
-            0 => 0,
-            f => {
-                blocks_per_sm(f as dsys::CUfunction, 128, prefill_q_smem)? as usize * self.info.multiprocessors as usize
-            }
-        };
+        // (`KV_MMA_OK`); the module chunks of queries launch (`chunk_mma`: the decode module
+        // for `mma_max_nq` vectors) also holds kv_prefill_fp and kv_prefill_q (`KV_FP_MMA_OK`).
+        let decode = family == Family::Decode && mma_layout(&self.lay, nq);
+        let (mma, mma_smem) = tensor_core_fn(decode, "kv_decode_mma", "KV_MMA_DYN")?;
+        let chunk_fns = decode && nq == mma_max_nq(self.lay.head_dim) && prefill_fp_layout(&self.lay);
+        let (prefill_fp, prefill_fp_smem) = tensor_core_fn(chunk_fns, "kv_prefill_fp", "KV_FP_DYN")?;
+        let (prefill_q, prefill_q_smem) = tensor_core_fn(chunk_fns, "kv_prefill_q", "KV_PQ_DYN")?;
+        let (mma_slots, prefill_q_slots) = (slots(mma, mma_smem)?, slots(prefill_q, prefill_q_smem)?);
         let f = AttnFns {
             attn: m.function(names[0])? as usize,
             combine: m.function(names[1])? as usize,
