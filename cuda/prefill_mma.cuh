@@ -71,10 +71,30 @@ struct FpShared {
 __device__ __forceinline__ void fp_stage(const AttnParams& P, FpShared& sh, const AttnItem& it, const elem_t* hw,
                                          u32 kvh, u32 n_sink, u32 ws, u32 n_fp, u32 i, u32 b) {
     constexpr u32 PER_ROW = KV_HD / 8;  // 16-byte pieces of a row
+    // A whole tile of the chunk's own rows (all of a prompt's but its last): their addresses step
+    // by the rows' stride, with none of the per-token choice of sink, ring slot or chunk row
+    // below, which took most of the tile loop's instructions at head_dim 256.
+    const u32 f0 = FP_T * i, n_win = n_sink + (it.len - ws);  // fp tokens before the chunk's
+    if (f0 >= n_win && f0 + FP_T <= n_fp) {
+        const i64 row = (i64)(it.chunk_row0 + f0 - n_win) * P.kv_stride + (i64)kvh * KV_HD;
+        const elem_t* k = P.k + row;
+        const elem_t* v = P.v + row;
+#pragma unroll
+        for (u32 n = 0; n < (FP_T * PER_ROW + KV_THREADS - 1) / KV_THREADS; n++) {
+            const u32 x = threadIdx.x + n * KV_THREADS, tok = x / PER_ROW, c = 8 * (x % PER_ROW);
+            if (x < FP_T * PER_ROW) {
+                const i64 o = (i64)tok * P.kv_stride + c;
+                cp_async16(&sh.k[b][tok][c], k + o);
+                cp_async16(&sh.v[b][tok][c], v + o);
+            }
+        }
+        return;
+    }
+#ifndef KV_COST_PROBE  // (the static cost counts the tiles of a prompt: the path above)
     // Each piece of a token's key row with the same piece of its value row: one position.
     for (u32 x = threadIdx.x; x < FP_T * PER_ROW; x += KV_THREADS) {
         const u32 tok = x / PER_ROW, c = 8 * (x % PER_ROW);
-        const u32 f = FP_T * i + tok;
+        const u32 f = f0 + tok;
         if (f < n_fp) {
             const u32 pos = fp_pos(it, n_sink, ws, f);
             cp_async16(&sh.k[b][tok][c], fp_row(P, it, hw, kvh, pos, false) + c);
@@ -84,6 +104,7 @@ __device__ __forceinline__ void fp_stage(const AttnParams& P, FpShared& sh, cons
             *(FpZero16*)&sh.v[b][tok][c] = {0u, 0u, 0u, 0u};
         }
     }
+#endif
 }
 
 // What a block's rows are and what this lane holds of them: the block's FP_VPB query vectors

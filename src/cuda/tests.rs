@@ -730,6 +730,46 @@ fn prompt_outputs_at_any_alignment() {
     assert!(outs[0].iter().any(|x| x.to_f32() != 0.0));
 }
 
+/// Prompts whose queries, keys and values are views of one fused buffer (a QKV projection's
+/// output: rows of nq + 2 * nkv heads), as engines pass them: `kv_prefill_fp` steps through whole
+/// tiles of the chunk's rows by their stride, and stages the last, partial tile and the window's
+/// tokens one by one; head_dim 128 and 256, a prompt into an empty sequence, then a chunk over
+/// the window and quantized groups, against the CPU cache given the same rows.
+#[test]
+fn prompts_from_fused_qkv_rows() {
+    for (hd, nqh) in [(128usize, 8usize), (256, 4)] {
+        let c = cfg(hd as u32, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::F16, 0);
+        let mut cpu = Cache::new(c.clone()).unwrap();
+        let mut gpu = CudaCache::simulated(c).unwrap();
+        let mut rng = Rng(21);
+        let fp = sim::launches_of("kv_prefill_fp");
+        for n in [70, 150] {
+            // Each row: queries, then keys, then values.
+            let (qw, kw) = (nqh * hd, 2 * hd);
+            let stride = qw + 2 * kw;
+            let mut qkv: Vec<f16> = rng.rows(n * stride, false, hd);
+            let keys: Vec<f16> = rng.rows(n * kw, true, hd);
+            for r in 0..n {
+                qkv[r * stride + qw..r * stride + qw + kw].copy_from_slice(&keys[r * kw..(r + 1) * kw]);
+            }
+            let view = |off: usize, w: usize| Rows::strided(&qkv[off..], n, w, stride).unwrap();
+            let mut want = vec![f16::ZERO; n * qw];
+            let opts = AttnOptions::default();
+            let out = RowsMut::new(&mut want, n).unwrap();
+            cpu.append_attend(0, 0, view(qw, kw), view(qw + kw, kw), view(0, qw), out, &opts).unwrap();
+            let mut got = vec![f16::ZERO; n * qw];
+            let base = ptr(&qkv);
+            let dev = |off: usize, w: usize| DevRows::strided(base + 2 * off as u64, n, w, stride);
+            let out = DevRows::new(got.as_mut_ptr() as u64, n, qw);
+            let null = std::ptr::null_mut();
+            gpu.append_attend(0, 0, dev(qw, kw), dev(qw + kw, kw), dev(0, qw), out, &opts, null).unwrap();
+            let e = crate::testing::rel_err(&got, &want);
+            assert!(e <= 1e-3 + 1.0 / 1024.0, "head_dim {hd}, {n} rows: relative error {e:e}");
+        }
+        assert_eq!(sim::launches_of("kv_prefill_fp") - fp, 2, "head_dim {hd}");
+    }
+}
+
 /// Value scales of 64 and more (value ranges past 192 at 2 bits, 960 at 4) take the tensor-core
 /// decode's exact value path (`mma_values` without FOLD, its accumulators scaled in f32); the
 /// warps here take groups of both kinds, some with large and small values mixed, into the same
