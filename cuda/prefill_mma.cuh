@@ -427,12 +427,12 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
 }
 // The quantized groups of a chunk of queries, the same way (kv_prefill_q): each tile of 32
 // quantized tokens is dequantized once into shared memory for the block's FP_VPB query vectors,
-// instead of being read by kv_decode_mma once for every 8 of them (4 at head_dim 256). The keys become hi and lo
-// parts of the cache's type (code * scale + zero in f32, about 22 bits in f16, 16 in bf16: two
-// mmas per product), or, for f16 caches with one group a tile, stay codes with the scales folded
-// into the query (PQ_FOLD, below); the values one part (rounded once, as the tensor-core
-// decode's are). The codes of the next tile are loaded into registers while this one is
-// computed. Split s + 1 of the partial states for blockIdx.z = s, `ups` groups each.
+// instead of being read by kv_decode_mma once for every 8 of them (4 at head_dim 256). The keys
+// become hi and lo parts of the cache's type (code * scale + zero in f32, about 22 bits in f16,
+// 16 in bf16: two mmas per product), or, for f16 caches with one group a tile, stay codes with
+// the scales folded into the query (PQ_FOLD, below); the values one part (rounded once, as the
+// tensor-core decode's are). The codes of the next tile are loaded into registers while this
+// one is computed. Split s + 1 of the partial states for blockIdx.z = s, `ups` groups each.
 // f16 caches whose tiles lie in one group: the key codes staged as they are, their scales folded
 // into the query (fp_tile's KEYS 2). -DKV_PQ_FOLD=0 keeps the keys' hi and lo parts there too,
 // for comparison.

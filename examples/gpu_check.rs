@@ -1633,7 +1633,7 @@ fn alternate(var: &str, rounds: usize, mut call: impl FnMut()) -> [f64; 2] {
 /// module chunks of queries launch (8 query vectors: `kv_prefill_fp`, `kv_prefill_q`):
 /// `chunk-kivi{2,4}.cubin`; and at head_dim 256 the decode module at 2 query heads per KV head
 /// (the head_dim-256 benchmark's): `decode-hs256-kivi{2,4}.cubin`, and the module of chunks of
-/// queries (4 query vectors: `kv_prefill_fp`): `chunk-hs256-kivi{2,4}.cubin`. They are built with
+/// queries (4 query vectors: `kv_prefill_fp`, `kv_prefill_q`): `chunk-hs256-kivi{2,4}.cubin`. They are built with
 /// `KV_COST_PROBE` defined: the loops then hold only the path most groups and tiles take (no
 /// position masking, no accumulator rescale), which is what `scripts/sass_mix.py` counts.
 fn cubins(args: &[String]) -> bool {

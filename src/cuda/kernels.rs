@@ -301,7 +301,7 @@ pub struct Spec {
 impl Spec {
     pub(crate) fn new(lay: &Layout, nq: usize) -> Spec {
         let d = |n: &'static str, v: usize| (n, v as u64);
-        let mut defines = vec![
+        let defines = vec![
             d("KV_DTYPE", lay.dtype as usize),
             d("KV_HD", lay.head_dim),
             d("KV_NKV", lay.n_kv_heads),
@@ -327,12 +327,13 @@ impl Spec {
             d("KV_NQ", nq),
             d("KV_MMA_DYN", mma_dynamic_smem(lay, nq)),
             d("KV_FP_DYN", prefill_fp_dynamic_smem(lay)),
+            d("KV_PQ_DYN", prefill_q_dynamic_smem(lay, false)),
         ];
         // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
         // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.
         let extra: Vec<String> = std::env::var("KIVI_NVRTC_OPTS")
             .map_or_else(|_| Vec::new(), |x| x.split_whitespace().map(str::to_string).collect());
-        defines.push(d("KV_PQ_DYN", prefill_q_dynamic_smem(lay, false)));
+        // (The options pass through with_option, which follows -DKV_PQ_FOLD=0.)
         let pq_unfolded = prefill_q_dynamic_smem(lay, true) as u64;
         extra.into_iter().fold(Spec { defines, extra: Vec::new(), pq_unfolded }, |s, o| s.with_option(&o))
     }

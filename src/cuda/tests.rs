@@ -603,10 +603,10 @@ fn chunk_tokens_case<T: Element + Default>(nqh: usize, opts: AttnOptions, sinks:
 /// `kv_prefill_q`, 64 query vectors per block, each tile of 32 tokens dequantized once into
 /// shared memory: G of 16, 32 and 64 (tiles of two groups, of one, of half of one), 2- and
 /// 4-bit keys and values in every pairing, several groups per page, head_dim 128, 80 and 64, and
-/// 256 (32 query vectors per block; bf16's shared memory dynamic), sinks, GQA ratios 1, 3, 4 and 12, splits whose first token is not at a tile's edge (G = 16,
-/// an odd number of groups per split), sliding windows that start inside the quantized tokens,
-/// softcapped and non-causal scores, queries of stored tokens (quantized ones among them), several
-/// launches per call.
+/// 256 (32 query vectors per block; bf16's shared memory dynamic), sinks, GQA ratios 1, 2, 3, 4,
+/// 8 and 12, splits whose first token is not at a tile's edge (G = 16, an odd number of groups
+/// per split), sliding windows that start inside the quantized tokens, softcapped and non-causal
+/// scores, queries of stored tokens (quantized ones among them), several launches per call.
 #[test]
 fn simulated_chunks_over_quantized_groups_use_tensor_cores() {
     let f16c = |hd, bits, g, pt, sinks| {
