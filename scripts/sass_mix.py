@@ -64,33 +64,83 @@ def nvdisasm_path(given):
     sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm, or pass --nvdisasm")
 
 
+Inst = collections.namedtuple("Inst", "op mods target stall wbar wait text")
+
+
+def disassemble(tool, path):
+    """nvdisasm's listing of `path` with each instruction's encoding (`-hex`)."""
+    return subprocess.run([tool, "-c", "-hex", path], capture_output=True, text=True, check=True).stdout
+
+
 def loop_of(sass, kernel):
-    """The instructions of the innermost loop of `kernel` that holds HMMA instructions."""
+    """The instructions of the innermost loop of `kernel` that holds HMMA instructions.
+
+    Each with its scheduling control (sm_70 and later: bits 105-125 of the 128-bit encoding, the
+    second word nvdisasm prints; Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via
+    Microbenchmarking", 2018): the cycles the warp stalls after issuing it (`stall`, the
+    compiler's fixed latencies), the scoreboard its variable-latency result sets (`wbar`, 7 for
+    none) and the scoreboards it waits for before it issues (`wait`, a mask of 6)."""
     text = sass.split(f".text.{kernel}:", 1)[1].split(".text.", 1)[0]
     lines = text.splitlines()
     labels = {}
-    insts = []  # (line index, opcode, target label or None)
+    insts = []
     for i, line in enumerate(lines):
         m = re.match(r"^(\.L_x_\d+):", line)
         if m:
             labels[m.group(1)] = len(insts)
             continue
-        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]*)?\s*(.*?);", line)
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+((@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]*)?\s*(.*?));", line)
         if m:
-            target = re.search(r"\(\s*(\.L_x_\d+)\s*\)", m.group(4))
+            target = re.search(r"\(\s*(\.L_x_\d+)\s*\)", m.group(5))
             # "@!PT": never executed (the compiler's padding); it takes an issue slot only.
-            mods = (m.group(3) or "") + (" never" if (m.group(1) or "").strip() == "@!PT" else "")
-            insts.append((m.group(2), target.group(1) if target else None, mods))
+            mods = (m.group(4) or "") + (" never" if (m.group(2) or "").strip() == "@!PT" else "")
+            hi = re.search(r"/\* (0x[0-9a-f]{16}) \*/", lines[i + 1]) if i + 1 < len(lines) else None
+            ctl = int(hi.group(1), 16) if hi else 0
+            insts.append(Inst(m.group(3), mods, target.group(1) if target else None, (ctl >> 41) & 15,
+                              (ctl >> 46) & 7, (ctl >> 52) & 63, m.group(1)))
     best = None
-    for j, (op, target, _) in enumerate(insts):
-        if op == "BRA" and target in labels and labels[target] <= j:
-            body = insts[labels[target]: j + 1]
-            n_mma = sum(1 for o, _, _ in body if o == "HMMA")
+    for j, inst in enumerate(insts):
+        if inst.op == "BRA" and inst.target in labels and labels[inst.target] <= j:
+            body = insts[labels[inst.target]: j + 1]
+            n_mma = sum(1 for x in body if x.op == "HMMA")
             if n_mma and (best is None or len(body) < len(best)):
                 best = body
     if best is None:
         sys.exit(f"no loop with HMMA found in {kernel}")
-    return [(o, mods) for o, _, mods in best]
+    return best
+
+
+def global_waits(body):
+    """For the loop's loads from global memory (LDG), the soonest any is waited for: the
+    instructions and the stall cycles (at least one an instruction) from the load to the first
+    one that waits for its scoreboard, round the loop if need be. A load from L2 or memory
+    takes several hundred cycles, one from L1 about thirty: a wait sooner than that stops the
+    warp. (Scoreboards are shared: waiting for one result waits for every load that set the
+    same one.) None when the loop has no such load."""
+    soonest = None
+    n = len(body)
+    for k, x in enumerate(body):
+        if x.op != "LDG" or x.wbar == 7:
+            continue
+        cycles = 0
+        for step in range(1, n + 1):
+            y = body[(k + step) % n]
+            if y.wait >> x.wbar & 1:
+                if soonest is None or cycles < soonest[1]:
+                    soonest = (step, cycles, y.text)
+                break
+            cycles += max(1, y.stall)
+    return soonest
+
+
+def waits_line(body):
+    """The loop's fixed stall cycles per iteration, and its soonest wait for a global load."""
+    stalls = sum(max(1, x.stall) for x in body)
+    g = global_waits(body)
+    tail = "no global loads" if g is None else (
+        f"global loads first waited for {g[0]} instructions ({g[1]} stall cycles) after their issue, "
+        f"by `{g[2]}`")
+    return f"  one warp stalls {stalls} cycles per iteration on fixed latencies; {tail}"
 
 
 def wavefronts(op, mods):
@@ -123,13 +173,13 @@ def main():
         bits = int(re.search(r"kivi(\d+)", path).group(1))
         hs = re.search(r"-hs(\d+)-", os.path.basename(path))
         hd = int(hs.group(1)) if hs else 128
-        sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+        sass = disassemble(tool, path)
         body = loop_of(sass, "kv_decode_mma")
-        mix = collections.Counter(o for o, _ in body)
+        mix = collections.Counter(x.op for x in body)
         n = sum(c for o, c in mix.items() if o not in FREE)
         issue = n / 4
         int_pipe = sum(c for o, c in mix.items() if o in INT) * 2 / 4
-        shared = sum(wavefronts(o, mods) for o, mods in body)
+        shared = sum(wavefronts(x.op, x.mods) for x in body)
         tensor = mix["HMMA"] * a.hmma_cycles / 4
         cycles = max(issue, int_pipe, shared, tensor)
         # One group of 32 tokens of one KV head of hd channels: codes, f16 scales and zeros (value
@@ -144,6 +194,7 @@ def main():
               f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "
               f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
         print(f"  {top}")
+        print(waits_line(body))
     # Chunks of queries (the module for 8 query vectors, `chunk-kivi*.cubin`, or for 4 at head_dim
     # 256, `chunk-hs256-kivi*.cubin`): the quantized groups of 64 query vectors (32 at 256) cost
     # 8 kv_decode_mma blocks one group each (one warp), or one kv_prefill_q block one tile of 32
@@ -152,24 +203,30 @@ def main():
         bits = int(re.search(r"kivi(\d+)", path).group(1))
         hs = re.search(r"-hs(\d+)-", os.path.basename(path))
         hd = int(hs.group(1)) if hs else 128
-        sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+        sass = disassemble(tool, path)
         # A prompt's tokens: one tile of 32 per warp (each warp's 16 query vectors; at head_dim
         # 256 two warps share them, half of the output channels each).
-        mix = collections.Counter(o for o, _ in loop_of(sass, "kv_prefill_fp"))
+        body = loop_of(sass, "kv_prefill_fp")
+        mix = collections.Counter(x.op for x in body)
         n = sum(c for o, c in mix.items() if o not in FREE)
         vectors = 64 if hd <= 128 else 32
         print(f"prompts, KIVI-{bits}, head_dim {hd}: a tile of 32 tokens for {vectors} query vectors: 4 x {n} "
               f"instructions ({4 * mix['HMMA']} HMMA), {4 * n / (vectors * 32):.2f} per query vector and token "
               f"({4 * mix['HMMA'] / (vectors * 32):.3f} HMMA)")
+        print(waits_line(body))
         # A chunk's quantized groups: kv_decode_mma takes 8 query vectors per block (4 at head_dim
         # 256), so `vectors` of them take 8 of its blocks, one group each (one warp).
         counts = []
+        waits = []
         for kernel, times in (("kv_decode_mma", 8), ("kv_prefill_q", 4)):
-            mix = collections.Counter(o for o, _ in loop_of(sass, kernel))
+            body = loop_of(sass, kernel)
+            waits.append(f"{kernel}:\n" + waits_line(body))
+            mix = collections.Counter(x.op for x in body)
             n = sum(c for o, c in mix.items() if o not in FREE)
             counts.append(f"{kernel} {times} x {n} = {times * n} ({times * mix['HMMA']} HMMA)")
         print(f"chunks, KIVI-{bits}, head_dim {hd}: 32 quantized tokens for {vectors} query vectors: "
               + "; ".join(counts))
+        print("\n".join(waits))
 
 
 if __name__ == "__main__":
