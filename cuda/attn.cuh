@@ -278,6 +278,14 @@ __device__ __forceinline__ const elem_t* fp_row(const AttnParams& P, const AttnI
     return base + (i64)(it.chunk_row0 + pos - it.len) * P.kv_stride + (i64)kvh * KV_HD;
 }
 
+// Channels of a key, and tokens of values, whose loads fp_unit issues together: 32 values a
+// lane; at 8 query vectors, whose accumulators take twice the registers, 16 (8 of f32 caches),
+// which kv_decode_mma fits without spills. The loops over them are kept, so that the compiler
+// hoists no more loads than that.
+#define FPU_LOADS (KV_NQ <= 4 ? 32 : KV_DTYPE == 0 ? 8 : 16)
+#define FPU_KC FPU_LOADS
+#define FPU_VT (FPU_LOADS / KV_CPL > 0 ? FPU_LOADS / KV_CPL : 1)
+
 // 32 full-precision tokens starting at fp token f0.
 __device__ __forceinline__ void fp_unit(const AttnParams& P, AttnShared& sh, WarpState& st, u32 warp,
                                         const AttnItem& it, const elem_t* hw, u32 kvh, u32 n_sink, u32 ws, u32 n_fp,
@@ -289,28 +297,48 @@ __device__ __forceinline__ void fp_unit(const AttnParams& P, AttnShared& sh, War
     float s[KV_NQ];
 #pragma unroll
     for (int v = 0; v < KV_NQ; v++) s[v] = 0.0f;
+    // The loads of FPU_KC channels of the key (FPU_VT tokens of the values) are issued before any
+    // of them is used, so that the warp waits for memory once per batch rather than once per
+    // few loads (the rows, one per lane for the keys, are rarely in L1).
     if (valid) {
         const elem_t* kr = fp_row(P, it, hw, kvh, pos, false);
-#pragma unroll 4
-        for (u32 c = 0; c < KV_HD; c++) {
-            float x = ld_elem(kr + c);
+#pragma unroll 1
+        for (u32 c0 = 0; c0 < KV_HD; c0 += FPU_KC) {
+            float x[FPU_KC];
 #pragma unroll
-            for (int v = 0; v < KV_NQ; v++) s[v] += sh.qf[v][c] * x;
+            for (u32 j = 0; j < FPU_KC; j++) x[j] = c0 + j < KV_HD ? ld_elem(kr + c0 + j) : 0.0f;
+#pragma unroll
+            for (u32 j = 0; j < FPU_KC; j++) {
+                if (c0 + j >= KV_HD) continue;
+#pragma unroll
+                for (int v = 0; v < KV_NQ; v++) s[v] += sh.qf[v][c0 + j] * x[j];
+            }
         }
     }
     softmax_step(P, sh, st, warp, s, pos, valid, nvec);
     const u32 ntok = min(32u, n_fp - f0);
-    for (u32 tt = 0; tt < ntok; tt++) {
-        float p[KV_NQ];
-        if (!weights_of(sh, warp, tt, p)) continue;
-        const elem_t* vr = fp_row(P, it, hw, kvh, fp_pos(it, n_sink, ws, f0 + tt), true);
+#pragma unroll 1
+    for (u32 t0 = 0; t0 < ntok; t0 += FPU_VT) {
+        float x[FPU_VT][KV_CPL];
 #pragma unroll
-        for (int i = 0; i < KV_CPL; i++) {
-            u32 c = lane * KV_CPL + i;
-            if (c >= KV_HD) continue;
-            float x = ld_elem(vr + c);
+        for (u32 j = 0; j < FPU_VT; j++) {
+            const elem_t* vr =
+                t0 + j < ntok ? fp_row(P, it, hw, kvh, fp_pos(it, n_sink, ws, f0 + t0 + j), true) : nullptr;
 #pragma unroll
-            for (int v = 0; v < KV_NQ; v++) st.acc[v][i] += p[v] * x;
+            for (int i = 0; i < KV_CPL; i++) {
+                const u32 c = lane * KV_CPL + i;
+                x[j][i] = vr != nullptr && c < KV_HD ? ld_elem(vr + c) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (u32 j = 0; j < FPU_VT; j++) {
+            float p[KV_NQ];
+            if (t0 + j >= ntok || !weights_of(sh, warp, t0 + j, p)) continue;
+#pragma unroll
+            for (int i = 0; i < KV_CPL; i++) {
+#pragma unroll
+                for (int v = 0; v < KV_NQ; v++) st.acc[v][i] += p[v] * x[j][i];
+            }
         }
     }
     __syncwarp();

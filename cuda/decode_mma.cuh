@@ -858,8 +858,11 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     cp_commit();
     if (u2 < ge) stage_group<MMA_KEYS>(P, p2, kvh, u2, cur, lane, vpad);
     cp_commit();
-    u32 p3 = w.page(u3);
     while (u0 < ge) {
+        // u3's page, read here and used at the end of the iteration: the iteration's work hides
+        // the global load. (Read at the end of the last one, the load was waited for at the
+        // top of this one, where the compiler moves the loop's variables into place.)
+        const u32 p3 = w.page(u3);
         cp_wait<2>();  // u1's keys and u0's values have landed
         __syncwarp();
         ValueLane vl;
@@ -902,7 +905,6 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         u2 = u3;
         u3 = w.after(u3);
         p2 = p3;
-        p3 = w.page(u3);
         u8* const b = cur;
         cur = oth;
         oth = b;

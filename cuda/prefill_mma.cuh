@@ -431,8 +431,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
 // become hi and lo parts of the cache's type (code * scale + zero in f32, about 22 bits in f16,
 // 16 in bf16: two mmas per product), or, for f16 caches with one group a tile, stay codes with
 // the scales folded into the query (PQ_FOLD, below); the values one part (rounded once, as the
-// tensor-core decode's are). The codes of the next tile are loaded into registers while this
-// one is computed. Split s + 1 of the partial states for blockIdx.z = s, `ups` groups each.
+// tensor-core decode's are). The codes of the next tile are loaded into registers (its value
+// scales and zeros into shared memory) while this one is computed. Split s + 1 of the partial states for blockIdx.z = s, `ups` groups each.
 // f16 caches whose tiles lie in one group: the key codes staged as they are, their scales folded
 // into the query (fp_tile's KEYS 2). -DKV_PQ_FOLD=0 keeps the keys' hi and lo parts there too,
 // for comparison.
@@ -446,6 +446,9 @@ struct PqShared {
     __align__(16) u16 klo[PQ_FOLD ? 1 : FP_T][FP_ROW];
     __align__(16) u16 v[FP_T][FP_ROW];
     __align__(16) u16 ksz[PQ_FOLD ? 2 * KV_HD : 8];  // PQ_FOLD: the tile's key scales, then its zeros
+    // The next tile's value scales, then its zeros (token x's of value group n at x * KV_NG + n),
+    // copied in with cp.async while this tile is computed.
+    __align__(16) u16 vsz[2 * FP_T * KV_NG];
 };
 
 // A thread's pieces of a tile: key pieces of two channels and 8 tokens, value pieces of one
@@ -456,18 +459,23 @@ struct PqShared {
 #define PQ_VN ((PQ_VP + KV_THREADS - 1) / KV_THREADS)
 
 // The bytes of those pieces, loaded a tile ahead: the two channels' codes (8 tokens each, in
-// the low 16 bits at 2 bits), scales and zeros (f16 pairs); a token's codes of 8 channels, its
-// value scale and zero (f16).
+// the low 16 bits at 2 bits), scales and zeros (f16 pairs); a token's codes of 8 channels. (The
+// value scales and zeros go to shared memory: PqShared.vsz.)
 struct PqRaw {
     u32 kc0[PQ_KN], kc1[PQ_KN], ks[PQ_KN], kz[PQ_KN];
     u32 vc[PQ_VN];
-    u32 vsz[PQ_VN];  // scale | zero << 16
 };
+// 16-byte pieces of the tile's value scales (and as many of its zeros).
+#define PQ_SP (FP_T * KV_NG * 2 / 16)
 
 // Tile i: quantized tokens t0 + 32i .. + 31 (of those before t_end). Pieces past t_end are
-// loaded as zeros (codes, scales and zeros: their keys and values dequantize to 0).
-__device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u32* bt, u32 kvh, u32 t0, u32 t_end,
-                                        u32 i) {
+// loaded as zeros (codes, scales and zeros: their keys and values dequantize to 0). The value
+// scales and zeros are queued as cp.async copies into sh.vsz (the caller commits and waits):
+// loaded into registers, each thread's would be two 16-bit loads per piece, which its warp
+// either waits for at once (to pack them into one register) or keeps in registers of their own
+// across the tile (more than head_dim 256 leaves).
+__device__ __forceinline__ void pq_load(const AttnParams& P, PqShared& sh, PqRaw& raw, const u32* bt, u32 kvh, u32 t0,
+                                        u32 t_end, u32 i) {
     const u32 f0 = t0 + FP_T * i;
     // The tile's tokens lie in one group (G of 32 or 64) or two (G = 16: the second from token
     // 16 of the tile, when the tile reaches it).
@@ -500,16 +508,29 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqRaw& raw, const u
     for (int n = 0; n < PQ_VN; n++) {
         const u32 y = threadIdx.x + n * KV_THREADS, tk = y / (KV_HD / 8), co = y % (KV_HD / 8);
         raw.vc[n] = 0u;
-        raw.vsz[n] = 0u;
         if (y < PQ_VP && f0 + tk < t_end) {
             const bool second = KV_G < FP_T && tk >= KV_G;
             const u8* blk = second ? blk1 : blk0;
             const u32 gi = second ? gi1 : gi0, tg = (tg0 + tk) % KV_G;
             const u8* vc = blk + KV_V_CODES + gi * MMA_VC + tg * KV_V_ROW + co * KV_VB;
             raw.vc[n] = KV_VB == 2 ? (u32)__ldg((const u16*)vc) : __ldg((const u32*)vc);
-            const u32 si = gi * KV_G * KV_NG + tg * KV_NG + 8 * co / KV_VG;
-            raw.vsz[n] = (u32)__ldg((const u16*)(blk + KV_V_SCALE) + si) |
-                         (u32)__ldg((const u16*)(blk + KV_V_ZERO) + si) << 16;
+        }
+    }
+    // The tile's tokens' scales (then zeros) are one run of a page, or at G = 16 two: piece x
+    // starts at token tk of the tile (pieces hold whole tokens, or parts of one, and never
+    // straddle a group or t_end, which are multiples of 16 tokens).
+#pragma unroll
+    for (u32 x0 = 0; x0 < 2 * PQ_SP; x0 += KV_THREADS) {
+        const u32 x = x0 + threadIdx.x, b = x % PQ_SP * 16, tk = b / (2 * KV_NG);
+        if (x0 + KV_THREADS > 2 * PQ_SP && x >= 2 * PQ_SP) continue;
+        u8* dst = (u8*)sh.vsz + x * 16;
+        if (f0 + tk < t_end) {
+            const bool second = KV_G < FP_T && tk >= KV_G;
+            const u8* blk = (second ? blk1 : blk0) + (x < PQ_SP ? KV_V_SCALE : KV_V_ZERO);
+            const u32 gi = second ? gi1 : gi0, tg = (tg0 + tk) % KV_G;
+            cp_async16(dst, blk + (gi * KV_G + tg) * KV_NG * 2 + b % (2 * KV_NG));
+        } else {
+            *(FpZero16*)dst = {0u, 0u, 0u, 0u};
         }
     }
 }
@@ -557,14 +578,16 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
         if (y >= PQ_VP) continue;
         u32 w[4];
         {
+            const u32 si = tk * KV_NG + 8 * co / KV_VG;
+            const u16 vs = sh.vsz[si], vz = sh.vsz[FP_T * KV_NG + si];
             // Channel pair p's codes in the two halves of one word: channel 2p + 1's moved up by
             // 16 - VB bits, each half then read at bit 2p * VB of its channels.
             const u32 xa = raw.vc[n] & 0xffffu, xb = raw.vc[n] >> 16;
             const u32 ya = xa | (xa << (16 - KV_VB)), yb = xb | (xb << (16 - KV_VB));
 #if KV_DTYPE == 1
-            const u32 magic = 0x64006400u, s2 = prmt(raw.vsz[n], 0u, 0x1010), z2 = prmt(raw.vsz[n], 0u, 0x3232);
+            const u32 magic = 0x64006400u, s2 = vs * 0x00010001u, z2 = vz * 0x00010001u;
 #else
-            const float s = h2f((u16)(raw.vsz[n] & 0xffffu)), z = h2f((u16)(raw.vsz[n] >> 16));
+            const float s = h2f(vs), z = h2f(vz);
 #endif
 #pragma unroll
             for (int p = 0; p < 4; p++) {
@@ -588,7 +611,7 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
 #ifndef KV_PQ_BLOCKS
 #define KV_PQ_BLOCKS 2
 #endif
-// Its shared memory passes 48 KB at head_dim 256 without PQ_FOLD (50704 bytes: bf16 caches), and
+// Its shared memory passes 48 KB at head_dim 256 without PQ_FOLD (51728 bytes: bf16 caches), and
 // is then dynamic: KV_PQ_DYN bytes, which the host computes (prefill_q_dynamic_smem in
 // src/cuda/kernels.rs) and launches with.
 #ifndef KV_PQ_DYN
@@ -620,16 +643,26 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, KV_PQ_BLOCKS) kv_prefil
     const u32 te = R.hi_max > p0 ? min(n_tiles, (u32)(R.hi_max - p0 + FP_T - 1) / FP_T) : 0;
     auto tiles = [&](const bool softcap) {
         PqRaw raw;
-        if (tb < te) pq_load(P, raw, bt, R.kvh, t0, t_end, tb);
+        if (tb < te) {
+            pq_load(P, sh, raw, bt, R.kvh, t0, t_end, tb);
+            cp_commit();
+            cp_wait<0>();
+            __syncthreads();
+        }
         for (u32 i = tb; i < te; i++) {
             pq_store(sh, raw);
             __syncthreads();
-            if (i + 1 < te) pq_load(P, raw, bt, R.kvh, t0, t_end, i + 1);
+            // The next tile's loads (the last tile's again after the last: loads the warps
+            // wait for at a branch's end, where the compiler joins their scoreboards, would
+            // stop them at once).
+            pq_load(P, sh, raw, bt, R.kvh, t0, t_end, i + 1 < te ? i + 1 : i);
+            cp_commit();
             const u32 f0 = t0 + FP_T * i;
             const int first = KV_SINKS + (int)f0, last = KV_SINKS + (int)min(f0 + FP_T, t_end) - 1;
             const bool edge = f0 + FP_T > t_end || first < R.lo_max || last >= R.hi_min;
             auto pos_of = [&](u32 x) { return f0 + x < t_end ? first + (int)x : 0x7fffffff; };
             fp_tile<PQ_FOLD ? 2 : 1>(P, R, softcap, sh.k, sh.klo, sh.ksz, sh.v, edge, pos_of);
+            cp_wait<0>();     // the next tile's value scales and zeros have landed
             __syncthreads();  // the tile is stored again next time round
         }
     };

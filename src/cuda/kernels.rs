@@ -264,13 +264,14 @@ fn prefill_fp_dynamic_smem(lay: &Layout) -> usize {
 /// The dynamic shared memory `kv_prefill_q` blocks take (`KV_PQ_DYN`): a tile of 32 tokens' keys,
 /// the keys' lo parts (one row where the keys of an f16 cache are staged as codes with the
 /// scales folded into the query, `PQ_FOLD`: G >= 32 and not `-DKV_PQ_FOLD=0`) and values, rows
-/// of head_dim + 8 halves, and the tile's key scales and zeros (`PqShared`), where that passes
-/// the 48 KB of static shared memory (head_dim 256 without `PQ_FOLD`: 50704 bytes); 0 where it
-/// does not, or where the layout has no `kv_prefill_q`.
+/// of head_dim + 8 halves, the tile's key scales and zeros, and the next tile's value scales and
+/// zeros (`PqShared`), where that passes the 48 KB of static shared memory (head_dim 256 without
+/// `PQ_FOLD`: 51728 bytes); 0 where it does not, or where the layout has no `kv_prefill_q`.
 fn prefill_q_dynamic_smem(lay: &Layout, fold_off: bool) -> usize {
     let (hd, row) = (lay.head_dim, (lay.head_dim + 8) * 2);
     let fold = !fold_off && lay.dtype == DType::F16 && lay.group >= 32;
-    let bytes = 2 * 32 * row + if fold { row + 2 * hd * 2 } else { 32 * row + 8 * 2 };
+    let value_params = 2 * 32 * (hd / lay.vgroup) * 2;
+    let bytes = 2 * 32 * row + if fold { row + 2 * hd * 2 } else { 32 * row + 8 * 2 } + value_params;
     match bytes > MMA_STATIC_SMEM && prefill_fp_layout(lay) {
         true => bytes,
         false => 0,
