@@ -279,10 +279,10 @@ __device__ __forceinline__ const elem_t* fp_row(const AttnParams& P, const AttnI
 }
 
 // Channels of a key, and tokens of values, whose loads fp_unit issues together: 32 values a
-// lane; at 8 query vectors, whose accumulators take twice the registers, 16 (8 of f32 caches),
-// which kv_decode_mma fits without spills. The loops over them are kept, so that the compiler
+// lane; 8 at 8 query vectors, whose accumulators take twice the registers (with 16,
+// kv_decode_mma spills at KIVI-4 on sm_80). The loops over them are kept, so that the compiler
 // hoists no more loads than that.
-#define FPU_LOADS (KV_NQ <= 4 ? 32 : KV_DTYPE == 0 ? 8 : 16)
+#define FPU_LOADS (KV_NQ <= 4 ? 32 : 8)
 #define FPU_KC FPU_LOADS
 #define FPU_VT (FPU_LOADS / KV_CPL > 0 ? FPU_LOADS / KV_CPL : 1)
 
