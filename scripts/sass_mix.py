@@ -157,6 +157,20 @@ def wavefronts(op, mods):
     return 1
 
 
+def cubin(tool, path):
+    """The key bits and head_dim of a cubin `gpu_check cubins` wrote (its name says them:
+    NAME-kiviB.cubin at head_dim 128, NAME-hsH-kiviB.cubin at H), and its disassembly."""
+    bits = int(re.search(r"kivi(\d+)", path).group(1))
+    hs = re.search(r"-hs(\d+)-", os.path.basename(path))
+    return bits, int(hs.group(1)) if hs else 128, disassemble(tool, path)
+
+
+def mix_of(body):
+    """The loop's instructions by opcode, and how many take an issue slot."""
+    mix = collections.Counter(x.op for x in body)
+    return mix, sum(c for o, c in mix.items() if o not in FREE)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dir")
@@ -170,13 +184,9 @@ def main():
     tool = nvdisasm_path(a.nvdisasm)
     # decode-kiviB.cubin: the benchmark's heads (head_dim 128); decode-hsH-kiviB.cubin: head_dim H.
     for path in sorted(glob.glob(os.path.join(a.dir, "decode-*kivi*.cubin"))):
-        bits = int(re.search(r"kivi(\d+)", path).group(1))
-        hs = re.search(r"-hs(\d+)-", os.path.basename(path))
-        hd = int(hs.group(1)) if hs else 128
-        sass = disassemble(tool, path)
+        bits, hd, sass = cubin(tool, path)
         body = loop_of(sass, "kv_decode_mma")
-        mix = collections.Counter(x.op for x in body)
-        n = sum(c for o, c in mix.items() if o not in FREE)
+        mix, n = mix_of(body)
         issue = n / 4
         int_pipe = sum(c for o, c in mix.items() if o in INT) * 2 / 4
         shared = sum(wavefronts(x.op, x.mods) for x in body)
@@ -200,15 +210,11 @@ def main():
     # 8 kv_decode_mma blocks one group each (one warp), or one kv_prefill_q block one tile of 32
     # tokens (4 warps).
     for path in sorted(glob.glob(os.path.join(a.dir, "chunk-*kivi*.cubin"))):
-        bits = int(re.search(r"kivi(\d+)", path).group(1))
-        hs = re.search(r"-hs(\d+)-", os.path.basename(path))
-        hd = int(hs.group(1)) if hs else 128
-        sass = disassemble(tool, path)
+        bits, hd, sass = cubin(tool, path)
         # A prompt's tokens: one tile of 32 per warp (each warp's 16 query vectors; at head_dim
         # 256 two warps share them, half of the output channels each).
         body = loop_of(sass, "kv_prefill_fp")
-        mix = collections.Counter(x.op for x in body)
-        n = sum(c for o, c in mix.items() if o not in FREE)
+        mix, n = mix_of(body)
         vectors = 64 if hd <= 128 else 32
         print(f"prompts, KIVI-{bits}, head_dim {hd}: a tile of 32 tokens for {vectors} query vectors: 4 x {n} "
               f"instructions ({4 * mix['HMMA']} HMMA), {4 * n / (vectors * 32):.2f} per query vector and token "
@@ -221,8 +227,7 @@ def main():
         for kernel, times in (("kv_decode_mma", 8), ("kv_prefill_q", 4)):
             body = loop_of(sass, kernel)
             waits.append(f"{kernel}:\n" + waits_line(body))
-            mix = collections.Counter(x.op for x in body)
-            n = sum(c for o, c in mix.items() if o not in FREE)
+            mix, n = mix_of(body)
             counts.append(f"{kernel} {times} x {n} = {times * n} ({times * mix['HMMA']} HMMA)")
         print(f"chunks, KIVI-{bits}, head_dim {hd}: 32 quantized tokens for {vectors} query vectors: "
               + "; ".join(counts))
