@@ -432,7 +432,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_prefill_fp(const Att
 // 16 in bf16: two mmas per product), or, for f16 caches with one group a tile, stay codes with
 // the scales folded into the query (PQ_FOLD, below); the values one part (rounded once, as the
 // tensor-core decode's are). The codes of the next tile are loaded into registers (its value
-// scales and zeros into shared memory) while this one is computed. Split s + 1 of the partial states for blockIdx.z = s, `ups` groups each.
+// scales and zeros into shared memory) while this one is computed. Split s + 1 of the partial
+// states for blockIdx.z = s, `ups` groups each.
 // f16 caches whose tiles lie in one group: the key codes staged as they are, their scales folded
 // into the query (fp_tile's KEYS 2). -DKV_PQ_FOLD=0 keeps the keys' hi and lo parts there too,
 // for comparison.
