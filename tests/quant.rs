@@ -224,37 +224,43 @@ fn least_squares_rounding_beats_min_max() {
 
 /// The point of least-squares values: decode attention over a KIVI-2 cache lands closer to
 /// attention over the exact keys and values than with min/max values (keys are the same in both).
+/// Over one draw of keys and values the gain is 18% at the median but as little as 6% in about
+/// one draw in a thousand, so the errors are summed over four draws (13% to 22% in 500 sets).
 #[test]
 fn least_squares_values_bring_attention_closer() {
     let mut rng = Rng::fresh("least_squares_values_bring_attention_closer");
     let (nkv, nq, hd, n) = (2usize, 8usize, 64usize, 1024usize);
-    let gen = KvGen::new(&mut rng, nkv, hd);
-    let k = gen.keys(&mut rng, n);
-    let v = gen.values(&mut rng, n);
-    let exact = kivi::Dequantized {
-        len: n,
-        n_kv_heads: nkv,
-        head_dim: hd,
-        keys: k.iter().map(|&x| x as f64).collect(),
-        values: v.iter().map(|&x| x as f64).collect(),
-    };
     let mut err = [0f64; 2];
-    for (i, rounding) in [Rounding::MinMax, Rounding::LeastSquares].into_iter().enumerate() {
-        let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
-        (cfg.dtype, cfg.residual, cfg.max_tokens, cfg.value_rounding) = (DType::F32, 0, n as u32 + 64, rounding);
-        let mut cache = Cache::new(cfg).unwrap();
-        cache.append(0, 0, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap()).unwrap();
-        let mut qrng = Rng::new(7);
-        for _ in 0..32 {
-            let q = queries(&mut qrng, 1, nq, hd);
-            let mut out = vec![0f32; nq * hd];
-            cache
-                .attend(0, 0, Rows::new(&q, 1).unwrap(), RowsMut::new(&mut out, 1).unwrap(), &AttnOptions::default())
-                .unwrap();
-            let want = reference::attention(&exact, &[], &[], &q, nq, n - 1, &AttnOptions::default()).unwrap();
-            err[i] += out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>();
+    for draw in 0..4 {
+        let gen = KvGen::new(&mut rng, nkv, hd);
+        let k = gen.keys(&mut rng, n);
+        let v = gen.values(&mut rng, n);
+        let exact = kivi::Dequantized {
+            len: n,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            keys: k.iter().map(|&x| x as f64).collect(),
+            values: v.iter().map(|&x| x as f64).collect(),
+        };
+        let mut e = [0f64; 2];
+        for (i, rounding) in [Rounding::MinMax, Rounding::LeastSquares].into_iter().enumerate() {
+            let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
+            (cfg.dtype, cfg.residual, cfg.max_tokens, cfg.value_rounding) = (DType::F32, 0, n as u32 + 64, rounding);
+            let mut cache = Cache::new(cfg).unwrap();
+            cache.append(0, 0, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap()).unwrap();
+            let mut qrng = Rng::new(7);
+            for _ in 0..32 {
+                let q = queries(&mut qrng, 1, nq, hd);
+                let mut out = vec![0f32; nq * hd];
+                let opts = AttnOptions::default();
+                cache.attend(0, 0, Rows::new(&q, 1).unwrap(), RowsMut::new(&mut out, 1).unwrap(), &opts).unwrap();
+                let want = reference::attention(&exact, &[], &[], &q, nq, n - 1, &opts).unwrap();
+                e[i] += out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>();
+            }
         }
+        eprintln!("draw {draw}: squared output error: min/max {:.4e}, least squares {:.4e}", e[0], e[1]);
+        err[0] += e[0];
+        err[1] += e[1];
     }
-    eprintln!("squared output error: min/max {:.4e}, least squares {:.4e}", err[0], err[1]);
     assert!(err[1] < 0.92 * err[0], "least squares {:.4e} against min/max {:.4e}", err[1], err[0]);
 }
