@@ -54,6 +54,14 @@
 // codes), staged MMA_VPAD bytes apart so that the four t fall on different banks.
 #define MMA_VLB (MMA_NJ * KV_VB)
 #define MMA_VLANE ((MMA_VLB == 16 || MMA_VLB == 32 || MMA_VLB == 64 || MMA_VLB == 128) && KV_VG % MMA_NJ == 0)
+// Lanes t >= 2 load each pair of value scales and zeros second token first (value_lane), taking
+// bank conflicts away: not where the pair's tokens (NT rows of KV_NG halves) are a multiple of 32
+// words apart, which puts them on the same bank (head_dim 256, G = 64 and value groups of 32:
+// there the second pointer would only spill registers). -DKV_MMA_VSWAP=0 turns it off (for
+// comparison).
+#ifndef KV_MMA_VSWAP
+#define KV_MMA_VSWAP (MMA_NT * KV_NG / 2 % 32 != 0)
+#endif
 #define MMA_VBLK (KV_G / 4 * KV_V_ROW)
 #define MMA_VPAD (MMA_VLANE ? 32 : 0)
 #define MMA_KS_OFF MMA_KC
@@ -309,15 +317,29 @@ __device__ __forceinline__ void mma_scale_values(MmaState& st, int dir) {
 
 #if MMA_VLANE
 // What lane 4g + t reads of a group's values (MMA_VLANE): vcp, its channels' codes of token r0 =
-// 2 NT t, its first token (voff: its first byte in the word, when it reads 16 bits); vzp, token
-// r0's zero point of value group g (an index inside the row for every lane: columns past KV_NG
-// are unused); sa[kk], sb[kk], the value scales of the tokens of b0 (NT * 2t + 2kk and NT * (2t
-// + 1) + 2kk) and of b1 (the next ones) in k-step kk, as f16 pairs, for this lane's value group;
-// fold: whether every scale of the group is below 64 in magnitude (the path of mma_values).
-// Offsets from vcp, vzp are constants, so that every load takes its address as an immediate.
+// 2 NT t, its first token (voff: its first byte in the word, when it reads 16 bits); vz1, vz2,
+// the zero points of value group g (an index inside the row for every lane: columns past KV_NG
+// are unused) of tokens r0 and r0 + NT, in the order this lane loads them (below); sa[kk],
+// sb[kk], the value scales of the tokens of b0 (NT * 2t + 2kk and NT * (2t + 1) + 2kk) and of b1
+// (the next ones) in k-step kk, as f16 pairs, for this lane's value group; fold: whether every
+// scale of the group is below 64 in magnitude (the path of mma_values). Offsets from vcp, vz1
+// and vz2 are constants, so that every load takes its address as an immediate.
+//
+// Lane t's scales and zeros of token r lie (2 NT t + r) * KV_NG halves into their arrays, so at
+// G = 32 and 4 value groups a token lanes t and t + 2 would read the same bank, 32 words apart,
+// in every load (a 2-way conflict on each of a group's 16 loads): lanes t >= 2 load each pair's
+// second token first (NT rows, 8 words, further on), which puts the four t on four banks, and
+// the prmt that packs the pair puts the halves back in order. Where the four t are 32 words
+// apart (head_dim 256 at G = 32) it halves a 4-way conflict (scripts/value_banks.py counts them).
+//
+// value_pair_sel: that prmt's selector for this lane (first token in the low half), from its t,
+// recomputed rather than held across the loop.
+__device__ __forceinline__ u32 value_pair_sel() {
+    return KV_MMA_VSWAP && (threadIdx.x & 2u) ? 0x1054u : 0x5410u;
+}
 struct ValueLane {
     const u8* vcp;
-    const u16* vzp;
+    const u16 *vz1, *vz2;
     u32 voff;
     u32 sa[MMA_KK], sb[MMA_KK];
     bool fold;
@@ -325,15 +347,19 @@ struct ValueLane {
 __device__ __forceinline__ void value_lane(const u8* buf, u32 g, u32 t, ValueLane& vl) {
     vl.vcp = buf + MMA_VC_OFF + t * (MMA_VBLK + MMA_VPAD) + (MMA_VLB == 16 ? (g >> 1) * 4 : g * (MMA_VLB / 8));
     const u32 r0 = 2 * MMA_NT * t;
+    // Halves: where this lane's first and second token of a pair lie from token r0.
+    const u32 swap = KV_MMA_VSWAP ? t & 2u : 0u, o1 = swap ? MMA_NT * KV_NG : 0u, o2 = MMA_NT * KV_NG - o1;
     const u16* vsp = (const u16*)(buf + MMA_VS_OFF) + (r0 * KV_NG + MMA_NJ * g / KV_VG);
-    vl.vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
+    const u16* vzp = (const u16*)(buf + MMA_VZ_OFF) + (r0 * KV_NG + (g < KV_NG ? g : KV_NG - 1));
+    vl.vz1 = vzp + o1;
+    vl.vz2 = vzp + o2;
     vl.voff = MMA_VLB == 16 ? 2 * (g & 1) : 0;
+    const u16 *vs1 = vsp + o1, *vs2 = vsp + o2;
     u32 big = 0u;
 #pragma unroll
     for (int kk = 0; kk < MMA_KK; kk++) {
-        const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
-        vl.sa[kk] = (u32)vsp[ia0 * KV_NG] | ((u32)vsp[ia1 * KV_NG] << 16);
-        vl.sb[kk] = (u32)vsp[(ia0 + 1) * KV_NG] | ((u32)vsp[(ia1 + 1) * KV_NG] << 16);
+        vl.sa[kk] = prmt(vs1[2 * kk * KV_NG], vs2[2 * kk * KV_NG], value_pair_sel());
+        vl.sb[kk] = prmt(vs1[(2 * kk + 1) * KV_NG], vs2[(2 * kk + 1) * KV_NG], value_pair_sel());
         // Bit 15 of a half set when |vs| >= 64 (0x5400), infinities and NaN included.
         big |= ((vl.sa[kk] & 0x7fff7fffu) + 0x2c002c00u) | ((vl.sb[kk] & 0x7fff7fffu) + 0x2c002c00u);
     }
@@ -360,9 +386,8 @@ struct ValueStep {
 };
 template <bool FOLD>
 __device__ __forceinline__ ValueStep value_step(const ValueLane& vl, int kk, u32 magic) {
-    const u32 ia0 = 2 * kk, ia1 = MMA_NT + 2 * kk;
-    return {(u32)vl.vzp[ia0 * KV_NG] | ((u32)vl.vzp[ia1 * KV_NG] << 16),
-            (u32)vl.vzp[(ia0 + 1) * KV_NG] | ((u32)vl.vzp[(ia1 + 1) * KV_NG] << 16),
+    return {prmt(vl.vz1[2 * kk * KV_NG], vl.vz2[2 * kk * KV_NG], value_pair_sel()),
+            prmt(vl.vz1[(2 * kk + 1) * KV_NG], vl.vz2[(2 * kk + 1) * KV_NG], value_pair_sel()),
             FOLD ? mul_h2(magic ^ 0x80008000u, vl.sa[kk]) : 0u, FOLD ? mul_h2(magic ^ 0x80008000u, vl.sb[kk]) : 0u};
 }
 

@@ -2,7 +2,8 @@
 # Variants of the tensor-core decode side by side in one run, on a CUDA machine: blocks per
 # multiprocessor (KV_MMA_BLOCKS), staging buffers per warp (KV_MMA_STAGES), the untransposed
 # products at 4 query heads per kv head (KV_MMA_T=0), the transposed loop one group per
-# iteration (KV_MMA_PIPE=0) and the split of the context
+# iteration (KV_MMA_PIPE=0), value scales and zeros loaded in one order by every lane
+# (KV_MMA_VSWAP=0) and the split of the context
 # (KIVI_CUDA_SPLITS), each through `gpu_check bench` at one context length. Needs no
 # Rust: pass the gpu_check binary built elsewhere as $1 (as for scripts/gpu-check.sh).
 # Writes $OUT/sweep.jsonl (default ./gpu-out) and prints a table of the median times.
@@ -25,6 +26,7 @@ VARIANTS=(
   "stages3|-DKV_MMA_STAGES=3|"
   "untransposed|-DKV_MMA_T=0|"
   "pipe0|-DKV_MMA_PIPE=0|"
+  "vswap0|-DKV_MMA_VSWAP=0|"
   "splits1||1"
   "splits4||4"
   "splits16||16"

@@ -146,9 +146,9 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
 /// The tensor-core kernels' measurement variants (`scripts/gpu-sweep.sh`, `gpu_check variants`)
 /// still compile, without warnings, and still hold their kernel: the decode's 4 blocks per
 /// multiprocessor, 3 staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps
-/// 2), the transposed loop one group per iteration, and kv_prefill_q (in the module of chunks of
-/// queries) without the folded f16 keys (also at head_dim 256) or with registers for 3 blocks per
-/// multiprocessor.
+/// 2), the transposed loop one group per iteration, every lane loading its value scales and
+/// zeros in one order, and kv_prefill_q (in the module of chunks of queries) without the folded
+/// f16 keys (also at head_dim 256) or with registers for 3 blocks per multiprocessor.
 #[test]
 fn the_tensor_core_variants_compile() {
     if !nvrtc_ready() {
@@ -162,6 +162,7 @@ fn the_tensor_core_variants_compile() {
             ("KV_MMA_BLOCKS", 4, 4, "kv_decode_mma"),
             ("KV_MMA_STAGES", 3, 4, "kv_decode_mma"),
             ("KV_MMA_PIPE", 0, 4, "kv_decode_mma"),
+            ("KV_MMA_VSWAP", 0, 4, "kv_decode_mma"),
             ("KV_PQ_FOLD", 0, 8, "kv_prefill_q"),
             ("KV_PQ_BLOCKS", 3, 8, "kv_prefill_q"),
         ];

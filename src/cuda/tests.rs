@@ -817,13 +817,20 @@ fn simulated_kernels_on_ucontext_fibers() {
 
 /// The tensor-core decode's variants that `scripts/gpu-sweep.sh` times (3 staging buffers per
 /// warp, registers for 4 blocks per multiprocessor, the untransposed products at 4 query heads
-/// per kv head, the transposed loop one group per iteration instead of two stages) against the
-/// CPU cache, over long contexts (many groups per warp, so that the ring of buffers turns).
+/// per kv head, the transposed loop one group per iteration instead of two stages, every lane
+/// loading its value scales and zeros in one order) against the CPU cache, over long contexts
+/// (many groups per warp, so that the ring of buffers turns).
 #[test]
 fn simulated_tensor_core_variants() {
-    for (name, value) in
-        [("KV_MMA_STAGES", 3), ("KV_MMA_BLOCKS", 4), ("KV_MMA_T", 0), ("KV_MMA_PIPE", 0), ("KV_COMBINE_TILE", 2)]
-    {
+    let variants = [
+        ("KV_MMA_STAGES", 3),
+        ("KV_MMA_BLOCKS", 4),
+        ("KV_MMA_T", 0),
+        ("KV_MMA_PIPE", 0),
+        ("KV_MMA_VSWAP", 0),
+        ("KV_COMBINE_TILE", 2),
+    ];
+    for (name, value) in variants {
         let before = sim::launches_of("kv_decode_mma");
         sim::with_defines(&[(name, value)], || long_contexts(SIM, if cfg!(debug_assertions) { 600 } else { 2000 }));
         assert!(sim::launches_of("kv_decode_mma") > before, "{name}={value}: the tensor-core path never ran");
