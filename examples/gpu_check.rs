@@ -22,7 +22,9 @@
 //! ```
 //!
 //! Every result is one JSON line on stdout; progress goes to stderr. `scripts/gpu-check.sh` runs
-//! all three and adds the fp16 baseline (`scripts/gpu_baseline.py`).
+//! all three and adds the fp16 baseline (`scripts/gpu_baseline.py`). With `KIVI_CUDA_CACHE_DIR`
+//! set, `bench` and `variants` first compile every module their caches will load on every core
+//! (one `compile-ahead` line), which the caches' first calls would compile one after another.
 //!
 //! The check replays the same operations on a CPU [`Cache`] and a [`CudaCache`]: chunked
 //! prefills (chunks longer than the window ring, across flushes), plain appends, batched decode
@@ -1147,6 +1149,11 @@ fn bench(args: &[String]) -> bool {
     // Every context's cache with the block tables of the longest: the same modules for all.
     let seq_tokens = contexts.iter().max().unwrap() + extra;
     let device = kivi::cuda::available().map(|i| i.name).unwrap_or_default();
+    let cfgs: Vec<_> = (contexts.iter())
+        .flat_map(|&ctx| bits_list.iter().map(move |&bits| (ctx, bits)))
+        .map(|(ctx, bits)| (bench_config(bits, ctx, max_batch, extra, seq_tokens, heads), nqh, &[] as &Env))
+        .collect();
+    compile_ahead(&cfgs);
     // Contexts outermost: the longest (slowest to fill) come last.
     for &ctx in &contexts {
         for &bits in &bits_list {
@@ -1377,7 +1384,8 @@ impl ChunkAttend {
 /// `--variant NAME=OPTS` (NVRTC options, such as `pipe0=-DKV_MMA_PIPE=0`, added to
 /// `KIVI_NVRTC_OPTS`, and settings of the library read when a cache is made, such as
 /// `KIVI_CUDA_FUSED_COMBINE=0`) gets its own cache of the benchmark's shape, whose modules are
-/// compiled with them; decode steps then alternate between the caches, `--rounds` rounds (after one
+/// compiled with them (all variants' modules first, on every core: `compile_ahead`) and loaded
+/// before any is timed; decode steps then alternate between the caches, `--rounds` rounds (after one
 /// discarded) of `--iters` synchronised steps and as many back to back. One JSON line per
 /// variant and shape: the median synchronised step, the median back-to-back step, and their
 /// ratios to the default's. With `--prefill`, also the benchmark's chunked-prefill attention
@@ -1433,38 +1441,47 @@ fn variants(args: &[String]) -> bool {
         t.sort_by(|a, b| a.partial_cmp(b).unwrap());
         t[t.len() / 2]
     };
+    // Each variant's environment: KIVI_X=V settings of the library and the rest NVRTC's options
+    // (`KIVI_NVRTC_OPTS`), all read when a cache is made.
+    let settings: Vec<(&String, Vec<(&str, String)>)> = (named.iter())
+        .map(|(name, opts)| {
+            let (env, nvrtc): (Vec<&str>, Vec<&str>) =
+                opts.split_whitespace().partition(|o| o.starts_with("KIVI_") && o.contains('='));
+            let mut set = vec![("KIVI_NVRTC_OPTS", format!("{} {}", base.as_deref().unwrap_or(""), nvrtc.join(" ")))];
+            set.extend(env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k, v.to_string())));
+            (name, set)
+        })
+        .collect();
+    let mut cfgs = Vec::new();
+    for &ctx in &contexts {
+        for &bits in &bits_list {
+            for (_, set) in &settings {
+                let cfg = bench_config(bits, ctx, max_batch, extra, seq_tokens, Heads::DEFAULT);
+                cfgs.push((cfg, Heads::DEFAULT.nqh, set.as_slice()));
+            }
+        }
+    }
+    compile_ahead(&cfgs);
     let mut ok = true;
     for &ctx in &contexts {
         for &bits in &bits_list {
             let mut caches = Vec::new();
-            for (name, opts) in &named {
-                // KIVI_X=V settings of the library (read when a cache is made), the rest NVRTC's.
-                let (env, nvrtc): (Vec<&str>, Vec<&str>) =
-                    opts.split_whitespace().partition(|o| o.starts_with("KIVI_") && o.contains('='));
-                let mut set =
-                    vec![("KIVI_NVRTC_OPTS", format!("{} {}", base.as_deref().unwrap_or(""), nvrtc.join(" ")))];
-                set.extend(env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k, v.to_string())));
-                let before: Vec<_> = set.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
-                set.iter().for_each(|(k, v)| std::env::set_var(k, v));
+            for (name, set) in &settings {
                 let mut rng = Rng(42 + bits as u64);
                 let cfg = bench_config(bits, ctx, max_batch, extra, seq_tokens, Heads::DEFAULT);
-                match bench_cache(cfg, ctx, &mut rng) {
-                    Ok((mut cache, _)) => {
-                        // The first step compiles the attention modules with the variant's options.
-                        DecodeStep::new(1, Heads::DEFAULT, &mut rng).run(&mut cache);
-                        caches.push(cache);
-                    }
+                // The cache keeps the variant's NVRTC options for every module it compiles.
+                let made = with_env(set, || bench_cache(cfg, ctx, &mut rng));
+                let made = made.and_then(|(cache, _)| match cache.prepare_attention(Heads::DEFAULT.nqh as u32) {
+                    Ok(()) => Ok(cache),
+                    Err(e) => Err(e.to_string()),
+                });
+                match made {
+                    Ok(cache) => caches.push(cache),
                     Err(e) => {
                         println!(
                             "{{\"kind\":\"variant\",\"name\":{name:?},\"bits\":{bits},\"ctx\":{ctx},\"error\":{e:?}}}"
                         );
                         ok = false;
-                    }
-                }
-                for (k, v) in before.into_iter().rev() {
-                    match v {
-                        Some(v) => std::env::set_var(k, v),
-                        None => std::env::remove_var(k),
                     }
                 }
             }
@@ -1675,6 +1692,87 @@ fn cubins(args: &[String]) -> bool {
     true
 }
 
+/// Compiles the modules of `specs` for `arch`, on every core, into `KIVI_CUDA_CACHE_DIR`
+/// (where the caches of later runs, and of this one, find them): the messages of those that
+/// failed, and the threads it took.
+fn compile_all(specs: &[(kivi::cuda::kernels::Family, kivi::cuda::kernels::Spec)], arch: &str) -> (Vec<String>, usize) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len()).max(1);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((family, spec)) = specs.get(i) else { break };
+                if let Err(e) = kivi::cuda::kernels::compile_cached(*family, spec, arch) {
+                    failed.lock().unwrap().push(format!("{}: {e}", family.file()));
+                }
+            });
+        }
+    });
+    (failed.into_inner().unwrap(), threads)
+}
+
+/// Environment variables and their values.
+type Env<'a> = [(&'a str, String)];
+
+/// Runs `f` with the environment variables of `set` set, then puts back what they were (a
+/// variant's `KIVI_NVRTC_OPTS` and library settings, read when a cache is made, and by
+/// `kivi::cuda::module_specs`).
+fn with_env<T>(set: &Env, f: impl FnOnce() -> T) -> T {
+    let before: Vec<_> = set.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
+    set.iter().for_each(|(k, v)| std::env::set_var(k, v));
+    let out = f();
+    for (k, v) in before.into_iter().rev() {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
+    out
+}
+
+/// Compiles, on every core, the modules that the caches of `cfgs` (each a configuration, its
+/// query heads and the environment of its variant) will load, before any is made: their first
+/// calls would otherwise compile them one after another, several seconds each, in the time of
+/// a step of `scripts/gpu-check.sh` (the variants of its comparison alone are about thirty
+/// modules). One JSON line says how many and how long. Not on the simulator (it compiles C++ of
+/// its own), nor without `KIVI_CUDA_CACHE_DIR`, where nothing could keep them.
+fn compile_ahead(cfgs: &[(CacheConfig, usize, &Env)]) {
+    if sim() {
+        return;
+    }
+    if std::env::var_os("KIVI_CUDA_CACHE_DIR").is_none() {
+        eprintln!(
+            "modules compile as the calls need them: set KIVI_CUDA_CACHE_DIR to compile them ahead on every core"
+        );
+        return;
+    }
+    let Ok(info) = kivi::cuda::available() else { return };
+    let arch = format!("sm_{}{}", info.capability.0, info.capability.1);
+    // As the library decides (KIVI_CUDA_MMA is read once per process).
+    let tensor_cores = info.capability.0 >= 8 && !std::env::var("KIVI_CUDA_MMA").is_ok_and(|v| v == "0");
+    let t0 = Instant::now();
+    let mut specs = Vec::new();
+    for (cfg, nqh, env) in cfgs {
+        match with_env(env, || kivi::cuda::module_specs(cfg, *nqh as u32, tensor_cores)) {
+            Ok(list) => specs.extend(list.into_iter().filter(|s| !specs.contains(s)).collect::<Vec<_>>()),
+            // (The cache's own creation reports it.)
+            Err(e) => eprintln!("{cfg:?}: {e}"),
+        }
+    }
+    let (failed, threads) = compile_all(&specs, &arch);
+    for f in &failed {
+        eprintln!("{f}");
+    }
+    println!(
+        "{{\"kind\":\"compile-ahead\",\"arch\":{arch:?},\"modules\":{},\"threads\":{threads},\"failed\":{},\"seconds\":{:.1}}}",
+        specs.len(),
+        failed.len(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 /// Compiles, on every core, the modules that the check's cases (with the tensor-core kernels
 /// and without) and the benchmark's default runs load (`kivi::cuda::module_specs`), for the
 /// device's architecture (or `--arch`), into `KIVI_CUDA_CACHE_DIR`, which must be set: the
@@ -1722,21 +1820,7 @@ fn precompile(args: &[String]) -> bool {
             }
         }
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len());
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((family, spec)) = specs.get(i) else { break };
-                if let Err(e) = kivi::cuda::kernels::compile_cached(*family, spec, &arch) {
-                    failed.lock().unwrap().push(format!("{}: {e}", family.file()));
-                }
-            });
-        }
-    });
-    let failed = failed.into_inner().unwrap();
+    let (failed, threads) = compile_all(&specs, &arch);
     for f in &failed {
         eprintln!("{f}");
     }

@@ -188,11 +188,11 @@ fn shape_for(lay: &Layout, family: Family, n_q_heads: usize, tensor_cores: bool)
 
 /// The attention modules (family and spec) of decode steps and of chunks of queries with
 /// `n_q_heads` query heads, for a cache of layout `lay` (one when both take the same).
-fn attention_specs(lay: &Layout, n_q_heads: usize, tensor_cores: bool) -> Vec<(Family, Spec)> {
+fn attention_specs(lay: &Layout, base: &Spec, n_q_heads: usize, tensor_cores: bool) -> Vec<(Family, Spec)> {
     let mut out: Vec<(Family, Spec)> = Vec::new();
     for family in [Family::Decode, Family::Prefill] {
         let sh = shape_for(lay, family, n_q_heads, tensor_cores);
-        let spec = (sh.module, Spec::new(lay, sh.nq));
+        let spec = (sh.module, base.for_nq(lay, sh.nq));
         if !out.contains(&spec) {
             out.push(spec);
         }
@@ -203,15 +203,17 @@ fn attention_specs(lay: &Layout, n_q_heads: usize, tensor_cores: bool) -> Vec<(F
 /// The modules (family and spec) a CUDA cache of configuration `cfg` loads for attention with
 /// `n_q_heads` query heads: its append kernels, and the attention modules of decode steps and of
 /// chunks of queries, on a device with tensor cores (compute capability 8.0 or newer) or
-/// without, or with them turned off (`KIVI_CUDA_MMA=0`). Compiling these ahead into
+/// without, or with them turned off (`KIVI_CUDA_MMA=0`), with the extra NVRTC options
+/// `KIVI_NVRTC_OPTS` holds now (a cache takes those of its creation). Compiling these ahead into
 /// `KIVI_CUDA_CACHE_DIR` ([`crate::cuda::kernels::compile_cached`]) spares a later process the
 /// compilations (`gpu_check precompile` does, on every core).
 pub fn module_specs(cfg: &CacheConfig, n_q_heads: u32, tensor_cores: bool) -> Result<Vec<(Family, Spec)>> {
     cfg.validate()?;
     cfg.check_q_heads(n_q_heads)?;
     let lay = Layout::new(cfg);
-    let mut out = vec![(Family::Quantize, Spec::new(&lay, 1))];
-    out.extend(attention_specs(&lay, n_q_heads as usize, tensor_cores));
+    let base = Spec::new(&lay, 1);
+    let mut out = attention_specs(&lay, &base, n_q_heads as usize, tensor_cores);
+    out.insert(0, (Family::Quantize, base));
     Ok(out)
 }
 
@@ -230,7 +232,7 @@ impl CudaCache {
         self.cfg.check_q_heads(n_q_heads)?;
         let nqh = n_q_heads as usize;
         if let Backend::Cuda(d) = &self.dev {
-            let specs = attention_specs(&self.lay, nqh, self.tensor_cores());
+            let specs = self.attention_modules(nqh);
             std::thread::scope(|s| {
                 let jobs: Vec<_> =
                     specs.iter().map(|(f, spec)| s.spawn(move || d.module(*f, spec).map(|_| ()))).collect();
@@ -243,6 +245,18 @@ impl CudaCache {
         }
         // The modules' functions looked up, and the occupancy asked, as the first call would.
         [Family::Decode, Family::Prefill].into_iter().try_for_each(|f| self.prepare(f, nqh))
+    }
+
+    /// The attention modules (family and spec) this cache's calls with `n_q_heads` query heads
+    /// load.
+    pub(crate) fn attention_modules(&self, n_q_heads: usize) -> Vec<(Family, Spec)> {
+        attention_specs(&self.lay, &self.quant_spec, n_q_heads, self.tensor_cores())
+    }
+
+    /// The spec of this cache's attention modules for `nq` query vectors per block: the extra
+    /// NVRTC options its creation saw, whenever a call compiles one.
+    pub(crate) fn attn_spec(&self, nq: usize) -> Spec {
+        self.quant_spec.for_nq(&self.lay, nq)
     }
 
     /// Compiles the module of `family` that attention for `n_q_heads` query heads launches, if
@@ -264,7 +278,7 @@ impl CudaCache {
         if let Some(&(_, _, f)) = known.iter().find(|&&(fam, n, _)| fam == family && n == nq) {
             return Ok(Some(f));
         }
-        let spec = Spec::new(&self.lay, nq);
+        let spec = self.attn_spec(nq);
         let m = d.module(family, &spec)?;
         let names = family.entries();
         // A tensor-core kernel of the module where it has it (0 where not), with the dynamic

@@ -156,9 +156,9 @@ pub struct CudaCache {
     pub(super) fused_combine: bool,
     /// Whether tensor-core launches of under two waves take one wave of splits (`mma_splits`).
     pub(super) one_wave: bool,
-    /// The append module's spec (the simulator compiles from it).
-    #[cfg(any(test, feature = "sim"))]
-    quant_spec: Spec,
+    /// The append module's spec, made with the cache: its extra NVRTC options (`KIVI_NVRTC_OPTS`
+    /// then) are every module's of the cache (`attn_spec`), whenever it compiles them.
+    pub(super) quant_spec: Spec,
     /// The append kernels (a CUDA device only; looked up at creation).
     quant_fns: Option<QuantFns>,
     /// The attention kernels of each (module family, query vectors per block) launched so far
@@ -304,7 +304,6 @@ impl CudaCache {
             fused_combine: std::env::var_os("KIVI_CUDA_FUSED_COMBINE").is_none_or(|v| v != "0"),
             // KIVI_CUDA_ONE_WAVE=0: small launches split as large ones do (the same).
             one_wave: std::env::var_os("KIVI_CUDA_ONE_WAVE").is_none_or(|v| v != "0"),
-            #[cfg(any(test, feature = "sim"))]
             quant_spec,
             quant_fns,
             attn_fns: Mutex::new(Vec::new()),
@@ -628,7 +627,7 @@ impl CudaCache {
             #[cfg(any(test, feature = "sim"))]
             Backend::Sim(_) => {
                 // SAFETY: as above; the simulator runs the kernels' code on these host pointers.
-                unsafe { sim::run(&self.quant_spec, |nq| Spec::new(&self.lay, nq), k, grid, block) };
+                unsafe { sim::run(&self.quant_spec, |nq| self.attn_spec(nq), k, grid, block) };
                 return Ok(());
             }
         };

@@ -288,9 +288,10 @@ pub fn tensor_core_chunk_tokens(cfg: &CacheConfig, n_q_heads: u32) -> bool {
 }
 
 /// The macros that specialise the kernels to one cache layout (and, for attention, to `nq` query
-/// vectors per block), and the extra NVRTC options of `KIVI_NVRTC_OPTS` as they were when the
-/// spec was made: a module compiled with other options is another module, so that caches made
-/// under different options (variants of a kernel measured side by side) each keep their own.
+/// vectors per block), and the extra NVRTC options of `KIVI_NVRTC_OPTS` (for a cache's modules,
+/// as they were when the cache was made): a module compiled with other options is another
+/// module, so that caches made under different options (variants of a kernel measured side by
+/// side) each keep their own, whenever they compile them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Spec {
     defines: Vec<(&'static str, u64)>,
@@ -300,7 +301,22 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The spec of `lay` and `nq` with the extra options `KIVI_NVRTC_OPTS` holds now.
     pub(crate) fn new(lay: &Layout, nq: usize) -> Spec {
+        // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
+        // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.
+        let extra = std::env::var("KIVI_NVRTC_OPTS")
+            .map_or_else(|_| Vec::new(), |x| x.split_whitespace().map(str::to_string).collect());
+        Spec::with_options(lay, nq, extra)
+    }
+
+    /// The spec of layout `lay` and `nq` query vectors with this one's extra options: a cache's
+    /// attention modules take those of its creation (its append module's, [`Spec::new`] then).
+    pub(crate) fn for_nq(&self, lay: &Layout, nq: usize) -> Spec {
+        Spec::with_options(lay, nq, self.extra.clone())
+    }
+
+    fn with_options(lay: &Layout, nq: usize, extra: Vec<String>) -> Spec {
         let d = |n: &'static str, v: usize| (n, v as u64);
         let defines = vec![
             d("KV_DTYPE", lay.dtype as usize),
@@ -330,10 +346,6 @@ impl Spec {
             d("KV_FP_DYN", prefill_fp_dynamic_smem(lay)),
             d("KV_PQ_DYN", prefill_q_dynamic_smem(lay, false)),
         ];
-        // Extra options for investigations, e.g. KIVI_NVRTC_OPTS="--ptxas-options=-v" (NVRTC's
-        // log is then printed to stderr when KIVI_CUDA_LOG is set) or a variant's macros.
-        let extra: Vec<String> = std::env::var("KIVI_NVRTC_OPTS")
-            .map_or_else(|_| Vec::new(), |x| x.split_whitespace().map(str::to_string).collect());
         // (The options pass through with_option, which follows -DKV_PQ_FOLD=0.)
         let pq_unfolded = prefill_q_dynamic_smem(lay, true) as u64;
         extra.into_iter().fold(Spec { defines, extra: Vec::new(), pq_unfolded }, |s, o| s.with_option(&o))

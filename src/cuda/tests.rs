@@ -485,6 +485,39 @@ fn module_specs_name_the_modules_a_cache_loads() {
     assert!(module_specs(&cfg(128, 2, (2, 2), 32, 32, 1, PerChannel, DType::F16, 0), 3, true).is_err());
 }
 
+/// A cache compiles every module with the extra NVRTC options of its creation (`KIVI_NVRTC_OPTS`
+/// then), whenever it compiles it: caches made under different options are the variants that
+/// `gpu_check variants` times side by side, and their chunks' modules are compiled at their
+/// first chunk, after the options have changed for the next variant.
+#[test]
+fn a_cache_compiles_its_modules_with_the_options_it_was_made_with() {
+    // An option the simulator does not compile (not a macro): the modules are the default's.
+    let opt = "--ptxas-options=-v";
+    let mut c = cfg(128, 2, (2, 2), 32, 32, 1, KeyMode::PerChannel, DType::F16, 0);
+    c.n_layers = 1;
+    let nqh = 8;
+    let mut p = Pair::<f16>::new(SIM, c.clone(), nqh, AttnOptions::default());
+    // As if KIVI_NVRTC_OPTS had held it when the cache was made (Spec::new reads it there).
+    p.gpu.quant_spec = p.gpu.quant_spec.clone().with_option(opt);
+    sim::take_modules();
+    p.append(0, 0, 100);
+    p.append_attend(0, 0, 20);
+    p.decode(0, &[0]);
+    p.attend(0, 0, 3);
+    let key = |m: &(Family, Spec)| format!("{m:?}");
+    let mut used = sim::take_modules();
+    used.sort_by_key(key);
+    let mut want: Vec<_> =
+        module_specs(&c, nqh as u32, true).unwrap().into_iter().map(|(f, s)| (f, s.with_option(opt))).collect();
+    want.sort_by_key(key);
+    assert_eq!(used, want);
+    // prepare_attention's list, which it compiles on a GPU.
+    let mut listed = p.gpu.attention_modules(nqh);
+    listed.sort_by_key(key);
+    want.retain(|(f, _)| *f != Family::Quantize);
+    assert_eq!(listed, want);
+}
+
 /// Chunks of queries (append_attend, attend) over a quantized past take the tensor-core kernel,
 /// 8 / ratio query rows per block (GQA groups of more than 8 heads: several blocks per kv head),
 /// and so does decode: every ratio, chunk sizes around the rows per block and the group size,
