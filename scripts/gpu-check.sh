@@ -14,14 +14,17 @@
 # and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
 # the noise; the combine as a kernel of its own; small launches split as large ones, the
 # earlier choice, which batch 1 shows), attention over whole prompts against causal SDPA, and
-# decode and prompts at head_dim 256 (Gemma's heads) against SDPA on the same heads. Needs no Rust: build the binary and the library first elsewhere,
+# decode and prompts at head_dim 256 (Gemma's heads) against SDPA on the same heads, and, in
+# what time is left, the decode loop's stall reasons under Nsight Compute. Needs no Rust: build
+# the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
 # skipped.
 #
 # Writes into $OUT (default ./gpu-out): info.txt, precompile.jsonl, check.jsonl, bench.jsonl, variants.jsonl,
-# results.jsonl, prompt.jsonl, prompt-results.jsonl, benchmarks.md, targets.json and the logs.
+# results.jsonl, prompt.jsonl, prompt-results.jsonl, benchmarks.md, targets.json, ncu-stalls.txt
+# and the logs.
 # Exits non-zero when the correctness check fails.
 set -uo pipefail
 BIN=$(realpath "${1:-$(dirname "$0")/../target/release/examples/gpu_check}")
@@ -183,4 +186,23 @@ within "$BASE_S" 0 python3 scripts/gpu_baseline.py "$OUT/bench.jsonl" "$OUT" --p
 echo "baseline exit code: $?"
 cat "$OUT/baseline.jsonl"
 [ -f "$OUT/benchmarks.md" ] && cat "$OUT/benchmarks.md"
+
+# Last, in what time is left: why the decode loop's warps wait, from one kv_decode_mma launch of
+# the benchmark's shape (KIVI-2, 32k tokens, batch 16) under Nsight Compute: its issue rate, its
+# active and eligible warps per scheduler, and its stall reasons in cycles per issued
+# instruction, largest first (scripts/gpu-profile.sh takes the full profiles).
+echo "== where the decode loop's warps wait (Nsight Compute)"
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  within 60 0 "$NCU" --clock-control none -k kv_decode_mma -s 2 -c 1 --section SpeedOfLight --section Occupancy \
+    --section SchedulerStats --section WarpStateStats --page raw \
+    "$BIN" bench --contexts 32768 --batches 16 --bits 2 --no-prefill --iters 3 > "$OUT/ncu-stalls.txt" 2>&1
+  echo "ncu exit code: $?"
+  grep -E "gpu__time_duration.sum|dram__throughput.avg.pct_of_peak_sustained_elapsed|smsp__(issue_active|warps_active|warps_eligible).avg.per_cycle_active|smsp__average_warp_latency_per_inst_issued" \
+    "$OUT/ncu-stalls.txt"
+  grep -E "smsp__average_warp_latency_issue_stalled_[a-z_]+\.ratio|warps_issue_stalled_[a-z_]+_per_issue_active\.ratio" \
+    "$OUT/ncu-stalls.txt" | awk '{print $NF, $1}' | sort -g -r | head -12
+else
+  echo "skipped: no ncu"
+fi
 exit $check_rc
