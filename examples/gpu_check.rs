@@ -1693,9 +1693,15 @@ fn cubins(args: &[String]) -> bool {
 }
 
 /// Compiles the modules of `specs` for `arch`, on every core, into `KIVI_CUDA_CACHE_DIR`
-/// (where the caches of later runs, and of this one, find them): the messages of those that
-/// failed, and the threads it took.
-fn compile_all(specs: &[(kivi::cuda::kernels::Family, kivi::cuda::kernels::Spec)], arch: &str) -> (Vec<String>, usize) {
+/// (where the caches of later runs, and of this one, find them), and says so in one JSON line
+/// of `kind` (modules, threads, failures, seconds since `t0`); those that failed on stderr.
+/// Whether all compiled.
+fn compile_all(
+    kind: &str,
+    specs: &[(kivi::cuda::kernels::Family, kivi::cuda::kernels::Spec)],
+    arch: &str,
+    t0: Instant,
+) -> bool {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::Mutex::new(Vec::new());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len()).max(1);
@@ -1710,7 +1716,17 @@ fn compile_all(specs: &[(kivi::cuda::kernels::Family, kivi::cuda::kernels::Spec)
             });
         }
     });
-    (failed.into_inner().unwrap(), threads)
+    let failed = failed.into_inner().unwrap();
+    for f in &failed {
+        eprintln!("{f}");
+    }
+    println!(
+        "{{\"kind\":{kind:?},\"arch\":{arch:?},\"modules\":{},\"threads\":{threads},\"failed\":{},\"seconds\":{:.1}}}",
+        specs.len(),
+        failed.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    failed.is_empty()
 }
 
 /// Environment variables and their values.
@@ -1761,16 +1777,7 @@ fn compile_ahead(cfgs: &[(CacheConfig, usize, &Env)]) {
             Err(e) => eprintln!("{cfg:?}: {e}"),
         }
     }
-    let (failed, threads) = compile_all(&specs, &arch);
-    for f in &failed {
-        eprintln!("{f}");
-    }
-    println!(
-        "{{\"kind\":\"compile-ahead\",\"arch\":{arch:?},\"modules\":{},\"threads\":{threads},\"failed\":{},\"seconds\":{:.1}}}",
-        specs.len(),
-        failed.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    compile_all("compile-ahead", &specs, &arch, t0);
 }
 
 /// Compiles, on every core, the modules that the check's cases (with the tensor-core kernels
@@ -1820,17 +1827,7 @@ fn precompile(args: &[String]) -> bool {
             }
         }
     }
-    let (failed, threads) = compile_all(&specs, &arch);
-    for f in &failed {
-        eprintln!("{f}");
-    }
-    println!(
-        "{{\"kind\":\"precompile\",\"arch\":{arch:?},\"modules\":{},\"threads\":{threads},\"failed\":{},\"seconds\":{:.1}}}",
-        specs.len(),
-        failed.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    failed.is_empty()
+    compile_all("precompile", &specs, &arch, t0)
 }
 
 fn main() {
