@@ -24,8 +24,16 @@ kv_prefill_fp's block, per query vector and token; the same for `chunk-hs256-kiv
 (head_dim 256: 32 query vectors per block, two warps sharing each 16; kv_decode_mma's blocks
 take 4).
 
+For each decode loop it also plays one warp through three iterations alone, with the fixed
+stalls the compiler encoded and assumed latencies for what it waits on through scoreboards
+(shared-memory loads, shuffles, ex2: `LATENCY`), and divides the cycles an iteration takes by
+its instructions: how many such warps a scheduler needs to have an instruction to issue every
+cycle (if the latencies are as assumed and memory keeps up), to compare with the kernel's
+occupancy (kv_decode_mma: 3 blocks of 4 warps a multiprocessor, 3 warps a scheduler, where
+shared memory allows).
+
 Usage: sass_mix.py DIR [--nvdisasm PATH] [--bandwidth-gbs 4800 --sms 132 --clock-ghz 1.98]
-[--hmma-cycles 4] (the defaults are an H200's).
+[--hmma-cycles 4] [--latency LDS=30 ...] (the defaults are an H200's).
 """
 import argparse
 import collections
@@ -133,6 +141,35 @@ def global_waits(body):
     return soonest
 
 
+# Assumed latencies, in cycles from issue, of the results a warp waits for through a scoreboard
+# (`warp_iteration`): shared-memory loads, movmatrix, shuffles, MUFU (ex2), constant and uniform
+# loads, and global loads served by L1 (about 30 cycles for a shared-memory load on sm_80 and
+# sm_90 by published microbenchmarks; the rest are guesses of the same order). `--latency OP=N`
+# changes one.
+LATENCY = {"LDS": 30, "LDSM": 30, "MOVM": 30, "SHFL": 25, "MUFU": 18, "LDC": 10, "S2UR": 10, "LDG": 35}
+
+
+def warp_iteration(body, latency):
+    """The cycles one warp alone takes per iteration of the loop, and how many of them it waits
+    for results of variable latency: its fixed stalls, plus its waits for the scoreboards of
+    those results, each ready `latency[op]` cycles after its instruction issued (a scoreboard
+    that several set is ready after the last). The steady state: the third of three
+    iterations. cp.async copies are taken to have landed when the loop waits for them (memory
+    keeps up); the other warps of the scheduler take none of its issue slots."""
+    t, ready, waited = 0, [0] * 6, 0
+    for _ in range(3):
+        start, waited0 = t, waited
+        for x in body:
+            if x.wait:
+                r = max([ready[b] for b in range(6) if x.wait >> b & 1] + [t])
+                waited += r - t
+                t = r
+            if x.wbar != 7:
+                ready[x.wbar] = max(ready[x.wbar], t + latency.get(x.op, 0))
+            t += max(1, x.stall)
+    return t - start, waited - waited0
+
+
 def waits_line(body):
     """The loop's fixed stall cycles per iteration, and its soonest wait for a global load."""
     stalls = sum(max(1, x.stall) for x in body)
@@ -180,7 +217,13 @@ def main():
     ap.add_argument("--clock-ghz", type=float, default=1.98)
     ap.add_argument("--hmma-cycles", type=float, default=HMMA_CYCLES,
                     help="tensor-core cycles of one sub-partition per HMMA.16816")
+    ap.add_argument("--latency", action="append", default=[], metavar="OP=N",
+                    help="assumed latency of one kind of instruction's result (warp_iteration)")
     a = ap.parse_args()
+    latency = dict(LATENCY)
+    for o in a.latency:
+        op, n = o.split("=")
+        latency[op] = int(n)
     tool = nvdisasm_path(a.nvdisasm)
     # decode-kiviB.cubin: the benchmark's heads (head_dim 128); decode-hsH-kiviB.cubin: head_dim H.
     for path in sorted(glob.glob(os.path.join(a.dir, "decode-*kivi*.cubin"))):
@@ -205,6 +248,10 @@ def main():
               f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
         print(f"  {top}")
         print(waits_line(body))
+        cyc, waited = warp_iteration(body, latency)
+        print(f"  one warp alone: about {cyc} cycles per iteration, {waited} of them waiting for results of "
+              f"variable latency (as assumed): {cyc / n:.2f} such warps per scheduler would give it an "
+              f"instruction to issue every cycle")
     # Chunks of queries (the module for 8 query vectors, `chunk-kivi*.cubin`, or for 4 at head_dim
     # 256, `chunk-hs256-kivi*.cubin`): the quantized groups of 64 query vectors (32 at 256) cost
     # 8 kv_decode_mma blocks one group each (one warp), or one kv_prefill_q block one tile of 32
