@@ -242,20 +242,26 @@ fn least_squares_values_bring_attention_closer() {
             keys: k.iter().map(|&x| x as f64).collect(),
             values: v.iter().map(|&x| x as f64).collect(),
         };
+        // The same 32 queries, and their exact attention, for both caches.
+        let opts = AttnOptions::default();
+        let mut qrng = Rng::new(7);
+        let cases: Vec<_> = (0..32)
+            .map(|_| {
+                let q = queries(&mut qrng, 1, nq, hd);
+                let want = reference::attention(&exact, &[], &[], &q, nq, n - 1, &opts).unwrap();
+                (q, want)
+            })
+            .collect();
         let mut e = [0f64; 2];
         for (i, rounding) in [Rounding::MinMax, Rounding::LeastSquares].into_iter().enumerate() {
             let mut cfg = CacheConfig::new(1, nkv as u32, hd as u32);
             (cfg.dtype, cfg.residual, cfg.max_tokens, cfg.value_rounding) = (DType::F32, 0, n as u32 + 64, rounding);
             let mut cache = Cache::new(cfg).unwrap();
             cache.append(0, 0, Rows::new(&k, n).unwrap(), Rows::new(&v, n).unwrap()).unwrap();
-            let mut qrng = Rng::new(7);
-            for _ in 0..32 {
-                let q = queries(&mut qrng, 1, nq, hd);
+            for (q, want) in &cases {
                 let mut out = vec![0f32; nq * hd];
-                let opts = AttnOptions::default();
-                cache.attend(0, 0, Rows::new(&q, 1).unwrap(), RowsMut::new(&mut out, 1).unwrap(), &opts).unwrap();
-                let want = reference::attention(&exact, &[], &[], &q, nq, n - 1, &opts).unwrap();
-                e[i] += out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>();
+                cache.attend(0, 0, Rows::new(q, 1).unwrap(), RowsMut::new(&mut out, 1).unwrap(), &opts).unwrap();
+                e[i] += out.iter().zip(want).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>();
             }
         }
         eprintln!("draw {draw}: squared output error: min/max {:.4e}, least squares {:.4e}", e[0], e[1]);
