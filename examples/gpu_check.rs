@@ -1662,6 +1662,7 @@ fn cubins(args: &[String]) -> bool {
     std::env::set_var("KIVI_NVRTC_OPTS", format!("{extra} -DKV_COST_PROBE=1"));
     let arch = args.iter().position(|a| a == "--arch").map_or("sm_90", |i| args[i + 1].as_str());
     let _ = std::fs::create_dir_all(dir);
+    let mut jobs = Vec::new();
     for (bits, hd) in [(2u8, 128), (4, 128), (2, 256), (4, 256)] {
         let mut cfg = CacheConfig::new(1, 8, hd);
         cfg.dtype = DType::F16;
@@ -1673,21 +1674,28 @@ fn cubins(args: &[String]) -> bool {
             if hd == 128 { &[("decode", 4), ("chunk", 8)] } else { &[("decode-hs256", 2), ("chunk-hs256", 4)] };
         for &(name, nq) in modules {
             let spec = kivi::cuda::kernels::Spec::for_config(&cfg, nq).expect("a valid configuration");
-            match kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, &spec, arch) {
-                Ok(img) => {
-                    let path = format!("{dir}/{name}-kivi{bits}.cubin");
-                    if let Err(e) = std::fs::write(&path, img.bytes()) {
-                        eprintln!("{path}: {e}");
-                        return false;
-                    }
-                    println!("{{\"kind\":\"cubin\",\"bits\":{bits},\"arch\":{arch:?},\"path\":{path:?}}}");
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    return false;
-                }
-            }
+            jobs.push((format!("{dir}/{name}-kivi{bits}.cubin"), bits, spec));
         }
+    }
+    // One thread a module (8): on a machine with as many cores, the time of the slowest.
+    let images: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(_, _, spec)| {
+                s.spawn(|| kivi::cuda::kernels::compile(kivi::cuda::kernels::Family::Decode, spec, arch))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a compiling thread")).collect()
+    });
+    for ((path, bits, _), img) in jobs.iter().zip(images) {
+        let written = img
+            .map_err(|e| e.to_string())
+            .and_then(|img| std::fs::write(path, img.bytes()).map_err(|e| format!("{path}: {e}")));
+        if let Err(e) = written {
+            eprintln!("{e}");
+            return false;
+        }
+        println!("{{\"kind\":\"cubin\",\"bits\":{bits},\"arch\":{arch:?},\"path\":{path:?}}}");
     }
     true
 }
