@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! gpu_check info                       # the device, as one JSON line
-//! gpu_check check [--mma-only]         # CUDA vs CPU on identical random inputs; exit 1 on failure
+//! gpu_check check [--mma-only] [--cases NAME,...]
+//!                                      # CUDA vs CPU on identical random inputs (every case, or
+//!                                      # those named); exit 1 on failure
 //! gpu_check check --sim                # the same check without a GPU: the kernels' own code on
 //!                                      # the CPU (kivi's host simulator), host memory as device
 //!                                      # memory; the C ABI case and the longest cases are skipped
@@ -1003,7 +1005,8 @@ mod c_abi {
         // SAFETY: kivi wrote a NUL-terminated name (or it is all zeros).
         let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }.to_string_lossy().into_owned();
         println!(
-            "{{\"kind\":\"check\",\"case\":\"c-abi-stream\",\"device\":{name:?},\"calls\":{calls},\"max_rel_err\":{err:.3e},\"tol\":{:.2e},\"ok\":{ok},\"seconds\":{:.2},\"failures\":[{}]}}",
+            "{{\"kind\":\"check\",\"case\":\"{}\",\"device\":{name:?},\"calls\":{calls},\"max_rel_err\":{err:.3e},\"tol\":{:.2e},\"ok\":{ok},\"seconds\":{:.2},\"failures\":[{}]}}",
+            super::C_ABI_CASE,
             1e-3 + 1.0 / 1024.0,
             t0.elapsed().as_secs_f64(),
             fails.join(",")
@@ -1015,10 +1018,28 @@ mod c_abi {
 /// `mma_only`: just the cases whose decode steps run on tensor cores where allowed (to check
 /// them again with KIVI_CUDA_MMA=0). On the simulator the long-context cases are skipped (they
 /// take minutes there) and so is the C ABI case (the C ABI makes real CUDA caches only).
-fn check(mma_only: bool) -> bool {
+/// The C ABI case's name in `--cases` and in its JSON line.
+const C_ABI_CASE: &str = "c-abi-stream";
+
+/// The cases `--cases a,b,...` names, or None (every case) without it. A name that is no case's
+/// is an error that lists them all, so that a mistyped name never runs nothing and passes.
+fn chosen_cases(args: &[String]) -> Result<Option<Vec<String>>, String> {
+    let Some(i) = args.iter().position(|a| a == "--cases") else { return Ok(None) };
+    let names: Vec<String> = args.get(i + 1).map_or("", |s| s.as_str()).split(',').map(String::from).collect();
+    let known: Vec<&str> = cases().iter().map(|c| c.name).chain([C_ABI_CASE]).collect();
+    match names.iter().find(|n| !known.contains(&n.as_str())) {
+        Some(bad) => Err(format!("--cases: no case {bad:?}; the cases are {}", known.join(","))),
+        None => Ok(Some(names)),
+    }
+}
+
+/// CUDA against the CPU cache on every case (`mma_only`: those that decode on tensor cores), or
+/// on the cases `only` names; true when all passed.
+fn check(mma_only: bool, only: Option<&[String]>) -> bool {
     let mut all_ok = true;
+    let chosen = |name: &str| only.is_none_or(|o| o.iter().any(|n| n == name));
     for (i, c) in cases().into_iter().enumerate() {
-        if mma_only && !kivi::cuda::kernels::tensor_core_decode(&c.cfg, c.nqh as u32) {
+        if mma_only && !kivi::cuda::kernels::tensor_core_decode(&c.cfg, c.nqh as u32) || !chosen(c.name) {
             continue;
         }
         // Unoptimised builds on the simulator keep to a few cases: the rest takes minutes there.
@@ -1069,7 +1090,7 @@ fn check(mma_only: bool) -> bool {
             return false;
         }
     }
-    if !mma_only && !sim() {
+    if !mma_only && !sim() && chosen(C_ABI_CASE) {
         all_ok &= c_abi::check();
     }
     all_ok
@@ -1843,11 +1864,17 @@ fn main() {
     let cmd = args.get(1).map(String::as_str).unwrap_or("check");
     let ok = match cmd {
         "info" => info(),
-        "check" if args.iter().any(|a| a == "--sim") => {
-            SIM.store(true, Ordering::Relaxed);
-            check(args.iter().any(|a| a == "--mma-only"))
-        }
-        "check" => info() && check(args.iter().any(|a| a == "--mma-only")),
+        "check" => match chosen_cases(&args) {
+            Err(e) => {
+                eprintln!("{e}");
+                false
+            }
+            Ok(only) => {
+                let sim = args.iter().any(|a| a == "--sim");
+                SIM.store(sim, Ordering::Relaxed);
+                (sim || info()) && check(args.iter().any(|a| a == "--mma-only"), only.as_deref())
+            }
+        },
         "bench" => info() && bench(&args),
         "prompt" => info() && prompt(&args),
         "variants" if args.iter().any(|a| a == "--sim") => {
@@ -1872,7 +1899,20 @@ mod tests {
     #[test]
     fn the_check_passes_on_the_host_simulator() {
         super::SIM.store(true, super::Ordering::Relaxed);
-        assert!(super::check(false), "see the JSON lines above");
+        assert!(super::check(false, None), "see the JSON lines above");
+    }
+
+    /// `--cases` picks cases by name, the C ABI's included; a name that is no case's (a typo)
+    /// is refused with the list of names, so that a run of the sanitizers never checks nothing.
+    #[test]
+    fn cases_are_chosen_by_name_and_unknown_names_refused() {
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(super::chosen_cases(&args("gpu_check check --mma-only")), Ok(None));
+        let two = super::chosen_cases(&args("gpu_check check --cases mma-window,c-abi-stream"));
+        assert_eq!(two, Ok(Some(vec!["mma-window".to_string(), "c-abi-stream".to_string()])));
+        let e = super::chosen_cases(&args("gpu_check check --cases mma-window,mma-windw")).unwrap_err();
+        assert!(e.contains("no case \"mma-windw\"") && e.contains("batch-70,long-kivi2"), "{e}");
+        assert!(super::chosen_cases(&args("gpu_check check --cases")).is_err());
     }
 
     /// The variants' comparison on the host simulator, which compiles each variant's macros

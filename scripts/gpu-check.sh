@@ -37,19 +37,7 @@ BASE_S=${BASE_S:-50}
 TOTAL_S=${TOTAL_S:-470}
 START=$SECONDS
 exec 3>&2  # the script's own stderr, for what within says while a step's stderr goes to its log
-# within WANT KEEP CMD...: runs CMD under a timeout of WANT seconds, or less, so that KEEP
-# seconds of TOTAL_S are left for the steps after it; skipped when under 10 would remain.
-within() {
-  local want=$1 keep=$2
-  shift 2
-  local left=$((TOTAL_S - (SECONDS - START) - keep))
-  ((left < want)) && want=$left
-  if ((want < 10)); then
-    echo "skipped (the run's $TOTAL_S seconds are spent): $*" >&3
-    return 124
-  fi
-  timeout "$want" "$@"
-}
+source scripts/within.sh
 # Compiled kernels are kept between the runs below (each run is its own process).
 export KIVI_CUDA_CACHE_DIR=${KIVI_CUDA_CACHE_DIR:-/tmp/kivi-cubins}
 
