@@ -15,8 +15,8 @@
 # the noise; the combine as a kernel of its own; small launches split as large ones, the
 # earlier choice, which batch 1 shows), attention over whole prompts against causal SDPA, and
 # decode and prompts at head_dim 256 (Gemma's heads) against SDPA on the same heads, and, in
-# what time is left, the decode loop's stall reasons under Nsight Compute. Needs no Rust: build
-# the binary and the library first elsewhere,
+# what time is left, the decode loop's stall reasons, pipes and shared-memory wavefronts per
+# group under Nsight Compute. Needs no Rust: build the binary and the library first elsewhere,
 #   cargo build --release --example gpu_check && cargo build --release
 # and bring target/release/examples/gpu_check (or pass its path as $1) and
 # target/release/libkivi.so (or set KIVI_LIB) along; without the library the Python step is
@@ -183,13 +183,19 @@ echo "== where the decode loop's warps wait (Nsight Compute)"
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
   within 60 0 "$NCU" --clock-control none -k kv_decode_mma -s 2 -c 1 --section SpeedOfLight --section Occupancy \
-    --section SchedulerStats --section WarpStateStats --page raw \
+    --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis_Tables \
+    --section ComputeWorkloadAnalysis --page raw --print-units base \
     "$BIN" bench --contexts 32768 --batches 16 --bits 2 --no-prefill --iters 3 > "$OUT/ncu-stalls.txt" 2>&1
   echo "ncu exit code: $?"
   grep -E "gpu__time_duration.sum|dram__throughput.avg.pct_of_peak_sustained_elapsed|smsp__(issue_active|warps_active|warps_eligible).avg.per_cycle_active|smsp__average_warp_latency_per_inst_issued" \
     "$OUT/ncu-stalls.txt"
   grep -E "smsp__average_warp_latency_issue_stalled_[a-z_]+\.ratio|warps_issue_stalled_[a-z_]+_per_issue_active\.ratio" \
     "$OUT/ncu-stalls.txt" | awk '{print $NF, $1}' | sort -g -r | head -12
+  # Against the static count (sass_mix.txt): instructions and shared-memory wavefronts per group
+  # of 32 tokens of one KV head (the quantized groups of 32768 tokens less one sink and the
+  # window of at least 128, x 8 KV heads x 16 sequences), and the pipes' utilization: whether
+  # shared memory, busy about as many cycles as issue by that count, is what the warps wait for.
+  python3 scripts/ncu_per_group.py "$OUT/ncu-stalls.txt" $(((32768 - 1 - 128) / 32 * 8 * 16))
 else
   echo "skipped: no ncu"
 fi

@@ -15,7 +15,8 @@ sub-partitions' tensor cores 4 cycles at the full rate of an H100/H200, `--hmma-
 another rate: Hopper's full rate is wgmma's, and mma.sync may not reach it); this assumes the pipes
 overlap perfectly, so it is a lower bound. It compares that with the cycles the group's bytes take at a
 device's memory bandwidth: while the first is larger, the kernel is bound by instructions, not
-by memory.
+by memory. It lists the shared-memory wavefronts by instruction and width, to compare with
+Nsight Compute's count on a GPU (`scripts/ncu_per_group.py`).
 
 For the `chunk-kivi*.cubin` of the same folder (the module chunks of queries launch) it counts
 what 32 quantized tokens cost for 64 query vectors in kv_decode_mma (8 blocks of 8 vectors)
@@ -194,6 +195,18 @@ def wavefronts(op, mods):
     return 1
 
 
+def shared_line(body):
+    """The loop's shared-memory wavefronts per iteration by instruction and width (LDGSTS: the
+    cp.async copies' writes), to set beside Nsight Compute's count of them on a GPU."""
+    by = collections.Counter()
+    for x in body:
+        w = wavefronts(x.op, x.mods)
+        if w:
+            by[(x.op + x.mods.split(".E")[0] if x.op == "LDGSTS" else x.op + x.mods, w)] += 1
+    parts = ", ".join(f"{n} {name} x {w}" for (name, w), n in sorted(by.items(), key=lambda i: -i[0][1] * i[1]))
+    return f"  shared memory: {sum(w * n for (_, w), n in by.items())} wavefronts per iteration ({parts})"
+
+
 def cubin(tool, path):
     """The key bits and head_dim of a cubin `gpu_check cubins` wrote (its name says them:
     NAME-kiviB.cubin at head_dim 128, NAME-hsH-kiviB.cubin at H), and its disassembly."""
@@ -247,6 +260,7 @@ def main():
               f"{group_bytes} bytes: {'instruction' if cycles > mem_cycles else 'memory'}-bound, "
               f"at most {min(1.0, mem_cycles / cycles):.0%} of the bandwidth")
         print(f"  {top}")
+        print(shared_line(body))
         print(waits_line(body))
         cyc, waited = warp_iteration(body, latency)
         print(f"  one warp alone: about {cyc} cycles per iteration, {waited} of them waiting for results of "
