@@ -1015,9 +1015,6 @@ mod c_abi {
     }
 }
 
-/// `mma_only`: just the cases whose decode steps run on tensor cores where allowed (to check
-/// them again with KIVI_CUDA_MMA=0). On the simulator the long-context cases are skipped (they
-/// take minutes there) and so is the C ABI case (the C ABI makes real CUDA caches only).
 /// The C ABI case's name in `--cases` and in its JSON line.
 const C_ABI_CASE: &str = "c-abi-stream";
 
@@ -1033,13 +1030,15 @@ fn chosen_cases(args: &[String]) -> Result<Option<Vec<String>>, String> {
     }
 }
 
-/// CUDA against the CPU cache on every case (`mma_only`: those that decode on tensor cores), or
-/// on the cases `only` names; true when all passed.
+/// CUDA against the CPU cache on every case, or on the cases `only` names; true when all passed.
+/// `mma_only`: just the cases whose decode steps run on tensor cores where allowed (to check
+/// them again with KIVI_CUDA_MMA=0). On the simulator the long-context cases are skipped (they
+/// take minutes there) and so is the C ABI case (the C ABI makes real CUDA caches only).
 fn check(mma_only: bool, only: Option<&[String]>) -> bool {
     let mut all_ok = true;
     let chosen = |name: &str| only.is_none_or(|o| o.iter().any(|n| n == name));
     for (i, c) in cases().into_iter().enumerate() {
-        if mma_only && !kivi::cuda::kernels::tensor_core_decode(&c.cfg, c.nqh as u32) || !chosen(c.name) {
+        if (mma_only && !kivi::cuda::kernels::tensor_core_decode(&c.cfg, c.nqh as u32)) || !chosen(c.name) {
             continue;
         }
         // Unoptimised builds on the simulator keep to a few cases: the rest takes minutes there.
