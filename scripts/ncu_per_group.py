@@ -9,8 +9,9 @@ Usage: ncu_per_group.py NCU_RAW_TXT GROUPS
 Prints the warp instructions, shared-memory instructions, wavefronts and bank conflicts per
 group (whichever of these counters the page holds), then the busiest pipes and the shared
 memory's utilization. The counters are the whole launch's (the window's tokens and the merge of
-the splits too), so per group they come out a little above the loop's own. Counters that the page lacks are left out, and a page with none of them
-says so: ncu's names differ between versions, and the whole page stays in the file.
+the splits too), so per group they come out a little above the loop's own. Counters that the
+page lacks are left out, and a page with none of them says so: ncu's names differ between
+versions, and the whole page stays in the file.
 """
 import re
 import sys
