@@ -490,9 +490,49 @@ struct ScoresT {
     float S[MMA_KK][4];  // m-tile mt: rows g, g + 8 = the lane's tokens 2mt, 2mt + 1
     float C[4];          // the bias mma's accumulators
 };
-__device__ __forceinline__ void mma_scores_t(const MmaShared& sh, const u8* buf, ScoresT& sc) {
+
+// The query's parts this lane reads in k-step k of mma_scores_t (column g of B, the four words
+// from channel c0 = 16k + 4t: y01, y89, x01, x89). By default they are loaded from shared memory
+// in every group: 8 128-bit loads a group at head_dim 128, 32 of its 137 shared-memory
+// wavefronts at KIVI-2 (scripts/sass_mix.py). KV_MMA_QREG=1 loads them once and holds them in
+// registers across the loop instead, 4 * MMA_KS more a thread, which fit only with fewer blocks
+// per multiprocessor (the default uses 154 of 168 at 3; with -DKV_MMA_BLOCKS=2, 185 at KIVI-2
+// and 194 at KIVI-4, no spills), and only up to head_dim 128 (at 256, 64 more registers spill
+// even then): a variant for a GPU that finds the loop waiting on shared memory
+// (scripts/gpu-check.sh times it against the default).
+#ifndef KV_MMA_QREG
+#define KV_MMA_QREG 0
+#endif
+#define MMA_QREG (KV_MMA_QREG && MMA_KS <= 8)
+struct QueryParts {
+#if MMA_QREG
+    Quadu q[MMA_KS];
+#else
+    const u32* qrow;
+#endif
+    __device__ __forceinline__ explicit QueryParts(const MmaShared& sh) {
+        const u32 g = (threadIdx.x & 31) >> 2;
+#if MMA_QREG
+        const u32 t = threadIdx.x & 3;
+#pragma unroll
+        for (int k = 0; k < MMA_KS; k++) q[k] = *(const Quadu*)(sh.qhl[g] + 16 * k + 4 * t);
+#else
+        qrow = sh.qhl[g];
+#endif
+    }
+    __device__ __forceinline__ Quadu at(int k, u32 c0) const {
+#if MMA_QREG
+        (void)c0;
+        return q[k];
+#else
+        (void)k;
+        return *(const Quadu*)(qrow + c0);
+#endif
+    }
+};
+
+__device__ __forceinline__ void mma_scores_t(const MmaShared& sh, const QueryParts& qp, const u8* buf, ScoresT& sc) {
     const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const u32* qrow = sh.qhl[g];
     const u16* ksp = (const u16*)(buf + MMA_KS_OFF);
     const u16* kzp = (const u16*)(buf + MMA_KZ_OFF);
 #pragma unroll
@@ -509,7 +549,7 @@ __device__ __forceinline__ void mma_scores_t(const MmaShared& sh, const u8* buf,
         const u32 c0 = 16 * k + 4 * t;
         // Column g's parts: x = qh (n even) or ql (n odd), y = 0 or qh, for channels (c0, c0 + 1)
         // and (c0 + 2, c0 + 3), in sh.qhl as y01, y89, x01, x89.
-        const Quadu qq = *(const Quadu*)(qrow + c0);
+        const Quadu qq = qp.at(k, c0);
         const Wordu2 ks = *(const Wordu2*)(ksp + c0);
         const u32 kz = *(const u32*)(kzq + c0) & zkeep;
         // hi = f16(qh * ks) and lo = f16(ql * ks + (qh * ks - hi)) as one expression:
@@ -610,7 +650,7 @@ __device__ __forceinline__ void mma_group_t(const AttnParams& P, const MmaShared
                                             u32 nvec) {
     const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     ScoresT sc;
-    mma_scores_t(sh, buf, sc);
+    mma_scores_t(sh, QueryParts(sh), buf, sc);
     // The values' pointers and scales, as in mma_group.
     ValueLane vl;
     value_lane(buf, g, t, vl);
@@ -876,8 +916,9 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     cp_commit();
     cp_wait<1>();
     __syncwarp();
+    const QueryParts qp(sh);
     ScoresT sc;
-    mma_scores_t(sh, cur, sc);
+    mma_scores_t(sh, qp, cur, sc);
     __syncwarp();  // u0's keys are read: u2's may take their place
     if (u1 < ge) stage_group<MMA_VALUES>(P, p1, kvh, u1, oth, lane, vpad);
     cp_commit();
@@ -903,15 +944,15 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         }
         // u1's scores beside u0's values, one block of code for each path of the values.
 #ifdef KV_COST_PROBE  // (and the path of groups followed by another, with value scales below 64)
-        mma_scores_t(sh, oth, sc);
+        mma_scores_t(sh, qp, oth, sc);
         mma_values_t<true>(st, wb, vl, sh.magic);
 #else
         if (u1 < ge) {
             if (vl.fold) {
-                mma_scores_t(sh, oth, sc);
+                mma_scores_t(sh, qp, oth, sc);
                 mma_values_t<true>(st, wb, vl, sh.magic);
             } else {
-                mma_scores_t(sh, oth, sc);
+                mma_scores_t(sh, qp, oth, sc);
                 mma_values_t<false>(st, wb, vl, sh.magic);
             }
         } else if (vl.fold) {

@@ -147,8 +147,9 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
 /// still compile, without warnings, and still hold their kernel: the decode's 4 blocks per
 /// multiprocessor, 3 staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps
 /// 2), the transposed loop one group per iteration, every lane loading its value scales and
-/// zeros in one order, and kv_prefill_q (in the module of chunks of queries) without the folded
-/// f16 keys (also at head_dim 256) or with registers for 3 blocks per multiprocessor.
+/// zeros in one order, the query's parts held in registers (below), and kv_prefill_q (in the
+/// module of chunks of queries) without the folded f16 keys (also at head_dim 256) or with
+/// registers for 3 blocks per multiprocessor.
 #[test]
 fn the_tensor_core_variants_compile() {
     if !nvrtc_ready() {
@@ -174,6 +175,24 @@ fn the_tensor_core_variants_compile() {
             let found = image.bytes().windows(kernel.len()).any(|w| w == kernel.as_bytes());
             assert!(found, "KIVI-{bits}, {name}={value}: no {kernel}");
         }
+    }
+    // The query's parts held in registers (KV_MMA_QREG) at 2 blocks per multiprocessor, as
+    // `scripts/gpu-check.sh` times it: no spills at the benchmark's shape; at head_dim 256, where
+    // they would spill, the macro leaves the kernel as it is (the same cubin as 2 blocks alone).
+    for bits in [2u8, 4] {
+        let spec = Spec::for_config(&bench_config(bits), 4).unwrap().with("KV_MMA_BLOCKS", 2);
+        let qreg = spec.with("KV_MMA_QREG", 1).with_option("--ptxas-options=-v");
+        let (_, log) = compile_with_log(Family::Decode, &qreg, "sm_90").unwrap();
+        let report = log.split("Function properties for kv_decode_mma").nth(1).and_then(|r| {
+            r.lines()
+                .find(|l| l.contains("spill stores"))
+                .map(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads"))
+        });
+        assert_eq!(report, Some(true), "KIVI-{bits}, KV_MMA_QREG=1: spills or no report\n{log}");
+        let gemma = Spec::for_config(&gemma_config(bits), 4).unwrap().with("KV_MMA_BLOCKS", 2);
+        let held = compile_with_log(Family::Decode, &gemma.clone().with("KV_MMA_QREG", 1), "sm_90").unwrap().0;
+        let plain = compile_with_log(Family::Decode, &gemma, "sm_90").unwrap().0;
+        assert!(held.bytes() == plain.bytes(), "KIVI-{bits}, head_dim 256: KV_MMA_QREG changed the kernel");
     }
     // At head_dim 256 kv_prefill_q without the folded keys takes dynamic shared memory (the
     // kernel checks the host's size when it compiles), through the spec or the extra options.

@@ -848,11 +848,12 @@ fn simulated_kernels_on_ucontext_fibers() {
     assert!(sim::launches_of("ucontext") > 0, "no launch took the ucontext modules");
 }
 
-/// The tensor-core decode's variants that `scripts/gpu-sweep.sh` times (3 staging buffers per
-/// warp, registers for 4 blocks per multiprocessor, the untransposed products at 4 query heads
-/// per kv head, the transposed loop one group per iteration instead of two stages, every lane
-/// loading its value scales and zeros in one order) against the CPU cache, over long contexts
-/// (many groups per warp, so that the ring of buffers turns).
+/// The tensor-core decode's variants that `scripts/gpu-sweep.sh` and `gpu_check variants` time
+/// (3 staging buffers per warp, registers for 4 blocks per multiprocessor, the untransposed
+/// products at 4 query heads per kv head, the transposed loop one group per iteration instead
+/// of two stages, every lane loading its value scales and zeros in one order, the query's parts
+/// held in registers across the loop) against the CPU cache, over long contexts (many groups per
+/// warp, so that the ring of buffers turns).
 #[test]
 fn simulated_tensor_core_variants() {
     let variants = [
@@ -862,6 +863,7 @@ fn simulated_tensor_core_variants() {
         ("KV_MMA_PIPE", 0),
         ("KV_MMA_VSWAP", 0),
         ("KV_COMBINE_TILE", 2),
+        ("KV_MMA_QREG", 1),
     ];
     for (name, value) in variants {
         let before = sim::launches_of("kv_decode_mma");
