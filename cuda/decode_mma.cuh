@@ -494,40 +494,28 @@ struct ScoresT {
 // The query's parts this lane reads in k-step k of mma_scores_t (column g of B, the four words
 // from channel c0 = 16k + 4t: y01, y89, x01, x89). By default they are loaded from shared memory
 // in every group: 8 128-bit loads a group at head_dim 128, 32 of its 137 shared-memory
-// wavefronts at KIVI-2 (scripts/sass_mix.py). KV_MMA_QREG=1 loads them once and holds them in
-// registers across the loop instead, 4 * MMA_KS more a thread, which fit only with fewer blocks
-// per multiprocessor (the default uses 154 of 168 at 3; with -DKV_MMA_BLOCKS=2, 185 at KIVI-2
-// and 194 at KIVI-4, no spills), and only up to head_dim 128 (at 256, 64 more registers spill
-// even then): a variant for a GPU that finds the loop waiting on shared memory
-// (scripts/gpu-check.sh times it against the default).
+// wavefronts at KIVI-2 (scripts/sass_mix.py). KV_MMA_QREG=N loads those of the first N k-steps
+// once and holds them in registers across the loop instead, 4 N more a thread (the default uses
+// 154 of the 168 that 3 blocks per multiprocessor allow): all 8 at head_dim 128 fit only at 2
+// blocks (-DKV_MMA_BLOCKS=2: 185 registers at KIVI-2 and 194 at KIVI-4, no spills), 4 fit at 3.
+// Only up to head_dim 128 (at 256 they would spill). Variants for a GPU that finds the loop
+// waiting on shared memory: scripts/gpu-check.sh times them against the default.
 #ifndef KV_MMA_QREG
 #define KV_MMA_QREG 0
 #endif
-#define MMA_QREG (KV_MMA_QREG && MMA_KS <= 8)
+#define MMA_QREG (MMA_KS > 8 ? 0 : KV_MMA_QREG < MMA_KS ? KV_MMA_QREG : MMA_KS)
 struct QueryParts {
-#if MMA_QREG
-    Quadu q[MMA_KS];
-#else
+    Quadu q[MMA_QREG > 0 ? MMA_QREG : 1];
     const u32* qrow;
-#endif
     __device__ __forceinline__ explicit QueryParts(const MmaShared& sh) {
-        const u32 g = (threadIdx.x & 31) >> 2;
-#if MMA_QREG
-        const u32 t = threadIdx.x & 3;
-#pragma unroll
-        for (int k = 0; k < MMA_KS; k++) q[k] = *(const Quadu*)(sh.qhl[g] + 16 * k + 4 * t);
-#else
+        const u32 g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
         qrow = sh.qhl[g];
-#endif
+#pragma unroll
+        for (int k = 0; k < MMA_QREG; k++) q[k] = *(const Quadu*)(qrow + 16 * k + 4 * t);
+        (void)t;
     }
     __device__ __forceinline__ Quadu at(int k, u32 c0) const {
-#if MMA_QREG
-        (void)c0;
-        return q[k];
-#else
-        (void)k;
-        return *(const Quadu*)(qrow + c0);
-#endif
+        return k < MMA_QREG ? q[k] : *(const Quadu*)(qrow + c0);
     }
 };
 

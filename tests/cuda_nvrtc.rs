@@ -176,21 +176,25 @@ fn the_tensor_core_variants_compile() {
             assert!(found, "KIVI-{bits}, {name}={value}: no {kernel}");
         }
     }
-    // The query's parts held in registers (KV_MMA_QREG) at 2 blocks per multiprocessor, as
-    // `scripts/gpu-check.sh` times it: no spills at the benchmark's shape; at head_dim 256, where
-    // they would spill, the macro leaves the kernel as it is (the same cubin as 2 blocks alone).
+    // The query's parts held in registers (KV_MMA_QREG) as `scripts/gpu-check.sh` times them: all
+    // 8 k-steps' at 2 blocks per multiprocessor and 4 at 3, without spills at the benchmark's
+    // shape; at head_dim 256, where they would spill, the macro leaves the kernel as it is (the
+    // same cubin as 2 blocks alone).
     for bits in [2u8, 4] {
-        let spec = Spec::for_config(&bench_config(bits), 4).unwrap().with("KV_MMA_BLOCKS", 2);
-        let qreg = spec.with("KV_MMA_QREG", 1).with_option("--ptxas-options=-v");
-        let (_, log) = compile_with_log(Family::Decode, &qreg, "sm_90").unwrap();
-        let report = log.split("Function properties for kv_decode_mma").nth(1).and_then(|r| {
-            r.lines()
-                .find(|l| l.contains("spill stores"))
-                .map(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads"))
-        });
-        assert_eq!(report, Some(true), "KIVI-{bits}, KV_MMA_QREG=1: spills or no report\n{log}");
+        let spec = Spec::for_config(&bench_config(bits), 4).unwrap();
+        for (held, blocks) in [(8, 2), (4, 3)] {
+            let qreg = spec.clone().with("KV_MMA_BLOCKS", blocks).with("KV_MMA_QREG", held);
+            let (_, log) = compile_with_log(Family::Decode, &qreg.with_option("--ptxas-options=-v"), "sm_90").unwrap();
+            let report = log.split("Function properties for kv_decode_mma").nth(1).and_then(|r| {
+                r.lines()
+                    .find(|l| l.contains("spill stores"))
+                    .map(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads"))
+            });
+            let what = format!("KIVI-{bits}, KV_MMA_QREG={held}, {blocks} blocks");
+            assert_eq!(report, Some(true), "{what}: spills or no report\n{log}");
+        }
         let gemma = Spec::for_config(&gemma_config(bits), 4).unwrap().with("KV_MMA_BLOCKS", 2);
-        let held = compile_with_log(Family::Decode, &gemma.clone().with("KV_MMA_QREG", 1), "sm_90").unwrap().0;
+        let held = compile_with_log(Family::Decode, &gemma.clone().with("KV_MMA_QREG", 8), "sm_90").unwrap().0;
         let plain = compile_with_log(Family::Decode, &gemma, "sm_90").unwrap().0;
         assert!(held.bytes() == plain.bytes(), "KIVI-{bits}, head_dim 256: KV_MMA_QREG changed the kernel");
     }

@@ -852,8 +852,8 @@ fn simulated_kernels_on_ucontext_fibers() {
 /// (3 staging buffers per warp, registers for 4 blocks per multiprocessor, the untransposed
 /// products at 4 query heads per kv head, the transposed loop one group per iteration instead
 /// of two stages, every lane loading its value scales and zeros in one order, the query's parts
-/// held in registers across the loop) against the CPU cache, over long contexts (many groups per
-/// warp, so that the ring of buffers turns).
+/// of some k-steps held in registers across the loop and of all of them) against the CPU cache,
+/// over long contexts (many groups per warp, so that the ring of buffers turns).
 #[test]
 fn simulated_tensor_core_variants() {
     let variants = [
@@ -863,7 +863,8 @@ fn simulated_tensor_core_variants() {
         ("KV_MMA_PIPE", 0),
         ("KV_MMA_VSWAP", 0),
         ("KV_COMBINE_TILE", 2),
-        ("KV_MMA_QREG", 1),
+        ("KV_MMA_QREG", 2),
+        ("KV_MMA_QREG", 8),
     ];
     for (name, value) in variants {
         let before = sim::launches_of("kv_decode_mma");
