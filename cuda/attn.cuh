@@ -194,7 +194,7 @@ __device__ __forceinline__ void quant_unit(const AttnParams& P, AttnShared& sh, 
         if (valid) {
 #pragma unroll 4
             for (u32 c = 0; c < KV_HD; c++) {
-                float cf = code_f(code_at<KV_KB>(kc + c * KV_K_RUN, t));
+                float cf = code_f(key_code(kc, c, t));
 #pragma unroll
                 for (int v = 0; v < KV_NQ; v++) s[v] += sh.wq[warp][v][c] * cf;
             }

@@ -15,6 +15,7 @@
 //   KV_GPP       groups per page       KV_SEQ_PAGES pages one sequence holds (block-table row)
 //   KV_K_CODES, KV_K_SCALE, KV_K_ZERO, KV_V_CODES, KV_V_SCALE, KV_V_ZERO: offsets in a head block
 //   KV_HEAD_BYTES, KV_PAGE_BYTES       KV_WIN_HEAD: elements of one head's window
+//   KV_K_ILV     1: each group's key codes interleaved (per-channel keys; key_byte below)
 // Attention kernels also take KV_NQ: query vectors (query heads x query rows) per block.
 #pragma once
 
@@ -34,6 +35,16 @@ typedef long long i64;
 #define KV_K_RUN (KV_G * KV_KB / 8)
 #endif
 #define KV_V_ROW (KV_HD * KV_VB / 8)
+#ifndef KV_K_ILV
+#error "KV_K_ILV must be defined (src/cuda/kernels.rs)"
+#endif
+// Interleaved key codes (KV_K_ILV, src/layout.rs): a group's runs cut into units of KV_K_UNIT
+// bytes (a tensor-core lane's share of a run where that is 2 or 4 bytes, else one byte), unit u
+// of every channel side by side, so that the four channels c0 .. c0 + 3 (c0 a multiple of 4) a
+// lane reads for one mma are one 32-, 64- or 128-bit word; with one-byte units the channels of
+// each aligned four lie in the order c0, c0 + 2, c0 + 1, c0 + 3 (a lane's channel pairs then sit
+// in the halves of that word where the mma wants them).
+#define KV_K_UNIT (KV_K_RUN == 16 || KV_K_RUN == 32 ? KV_K_RUN / 8 : 1)
 #define KV_WARPS 4
 #define KV_THREADS (KV_WARPS * 32)
 // A block's dynamic shared memory, `bytes` of it (what the launch passes), as the array `name`
@@ -78,6 +89,23 @@ template <int BITS>
 __device__ __forceinline__ u32 code_at(const u8* run, u32 i) {
     u32 bit = i * BITS;
     return ((u32)__ldg(run + (bit >> 3)) >> (bit & 7)) & ((1u << BITS) - 1u);
+}
+
+// Offset, inside one group's key codes (keys per channel), of byte b of channel c's run. Must
+// match Layout::device_key_byte in src/layout.rs.
+__device__ __forceinline__ u32 key_byte(u32 c, u32 b) {
+#if KV_K_ILV
+    const u32 slot = KV_K_UNIT == 1 ? (c & ~3u) | ((c & 1u) << 1) | ((c >> 1) & 1u) : c;
+    return b / KV_K_UNIT * (KV_HD * KV_K_UNIT) + slot * KV_K_UNIT + b % KV_K_UNIT;
+#else
+    return c * KV_K_RUN + b;
+#endif
+}
+
+// Code t (a token of the group) of channel c among one group's key codes `codes`.
+__device__ __forceinline__ u32 key_code(const u8* codes, u32 c, u32 t) {
+    const u32 bit = t * KV_KB;
+    return ((u32)__ldg(codes + key_byte(c, bit >> 3)) >> (bit & 7)) & KV_LEVELS_K;
 }
 
 // The head block of kv head h in the page holding quantized group g of a sequence, and the

@@ -26,8 +26,9 @@
 // their zero points one more mma, scores are in log2 units so that a weight is one ex2,
 // positions are masked only in groups at the edge of some row's range, and the accumulators are
 // rescaled only when a row's maximum grows by more than 2^11.
-// Token and channel orders inside the mma tiles are permuted so that each lane reads few,
-// contiguous bits:
+// Each group's key codes are interleaved on the device (KV_K_ILV, common.cuh), so that a lane's
+// codes of four channels in one k-step are one load (key_bits). Token and channel orders inside
+// the mma tiles are permuted so that each lane reads few, contiguous bits:
 //   QK: n-tile j, column n  <-> token NT * n + j          (NT = G / 8)
 //   PV: k-step kk, k = 2t+i <-> token NT * (2t + i) + 2kk, k = 2t+8+i <-> the next token,
 //       which is where the QK accumulators of n-tiles 2kk and 2kk+1 left the weights;
@@ -64,9 +65,27 @@
 #endif
 #define MMA_VBLK (KV_G / 4 * KV_V_ROW)
 #define MMA_VPAD (MMA_VLANE ? 32 : 0)
-#define MMA_KS_OFF MMA_KC
-#define MMA_KZ_OFF (MMA_KC + 2 * KV_HD)
-#define MMA_VC_OFF (MMA_KC + 4 * KV_HD)
+// Interleaved key codes (KV_K_ILV, common.cuh) are staged as MMA_KROWS rows of units (MMA_KROW
+// bytes: one unit of every channel), each followed by KV_MMA_KPAD bytes of padding, a multiple of
+// 16 that mma_key_pad() in src/cuda/kernels.rs chooses: one that puts the rows 16 bytes per unit
+// byte apart modulo 128, so that the lanes of one shared-memory wavefront (each reading its own
+// row) fall on different banks, unless the shared memory would then not fit.
+#if KV_K_ILV
+#ifndef KV_MMA_KPAD
+#error "KV_MMA_KPAD must be defined (src/cuda/kernels.rs)"
+#endif
+#define MMA_KROW (KV_HD * KV_K_UNIT)
+#define MMA_KROWS (KV_K_RUN / KV_K_UNIT)
+#define MMA_KPAD KV_MMA_KPAD
+#else
+#define MMA_KROW MMA_KC
+#define MMA_KROWS 1
+#define MMA_KPAD 0
+#endif
+#define MMA_KPADS (MMA_KROWS * MMA_KPAD)
+#define MMA_KS_OFF (MMA_KC + MMA_KPADS)
+#define MMA_KZ_OFF (MMA_KS_OFF + 2 * KV_HD)
+#define MMA_VC_OFF (MMA_KS_OFF + 4 * KV_HD)
 #define MMA_VS_OFF (MMA_VC_OFF + MMA_VC + 4 * MMA_VPAD)
 #define MMA_VZ_OFF (MMA_VS_OFF + 2 * KV_G * KV_NG)
 #define MMA_STAGE (MMA_VZ_OFF + 2 * KV_G * KV_NG)
@@ -101,8 +120,9 @@
 #define MMA_T ((KV_MMA_T || KV_HD > 128) && KV_NQ <= 4 && MMA_VLANE)
 // Must match mma_layout() in src/cuda/kernels.rs. G is 16, 32 or 64: a lane's NT key codes of a
 // channel then never straddle two 32-bit words of its run (with G = 48 they would). Up to head_dim
-// 128 the shared memory is static (at most 48 KB); above, up to 256 (the transposed products
-// only), it is dynamic where it does not fit: KV_MMA_DYN, the bytes the host launches with.
+// 128 (any products) or 256 (the transposed products only); the shared memory is static where it
+// fits in 48 KB, else dynamic (head_dim 256; 4-bit keys at 128, whose staged codes are padded):
+// KV_MMA_DYN, the bytes the host launches with.
 #ifndef KV_MMA_DYN
 #define KV_MMA_DYN 0
 #endif
@@ -110,7 +130,7 @@
     (!KV_KEY_PER_TOKEN && (KV_KB == 2 || KV_KB == 4) && (KV_VB == 2 || KV_VB == 4) && KV_HD % 16 == 0 && \
      (KV_HD <= 128 || (KV_HD <= 256 && KV_NQ <= 4 && MMA_VLANE)) &&                                     \
      (KV_G == 16 || KV_G == 32 || KV_G == 64) && KV_VG % 8 == 0 && KV_NQ <= 8 &&                         \
-     (8 * MMA_QROW * 4 + MMA_BUF_FOR(2) <= 48000 || (KV_HD > 128 && KV_MMA_DYN)))
+     (8 * MMA_QROW * 4 + MMA_BUF_FOR(2) <= 48000 || KV_MMA_DYN))
 
 // Scores are kept in log2 units (the query is scaled by log2(e) once), so every weight is one
 // ex2 of a difference. A row's running maximum moves only when a score passes it by more than
@@ -164,23 +184,26 @@ __device__ __forceinline__ void stage_part(u8* dst, const u8* src, u32 lane) {
     }
 }
 
-// The same for value codes: each block of MMA_VBLK bytes followed by MMA_VPAD bytes of padding.
-template <u32 N>
-__device__ __forceinline__ void stage_values(u8* dst, const u8* src, u32 lane) {
+// The same with padding: each block of ROW bytes followed by PAD bytes (key codes: rows of
+// MMA_KROW bytes and MMA_KPAD of padding; value codes: blocks of MMA_VBLK and MMA_VPAD).
+template <u32 N, u32 ROW, u32 PAD>
+__device__ __forceinline__ void stage_padded(u8* dst, const u8* src, u32 lane) {
 #pragma unroll
     for (u32 off = 0; off < N; off += 512) {
         const u32 b = off + lane * 16;
-        if (off + 512 <= N || b < N) cp_async16(dst + off + b / MMA_VBLK * MMA_VPAD, src + off);
+        if (off + 512 <= N || b < N) cp_async16(dst + off + b / ROW * PAD, src + off);
     }
 }
 
 // Whether a group's parts lie in the page in the staging buffer's order with no gaps (one group
-// per page, the default) and the value codes start and end on a 512-byte boundary of it: the
+// per page, the default) and the value codes start and end on a 512-byte boundary of it (and
+// interleaved key codes end on one, in rows that a 512-byte step holds whole or lies inside): the
 // group is then staged as one run of 512-byte steps, each inside one part.
 #define MMA_FLAT                                                                                       \
-    (KV_GPP == 1 && KV_K_CODES == 0 && KV_K_SCALE == MMA_KS_OFF && KV_K_ZERO == MMA_KZ_OFF &&         \
-     KV_V_CODES == MMA_VC_OFF && KV_V_SCALE == MMA_VC_OFF + MMA_VC && KV_V_ZERO == KV_V_SCALE + 2 * KV_G * KV_NG && \
-     MMA_VC_OFF % 512 == 0 && MMA_VC % 512 == 0 && 512 % MMA_VBLK == 0)
+    (KV_GPP == 1 && KV_K_CODES == 0 && KV_K_SCALE == MMA_KC && KV_K_ZERO == MMA_KC + 2 * KV_HD &&     \
+     KV_V_CODES == MMA_KC + 4 * KV_HD && KV_V_SCALE == KV_V_CODES + MMA_VC &&                         \
+     KV_V_ZERO == KV_V_SCALE + 2 * KV_G * KV_NG && KV_V_CODES % 512 == 0 && MMA_VC % 512 == 0 &&        \
+     512 % MMA_VBLK == 0 && (!KV_K_ILV || (MMA_KC % 512 == 0 && (512 % MMA_KROW == 0 || MMA_KROW % 512 == 0))))
 #define MMA_FLAT_BYTES (KV_V_ZERO + 2 * KV_G * KV_NG)
 
 // Parts of a group to stage: its keys (codes, scales, zeros: the bytes before MMA_VC_OFF of a
@@ -188,39 +211,50 @@ __device__ __forceinline__ void stage_values(u8* dst, const u8* src, u32 lane) {
 #define MMA_KEYS 1u
 #define MMA_VALUES 2u
 
+// This lane's padding inside a 512-byte step of key codes (kpad) and of value codes (vpad): the
+// rows or blocks before its 16 bytes in the step, times their padding.
+struct StagePad {
+    u32 kpad, vpad;
+};
+__device__ __forceinline__ StagePad stage_pad(u32 lane) {
+    return {MMA_KROW < 512 ? lane * 16 / MMA_KROW * MMA_KPAD : 0u, lane * 16 / MMA_VBLK * MMA_VPAD};
+}
+
 // Queues the copies of group u's codes, scales and zeros (PARTS of them), in page `page`, into a
-// warp's staging buffer. vpad: this lane's padding inside a 512-byte step of value codes,
-// (lane * 16 / MMA_VBLK) * MMA_VPAD.
+// warp's staging buffer, padded as the buffer's layout says (sp: stage_pad(lane)).
 template <u32 PARTS = MMA_KEYS | MMA_VALUES>
-__device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 kvh, u32 u, u8* buf, u32 lane, u32 vpad) {
+__device__ __forceinline__ void stage_group(const AttnParams& P, u32 page, u32 kvh, u32 u, u8* buf, u32 lane,
+                                            const StagePad& sp) {
     const u32 gi = u % KV_GPP;
     const u8* blk = P.pages + (u64)page * KV_PAGE_BYTES + (u64)kvh * KV_HEAD_BYTES + lane * 16;
     u8* d = buf + lane * 16;
 #if MMA_FLAT
 #pragma unroll
     for (u32 off = 0; off < MMA_FLAT_BYTES; off += 512) {
-        // (MMA_VC_OFF is a multiple of 512: no step holds both keys and values.)
-        if (!(PARTS & (off < MMA_VC_OFF ? MMA_KEYS : MMA_VALUES))) continue;
-        // Padding before this step: whole value blocks before it, then this lane's share.
-        const bool vc = off >= MMA_VC_OFF && off < MMA_VC_OFF + MMA_VC;
-        const u32 pad = off < MMA_VC_OFF ? 0
-                        : vc             ? (off - MMA_VC_OFF) / MMA_VBLK * MMA_VPAD + vpad
-                                         : 4 * MMA_VPAD;
+        // (Offsets in the page. KV_V_CODES is a multiple of 512: no step holds both keys and
+        // values; nor, when they are padded, key codes and key scales.)
+        if (!(PARTS & (off < KV_V_CODES ? MMA_KEYS : MMA_VALUES))) continue;
+        // Padding before this step: whole rows or value blocks before it, then this lane's share.
+        const bool vc = off >= KV_V_CODES && off < KV_V_CODES + MMA_VC;
+        const u32 pad = off < MMA_KC       ? off / MMA_KROW * MMA_KPAD + sp.kpad
+                        : off < KV_V_CODES ? MMA_KPADS
+                        : vc               ? MMA_KPADS + (off - KV_V_CODES) / MMA_VBLK * MMA_VPAD + sp.vpad
+                                           : MMA_KPADS + 4 * MMA_VPAD;
         if (off + 512 <= MMA_FLAT_BYTES || lane * 16 < MMA_FLAT_BYTES - off) cp_async16(d + off + pad, blk + off);
     }
     (void)gi;
 #else
     if (PARTS & MMA_KEYS) {
-        stage_part<MMA_KC>(d, blk + KV_K_CODES + gi * MMA_KC, lane);
+        stage_padded<MMA_KC, MMA_KROW, MMA_KPAD>(d, blk + KV_K_CODES + gi * MMA_KC, lane);
         stage_part<2 * KV_HD>(d + MMA_KS_OFF, blk + KV_K_SCALE + gi * KV_HD * 2, lane);
         stage_part<2 * KV_HD>(d + MMA_KZ_OFF, blk + KV_K_ZERO + gi * KV_HD * 2, lane);
     }
     if (PARTS & MMA_VALUES) {
-        stage_values<MMA_VC>(d + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
+        stage_padded<MMA_VC, MMA_VBLK, MMA_VPAD>(d + MMA_VC_OFF, blk + KV_V_CODES + gi * MMA_VC, lane);
         stage_part<2 * KV_G * KV_NG>(d + MMA_VS_OFF, blk + KV_V_SCALE + gi * KV_G * KV_NG * 2, lane);
         stage_part<2 * KV_G * KV_NG>(d + MMA_VZ_OFF, blk + KV_V_ZERO + gi * KV_G * KV_NG * 2, lane);
     }
-    (void)vpad;
+    (void)sp;
 #endif
 }
 
@@ -247,15 +281,22 @@ struct MmaState {
 #define MMA_SCALED_TILES (MMA_NT > 1)
 
 // Where this lane's key bits lie in every channel's run: tokens NT * g .. NT * g + NT - 1 from bit
-// NT * g * KB, in word kwi at bit ksh; ksel picks them with one prmt when they are one or two
-// whole bytes (bytes kb and kb + 1 of the first word to bytes 0 and 1, of the second to 2 and 3).
+// NT * g * KB. Runs one after another: in word kwi at bit ksh; ksel picks them with one prmt when
+// they are one or two whole bytes (bytes kb and kb + 1 of the first word to bytes 0 and 1, of the
+// second to 2 and 3). Interleaved (KV_K_ILV): in the unit row kwi bytes into the staged codes, at
+// bit ksh of the unit.
 struct KeyLane {
     u32 kwi, ksh, ksel;
 };
 __device__ __forceinline__ KeyLane key_lane(u32 g) {
-    const u32 bit0 = MMA_NT * g * KV_KB, ksh = bit0 & 31, kb = ksh >> 3;
+    const u32 bit0 = MMA_NT * g * KV_KB;
+#if KV_K_ILV
+    return {(bit0 >> 3) / KV_K_UNIT * (MMA_KROW + MMA_KPAD), bit0 & 7, 0u};
+#else
+    const u32 ksh = bit0 & 31, kb = ksh >> 3;
     return {bit0 >> 5, ksh,
             MMA_NT * KV_KB == 8 ? kb | ((kb + 4) << 8) : kb | ((kb + 1) << 4) | ((kb + 4) << 8) | ((kb + 5) << 12)};
+#endif
 }
 
 // This lane's bits of channels c0 .. c0 + 3, channel pairs side by side: c0's in the low half of
@@ -265,6 +306,28 @@ struct KeyBits {
     u32 lo01, lo89, hi01, hi89;
 };
 __device__ __forceinline__ KeyBits key_bits(const u8* buf, u32 c0, const KeyLane& kl) {
+#if KV_K_ILV
+    // One load: unit kl of channels c0 .. c0 + 3 (c0 a multiple of 4). One-byte units lie in the
+    // order c0, c0 + 2, c0 + 1, c0 + 3: the pairs' bits are then at bits 0 and 16, or 8 and 24.
+    const u8* p = buf + kl.kwi + c0 * KV_K_UNIT;
+    KeyBits b = {0u, 0u, 0u, 0u};
+    if (KV_K_UNIT == 1) {
+        const u32 w = MMA_NT * KV_KB >= 8 ? *(const u32*)p : *(const u32*)p >> kl.ksh;
+        b.lo01 = w;
+        b.lo89 = w >> 8;
+    } else if (KV_K_UNIT == 2) {
+        const Wordu2 w = *(const Wordu2*)p;
+        b.lo01 = w.x;
+        b.lo89 = w.y;
+    } else {
+        const Quadu w = *(const Quadu*)p;
+        b.lo01 = prmt(w.x, w.y, 0x5410);
+        b.lo89 = prmt(w.z, w.w, 0x5410);
+        b.hi01 = prmt(w.x, w.y, 0x7632);
+        b.hi89 = prmt(w.z, w.w, 0x7632);
+    }
+    return b;
+#else
     const u32 w0 = ((const u32*)(buf + c0 * KV_K_RUN))[kl.kwi];
     const u32 w1 = ((const u32*)(buf + (c0 + 1) * KV_K_RUN))[kl.kwi];
     const u32 w8 = ((const u32*)(buf + (c0 + 2) * KV_K_RUN))[kl.kwi];
@@ -282,6 +345,7 @@ __device__ __forceinline__ KeyBits key_bits(const u8* buf, u32 c0, const KeyLane
         }
     }
     return b;
+#endif
 }
 
 // The f16 pair of the lane's token j (0 .. NT - 1) of a channel pair, from its lo and hi bits:
@@ -533,28 +597,44 @@ __device__ __forceinline__ void mma_scores_t(const MmaShared& sh, const QueryPar
     // column 2 = (0, kz of c0 + 2, c0 + 3); the others unused.
     const u32 zb0 = g == 0 ? magic : 0u, zkeep = g == 0 ? 0u : 0xffffffffu;
     const u16* kzq = kzp + (g == 2 ? 2 : 0);
+    // Each k-step's operands are loaded one k-step ahead, so that no k-step waits for its own
+    // shared-memory loads.
+    Quadu qq = qp.at(0, 4 * t);
+    Wordu2 ks = *(const Wordu2*)(ksp + 4 * t);
+    u32 kz = *(const u32*)(kzq + 4 * t);
+    KeyBits kb = key_bits(buf, 4 * t, kl);
 #pragma unroll
     for (int k = 0; k < MMA_KS; k++) {
-        const u32 c0 = 16 * k + 4 * t;
+        const u32 c1 = 16 * (k + 1) + 4 * t;
+        Quadu nqq = qq;
+        Wordu2 nks = ks;
+        u32 nkz = kz;
+        KeyBits nkb = kb;
+        if (k + 1 < MMA_KS) {
+            nqq = qp.at(k + 1, c1);
+            nks = *(const Wordu2*)(ksp + c1);
+            nkz = *(const u32*)(kzq + c1);
+            nkb = key_bits(buf, c1, kl);
+        }
         // Column g's parts: x = qh (n even) or ql (n odd), y = 0 or qh, for channels (c0, c0 + 1)
         // and (c0 + 2, c0 + 3), in sh.qhl as y01, y89, x01, x89.
-        const Quadu qq = qp.at(k, c0);
-        const Wordu2 ks = *(const Wordu2*)(ksp + c0);
-        const u32 kz = *(const u32*)(kzq + c0) & zkeep;
         // hi = f16(qh * ks) and lo = f16(ql * ks + (qh * ks - hi)) as one expression:
         // fma(x, ks, fms(y, ks, y * ks)); each takes the place of its y, so that (b0, b1, x01,
         // x89) is the bias mma's A without moves.
         const u32 b0 = fma_h2(qq.z, ks.x, fms_h2(qq.x, ks.x, mul_h2(qq.x, ks.x)));
         const u32 b1 = fma_h2(qq.w, ks.y, fms_h2(qq.y, ks.y, mul_h2(qq.y, ks.y)));
         // Rows g: b0 (k < 8), x01 (k >= 8); rows g + 8: b1, x89.
-        mma16816(sc.C, b0, b1, qq.z, qq.w, zb0, kz);
-        const KeyBits kb = key_bits(buf, c0, kl);
+        mma16816(sc.C, b0, b1, qq.z, qq.w, zb0, kz & zkeep);
 #pragma unroll
         for (int mt = 0; mt < MMA_KK; mt++) {
             const u32 j = 2 * mt;  // rows g: token j of the lane, rows g + 8: token j + 1
             mma16816(sc.S[mt], key_operand(kb.lo01, kb.hi01, j, magic), key_operand(kb.lo01, kb.hi01, j + 1, magic),
                      key_operand(kb.lo89, kb.hi89, j, magic), key_operand(kb.lo89, kb.hi89, j + 1, magic), b0, b1);
         }
+        qq = nqq;
+        ks = nks;
+        kz = nkz;
+        kb = nkb;
     }
 }
 
@@ -890,7 +970,7 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
                                            u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const GroupWalk w = {blocks, ge, lo_min, hi_max};
-    const u32 vpad = lane * 16 / MMA_VBLK * MMA_VPAD;
+    const StagePad sp = stage_pad(lane);
     // u0: the group whose weights and values come next, in buffer cur; u1: the one whose scores
     // come with them, in buffer oth; u2 (in cur) and u3 (in oth) after them. Commit groups, most
     // recent last: at the top of each iteration ..., K(u1) V(u0), V(u1), K(u2).
@@ -899,9 +979,9 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     u32 u0 = w.next(gb + warp), u1 = w.after(u0), u2 = w.after(u1), u3 = w.after(u2);
     const u32 p1 = w.page(u1);
     u32 p2 = w.page(u2);
-    if (u0 < ge) stage_group(P, w.page(u0), kvh, u0, cur, lane, vpad);
+    if (u0 < ge) stage_group(P, w.page(u0), kvh, u0, cur, lane, sp);
     cp_commit();
-    if (u1 < ge) stage_group<MMA_KEYS>(P, p1, kvh, u1, oth, lane, vpad);
+    if (u1 < ge) stage_group<MMA_KEYS>(P, p1, kvh, u1, oth, lane, sp);
     cp_commit();
     cp_wait<1>();
     __syncwarp();
@@ -909,9 +989,9 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     ScoresT sc;
     mma_scores_t(sh, qp, cur, sc);
     __syncwarp();  // u0's keys are read: u2's may take their place
-    if (u1 < ge) stage_group<MMA_VALUES>(P, p1, kvh, u1, oth, lane, vpad);
+    if (u1 < ge) stage_group<MMA_VALUES>(P, p1, kvh, u1, oth, lane, sp);
     cp_commit();
-    if (u2 < ge) stage_group<MMA_KEYS>(P, p2, kvh, u2, cur, lane, vpad);
+    if (u2 < ge) stage_group<MMA_KEYS>(P, p2, kvh, u2, cur, lane, sp);
     cp_commit();
     while (u0 < ge) {
         // u3's page, read here and used at the end of the iteration: the iteration's work hides
@@ -951,9 +1031,9 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         }
 #endif
         __syncwarp();  // u0's values and u1's keys are read
-        if (u2 < ge) stage_group<MMA_VALUES>(P, p2, kvh, u2, cur, lane, vpad);
+        if (u2 < ge) stage_group<MMA_VALUES>(P, p2, kvh, u2, cur, lane, sp);
         cp_commit();
-        if (u3 < ge) stage_group<MMA_KEYS>(P, p3, kvh, u3, oth, lane, vpad);
+        if (u3 < ge) stage_group<MMA_KEYS>(P, p3, kvh, u3, oth, lane, sp);
         cp_commit();
         u0 = u1;
         u1 = u2;
@@ -978,13 +1058,13 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     const GroupWalk w = {blocks, ge, lo_min, hi_max};
     // Staging buffer b of this warp.
 #define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
-    const u32 vpad = lane * 16 / MMA_VBLK * MMA_VPAD;
+    const StagePad sp = stage_pad(lane);
     // us[0]: the group computed next; us[1 ..]: the ones staged after it, in buffers cur + 1 ...
     u32 us[MMA_STAGES - 1];
 #pragma unroll
     for (int i = 0; i < MMA_STAGES - 1; i++) {
         us[i] = i == 0 ? w.next(gb + warp) : w.after(us[i - 1]);
-        if (us[i] < ge) stage_group(P, w.page(us[i]), kvh, us[i], MMA_BUF_OF(i), lane, vpad);
+        if (us[i] < ge) stage_group(P, w.page(us[i]), kvh, us[i], MMA_BUF_OF(i), lane, sp);
         cp_commit();
     }
     u32 nu = w.after(us[MMA_STAGES - 2]), nu_page = w.page(nu);
@@ -992,7 +1072,7 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     while (us[0] < ge) {
         // nu goes into the buffer of the group computed last time round.
         const u32 nb = cur == 0 ? MMA_STAGES - 1 : cur - 1;
-        if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(nb), lane, vpad);
+        if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(nb), lane, sp);
         cp_commit();
         const u32 nnu = w.after(nu), nnu_page = w.page(nnu);
         cp_wait<MMA_STAGES - 1>();

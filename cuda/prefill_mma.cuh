@@ -460,14 +460,42 @@ struct PqShared {
 #define PQ_VN ((PQ_VP + KV_THREADS - 1) / KV_THREADS)
 
 // The bytes of those pieces, loaded a tile ahead: the two channels' codes (8 tokens each, in
-// the low 16 bits at 2 bits), scales and zeros (f16 pairs); a token's codes of 8 channels. (The
-// value scales and zeros go to shared memory: PqShared.vsz.)
+// the low 16 bits at 2 bits; interleaved key codes, KV_K_ILV: already as pq_store reads them,
+// see pq_key_octet), scales and zeros (f16 pairs); a token's codes of 8 channels. (The value
+// scales and zeros go to shared memory: PqShared.vsz.)
 struct PqRaw {
     u32 kc0[PQ_KN], kc1[PQ_KN], ks[PQ_KN], kz[PQ_KN];
     u32 vc[PQ_VN];
 };
 // 16-byte pieces of the tile's value scales (and as many of its zeros).
 #define PQ_SP (FP_T * KV_NG * 2 / 16)
+
+#if KV_K_ILV
+// The codes of eight tokens (bytes b0 .. b0 + KB - 1 of their runs) of channels c and c + 1 (c
+// even), from one group's interleaved key codes kg (common.cuh), as pq_store reads them: xa
+// holds each channel's first 16 bits in one half (c's in the low one), xb its next 16 (4 bits).
+__device__ __forceinline__ void pq_key_octet(const u8* kg, u32 c, u32 b0, u32& xa, u32& xb) {
+    xb = 0u;
+    if (KV_K_UNIT == 1) {
+        // A byte per row; c and c + 1 at bytes s and 2 + s of their aligned four.
+        const u32 s = (c >> 1) & 1u, sel = s | ((4 + s) << 4) | ((2 + s) << 8) | ((6 + s) << 12);
+        const u8* p = kg + b0 * KV_HD + (c & ~3u);
+        xa = prmt(__ldg((const u32*)p), __ldg((const u32*)(p + KV_HD)), sel);
+        if (KV_KB == 4) xb = prmt(__ldg((const u32*)(p + 2 * KV_HD)), __ldg((const u32*)(p + 3 * KV_HD)), sel);
+    } else if (KV_K_UNIT == 2) {
+        // 16-bit units, c's and c + 1's side by side: one row at 2 bits, two at 4.
+        const u8* p = kg + b0 / 2 * (2 * KV_HD) + 2 * c;
+        xa = __ldg((const u32*)p);
+        if (KV_KB == 4) xb = __ldg((const u32*)(p + 2 * KV_HD));
+    } else {
+        // 32-bit units (4 bits, G = 64): one row.
+        const u32* p = (const u32*)(kg + b0 / 4 * (4 * KV_HD) + 4 * c);
+        const u32 k0 = __ldg(p), k1 = __ldg(p + 1);
+        xa = prmt(k0, k1, 0x5410);
+        xb = prmt(k0, k1, 0x7632);
+    }
+}
+#endif
 
 // Tile i: quantized tokens t0 + 32i .. + 31 (of those before t_end). Pieces past t_end are
 // loaded as zeros (codes, scales and zeros: their keys and values dequantize to 0). The value
@@ -493,6 +521,9 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqShared& sh, PqRaw
             const bool second = KV_G < FP_T && 8 * o >= KV_G;
             const u8* blk = second ? blk1 : blk0;
             const u32 gi = second ? gi1 : gi0, tg = (tg0 + 8 * o) % KV_G;
+#if KV_K_ILV
+            pq_key_octet(blk + KV_K_CODES + gi * MMA_KC, 2 * cp, tg * KV_KB / 8, raw.kc0[n], raw.kc1[n]);
+#else
             const u8* kc = blk + KV_K_CODES + gi * MMA_KC + 2 * cp * KV_K_RUN + tg * KV_KB / 8;
             if (KV_KB == 2) {
                 raw.kc0[n] = __ldg((const u16*)kc);
@@ -501,6 +532,7 @@ __device__ __forceinline__ void pq_load(const AttnParams& P, PqShared& sh, PqRaw
                 raw.kc0[n] = __ldg((const u32*)kc);
                 raw.kc1[n] = __ldg((const u32*)(kc + KV_K_RUN));
             }
+#endif
             raw.ks[n] = __ldg((const u32*)(blk + KV_K_SCALE + gi * KV_HD * 2) + cp);
             raw.kz[n] = __ldg((const u32*)(blk + KV_K_ZERO + gi * KV_HD * 2) + cp);
         }
@@ -550,8 +582,13 @@ __device__ __forceinline__ void pq_store(PqShared& sh, const PqRaw& raw) {
         const float s0 = h2f((u16)(raw.ks[n] & 0xffffu)), s1 = h2f((u16)(raw.ks[n] >> 16));
         const float z0 = h2f((u16)(raw.kz[n] & 0xffffu)), z1 = h2f((u16)(raw.kz[n] >> 16));
 #endif
-        // Token j's codes of the two channels in the two halves of one word.
+        // Token j's codes of the two channels in the two halves of one word (interleaved key
+        // codes: pq_key_octet loaded them so).
+#if KV_K_ILV
+        const u32 xa = raw.kc0[n], xb = raw.kc1[n];
+#else
         const u32 xa = prmt(raw.kc0[n], raw.kc1[n], 0x5410), xb = prmt(raw.kc0[n], raw.kc1[n], 0x7632);
+#endif
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const u32 c = KV_KB == 2 ? (xa >> (2 * j)) & 0x00030003u : ((j < 4 ? xa : xb) >> (4 * (j & 3))) & 0x000f000fu;

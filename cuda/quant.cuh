@@ -178,7 +178,7 @@ __device__ __forceinline__ void quantize_group(const TokenSource& src, u8* pages
         ((u16*)(blk + KV_K_SCALE))[gi * KV_HD + c] = sh;
         ((u16*)(blk + KV_K_ZERO))[gi * KV_HD + c] = zh;
         float s = h2f(sh), z = h2f(zh);
-        u8* run = blk + KV_K_CODES + (u64)(gi * KV_HD + c) * KV_K_RUN;
+        u8* codes = blk + KV_K_CODES + (u64)gi * KV_HD * KV_K_RUN;
         for (u32 j = 0; j < KV_K_RUN; j++) {
             u32 b = 0;
 #pragma unroll
@@ -186,7 +186,7 @@ __device__ __forceinline__ void quantize_group(const TokenSource& src, u8* pages
                 u32 t = j * (8 / KV_KB) + k;
                 b |= encode(src.elem(p0 + t, c, false), s, z, KV_LEVELS_K) << (k * KV_KB);
             }
-            run[j] = (u8)b;
+            codes[key_byte(c, j)] = (u8)b;
         }
     }
 #endif

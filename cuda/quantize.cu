@@ -106,7 +106,7 @@ extern "C" __global__ void kv_unquantize(const UnquantParams P) {
         u32 kcode = code_at<KV_KB>(blk + KV_K_CODES + (u64)row * KV_K_RUN, c);
         elem_t key = dequant(blk, KV_K_SCALE, KV_K_ZERO, row * KV_NG + c / KV_VG, kcode);
 #else
-        u32 kcode = code_at<KV_KB>(blk + KV_K_CODES + (u64)(gi * KV_HD + c) * KV_K_RUN, t);
+        u32 kcode = key_code(blk + KV_K_CODES + (u64)gi * KV_HD * KV_K_RUN, c, t);
         elem_t key = dequant(blk, KV_K_SCALE, KV_K_ZERO, gi * KV_HD + c, kcode);
 #endif
         u32 vcode = code_at<KV_VB>(blk + KV_V_CODES + (u64)row * KV_V_ROW, c);

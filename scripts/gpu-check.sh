@@ -14,7 +14,8 @@
 # and with registers for 3 blocks per multiprocessor, which leave decode as it is, a measure of
 # the noise; the combine as a kernel of its own; small launches split as large ones, the
 # earlier choice, which batch 1 shows; the query's parts held in registers, fewer shared-memory
-# loads: all at 2 blocks per multiprocessor, half at 3), attention over whole prompts against
+# loads: all at 2 blocks per multiprocessor, half at 3; the key codes in the CPU's order, not
+# interleaved), attention over whole prompts against
 # causal SDPA, and
 # decode and prompts at head_dim 256 (Gemma's heads) against SDPA on the same heads, and, in
 # what time is left, the decode loop's stall reasons, pipes and shared-memory wavefronts per
@@ -128,6 +129,7 @@ echo "== variants of the tensor-core kernels against the defaults, alternating, 
   --variant pipe0=-DKV_MMA_PIPE=0 --variant untransposed=-DKV_MMA_T=0 --variant pqfold0=-DKV_PQ_FOLD=0 \
   --variant pq3=-DKV_PQ_BLOCKS=3 --variant unfused=KIVI_CUDA_FUSED_COMBINE=0 --variant wave4=KIVI_CUDA_ONE_WAVE=0 \
   --variant "qreg2=-DKV_MMA_QREG=8 -DKV_MMA_BLOCKS=2" --variant qhalf=-DKV_MMA_QREG=4 \
+  --variant kilv0=KIVI_CUDA_KEY_INTERLEAVE=0 \
   > "$OUT/variants.jsonl" 2> "$OUT/variants.log"
 touch "$OUT/variants.jsonl"
 python3 - "$OUT/variants.jsonl" <<'PY'

@@ -17,6 +17,15 @@
 //! of one channel in one group, so `q . k` over a group folds the scale into the query once and
 //! the zero into one bias.
 //!
+//! On a CUDA device (`k_interleave`) each group's key codes are the same bytes in another
+//! order: the runs are cut into units of `k_unit_bytes()` (one byte, or 2 or 4 where a run is
+//! 16 or 32 bytes: what one tensor-core lane takes of a run) and unit `u` of every channel lies
+//! side by side, `[unit][channel]`, so that the four channels a lane reads for one mma are one
+//! 32-, 64- or 128-bit word (with one-byte units the channels of each aligned four are stored
+//! in the order 0, 2, 1, 3, which puts a lane's pairs where the mma wants them). The host
+//! converts between the two orders when pages cross (`key_codes_to_device`,
+//! `key_codes_from_device`), so state blobs hold the CPU's order whatever the cache.
+//!
 //! ## Windows (full-precision tokens)
 //! Each (layer, sequence slot, head) has `sinks` tokens of keys and of values, then a ring of
 //! `W = residual + group_size` tokens of keys and of values, in the cache's dtype. The window
@@ -70,6 +79,10 @@ pub(crate) struct Layout {
 
     /// Elements of one head's window: sink keys, sink values, ring keys, ring values.
     pub window_head_elems: usize,
+    /// Whether a CUDA device stores each group's key codes interleaved (the module docs): keys
+    /// per channel and head_dim a multiple of 4, unless `KIVI_CUDA_KEY_INTERLEAVE=0` (read when
+    /// the layout is made, for measuring one order against the other). CPU caches ignore it.
+    pub k_interleave: bool,
 }
 
 impl Layout {
@@ -132,6 +145,9 @@ impl Layout {
             head_bytes,
             page_bytes,
             window_head_elems: 2 * s * hd + 2 * ring * hd,
+            k_interleave: c.key_mode == KeyMode::PerChannel
+                && hd % 4 == 0
+                && std::env::var_os("KIVI_CUDA_KEY_INTERLEAVE").is_none_or(|v| v != "0"),
         }
     }
 
@@ -188,6 +204,74 @@ impl Layout {
         }
     }
 
+    /// Bytes of one unit of interleaved key codes (`k_interleave`): a tensor-core lane's share
+    /// of a run where that is 2 or 4 bytes, else one byte.
+    #[inline]
+    pub fn k_unit_bytes(&self) -> usize {
+        match self.k_run_bytes() {
+            r @ (16 | 32) => r / 8,
+            _ => 1,
+        }
+    }
+
+    /// Offset, inside one group's key codes as a CUDA device stores them, of byte `b` of
+    /// channel `c`'s run (`c * k_run_bytes() + b` where they are not interleaved). Must match
+    /// `key_byte()` in cuda/common.cuh.
+    #[inline]
+    pub fn device_key_byte(&self, c: usize, b: usize) -> usize {
+        if !self.k_interleave {
+            return c * self.k_run_bytes() + b;
+        }
+        let ku = self.k_unit_bytes();
+        let slot = if ku == 1 { (c & !3) | ((c & 1) << 1) | ((c >> 1) & 1) } else { c };
+        b / ku * self.head_dim * ku + slot * ku + b % ku
+    }
+
+    /// Rearranges the key codes of every group of every head in `pages` (whole pages) from the
+    /// CPU's order to a CUDA device's. Nothing to do where they are not interleaved.
+    pub fn key_codes_to_device(&self, pages: &mut [u8]) {
+        self.reorder_key_codes(pages, true)
+    }
+
+    /// The other way: `pages` copied from a CUDA device, their key codes into the CPU's order.
+    pub fn key_codes_from_device(&self, pages: &mut [u8]) {
+        self.reorder_key_codes(pages, false)
+    }
+
+    fn reorder_key_codes(&self, pages: &mut [u8], to_device: bool) {
+        if !self.k_interleave {
+            return;
+        }
+        let n = self.head_dim * self.k_run_bytes();
+        let mut tmp = vec![0u8; n];
+        for head in pages.chunks_exact_mut(self.head_bytes) {
+            for group in head[self.k_codes..self.k_codes + self.groups_per_page * n].chunks_exact_mut(n) {
+                tmp.copy_from_slice(group);
+                for c in 0..self.head_dim {
+                    for b in 0..self.k_run_bytes() {
+                        let (cpu, dev) = (c * self.k_run_bytes() + b, self.device_key_byte(c, b));
+                        if to_device {
+                            group[dev] = tmp[cpu];
+                        } else {
+                            group[cpu] = tmp[dev];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `pages` (whole pages, in the CPU's order) as a CUDA device stores them: a rearranged copy
+    /// where the key codes are interleaved, else `pages` itself.
+    pub fn device_pages<'a>(&self, pages: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if !self.k_interleave {
+            return pages.into();
+        }
+        let mut copy = pages.to_vec();
+        self.key_codes_to_device(&mut copy);
+        copy.into()
+    }
+
     /// Value code bytes of one token.
     #[inline]
     pub fn v_row_bytes(&self) -> usize {
@@ -238,6 +322,75 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CUDA device's order of a group's key codes is a permutation of the CPU's in which the
+    /// unit of every four adjacent channels that one tensor-core lane reads is one word (its
+    /// channels in the order the kernel takes them), and the host's conversion moves exactly the
+    /// key codes, there and back.
+    #[test]
+    fn key_codes_interleave_for_the_device() {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let mut rng = crate::testing::Rng(seed);
+        for (hd, g, bits, page) in
+            [(128, 32, 2, 0), (128, 32, 4, 64), (64, 16, 2, 0), (256, 64, 4, 128), (96, 64, 2, 0), (80, 32, 8, 96)]
+        {
+            let mut c = CacheConfig::new(1, 2, hd);
+            (c.group_size, c.key_bits, c.value_group, c.page_tokens) = (g, bits, 16, page);
+            let lay = Layout::new(&c);
+            assert!(lay.k_interleave);
+            let (run, ku) = (lay.k_run_bytes(), lay.k_unit_bytes());
+            assert_eq!(ku, if run == 16 || run == 32 { run / 8 } else { 1 });
+            let n = hd as usize * run;
+            let mut seen = vec![false; n];
+            for ch in 0..hd as usize {
+                for b in 0..run {
+                    let at = lay.device_key_byte(ch, b);
+                    assert!(at < n && !seen[at], "hd {hd}, G {g}, {bits} bits: channel {ch}, byte {b} at {at}");
+                    seen[at] = true;
+                }
+            }
+            // A lane's word: unit u of channels c0 .. c0 + 3, one-byte units in the order 0, 2, 1, 3.
+            let order: [usize; 4] = if ku == 1 { [0, 2, 1, 3] } else { [0, 1, 2, 3] };
+            for c0 in (0..hd as usize).step_by(4) {
+                for u in 0..run / ku {
+                    let word = lay.device_key_byte(c0, u * ku);
+                    assert_eq!(word % (4 * ku), 0, "channel {c0}, unit {u}: an aligned word");
+                    for (i, &ch) in order.iter().enumerate() {
+                        for k in 0..ku {
+                            assert_eq!(lay.device_key_byte(c0 + ch, u * ku + k), word + i * ku + k);
+                        }
+                    }
+                }
+            }
+            let cpu: Vec<u8> = (0..2 * lay.page_bytes).map(|_| rng.next() as u8).collect();
+            let mut dev = cpu.clone();
+            lay.key_codes_to_device(&mut dev);
+            assert_eq!(*lay.device_pages(&cpu), dev[..]);
+            for (i, (&x, &y)) in cpu.iter().zip(&dev).enumerate() {
+                let at = i % lay.head_bytes;
+                let codes = lay.k_codes..lay.k_codes + lay.groups_per_page * n;
+                if !codes.contains(&at) {
+                    assert_eq!(x, y, "seed {seed}: byte {i} is no key code and must stay");
+                } else if x != y {
+                    // Moved: byte b of channel ch of its group went where the device wants it.
+                    let (grp, o) = ((at - lay.k_codes) / n, (at - lay.k_codes) % n);
+                    let d = i - at + lay.k_codes + grp * n + lay.device_key_byte(o / run, o % run);
+                    assert_eq!(dev[d], x, "seed {seed}: byte {i}");
+                }
+            }
+            assert_ne!(cpu, dev);
+            lay.key_codes_from_device(&mut dev);
+            assert_eq!(cpu, dev);
+        }
+        // Keys per token, and head sizes that are no multiple of 4, keep the CPU's order.
+        let mut c = CacheConfig::new(1, 2, 128);
+        c.key_mode = KeyMode::PerToken;
+        assert!(!Layout::new(&c).k_interleave);
+        let c = CacheConfig::new(1, 2, 66);
+        let lay = Layout::new(&c);
+        assert!(!lay.k_interleave);
+        assert_eq!(lay.device_key_byte(3, 5), 3 * lay.k_run_bytes() + 5);
+    }
 
     /// The groups of a page, part by part, tile each part of a head's block in order, without
     /// gaps or overlaps, for both key modes and pages of one or several groups.

@@ -76,6 +76,13 @@ impl K<'_> {
         let bit = i * bits as usize;
         (rd8(run + (bit >> 3) as u64) as u32 >> (bit & 7)) & ((1u32 << bits) - 1)
     }
+    /// Code `t` of channel `c` among one group's key codes from `codes` (keys per channel), in
+    /// the device's order (`Layout::device_key_byte`).
+    unsafe fn key_code(&self, codes: u64, c: usize, t: usize) -> u32 {
+        let bit = t * self.lay.key_bits as usize;
+        let byte = rd8(codes + self.lay.device_key_byte(c, bit >> 3) as u64) as u32;
+        (byte >> (bit & 7)) & ((1u32 << self.lay.key_bits) - 1)
+    }
     fn ng(&self) -> usize {
         self.lay.head_dim / self.lay.vgroup
     }
@@ -282,7 +289,7 @@ unsafe fn quantize(k: &K, p: &QuantParams, x: usize, h: usize) {
                 wr16(blk + lay.k_scale as u64 + 2 * (gi * hd + c) as u64, sh.to_bits());
                 wr16(blk + lay.k_zero as u64 + 2 * (gi * hd + c) as u64, zh.to_bits());
                 let (s, z) = (sh.to_f32(), zh.to_f32());
-                let run = blk + lay.k_codes as u64 + ((gi * hd + c) * k.k_run()) as u64;
+                let codes = blk + (lay.k_codes + gi * hd * k.k_run()) as u64;
                 let per = 8 / lay.key_bits as usize;
                 for j in 0..k.k_run() {
                     let mut b = 0u32;
@@ -291,7 +298,7 @@ unsafe fn quantize(k: &K, p: &QuantParams, x: usize, h: usize) {
                         b |= encode(token_elem(k, p, &it, hw, h, p0 + t, c, false), s, z, levels)
                             << (kk as u32 * lay.key_bits);
                     }
-                    wr8(run + j as u64, b as u8);
+                    wr8(codes + lay.device_key_byte(c, j) as u64, b as u8);
                 }
             }
         }
@@ -355,7 +362,7 @@ unsafe fn unquantize(k: &K, p: &UnquantParams, h: usize) {
                 deq(lay.k_scale, lay.k_zero, row * ng + c / lay.vgroup, code)
             }
             KeyMode::PerChannel => {
-                let code = k.code(blk + (lay.k_codes + (gi * hd + c) * k.k_run()) as u64, t, lay.key_bits);
+                let code = k.key_code(blk + (lay.k_codes + gi * hd * k.k_run()) as u64, c, t);
                 deq(lay.k_scale, lay.k_zero, gi * hd + c, code)
             }
         };
@@ -464,7 +471,7 @@ impl Block<'_> {
                         for v in 0..self.nq {
                             let mut acc = bias[v];
                             for c in 0..hd {
-                                let cf = k.code(kc + (c * k.k_run()) as u64, t, lay.key_bits) as f32;
+                                let cf = k.key_code(kc, c, t) as f32;
                                 acc += wq[v][c] * cf;
                             }
                             s[lane][v] = acc;

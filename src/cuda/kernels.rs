@@ -128,7 +128,7 @@ pub fn max_nq(head_dim: usize) -> usize {
 /// Shared memory a block may take without asking the driver for more: static shared memory
 /// stops at 48 KB (a little under, as the kernels count it).
 const MMA_STATIC_SMEM: usize = 48000;
-/// The most shared memory `kv_decode_mma` asks for as dynamic shared memory (head_dim 256): 99
+/// The most shared memory `kv_decode_mma` asks for as dynamic shared memory: 99
 /// KB, what every device of compute capability 8.0 and newer lets a block opt in to (sm_86 and
 /// sm_89 allow no more; sm_80 allows 163 KB, sm_90 227 KB).
 const MMA_DYNAMIC_SMEM_MAX: usize = 99 * 1024;
@@ -150,12 +150,39 @@ pub fn mma_max_nq(head_dim: usize) -> usize {
 /// and sums, the rows' ranges and a constant, 336 bytes more (the padding before the 16-byte
 /// aligned buffer included).
 fn mma_smem(lay: &Layout) -> (usize, usize) {
+    mma_smem_padded(lay, mma_key_pad(lay))
+}
+
+/// `mma_smem` with `kpad` bytes of padding after each row of a group's staged key codes.
+fn mma_smem_padded(lay: &Layout, kpad: usize) -> (usize, usize) {
     let (hd, g, ng) = (lay.head_dim, lay.group, lay.head_dim / lay.vgroup);
     let (kb, vb) = (lay.key_bits as usize, lay.value_bits as usize);
-    let stage = hd * g * kb / 8 + 4 * hd + g * hd * vb / 8 + if mma_vlane(lay) { 4 * 32 } else { 0 } + 4 * g * ng;
+    let key_pads = if lay.k_interleave { lay.k_run_bytes() / lay.k_unit_bytes() * kpad } else { 0 };
+    let stage =
+        hd * g * kb / 8 + key_pads + 4 * hd + g * hd * vb / 8 + if mma_vlane(lay) { 4 * 32 } else { 0 } + 4 * g * ng;
     let buf = (2 * 4 * stage).max(4 * 8 * (hd + 4) * 4);
     let rows_and_buf = 8 * (hd + 16) * 4 + buf;
     (rows_and_buf, rows_and_buf + 336)
+}
+
+/// The padding after each row of a group's interleaved key codes as `kv_decode_mma` stages them
+/// (`KV_MMA_KPAD`; a row is one unit of every channel, `Layout::k_unit_bytes`): what puts the
+/// rows 16 bytes per unit byte apart modulo 128, so that the lanes of one shared-memory
+/// wavefront, each reading its own row, fall on different banks. None where the key codes are
+/// not interleaved, or where the padded shared memory would pass what a block may take and
+/// the unpadded would not (head_dim 256 at G = 64: bank conflicts there, not CUDA cores).
+fn mma_key_pad(lay: &Layout) -> usize {
+    if !lay.k_interleave {
+        return 0;
+    }
+    let row = lay.head_dim * lay.k_unit_bytes();
+    let pad = (16 * lay.k_unit_bytes() + 128 - row % 128) % 128;
+    let fits = |kpad| mma_smem_padded(lay, kpad).1 <= MMA_DYNAMIC_SMEM_MAX;
+    if fits(pad) || !fits(0) {
+        pad
+    } else {
+        0
+    }
 }
 
 /// Whether every lane's value channels take 16, 32, 64 or 128 contiguous bits of one value group
@@ -181,13 +208,14 @@ pub(crate) fn mma_layout(lay: &Layout, nq: usize) -> bool {
         && nq <= 8
         && match mma_smem(lay) {
             (rows_and_buf, _) if rows_and_buf <= MMA_STATIC_SMEM => true,
-            (_, all) => hd > 128 && all <= MMA_DYNAMIC_SMEM_MAX,
+            (_, all) => all <= MMA_DYNAMIC_SMEM_MAX,
         }
 }
 
 /// The dynamic shared memory `kv_decode_mma` blocks for `nq` query vectors take (`KV_MMA_DYN`):
-/// 0 where its shared memory fits in the 48 KB of static shared memory (head_dim up to 128),
-/// all of it where not (head_dim 256).
+/// 0 where its shared memory fits in the 48 KB of static shared memory, all of it where not
+/// (head_dim 256; at 128, 4-bit keys, whose interleaved codes are staged with padding, and
+/// groups of 64).
 fn mma_dynamic_smem(lay: &Layout, nq: usize) -> usize {
     match mma_smem(lay) {
         (rows_and_buf, all) if rows_and_buf > MMA_STATIC_SMEM && mma_layout(lay, nq) => all,
@@ -332,6 +360,7 @@ impl Spec {
             d("KV_RING", lay.ring),
             d("KV_GPP", lay.groups_per_page),
             d("KV_SEQ_PAGES", lay.seq_pages),
+            d("KV_K_ILV", lay.k_interleave as usize),
             d("KV_K_CODES", lay.k_codes),
             d("KV_K_SCALE", lay.k_scale),
             d("KV_K_ZERO", lay.k_zero),
@@ -343,6 +372,7 @@ impl Spec {
             d("KV_WIN_HEAD", lay.window_head_elems),
             d("KV_NQ", nq),
             d("KV_MMA_DYN", mma_dynamic_smem(lay, nq)),
+            d("KV_MMA_KPAD", mma_key_pad(lay)),
             d("KV_FP_DYN", prefill_fp_dynamic_smem(lay)),
             d("KV_PQ_DYN", prefill_q_dynamic_smem(lay, false)),
         ];

@@ -25,6 +25,7 @@ impl CudaCache {
                 let np = host.seqs.pages[l].alloc();
                 let src = self.pages_ptr(l) + p as u64 * lay.page_bytes as u64;
                 self.dtoh(host.pools[l].page_mut(np), src, stream)?;
+                lay.key_codes_from_device(host.pools[l].page_mut(np));
                 blocks.push(np);
             }
             let src = self.base + self.off_windows + (lay.window_base(l, slot, 0) * dsz) as u64;
@@ -79,7 +80,8 @@ impl CudaCache {
             let mut blocks = Vec::with_capacity(hls.blocks.len());
             for &hp in &hls.blocks {
                 let p = self.seqs.pages[l].alloc();
-                self.htod(self.pages_ptr(l) + p as u64 * lay.page_bytes as u64, host.pools[l].page(hp))?;
+                let page = lay.device_pages(host.pools[l].page(hp));
+                self.htod(self.pages_ptr(l) + p as u64 * lay.page_bytes as u64, &page)?;
                 blocks.push(p);
             }
             let table: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
@@ -117,6 +119,7 @@ impl CudaCache {
         let n = pages.min(host.lay.pages_per_layer) * lay.page_bytes;
         for l in 0..lay.n_layers {
             self.dtoh(&mut host.pools[l].bytes_mut()[..n], self.pages_ptr(l), stream)?;
+            lay.key_codes_from_device(&mut host.pools[l].bytes_mut()[..n]);
         }
         self.dtoh(host.windows.bytes_mut(), self.base + self.off_windows, stream)?;
         self.seqs.restore_into(&mut host.seqs);
@@ -212,7 +215,8 @@ impl CudaCache {
             }
         }
         for l in 0..lay.n_layers {
-            c.htod(c.pages_ptr(l), cache.pools[l].bytes())?;
+            // (With the key codes in the device's order: a copy of one layer's pool at a time.)
+            c.htod(c.pages_ptr(l), &lay.device_pages(cache.pools[l].bytes()))?;
         }
         c.htod(c.base + c.off_windows, cache.windows.bytes())?;
         let blocks: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();

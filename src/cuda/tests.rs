@@ -848,6 +848,54 @@ fn simulated_kernels_on_ucontext_fibers() {
     assert!(sim::launches_of("ucontext") > 0, "no launch took the ucontext modules");
 }
 
+/// A simulated cache whose device keeps each group's key codes in the CPU's order, as
+/// `KIVI_CUDA_KEY_INTERLEAVE=0` makes it: its kernels and its host copies both see that order.
+fn simulated_cpu_key_order(cfg: CacheConfig) -> Result<CudaCache> {
+    let mut c = CudaCache::simulated(cfg)?;
+    c.lay.k_interleave = false;
+    c.quant_spec = Spec::new(&c.lay, 1);
+    Ok(c)
+}
+
+/// Key codes on the device in either order, against the CPU cache through the whole scenario
+/// (decode and chunks on tensor cores, forks, a cut inside a group, state blobs, which move the
+/// pages between the orders): interleaved (the default), in every unit size a tensor-core lane
+/// reads (a byte at G = 32 and 2 bits and at G = 16 and 4 bits, half a byte at G = 16 and 2 bits,
+/// 16 bits at G = 32 and 4 bits and at G = 64 and 2 bits, 32 bits at G = 64 and 4 bits), with
+/// the transposed and the untransposed products, staged as one run (head_dim 128, G = 32) or part
+/// by part (the others), head_dim 128 at G = 64 with dynamic shared memory; and in the CPU's
+/// order.
+#[test]
+fn simulated_key_codes_in_either_order() {
+    use KeyMode::PerChannel;
+    let d = AttnOptions::default();
+    for (hd, kb, g, r, nqh, page) in [
+        (64, 2, 32, 32, 4, 0),
+        (64, 4, 16, 32, 8, 0),
+        (64, 2, 16, 32, 4, 64),
+        (128, 4, 32, 32, 4, 0),
+        (64, 2, 64, 64, 8, 0),
+        (128, 4, 64, 64, 4, 128),
+    ] {
+        let c = cfg(hd, 2, (kb, 2), g, r, 1, PerChannel, DType::F16, page);
+        assert!(Layout::new(&c).k_interleave);
+        for (mk, order) in [(SIM, "interleaved"), (simulated_cpu_key_order as Backend, "the CPU's")] {
+            let what = format!("key codes in {order} order, {nqh} query heads, {c:?}");
+            let (mma, pq) = (sim::launches_of("kv_decode_mma"), sim::launches_of("kv_prefill_q"));
+            scenario::<f16>(mk, c.clone(), nqh, d);
+            assert!(sim::launches_of("kv_decode_mma") > mma, "{what}: no decode on tensor cores");
+            // A long prompt in chunks: the later ones over quantized groups.
+            let mut p = Pair::<f16>::new(mk, c.clone(), nqh, d);
+            for n in [r + 3 * g + 5, 2 * g + 3, g + 9] {
+                p.append_attend(0, 0, n as usize);
+            }
+            p.decode(0, &[0]);
+            p.state("after the chunks");
+            assert!(sim::launches_of("kv_prefill_q") > pq, "{what}: no chunk over quantized groups");
+        }
+    }
+}
+
 /// The tensor-core decode's variants that `scripts/gpu-sweep.sh` and `gpu_check variants` time
 /// (3 staging buffers per warp, registers for 4 blocks per multiprocessor, the untransposed
 /// products at 4 query heads per kv head, the transposed loop one group per iteration instead
