@@ -557,12 +557,13 @@ struct ScoresT {
 
 // The query's parts this lane reads in k-step k of mma_scores_t (column g of B, the four words from
 // channel c0 = 16k + 4t: y01, y89, x01, x89). By default they are loaded from shared memory in
-// every group: 8 128-bit loads a group at head_dim 128, 32 of its 137 shared-memory wavefronts at
+// every group: 8 128-bit loads a group at head_dim 128, 32 of its 113 shared-memory wavefronts at
 // KIVI-2 (scripts/sass_mix.py). KV_MMA_QREG=N loads those of the first N k-steps once and holds
 // them in registers across the pipelined loop instead (MMA_PIPE, the default; the loop of one group
-// an iteration still loads them each group), 4 N more a thread (the default uses 154 of the 168
+// an iteration still loads them each group), 4 N more a thread (the default uses 155 of the 168
 // that 3 blocks per multiprocessor allow): all 8 at head_dim 128 fit only at 2 blocks
-// (-DKV_MMA_BLOCKS=2: 185 registers at KIVI-2 and 194 at KIVI-4, no spills), 4 fit at 3. Only up to
+// (-DKV_MMA_BLOCKS=2; with the key codes in the CPU's order 185 registers at KIVI-2 and 194 at
+// KIVI-4), 4 fit at 3; the NVRTC test checks that neither spills. Only up to
 // head_dim 128 (at 256 they would spill). Variants for a GPU that finds the loop waiting on shared
 // memory: scripts/gpu-check.sh times them against the default.
 #ifndef KV_MMA_QREG
