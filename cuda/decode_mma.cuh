@@ -928,18 +928,34 @@ struct GroupWalk {
     const u32* blocks;
     u32 ge;
     int lo_min, hi_max;
+    // The first group that begins at or past hi_max, or ge if that is before it: some row sees
+    // every group from the walk's first up to it (their last positions are past lo_min, like the
+    // first's), and none after.
+    u32 gend;
+    __device__ __forceinline__ GroupWalk(const u32* blocks_, u32 ge_, int lo_min_, int hi_max_)
+        : blocks(blocks_),
+          ge(ge_),
+          lo_min(lo_min_),
+          hi_max(hi_max_),
+          gend(min(ge_, hi_max_ > KV_SINKS ? (u32)(hi_max_ - KV_SINKS + KV_G - 1) / KV_G : 0u)) {}
     // Whether some row sees group u.
     __device__ __forceinline__ bool seen(u32 u) const {
         const int first = KV_SINKS + u * KV_G;
         return first + KV_G - 1 >= lo_min && first < hi_max;
     }
-    // The first group from u on that some row sees (ge if none).
+    // The first group from u on that some row sees (ge if none): the walk's first.
     __device__ __forceinline__ u32 next(u32 u) const {
         while (u < ge && !seen(u)) u += KV_WARPS;
         return min(u, ge);
     }
-    // The one after u (ge if none, or if u is ge).
-    __device__ __forceinline__ u32 after(u32 u) const { return next(u < ge ? u + KV_WARPS : ge); }
+    // The group d steps of the walk after u, a group of the walk or ge (then ge): after its first
+    // group the walk takes every KV_WARPS-th group below gend.
+    __device__ __forceinline__ u32 ahead(u32 u, u32 d) const {
+        const u32 a = u + d * KV_WARPS;
+        return a < gend ? a : ge;
+    }
+    // The one after u.
+    __device__ __forceinline__ u32 after(u32 u) const { return ahead(u, 1); }
     // Its page (0 for ge).
     __device__ __forceinline__ u32 page(u32 u) const { return u < ge ? blocks[u / KV_GPP] : 0u; }
 };
@@ -965,12 +981,53 @@ __device__ __forceinline__ bool mma_edge(u32 u, int lo_max, int hi_min) {
 #endif
 #define MMA_PIPE (KV_MMA_PIPE && MMA_T && MMA_STAGES == 2)
 
+// Groups are prefetched into L2 (KV_MMA_PREFETCH = d > 0) d steps of the walk before their keys
+// are staged. Without it a group's cp.async copies are issued about one iteration before the loop
+// waits for them, and a multiprocessor's 12 warps have about a group each in flight: 36 KB at
+// KIVI-2, head_dim 128, G = 32, which at the bandwidth the loop aims at (about 30 GB/s per
+// multiprocessor on an H100 or H200) covers about a microsecond of memory latency; from L2 the
+// copies take a fraction of that. Each lane asks for 128-byte lines of the group's bytes
+// (MMA_PF_BYTES from the start of its KV head in the page), one instruction a lane per 4 KB. By
+// default (d = 2) only in the two-stage loop (MMA_PIPE: decode at up to 4 query heads per KV
+// head) and where a group takes at most 4 KB (one instruction): larger groups have more bytes in
+// flight already (60 KB at KIVI-4), the second instruction's registers spilled at head_dim 256,
+// and the loop of one group an iteration (8 query vectors) took 24 instructions more a group for
+// it where the two-stage loop takes 9 (scripts/sass_mix.py). Only where a page holds one group
+// (the default), whose bytes in it are one range. -DKV_MMA_PREFETCH=0 and =2 set it for every
+// layout and loop (scripts/gpu-check.sh times both against the default).
+#define MMA_PF_BYTES (KV_V_ZERO + 2 * KV_G * KV_NG)
+#ifndef KV_MMA_PREFETCH
+#define KV_MMA_PREFETCH (MMA_PIPE && MMA_PF_BYTES <= 4096 ? 2 : 0)
+#endif
+#define MMA_PREFETCH (KV_GPP == 1 ? KV_MMA_PREFETCH : 0)
+
+// This lane's lines of a group: lines lane, lane + 32, ... of its bytes, from `at`, the first in
+// page 0 of the pool (a group's bytes begin on a 128-byte line where the pool does and the KV
+// head's bytes are a multiple of 128, as in the common layouts; elsewhere the line of the last
+// few bytes may be left out).
+struct PrefetchLane {
+    const u8* at;
+    u32 off;
+    __device__ __forceinline__ PrefetchLane(const AttnParams& P, u32 kvh, u32 lane)
+        : at(P.pages + (u64)kvh * KV_HEAD_BYTES + 128 * lane), off(128 * lane) {}
+};
+
+// Prefetches group u (below ge; none for ge) in page `page` into L2.
+__device__ __forceinline__ void prefetch_group(u32 page, u32 u, u32 ge, const PrefetchLane& pl) {
+    if (!MMA_PREFETCH || u >= ge) return;
+    const u8* p = pl.at + (u64)page * KV_PAGE_BYTES;
+#pragma unroll
+    for (u32 i = 0; i < (MMA_PF_BYTES + 4095) / 4096; i++) {
+        if (pl.off + 4096 * i < MMA_PF_BYTES) prefetch_l2(p + 4096 * i);
+    }
+}
+
 #if MMA_PIPE
 template <bool SOFTCAP>
 __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
                                            u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const GroupWalk w = {blocks, ge, lo_min, hi_max};
+    const GroupWalk w(blocks, ge, lo_min, hi_max);
     const StagePad sp = stage_pad(lane);
     // u0: the group whose weights and values come next, in buffer cur; u1: the one whose scores
     // come with them, in buffer oth; u2 (in cur) and u3 (in oth) after them. Commit groups, most
@@ -994,11 +1051,24 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
     cp_commit();
     if (u2 < ge) stage_group<MMA_KEYS>(P, p2, kvh, u2, cur, lane, sp);
     cp_commit();
+    // The groups from u3 on whose keys the next iterations stage, into L2 (MMA_PREFETCH), and
+    // their pages, which the staging takes from here (pr[d]: the page of the group d steps after
+    // u3, w.ahead(u3, d)).
+    const PrefetchLane pl(P, kvh, lane);
+    u32 pr[MMA_PREFETCH > 0 ? MMA_PREFETCH : 1];
+#pragma unroll
+    for (int d = 0; d < (int)MMA_PREFETCH; d++) {
+        const u32 uf = w.ahead(u3, d);
+        pr[d] = w.page(uf);
+        prefetch_group(pr[d], uf, ge, pl);
+    }
     while (u0 < ge) {
-        // u3's page, read here and used at the end of the iteration: the iteration's work hides
-        // the global load. (Read at the end of the last one, the load was waited for at the
-        // top of this one, where the compiler moves the loop's variables into place.)
-        const u32 p3 = w.page(u3);
+        // The page of the group MMA_PREFETCH steps after u3 (u3's own without prefetching), read
+        // here and used at the end of the iteration: the iteration's work hides the global load.
+        // (Read at the end of the last one, the load was waited for at the top of this one,
+        // where the compiler moves the loop's variables into place.)
+        const u32 uf = w.ahead(u3, MMA_PREFETCH), pf = w.page(uf);
+        const u32 p3 = MMA_PREFETCH ? pr[0] : pf;
         cp_wait<2>();  // u1's keys and u0's values have landed
         __syncwarp();
         ValueLane vl;
@@ -1036,6 +1106,13 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         cp_commit();
         if (u3 < ge) stage_group<MMA_KEYS>(P, p3, kvh, u3, oth, lane, sp);
         cp_commit();
+        if (MMA_PREFETCH) {
+            const int last = MMA_PREFETCH > 0 ? (int)MMA_PREFETCH - 1 : 0;
+            prefetch_group(pf, uf, ge, pl);
+#pragma unroll
+            for (int d = 0; d < last; d++) pr[d] = pr[d + 1];
+            pr[last] = pf;
+        }
         u0 = u1;
         u1 = u2;
         u2 = u3;
@@ -1056,7 +1133,7 @@ template <bool SOFTCAP>
 __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, MmaState& st, const u32* blocks, u32 kvh,
                                            u32 gb, u32 ge, int lo_min, int hi_max, int lo_max, int hi_min, u32 nvec) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const GroupWalk w = {blocks, ge, lo_min, hi_max};
+    const GroupWalk w(blocks, ge, lo_min, hi_max);
     // Staging buffer b of this warp.
 #define MMA_BUF_OF(b) (sh.buf + ((b) * KV_WARPS + warp) * MMA_STAGE)
     const StagePad sp = stage_pad(lane);
@@ -1069,13 +1146,36 @@ __device__ __forceinline__ void mma_groups(const AttnParams& P, MmaShared& sh, M
         cp_commit();
     }
     u32 nu = w.after(us[MMA_STAGES - 2]), nu_page = w.page(nu);
+    // The pages of the MMA_PREFETCH groups after nu (pr[d]: that of w.ahead(nu, d + 1)), read an
+    // iteration or more before they are staged; all but the last of those groups prefetched into
+    // L2 here, and then, in each iteration, the group MMA_PREFETCH steps after the one it stages
+    // (nu is staged at the top of the first).
+    const PrefetchLane pl(P, kvh, lane);
+    u32 pr[MMA_PREFETCH > 0 ? MMA_PREFETCH : 1];
+#pragma unroll
+    for (int d = 0; d < (int)MMA_PREFETCH; d++) {
+        const u32 uf = w.ahead(nu, d + 1);
+        pr[d] = w.page(uf);
+        if (d + 1 < (int)MMA_PREFETCH) prefetch_group(pr[d], uf, ge, pl);
+    }
     u32 cur = 0;
     while (us[0] < ge) {
         // nu goes into the buffer of the group computed last time round.
         const u32 nb = cur == 0 ? MMA_STAGES - 1 : cur - 1;
         if (nu < ge) stage_group(P, nu_page, kvh, nu, MMA_BUF_OF(nb), lane, sp);
         cp_commit();
-        const u32 nnu = w.after(nu), nnu_page = w.page(nnu);
+        const u32 nnu = w.after(nu);
+        u32 nnu_page;
+        if (MMA_PREFETCH) {
+            const int last = MMA_PREFETCH > 0 ? (int)MMA_PREFETCH - 1 : 0;
+            prefetch_group(pr[last], w.ahead(nu, MMA_PREFETCH), ge, pl);
+            nnu_page = pr[0];
+#pragma unroll
+            for (int d = 0; d < last; d++) pr[d] = pr[d + 1];
+            pr[last] = w.page(w.ahead(nu, MMA_PREFETCH + 1));
+        } else {
+            nnu_page = w.page(nnu);
+        }
         cp_wait<MMA_STAGES - 1>();
         __syncwarp();
         const u32 u = us[0];

@@ -86,6 +86,10 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// A hint that the 128-byte line holding p will be read soon: it is brought into L2
+// asynchronously, with nothing to wait for and no effect on what any load returns.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // A device-wide fence (membar.gl): this thread's writes before it are seen by every thread of
 // the device before its writes after it.
 __device__ __forceinline__ void fence_gpu() { asm volatile("membar.gl;" ::: "memory"); }

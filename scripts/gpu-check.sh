@@ -126,10 +126,10 @@ cat "$OUT/bench.jsonl"
 echo "== variants of the tensor-core kernels against the defaults, alternating, 32k context"
 # (Skipped when the check failed: its reruns above take the time.)
 [ "$check_rc" = 0 ] && within 75 100 "$BIN" variants --contexts 32768 --batches 1,16 --prefill \
+  --variant pf0=-DKV_MMA_PREFETCH=0 --variant pf2=-DKV_MMA_PREFETCH=2 --variant kilv0=KIVI_CUDA_KEY_INTERLEAVE=0 \
+  --variant "qreg2=-DKV_MMA_QREG=8 -DKV_MMA_BLOCKS=2" --variant qhalf=-DKV_MMA_QREG=4 \
   --variant pipe0=-DKV_MMA_PIPE=0 --variant untransposed=-DKV_MMA_T=0 --variant pqfold0=-DKV_PQ_FOLD=0 \
   --variant pq3=-DKV_PQ_BLOCKS=3 --variant unfused=KIVI_CUDA_FUSED_COMBINE=0 --variant wave4=KIVI_CUDA_ONE_WAVE=0 \
-  --variant "qreg2=-DKV_MMA_QREG=8 -DKV_MMA_BLOCKS=2" --variant qhalf=-DKV_MMA_QREG=4 \
-  --variant kilv0=KIVI_CUDA_KEY_INTERLEAVE=0 \
   > "$OUT/variants.jsonl" 2> "$OUT/variants.log"
 touch "$OUT/variants.jsonl"
 python3 - "$OUT/variants.jsonl" <<'PY'

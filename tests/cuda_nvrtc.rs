@@ -147,7 +147,8 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
 /// still compile, without warnings, and still hold their kernel: the decode's 4 blocks per
 /// multiprocessor, 3 staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps
 /// 2), the transposed loop one group per iteration, every lane loading its value scales and
-/// zeros in one order, the query's parts held in registers (below), and kv_prefill_q (in the
+/// zeros in one order, the query's parts held in registers and the prefetch into L2 off and on
+/// (both below, without spills), and kv_prefill_q (in the
 /// module of chunks of queries) without the folded f16 keys (also at head_dim 256) or with
 /// registers for 3 blocks per multiprocessor.
 #[test]
@@ -176,21 +177,30 @@ fn the_tensor_core_variants_compile() {
             assert!(found, "KIVI-{bits}, {name}={value}: no {kernel}");
         }
     }
-    // The query's parts held in registers (KV_MMA_QREG) as `scripts/gpu-check.sh` times them: all
-    // 8 k-steps' at 2 blocks per multiprocessor and 4 at 3, without spills at the benchmark's
-    // shape; at head_dim 256, where they would spill, the macro leaves the kernel as it is (the
-    // same cubin as 2 blocks alone).
+    // Variants of the decode loop as `scripts/gpu-check.sh` times them, without spills at the
+    // benchmark's shape: the query's parts held in registers (KV_MMA_QREG), all 8 k-steps' at 2
+    // blocks per multiprocessor and 4 at 3, and the prefetch into L2 off and on for every layout
+    // (KV_MMA_PREFETCH); at head_dim 256, where the query's parts would spill, KV_MMA_QREG leaves
+    // the kernel as it is (the same cubin as 2 blocks alone).
+    type Defines = &'static [(&'static str, u64)];
+    let timed: [Defines; 4] = [
+        &[("KV_MMA_BLOCKS", 2), ("KV_MMA_QREG", 8)],
+        &[("KV_MMA_BLOCKS", 3), ("KV_MMA_QREG", 4)],
+        &[("KV_MMA_PREFETCH", 0)],
+        &[("KV_MMA_PREFETCH", 2)],
+    ];
     for bits in [2u8, 4] {
         let spec = Spec::for_config(&bench_config(bits), 4).unwrap();
-        for (held, blocks) in [(8, 2), (4, 3)] {
-            let qreg = spec.clone().with("KV_MMA_BLOCKS", blocks).with("KV_MMA_QREG", held);
-            let (_, log) = compile_with_log(Family::Decode, &qreg.with_option("--ptxas-options=-v"), "sm_90").unwrap();
+        for defines in timed {
+            let variant = defines.iter().fold(spec.clone(), |s, &(name, value)| s.with(name, value));
+            let (_, log) =
+                compile_with_log(Family::Decode, &variant.with_option("--ptxas-options=-v"), "sm_90").unwrap();
             let report = log.split("Function properties for kv_decode_mma").nth(1).and_then(|r| {
                 r.lines()
                     .find(|l| l.contains("spill stores"))
                     .map(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads"))
             });
-            let what = format!("KIVI-{bits}, KV_MMA_QREG={held}, {blocks} blocks");
+            let what = format!("KIVI-{bits}, {defines:?}");
             assert_eq!(report, Some(true), "{what}: spills or no report\n{log}");
         }
         let gemma = Spec::for_config(&gemma_config(bits), 4).unwrap().with("KV_MMA_BLOCKS", 2);

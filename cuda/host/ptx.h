@@ -137,6 +137,7 @@ inline void cp_async16(void* smem, const void* gmem) {
     kvsim::Fiber& f = kvsim::me();
     memset(smem, 0xff, 16);
     f.copies.push_back({smem, gmem, f.commits});
+    kvsim::copied(gmem);
 }
 inline void cp_commit() { kvsim::me().commits++; }
 // cp.async.wait_group N: every committed group but the N most recent completes.
@@ -154,6 +155,12 @@ inline void cp_wait() {
     }
     f.copies.resize(keep);
 }
+
+// prefetch.global.L2: no effect on any result. Recorded (kvsim::prefetched), and the block fails
+// if the warp does not copy the 16 bytes at p with a cp.async of a later commit group: a hint at
+// the wrong page or group, or one that comes too late, costs bandwidth on the device and would
+// change nothing here.
+inline void prefetch_l2(const void* p) { kvsim::prefetched(p); }
 
 // movmatrix.sync.aligned.m8n8.trans.b16: lane 4g + t gets elements (2t, g) and (2t + 1, g) of
 // the matrix whose row g, columns 2t, 2t + 1 lane 4g + t held.

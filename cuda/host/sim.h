@@ -9,8 +9,9 @@
 // waits for every thread that takes part in it. Blocks run one after another.
 //
 // What it finds: wrong indexing and addressing, races between barriers that change results,
-// collectives not reached by every lane (reported as a deadlock), and any difference of the
-// kernels' arithmetic from the CPU cache. What it cannot find: timing, memory-model effects
+// collectives not reached by every lane (reported as a deadlock), prefetches into L2 of lines
+// that the warp does not then copy, and any difference of the kernels' arithmetic from the CPU
+// cache. What it cannot find: timing, memory-model effects
 // between concurrent blocks, register or shared-memory limits, and errors in the PTX helpers
 // themselves (ptx.h models them on the PTX ISA).
 #pragma once
@@ -142,9 +143,20 @@ struct Block {
         Dim3 block;
     };
     std::vector<CgRead> cg_reads;
+    // Lines a thread asked to have prefetched into L2 (prefetch_l2): the address, the warp and the
+    // commit group its lanes had open. Each leaves the list when a lane of the warp copies the 16
+    // bytes there with a cp.async of a later commit group; any left when the block ends fail it.
+    struct Prefetch {
+        const char* p;
+        unsigned warp, commits;
+    };
+    std::vector<Prefetch> prefetches;
 };
 
 inline thread_local Block* blk = nullptr;
+// Prefetches (prefetch_l2) that a later cp.async of the same warp used, on this thread since
+// the last kvsim_prefetches().
+inline thread_local unsigned long long prefetches_used = 0;
 
 inline Fiber& me() { return blk->fibers[blk->cur]; }
 
@@ -152,6 +164,28 @@ inline Fiber& me() { return blk->fibers[blk->cur]; }
 // misaligned asynchronous copy); the launch then fails with the first fault's message.
 inline void fault(const char* what) {
     if (!blk->error) blk->error = what;
+}
+
+inline void prefetched(const void* p) {
+    const Fiber& f = me();
+    if ((uintptr_t)p & 15) fault("a prefetch of an address not 16-byte aligned (the kernels prefetch what they copy)");
+    blk->prefetches.push_back({(const char*)p, f.tid / 32, f.commits});
+}
+
+// A cp.async from src by the running thread: the prefetches of src by its warp, in earlier
+// commit groups, have served.
+inline void copied(const void* src) {
+    const Fiber& f = me();
+    auto& all = blk->prefetches;
+    for (size_t i = 0; i < all.size();) {
+        if (all[i].p == (const char*)src && all[i].warp == f.tid / 32 && f.commits > all[i].commits) {
+            all[i] = all.back();
+            all.pop_back();
+            prefetches_used++;
+        } else {
+            i++;
+        }
+    }
 }
 
 // Back to the scheduler until released.
@@ -304,6 +338,7 @@ inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsi
             for (unsigned x = 0; x < grid.x && rc == 0; x++) {
                 b.block_idx = {x, y, z};
                 b.error = nullptr;
+                b.prefetches.clear();
                 b.alive = threads;
                 b.block_waiting = 0;
                 memset(b.warp_waiting, 0, sizeof b.warp_waiting);
@@ -331,6 +366,8 @@ inline int launch(void (*body)(const void*), const void* params, Dim3 grid, unsi
                         if (b.fibers[i].state != DONE) done = false;
                     }
                     if (done) {
+                        if (!b.error && !b.prefetches.empty())
+                            b.error = "a warp prefetched bytes into L2 that it did not copy with a later cp.async";
                         if (b.error) {
                             snprintf(err, err_len, "block (%u, %u, %u): %s", x, y, z, b.error);
                             rc = -1;

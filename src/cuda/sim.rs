@@ -41,11 +41,14 @@ type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *const c
 struct Module {
     _lib: libloading::Library,
     launch: LaunchFn,
+    /// The prefetches into L2 that a later copy used, on this thread since the last call.
+    prefetches: unsafe extern "C" fn() -> u64,
 }
 
 thread_local! {
     /// Launches of each kernel so far on this thread (launches run on the calling thread, so a
-    /// test counts its own: tests check that they reach the paths they mean to).
+    /// test counts its own: tests check that they reach the paths they mean to), and the
+    /// prefetches into L2 that a later copy used ("prefetches").
     static LAUNCHES: std::cell::RefCell<Vec<(&'static str, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -105,7 +108,11 @@ fn unit(family: Family) -> String {
          \x20   for (const Entry& e : entries)\n\
          \x20       if (strcmp(e.name, name) == 0) return kvsim::launch(e.body, params, {gx, gy, gz}, threads, err, err_len);\n\
          \x20   snprintf(err, err_len, \"no kernel %s in this module\", name);\n\
-         \x20   return -1;\n}\n",
+         \x20   return -1;\n}\n\
+         extern \"C\" __attribute__((visibility(\"default\"))) unsigned long long kvsim_prefetches() {\n\
+         \x20   const unsigned long long n = kvsim::prefetches_used;\n\
+         \x20   kvsim::prefetches_used = 0;\n\
+         \x20   return n;\n}\n",
     );
     s
 }
@@ -168,7 +175,8 @@ fn compile(family: Family, spec: &Spec, ucontext: bool) -> Module {
     unsafe {
         let l = libloading::Library::new(&lib).unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
         let launch: LaunchFn = *l.get::<LaunchFn>(b"kvsim_launch\0").expect("kvsim_launch");
-        Module { _lib: l, launch }
+        let prefetches = *l.get::<unsafe extern "C" fn() -> u64>(b"kvsim_prefetches\0").expect("kvsim_prefetches");
+        Module { _lib: l, launch, prefetches }
     }
 }
 
@@ -253,11 +261,15 @@ pub(super) unsafe fn run(quant: &Spec, attn: impl Fn(usize) -> Spec, k: Kernel<'
     let rc = (m.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, block, params, err.as_mut_ptr(), err.len());
     let msg = CStr::from_ptr(err.as_ptr()).to_string_lossy();
     assert!(rc == 0, "{name} (grid {grid:?}, {block} threads): {msg}");
-    // Each kernel by name, and the launches on ucontext modules as "ucontext" too.
-    for counted in [Some(name), ucontext.then_some("ucontext")].into_iter().flatten() {
-        LAUNCHES.with_borrow_mut(|l| match l.iter_mut().find(|(n, _)| *n == counted) {
-            Some(e) => e.1 += 1,
-            None => l.push((counted, 1)),
+    // Each kernel by name, the launches on ucontext modules as "ucontext" too, and the
+    // prefetches into L2 that a later copy used as "prefetches".
+    let prefetches = (m.prefetches)() as usize;
+    let counts =
+        [(Some(name), 1), (ucontext.then_some("ucontext"), 1), ((prefetches > 0).then_some("prefetches"), prefetches)];
+    for (counted, n) in counts.into_iter().filter_map(|(c, n)| c.map(|c| (c, n))) {
+        LAUNCHES.with_borrow_mut(|l| match l.iter_mut().find(|(c, _)| *c == counted) {
+            Some(e) => e.1 += n,
+            None => l.push((counted, n)),
         });
     }
 }

@@ -896,6 +896,62 @@ fn simulated_key_codes_in_either_order() {
     }
 }
 
+/// Groups prefetched into L2 ahead of their staging (`KV_MMA_PREFETCH`). The simulator fails a
+/// block whose warp prefetches a line that it does not then copy with a cp.async of a later
+/// commit group (a wrong page, KV head or group, a group past the warp's last or one no row
+/// sees, a prefetch no earlier than the copy), and counts the lines that served: by default in
+/// the two-stage loop where a group takes at most 4 KB (head_dim 64), with a sliding window (the
+/// walk begins past the first groups), further ahead; in the loop of one group an iteration (8
+/// query vectors a block, and `KV_MMA_PIPE=0`) and at head_dim 128 and 4 bits (5 KB, two lines
+/// for some lanes: 8 sequences, so that blocks take several groups a warp) only when asked for;
+/// none when turned off.
+#[test]
+fn simulated_prefetches_into_l2() {
+    use KeyMode::PerChannel;
+    let n = if cfg!(debug_assertions) { 600 } else { 1500 };
+    let d = AttnOptions::default();
+    let sw = AttnOptions { sliding_window: n as u32 * 2 / 3, ..d };
+    let small = cfg(64, 2, (2, 2), 32, 64, 0, PerChannel, DType::F16, 0);
+    let kivi4 = cfg(128, 1, (4, 4), 32, 64, 0, PerChannel, DType::F16, 0);
+    type Defines = &'static [(&'static str, u64)];
+    const ON: Defines = &[("KV_MMA_PREFETCH", 2)];
+    // (configuration, query heads, options, macros, sequences, whether lines are prefetched)
+    let cases: [(&CacheConfig, usize, AttnOptions, Defines, u32, bool); 10] = [
+        (&small, 8, d, &[], 2, true),
+        (&small, 8, sw, &[], 2, true),
+        (&small, 8, d, &[("KV_MMA_PREFETCH", 3)], 2, true),
+        (&small, 16, d, &[], 2, false),
+        (&small, 16, d, ON, 2, true),
+        (&small, 8, d, &[("KV_MMA_PIPE", 0)], 2, false),
+        (&small, 8, d, &[("KV_MMA_PIPE", 0), ("KV_MMA_PREFETCH", 3)], 2, true),
+        (&kivi4, 4, d, &[], 8, false),
+        (&kivi4, 4, d, ON, 8, true),
+        (&small, 8, d, &[("KV_MMA_PREFETCH", 0)], 2, false),
+    ];
+    for (c, nqh, opts, defines, seqs, on) in cases {
+        let mut c = c.clone();
+        c.n_layers = 1;
+        c.max_seqs = seqs;
+        (c.max_tokens, c.max_seq_tokens) = (seqs * n as u32, 0);
+        let what = format!("head_dim {}, KIVI-{}, {nqh} query heads, {opts:?}, {defines:?}", c.head_dim, c.key_bits);
+        let (mma, lines) = (sim::launches_of("kv_decode_mma"), sim::launches_of("prefetches"));
+        sim::with_defines(defines, || {
+            let mut p = Pair::<f16>::new(SIM, c, nqh, opts);
+            let all: Vec<u32> = (0..seqs).collect();
+            for &s in &all {
+                p.append(0, s, n - n / 3 * (s as usize % 3));
+            }
+            for _ in 0..3 {
+                p.decode(0, &all);
+            }
+            p.state("after the decode steps");
+        });
+        assert!(sim::launches_of("kv_decode_mma") > mma, "{what}: no decode on tensor cores");
+        let used = sim::launches_of("prefetches") - lines;
+        assert_eq!(used > 0, on, "{what}: {used} prefetched lines used");
+    }
+}
+
 /// The tensor-core decode's variants that `scripts/gpu-sweep.sh` and `gpu_check variants` time
 /// (3 staging buffers per warp, registers for 4 blocks per multiprocessor, the untransposed
 /// products at 4 query heads per kv head, the transposed loop one group per iteration instead
