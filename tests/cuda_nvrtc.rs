@@ -148,9 +148,8 @@ fn the_tensor_core_kernel_exists_where_the_host_uses_it() {
 /// multiprocessor, 3 staging buffers per warp (where they do not fit, at KIVI-4, the kernel keeps
 /// 2), the transposed loop one group per iteration, every lane loading its value scales and
 /// zeros in one order, the query's parts held in registers and the prefetch into L2 off and on
-/// (both below, without spills), and kv_prefill_q (in the
-/// module of chunks of queries) without the folded f16 keys (also at head_dim 256) or with
-/// registers for 3 blocks per multiprocessor.
+/// (both below, without spills), and kv_prefill_q (in the module of chunks of queries) without
+/// the folded f16 keys (also at head_dim 256) or with registers for 3 blocks per multiprocessor.
 #[test]
 fn the_tensor_core_variants_compile() {
     if !nvrtc_ready() {

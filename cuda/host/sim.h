@@ -11,9 +11,9 @@
 // What it finds: wrong indexing and addressing, races between barriers that change results,
 // collectives not reached by every lane (reported as a deadlock), prefetches into L2 of lines
 // that the warp does not then copy, and any difference of the kernels' arithmetic from the CPU
-// cache. What it cannot find: timing, memory-model effects
-// between concurrent blocks, register or shared-memory limits, and errors in the PTX helpers
-// themselves (ptx.h models them on the PTX ISA).
+// cache. What it cannot find: timing, memory-model effects between concurrent blocks, register or
+// shared-memory limits, and errors in the PTX helpers themselves (ptx.h models them on the PTX
+// ISA).
 #pragma once
 
 #include <ucontext.h>
