@@ -698,6 +698,33 @@ fn chunks_over_groups_case<T: Element + Default>(c: CacheConfig, nqh: usize, opt
     p.state("after chunks");
 }
 
+/// Without a full-precision window (R = 0) a sequence's last tokens can all be quantized, and
+/// queries of stored tokens in fewer than 8 rows (`attend`: `kv_decode_mma`) then have rows that
+/// end inside a quantized group. A block's walk must take the group its last row ends in, as a
+/// warp's first group (`GroupWalk::seen`: sequences of 2 groups) and as a later one
+/// (`GroupWalk::gend` rounds up: 30 groups, in splits of more than the 4 warps' first groups):
+/// at 2, 4 and 8 query heads per kv head (blocks of 4, 2 and 1 rows; the two-stage loop and the
+/// one-group loop), with and without a sink, the window empty and then holding 3 tokens.
+#[test]
+fn simulated_rows_that_end_inside_a_group() {
+    for (nqh, sinks, groups) in [(4, 1, 2), (8, 0, 2), (8, 1, 30), (16, 1, 2), (16, 0, 30), (4, 0, 30)] {
+        let mut c = cfg(64, 2, (2, 2), 32, 0, sinks, KeyMode::PerChannel, DType::F16, 0);
+        c.n_layers = 1;
+        let what = format!("{nqh} query heads, {sinks} sinks, {groups} groups");
+        let mma = sim::launches_of("kv_decode_mma");
+        let mut p = Pair::<f16>::new(SIM, c, nqh, AttnOptions::default());
+        p.append(0, 0, sinks as usize + 32 * groups);
+        for n in [1, 2, 3, 7] {
+            p.attend(0, 0, n);
+        }
+        p.append(0, 0, 3);
+        for n in [4, 5, 7] {
+            p.attend(0, 0, n);
+        }
+        assert_eq!(sim::launches_of("kv_decode_mma") - mma, 7, "{what}: every call on tensor cores");
+    }
+}
+
 /// What `kv_prefill_fp` asks of its rows: queries 4-byte aligned with an even stride, the chunk's
 /// keys and values 16-byte aligned with a stride of whole 16 bytes; other rows, and f32 caches,
 /// keep the CUDA-core path (whose loads take any alignment).
